@@ -1,0 +1,344 @@
+//! The commands, wired from library parts. `main` calls [`main`] and maps the
+//! [`Exit`] it returns to the process exit code.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, Command, OnceArgs, RunArgs};
+use crate::config::{Config, ConfigError};
+use crate::daemon::{Daemon, Mode, Options, Report, build_rotator, rfc3339};
+use crate::notify::Notifier;
+use crate::sts::{CredentialSource, SourceIdentity, StsError, StsRequest};
+use crate::telemetry::Telemetry;
+
+/// How the process ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// 0: success.
+    Ok,
+    /// 1: a runtime failure (for `once`/`check`: something failed).
+    Failure,
+    /// 2: bad command line.
+    Usage,
+    /// 78 (EX_CONFIG): invalid configuration; systemd does not restart on it.
+    Config,
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Ok => 0,
+            Self::Failure => 1,
+            Self::Usage => 2,
+            Self::Config => 78,
+        }
+    }
+}
+
+/// Runs the command the command line names.
+pub async fn main(cli: Cli) -> Exit {
+    let command = cli.command.unwrap_or(Command::Run(RunArgs::default()));
+    if let Command::Demo(args) = command {
+        return crate::demo::run(args).await;
+    }
+    let config = match load_config(&cli.config) {
+        Ok(config) => config,
+        Err(exit) => return exit,
+    };
+    match command {
+        Command::Run(args) => run(config, &cli.config, args.dry_run).await,
+        Command::Once(args) => once(config, args).await,
+        Command::Check => check(config, &cli.config).await,
+        Command::Status => status(&config).await,
+        Command::Demo(_) => Exit::Usage,
+    }
+}
+
+/// Loads and validates the config; logs every problem with its key path.
+fn load_config(path: &Path) -> Result<Config, Exit> {
+    match Config::load(path) {
+        Ok(config) => {
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
+            Ok(config)
+        }
+        Err(error) => {
+            log_config_error(path, &error);
+            tracing::error!(path = %path.display(), problems = error.issues.len(), "invalid configuration; fix the problems above and start again");
+            Err(Exit::Config)
+        }
+    }
+}
+
+fn log_config_error(path: &Path, error: &ConfigError) {
+    for issue in &error.issues {
+        tracing::error!(path = %path.display(), key = %issue.path, error = %issue.message, "invalid configuration");
+    }
+}
+
+/// Signals, plus a task that turns SIGHUP into validated configs.
+fn reload_channel(path: &Path, cancel: &CancellationToken) -> std::io::Result<mpsc::Receiver<Config>> {
+    let mut hups = crate::shutdown::listen(cancel.clone())?;
+    let (tx, rx) = mpsc::channel(1);
+    let path = path.to_owned();
+    tokio::spawn(async move {
+        while hups.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(config) => {
+                    for warning in &config.warnings {
+                        tracing::warn!("{warning}");
+                    }
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    log_config_error(&path, &error);
+                    tracing::error!(problems = error.issues.len(), "config reload failed, keeping the running config");
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
+    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let cancel = CancellationToken::new();
+    let reloads = match reload_channel(path, &cancel) {
+        Ok(rx) => rx,
+        Err(error) => {
+            tracing::error!(error = %error, "cannot install signal handlers");
+            return Exit::Failure;
+        }
+    };
+    if let Some(addr) = config.admin.listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(listen = %addr, "admin endpoint listening");
+                tokio::spawn(crate::admin::serve(listener, Arc::clone(&telemetry), cancel.clone()));
+            }
+            Err(error) => {
+                tracing::error!(listen = %addr, error = %error, "cannot listen on [admin] listen; free the port or change the address");
+                return Exit::Failure;
+            }
+        }
+    }
+    let options = Options { mode: Mode::Run, dry_run, only: Vec::new(), identity: SourceIdentity::DefaultChain };
+    tracing::info!(
+        connections = config.connections.len(),
+        dry_run,
+        version = env!("CARGO_PKG_VERSION"),
+        "starting"
+    );
+    let daemon = match Daemon::new(config, options, telemetry, Notifier::from_env()).await {
+        Ok(daemon) => daemon,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "cannot start");
+            return Exit::Failure;
+        }
+    };
+    match daemon.run(cancel, reloads).await {
+        Ok(_) => {
+            tracing::info!("stopped");
+            Exit::Ok
+        }
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "stopped on an error");
+            Exit::Failure
+        }
+    }
+}
+
+async fn once(config: Config, args: OnceArgs) -> Exit {
+    let known: BTreeSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
+    let unknown: Vec<&String> = args.connections.iter().filter(|id| !known.contains(id.as_str())).collect();
+    if !unknown.is_empty() {
+        eprintln!(
+            "aep-s3-rotator: --connection {} is not in the config; known ids: {}",
+            unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            known.into_iter().collect::<Vec<_>>().join(", ")
+        );
+        return Exit::Usage;
+    }
+    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let cancel = CancellationToken::new();
+    // SIGTERM/SIGINT stop `once` too; it never reloads.
+    if let Err(error) = crate::shutdown::listen(cancel.clone()) {
+        tracing::error!(error = %error, "cannot install signal handlers");
+        return Exit::Failure;
+    }
+    let (_no_reloads, reloads) = mpsc::channel(1);
+    let options = Options {
+        mode: Mode::Once,
+        dry_run: args.dry_run,
+        only: args.connections,
+        identity: SourceIdentity::DefaultChain,
+    };
+    let daemon = match Daemon::new(config, options, telemetry, Notifier::default()).await {
+        Ok(daemon) => daemon,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "cannot start");
+            return Exit::Failure;
+        }
+    };
+    match daemon.run(cancel.clone(), reloads).await {
+        Ok(report) => {
+            print!("{}", once_report(&report, args.dry_run));
+            if cancel.is_cancelled() || !report.all_ok() { Exit::Failure } else { Exit::Ok }
+        }
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "stopped on an error");
+            Exit::Failure
+        }
+    }
+}
+
+/// One line per connection: `ok`/`FAIL`, name, sandbox, access key id and
+/// expiry or the error.
+pub fn once_report(report: &Report, dry_run: bool) -> String {
+    let mut out = String::new();
+    for c in &report.connections {
+        match &c.last_error {
+            None if dry_run => out.push_str(&format!("ok    {} ({}): dry run, nothing changed\n", c.name, c.sandbox)),
+            None => out.push_str(&format!(
+                "ok    {} ({}): {} until {}\n",
+                c.name,
+                c.sandbox,
+                c.access_key_id.as_deref().unwrap_or("-"),
+                c.expires_at.map(rfc3339).unwrap_or_else(|| "-".to_owned())
+            )),
+            Some(error) => out.push_str(&format!("FAIL  {} ({}): {error}\n", c.name, c.sandbox)),
+        }
+    }
+    let failed = report.connections.iter().filter(|c| c.last_error.is_some()).count();
+    out.push_str(&format!("{} connections, {} ok, {failed} failed\n", report.connections.len(), report.connections.len() - failed));
+    out
+}
+
+async fn status(config: &Config) -> Exit {
+    let Some(addr) = config.admin.listen else {
+        eprintln!("aep-s3-rotator: status reads the running daemon's admin endpoint, but the config has no [admin] listen; add one (e.g. listen = \"127.0.0.1:9464\") and restart the daemon");
+        return Exit::Config;
+    };
+    match crate::admin::status_report(addr).await {
+        Ok(table) => {
+            print!("{table}");
+            Exit::Ok
+        }
+        Err(error) => {
+            eprintln!("aep-s3-rotator: {error}");
+            Exit::Failure
+        }
+    }
+}
+
+/// `check`: one line per check on stdout, nothing changed anywhere.
+async fn check(config: Config, path: &Path) -> Exit {
+    let mut lines = CheckReport::default();
+    let sandboxes: BTreeSet<&str> = config.connections.iter().map(|c| c.sandbox.as_str()).collect();
+    lines.ok("config", &format!("{}: {} connections in {} sandboxes", path.display(), config.connections.len(), sandboxes.len()));
+    for warning in &config.warnings {
+        lines.warn("config", warning);
+    }
+    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let options = Options { mode: Mode::Once, dry_run: true, only: Vec::new(), identity: SourceIdentity::DefaultChain };
+    let rotator = match build_rotator(&config, &options, &telemetry).await {
+        Ok(rotator) => rotator,
+        Err(error) => {
+            lines.fail("setup", &format!("{error:#}"));
+            print!("{}", lines.text);
+            return Exit::Failure;
+        }
+    };
+    // IMS.
+    let token = match rotator.ims.token().await {
+        Ok(token) => {
+            lines.ok("ims", &format!("token obtained from {} for client {}", config.adobe.ims_url, config.adobe.client_id));
+            Some(token)
+        }
+        Err(error) => {
+            lines.fail("ims", &error.to_string());
+            None
+        }
+    };
+    // Flow Service, each connection.
+    for connection in &config.connections {
+        let label = format!("{} ({})", connection.name, connection.sandbox);
+        let Some(token) = &token else {
+            lines.fail("connection", &format!("{label}: not checked, no IMS token"));
+            continue;
+        };
+        match rotator.flow.get_connection(&connection.id, &connection.sandbox, token).await {
+            Ok(remote) => lines.ok("connection", &format!("{label}: S3 access-key connection, etag {}", remote.etag)),
+            Err(error) => lines.fail("connection", &format!("{label}: {error}")),
+        }
+    }
+    // STS, once per distinct request.
+    let source = crate::sts::AwsSts::new(&config.aws, &SourceIdentity::DefaultChain, config.rotation.request_timeout, telemetry).await;
+    let mut seen = std::collections::HashSet::new();
+    for connection in &config.connections {
+        let request = StsRequest::for_connection(&config, connection);
+        if !seen.insert(request.clone()) {
+            continue;
+        }
+        match source.issue(&request).await {
+            Ok(credentials) => {
+                let left = credentials.expiration.duration_since(SystemTime::now()).unwrap_or_default();
+                let operation = if request.role_arn.is_some() { "AssumeRole" } else { "GetSessionToken" };
+                lines.ok(
+                    "sts",
+                    &format!(
+                        "{}: {operation} gave {} valid for {}",
+                        request.describe(),
+                        credentials.access_key_id,
+                        humantime::format_duration(Duration::from_secs(left.as_secs()))
+                    ),
+                );
+                if left <= config.rotation.refresh_before {
+                    lines.warn("sts", &format!("{}: credentials live shorter than refresh_before; lower refresh_before or raise the role's maximum session duration", request.describe()));
+                }
+            }
+            Err(StsError::NoCredentials(detail)) => lines.fail(
+                "sts",
+                &format!("{}: no AWS credentials found by the default chain; give the daemon an identity (AWS_* env, profile, IRSA web identity, ECS or an instance role): {detail}", request.describe()),
+            ),
+            Err(error) => lines.fail("sts", &format!("{}: {error}", request.describe())),
+        }
+    }
+    lines.text.push_str(&format!("{} checks, {} failed\n", lines.total, lines.failed));
+    print!("{}", lines.text);
+    if lines.failed == 0 { Exit::Ok } else { Exit::Failure }
+}
+
+#[derive(Default)]
+struct CheckReport {
+    text: String,
+    total: usize,
+    failed: usize,
+}
+
+impl CheckReport {
+    fn line(&mut self, verdict: &str, what: &str, detail: &str) {
+        self.text.push_str(&format!("{verdict:<5} {what:<10} {detail}\n"));
+    }
+    fn ok(&mut self, what: &str, detail: &str) {
+        self.total += 1;
+        self.line("ok", what, detail);
+    }
+    fn warn(&mut self, what: &str, detail: &str) {
+        self.line("warn", what, detail);
+    }
+    fn fail(&mut self, what: &str, detail: &str) {
+        self.total += 1;
+        self.failed += 1;
+        self.line("FAIL", what, detail);
+    }
+}

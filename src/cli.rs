@@ -1,0 +1,80 @@
+//! The command line, as SPEC.md defines it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+/// Where the config file is looked for when neither `--config` nor
+/// `$AEP_S3_ROTATOR_CONFIG` says.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/aep-s3-rotator/config.toml";
+
+/// Keeps Adobe Experience Platform S3 base connections supplied with fresh,
+/// temporary AWS credentials.
+#[derive(Debug, Parser)]
+#[command(name = "aep-s3-rotator", version, about, long_about = None)]
+pub struct Cli {
+    /// Config file.
+    #[arg(long, global = true, env = "AEP_S3_ROTATOR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Log line format [default: json when stderr is not a terminal, else text].
+    #[arg(long, global = true, env = "AEP_S3_ROTATOR_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// A tracing filter, e.g. `info` or `aep_s3_rotator=debug` [default: $RUST_LOG, else info].
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// What to do [default: run].
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon until SIGTERM/SIGINT.
+    Run(RunArgs),
+    /// Rotate every configured connection now (or only --connection ID), then exit.
+    Once(OnceArgs),
+    /// Validate the config and every remote dependency without changing anything.
+    Check,
+    /// Print each connection's state from a running daemon's admin endpoint.
+    Status,
+    /// Run the real daemon against an embedded loopback simulator of IMS, STS and Flow Service.
+    Demo(DemoArgs),
+}
+
+/// `run`
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// Do everything (IMS, STS, GET) except the PATCH; log what would change.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `once`
+#[derive(Debug, Args)]
+pub struct OnceArgs {
+    /// Do everything (IMS, STS, GET) except the PATCH; log what would change.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Only this connection id (repeatable).
+    #[arg(long = "connection", value_name = "ID")]
+    pub connections: Vec<String>,
+}
+
+/// `demo`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How many simulated connections.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    pub connections: u16,
+    /// How long to run, e.g. `25s` [default: until Ctrl-C].
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+    pub run_for: Option<Duration>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (use e.g. 25s, 2m, 1h)"))
+}

@@ -1,0 +1,30 @@
+//! The `aep-s3-rotator` binary: parse the command line, set up logging, run
+//! the command, map its result to an exit code. Everything else is library code.
+
+use std::process::ExitCode;
+
+use aep_s3_rotator::app::{self, Exit};
+use aep_s3_rotator::cli::Cli;
+use aep_s3_rotator::logging::{self, LogFormat};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // Usage errors exit 2 here (clap's convention, and SPEC.md's).
+    let cli = Cli::parse();
+    let format = cli.log_format.unwrap_or_else(LogFormat::detect);
+    if let Err(error) = logging::init(format, cli.log_level.as_deref()) {
+        eprintln!("aep-s3-rotator: {error}");
+        return ExitCode::from(Exit::Usage.code());
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("aep-s3-rotator: cannot start the async runtime: {error}");
+            return ExitCode::from(Exit::Failure.code());
+        }
+    };
+    let exit = runtime.block_on(app::main(cli));
+    // Do not wait for stray blocking tasks (a hung DNS lookup) at exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(exit.code())
+}
