@@ -1,1 +1,263 @@
-//! TODO
+//! When to rotate next, and when to retry: pure policy functions of `now`,
+//! the expiry STS returned, the settings and a random draw.
+
+use std::time::{Duration, SystemTime};
+
+use crate::backoff::BackoffPolicy;
+
+/// The soonest a rotation is scheduled after the previous one. One second is
+/// what SPEC.md asks for short-lived credentials; it also stops a broken clock
+/// or a zero-lifetime answer from turning the daemon into a busy loop.
+pub const MIN_ROTATION_GAP: Duration = Duration::from_secs(1);
+
+/// How often the escalation messages ("credentials expire before next
+/// attempt", "credentials expired") are repeated for one connection: often
+/// enough to stay on an operator's screen, rarely enough not to flood it.
+pub const ESCALATION_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// When the next rotation is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextRotation {
+    /// The due time.
+    pub at: SystemTime,
+    /// True when the credentials live shorter than `refresh_before`, so the
+    /// rotation is at half of their remaining life (the caller warns).
+    pub short_lived: bool,
+}
+
+/// The next rotation for credentials that expire at `expires_at`:
+/// `expires_at − refresh_before − jitter·unit`, never before `now`; or, when
+/// they already live shorter than `refresh_before`, half their remaining life
+/// (never sooner than [`MIN_ROTATION_GAP`]).
+pub fn next_rotation(
+    now: SystemTime,
+    expires_at: SystemTime,
+    refresh_before: Duration,
+    jitter: Duration,
+    unit: f64,
+) -> NextRotation {
+    let remaining = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
+    if remaining <= refresh_before {
+        return NextRotation {
+            at: now + (remaining / 2).max(MIN_ROTATION_GAP),
+            short_lived: true,
+        };
+    }
+    let slack = remaining - refresh_before;
+    let early = jitter.mul_f64(unit.clamp(0.0, 1.0)).min(slack);
+    NextRotation {
+        at: now + (slack - early),
+        short_lived: false,
+    }
+}
+
+/// What kind of wait a failure asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryKind {
+    /// Transient trouble (5xx, timeouts, resets, throttling without a hint):
+    /// exponential backoff.
+    Backoff,
+    /// The remote said how long to wait (`Retry-After`).
+    After(Duration),
+    /// A problem a retry will not fix soon (400/403/404, STS denied): the slow
+    /// cadence, `retry_max`.
+    Slow,
+}
+
+/// What the operator must hear about a connection's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escalation {
+    /// Nothing: the retry comes well before the credentials expire.
+    None,
+    /// The credentials on the connection expire before the retry could have
+    /// been made as the policy wanted; the retry was pulled in, `left` remains.
+    ExpiresBeforeRetry {
+        /// Time left until the credentials on the connection expire.
+        left: Duration,
+    },
+    /// The credentials on the connection expired `ago`.
+    Expired {
+        /// How long ago they expired.
+        ago: Duration,
+    },
+}
+
+/// A planned retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPlan {
+    /// When to try again.
+    pub at: SystemTime,
+    /// What to tell the operator.
+    pub escalation: Escalation,
+}
+
+/// Plans the retry after a failed attempt.
+///
+/// `attempt` counts the failures in a row so far (0 = this was the first).
+/// `on_connection_expires` is the expiry of the credentials this daemon last
+/// put on the connection, if any: the wait never runs past it. When the policy
+/// wait would, the retry is pulled in to half of the time left (at least
+/// `min_gap`, so a dying connection is not hammered), and the plan escalates.
+pub fn plan_retry(
+    policy: &BackoffPolicy,
+    now: SystemTime,
+    attempt: u32,
+    kind: RetryKind,
+    on_connection_expires: Option<SystemTime>,
+    unit: f64,
+) -> RetryPlan {
+    let wait = match kind {
+        RetryKind::Backoff => policy.delay(attempt, unit),
+        RetryKind::After(hint) => hint.max(policy.min),
+        RetryKind::Slow => policy.max.max(policy.min),
+    };
+    let Some(expires_at) = on_connection_expires else {
+        return RetryPlan {
+            at: now + wait,
+            escalation: Escalation::None,
+        };
+    };
+    match expires_at.duration_since(now) {
+        Err(past) => RetryPlan {
+            at: now + wait,
+            escalation: Escalation::Expired {
+                ago: past.duration(),
+            },
+        },
+        Ok(left) if wait >= left => {
+            let min_gap = policy.min.min(MIN_ROTATION_GAP);
+            RetryPlan {
+                at: now + (left / 2).max(min_gap.min(left)),
+                escalation: Escalation::ExpiresBeforeRetry { left },
+            }
+        }
+        Ok(_) => RetryPlan {
+            at: now + wait,
+            escalation: Escalation::None,
+        },
+    }
+}
+
+/// Whether an escalation for a connection should be logged now, given when it
+/// was last logged: at most once per [`ESCALATION_LOG_INTERVAL`].
+pub fn should_log_escalation(last_logged: Option<SystemTime>, now: SystemTime) -> bool {
+    match last_logged {
+        None => true,
+        Some(then) => now
+            .duration_since(then)
+            .map(|since| since >= ESCALATION_LOG_INTERVAL)
+            .unwrap_or(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+    const S: fn(u64) -> Duration = Duration::from_secs;
+    const POLICY: BackoffPolicy = BackoffPolicy {
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(120),
+    };
+
+    #[test]
+    fn rotates_refresh_before_ahead_minus_jitter() {
+        // 1 h credentials, refresh 20 m before, up to 1 m jitter.
+        let plan = next_rotation(t(0), t(3600), S(1200), S(60), 0.0);
+        assert_eq!(plan, NextRotation { at: t(2400), short_lived: false });
+        let plan = next_rotation(t(0), t(3600), S(1200), S(60), 0.5);
+        assert_eq!(plan.at, t(2370));
+    }
+
+    #[test]
+    fn jitter_never_pulls_the_rotation_before_now() {
+        let plan = next_rotation(t(0), t(100), S(90), S(60), 0.99);
+        assert_eq!(plan, NextRotation { at: t(0), short_lived: false });
+    }
+
+    #[test]
+    fn short_lived_credentials_rotate_at_half_life() {
+        let plan = next_rotation(t(0), t(600), S(1200), S(60), 0.7);
+        assert_eq!(plan, NextRotation { at: t(300), short_lived: true });
+        // Never sooner than one second, even when already expired.
+        let plan = next_rotation(t(10), t(0), S(1200), S(60), 0.7);
+        assert_eq!(plan, NextRotation { at: t(11), short_lived: true });
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_floored() {
+        let plan = plan_retry(&POLICY, t(0), 0, RetryKind::After(S(7)), Some(t(3600)), 0.3);
+        assert_eq!(plan, RetryPlan { at: t(7), escalation: Escalation::None });
+        let plan = plan_retry(&POLICY, t(0), 0, RetryKind::After(S(0)), None, 0.3);
+        assert_eq!(plan.at, t(1));
+    }
+
+    #[test]
+    fn slow_cadence_is_retry_max() {
+        let plan = plan_retry(&POLICY, t(0), 3, RetryKind::Slow, Some(t(3600)), 0.3);
+        assert_eq!(plan.at, t(120));
+    }
+
+    #[test]
+    fn a_wait_past_expiry_is_pulled_in_and_escalated() {
+        let plan = plan_retry(&POLICY, t(0), 0, RetryKind::Slow, Some(t(60)), 0.3);
+        assert_eq!(
+            plan,
+            RetryPlan { at: t(30), escalation: Escalation::ExpiresBeforeRetry { left: S(60) } }
+        );
+    }
+
+    #[test]
+    fn expired_credentials_escalate_and_keep_the_policy_wait() {
+        let plan = plan_retry(&POLICY, t(100), 0, RetryKind::After(S(5)), Some(t(40)), 0.3);
+        assert_eq!(plan, RetryPlan { at: t(105), escalation: Escalation::Expired { ago: S(60) } });
+    }
+
+    #[test]
+    fn escalation_logs_are_rate_limited() {
+        assert!(should_log_escalation(None, t(0)));
+        assert!(!should_log_escalation(Some(t(0)), t(29)));
+        assert!(should_log_escalation(Some(t(0)), t(30)));
+        // A clock that went backwards does not unmute it.
+        assert!(!should_log_escalation(Some(t(10)), t(0)));
+    }
+
+    proptest! {
+        #[test]
+        fn next_rotation_is_before_expiry_and_within_jitter(
+            now_s in 0u64..100_000, life_ms in 2_000u64..43_200_000, rb_ms in 1u64..43_200_000,
+            jitter_ms in 0u64..3_600_000, unit in 0.0f64..1.0,
+        ) {
+            let now = t(now_s);
+            let expires = now + Duration::from_millis(life_ms);
+            let rb = Duration::from_millis(rb_ms);
+            let jitter = Duration::from_millis(jitter_ms);
+            let plan = next_rotation(now, expires, rb, jitter, unit);
+            prop_assert!(plan.at >= now);
+            prop_assert!(plan.at < expires, "rotation at or after expiry");
+            if !plan.short_lived {
+                let unjittered = expires - rb;
+                prop_assert!(plan.at <= unjittered);
+                prop_assert!(unjittered.duration_since(plan.at).unwrap() <= jitter);
+            }
+        }
+
+        #[test]
+        fn no_retry_is_scheduled_past_expiry(
+            now_s in 0u64..100_000, left_ms in 1u64..10_000_000, attempt in 0u32..50,
+            kind in 0u8..3, hint_s in 0u64..10_000, unit in 0.0f64..1.0,
+        ) {
+            let now = t(now_s);
+            let expires = now + Duration::from_millis(left_ms);
+            let kind = match kind { 0 => RetryKind::Backoff, 1 => RetryKind::Slow, _ => RetryKind::After(S(hint_s)) };
+            let plan = plan_retry(&POLICY, now, attempt, kind, Some(expires), unit);
+            prop_assert!(plan.at > now);
+            prop_assert!(plan.at <= expires, "retry scheduled past expiry");
+            prop_assert!(plan.at.duration_since(now).unwrap() <= POLICY.max.max(Duration::from_secs(hint_s)));
+        }
+    }
+}
