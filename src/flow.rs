@@ -1,1 +1,408 @@
-//! TODO
+//! Flow Service: read a base connection (for its etag) and PATCH its S3
+//! credentials with `If-Match`, replacing all three values in one JSON Patch.
+//!
+//! The traps (see API-NOTES.md): `GET` answers a list (`items[0]`); the etag
+//! carries literal double quotes and goes back in `If-Match` exactly as
+//! received; the PATCH body is an array of lower-case ops on
+//! `/auth/params/...` (never `/auth/params` whole, which would drop
+//! `bucketName` and `folderPath`); a session token alone is useless without
+//! the key pair it was issued with.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, IF_MATCH, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use url::Url;
+
+use crate::backoff::parse_retry_after;
+use crate::config::AdobeConfig;
+use crate::ims::{AccessToken, describe_reqwest_error, error_class};
+use crate::shaping::RequestGate;
+use crate::sts::AwsCredentials;
+use crate::telemetry::{Service, Telemetry};
+
+/// The Flow Service connection spec of Amazon S3.
+pub const S3_CONNECTION_SPEC_ID: &str = "ecadc60c-7455-4d87-84dc-2a0e293d997b";
+/// The auth spec that holds an access key pair (and optional session token).
+pub const ACCESS_KEY_AUTH_SPEC: &str = "Access Key";
+
+/// The JSON Patch paths of the three credential values, replaced together.
+pub const CREDENTIAL_PATHS: [&str; 3] = [
+    "/auth/params/s3AccessKey",
+    "/auth/params/s3SecretKey",
+    "/auth/params/s3SessionToken",
+];
+
+/// Why a Flow Service call failed, by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FlowError {
+    /// 412: someone else changed the connection; re-read it (`GET`) and PATCH
+    /// again at once (a bounded number of times).
+    #[error("etag conflict (412): the connection changed since it was read")]
+    PreconditionFailed,
+    /// 401: drop the IMS token, fetch a new one and retry once.
+    #[error("Flow Service refused the IMS token (401): {0}")]
+    Unauthorized(String),
+    /// 429 or 503: wait `Retry-After` when given, else back off. Every other
+    /// request pauses too.
+    #[error("Flow Service throttled the request ({status}){}", retry_after.map(|d| format!(", retry after {}s", d.as_secs())).unwrap_or_default())]
+    Throttled {
+        /// 429 or 503.
+        status: u16,
+        /// The `Retry-After` hint.
+        retry_after: Option<Duration>,
+    },
+    /// Other 5xx, timeouts, connection resets: back off and retry.
+    #[error("Flow Service unavailable: {0}")]
+    Unavailable(String),
+    /// 400/403/404 and other 4xx: a retry will not help soon; logged with the
+    /// remote's detail and retried on the slow cadence.
+    #[error("Flow Service rejected the request ({status}): {detail}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// The remote's explanation, plus advice.
+        detail: String,
+    },
+    /// A 2xx whose body is not what the API documents: back off and retry.
+    #[error("Flow Service answer unusable: {0}")]
+    Malformed(String),
+    /// The connection exists but is not an S3 access-key connection: fix the
+    /// config; retried on the slow cadence.
+    #[error("connection is not an S3 access-key connection: {0}")]
+    Unsuitable(String),
+}
+
+/// What a `GET /connections/{id}` told us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteConnection {
+    /// The etag, with its literal quotes, for `If-Match`.
+    pub etag: String,
+    /// The connection's display name in AEP.
+    pub name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListWrapper {
+    items: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+struct PatchAnswer {
+    etag: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct TestAnswer {
+    result: bool,
+}
+
+/// The Flow Service client.
+#[derive(Debug)]
+pub struct FlowClient {
+    http: reqwest::Client,
+    base: Url,
+    client_id: String,
+    org_id: String,
+    gate: Arc<RequestGate>,
+    telemetry: Arc<Telemetry>,
+    /// How long everyone pauses after a 429 that carried no `Retry-After`.
+    default_pause: Duration,
+}
+
+impl FlowClient {
+    /// A client for `{platform_url}/data/foundation/flowservice`.
+    pub fn new(
+        http: reqwest::Client,
+        adobe: &AdobeConfig,
+        gate: Arc<RequestGate>,
+        telemetry: Arc<Telemetry>,
+        default_pause: Duration,
+    ) -> Self {
+        Self {
+            http,
+            base: adobe.platform_url.clone(),
+            client_id: adobe.client_id.clone(),
+            org_id: adobe.org_id.clone(),
+            gate,
+            telemetry,
+            default_pause,
+        }
+    }
+
+    fn url(&self, id: &str, test: bool) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments
+                .pop_if_empty()
+                .extend(["data", "foundation", "flowservice", "connections", id]);
+            if test {
+                segments.push("test");
+            }
+        }
+        url
+    }
+
+    fn headers(&self, sandbox: &str, token: &AccessToken) -> Result<HeaderMap, FlowError> {
+        let bad = |what: &str| FlowError::Rejected {
+            status: 0,
+            detail: format!("{what} cannot be sent as an HTTP header; check the config"),
+        };
+        let mut headers = HeaderMap::new();
+        let mut bearer = HeaderValue::try_from(format!("Bearer {}", token.expose()))
+            .map_err(|_| bad("the IMS token"))?;
+        bearer.set_sensitive(true);
+        headers.insert(AUTHORIZATION, bearer);
+        headers.insert("x-api-key", HeaderValue::try_from(&self.client_id).map_err(|_| bad("client_id"))?);
+        headers.insert("x-gw-ims-org-id", HeaderValue::try_from(&self.org_id).map_err(|_| bad("org_id"))?);
+        headers.insert("x-sandbox-name", HeaderValue::try_from(sandbox).map_err(|_| bad("sandbox"))?);
+        Ok(headers)
+    }
+
+    /// Sends one request through the gate; answers the status, headers and body.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &Url,
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), FlowError> {
+        let _pass = self.gate.enter().await;
+        let response = request.send().await.map_err(|e| {
+            self.telemetry.request(Service::Flow, error_class(&e));
+            FlowError::Unavailable(describe_reqwest_error(&e, url))
+        })?;
+        let status = response.status();
+        self.telemetry.request(Service::Flow, status.as_str());
+        let headers = response.headers().clone();
+        let body = response.bytes().await.map_err(|e| {
+            FlowError::Unavailable(format!("reading the answer from {url}: {e}"))
+        })?;
+        Ok((status, headers, body))
+    }
+
+    /// `GET /connections/{id}`: the current etag, after checking the connection
+    /// is an S3 connection with the `Access Key` auth spec.
+    pub async fn get_connection(
+        &self,
+        id: &str,
+        sandbox: &str,
+        token: &AccessToken,
+    ) -> Result<RemoteConnection, FlowError> {
+        let url = self.url(id, false);
+        let request = self.http.get(url.clone()).headers(self.headers(sandbox, token)?);
+        let (status, headers, body) = self.send(request, &url).await?;
+        if !status.is_success() {
+            return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
+        }
+        parse_connection(&body)
+    }
+
+    /// `PATCH /connections/{id}` with `If-Match: etag`, replacing the access
+    /// key id, secret key and session token in one JSON Patch. Answers the new
+    /// etag (`None` when the answer did not carry one).
+    pub async fn patch_credentials(
+        &self,
+        id: &str,
+        sandbox: &str,
+        etag: &str,
+        credentials: &AwsCredentials,
+        token: &AccessToken,
+    ) -> Result<Option<String>, FlowError> {
+        let url = self.url(id, false);
+        let secret = credentials.secret_access_key.expose_secret();
+        let session = credentials.session_token.expose_secret();
+        let values = [credentials.access_key_id.as_str(), secret, session];
+        let body = Value::Array(
+            CREDENTIAL_PATHS
+                .iter()
+                .zip(values)
+                .map(|(path, value)| json!({"op": "replace", "path": path, "value": value}))
+                .collect(),
+        );
+        let mut headers = self.headers(sandbox, token)?;
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            IF_MATCH,
+            HeaderValue::try_from(etag)
+                .map_err(|_| FlowError::Malformed(format!("etag {etag:?} is not a valid header value")))?,
+        );
+        let request = self
+            .http
+            .request(Method::PATCH, url.clone())
+            .headers(headers)
+            .body(body.to_string());
+        let (status, headers, answer) = self.send(request, &url).await?;
+        if !status.is_success() {
+            return Err(self.error_for(status, &headers, &answer, id, sandbox, &[secret, session]));
+        }
+        let parsed: PatchAnswer = serde_json::from_slice(&answer).unwrap_or(PatchAnswer { etag: None });
+        Ok(parsed.etag.filter(|etag| !etag.is_empty()))
+    }
+
+    /// `GET /connections/{id}/test`: whether Flow Service can reach S3 with the
+    /// stored credentials.
+    pub async fn test_connection(
+        &self,
+        id: &str,
+        sandbox: &str,
+        token: &AccessToken,
+    ) -> Result<bool, FlowError> {
+        let url = self.url(id, true);
+        let request = self.http.get(url.clone()).headers(self.headers(sandbox, token)?);
+        let (status, headers, body) = self.send(request, &url).await?;
+        if !status.is_success() {
+            return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
+        }
+        serde_json::from_slice::<TestAnswer>(&body)
+            .map(|answer| answer.result)
+            .map_err(|e| FlowError::Malformed(format!("test answer is not {{\"result\": bool}}: {e}")))
+    }
+
+    fn error_for(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        id: &str,
+        sandbox: &str,
+        secrets: &[&str],
+    ) -> FlowError {
+        let detail = scrub(&remote_detail(body), secrets);
+        match status.as_u16() {
+            401 => FlowError::Unauthorized(detail),
+            412 => FlowError::PreconditionFailed,
+            code @ (429 | 503) => {
+                let retry_after = headers
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                self.gate.pause(retry_after.unwrap_or(self.default_pause));
+                FlowError::Throttled { status: code, retry_after }
+            }
+            code if status.is_server_error() => FlowError::Unavailable(format!("HTTP {code}: {detail}")),
+            code => {
+                let advice = match code {
+                    403 => "; check that the Adobe credential has Experience Platform API access and that org_id is right".to_owned(),
+                    404 => format!("; check that connection {id} exists in sandbox {sandbox:?}"),
+                    _ => String::new(),
+                };
+                FlowError::Rejected { status: code, detail: format!("{detail}{advice}") }
+            }
+        }
+    }
+}
+
+/// Reads `items[0]` of a `GET /connections/{id}` answer and checks it is an S3
+/// connection with the `Access Key` auth spec.
+pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
+    let wrapper: ListWrapper = serde_json::from_slice(body).map_err(|e| {
+        FlowError::Malformed(format!("GET answer is not {{\"items\": [...]}} JSON: {e}"))
+    })?;
+    let item = wrapper.items.into_iter().next().ok_or_else(|| {
+        FlowError::Malformed("GET answered an empty items list; check the connection id".to_owned())
+    })?;
+    let etag = item
+        .get("etag")
+        .and_then(Value::as_str)
+        .filter(|etag| !etag.is_empty())
+        .ok_or_else(|| FlowError::Malformed("GET answer has no etag".to_owned()))?;
+    let spec = item.pointer("/connectionSpec/id").and_then(Value::as_str).unwrap_or("(none)");
+    if spec != S3_CONNECTION_SPEC_ID {
+        return Err(FlowError::Unsuitable(format!(
+            "its connection spec is {spec}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id"
+        )));
+    }
+    let auth = item.pointer("/auth/specName").and_then(Value::as_str).unwrap_or("(none)");
+    if auth != ACCESS_KEY_AUTH_SPEC {
+        return Err(FlowError::Unsuitable(format!(
+            "its auth spec is {auth:?}, not \"Access Key\"; only access-key connections hold temporary credentials"
+        )));
+    }
+    Ok(RemoteConnection {
+        etag: etag.to_owned(),
+        name: item.get("name").and_then(Value::as_str).map(str::to_owned),
+    })
+}
+
+/// The most useful line of an error body: Flow Service's `detailed-message`
+/// or `title`, the gateway's `error_code`/`message`, or the start of the body.
+fn remote_detail(body: &[u8]) -> String {
+    const KEEP: usize = 300;
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        let text = String::from_utf8_lossy(body);
+        let text: String = text.chars().take(KEEP).collect();
+        return if text.trim().is_empty() { "empty body".to_owned() } else { text };
+    };
+    let text = |pointer: &str| value.pointer(pointer).and_then(Value::as_str).map(str::to_owned);
+    if let Some(message) = text("/report/detailed-message").or_else(|| text("/title")) {
+        return message;
+    }
+    if let Some(message) = text("/message") {
+        return match text("/error_code") {
+            Some(code) => format!("{message} (error_code {code})"),
+            None => message,
+        };
+    }
+    text("/errorMessage").unwrap_or_else(|| value.to_string().chars().take(KEEP).collect())
+}
+
+/// Removes secret values a remote may have echoed back.
+fn scrub(text: &str, secrets: &[&str]) -> String {
+    secrets
+        .iter()
+        .filter(|secret| !secret.is_empty())
+        .fold(text.to_owned(), |acc, secret| acc.replace(secret, "[redacted]"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(spec: &str, auth: &str) -> String {
+        json!({"items": [{
+            "id": "c1", "name": "S3", "etag": "\"1700d77b-0000\"",
+            "connectionSpec": {"id": spec, "version": "1.0"},
+            "auth": {"specName": auth, "params": {"bucketName": "b"}}
+        }]})
+        .to_string()
+    }
+
+    #[test]
+    fn reads_items_0_and_keeps_the_etag_quotes() {
+        let parsed = parse_connection(item(S3_CONNECTION_SPEC_ID, "Access Key").as_bytes()).unwrap();
+        assert_eq!(parsed.etag, "\"1700d77b-0000\"");
+    }
+
+    #[test]
+    fn refuses_non_s3_and_non_access_key_connections() {
+        let err = parse_connection(item("other-spec", "Access Key").as_bytes()).unwrap_err();
+        assert!(matches!(err, FlowError::Unsuitable(ref m) if m.contains("other-spec")), "{err}");
+        let err = parse_connection(item(S3_CONNECTION_SPEC_ID, "IAMRole Based").as_bytes()).unwrap_err();
+        assert!(matches!(err, FlowError::Unsuitable(ref m) if m.contains("IAMRole Based")), "{err}");
+    }
+
+    #[test]
+    fn unexpected_shapes_are_malformed() {
+        for body in ["not json", "{\"items\": []}", "{\"items\": [{\"id\": \"x\"}]}", "{\"id\": \"x\"}"] {
+            let err = parse_connection(body.as_bytes()).unwrap_err();
+            assert!(matches!(err, FlowError::Malformed(_)), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn remote_detail_prefers_the_documented_fields() {
+        let flow = br#"{"type":"x","title":"Not Found","status":404,"report":{"detailed-message":"Connection c1 not found"}}"#;
+        assert_eq!(remote_detail(flow), "Connection c1 not found");
+        let gateway = br#"{"error_code":"401013","message":"Oauth token is not valid"}"#;
+        assert_eq!(remote_detail(gateway), "Oauth token is not valid (error_code 401013)");
+        assert_eq!(remote_detail(b""), "empty body");
+    }
+
+    #[test]
+    fn echoed_secrets_are_scrubbed() {
+        assert_eq!(scrub("bad value s3cr3t!", &["s3cr3t", ""]), "bad value [redacted]!");
+    }
+}

@@ -1,1 +1,494 @@
-//! TODO
+//! AWS STS: where fresh credentials come from.
+//!
+//! [`AwsSts`] calls `AssumeRole` (or `GetSessionToken` when no role is
+//! configured) with the real `aws-sdk-sts` client, using the AWS default
+//! credential chain as the source identity. [`CredentialCache`] makes
+//! connections that ask for the same thing share one STS call per cycle.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use futures::future::BoxFuture;
+use secrecy::SecretString;
+
+use crate::config::{AwsConfig, Config, ConnectionConfig, RoleArn};
+use crate::schedule;
+use crate::telemetry::{Service, Telemetry};
+
+/// Everything that decides which credentials STS hands out. Connections whose
+/// requests are equal share one STS call per cycle.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StsRequest {
+    /// `None` = `GetSessionToken`.
+    pub role_arn: Option<RoleArn>,
+    /// `ExternalId` for `AssumeRole`.
+    pub external_id: Option<String>,
+    /// `RoleSessionName`.
+    pub session_name: String,
+    /// Inline session policy.
+    pub session_policy: Option<String>,
+    /// Managed session policies.
+    pub policy_arns: Vec<String>,
+    /// `DurationSeconds`.
+    pub duration: Duration,
+}
+
+impl StsRequest {
+    /// The effective request for `connection`: its own role, external id and
+    /// session name where set, else those of `[aws]`.
+    pub fn for_connection(config: &Config, connection: &ConnectionConfig) -> Self {
+        let aws = &config.aws;
+        Self {
+            role_arn: connection.role_arn.clone().or_else(|| aws.role_arn.clone()),
+            external_id: connection
+                .external_id
+                .clone()
+                .or_else(|| aws.external_id.clone()),
+            session_name: connection
+                .session_name
+                .clone()
+                .unwrap_or_else(|| aws.session_name.clone()),
+            session_policy: connection.session_policy.clone(),
+            policy_arns: connection.policy_arns.clone(),
+            duration: config.rotation.session_duration,
+        }
+    }
+
+    /// A short description for logs: the role, or `GetSessionToken`.
+    pub fn describe(&self) -> String {
+        match &self.role_arn {
+            Some(role) => role.to_string(),
+            None => "GetSessionToken".to_owned(),
+        }
+    }
+}
+
+/// One set of temporary credentials. The three secrets belong together.
+/// `Debug` redacts the secret key and the session token.
+#[derive(Debug, Clone)]
+pub struct AwsCredentials {
+    /// `ASIA...`: not secret; logged so it can be joined with CloudTrail.
+    pub access_key_id: String,
+    /// Secret.
+    pub secret_access_key: SecretString,
+    /// Secret.
+    pub session_token: SecretString,
+    /// The `Expiration` STS returned.
+    pub expiration: SystemTime,
+}
+
+/// Why STS gave no credentials, by what the caller does next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StsError {
+    /// Throttling, a 5xx, a timeout or a network error: back off and retry.
+    #[error("STS unavailable: {0}")]
+    Unavailable(String),
+    /// STS refused (`AccessDenied`, `ValidationError`, expired or invalid
+    /// source credentials): fix IAM or the config; retried on the slow cadence.
+    #[error("STS refused {code}: {message}")]
+    Rejected {
+        /// The AWS error code.
+        code: String,
+        /// The AWS message plus advice.
+        message: String,
+    },
+    /// The default credential chain found no source identity: set one up
+    /// (env, profile, web identity, ECS, IMDS); retried on the slow cadence.
+    #[error(
+        "no AWS credentials found by the default chain (env, profile, web identity, ECS, IMDS): {0}"
+    )]
+    NoCredentials(String),
+    /// STS answered without the credentials we need: back off and retry.
+    #[error("STS answer unusable: {0}")]
+    Malformed(String),
+}
+
+impl StsError {
+    /// True for errors a quick retry may cure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Malformed(_))
+    }
+}
+
+/// Anything that can issue credentials for an [`StsRequest`].
+pub trait CredentialSource: Send + Sync + std::fmt::Debug {
+    /// Calls STS once.
+    fn issue<'a>(
+        &'a self,
+        request: &'a StsRequest,
+    ) -> BoxFuture<'a, Result<AwsCredentials, StsError>>;
+}
+
+/// How the STS client finds the identity it signs with.
+#[derive(Debug, Clone)]
+pub enum SourceIdentity {
+    /// The AWS default credential chain (env, profile, web identity / IRSA, ECS, IMDS).
+    DefaultChain,
+    /// Fixed credentials: only for `demo`, which talks to the embedded simulator.
+    Static {
+        /// Access key id.
+        access_key_id: String,
+        /// Secret access key.
+        secret_access_key: SecretString,
+    },
+}
+
+/// The region STS is called in when neither the config nor the AWS default
+/// chain names one: STS's global endpoint lives in us-east-1.
+const FALLBACK_REGION: &str = "us-east-1";
+
+/// The real STS, through `aws-sdk-sts`.
+#[derive(Debug, Clone)]
+pub struct AwsSts {
+    client: aws_sdk_sts::Client,
+    telemetry: Arc<Telemetry>,
+}
+
+impl AwsSts {
+    /// Builds the client: region from `[aws] region` or the default chain,
+    /// endpoint from `[aws] sts_endpoint` (else the SDK honours
+    /// `AWS_ENDPOINT_URL_STS`), every call bounded by `timeout`. The SDK's own
+    /// retries are off: the scheduler retries with its own backoff so that
+    /// every attempt is logged, counted and bounded by the credentials' expiry.
+    pub async fn new(
+        aws: &AwsConfig,
+        identity: &SourceIdentity,
+        timeout: Duration,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .operation_attempt_timeout(timeout)
+                    .build(),
+            );
+        if let Some(region) = &aws.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &aws.sts_endpoint {
+            loader = loader.endpoint_url(endpoint.as_str().trim_end_matches('/'));
+        }
+        if let SourceIdentity::Static {
+            access_key_id,
+            secret_access_key,
+        } = identity
+        {
+            use secrecy::ExposeSecret;
+            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+                access_key_id.clone(),
+                secret_access_key.expose_secret().to_owned(),
+                None,
+                None,
+                "aep-s3-rotator-static",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut builder = aws_sdk_sts::config::Builder::from(&shared);
+        if shared.region().is_none() {
+            tracing::info!(region = FALLBACK_REGION, "no AWS region configured, using STS in us-east-1");
+            builder = builder.region(aws_config::Region::new(FALLBACK_REGION));
+        }
+        Self {
+            client: aws_sdk_sts::Client::from_conf(builder.build()),
+            telemetry,
+        }
+    }
+
+    async fn call(&self, request: &StsRequest) -> Result<AwsCredentials, StsError> {
+        let duration = i32::try_from(request.duration.as_secs()).unwrap_or(i32::MAX);
+        let credentials = match &request.role_arn {
+            Some(role) => {
+                let mut call = self
+                    .client
+                    .assume_role()
+                    .role_arn(role.as_str())
+                    .role_session_name(&request.session_name)
+                    .duration_seconds(duration)
+                    .set_external_id(request.external_id.clone())
+                    .set_policy(request.session_policy.clone());
+                for arn in &request.policy_arns {
+                    call = call.policy_arns(
+                        aws_sdk_sts::types::PolicyDescriptorType::builder()
+                            .arn(arn)
+                            .build(),
+                    );
+                }
+                let output = call.send().await.map_err(|e| self.classify(e))?;
+                output.credentials
+            }
+            None => {
+                let output = self
+                    .client
+                    .get_session_token()
+                    .duration_seconds(duration)
+                    .send()
+                    .await
+                    .map_err(|e| self.classify(e))?;
+                output.credentials
+            }
+        };
+        self.telemetry.request(Service::Sts, "200");
+        let credentials = credentials
+            .ok_or_else(|| StsError::Malformed("response has no Credentials".to_owned()))?;
+        let expiration = SystemTime::try_from(*credentials.expiration())
+            .map_err(|_| StsError::Malformed("Expiration out of range".to_owned()))?;
+        Ok(AwsCredentials {
+            access_key_id: credentials.access_key_id().to_owned(),
+            secret_access_key: SecretString::from(credentials.secret_access_key().to_owned()),
+            session_token: SecretString::from(credentials.session_token().to_owned()),
+            expiration,
+        })
+    }
+
+    fn classify<E, R>(&self, error: SdkError<E, R>) -> StsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug,
+    {
+        let sts_error = classify_sdk_error(&error);
+        let status = match &sts_error {
+            StsError::Rejected { code, .. } => code.as_str(),
+            StsError::Unavailable(_) => match &error {
+                SdkError::ServiceError(e) => e.err().code().unwrap_or("error"),
+                SdkError::TimeoutError(_) => "timeout",
+                _ => "connect",
+            },
+            StsError::NoCredentials(_) => "no_credentials",
+            StsError::Malformed(_) => "malformed",
+        };
+        self.telemetry.request(Service::Sts, status);
+        sts_error
+    }
+}
+
+/// STS error codes that a retry after a short wait may cure.
+const TRANSIENT_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "InternalFailure",
+    "InternalError",
+    "IDPCommunicationError",
+];
+
+fn classify_sdk_error<E, R>(error: &SdkError<E, R>) -> StsError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match error {
+        SdkError::ServiceError(service) => {
+            let err = service.err();
+            let code = err.code().unwrap_or("Unknown").to_owned();
+            let message = err.message().unwrap_or("no message").to_owned();
+            if TRANSIENT_CODES.contains(&code.as_str()) {
+                return StsError::Unavailable(format!("{code}: {message}"));
+            }
+            let advice = match code.as_str() {
+                "AccessDenied" => {
+                    "; check the role's trust policy allows the daemon's identity (and the external id)"
+                }
+                "ValidationError" => "; check role_arn, session_name, session_duration and policies",
+                "ExpiredToken" | "ExpiredTokenException" | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch" => "; the daemon's own AWS identity is invalid or expired",
+                "RegionDisabledException" => "; activate STS in this region or set [aws] region",
+                _ => "",
+            };
+            StsError::Rejected {
+                code,
+                message: format!("{message}{advice}"),
+            }
+        }
+        SdkError::TimeoutError(_) => StsError::Unavailable("request timed out".to_owned()),
+        other => {
+            let text = DisplayErrorContext(other).to_string();
+            if text.contains("credentials") && text.contains("provider") || text.contains("no credentials") {
+                StsError::NoCredentials(text)
+            } else {
+                StsError::Unavailable(text)
+            }
+        }
+    }
+}
+
+impl CredentialSource for AwsSts {
+    fn issue<'a>(
+        &'a self,
+        request: &'a StsRequest,
+    ) -> BoxFuture<'a, Result<AwsCredentials, StsError>> {
+        Box::pin(self.call(request))
+    }
+}
+
+/// A cached STS answer and until when it is handed to further connections.
+#[derive(Debug)]
+struct Cached {
+    credentials: Arc<AwsCredentials>,
+    reuse_until: SystemTime,
+}
+
+/// Shares STS answers between connections that ask for the same thing.
+///
+/// One call per [`StsRequest`] and cycle: the first connection due asks STS
+/// (others asking meanwhile wait for that answer: single flight); the answer is
+/// handed out until its own refresh point to every connection that does not
+/// already hold it.
+#[derive(Debug)]
+pub struct CredentialCache {
+    source: Arc<dyn CredentialSource>,
+    slots: Mutex<HashMap<StsRequest, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+}
+
+impl CredentialCache {
+    /// An empty cache in front of `source`.
+    pub fn new(source: Arc<dyn CredentialSource>) -> Self {
+        Self {
+            source,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Credentials for `request` that the caller does not already hold
+    /// (`held` = the access key id on the caller's connection).
+    ///
+    /// A cached answer is reused while `now` is before its refresh point
+    /// (`expiration − refresh_before`, or half its life when it lives shorter);
+    /// otherwise STS is called.
+    pub async fn get(
+        &self,
+        request: &StsRequest,
+        held: Option<&str>,
+        refresh_before: Duration,
+    ) -> Result<Arc<AwsCredentials>, StsError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(slots.entry(request.clone()).or_default())
+        };
+        let mut cached = slot.lock().await;
+        let now = SystemTime::now();
+        if let Some(entry) = cached.as_ref()
+            && now < entry.reuse_until
+            && held != Some(entry.credentials.access_key_id.as_str())
+        {
+            return Ok(Arc::clone(&entry.credentials));
+        }
+        let credentials = Arc::new(self.source.issue(request).await?);
+        let fetched = SystemTime::now();
+        let reuse_until =
+            schedule::next_rotation(fetched, credentials.expiration, refresh_before, Duration::ZERO, 0.0).at;
+        *cached = Some(Cached {
+            credentials: Arc::clone(&credentials),
+            reuse_until,
+        });
+        Ok(credentials)
+    }
+
+    /// Forgets cached answers for requests no connection uses any more.
+    pub fn retain(&self, in_use: &std::collections::HashSet<StsRequest>) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|request, _| in_use.contains(request));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug)]
+    struct CountingSource {
+        calls: AtomicU32,
+        lifetime: Duration,
+    }
+
+    impl CredentialSource for CountingSource {
+        fn issue<'a>(
+            &'a self,
+            _request: &'a StsRequest,
+        ) -> BoxFuture<'a, Result<AwsCredentials, StsError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok(AwsCredentials {
+                    access_key_id: format!("ASIATEST{n:08}"),
+                    secret_access_key: SecretString::from(format!("secret-{n}")),
+                    session_token: SecretString::from(format!("token-{n}")),
+                    expiration: SystemTime::now() + self.lifetime,
+                })
+            })
+        }
+    }
+
+    fn request(role: &str) -> StsRequest {
+        StsRequest {
+            role_arn: Some(RoleArn::parse(role).unwrap()),
+            external_id: None,
+            session_name: "aep-s3-rotator".into(),
+            session_policy: None,
+            policy_arns: vec![],
+            duration: Duration::from_secs(3600),
+        }
+    }
+
+    #[test]
+    fn debug_redacts_the_secrets() {
+        let creds = AwsCredentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: SecretString::from("wJalrXUtnFEMI-very-secret".to_owned()),
+            session_token: SecretString::from("FwoGZXIvYXdzEJr-session".to_owned()),
+            expiration: SystemTime::UNIX_EPOCH,
+        };
+        let shown = format!("{creds:?}");
+        assert!(shown.contains("ASIAEXAMPLE"));
+        assert!(!shown.contains("very-secret"));
+        assert!(!shown.contains("FwoGZXIvYXdzEJr"));
+        assert_eq!(creds.secret_access_key.expose_secret(), "wJalrXUtnFEMI-very-secret");
+    }
+
+    #[tokio::test]
+    async fn connections_sharing_a_request_share_one_call() {
+        let source = Arc::new(CountingSource { calls: AtomicU32::new(0), lifetime: Duration::from_secs(3600) });
+        let cache = Arc::new(CredentialCache::new(source.clone()));
+        let refresh = Duration::from_secs(1200);
+        let req = request("arn:aws:iam::123456789012:role/a");
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let cache = Arc::clone(&cache);
+                let req = req.clone();
+                tokio::spawn(async move { cache.get(&req, None, refresh).await.unwrap().access_key_id.clone() })
+            })
+            .collect();
+        let mut keys = Vec::new();
+        for task in tasks {
+            keys.push(task.await.unwrap());
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        assert!(keys.iter().all(|k| k == &keys[0]));
+        // Another role is another call.
+        cache.get(&request("arn:aws:iam::123456789012:role/b"), None, refresh).await.unwrap();
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_holder_of_the_cached_answer_gets_a_new_one() {
+        let source = Arc::new(CountingSource { calls: AtomicU32::new(0), lifetime: Duration::from_secs(3600) });
+        let cache = CredentialCache::new(source.clone());
+        let refresh = Duration::from_secs(1200);
+        let req = request("arn:aws:iam::123456789012:role/a");
+        let first = cache.get(&req, None, refresh).await.unwrap();
+        let second = cache.get(&req, Some(&first.access_key_id), refresh).await.unwrap();
+        assert_ne!(first.access_key_id, second.access_key_id);
+        // A connection still on the first answer now gets the second, without a call.
+        let third = cache.get(&req, Some(&first.access_key_id), refresh).await.unwrap();
+        assert_eq!(third.access_key_id, second.access_key_id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+}
