@@ -1,1 +1,293 @@
-//! TODO
+//! One rotation of one connection: IMS token → (GET for the etag when it is
+//! not known) → STS credentials → PATCH with `If-Match`; a 412 re-reads the
+//! connection and PATCHes again at once (bounded), a 401 fetches a new IMS
+//! token and retries once. Retry *timing* is not decided here: the job reports
+//! an outcome and the scheduler plans the next attempt.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::flow::{FlowClient, FlowError, RemoteConnection};
+use crate::ims::{AccessToken, ImsClient, ImsError};
+use crate::schedule::RetryKind;
+use crate::sts::{CredentialCache, StsError, StsRequest};
+use crate::telemetry::Telemetry;
+
+/// How many 412s in a row one job absorbs (re-GET + PATCH at once) before it
+/// reports a failure and backs off: a writer that changes the connection this
+/// often is a fight, and a short pause lets it finish.
+pub const MAX_CONFLICTS_PER_JOB: u32 = 5;
+
+/// Everything one job needs. Cheap to share: `Arc<Rotator>`.
+#[derive(Debug)]
+pub struct Rotator {
+    /// Flow Service client.
+    pub flow: FlowClient,
+    /// IMS token cache.
+    pub ims: Arc<ImsClient>,
+    /// STS answer cache.
+    pub credentials: Arc<CredentialCache>,
+    /// Counters.
+    pub telemetry: Arc<Telemetry>,
+    /// `[rotation] refresh_before`, for the credential cache.
+    pub refresh_before: Duration,
+    /// `[rotation] verify`.
+    pub verify: bool,
+    /// `--dry-run`: everything but the PATCH.
+    pub dry_run: bool,
+}
+
+/// What to do for one connection.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Connection id.
+    pub id: String,
+    /// Sandbox name.
+    pub sandbox: String,
+    /// Which credentials it gets.
+    pub sts: StsRequest,
+    /// The etag from our last PATCH, if known: saves the GET.
+    pub known_etag: Option<String>,
+    /// The access key id this daemon last put on the connection.
+    pub held: Option<String>,
+    /// After a restart: only rotate if the connection's etag is not this one
+    /// (someone edited it) — otherwise report [`JobResult::Unchanged`].
+    pub resume_if_etag: Option<String>,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum JobResult {
+    /// New credentials are on the connection.
+    Rotated {
+        /// Of the new credentials.
+        access_key_id: String,
+        /// Of the new credentials.
+        expires_at: SystemTime,
+        /// The connection's new etag, if the answer carried it.
+        etag: Option<String>,
+        /// 412s absorbed on the way.
+        conflicts: u32,
+    },
+    /// `--dry-run`: these would have been pushed.
+    WouldRotate {
+        /// Of the credentials that would be pushed.
+        access_key_id: String,
+        /// Of the credentials that would be pushed.
+        expires_at: SystemTime,
+        /// The etag the PATCH would have carried.
+        etag: String,
+    },
+    /// Resumed after a restart: the connection is as we left it.
+    Unchanged {
+        /// Its etag, unchanged.
+        etag: String,
+    },
+    /// The attempt failed.
+    Failed {
+        /// Why.
+        error: RotationError,
+        /// The etag, if the job learnt it (a GET is then saved next time).
+        etag: Option<String>,
+        /// 412s absorbed on the way.
+        conflicts: u32,
+    },
+}
+
+/// Why a rotation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RotationError {
+    /// From STS.
+    #[error(transparent)]
+    Sts(#[from] StsError),
+    /// From IMS.
+    #[error(transparent)]
+    Ims(#[from] ImsError),
+    /// From Flow Service.
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    /// Too many 412s in a row.
+    #[error("the connection kept changing under us ({0} etag conflicts in a row)")]
+    Conflicts(u32),
+    /// Shutdown began before the PATCH was sent.
+    #[error("cancelled by shutdown")]
+    Cancelled,
+}
+
+impl RotationError {
+    /// The kind of wait before the next attempt.
+    pub fn retry_kind(&self) -> RetryKind {
+        match self {
+            Self::Sts(e) if e.is_transient() => RetryKind::Backoff,
+            Self::Ims(e) if e.is_transient() => RetryKind::Backoff,
+            Self::Sts(_) | Self::Ims(_) => RetryKind::Slow,
+            Self::Flow(FlowError::Throttled {
+                retry_after: Some(wait),
+                ..
+            }) => RetryKind::After(*wait),
+            Self::Flow(FlowError::Rejected { .. } | FlowError::Unsuitable(_)) => RetryKind::Slow,
+            Self::Flow(_) | Self::Conflicts(_) | Self::Cancelled => RetryKind::Backoff,
+        }
+    }
+
+    /// The HTTP status or remote error code, for the `status` log field.
+    pub fn status(&self) -> Option<String> {
+        match self {
+            Self::Flow(FlowError::Throttled { status, .. } | FlowError::Rejected { status, .. }) => {
+                Some(status.to_string())
+            }
+            Self::Flow(FlowError::Unauthorized(_)) => Some("401".to_owned()),
+            Self::Flow(FlowError::PreconditionFailed) | Self::Conflicts(_) => Some("412".to_owned()),
+            Self::Ims(ImsError::Rejected { status, .. }) => Some(status.to_string()),
+            Self::Sts(StsError::Rejected { code, .. }) => Some(code.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The job's working state: what it learnt survives a failure.
+struct Progress {
+    etag: Option<String>,
+    conflicts: u32,
+    token: Option<Arc<AccessToken>>,
+    token_refreshed: bool,
+}
+
+impl Rotator {
+    /// Runs one job to its end. Stops before the PATCH once `cancel` fires;
+    /// a PATCH already sent is let finish.
+    pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> JobResult {
+        let mut progress = Progress {
+            etag: job.known_etag.clone(),
+            conflicts: 0,
+            token: None,
+            token_refreshed: false,
+        };
+        match self.attempt(job, &mut progress, cancel).await {
+            Ok(result) => result,
+            Err(error) => JobResult::Failed {
+                error,
+                etag: progress.etag,
+                conflicts: progress.conflicts,
+            },
+        }
+    }
+
+    async fn attempt(
+        &self,
+        job: &Job,
+        progress: &mut Progress,
+        cancel: &CancellationToken,
+    ) -> Result<JobResult, RotationError> {
+        if job.resume_if_etag.is_some() || progress.etag.is_none() {
+            let remote = self.read(job, progress).await?;
+            if job.resume_if_etag.as_deref() == Some(remote.etag.as_str()) {
+                return Ok(JobResult::Unchanged { etag: remote.etag });
+            }
+            progress.etag = Some(remote.etag);
+        }
+        let credentials = self
+            .credentials
+            .get(&job.sts, job.held.as_deref(), self.refresh_before)
+            .await?;
+        if self.dry_run {
+            return Ok(JobResult::WouldRotate {
+                access_key_id: credentials.access_key_id.clone(),
+                expires_at: credentials.expiration,
+                etag: progress.etag.clone().unwrap_or_default(),
+            });
+        }
+        loop {
+            if cancel.is_cancelled() {
+                return Err(RotationError::Cancelled);
+            }
+            let Some(etag) = progress.etag.clone() else {
+                let remote = self.read(job, progress).await?;
+                progress.etag = Some(remote.etag);
+                continue;
+            };
+            let token = self.token(progress).await?;
+            match self
+                .flow
+                .patch_credentials(&job.id, &job.sandbox, &etag, &credentials, &token)
+                .await
+            {
+                Ok(new_etag) => {
+                    progress.etag = new_etag.clone();
+                    if self.verify {
+                        self.verify(job, progress).await;
+                    }
+                    return Ok(JobResult::Rotated {
+                        access_key_id: credentials.access_key_id.clone(),
+                        expires_at: credentials.expiration,
+                        etag: new_etag,
+                        conflicts: progress.conflicts,
+                    });
+                }
+                Err(FlowError::PreconditionFailed) => {
+                    progress.conflicts += 1;
+                    progress.etag = None;
+                    self.telemetry.etag_conflict(&job.id);
+                    if progress.conflicts > MAX_CONFLICTS_PER_JOB {
+                        return Err(RotationError::Conflicts(progress.conflicts));
+                    }
+                    tracing::info!(attempt = progress.conflicts, status = 412, "etag conflict, re-reading connection");
+                }
+                Err(FlowError::Unauthorized(detail)) => self.refresh_token(progress, detail).await?,
+                Err(other) => return Err(other.into()),
+            }
+        }
+    }
+
+    /// `GET /connections/{id}`, with the one 401 retry.
+    async fn read(&self, job: &Job, progress: &mut Progress) -> Result<RemoteConnection, RotationError> {
+        loop {
+            let token = self.token(progress).await?;
+            match self.flow.get_connection(&job.id, &job.sandbox, &token).await {
+                Err(FlowError::Unauthorized(detail)) => self.refresh_token(progress, detail).await?,
+                other => return Ok(other?),
+            }
+        }
+    }
+
+    async fn token(&self, progress: &mut Progress) -> Result<Arc<AccessToken>, RotationError> {
+        if let Some(token) = &progress.token {
+            return Ok(Arc::clone(token));
+        }
+        let token = self.ims.token().await?;
+        progress.token = Some(Arc::clone(&token));
+        Ok(token)
+    }
+
+    /// After a 401: drop the token (once per job) so the next call fetches a
+    /// new one; a second 401 is a failure.
+    async fn refresh_token(&self, progress: &mut Progress, detail: String) -> Result<(), RotationError> {
+        if progress.token_refreshed {
+            return Err(FlowError::Unauthorized(detail).into());
+        }
+        tracing::info!(status = 401, "ims token refused by flow service, fetching a new one");
+        if let Some(token) = progress.token.take() {
+            self.ims.invalidate(&token).await;
+        }
+        progress.token_refreshed = true;
+        Ok(())
+    }
+
+    /// `[rotation] verify`: asks Flow Service to test the new credentials
+    /// against S3 and logs the answer; never fails the rotation.
+    async fn verify(&self, job: &Job, progress: &mut Progress) {
+        let result = match self.token(progress).await {
+            Ok(token) => self.flow.test_connection(&job.id, &job.sandbox, &token).await.map_err(RotationError::from),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(true) => tracing::info!("connection test passed"),
+            Ok(false) => tracing::warn!(
+                "connection test failed: Flow Service cannot reach S3 with the new credentials; check the role's S3 permissions"
+            ),
+            Err(error) => tracing::warn!(error = %error, "connection test could not run"),
+        }
+    }
+}
