@@ -1,1 +1,602 @@
-//! TODO
+//! A strict, embedded loopback simulator of the three remote APIs the daemon
+//! talks to: Adobe IMS (`POST /ims/token/v3`), the Flow Service base
+//! connection endpoints and AWS STS (query protocol, `AssumeRole` and
+//! `GetSessionToken`).
+//!
+//! It is a *test peer that enforces the protocol*: every deviation by the
+//! client is recorded as a violation (see [`Simulator::violations`]) **and**
+//! answered with the error the real API would give. It never fakes success:
+//! a PATCH only succeeds with the current etag, exactly the three credential
+//! ops, and a complete, unexpired credential set that its own STS issued.
+//!
+//! Each service listens on its own `127.0.0.1:0` socket ([`Simulator::start`]).
+//! State lives behind one synchronous mutex with short critical sections
+//! (never held across an `.await`); latency and delays are async sleeps, so
+//! thousands of connections at tens of concurrent requests are cheap.
+//!
+//! What counts as a *violation* (a correct, correctly configured client never
+//! does it): missing or malformed headers and bodies, secrets in a query
+//! string, an `x-api-key` other than the client id the token was issued to,
+//! a bearer token the simulator never issued, a trailing slash, a PATCH body
+//! that is not exactly the three credential ops, credentials that were not
+//! issued together by STS or are already expired, a missing `If-Match`, the
+//! client secret sent to Flow Service. What does *not* count (answered with
+//! the real error only): a wrong client secret, a wrong org, a wrong sandbox
+//! or deleted connection (404), an expired or revoked token (401), a stale
+//! etag (412): those happen to correct clients too.
+//!
+//! The module depends on nothing else in the crate: it speaks HTTP only.
+
+mod flow;
+mod ims;
+mod net;
+mod state;
+mod sts;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::DropGuard;
+
+use state::Shared;
+
+/// The Flow Service connection spec id of the Amazon S3 source.
+pub const S3_CONNECTION_SPEC_ID: &str = "ecadc60c-7455-4d87-84dc-2a0e293d997b";
+
+/// The auth spec of an S3 connection that stores an access key pair.
+pub const ACCESS_KEY_AUTH_SPEC: &str = "Access Key";
+
+/// How the simulator starts: the IMS client it accepts, the org, the
+/// connections it holds and how it behaves.
+#[derive(Clone)]
+pub struct SimConfig {
+    /// IMS client id; Flow Service requires it as `x-api-key`.
+    pub client_id: String,
+    /// IMS client secret.
+    pub client_secret: String,
+    /// IMS org id; Flow Service requires it as `x-gw-ims-org-id`.
+    pub org_id: String,
+    /// The base connections that exist at start.
+    pub connections: Vec<SimConnection>,
+    /// Lifetime of every STS credential issued, whatever `DurationSeconds`
+    /// asked for (e.g. 30 s for the demo, so rotation is visible).
+    pub credential_lifetime: Duration,
+    /// `expires_in` of IMS tokens.
+    pub ims_token_lifetime: Duration,
+    /// Initial random-fault rates.
+    pub faults: Faults,
+    /// Seed of the RNG that draws random faults, for reproducible runs;
+    /// `None` = seeded from the OS.
+    pub seed: Option<u64>,
+}
+
+impl SimConfig {
+    /// A configuration with no connections, 1 h STS credentials (the STS
+    /// default), 24 h IMS tokens (what IMS issues), no faults and no seed.
+    pub fn new(
+        client_id: impl Into<String>,
+        client_secret: impl Into<String>,
+        org_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            org_id: org_id.into(),
+            connections: Vec::new(),
+            credential_lifetime: Duration::from_secs(3600),
+            ims_token_lifetime: Duration::from_secs(24 * 3600),
+            faults: Faults::default(),
+            seed: None,
+        }
+    }
+}
+
+impl fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"[redacted]")
+            .field("org_id", &self.org_id)
+            .field("connections", &self.connections.len())
+            .field("credential_lifetime", &self.credential_lifetime)
+            .field("ims_token_lifetime", &self.ims_token_lifetime)
+            .field("faults", &self.faults)
+            .field("seed", &self.seed)
+            .finish()
+    }
+}
+
+/// One base connection held by the simulated Flow Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimConnection {
+    /// The connection id (usually a UUID).
+    pub id: String,
+    /// The sandbox it lives in; requests must name it in `x-sandbox-name`.
+    pub sandbox: String,
+    /// Display name.
+    pub name: String,
+    /// Connection spec id; [`S3_CONNECTION_SPEC_ID`] for S3.
+    pub connection_spec_id: String,
+    /// Auth spec name; [`ACCESS_KEY_AUTH_SPEC`] for S3 key pairs.
+    pub auth_spec: String,
+}
+
+impl SimConnection {
+    /// An S3 connection with the `Access Key` auth spec.
+    pub fn s3(id: impl Into<String>, sandbox: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            sandbox: sandbox.into(),
+            name: name.into(),
+            connection_spec_id: S3_CONNECTION_SPEC_ID.to_owned(),
+            auth_spec: ACCESS_KEY_AUTH_SPEC.to_owned(),
+        }
+    }
+}
+
+/// One of the three simulated services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimService {
+    /// Adobe IMS (token endpoint).
+    Ims,
+    /// Flow Service (base connections).
+    Flow,
+    /// AWS STS.
+    Sts,
+}
+
+impl SimService {
+    fn index(self) -> usize {
+        match self {
+            SimService::Ims => 0,
+            SimService::Flow => 1,
+            SimService::Sts => 2,
+        }
+    }
+}
+
+/// A scripted answer, queued with [`Simulator::script`] or
+/// [`Simulator::script_for`] and consumed by the next matching request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScriptedFault {
+    /// Answer this status instead of the real answer. `body: None` = the
+    /// documented error shape of that status and service.
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// Optional `Retry-After` header.
+        retry_after: Option<RetryAfter>,
+        /// Body; `None` = the documented error body.
+        body: Option<String>,
+    },
+    /// Close the TCP connection (with a reset) without an HTTP response.
+    Reset,
+    /// Sleep this long, then answer normally (to be slower than the client's
+    /// request timeout).
+    Delay(Duration),
+    /// Flow `GET /connections/{id}` only: answer normally, then another
+    /// writer changes the connection at once, so the following PATCH gets 412.
+    EtagChurn,
+    /// An STS XML error (`Throttling`/400, `AccessDenied`/403,
+    /// `ValidationError`/400 ...). Queued for IMS or Flow it is answered as
+    /// `Status { status }` with that service's documented body.
+    StsError {
+        /// The `<Code>`.
+        code: String,
+        /// The `<Message>`.
+        message: String,
+        /// HTTP status.
+        status: u16,
+    },
+    /// STS only: the next issuance lives only this long (zero = already
+    /// expired when issued). Never matches an IMS or Flow request.
+    ShortCredentials(Duration),
+    /// An arbitrary answer (malformed JSON, empty items, missing etag ...).
+    Raw {
+        /// HTTP status.
+        status: u16,
+        /// `Content-Type` header.
+        content_type: String,
+        /// The body, sent as is.
+        body: String,
+    },
+}
+
+/// A `Retry-After` header value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// `Retry-After: <seconds>`.
+    Seconds(u64),
+    /// `Retry-After: <HTTP date>`, this far from the moment of the answer.
+    HttpDate(Duration),
+}
+
+/// Random-fault rates, drawn per request from a seeded RNG. `Default` = no
+/// faults and no latency.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    /// Added to every request of every service before answering.
+    pub latency: Duration,
+    /// Probability of a Flow 429.
+    pub flow_429: f64,
+    /// Probability of a Flow 503 (alternating with 500/502 at random).
+    pub flow_5xx: f64,
+    /// Probability of a Flow connection reset without answer.
+    pub flow_reset: f64,
+    /// Probability of a slow Flow answer (sleeps `2 * flow_slow_delay`).
+    pub flow_slow: f64,
+    /// Base of the slow answer's delay; set the client's timeout below twice this.
+    pub flow_slow_delay: Duration,
+    /// Probability that, after a Flow GET, another writer bumps the etag.
+    pub etag_churn: f64,
+    /// Probability, per Flow request, that every IMS token issued so far is
+    /// revoked before the request is checked.
+    pub ims_revoke: f64,
+    /// Probability of an STS `Throttling` error.
+    pub sts_throttle: f64,
+    /// `Retry-After` seconds sent with random 429 and 503 answers.
+    pub retry_after_secs: Option<u64>,
+}
+
+/// Figures about what the simulator has seen (also `GET /_sim/stats` on the
+/// Flow listener).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SimStats {
+    /// IMS tokens issued.
+    pub ims_tokens_issued: u64,
+    /// Successful `AssumeRole` calls.
+    pub sts_assume_role: u64,
+    /// Successful `GetSessionToken` calls.
+    pub sts_get_session_token: u64,
+    /// Successful `GET /connections/{id}`.
+    pub flow_gets: u64,
+    /// Successful PATCHes.
+    pub flow_patches_ok: u64,
+    /// 412 answers.
+    pub flow_412: u64,
+    /// 429 answers.
+    pub flow_429: u64,
+    /// 5xx answers.
+    pub flow_5xx: u64,
+    /// Flow connections reset without an answer (scripted or random).
+    pub flow_resets: u64,
+    /// 401 answers.
+    pub flow_401: u64,
+    /// Flow requests handled (not counting `/_sim/stats`).
+    pub flow_requests: u64,
+    /// Peak of Flow requests being handled at once.
+    pub max_in_flight: u64,
+    /// Protocol violations recorded.
+    pub violations: u64,
+    /// Over all connections, from their first successful PATCH on, the
+    /// seconds during which the credentials stored on them were expired.
+    pub expired_seconds: f64,
+    /// Connections (existing now) that never got a successful PATCH.
+    pub connections_never_rotated: u64,
+}
+
+/// What a base connection holds now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionView {
+    /// Connection id.
+    pub id: String,
+    /// Sandbox name.
+    pub sandbox: String,
+    /// Current etag, with its literal quotes.
+    pub etag: String,
+    /// Access key id of the credentials last stored by a successful PATCH
+    /// (`None` before the first one, although the connection holds a
+    /// long-term placeholder key then).
+    pub access_key_id: Option<String>,
+    /// When the credentials last stored by a PATCH expire.
+    pub expires_at: Option<SystemTime>,
+    /// Successful PATCHes.
+    pub patches: u64,
+    /// When the first successful PATCH happened.
+    pub first_patch_at: Option<SystemTime>,
+    /// `auth.params` without the three credential fields (`bucketName`,
+    /// `folderPath`), to check that PATCHes leave them alone.
+    pub params_other_than_credentials: serde_json::Value,
+}
+
+/// A notable thing that happened, in chronological order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SimEvent {
+    /// IMS issued a token.
+    ImsTokenIssued {
+        /// When.
+        at: SystemTime,
+    },
+    /// IMS refused a token request (wrong client, bad request ...).
+    ImsRejected {
+        /// The OAuth `error` code.
+        error: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// Every IMS token issued so far was revoked.
+    TokensRevoked {
+        /// When.
+        at: SystemTime,
+    },
+    /// STS issued credentials.
+    StsIssued {
+        /// `AssumeRole` or `GetSessionToken`.
+        action: String,
+        /// The access key id (not secret).
+        access_key_id: String,
+        /// Their `Expiration`.
+        expires_at: SystemTime,
+        /// When.
+        at: SystemTime,
+    },
+    /// STS answered an error.
+    StsFailed {
+        /// The `<Code>`.
+        code: String,
+        /// HTTP status.
+        status: u16,
+        /// When.
+        at: SystemTime,
+    },
+    /// A PATCH stored new credentials on a connection.
+    PatchApplied {
+        /// Connection id.
+        connection: String,
+        /// The access key id stored.
+        access_key_id: String,
+        /// Their expiry.
+        expires_at: SystemTime,
+        /// When.
+        at: SystemTime,
+    },
+    /// A PATCH was answered 412 (stale `If-Match`).
+    Conflict {
+        /// Connection id.
+        connection: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// A request was answered 429.
+    Throttled {
+        /// Which service.
+        service: SimService,
+        /// Connection id, for Flow requests about one.
+        connection: Option<String>,
+        /// The `Retry-After` header sent, if any.
+        retry_after: Option<String>,
+        /// When.
+        at: SystemTime,
+    },
+    /// A request was answered with a 5xx.
+    ServerError {
+        /// Which service.
+        service: SimService,
+        /// Connection id, for Flow requests about one.
+        connection: Option<String>,
+        /// HTTP status.
+        status: u16,
+        /// When.
+        at: SystemTime,
+    },
+    /// A Flow request was answered 401.
+    Unauthorized {
+        /// Connection id, for requests about one.
+        connection: Option<String>,
+        /// When.
+        at: SystemTime,
+    },
+    /// A request was answered with another 4xx (400, 403, 404, ...).
+    Rejected {
+        /// Which service.
+        service: SimService,
+        /// Connection id, for Flow requests about one.
+        connection: Option<String>,
+        /// HTTP status.
+        status: u16,
+        /// When.
+        at: SystemTime,
+    },
+    /// A connection was closed without an answer (scripted or random reset).
+    Reset {
+        /// Which service.
+        service: SimService,
+        /// Connection id, for Flow requests about one.
+        connection: Option<String>,
+        /// When.
+        at: SystemTime,
+    },
+    /// An answer was delayed on purpose (scripted delay or random slow answer).
+    Delayed {
+        /// Which service.
+        service: SimService,
+        /// Connection id, for Flow requests about one.
+        connection: Option<String>,
+        /// How long.
+        delay: Duration,
+        /// When the delay started.
+        at: SystemTime,
+    },
+    /// Another writer changed a connection (new etag).
+    EtagBumped {
+        /// Connection id.
+        connection: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// A connection was added at run time.
+    ConnectionAdded {
+        /// Connection id.
+        connection: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// A connection was deleted.
+    ConnectionDeleted {
+        /// Connection id.
+        connection: String,
+        /// When.
+        at: SystemTime,
+    },
+    /// A service was taken down or brought back.
+    ServiceDown {
+        /// Which service.
+        service: SimService,
+        /// `true` = down.
+        down: bool,
+        /// When.
+        at: SystemTime,
+    },
+    /// The client violated the protocol.
+    Violation {
+        /// What it did, human readable (never a secret).
+        message: String,
+        /// When.
+        at: SystemTime,
+    },
+}
+
+/// A running simulator: a cheap, cloneable handle.
+///
+/// The three servers run until [`Simulator::stop`] is called or the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Simulator {
+    shared: Arc<Shared>,
+    /// Cancels the servers when the last handle goes away, so a test that
+    /// forgets `stop()` does not leak listeners.
+    _stop_on_drop: Arc<DropGuard>,
+}
+
+impl fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Simulator")
+            .field("ims_url", &self.ims_url())
+            .field("platform_url", &self.platform_url())
+            .field("sts_url", &self.sts_url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Simulator {
+    /// Binds the three listeners on `127.0.0.1:0` and starts serving.
+    /// Must be called inside a Tokio runtime.
+    pub async fn start(config: SimConfig) -> std::io::Result<Simulator> {
+        let (shared, guard) = net::start(config).await?;
+        Ok(Simulator {
+            shared,
+            _stop_on_drop: Arc::new(guard),
+        })
+    }
+
+    fn url(addr: SocketAddr) -> String {
+        format!("http://{addr}")
+    }
+
+    /// Base URL of IMS, e.g. `http://127.0.0.1:PORT`; the token endpoint is
+    /// `/ims/token/v3` under it.
+    pub fn ims_url(&self) -> String {
+        Self::url(self.shared.addrs[SimService::Ims.index()])
+    }
+
+    /// Base URL of the Platform gateway; Flow Service is under
+    /// `/data/foundation/flowservice`, figures under `/_sim/stats`.
+    pub fn platform_url(&self) -> String {
+        Self::url(self.shared.addrs[SimService::Flow.index()])
+    }
+
+    /// Endpoint of STS (query protocol at `POST /`).
+    pub fn sts_url(&self) -> String {
+        Self::url(self.shared.addrs[SimService::Sts.index()])
+    }
+
+    /// Stops all three servers: no new connections are accepted, requests
+    /// on open connections are reset, answers in flight may still finish.
+    pub fn stop(&self) {
+        self.shared.stop();
+    }
+
+    /// Replaces the random-fault rates.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.lock().faults = faults;
+    }
+
+    /// Queues one scripted answer for `service` (FIFO), consumed by the next
+    /// request it matches (see [`ScriptedFault`]).
+    pub fn script(&self, service: SimService, fault: ScriptedFault) {
+        self.shared.lock().scripts[service.index()].push_back(fault);
+    }
+
+    /// Queues one scripted answer for the next Flow request about this
+    /// connection only (taken before the service-wide queue).
+    pub fn script_for(&self, connection_id: &str, fault: ScriptedFault) {
+        self.shared
+            .lock()
+            .connection_scripts
+            .entry(connection_id.to_owned())
+            .or_default()
+            .push_back(fault);
+    }
+
+    /// Takes a service down (`true`: new connections are reset at once and
+    /// requests on open connections are reset) or brings it back.
+    pub fn set_service_down(&self, service: SimService, down: bool) {
+        self.shared.set_down(service, down);
+    }
+
+    /// Adds (or replaces) a connection.
+    pub fn add_connection(&self, c: SimConnection) {
+        self.shared.add_connection(c);
+    }
+
+    /// Deletes a connection; afterwards GET and PATCH answer 404.
+    pub fn delete_connection(&self, id: &str) {
+        self.shared.delete_connection(id);
+    }
+
+    /// Another writer changes the connection: it gets a new etag.
+    pub fn bump_etag(&self, id: &str) {
+        self.shared.bump_etag(id);
+    }
+
+    /// Every IMS token issued so far becomes invalid (401 at Flow Service).
+    pub fn revoke_tokens(&self) {
+        self.shared.revoke_tokens();
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> SimStats {
+        self.shared.stats()
+    }
+
+    /// What the connection holds now; `None` if it does not exist.
+    pub fn connection(&self, id: &str) -> Option<ConnectionView> {
+        self.shared.connection_view(id)
+    }
+
+    /// Protocol violations by the client, human readable, oldest first
+    /// (the last 100 000).
+    pub fn violations(&self) -> Vec<String> {
+        self.shared.lock().violations.iter().cloned().collect()
+    }
+
+    /// Every secret value the simulator knows or issued: the client secret,
+    /// every IMS token, every secret access key and session token (and the
+    /// placeholder secret keys connections start with). For leak checks.
+    pub fn issued_secrets(&self) -> Vec<String> {
+        self.shared.issued_secrets()
+    }
+
+    /// Notable events, oldest first (the last 100 000).
+    pub fn events(&self) -> Vec<SimEvent> {
+        self.shared.lock().events.iter().cloned().collect()
+    }
+}

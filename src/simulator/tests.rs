@@ -1,0 +1,1460 @@
+//! Black-box tests: reqwest against the running simulator on `127.0.0.1:0`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::*;
+
+const CLIENT_ID: &str = "test-client-id";
+const CLIENT_SECRET: &str = "test-client-secret-7f3c9a";
+const ORG_ID: &str = "5C1328435BF324E90A49402A@AdobeOrg";
+const CONN: &str = "4cb0c374-d3bb-4557-b139-5712880adc55";
+const OTHER: &str = "9d1e4a50-0000-4000-8000-000000000002";
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/aep-s3-ingest";
+const SIGV4: &str = "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260101/us-east-1/sts/aws4_request, SignedHeaders=host;x-amz-date, Signature=0123456789abcdef";
+
+fn config(lifetime: Duration) -> SimConfig {
+    let mut config = SimConfig::new(CLIENT_ID, CLIENT_SECRET, ORG_ID);
+    config.connections = vec![
+        SimConnection::s3(CONN, "prod", "sales-bucket"),
+        SimConnection::s3(OTHER, "dev", "other"),
+    ];
+    config.credential_lifetime = lifetime;
+    config.seed = Some(42);
+    config
+}
+
+async fn start() -> Simulator {
+    Simulator::start(config(Duration::from_secs(3600)))
+        .await
+        .unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn ims_token(sim: &Simulator, http: &reqwest::Client) -> String {
+    let response = http
+        .post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+            ("scope", "openid,AdobeID,read_organizations"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+/// The text of the first `<name>...</name>` in `xml`.
+fn tag<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    let start = xml.find(&open)? + open.len();
+    let end = start + xml[start..].find(&close)?;
+    Some(&xml[start..end])
+}
+
+/// Parses `2026-11-23T14:41:00Z` (the inverse of `format_expiration`, by search).
+fn parse_expiration(s: &str) -> SystemTime {
+    // Days are found by comparing formatted midnights: slow but obviously right.
+    let date = &s[..10];
+    let mut day = 0u64;
+    loop {
+        let t = UNIX_EPOCH + Duration::from_secs(day * 86_400);
+        if sts::format_expiration(t).starts_with(date) {
+            break;
+        }
+        day += 1;
+        assert!(day < 200_000, "no such date {s}");
+    }
+    let h: u64 = s[11..13].parse().unwrap();
+    let m: u64 = s[14..16].parse().unwrap();
+    let sec: u64 = s[17..19].parse().unwrap();
+    assert!(s.ends_with('Z') && s.len() == 20, "{s}");
+    UNIX_EPOCH + Duration::from_secs(day * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+#[derive(Debug, Clone)]
+struct Creds {
+    access_key_id: String,
+    secret: String,
+    token: String,
+    expiration: SystemTime,
+}
+
+async fn sts_call(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    form: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let response = http
+        .post(format!("{}/", sim.sts_url()))
+        .header("authorization", SIGV4)
+        .header("x-amz-date", "20260101T000000Z")
+        .form(form)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+async fn assume_role(sim: &Simulator, http: &reqwest::Client) -> Creds {
+    let (status, xml) = sts_call(
+        sim,
+        http,
+        &[
+            ("Action", "AssumeRole"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", ROLE_ARN),
+            ("RoleSessionName", "test-session"),
+            ("DurationSeconds", "3600"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{xml}");
+    Creds {
+        access_key_id: tag(&xml, "AccessKeyId").unwrap().to_owned(),
+        secret: tag(&xml, "SecretAccessKey").unwrap().to_owned(),
+        token: tag(&xml, "SessionToken").unwrap().to_owned(),
+        expiration: parse_expiration(tag(&xml, "Expiration").unwrap()),
+    }
+}
+
+fn flow(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    method: Method,
+    path: &str,
+    token: &str,
+    sandbox: &str,
+) -> reqwest::RequestBuilder {
+    http.request(
+        method,
+        format!("{}/data/foundation/flowservice{path}", sim.platform_url()),
+    )
+    .bearer_auth(token)
+    .header("x-api-key", CLIENT_ID)
+    .header("x-gw-ims-org-id", ORG_ID)
+    .header("x-sandbox-name", sandbox)
+}
+
+async fn get_connection(sim: &Simulator, http: &reqwest::Client, token: &str) -> Value {
+    let response = flow(
+        sim,
+        http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+async fn current_etag(sim: &Simulator, http: &reqwest::Client, token: &str) -> String {
+    get_connection(sim, http, token).await["items"][0]["etag"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn three_ops(c: &Creds) -> Value {
+    json!([
+        {"op": "replace", "path": "/auth/params/s3AccessKey", "value": c.access_key_id},
+        {"op": "replace", "path": "/auth/params/s3SecretKey", "value": c.secret},
+        {"op": "replace", "path": "/auth/params/s3SessionToken", "value": c.token},
+    ])
+}
+
+async fn patch(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    token: &str,
+    if_match: Option<&str>,
+    body: &Value,
+) -> (StatusCode, Value) {
+    let mut request = flow(
+        sim,
+        http,
+        Method::PATCH,
+        &format!("/connections/{CONN}"),
+        token,
+        "prod",
+    )
+    .header("content-type", "application/json")
+    .body(body.to_string());
+    if let Some(etag) = if_match {
+        request = request.header("if-match", etag);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn ims_issues_tokens_for_the_right_secret_only() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    assert!(token.len() >= 100, "token should be long and opaque");
+
+    let good: Value = http
+        .post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+            ("scope", "openid,AdobeID"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(good["token_type"], "bearer");
+    assert_eq!(good["expires_in"], 86_400);
+    assert_ne!(
+        good["access_token"].as_str().unwrap(),
+        token,
+        "tokens are fresh"
+    );
+
+    let bad = http
+        .post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", "wrong"),
+            ("scope", "openid"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let body: Value = bad.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_client");
+    assert_eq!(
+        body["error_description"],
+        "invalid client_id or client_secret parameter"
+    );
+    assert!(
+        sim.violations().is_empty(),
+        "a wrong secret is not a protocol violation"
+    );
+    assert_eq!(sim.stats().ims_tokens_issued, 2);
+}
+
+#[tokio::test]
+async fn ims_secret_in_query_string_is_a_violation() {
+    let sim = start().await;
+    let response = http()
+        .post(format!(
+            "{}/ims/token/v3?client_secret={CLIENT_SECRET}",
+            sim.ims_url()
+        ))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+            ("scope", "openid"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let violations = sim.violations();
+    assert_eq!(violations.len(), 1);
+    assert!(violations[0].contains("query string"), "{violations:?}");
+    assert!(
+        !violations[0].contains(CLIENT_SECRET),
+        "violations never hold secrets"
+    );
+
+    // Missing scope is a violation too.
+    let response = http()
+        .post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", CLIENT_ID),
+            ("client_secret", CLIENT_SECRET),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_scope");
+    assert_eq!(sim.stats().violations, 2);
+}
+
+#[tokio::test]
+async fn flow_get_has_the_documented_shape() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let body = get_connection(&sim, &http, &token).await;
+    let items = body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    let item = &items[0];
+    assert_eq!(item["id"], CONN);
+    assert_eq!(item["sandboxName"], "prod");
+    assert_eq!(item["imsOrgId"], ORG_ID);
+    assert_eq!(item["name"], "sales-bucket");
+    assert_eq!(item["state"], "enabled");
+    assert_eq!(item["connectionSpec"]["id"], S3_CONNECTION_SPEC_ID);
+    assert_eq!(item["connectionSpec"]["version"], "1.0");
+    assert_eq!(item["auth"]["specName"], "Access Key");
+    assert!(
+        item["createdAt"].as_u64().unwrap() > 1_600_000_000_000,
+        "epoch ms"
+    );
+    assert!(item["updatedAt"].is_u64());
+    let etag = item["etag"].as_str().unwrap();
+    assert!(
+        etag.len() > 2 && etag.starts_with('"') && etag.ends_with('"'),
+        "{etag}"
+    );
+    assert_eq!(item["version"], item["etag"]);
+    let params = &item["auth"]["params"];
+    assert_eq!(params["s3SecretKey"], "***", "secrets are write-only");
+    assert!(params["bucketName"].is_string());
+    assert!(params["folderPath"].is_string());
+    assert_eq!(sim.stats().flow_gets, 1);
+    assert!(sim.violations().is_empty());
+}
+
+#[tokio::test]
+async fn patch_with_etag_and_sts_credentials_succeeds() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &token).await;
+    let before = sim.connection(CONN).unwrap();
+    assert_eq!(before.access_key_id, None);
+    assert_eq!(before.etag, etag);
+
+    let (status, body) = patch(&sim, &http, &token, Some(&etag), &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], CONN);
+    let new_etag = body["etag"].as_str().unwrap();
+    assert_ne!(new_etag, etag);
+    assert!(new_etag.starts_with('"') && new_etag.ends_with('"'));
+    assert_eq!(current_etag(&sim, &http, &token).await, new_etag);
+
+    let view = sim.connection(CONN).unwrap();
+    assert_eq!(
+        view.access_key_id.as_deref(),
+        Some(creds.access_key_id.as_str())
+    );
+    assert_eq!(view.expires_at, Some(creds.expiration));
+    assert_eq!(view.patches, 1);
+    assert!(view.first_patch_at.is_some());
+    assert_eq!(
+        view.params_other_than_credentials,
+        before.params_other_than_credentials
+    );
+    assert!(view.params_other_than_credentials["bucketName"].is_string());
+
+    let test: Value = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}/test"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(test, json!({"result": true}));
+    let other: Value = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{OTHER}/test"),
+        &token,
+        "dev",
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(other, json!({"result": false}), "never rotated");
+
+    assert!(sim.events().iter().any(|e| matches!(e,
+        SimEvent::PatchApplied { connection, access_key_id, .. }
+            if connection == CONN && *access_key_id == creds.access_key_id)));
+    let stats = sim.stats();
+    assert_eq!(stats.flow_patches_ok, 1);
+    assert_eq!(stats.connections_never_rotated, 1);
+    assert_eq!(stats.violations, 0, "{:?}", sim.violations());
+}
+
+#[tokio::test]
+async fn stale_if_match_gets_412() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &token).await;
+    sim.bump_etag(CONN);
+    let (status, body) = patch(&sim, &http, &token, Some(&etag), &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(
+        body["type"],
+        "https://ns.adobe.com/aep/errors/FLOW-1412-412"
+    );
+    let detail = body["report"]["detailed-message"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("Supplied version=[{etag}]")),
+        "{detail}"
+    );
+    assert!(detail.contains(CONN));
+    assert_eq!(sim.connection(CONN).unwrap().patches, 0);
+    assert_eq!(sim.stats().flow_412, 1);
+    assert!(
+        sim.violations().is_empty(),
+        "a stale etag is not a violation"
+    );
+    assert!(
+        sim.events()
+            .iter()
+            .any(|e| matches!(e, SimEvent::Conflict { connection, .. } if connection == CONN))
+    );
+
+    // The etag without its quotes is stale too.
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, _) = patch(
+        &sim,
+        &http,
+        &token,
+        Some(etag.trim_matches('"')),
+        &three_ops(&creds),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn missing_if_match_is_a_violation() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    let (status, body) = patch(&sim, &http, &token, None, &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["status"], 400);
+    let violations = sim.violations();
+    assert_eq!(violations.len(), 1);
+    assert!(violations[0].contains("If-Match"), "{violations:?}");
+    assert_eq!(sim.connection(CONN).unwrap().patches, 0);
+}
+
+#[tokio::test]
+async fn token_only_and_malformed_patches_are_violations() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &token).await;
+
+    // Adobe's own example: the session token alone.
+    let token_only =
+        json!([{"op": "replace", "path": "/auth/params/s3SessionToken", "value": creds.token}]);
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &token_only).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        sim.violations()[0].contains("/auth/params/s3AccessKey is not set"),
+        "{:?}",
+        sim.violations()
+    );
+
+    // The OpenAPI spec's shape: one object, upper-case op.
+    let object = json!({"op": "REPLACE", "path": "/auth/params", "value": {}});
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &object).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(sim.violations()[1].contains("object"));
+
+    // Upper-case op in an array.
+    let mut upper = three_ops(&creds);
+    upper[0]["op"] = json!("Replace");
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &upper).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(sim.violations()[2].contains("\"Replace\""));
+
+    // Replacing /auth/params whole drops bucketName.
+    let whole = json!([{"op": "replace", "path": "/auth/params", "value": {
+        "s3AccessKey": creds.access_key_id, "s3SecretKey": creds.secret, "s3SessionToken": creds.token}}]);
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &whole).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(sim.violations()[3].contains("\"/auth/params\""));
+
+    // An extra path.
+    let mut extra = three_ops(&creds);
+    extra
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"op": "replace", "path": "/name", "value": "x"}));
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &extra).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    assert_eq!(sim.stats().violations, 5);
+    assert_eq!(sim.connection(CONN).unwrap().patches, 0);
+    for v in sim.violations() {
+        assert!(
+            !v.contains(&creds.secret) && !v.contains(&creds.token),
+            "no secrets in {v}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mixed_or_unknown_credentials_are_violations() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let a = assume_role(&sim, &http).await;
+    let b = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &token).await;
+
+    let mixed = Creds {
+        secret: b.secret.clone(),
+        ..a.clone()
+    };
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&mixed)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let violations = sim.violations();
+    assert!(
+        violations[0].contains("mismatched credentials"),
+        "{violations:?}"
+    );
+    assert!(violations[0].contains("secret key"));
+
+    let made_up = Creds {
+        access_key_id: "ASIAMADEUPMADEUP1234".to_owned(),
+        ..a.clone()
+    };
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&made_up)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(sim.violations()[1].contains("mismatched credentials"));
+    assert_eq!(sim.connection(CONN).unwrap().patches, 0);
+
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&b)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn expired_credentials_are_refused() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    sim.script(
+        SimService::Sts,
+        ScriptedFault::ShortCredentials(Duration::ZERO),
+    );
+    let creds = assume_role(&sim, &http).await;
+    assert!(creds.expiration <= SystemTime::now());
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        sim.violations()[0].contains("after they expired"),
+        "{:?}",
+        sim.violations()
+    );
+}
+
+#[tokio::test]
+async fn wrong_sandbox_and_deleted_connections_are_404() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let response = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "dev",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        "https://ns.adobe.com/aep/errors/FLOW-1439-404"
+    );
+    assert_eq!(body["status"], 404);
+    assert_eq!(
+        body["report"]["detailed-message"],
+        format!("Connection with id {CONN} not found in sandbox dev")
+    );
+    assert!(body["report"]["request-id"].is_string());
+
+    sim.delete_connection(CONN);
+    assert!(sim.connection(CONN).is_none());
+    let response = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let creds = assume_role(&sim, &http).await;
+    let (status, _) = patch(&sim, &http, &token, Some("\"x\""), &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    sim.add_connection(SimConnection::s3(CONN, "prod", "back"));
+    get_connection(&sim, &http, &token).await;
+    assert!(sim.violations().is_empty());
+}
+
+#[tokio::test]
+async fn trailing_slash_is_a_violation() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &token).await;
+    let response = flow(
+        &sim,
+        &http,
+        Method::PATCH,
+        &format!("/connections/{CONN}/"),
+        &token,
+        "prod",
+    )
+    .header("content-type", "application/json")
+    .header("if-match", &etag)
+    .body(three_ops(&creds).to_string())
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert!(sim.violations()[0].contains("trailing slash"));
+}
+
+#[tokio::test]
+async fn gateway_headers_are_enforced() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let url = format!(
+        "{}/data/foundation/flowservice/connections/{CONN}",
+        sim.platform_url()
+    );
+
+    let wrong_key = http
+        .get(&url)
+        .bearer_auth(&token)
+        .header("x-api-key", "someone-else")
+        .header("x-gw-ims-org-id", ORG_ID)
+        .header("x-sandbox-name", "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_key.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        wrong_key.json::<Value>().await.unwrap()["error_code"],
+        "403003"
+    );
+    assert_eq!(sim.stats().violations, 1);
+
+    let wrong_org = http
+        .get(&url)
+        .bearer_auth(&token)
+        .header("x-api-key", CLIENT_ID)
+        .header("x-gw-ims-org-id", "OTHER@AdobeOrg")
+        .header("x-sandbox-name", "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_org.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        wrong_org.json::<Value>().await.unwrap()["error_code"],
+        "403027"
+    );
+    assert_eq!(sim.stats().violations, 1, "a wrong org is a config error");
+
+    let no_sandbox = http
+        .get(&url)
+        .bearer_auth(&token)
+        .header("x-api-key", CLIENT_ID)
+        .header("x-gw-ims-org-id", ORG_ID)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_sandbox.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(sim.stats().violations, 2);
+
+    let no_auth = http
+        .get(&url)
+        .header("x-api-key", CLIENT_ID)
+        .header("x-gw-ims-org-id", ORG_ID)
+        .header("x-sandbox-name", "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_auth.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(sim.stats().violations, 3);
+
+    // The client secret must never reach Flow Service.
+    let leaky = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .header("x-debug", CLIENT_SECRET)
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(leaky.status(), StatusCode::OK);
+    assert!(sim.violations()[3].contains("client secret"));
+}
+
+#[tokio::test]
+async fn revoked_tokens_get_401() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    get_connection(&sim, &http, &token).await;
+    sim.revoke_tokens();
+    let response = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"error_code": "401013", "message": "Oauth token is not valid"})
+    );
+    assert_eq!(sim.stats().flow_401, 1);
+    assert!(
+        sim.violations().is_empty(),
+        "a revoked token is not a violation"
+    );
+
+    let fresh = ims_token(&sim, &http).await;
+    get_connection(&sim, &http, &fresh).await;
+
+    let made_up = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        "eyJnotissued",
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(made_up.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(sim.stats().violations, 1, "a token never issued is");
+}
+
+#[tokio::test]
+async fn expired_ims_tokens_get_401() {
+    let mut config = config(Duration::from_secs(3600));
+    config.ims_token_lifetime = Duration::from_millis(300);
+    let sim = Simulator::start(config).await.unwrap();
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    get_connection(&sim, &http, &token).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let response = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn scripted_429_carries_retry_after_seconds_or_date() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    sim.script(
+        SimService::Flow,
+        ScriptedFault::Status {
+            status: 429,
+            retry_after: Some(RetryAfter::Seconds(7)),
+            body: None,
+        },
+    );
+    sim.script(
+        SimService::Flow,
+        ScriptedFault::Status {
+            status: 429,
+            retry_after: Some(RetryAfter::HttpDate(Duration::from_secs(60))),
+            body: None,
+        },
+    );
+    let path = format!("/connections/{CONN}");
+    let first = flow(&sim, &http, Method::GET, &path, &token, "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(first.headers()["retry-after"], "7");
+    assert_eq!(first.json::<Value>().await.unwrap()["error_code"], "429001");
+
+    let second = flow(&sim, &http, Method::GET, &path, &token, "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    let date =
+        httpdate::parse_http_date(second.headers()["retry-after"].to_str().unwrap()).unwrap();
+    let ahead = date.duration_since(SystemTime::now()).unwrap();
+    assert!(
+        ahead > Duration::from_secs(55) && ahead <= Duration::from_secs(60),
+        "{ahead:?}"
+    );
+
+    let third = flow(&sim, &http, Method::GET, &path, &token, "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(third.status(), StatusCode::OK, "the script is used up");
+    assert_eq!(sim.stats().flow_429, 2);
+    assert_eq!(
+        sim.events()
+            .iter()
+            .filter(|e| matches!(
+                e,
+                SimEvent::Throttled {
+                    service: SimService::Flow,
+                    ..
+                }
+            ))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn scripts_for_a_connection_only_hit_that_connection() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    sim.script_for(
+        OTHER,
+        ScriptedFault::Status {
+            status: 503,
+            retry_after: None,
+            body: None,
+        },
+    );
+    get_connection(&sim, &http, &token).await;
+    let other = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{OTHER}"),
+        &token,
+        "dev",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(other.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(sim.stats().flow_5xx, 1);
+
+    sim.script(
+        SimService::Flow,
+        ScriptedFault::Raw {
+            status: 200,
+            content_type: "application/json".to_owned(),
+            body: "{\"items\": []}".to_owned(),
+        },
+    );
+    let raw: Value = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(raw, json!({"items": []}));
+}
+
+#[tokio::test]
+async fn scripted_reset_is_a_client_side_error() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    // Warm the pool, so the reset hits a kept-alive connection too.
+    get_connection(&sim, &http, &token).await;
+    sim.script(SimService::Flow, ScriptedFault::Reset);
+    let result = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await;
+    let error = result.expect_err("a reset must not look like an answer");
+    assert!(!error.is_status() && !error.is_timeout(), "{error:?}");
+    assert_eq!(sim.stats().flow_resets, 1);
+    // The next request works.
+    get_connection(&sim, &http, &token).await;
+
+    sim.script(SimService::Ims, ScriptedFault::Reset);
+    let ims = http
+        .post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await;
+    assert!(ims.is_err());
+}
+
+#[tokio::test]
+async fn random_faults_follow_the_rates() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let path = format!("/connections/{CONN}");
+    sim.set_faults(Faults {
+        flow_429: 1.0,
+        retry_after_secs: Some(3),
+        ..Faults::default()
+    });
+    let response = flow(&sim, &http, Method::GET, &path, &token, "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "3");
+
+    sim.set_faults(Faults {
+        flow_reset: 1.0,
+        ..Faults::default()
+    });
+    assert!(
+        flow(&sim, &http, Method::GET, &path, &token, "prod")
+            .send()
+            .await
+            .is_err()
+    );
+
+    sim.set_faults(Faults {
+        flow_5xx: 1.0,
+        ..Faults::default()
+    });
+    let response = flow(&sim, &http, Method::GET, &path, &token, "prod")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_server_error());
+
+    sim.set_faults(Faults {
+        sts_throttle: 1.0,
+        ..Faults::default()
+    });
+    let (status, xml) = sts_call(
+        &sim,
+        &http,
+        &[("Action", "GetSessionToken"), ("Version", "2011-06-15")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(tag(&xml, "Code"), Some("Throttling"));
+
+    sim.set_faults(Faults {
+        flow_slow: 1.0,
+        flow_slow_delay: Duration::from_millis(300),
+        ..Faults::default()
+    });
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let error = flow(&sim, &quick, Method::GET, &path, &token, "prod")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        error.is_timeout(),
+        "slow answers take twice the delay: {error:?}"
+    );
+
+    sim.set_faults(Faults::default());
+    get_connection(&sim, &http, &token).await;
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.flow_429, stats.flow_resets, stats.flow_5xx),
+        (1, 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn scripted_etag_churn_makes_the_next_patch_conflict() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    sim.script(SimService::Flow, ScriptedFault::EtagChurn);
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&creds)).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn scripted_delay_outlasts_a_client_timeout() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    sim.script(
+        SimService::Flow,
+        ScriptedFault::Delay(Duration::from_millis(600)),
+    );
+    let quick = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let error = flow(
+        &sim,
+        &quick,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap_err();
+    assert!(error.is_timeout());
+}
+
+#[tokio::test]
+async fn service_down_refuses_and_recovers() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    get_connection(&sim, &http, &token).await;
+    sim.set_service_down(SimService::Flow, true);
+    // Both a kept-alive connection and a fresh client fail.
+    let path = format!("/connections/{CONN}");
+    assert!(
+        flow(&sim, &http, Method::GET, &path, &token, "prod")
+            .send()
+            .await
+            .is_err()
+    );
+    assert!(
+        flow(
+            &sim,
+            &reqwest::Client::new(),
+            Method::GET,
+            &path,
+            &token,
+            "prod"
+        )
+        .send()
+        .await
+        .is_err()
+    );
+    sim.set_service_down(SimService::Flow, false);
+    get_connection(&sim, &http, &token).await;
+
+    sim.set_service_down(SimService::Sts, true);
+    let sts = http.post(format!("{}/", sim.sts_url())).send().await;
+    assert!(sts.is_err());
+}
+
+#[tokio::test]
+async fn stop_closes_the_listeners() {
+    let sim = start().await;
+    let url = format!("{}/ims/token/v3", sim.ims_url());
+    sim.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(reqwest::Client::new().post(&url).send().await.is_err());
+}
+
+#[tokio::test]
+async fn sts_assume_role_answers_the_real_wire_format() {
+    let lifetime = Duration::from_secs(1800);
+    let sim = Simulator::start(config(lifetime)).await.unwrap();
+    let http = http();
+    let (status, xml) = sts_call(
+        &sim,
+        &http,
+        &[
+            ("Action", "AssumeRole"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", ROLE_ARN),
+            ("RoleSessionName", "aep-s3-rotator"),
+            ("DurationSeconds", "900"),
+            ("ExternalId", "ext-123"),
+            ("Policy", "{\"Version\":\"2012-10-17\",\"Statement\":[]}"),
+            (
+                "PolicyArns.member.1.arn",
+                "arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess",
+            ),
+        ],
+    )
+    .await;
+    let before = SystemTime::now();
+    assert_eq!(status, StatusCode::OK, "{xml}");
+    assert!(
+        xml.starts_with("<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">")
+    );
+    assert!(xml.contains("<AssumeRoleResult>") && xml.contains("<Credentials>"));
+    let akid = tag(&xml, "AccessKeyId").unwrap();
+    assert!(akid.starts_with("ASIA") && akid.len() == 20);
+    assert!(
+        akid[4..]
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    );
+    assert_eq!(tag(&xml, "SecretAccessKey").unwrap().len(), 40);
+    assert!(tag(&xml, "SessionToken").unwrap().len() > 100);
+    let expiration = tag(&xml, "Expiration").unwrap();
+    let expires = parse_expiration(expiration);
+    // now + lifetime, rounded down to the second: DurationSeconds=900 is ignored.
+    let stated = expires.duration_since(before).unwrap_or_default();
+    assert!(
+        stated <= lifetime && stated > lifetime - Duration::from_secs(2),
+        "{expiration}: {stated:?}"
+    );
+    assert!(tag(&xml, "AssumedRoleId").unwrap().starts_with("AROA"));
+    assert!(
+        tag(&xml, "AssumedRoleId")
+            .unwrap()
+            .ends_with(":aep-s3-rotator")
+    );
+    assert_eq!(
+        tag(&xml, "Arn"),
+        Some("arn:aws:sts::123456789012:assumed-role/aep-s3-ingest/aep-s3-rotator")
+    );
+    assert!(
+        tag(&xml, "PackedPolicySize")
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            > 0
+    );
+    assert!(tag(&xml, "RequestId").unwrap().len() == 36);
+
+    let (status, xml) = sts_call(
+        &sim,
+        &http,
+        &[
+            ("Action", "GetSessionToken"),
+            ("Version", "2011-06-15"),
+            ("DurationSeconds", "129600"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{xml}");
+    assert!(xml.starts_with("<GetSessionTokenResponse"));
+    assert!(xml.contains("<GetSessionTokenResult>"));
+    assert!(!xml.contains("AssumedRoleUser"));
+    assert!(tag(&xml, "AccessKeyId").unwrap().starts_with("ASIA"));
+
+    let stats = sim.stats();
+    assert_eq!((stats.sts_assume_role, stats.sts_get_session_token), (1, 1));
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+#[tokio::test]
+async fn sts_validates_parameters_and_signature() {
+    let sim = start().await;
+    let http = http();
+    let (status, xml) = sts_call(
+        &sim,
+        &http,
+        &[
+            ("Action", "AssumeRole"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", "arn:aws:iam::12345:role/x"),
+            ("RoleSessionName", "ok-name"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(xml.starts_with("<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">"));
+    assert_eq!(tag(&xml, "Type"), Some("Sender"));
+    assert_eq!(tag(&xml, "Code"), Some("ValidationError"));
+    assert!(tag(&xml, "Message").unwrap().contains("roleArn"));
+    assert!(tag(&xml, "RequestId").is_some());
+    assert_eq!(sim.stats().violations, 1);
+
+    let (status, xml) = sts_call(
+        &sim,
+        &http,
+        &[
+            ("Action", "AssumeRole"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", ROLE_ARN),
+            ("RoleSessionName", "x"),
+            ("DurationSeconds", "60"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = tag(&xml, "Message").unwrap();
+    assert!(message.starts_with("2 validation errors"), "{message}");
+
+    let unsigned = http
+        .post(format!("{}/", sim.sts_url()))
+        .form(&[("Action", "GetSessionToken"), ("Version", "2011-06-15")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsigned.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        tag(&unsigned.text().await.unwrap(), "Code"),
+        Some("MissingAuthenticationToken")
+    );
+    assert_eq!(sim.stats().violations, 3);
+
+    sim.script(
+        SimService::Sts,
+        ScriptedFault::StsError {
+            code: "AccessDenied".to_owned(),
+            message: "not allowed".to_owned(),
+            status: 403,
+        },
+    );
+    let (status, xml) = sts_call(
+        &sim,
+        &http,
+        &[("Action", "GetSessionToken"), ("Version", "2011-06-15")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(tag(&xml, "Code"), Some("AccessDenied"));
+    assert_eq!(tag(&xml, "Message"), Some("not allowed"));
+}
+
+#[tokio::test]
+async fn short_credentials_expire_when_stated() {
+    let sim = start().await;
+    let http = http();
+    sim.script(
+        SimService::Sts,
+        ScriptedFault::ShortCredentials(Duration::from_secs(5)),
+    );
+    let before = SystemTime::now();
+    let short = assume_role(&sim, &http).await;
+    let stated = short.expiration.duration_since(before).unwrap_or_default();
+    assert!(
+        stated <= Duration::from_secs(5) && stated > Duration::from_secs(3),
+        "{stated:?}"
+    );
+    let normal = assume_role(&sim, &http).await;
+    assert!(normal.expiration > before + Duration::from_secs(3000));
+}
+
+/// Waits until the wall clock is early in its second, so credentials of a
+/// 1 s lifetime (rounded down to the second) live at least half a second.
+async fn early_in_second() {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    if nanos > 400_000_000 {
+        tokio::time::sleep(Duration::from_nanos(
+            u64::from(1_000_000_000 - nanos) + 5_000_000,
+        ))
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn expired_seconds_are_accounted_from_the_first_patch() {
+    let sim = Simulator::start(config(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    assert_eq!(sim.stats().expired_seconds, 0.0);
+
+    early_in_second().await;
+    let a = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, body) = patch(&sim, &http, &token, Some(&etag), &three_ops(&a)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(sim.stats().expired_seconds, 0.0, "fresh credentials");
+
+    // Let A run 300 ms past its expiry.
+    let wait = a
+        .expiration
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(300)).await;
+    let overrun = sim.stats().expired_seconds;
+    assert!((0.25..0.6).contains(&overrun), "{overrun}");
+
+    early_in_second().await;
+    let b = assume_role(&sim, &http).await;
+    let etag = body["etag"].as_str().unwrap().to_owned();
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&b)).await;
+    assert_eq!(status, StatusCode::OK);
+    let patched_at = SystemTime::now();
+    let gap = patched_at
+        .duration_since(a.expiration)
+        .unwrap()
+        .as_secs_f64();
+    let stats = sim.stats();
+    assert!(
+        (stats.expired_seconds - gap).abs() < 0.1,
+        "{} vs {gap}",
+        stats.expired_seconds
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        (sim.stats().expired_seconds - stats.expired_seconds).abs() < 1e-9,
+        "no growth while the stored credentials are fresh"
+    );
+    assert_eq!(stats.connections_never_rotated, 1);
+    assert_eq!(stats.flow_patches_ok, 2);
+}
+
+#[tokio::test]
+async fn issued_secrets_hold_every_secret_and_debug_hides_them() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    let secrets = sim.issued_secrets();
+    for expected in [CLIENT_SECRET, &token, &creds.secret, &creds.token] {
+        assert!(secrets.iter().any(|s| s == expected), "missing a secret");
+    }
+    assert!(
+        !secrets.contains(&creds.access_key_id),
+        "the access key id is not secret"
+    );
+
+    let etag = current_etag(&sim, &http, &token).await;
+    patch(&sim, &http, &token, Some(&etag), &three_ops(&creds)).await;
+    let get = get_connection(&sim, &http, &token).await.to_string();
+    for secret in &secrets {
+        assert!(!get.contains(secret.as_str()), "GET leaks a secret");
+    }
+    let debug = format!("{sim:?} {:?}", config(Duration::from_secs(1)));
+    assert!(!debug.contains(CLIENT_SECRET), "{debug}");
+    for event in sim.events() {
+        let event = format!("{event:?}");
+        assert!(
+            secrets.iter().all(|s| !event.contains(s.as_str())),
+            "{event}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn stats_endpoint_and_in_flight_peak() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    sim.set_faults(Faults {
+        latency: Duration::from_millis(200),
+        ..Faults::default()
+    });
+    let requests = (0..8).map(|_| get_connection(&sim, &http, &token));
+    futures::future::join_all(requests).await;
+    let stats: SimStats = http
+        .get(format!("{}/_sim/stats", sim.platform_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats.flow_gets, 8);
+    assert_eq!(stats.flow_requests, 8, "/_sim/stats is not counted");
+    assert_eq!(stats.max_in_flight, 8);
+    assert_eq!(stats.connections_never_rotated, 2);
+}
+
+#[test]
+fn expiration_format_matches_known_dates() {
+    let at = |secs: u64| sts::format_expiration(UNIX_EPOCH + Duration::from_secs(secs));
+    assert_eq!(at(0), "1970-01-01T00:00:00Z");
+    assert_eq!(at(1_700_000_000), "2023-11-14T22:13:20Z");
+    assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+    assert_eq!(at(1_795_445_999), "2026-11-23T14:59:59Z");
+    // Agrees with httpdate's independent calendar on a spread of instants.
+    for secs in (0..4_000_000_000u64).step_by(7_777_777) {
+        let t = UNIX_EPOCH + Duration::from_secs(secs);
+        let http = httpdate::fmt_http_date(t); // "Sun, 06 Nov 1994 08:49:37 GMT"
+        let ours = sts::format_expiration(t);
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let month = months.iter().position(|m| *m == &http[8..11]).unwrap() + 1;
+        let expected = format!(
+            "{}-{month:02}-{}T{}Z",
+            &http[12..16],
+            &http[5..7],
+            &http[17..25]
+        );
+        assert_eq!(ours, expected);
+        // Sub-second parts are rounded down.
+        assert_eq!(sts::format_expiration(t + Duration::from_millis(999)), ours);
+    }
+}
