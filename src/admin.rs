@@ -1,26 +1,672 @@
-//! Admin HTTP endpoint and the `status` client. INTERFACE STUB (operations work).
+//! Admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`) and the
+//! client behind `aep-s3-rotator status`.
+//!
+//! Every handler reads the [`Telemetry`] board under its lock for a copy and
+//! answers from that copy; nothing here can slow the scheduler down.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::telemetry::Telemetry;
+use crate::telemetry::{
+    ConnectionState, ConnectionStatus, METRICS_CONTENT_TYPE, NotReady, Telemetry, compact_duration,
+};
+
+/// How long `status` waits for the daemon: it answers from memory, so
+/// anything slower than this means it is wedged or unreachable.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection in `GET /status` (and what `aep-s3-rotator status` reads).
+/// Times are RFC 3339 (`2024-05-01T12:00:00Z`) or null. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEntry {
+    /// Base connection id.
+    pub id: String,
+    /// Label used in logs and metrics (defaults to the id).
+    pub name: String,
+    /// Sandbox name.
+    pub sandbox: String,
+    /// Derived state at the time of the request.
+    pub state: ConnectionState,
+    /// Access key id of the credentials this daemon pushed (not secret).
+    pub access_key_id: Option<String>,
+    /// When those credentials expire.
+    pub expires_at: Option<String>,
+    /// When the next rotation or retry is due.
+    pub next_rotation_at: Option<String>,
+    /// Last successful rotation.
+    pub last_success_at: Option<String>,
+    /// Last error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl StatusEntry {
+    /// The entry for `status` as seen at `now` with `refresh_before`.
+    pub fn from_status(
+        status: &ConnectionStatus,
+        now: SystemTime,
+        refresh_before: Duration,
+    ) -> Self {
+        let rfc3339 =
+            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        Self {
+            id: status.id.clone(),
+            name: status.name.clone(),
+            sandbox: status.sandbox.clone(),
+            state: status.state(now, refresh_before),
+            access_key_id: status.access_key_id.clone(),
+            expires_at: rfc3339(status.expires_at),
+            next_rotation_at: rfc3339(status.next_rotation_at),
+            last_success_at: rfc3339(status.last_success_at),
+            last_error: status.last_error.clone(),
+        }
+    }
+}
+
+/// Body of `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    /// Whether every connection holds unexpired credentials pushed by this daemon.
+    pub ready: bool,
+    /// The connections that are not, with the reason (absent when ready).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ready: Vec<NotReady>,
+}
+
+/// The admin routes over `telemetry`, without a listener (for embedding and tests).
+pub fn router(telemetry: Arc<Telemetry>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(telemetry)
+}
 
 /// Serves `/healthz`, `/readyz`, `/metrics`, `/status` until `cancel`.
+///
+/// On cancel it stops accepting, lets requests in flight finish (they answer
+/// from memory, so at once) and returns `Ok`.
 pub async fn serve(
     listener: TcpListener,
     telemetry: Arc<Telemetry>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let _ = (listener, telemetry, cancel);
-    todo!()
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, "admin endpoint listening");
+    }
+    axum::serve(listener, router(telemetry))
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> Response {
+    match telemetry.readiness(SystemTime::now()) {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(Readiness {
+                ready: true,
+                not_ready: Vec::new(),
+            }),
+        )
+            .into_response(),
+        Err(not_ready) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Readiness {
+                ready: false,
+                not_ready,
+            }),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        telemetry.render_metrics(SystemTime::now()),
+    )
+        .into_response()
+}
+
+async fn status(State(telemetry): State<Arc<Telemetry>>) -> Json<Vec<StatusEntry>> {
+    let now = SystemTime::now();
+    let refresh_before = telemetry.refresh_before();
+    Json(
+        telemetry
+            .snapshot()
+            .iter()
+            .map(|s| StatusEntry::from_status(s, now, refresh_before))
+            .collect(),
+    )
 }
 
 /// `aep-s3-rotator status`: reads `/status` from `addr` and renders the table
 /// printed on stdout. The error is one line an operator can act on.
+///
+/// A wildcard `addr` (`0.0.0.0`, `[::]`, as in containers) is reached on the
+/// loopback address of the same family.
 pub async fn status_report(addr: SocketAddr) -> Result<String, String> {
-    let _ = addr;
-    todo!()
+    let target = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    };
+    let url = format!("http://{target}/status");
+    let client = reqwest::Client::builder()
+        .timeout(STATUS_TIMEOUT)
+        // The admin endpoint is local plain HTTP; a proxy from the
+        // environment would only get in the way.
+        .no_proxy()
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| unreachable_message(&url, addr, &e))?;
+    let code = response.status();
+    if !code.is_success() {
+        return Err(format!(
+            "the admin endpoint at {url} answered {code}, expected 200 OK"
+        ));
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| format!("cannot read the answer of {url}: {}", error_chain(&e)))?;
+    let entries: Vec<StatusEntry> = serde_json::from_slice(&body).map_err(|e| {
+        format!("the admin endpoint at {url} answered something that is not a status list: {e}")
+    })?;
+    Ok(render_status_table(&entries, SystemTime::now()))
+}
+
+/// The one-line error for a request that got no answer.
+fn unreachable_message(url: &str, addr: SocketAddr, error: &reqwest::Error) -> String {
+    let refused = std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .filter_map(|e| e.downcast_ref::<std::io::Error>())
+    .any(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+    let why = if refused {
+        "connection refused".to_owned()
+    } else if error.is_timeout() {
+        format!("no answer within {}s", STATUS_TIMEOUT.as_secs())
+    } else {
+        error_chain(error)
+    };
+    format!(
+        "cannot reach the admin endpoint at {url}: {why}; is the daemon running with [admin] listen = \"{addr}\"?"
+    )
+}
+
+/// An error and its sources on one line.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// The `status` table: one row per connection, fixed-width columns, times
+/// relative to `now` (`41m 3s`; `expired 12s ago`; an overdue rotation as
+/// `-12s`; `-` for none).
+pub fn render_status_table(entries: &[StatusEntry], now: SystemTime) -> String {
+    const HEADER: [&str; 7] = [
+        "NAME",
+        "SANDBOX",
+        "STATE",
+        "ACCESS KEY ID",
+        "EXPIRES IN",
+        "NEXT ROTATION IN",
+        "LAST ERROR",
+    ];
+    let rows: Vec<[String; 7]> = entries
+        .iter()
+        .map(|e| {
+            [
+                e.name.clone(),
+                e.sandbox.clone(),
+                e.state.to_string(),
+                e.access_key_id.clone().unwrap_or_else(|| "-".to_owned()),
+                relative(e.expires_at.as_deref(), now, |ago| {
+                    format!("expired {ago} ago")
+                }),
+                relative(e.next_rotation_at.as_deref(), now, |ago| format!("-{ago}")),
+                e.last_error
+                    .as_deref()
+                    .map(one_line)
+                    .unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+
+    let mut widths = HEADER.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut push_row = |cells: [&str; 7]| {
+        let mut line = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                let pad = width - cell.chars().count() + 2;
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    };
+    push_row(HEADER);
+    for row in &rows {
+        push_row(row.each_ref().map(String::as_str));
+    }
+    if rows.is_empty() {
+        out.push_str("(no connections configured)\n");
+    }
+    out
+}
+
+/// `time` (RFC 3339) relative to `now`: the compact time left, or `past(ago)`.
+fn relative(time: Option<&str>, now: SystemTime, past: impl Fn(String) -> String) -> String {
+    let Some(text) = time else {
+        return "-".to_owned();
+    };
+    let Ok(time) = humantime::parse_rfc3339_weak(text) else {
+        // Shown as given rather than hidden: the daemon is newer than we are.
+        return text.to_owned();
+    };
+    match time.duration_since(now) {
+        Ok(left) => compact_duration(left),
+        Err(e) => past(compact_duration(e.duration())),
+    }
+}
+
+/// Errors may carry newlines (response bodies); a table row may not.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{Outcome, Service};
+    use std::time::UNIX_EPOCH;
+
+    const REFRESH: Duration = Duration::from_secs(20 * 60);
+
+    fn board() -> Arc<Telemetry> {
+        let now = SystemTime::now();
+        let telemetry = Arc::new(Telemetry::new(REFRESH));
+        telemetry.upsert(ConnectionStatus {
+            id: "id-fresh".into(),
+            name: "sales-bucket".into(),
+            sandbox: "prod".into(),
+            access_key_id: Some("ASIAFRESH".into()),
+            expires_at: Some(now + Duration::from_secs(3600)),
+            next_rotation_at: Some(now + Duration::from_secs(2400)),
+            last_success_at: Some(now - Duration::from_secs(60)),
+            last_error: None,
+        });
+        telemetry.upsert(ConnectionStatus {
+            id: "id-expired".into(),
+            name: "old-bucket".into(),
+            sandbox: "dev".into(),
+            access_key_id: Some("ASIAOLD".into()),
+            expires_at: Some(now - Duration::from_secs(90)),
+            next_rotation_at: Some(now + Duration::from_secs(30)),
+            last_success_at: None,
+            last_error: Some("403 Forbidden: no access".into()),
+        });
+        telemetry.rotation("id-fresh", Outcome::Success);
+        telemetry.rotation("id-expired", Outcome::Failure);
+        telemetry.request(Service::Flow, "403");
+        telemetry
+    }
+
+    async fn start(
+        telemetry: Arc<Telemetry>,
+    ) -> (
+        SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(serve(listener, telemetry, cancel.clone()));
+        (addr, cancel, handle)
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer() {
+        let (addr, cancel, handle) = start(board()).await;
+        let http = reqwest::Client::new();
+        let get = |path: &str| http.get(format!("http://{addr}{path}")).send();
+
+        let r = get("/healthz").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "ok");
+
+        let r = get("/readyz").await.unwrap();
+        assert_eq!(r.status(), 503);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["ready"], false);
+        let not_ready = body["not_ready"].as_array().unwrap();
+        assert_eq!(not_ready.len(), 1);
+        assert_eq!(not_ready[0]["connection"], "old-bucket");
+        let reason = not_ready[0]["reason"].as_str().unwrap();
+        assert!(reason.starts_with("credentials expired "), "{reason}");
+        assert!(
+            reason.ends_with("; last error: 403 Forbidden: no access"),
+            "{reason}"
+        );
+
+        let r = get("/metrics").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        let text = r.text().await.unwrap();
+        for name in [
+            "aep_s3_rotator_rotations_total{",
+            "aep_s3_rotator_credentials_expiry_timestamp_seconds{",
+            "aep_s3_rotator_next_rotation_timestamp_seconds{",
+            "aep_s3_rotator_last_success_timestamp_seconds{",
+            "# TYPE aep_s3_rotator_etag_conflicts counter",
+            "aep_s3_rotator_requests_total{service=\"flow\",status=\"403\"} 1",
+            "aep_s3_rotator_connections{state=\"expired\"} 1",
+            "aep_s3_rotator_connections{state=\"fresh\"} 1",
+            "aep_s3_rotator_connections{state=\"failing\"} 0",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+
+        let r = get("/status").await.unwrap();
+        assert_eq!(r.status(), 200);
+        let raw: serde_json::Value = r.json().await.unwrap();
+        let keys: Vec<&str> = raw[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys.iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            [
+                "id",
+                "name",
+                "sandbox",
+                "state",
+                "access_key_id",
+                "expires_at",
+                "next_rotation_at",
+                "last_success_at",
+                "last_error"
+            ]
+            .into_iter()
+            .collect()
+        );
+        let entries: Vec<StatusEntry> = serde_json::from_value(raw).unwrap();
+        assert_eq!(entries.len(), 2);
+        // In id order: "id-expired" < "id-fresh".
+        assert_eq!(entries[0].name, "old-bucket");
+        assert_eq!(entries[0].state, ConnectionState::Expired);
+        assert_eq!(entries[0].last_success_at, None);
+        assert_eq!(entries[1].state, ConnectionState::Fresh);
+        assert_eq!(entries[1].access_key_id.as_deref(), Some("ASIAFRESH"));
+        let expires = entries[1].expires_at.as_deref().unwrap();
+        assert!(humantime::parse_rfc3339(expires).is_ok(), "{expires}");
+
+        let r = get("/nope").await.unwrap();
+        assert_eq!(r.status(), 404);
+
+        cancel.cancel();
+        handle.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn ready_when_every_connection_is_valid_or_none() {
+        let telemetry = Arc::new(Telemetry::new(REFRESH));
+        let (addr, cancel, handle) = start(Arc::clone(&telemetry)).await;
+        let url = format!("http://{addr}/readyz");
+        let r = reqwest::get(&url).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), r#"{"ready":true}"#);
+        // No connections: /status is an empty list and /metrics renders.
+        let r = reqwest::get(format!("http://{addr}/status")).await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "[]");
+        let r = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        assert!(
+            r.text()
+                .await
+                .unwrap()
+                .contains("aep_s3_rotator_connections{state=\"fresh\"} 0")
+        );
+        cancel.cancel();
+        handle.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn status_report_renders_a_table() {
+        let (addr, cancel, handle) = start(board()).await;
+        let table = status_report(addr).await.unwrap();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        for column in [
+            "NAME",
+            "SANDBOX",
+            "STATE",
+            "ACCESS KEY ID",
+            "EXPIRES IN",
+            "NEXT ROTATION IN",
+            "LAST ERROR",
+        ] {
+            assert!(lines[0].contains(column), "{table}");
+        }
+        assert!(lines[1].starts_with("old-bucket"), "{table}");
+        assert!(lines[1].contains("expired"), "{table}");
+        assert!(lines[1].contains("ASIAOLD"), "{table}");
+        assert!(
+            // Times go over the wire in whole seconds, so allow a few seconds' slack.
+            lines[1].contains("expired 1m 3"),
+            "{table}"
+        );
+        assert!(lines[1].ends_with("403 Forbidden: no access"), "{table}");
+        assert!(lines[2].starts_with("sales-bucket"), "{table}");
+        assert!(lines[2].contains("fresh"), "{table}");
+        assert!(lines[2].contains("ASIAFRESH"), "{table}");
+        assert!(
+            lines[2].contains("  59m 5") || lines[2].contains("  1h  "),
+            "{table}"
+        );
+        assert!(lines[2].ends_with('-'), "{table}");
+        // Columns line up: every cell of a column starts at the same offset.
+        let col = lines[0].find("STATE").unwrap();
+        assert_eq!(&lines[1][col..col + 7], "expired");
+        assert_eq!(&lines[2][col..col + 5], "fresh");
+        cancel.cancel();
+        handle.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn status_report_reaches_a_wildcard_listener_on_loopback() {
+        let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(serve(listener, board(), cancel.clone()));
+        let table = status_report(SocketAddr::from(([0, 0, 0, 0], port)))
+            .await
+            .unwrap();
+        assert!(table.contains("sales-bucket"), "{table}");
+        cancel.cancel();
+        handle.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn status_report_advises_when_nothing_listens() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let error = status_report(addr).await.unwrap_err();
+        assert_eq!(
+            error,
+            format!(
+                "cannot reach the admin endpoint at http://{addr}/status: connection refused; \
+                 is the daemon running with [admin] listen = \"{addr}\"?"
+            )
+        );
+        assert!(!error.contains('\n'));
+    }
+
+    #[tokio::test]
+    async fn status_report_rejects_bad_answers() {
+        let app = Router::new().route("/status", get(|| async { "not json" }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let error = status_report(addr).await.unwrap_err();
+        assert!(error.contains("not a status list"), "{error}");
+        assert!(!error.contains('\n'));
+
+        let app = Router::new().route(
+            "/status",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let error = status_report(addr).await.unwrap_err();
+        assert!(
+            error.contains("answered 500 Internal Server Error"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_the_server() {
+        let (addr, cancel, handle) = start(board()).await;
+        // A kept-alive connection must not hold the shutdown up.
+        let http = reqwest::Client::new();
+        assert_eq!(
+            http.get(format!("http://{addr}/healthz"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), handle)
+            .await
+            .expect("server did not stop")
+            .unwrap()
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "still accepting after cancel"
+        );
+    }
+
+    fn entry(name: &str) -> StatusEntry {
+        StatusEntry {
+            id: name.into(),
+            name: name.into(),
+            sandbox: "prod".into(),
+            state: ConnectionState::Fresh,
+            access_key_id: None,
+            expires_at: None,
+            next_rotation_at: None,
+            last_success_at: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn table_renders_relative_times_and_dashes() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let at = |delta: i64| {
+            let t = if delta >= 0 {
+                now + Duration::from_secs(delta.unsigned_abs())
+            } else {
+                now - Duration::from_secs(delta.unsigned_abs())
+            };
+            Some(humantime::format_rfc3339_seconds(t).to_string())
+        };
+        let mut a = entry("a-very-long-connection-name");
+        a.access_key_id = Some("ASIA1".into());
+        a.expires_at = at(41 * 60 + 3);
+        a.next_rotation_at = at(-12);
+        a.state = ConnectionState::Expiring;
+        let mut b = entry("b");
+        b.state = ConnectionState::Expired;
+        b.expires_at = at(-12);
+        b.last_error = Some("line one\nline two".into());
+        let table = render_status_table(&[a, b], now);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME                         SANDBOX  STATE     ACCESS KEY ID  EXPIRES IN       NEXT ROTATION IN  LAST ERROR"
+        );
+        assert_eq!(
+            lines[1],
+            "a-very-long-connection-name  prod     expiring  ASIA1          41m 3s           -12s              -"
+        );
+        assert_eq!(
+            lines[2],
+            "b                            prod     expired   -              expired 12s ago  -                 line one line two"
+        );
+    }
+
+    #[test]
+    fn table_without_connections_says_so() {
+        let table = render_status_table(&[], SystemTime::now());
+        assert!(table.starts_with("NAME"));
+        assert!(table.ends_with("(no connections configured)\n"));
+    }
+
+    #[test]
+    fn status_entry_round_trips() {
+        let mut e = entry("x");
+        e.expires_at = Some("2024-05-01T12:00:00Z".into());
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains(r#""state":"fresh""#), "{json}");
+        assert!(json.contains(r#""last_error":null"#), "{json}");
+        assert_eq!(serde_json::from_str::<StatusEntry>(&json).unwrap(), e);
+    }
 }

@@ -1,0 +1,90 @@
+# syntax=docker/dockerfile:1
+#
+# aep-s3-rotator container image.
+#
+#   docker build -t aep-s3-rotator .
+#   docker run --rm \
+#     -v /path/to/config.toml:/etc/aep-s3-rotator/config.toml:ro \
+#     -v /path/to/adobe-client-secret:/run/secrets/adobe-client-secret:ro \
+#     -e AWS_REGION=us-east-1 -p 9464:9464 aep-s3-rotator
+#
+# Configuration comes from the mounted file and AEP_S3_ROTATOR__SECTION__KEY
+# environment overrides. In a container set [admin] listen = "0.0.0.0:9464"
+# (the default 127.0.0.1 is unreachable from outside the container) and
+# [state] path = "/var/lib/aep-s3-rotator/state.json" on a mounted volume.
+#
+# Not built in CI (no container engine there); keep the two stages in step
+# with Cargo.toml by hand.
+
+# Same Debian release as the runtime image below, so the glibc the binary is
+# linked against is the one it runs with.
+ARG RUST_IMAGE=rust:1-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS builder
+WORKDIR /build
+
+# Dependencies first, in their own layer: it is rebuilt only when Cargo.toml
+# or Cargo.lock change, not on every source edit (the AWS SDK takes minutes).
+# Placeholders stand in for the crate's sources (and for any target whose path
+# Cargo.toml names explicitly, which cargo insists on finding); afterwards the
+# placeholder crate's artifacts are deleted so that the real one is always
+# rebuilt, whatever the mtimes of the copied sources.
+COPY Cargo.toml Cargo.lock ./
+RUN set -eu; \
+    mkdir -p src; \
+    echo 'fn main() {}' > src/main.rs; \
+    echo '//! Placeholder to build dependencies.' > src/lib.rs; \
+    for path in $(sed -n 's/^path *= *"\(.*\.rs\)".*/\1/p' Cargo.toml); do \
+        if [ ! -e "$path" ]; then \
+            mkdir -p "$(dirname "$path")"; echo 'fn main() {}' > "$path"; echo "$path" >> /tmp/placeholders; \
+        fi; \
+    done; \
+    cargo build --release --locked --bin aep-s3-rotator; \
+    if [ -f /tmp/placeholders ]; then xargs rm -f < /tmp/placeholders; fi; \
+    rm -rf src \
+        target/release/aep-s3-rotator \
+        target/release/aep-s3-rotator.d \
+        target/release/deps/aep_s3_rotator-* \
+        target/release/deps/libaep_s3_rotator-* \
+        target/release/.fingerprint/aep-s3-rotator-*
+
+# Everything the build may read (sources, include_str! targets); .dockerignore
+# keeps target/, .git and the packaging files out.
+COPY . .
+# Only the daemon: the crate's second binary (aep-s3-simulator) is a test
+# tool. The empty state directory, owned by the runtime user below, serves
+# when no volume is mounted there (the state then dies with the container).
+RUN cargo build --release --locked --bin aep-s3-rotator \
+    && install -D -m 0755 target/release/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator \
+    && install -d -m 0700 /out/var/lib/aep-s3-rotator
+
+# Runtime: glibc, libgcc, CA certificates and tzdata; no shell, no package
+# manager. ":nonroot" runs as uid/gid 65532.
+FROM ${RUNTIME_IMAGE}
+
+LABEL org.opencontainers.image.title="aep-s3-rotator" \
+      org.opencontainers.image.description="Keeps Adobe Experience Platform S3 base connections supplied with fresh, temporary AWS credentials" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+COPY --from=builder /out/usr/local/bin/aep-s3-rotator /usr/local/bin/aep-s3-rotator
+COPY --from=builder --chown=65532:65532 /out/var/lib/aep-s3-rotator /var/lib/aep-s3-rotator
+
+USER nonroot
+
+# Logs: one JSON object per line on stderr. Config: mount it here (or set
+# AEP_S3_ROTATOR_CONFIG / pass --config).
+ENV AEP_S3_ROTATOR_LOG_FORMAT=json \
+    AEP_S3_ROTATOR_CONFIG=/etc/aep-s3-rotator/config.toml
+
+# Admin endpoint: /healthz, /readyz, /metrics, /status.
+EXPOSE 9464
+
+# No HEALTHCHECK: the image has no shell or curl to run one. Use the HTTP
+# probes instead (Kubernetes livenessProbe /healthz, readinessProbe /readyz;
+# see deploy/kubernetes/sidecar.yaml).
+
+# The daemon is PID 1: it handles SIGTERM/SIGINT itself (drain in-flight
+# PATCHes for up to 10 s, write state, exit 0) and spawns no children to reap.
+ENTRYPOINT ["/usr/local/bin/aep-s3-rotator"]
+CMD ["run"]
