@@ -148,7 +148,7 @@ struct Entry {
     in_flight: bool,
     /// Bumped when the entry is replaced, so outcomes of older jobs are dropped.
     epoch: u64,
-    last_escalation_log: Option<SystemTime>,
+    last_escalation_log: Option<(Escalation, SystemTime)>,
     /// `once` mode: no further attempts.
     finished: bool,
     rotations: u64,
@@ -520,8 +520,8 @@ impl Daemon {
                         "rotation failed, retrying"
                     );
                 }
-                if plan.escalation != Escalation::None && schedule::should_log_escalation(entry.last_escalation_log, now) {
-                    entry.last_escalation_log = Some(now);
+                if schedule::should_log_escalation(entry.last_escalation_log, plan.escalation, now) {
+                    entry.last_escalation_log = Some((plan.escalation, now));
                     escalate(plan.escalation, on_connection);
                 }
                 plan.at

@@ -138,12 +138,21 @@ pub fn plan_retry(
     }
 }
 
-/// Whether an escalation for a connection should be logged now, given when it
-/// was last logged: at most once per [`ESCALATION_LOG_INTERVAL`].
-pub fn should_log_escalation(last_logged: Option<SystemTime>, now: SystemTime) -> bool {
+/// Whether an escalation should be logged now, given the last one logged for
+/// the connection and when: at most once per [`ESCALATION_LOG_INTERVAL`], but
+/// at once when it changes kind (credentials that just expired are news).
+pub fn should_log_escalation(
+    last_logged: Option<(Escalation, SystemTime)>,
+    escalation: Escalation,
+    now: SystemTime,
+) -> bool {
+    if escalation == Escalation::None {
+        return false;
+    }
     match last_logged {
         None => true,
-        Some(then) => now
+        Some((last, _)) if std::mem::discriminant(&last) != std::mem::discriminant(&escalation) => true,
+        Some((_, then)) => now
             .duration_since(then)
             .map(|since| since >= ESCALATION_LOG_INTERVAL)
             .unwrap_or(false),
@@ -218,12 +227,17 @@ mod tests {
     }
 
     #[test]
-    fn escalation_logs_are_rate_limited() {
-        assert!(should_log_escalation(None, t(0)));
-        assert!(!should_log_escalation(Some(t(0)), t(29)));
-        assert!(should_log_escalation(Some(t(0)), t(30)));
+    fn escalation_logs_are_rate_limited_but_a_new_kind_is_news() {
+        let soon = Escalation::ExpiresBeforeRetry { left: S(10) };
+        let expired = Escalation::Expired { ago: S(1) };
+        assert!(should_log_escalation(None, soon, t(0)));
+        assert!(!should_log_escalation(None, Escalation::None, t(0)));
+        assert!(!should_log_escalation(Some((soon, t(0))), soon, t(29)));
+        assert!(should_log_escalation(Some((soon, t(0))), soon, t(30)));
+        assert!(should_log_escalation(Some((soon, t(0))), expired, t(5)));
+        assert!(!should_log_escalation(Some((expired, t(5))), expired, t(20)));
         // A clock that went backwards does not unmute it.
-        assert!(!should_log_escalation(Some(t(10)), t(0)));
+        assert!(!should_log_escalation(Some((soon, t(10))), soon, t(0)));
     }
 
     proptest! {

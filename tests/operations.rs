@@ -88,7 +88,13 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
     assert!(not_ready.1.contains("conn-0") && not_ready.1.contains("expired"), "{}", not_ready.1);
     let (_, metrics) = get(&format!("{base}/metrics")).await;
     assert!(metrics.contains("aep_s3_rotator_connections{state=\"expired\"} 2"), "{metrics}");
-    assert!(!daemon.events("credentials expired").is_empty(), "the expiry is escalated in the logs");
+    assert!(
+        wait_until(Duration::from_secs(10), || !daemon.events("credentials expired").is_empty()).await,
+        "the expiry is escalated in the logs"
+    );
+    let escalation = &daemon.events("credentials expired")[0];
+    assert_eq!(escalation["level"], "error");
+    assert!(escalation["expired_ago"].is_string() && escalation["connection"].is_string(), "{escalation}");
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_no_secret(&daemon.stderr_text(), &h.secrets());
 }
@@ -98,7 +104,7 @@ async fn a_restart_with_state_does_not_re_push_but_an_edited_connection_is() {
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     let ids = h.connection_ids();
     let state = h.dir.path().join("state.json");
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"20m\"");
+    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
     let config = h.write_config(&rotation, &format!("[state]\npath = \"{}\"", state.display()));
 
     let mut first = h.spawn(&config, &["run"]);
@@ -139,7 +145,7 @@ async fn a_restart_with_state_does_not_re_push_but_an_edited_connection_is() {
 async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     let ids = h.connection_ids();
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"20m\"");
+    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
     let first_only = &h.sim_config.connections[..1];
     let config = h.write_config_with_connections(&rotation, "", first_only);
     let mut daemon = h.spawn(&config, &["run"]);
@@ -176,7 +182,7 @@ async fn systemd_notify_ready_status_and_watchdog() {
     let socket_path = h.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"20m\"");
+    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
     let config = h.write_config(&rotation, "");
     let mut command = clean_command(binary());
     command
