@@ -15,7 +15,9 @@ use crate::cli::DemoArgs;
 use crate::config::Config;
 use crate::daemon::{Daemon, Mode, Options, Report};
 use crate::notify::Notifier;
-use crate::simulator::{RetryAfter, ScriptedFault, SimConfig, SimConnection, SimService, SimStats, Simulator};
+use crate::simulator::{
+    RetryAfter, ScriptedFault, SimConfig, SimConnection, SimService, SimStats, Simulator,
+};
 use crate::sts::SourceIdentity;
 use crate::telemetry::Telemetry;
 
@@ -28,12 +30,20 @@ const SANDBOXES: [&str; 2] = ["prod", "dev"];
 /// simulator saw no protocol violation.
 pub async fn run(args: DemoArgs) -> Exit {
     let client_secret = format!("demo-secret-{}", uuid::Uuid::new_v4().simple());
-    let mut sim_config = SimConfig::new("aep-s3-rotator-demo", &client_secret, "DEMO0123456789ABCDEF0123@AdobeOrg");
+    let mut sim_config = SimConfig::new(
+        "aep-s3-rotator-demo",
+        &client_secret,
+        "DEMO0123456789ABCDEF0123@AdobeOrg",
+    );
     sim_config.credential_lifetime = CREDENTIAL_LIFETIME;
     sim_config.connections = (0..args.connections)
         .map(|i| {
             let sandbox = SANDBOXES[usize::from(i) % SANDBOXES.len()];
-            SimConnection::s3(uuid::Uuid::new_v4().to_string(), sandbox, format!("bucket-{}", i + 1))
+            SimConnection::s3(
+                uuid::Uuid::new_v4().to_string(),
+                sandbox,
+                format!("bucket-{}", i + 1),
+            )
         })
         .collect();
     let simulator = match Simulator::start(sim_config.clone()).await {
@@ -51,13 +61,20 @@ pub async fn run(args: DemoArgs) -> Exit {
     }
     simulator.script(
         SimService::Flow,
-        ScriptedFault::Status { status: 429, retry_after: Some(RetryAfter::Seconds(1)), body: None },
+        ScriptedFault::Status {
+            status: 429,
+            retry_after: Some(RetryAfter::Seconds(1)),
+            body: None,
+        },
     );
     let toml = demo_config(&simulator, &sim_config);
-    let config = match Config::from_toml_str(&toml, std::iter::once((
-        "AEP_S3_ROTATOR__ADOBE__CLIENT_SECRET".to_owned(),
-        client_secret.clone(),
-    ))) {
+    let config = match Config::from_toml_str(
+        &toml,
+        std::iter::once((
+            "AEP_S3_ROTATOR__ADOBE__CLIENT_SECRET".to_owned(),
+            client_secret.clone(),
+        )),
+    ) {
         Ok(config) => config,
         Err(error) => {
             tracing::error!(error = %error, "the demo config is invalid (a bug)");
@@ -114,7 +131,11 @@ pub async fn run(args: DemoArgs) -> Exit {
     simulator.stop();
     print!("{}", summary(&report, &stats, &violations));
     let all_rotated = report.connections.iter().all(|c| c.rotations > 0);
-    if violations.is_empty() && all_rotated { Exit::Ok } else { Exit::Failure }
+    if violations.is_empty() && all_rotated {
+        Exit::Ok
+    } else {
+        Exit::Failure
+    }
 }
 
 fn demo_config(simulator: &Simulator, sim: &SimConfig) -> String {
@@ -133,7 +154,7 @@ role_arn = "arn:aws:iam::123456789012:role/aep-s3-demo"
 
 [rotation]
 session_duration = "15m"   # asked of STS; the simulator answers 30 s credentials
-refresh_before = "15s"     # so each connection rotates every 13-15 s
+refresh_before = "18s"     # so each connection rotates every 10-12 s
 jitter = "2s"
 concurrency = 4
 retry_min = "200ms"
@@ -160,7 +181,13 @@ fn summary(report: &Report, stats: &SimStats, violations: &[String]) -> String {
     let now = SystemTime::now();
     let mut out = format!(
         "\n{:<12} {:<8} {:>9} {:>9} {:>8}  {:<20} {:>10}\n",
-        "CONNECTION", "SANDBOX", "ROTATIONS", "CONFLICTS", "FAILURES", "ACCESS KEY ID", "EXPIRES IN"
+        "CONNECTION",
+        "SANDBOX",
+        "ROTATIONS",
+        "CONFLICTS",
+        "FAILURES",
+        "ACCESS KEY ID",
+        "EXPIRES IN"
     );
     for c in &report.connections {
         let expires_in = c

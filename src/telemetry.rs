@@ -468,17 +468,16 @@ impl Telemetry {
                 // Every known connection gets its counter series from the
                 // start, at zero, so every metric name of SPEC.md is scrapeable
                 // (and `increase()` works) before the first event.
-                rotations.get_or_create(&RotationLabels {
-                    connection: labels.connection.clone(),
-                    sandbox: labels.sandbox.clone(),
-                    outcome: Outcome::Success.as_str(),
-                });
-                rotations.get_or_create(&RotationLabels {
-                    connection: labels.connection.clone(),
-                    sandbox: labels.sandbox.clone(),
-                    outcome: Outcome::Failure.as_str(),
-                });
-                etag_conflicts.get_or_create(&labels);
+                for outcome in [Outcome::Success, Outcome::Failure] {
+                    rotations
+                        .get_or_create(&RotationLabels {
+                            connection: labels.connection.clone(),
+                            sandbox: labels.sandbox.clone(),
+                            outcome: outcome.as_str(),
+                        })
+                        .inc_by(0);
+                }
+                etag_conflicts.get_or_create(&labels).inc_by(0);
             }
             for (id, counts) in &board.counts {
                 let labels = match board.connections.get(id) {

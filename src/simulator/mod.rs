@@ -75,6 +75,11 @@ pub struct SimConfig {
     /// Seed of the RNG that draws random faults, for reproducible runs;
     /// `None` = seeded from the OS.
     pub seed: Option<u64>,
+    /// Accept PATCHed credentials this simulator's STS did not issue (the
+    /// end-to-end test with `moto` as STS); they must still look like STS
+    /// credentials (an upper-case key id of 16+ characters, non-empty secret and token). Their expiry is
+    /// unknown here, so they are taken to live `credential_lifetime`.
+    pub accept_foreign_credentials: bool,
 }
 
 impl SimConfig {
@@ -94,6 +99,7 @@ impl SimConfig {
             ims_token_lifetime: Duration::from_secs(24 * 3600),
             faults: Faults::default(),
             seed: None,
+            accept_foreign_credentials: false,
         }
     }
 }
@@ -109,6 +115,10 @@ impl fmt::Debug for SimConfig {
             .field("ims_token_lifetime", &self.ims_token_lifetime)
             .field("faults", &self.faults)
             .field("seed", &self.seed)
+            .field(
+                "accept_foreign_credentials",
+                &self.accept_foreign_credentials,
+            )
             .finish()
     }
 }

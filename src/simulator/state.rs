@@ -333,6 +333,8 @@ pub(super) struct Shared {
     pub credential_lifetime: Duration,
     /// Lifetime of IMS tokens.
     pub ims_token_lifetime: Duration,
+    /// See `SimConfig::accept_foreign_credentials`.
+    pub accept_foreign_credentials: bool,
     /// Listener addresses, indexed by `SimService::index`.
     pub addrs: [SocketAddr; 3],
     /// Services taken down.
@@ -381,6 +383,7 @@ impl Shared {
             org_id: config.org_id,
             credential_lifetime: config.credential_lifetime,
             ims_token_lifetime: config.ims_token_lifetime,
+            accept_foreign_credentials: config.accept_foreign_credentials,
             addrs,
             down: Default::default(),
             stopped: AtomicBool::new(false),

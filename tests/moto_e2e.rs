@@ -1,0 +1,183 @@
+//! End to end with `moto` as STS: a real, independent implementation of the
+//! STS wire protocol, reached by the real `aws-sdk-sts` client in the daemon.
+//! IMS and Flow Service are the simulator's.
+//!
+//! `scripts/test.sh` installs moto into `.venv` and exports
+//! `AEP_S3_ROTATOR_MOTO_SERVER`. Without it this test FAILS: it never skips.
+
+mod common;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto() -> Moto {
+    let server = std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap_or_else(|_| {
+        panic!("AEP_S3_ROTATOR_MOTO_SERVER is not set: run the suite with scripts/test.sh, which installs moto[server] into .venv")
+    });
+    // Ask the OS for a free port, then hand it to moto (it cannot report one).
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(&server)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start moto_server at {server}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("moto_server exited at start with {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "moto_server did not listen on port {port} within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Moto {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotates_with_credentials_from_moto_sts() {
+    let moto = start_moto();
+    let h = Harness::start_with(2, Duration::from_secs(3600), |sim| {
+        sim.accept_foreign_credentials = true
+    })
+    .await;
+    let ids = h.connection_ids();
+    let config = h.write_config(FAST_ROTATION, "");
+    // Point STS at moto instead of the simulator.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&h.sim.sts_url(), &moto.url);
+    std::fs::write(&config, text).unwrap();
+
+    let mut daemon = h.spawn(&config, &["once"]);
+    let status = daemon.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr_text());
+    for id in &ids {
+        let key = h
+            .sim
+            .connection(id)
+            .unwrap()
+            .access_key_id
+            .expect("credentials were pushed");
+        assert!(
+            key.starts_with("ASIA"),
+            "moto's temporary key ids start with ASIA: {key}"
+        );
+    }
+    // moto honours DurationSeconds (15 min asked): the expiry the daemon
+    // schedules from is the one STS returned.
+    for event in daemon.events("credentials rotated") {
+        let expires_at = humantime::parse_rfc3339(event["expires_at"].as_str().unwrap()).unwrap();
+        let left = expires_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap();
+        assert!(
+            left > Duration::from_secs(800) && left <= Duration::from_secs(900),
+            "{left:?}"
+        );
+    }
+    // Both connections share one role: one AssumeRole, same key on both.
+    let keys: Vec<_> = ids
+        .iter()
+        .map(|id| h.sim.connection(id).unwrap().access_key_id)
+        .collect();
+    assert_eq!(keys[0], keys[1]);
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+    assert_no_secret(
+        &daemon.stderr_text(),
+        &[h.secret.clone(), SOURCE_SECRET.to_owned()],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_session_token_is_used_when_no_role_is_configured() {
+    let moto = start_moto();
+    let h = Harness::start_with(1, Duration::from_secs(3600), |sim| {
+        sim.accept_foreign_credentials = true
+    })
+    .await;
+    let id = h.connection_ids().remove(0);
+    let config = h.write_config(FAST_ROTATION, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&h.sim.sts_url(), &moto.url)
+        .replace(&format!("role_arn = \"{ROLE_ARN}\"\n"), "");
+    std::fs::write(&config, text).unwrap();
+
+    let mut daemon = h.spawn(&config, &["once"]);
+    assert_eq!(
+        daemon.wait(Duration::from_secs(60)).code(),
+        Some(0),
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let key = h
+        .sim
+        .connection(&id)
+        .unwrap()
+        .access_key_id
+        .expect("credentials were pushed");
+    // Session credentials, not the daemon's own identity.
+    assert_ne!(key, SOURCE_KEY_ID);
+    assert_eq!(daemon.events("credentials rotated").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_every_dependency_against_moto() {
+    let moto = start_moto();
+    let h = Harness::start_with(2, Duration::from_secs(3600), |sim| {
+        sim.accept_foreign_credentials = true
+    })
+    .await;
+    let ids = h.connection_ids();
+    h.sim.delete_connection(&ids[1]);
+    let config = h.write_config(FAST_ROTATION, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&h.sim.sts_url(), &moto.url);
+    std::fs::write(&config, text).unwrap();
+
+    let mut daemon = h.spawn(&config, &["check"]);
+    assert_eq!(daemon.wait(Duration::from_secs(60)).code(), Some(1));
+    let report = daemon.stdout_text();
+    assert!(report.contains("ok    config"), "{report}");
+    assert!(report.contains("ok    ims"), "{report}");
+    assert!(
+        report.contains("ok    connection conn-0 (prod)"),
+        "{report}"
+    );
+    assert!(report.contains("FAIL  connection conn-1 (dev)"), "{report}");
+    assert!(
+        report.contains(
+            "ok    sts        arn:aws:iam::123456789012:role/aep-s3-ingest: AssumeRole gave ASIA"
+        ),
+        "{report}"
+    );
+    assert!(report.contains("5 checks, 1 failed"), "{report}");
+    // check changes nothing.
+    assert_eq!(h.sim.stats().flow_patches_ok, 0);
+}
