@@ -10,9 +10,9 @@
 //! 2. the `config` crate layers the environment over it
 //!    (`AEP_S3_ROTATOR__ROTATION__CONCURRENCY=3` → `rotation.concurrency`);
 //! 3. the layered tree is deserialized into permissive raw structs whose leaves
-//!    accept any value ([`Raw`]), with `serde_ignored` collecting every unknown
+//!    accept any value (`Raw`), with `serde_ignored` collecting every unknown
 //!    key and `serde_path_to_error` naming the key of a structural type error;
-//! 4. [`Checker`] turns the raw structs into [`Config`], recording one
+//! 4. `Checker` turns the raw structs into [`Config`], recording one
 //!    [`ConfigIssue`] per problem and carrying on, so an operator fixes the
 //!    whole file in one go.
 
@@ -219,8 +219,9 @@ fn iam_arn_problem(s: &str, kind: &str, max_name: usize, aws_account: bool) -> O
     if !region.is_empty() {
         return Some("IAM ARNs have no region: the fourth part must be empty".to_owned());
     }
-    let account_ok = account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit());
-    if !account_ok && !(aws_account && account == "aws") {
+    let account_ok = (account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()))
+        || (aws_account && account == "aws");
+    if !account_ok {
         return Some(if aws_account {
             "the account must be 12 digits or \"aws\"".to_owned()
         } else {
@@ -466,19 +467,19 @@ fn from_text(
     unknown.sort();
     unknown.dedup();
     for path in unknown {
-        let message = match env_names.get(&path) {
-            Some(name) => format!(
-                "unknown key (set by the environment variable {name}); check the spelling against {EXAMPLE}"
-            ),
-            None => format!("unknown key; check the spelling against {EXAMPLE}"),
-        };
+        let message = with_env_origin(
+            &env_names,
+            &path,
+            format!("unknown key; check the spelling against {EXAMPLE}"),
+        );
         issues.push(ConfigIssue::new(path, message));
     }
     let raw = match raw {
         Ok(raw) => raw,
         Err(error) => {
             let path = error.path().to_string();
-            let message = structural_message(&path, error.inner());
+            let message =
+                with_env_origin(&env_names, &path, structural_message(&path, error.inner()));
             issues.push(ConfigIssue::new(path, message));
             return Err(ConfigError { issues });
         }
@@ -511,6 +512,21 @@ fn from_text(
         _ => Err(ConfigError {
             issues: checker.issues,
         }),
+    }
+}
+
+/// Adds which environment variable set the key (or a key under it), since
+/// the file alone would not explain the problem.
+fn with_env_origin(env_names: &BTreeMap<String, String>, path: &str, message: String) -> String {
+    let nested = format!("{path}.");
+    match env_names
+        .iter()
+        .find(|(key, _)| *key == path || key.starts_with(&nested))
+    {
+        Some((_, name)) if !message.contains(name.as_str()) => {
+            format!("{message} (set by the environment variable {name})")
+        }
+        _ => message,
     }
 }
 
@@ -567,7 +583,11 @@ fn structural_message(path: &str, error: &config::ConfigError) -> String {
         other => other.to_string(),
     };
     match text.split_once(", expected ") {
-        Some((_, expected)) => format!("wrong type: expected {expected}"),
+        Some((_, expected)) => {
+            // `config` may append " for key `…`" and " in <origin>": the path says it.
+            let expected = expected.split(" for key `").next().unwrap_or(expected);
+            format!("wrong type: expected {expected}")
+        }
         None => format!("cannot be read; compare it with {EXAMPLE}"),
     }
 }
@@ -813,6 +833,8 @@ struct Checker<'e> {
 
 impl Checker<'_> {
     fn report(&mut self, path: impl Into<String>, message: impl Into<String>) -> Reported {
+        let path = path.into();
+        let message = with_env_origin(self.env_names, &path, message.into());
         self.issues.push(ConfigIssue::new(path, message));
         Reported
     }
@@ -1696,7 +1718,7 @@ sandbox = "dev"
         let no_role = replace(g, "role_arn = \"arn:aws:iam::123456789012:role/aep\"\n", "");
         let many_arns = format!(
             "[{}]",
-            vec!["\"arn:aws:iam::aws:policy/ReadOnlyAccess\""; 11].join(", ")
+            ["\"arn:aws:iam::aws:policy/ReadOnlyAccess\""; 11].join(", ")
         );
         let long_policy = format!(
             r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"s3:GetObject","Resource":"{}"}}]}}"#,
@@ -1769,7 +1791,7 @@ sandbox = "dev"
             ("not TOML", "this is [not toml".to_owned(), "config", "not valid TOML"),
             ("no connections", g.split("[[connections]]").next().unwrap().to_owned(), "connections", "no connections"),
             ("connections as a single table", format!("{}\n[connections]\nid = \"c-1\"\nsandbox = \"prod\"\n", g.split("[[connections]]").next().unwrap()), "connections", "[[connections]]"),
-            ("a section that is not a table", format!("admin = 5\n{g}"), "admin", "wrong type"),
+            ("a section that is not a table", format!("admin = \"{INLINE_SECRET}\"\n{g}"), "admin", "expected an [admin] table"),
         ];
         assert!(cases.len() >= 20, "the table lost cases");
         let mut ran = 0;
@@ -1927,6 +1949,30 @@ sandbox = "dev"
     }
 
     #[test]
+    fn odd_environment_names_are_reported_not_fatal() {
+        let fx = Fixture::new();
+        for (name, key) in [
+            ("AEP_S3_ROTATOR__ADOBE", "adobe"),
+            ("AEP_S3_ROTATOR__CONNECTIONS", "connections"),
+            ("AEP_S3_ROTATOR__CONNECTIONS__0__ID", "connections"),
+            ("AEP_S3_ROTATOR__NEW_SECTION__KEY", "new_section"),
+            ("AEP_S3_ROTATOR__ADOBE__CLIENT_ID__X", "adobe.client_id"),
+        ] {
+            let found = issues(&fx.good(), env(&[(name, INLINE_SECRET)]));
+            assert!(
+                found
+                    .iter()
+                    .any(|i| i.path == key && i.message.contains(name)),
+                "{name}: {found:?}"
+            );
+        }
+        // Odd names end in an issue or a valid config, never a panic.
+        for name in ["AEP_S3_ROTATOR____X", "AEP_S3_ROTATOR__"] {
+            let _ = Config::from_toml_str(&fx.good(), env(&[(name, "x")]));
+        }
+    }
+
+    #[test]
     fn an_environment_secret_next_to_a_secret_file_is_both() {
         let fx = Fixture::new();
         let found = issues(
@@ -1953,6 +1999,12 @@ sandbox = "dev"
         );
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].path, "rotation.concurrency");
+        assert!(
+            found[0]
+                .message
+                .contains("AEP_S3_ROTATOR__ROTATION__CONCURRENCY"),
+            "{found:?}"
+        );
     }
 
     #[test]
