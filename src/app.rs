@@ -84,7 +84,10 @@ fn log_config_error(path: &Path, error: &ConfigError) {
 }
 
 /// Signals, plus a task that turns SIGHUP into validated configs.
-fn reload_channel(path: &Path, cancel: &CancellationToken) -> std::io::Result<mpsc::Receiver<Config>> {
+fn reload_channel(
+    path: &Path,
+    cancel: &CancellationToken,
+) -> std::io::Result<mpsc::Receiver<Config>> {
     let mut hups = crate::shutdown::listen(cancel.clone())?;
     let (tx, rx) = mpsc::channel(1);
     let path = path.to_owned();
@@ -101,7 +104,10 @@ fn reload_channel(path: &Path, cancel: &CancellationToken) -> std::io::Result<mp
                 }
                 Err(error) => {
                     log_config_error(&path, &error);
-                    tracing::error!(problems = error.issues.len(), "config reload failed, keeping the running config");
+                    tracing::error!(
+                        problems = error.issues.len(),
+                        "config reload failed, keeping the running config"
+                    );
                 }
             }
         }
@@ -123,7 +129,11 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
                 tracing::info!(listen = %addr, "admin endpoint listening");
-                tokio::spawn(crate::admin::serve(listener, Arc::clone(&telemetry), cancel.clone()));
+                tokio::spawn(crate::admin::serve(
+                    listener,
+                    Arc::clone(&telemetry),
+                    cancel.clone(),
+                ));
             }
             Err(error) => {
                 tracing::error!(listen = %addr, error = %error, "cannot listen on [admin] listen; free the port or change the address");
@@ -131,7 +141,12 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             }
         }
     }
-    let options = Options { mode: Mode::Run, dry_run, only: Vec::new(), identity: SourceIdentity::DefaultChain };
+    let options = Options {
+        mode: Mode::Run,
+        dry_run,
+        only: Vec::new(),
+        identity: SourceIdentity::DefaultChain,
+    };
     tracing::info!(
         connections = config.connections.len(),
         dry_run,
@@ -159,11 +174,19 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
 
 async fn once(config: Config, args: OnceArgs) -> Exit {
     let known: BTreeSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
-    let unknown: Vec<&String> = args.connections.iter().filter(|id| !known.contains(id.as_str())).collect();
+    let unknown: Vec<&String> = args
+        .connections
+        .iter()
+        .filter(|id| !known.contains(id.as_str()))
+        .collect();
     if !unknown.is_empty() {
         eprintln!(
             "aep-s3-rotator: --connection {} is not in the config; known ids: {}",
-            unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            unknown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             known.into_iter().collect::<Vec<_>>().join(", ")
         );
         return Exit::Usage;
@@ -192,7 +215,11 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
     match daemon.run(cancel.clone(), reloads).await {
         Ok(report) => {
             print!("{}", once_report(&report, args.dry_run));
-            if cancel.is_cancelled() || !report.all_ok() { Exit::Failure } else { Exit::Ok }
+            if cancel.is_cancelled() || !report.all_ok() {
+                Exit::Failure
+            } else {
+                Exit::Ok
+            }
         }
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "stopped on an error");
@@ -207,7 +234,10 @@ pub fn once_report(report: &Report, dry_run: bool) -> String {
     let mut out = String::new();
     for c in &report.connections {
         match &c.last_error {
-            None if dry_run => out.push_str(&format!("ok    {} ({}): dry run, nothing changed\n", c.name, c.sandbox)),
+            None if dry_run => out.push_str(&format!(
+                "ok    {} ({}): dry run, nothing changed\n",
+                c.name, c.sandbox
+            )),
             None => out.push_str(&format!(
                 "ok    {} ({}): {} until {}\n",
                 c.name,
@@ -218,14 +248,24 @@ pub fn once_report(report: &Report, dry_run: bool) -> String {
             Some(error) => out.push_str(&format!("FAIL  {} ({}): {error}\n", c.name, c.sandbox)),
         }
     }
-    let failed = report.connections.iter().filter(|c| c.last_error.is_some()).count();
-    out.push_str(&format!("{} connections, {} ok, {failed} failed\n", report.connections.len(), report.connections.len() - failed));
+    let failed = report
+        .connections
+        .iter()
+        .filter(|c| c.last_error.is_some())
+        .count();
+    out.push_str(&format!(
+        "{} connections, {} ok, {failed} failed\n",
+        report.connections.len(),
+        report.connections.len() - failed
+    ));
     out
 }
 
 async fn status(config: &Config) -> Exit {
     let Some(addr) = config.admin.listen else {
-        eprintln!("aep-s3-rotator: status reads the running daemon's admin endpoint, but the config has no [admin] listen; add one (e.g. listen = \"127.0.0.1:9464\") and restart the daemon");
+        eprintln!(
+            "aep-s3-rotator: status reads the running daemon's admin endpoint, but the config has no [admin] listen; add one (e.g. listen = \"127.0.0.1:9464\") and restart the daemon"
+        );
         return Exit::Config;
     };
     match crate::admin::status_report(addr).await {
@@ -243,13 +283,30 @@ async fn status(config: &Config) -> Exit {
 /// `check`: one line per check on stdout, nothing changed anywhere.
 async fn check(config: Config, path: &Path) -> Exit {
     let mut lines = CheckReport::default();
-    let sandboxes: BTreeSet<&str> = config.connections.iter().map(|c| c.sandbox.as_str()).collect();
-    lines.ok("config", &format!("{}: {} connections in {} sandboxes", path.display(), config.connections.len(), sandboxes.len()));
+    let sandboxes: BTreeSet<&str> = config
+        .connections
+        .iter()
+        .map(|c| c.sandbox.as_str())
+        .collect();
+    lines.ok(
+        "config",
+        &format!(
+            "{}: {} connections in {} sandboxes",
+            path.display(),
+            config.connections.len(),
+            sandboxes.len()
+        ),
+    );
     for warning in &config.warnings {
         lines.warn("config", warning);
     }
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
-    let options = Options { mode: Mode::Once, dry_run: true, only: Vec::new(), identity: SourceIdentity::DefaultChain };
+    let options = Options {
+        mode: Mode::Once,
+        dry_run: true,
+        only: Vec::new(),
+        identity: SourceIdentity::DefaultChain,
+    };
     let rotator = match build_rotator(&config, &options, &telemetry).await {
         Ok(rotator) => rotator,
         Err(error) => {
@@ -261,7 +318,13 @@ async fn check(config: Config, path: &Path) -> Exit {
     // IMS.
     let token = match rotator.ims.token().await {
         Ok(token) => {
-            lines.ok("ims", &format!("token obtained from {} for client {}", config.adobe.ims_url, config.adobe.client_id));
+            lines.ok(
+                "ims",
+                &format!(
+                    "token obtained from {} for client {}",
+                    config.adobe.ims_url, config.adobe.client_id
+                ),
+            );
             Some(token)
         }
         Err(error) => {
@@ -276,13 +339,26 @@ async fn check(config: Config, path: &Path) -> Exit {
             lines.fail("connection", &format!("{label}: not checked, no IMS token"));
             continue;
         };
-        match rotator.flow.get_connection(&connection.id, &connection.sandbox, token).await {
-            Ok(remote) => lines.ok("connection", &format!("{label}: S3 access-key connection, etag {}", remote.etag)),
+        match rotator
+            .flow
+            .get_connection(&connection.id, &connection.sandbox, token)
+            .await
+        {
+            Ok(remote) => lines.ok(
+                "connection",
+                &format!("{label}: S3 access-key connection, etag {}", remote.etag),
+            ),
             Err(error) => lines.fail("connection", &format!("{label}: {error}")),
         }
     }
     // STS, once per distinct request.
-    let source = crate::sts::AwsSts::new(&config.aws, &SourceIdentity::DefaultChain, config.rotation.request_timeout, telemetry).await;
+    let source = crate::sts::AwsSts::new(
+        &config.aws,
+        &SourceIdentity::DefaultChain,
+        config.rotation.request_timeout,
+        telemetry,
+    )
+    .await;
     let mut seen = std::collections::HashSet::new();
     for connection in &config.connections {
         let request = StsRequest::for_connection(&config, connection);
@@ -313,9 +389,16 @@ async fn check(config: Config, path: &Path) -> Exit {
             Err(error) => lines.fail("sts", &format!("{}: {error}", request.describe())),
         }
     }
-    lines.text.push_str(&format!("{} checks, {} failed\n", lines.total, lines.failed));
+    lines.text.push_str(&format!(
+        "{} checks, {} failed\n",
+        lines.total, lines.failed
+    ));
     print!("{}", lines.text);
-    if lines.failed == 0 { Exit::Ok } else { Exit::Failure }
+    if lines.failed == 0 {
+        Exit::Ok
+    } else {
+        Exit::Failure
+    }
 }
 
 #[derive(Default)]
@@ -327,7 +410,8 @@ struct CheckReport {
 
 impl CheckReport {
     fn line(&mut self, verdict: &str, what: &str, detail: &str) {
-        self.text.push_str(&format!("{verdict:<5} {what:<10} {detail}\n"));
+        self.text
+            .push_str(&format!("{verdict:<5} {what:<10} {detail}\n"));
     }
     fn ok(&mut self, what: &str, detail: &str) {
         self.total += 1;

@@ -116,10 +116,25 @@ pub async fn build_rotator(
         // Certificates are always verified; there is deliberately no switch.
         .build()
         .context("building the HTTP client")?;
-    let gate = Arc::new(RequestGate::new(rotation.concurrency, rotation.max_requests_per_second));
-    let sts = AwsSts::new(&config.aws, &options.identity, rotation.request_timeout, Arc::clone(telemetry)).await;
+    let gate = Arc::new(RequestGate::new(
+        rotation.concurrency,
+        rotation.max_requests_per_second,
+    ));
+    let sts = AwsSts::new(
+        &config.aws,
+        &options.identity,
+        rotation.request_timeout,
+        Arc::clone(telemetry),
+    )
+    .await;
     Ok(Rotator {
-        flow: FlowClient::new(http.clone(), &config.adobe, gate, Arc::clone(telemetry), rotation.retry_min),
+        flow: FlowClient::new(
+            http.clone(),
+            &config.adobe,
+            gate,
+            Arc::clone(telemetry),
+            rotation.retry_min,
+        ),
         ims: Arc::new(ImsClient::new(http, &config.adobe, Arc::clone(telemetry))),
         credentials: Arc::new(CredentialCache::new(Arc::new(sts))),
         telemetry: Arc::clone(telemetry),
@@ -283,7 +298,10 @@ impl Daemon {
         if saved.sandbox != entry.config.sandbox || self.options.mode == Mode::Once {
             return;
         }
-        let left = saved.expires_at.duration_since(now).unwrap_or(Duration::ZERO);
+        let left = saved
+            .expires_at
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO);
         if left > self.config.rotation.refresh_before {
             entry.pushed = Some((saved.access_key_id.clone(), saved.expires_at));
             entry.resume_etag = Some(saved.etag.clone());
@@ -327,11 +345,15 @@ impl Daemon {
         mut reloads: mpsc::Receiver<Config>,
     ) -> anyhow::Result<Report> {
         let watchdog = self.notifier.watchdog_interval();
-        let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        let mut watchdog_tick =
+            tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.dispatch_due();
-            if self.options.mode == Mode::Once && self.jobs.is_empty() && self.entries.values().all(|e| e.finished) {
+            if self.options.mode == Mode::Once
+                && self.jobs.is_empty()
+                && self.entries.values().all(|e| e.finished)
+            {
                 break;
             }
             self.after_progress();
@@ -384,17 +406,23 @@ impl Daemon {
         let limit = self.config.rotation.concurrency.get().saturating_mul(2);
         let now = SystemTime::now();
         while self.jobs.len() < limit {
-            let Some(at) = self.next_deadline() else { break };
+            let Some(at) = self.next_deadline() else {
+                break;
+            };
             if at > now {
                 break;
             }
-            let Some(Reverse((_, _, id))) = self.heap.pop() else { break };
+            let Some(Reverse((_, _, id))) = self.heap.pop() else {
+                break;
+            };
             self.start_job(&id);
         }
     }
 
     fn start_job(&mut self, id: &str) {
-        let Some(entry) = self.entries.get_mut(id) else { return };
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
         entry.in_flight = true;
         entry.due = None;
         let job = Job {
@@ -423,14 +451,21 @@ impl Daemon {
         let now = SystemTime::now();
         let rotation = self.config.rotation.clone();
         let mode = self.options.mode.clone();
-        let Some(entry) = self.entries.get_mut(id) else { return };
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
         if entry.epoch != epoch {
             return; // the connection was replaced by a reload meanwhile
         }
         entry.in_flight = false;
         let _span = entry.span().entered();
         let next_at = match result {
-            JobResult::Rotated { access_key_id, expires_at, etag, conflicts } => {
+            JobResult::Rotated {
+                access_key_id,
+                expires_at,
+                etag,
+                conflicts,
+            } => {
                 entry.pushed = Some((access_key_id.clone(), expires_at));
                 entry.etag = etag;
                 entry.failures = 0;
@@ -452,7 +487,11 @@ impl Daemon {
                 }
                 next
             }
-            JobResult::WouldRotate { access_key_id, expires_at, etag } => {
+            JobResult::WouldRotate {
+                access_key_id,
+                expires_at,
+                etag,
+            } => {
                 entry.failures = 0;
                 entry.last_error = None;
                 entry.etag = Some(etag.clone());
@@ -483,11 +522,19 @@ impl Daemon {
                 );
                 next
             }
-            JobResult::Failed { error: RotationError::Cancelled, etag, .. } => {
+            JobResult::Failed {
+                error: RotationError::Cancelled,
+                etag,
+                ..
+            } => {
                 entry.etag = etag.or(entry.etag.take());
                 return;
             }
-            JobResult::Failed { error, etag, conflicts } => {
+            JobResult::Failed {
+                error,
+                etag,
+                conflicts,
+            } => {
                 if etag.is_some() {
                     entry.etag = etag;
                 }
@@ -497,9 +544,19 @@ impl Daemon {
                 self.telemetry.rotation(id, Outcome::Failure);
                 let attempt = entry.failures;
                 entry.failures += 1;
-                let policy = BackoffPolicy { min: rotation.retry_min, max: rotation.retry_max };
+                let policy = BackoffPolicy {
+                    min: rotation.retry_min,
+                    max: rotation.retry_max,
+                };
                 let on_connection = entry.pushed.as_ref().map(|(_, at)| *at);
-                let plan = schedule::plan_retry(&policy, now, attempt, error.retry_kind(), on_connection, rand::random());
+                let plan = schedule::plan_retry(
+                    &policy,
+                    now,
+                    attempt,
+                    error.retry_kind(),
+                    on_connection,
+                    rand::random(),
+                );
                 let retry_in = plan.at.duration_since(now).unwrap_or_default();
                 let give_up = mode == Mode::Once
                     && (entry.failures >= ONCE_ATTEMPTS || error.retry_kind() == RetryKind::Slow);
@@ -520,7 +577,8 @@ impl Daemon {
                         "rotation failed, retrying"
                     );
                 }
-                if schedule::should_log_escalation(entry.last_escalation_log, plan.escalation, now) {
+                if schedule::should_log_escalation(entry.last_escalation_log, plan.escalation, now)
+                {
                     entry.last_escalation_log = Some((plan.escalation, now));
                     escalate(plan.escalation, on_connection);
                 }
@@ -538,9 +596,14 @@ impl Daemon {
 
     /// Readiness, `STATUS=` and the state file after something happened.
     fn after_progress(&mut self) {
-        let first_pass_done = self.entries.values().all(|e| e.last_success.is_some() || e.failed_attempts > 0 || e.finished);
+        let first_pass_done = self
+            .entries
+            .values()
+            .all(|e| e.last_success.is_some() || e.failed_attempts > 0 || e.finished);
         let now = tokio::time::Instant::now();
-        let status_due = self.last_status.is_none_or(|at| now.duration_since(at) >= STATUS_INTERVAL);
+        let status_due = self
+            .last_status
+            .is_none_or(|at| now.duration_since(at) >= STATUS_INTERVAL);
         if !self.ready_sent && first_pass_done {
             self.ready_sent = true;
             self.last_status = Some(now);
@@ -560,7 +623,10 @@ impl Daemon {
             .next_rotation_at
             .map(|at| {
                 let wait = at.duration_since(now).unwrap_or_default();
-                format!(", next rotation in {}", humantime::format_duration(Duration::from_secs(wait.as_secs())))
+                format!(
+                    ", next rotation in {}",
+                    humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                )
             })
             .unwrap_or_default();
         let mut line = format!("{}/{} connections fresh", summary.fresh, summary.total);
@@ -576,11 +642,16 @@ impl Daemon {
         if !self.state_dirty || self.state.is_none() {
             return None;
         }
-        Some(self.last_state_write.map_or_else(tokio::time::Instant::now, |at| at + STATE_WRITE_INTERVAL))
+        Some(
+            self.last_state_write
+                .map_or_else(tokio::time::Instant::now, |at| at + STATE_WRITE_INTERVAL),
+        )
     }
 
     async fn write_state(&mut self) {
-        let Some(store) = self.state.clone() else { return };
+        let Some(store) = self.state.clone() else {
+            return;
+        };
         if !self.state_dirty {
             return;
         }
@@ -632,7 +703,8 @@ impl Daemon {
             }
         };
         self.rotator = Arc::new(rotator);
-        self.telemetry.set_refresh_before(config.rotation.refresh_before);
+        self.telemetry
+            .set_refresh_before(config.rotation.refresh_before);
         let now = SystemTime::now();
         let wanted: HashMap<String, ConnectionConfig> = config
             .connections
@@ -640,7 +712,12 @@ impl Daemon {
             .filter(|c| self.options.only.is_empty() || self.options.only.contains(&c.id))
             .map(|c| (c.id.clone(), c.clone()))
             .collect();
-        let removed: Vec<String> = self.entries.keys().filter(|id| !wanted.contains_key(*id)).cloned().collect();
+        let removed: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|id| !wanted.contains_key(*id))
+            .cloned()
+            .collect();
         for id in &removed {
             self.entries.remove(id);
             self.telemetry.remove(id);
@@ -681,7 +758,13 @@ impl Daemon {
         let in_use: HashSet<StsRequest> = self.entries.values().map(|e| e.sts.clone()).collect();
         self.rotator.credentials.retain(&in_use);
         self.state_dirty = true;
-        tracing::info!(added, removed = removed.len(), changed, connections = self.entries.len(), "config reloaded");
+        tracing::info!(
+            added,
+            removed = removed.len(),
+            changed,
+            connections = self.entries.len(),
+            "config reloaded"
+        );
         self.notifier.reloaded(&self.status_line());
     }
 
@@ -730,8 +813,18 @@ impl Daemon {
     }
 }
 
-fn next_rotation(now: SystemTime, expires_at: SystemTime, rotation: &crate::config::RotationConfig) -> SystemTime {
-    let next = schedule::next_rotation(now, expires_at, rotation.refresh_before, rotation.jitter, rand::random());
+fn next_rotation(
+    now: SystemTime,
+    expires_at: SystemTime,
+    rotation: &crate::config::RotationConfig,
+) -> SystemTime {
+    let next = schedule::next_rotation(
+        now,
+        expires_at,
+        rotation.refresh_before,
+        rotation.jitter,
+        rand::random(),
+    );
     if next.short_lived {
         let left = expires_at.duration_since(now).unwrap_or_default();
         tracing::warn!(

@@ -137,9 +137,13 @@ impl FlowClient {
     fn url(&self, id: &str, test: bool) -> Url {
         let mut url = self.base.clone();
         if let Ok(mut segments) = url.path_segments_mut() {
-            segments
-                .pop_if_empty()
-                .extend(["data", "foundation", "flowservice", "connections", id]);
+            segments.pop_if_empty().extend([
+                "data",
+                "foundation",
+                "flowservice",
+                "connections",
+                id,
+            ]);
             if test {
                 segments.push("test");
             }
@@ -157,9 +161,18 @@ impl FlowClient {
             .map_err(|_| bad("the IMS token"))?;
         bearer.set_sensitive(true);
         headers.insert(AUTHORIZATION, bearer);
-        headers.insert("x-api-key", HeaderValue::try_from(&self.client_id).map_err(|_| bad("client_id"))?);
-        headers.insert("x-gw-ims-org-id", HeaderValue::try_from(&self.org_id).map_err(|_| bad("org_id"))?);
-        headers.insert("x-sandbox-name", HeaderValue::try_from(sandbox).map_err(|_| bad("sandbox"))?);
+        headers.insert(
+            "x-api-key",
+            HeaderValue::try_from(&self.client_id).map_err(|_| bad("client_id"))?,
+        );
+        headers.insert(
+            "x-gw-ims-org-id",
+            HeaderValue::try_from(&self.org_id).map_err(|_| bad("org_id"))?,
+        );
+        headers.insert(
+            "x-sandbox-name",
+            HeaderValue::try_from(sandbox).map_err(|_| bad("sandbox"))?,
+        );
         Ok(headers)
     }
 
@@ -177,9 +190,10 @@ impl FlowClient {
         let status = response.status();
         self.telemetry.request(Service::Flow, status.as_str());
         let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(|e| {
-            FlowError::Unavailable(format!("reading the answer from {url}: {e}"))
-        })?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| FlowError::Unavailable(format!("reading the answer from {url}: {e}")))?;
         Ok((status, headers, body))
     }
 
@@ -192,7 +206,10 @@ impl FlowClient {
         token: &AccessToken,
     ) -> Result<RemoteConnection, FlowError> {
         let url = self.url(id, false);
-        let request = self.http.get(url.clone()).headers(self.headers(sandbox, token)?);
+        let request = self
+            .http
+            .get(url.clone())
+            .headers(self.headers(sandbox, token)?);
         let (status, headers, body) = self.send(request, &url).await?;
         if !status.is_success() {
             return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
@@ -226,8 +243,9 @@ impl FlowClient {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
             IF_MATCH,
-            HeaderValue::try_from(etag)
-                .map_err(|_| FlowError::Malformed(format!("etag {etag:?} is not a valid header value")))?,
+            HeaderValue::try_from(etag).map_err(|_| {
+                FlowError::Malformed(format!("etag {etag:?} is not a valid header value"))
+            })?,
         );
         let request = self
             .http
@@ -238,7 +256,8 @@ impl FlowClient {
         if !status.is_success() {
             return Err(self.error_for(status, &headers, &answer, id, sandbox, &[secret, session]));
         }
-        let parsed: PatchAnswer = serde_json::from_slice(&answer).unwrap_or(PatchAnswer { etag: None });
+        let parsed: PatchAnswer =
+            serde_json::from_slice(&answer).unwrap_or(PatchAnswer { etag: None });
         Ok(parsed.etag.filter(|etag| !etag.is_empty()))
     }
 
@@ -251,14 +270,19 @@ impl FlowClient {
         token: &AccessToken,
     ) -> Result<bool, FlowError> {
         let url = self.url(id, true);
-        let request = self.http.get(url.clone()).headers(self.headers(sandbox, token)?);
+        let request = self
+            .http
+            .get(url.clone())
+            .headers(self.headers(sandbox, token)?);
         let (status, headers, body) = self.send(request, &url).await?;
         if !status.is_success() {
             return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
         }
         serde_json::from_slice::<TestAnswer>(&body)
             .map(|answer| answer.result)
-            .map_err(|e| FlowError::Malformed(format!("test answer is not {{\"result\": bool}}: {e}")))
+            .map_err(|e| {
+                FlowError::Malformed(format!("test answer is not {{\"result\": bool}}: {e}"))
+            })
     }
 
     fn error_for(
@@ -280,16 +304,24 @@ impl FlowClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, SystemTime::now()));
                 self.gate.pause(retry_after.unwrap_or(self.default_pause));
-                FlowError::Throttled { status: code, retry_after }
+                FlowError::Throttled {
+                    status: code,
+                    retry_after,
+                }
             }
-            code if status.is_server_error() => FlowError::Unavailable(format!("HTTP {code}: {detail}")),
+            code if status.is_server_error() => {
+                FlowError::Unavailable(format!("HTTP {code}: {detail}"))
+            }
             code => {
                 let advice = match code {
                     403 => "; check that the Adobe credential has Experience Platform API access and that org_id is right".to_owned(),
                     404 => format!("; check that connection {id} exists in sandbox {sandbox:?}"),
                     _ => String::new(),
                 };
-                FlowError::Rejected { status: code, detail: format!("{detail}{advice}") }
+                FlowError::Rejected {
+                    status: code,
+                    detail: format!("{detail}{advice}"),
+                }
             }
         }
     }
@@ -309,13 +341,19 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         .and_then(Value::as_str)
         .filter(|etag| !etag.is_empty())
         .ok_or_else(|| FlowError::Malformed("GET answer has no etag".to_owned()))?;
-    let spec = item.pointer("/connectionSpec/id").and_then(Value::as_str).unwrap_or("(none)");
+    let spec = item
+        .pointer("/connectionSpec/id")
+        .and_then(Value::as_str)
+        .unwrap_or("(none)");
     if spec != S3_CONNECTION_SPEC_ID {
         return Err(FlowError::Unsuitable(format!(
             "its connection spec is {spec}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id"
         )));
     }
-    let auth = item.pointer("/auth/specName").and_then(Value::as_str).unwrap_or("(none)");
+    let auth = item
+        .pointer("/auth/specName")
+        .and_then(Value::as_str)
+        .unwrap_or("(none)");
     if auth != ACCESS_KEY_AUTH_SPEC {
         return Err(FlowError::Unsuitable(format!(
             "its auth spec is {auth:?}, not \"Access Key\"; only access-key connections hold temporary credentials"
@@ -334,9 +372,18 @@ fn remote_detail(body: &[u8]) -> String {
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
         let text = String::from_utf8_lossy(body);
         let text: String = text.chars().take(KEEP).collect();
-        return if text.trim().is_empty() { "empty body".to_owned() } else { text };
+        return if text.trim().is_empty() {
+            "empty body".to_owned()
+        } else {
+            text
+        };
     };
-    let text = |pointer: &str| value.pointer(pointer).and_then(Value::as_str).map(str::to_owned);
+    let text = |pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     if let Some(message) = text("/report/detailed-message").or_else(|| text("/title")) {
         return message;
     }
@@ -354,7 +401,9 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
     secrets
         .iter()
         .filter(|secret| !secret.is_empty())
-        .fold(text.to_owned(), |acc, secret| acc.replace(secret, "[redacted]"))
+        .fold(text.to_owned(), |acc, secret| {
+            acc.replace(secret, "[redacted]")
+        })
 }
 
 #[cfg(test)]
@@ -372,21 +421,34 @@ mod tests {
 
     #[test]
     fn reads_items_0_and_keeps_the_etag_quotes() {
-        let parsed = parse_connection(item(S3_CONNECTION_SPEC_ID, "Access Key").as_bytes()).unwrap();
+        let parsed =
+            parse_connection(item(S3_CONNECTION_SPEC_ID, "Access Key").as_bytes()).unwrap();
         assert_eq!(parsed.etag, "\"1700d77b-0000\"");
     }
 
     #[test]
     fn refuses_non_s3_and_non_access_key_connections() {
         let err = parse_connection(item("other-spec", "Access Key").as_bytes()).unwrap_err();
-        assert!(matches!(err, FlowError::Unsuitable(ref m) if m.contains("other-spec")), "{err}");
-        let err = parse_connection(item(S3_CONNECTION_SPEC_ID, "IAMRole Based").as_bytes()).unwrap_err();
-        assert!(matches!(err, FlowError::Unsuitable(ref m) if m.contains("IAMRole Based")), "{err}");
+        assert!(
+            matches!(err, FlowError::Unsuitable(ref m) if m.contains("other-spec")),
+            "{err}"
+        );
+        let err =
+            parse_connection(item(S3_CONNECTION_SPEC_ID, "IAMRole Based").as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, FlowError::Unsuitable(ref m) if m.contains("IAMRole Based")),
+            "{err}"
+        );
     }
 
     #[test]
     fn unexpected_shapes_are_malformed() {
-        for body in ["not json", "{\"items\": []}", "{\"items\": [{\"id\": \"x\"}]}", "{\"id\": \"x\"}"] {
+        for body in [
+            "not json",
+            "{\"items\": []}",
+            "{\"items\": [{\"id\": \"x\"}]}",
+            "{\"id\": \"x\"}",
+        ] {
             let err = parse_connection(body.as_bytes()).unwrap_err();
             assert!(matches!(err, FlowError::Malformed(_)), "{body}: {err}");
         }
@@ -397,12 +459,18 @@ mod tests {
         let flow = br#"{"type":"x","title":"Not Found","status":404,"report":{"detailed-message":"Connection c1 not found"}}"#;
         assert_eq!(remote_detail(flow), "Connection c1 not found");
         let gateway = br#"{"error_code":"401013","message":"Oauth token is not valid"}"#;
-        assert_eq!(remote_detail(gateway), "Oauth token is not valid (error_code 401013)");
+        assert_eq!(
+            remote_detail(gateway),
+            "Oauth token is not valid (error_code 401013)"
+        );
         assert_eq!(remote_detail(b""), "empty body");
     }
 
     #[test]
     fn echoed_secrets_are_scrubbed() {
-        assert_eq!(scrub("bad value s3cr3t!", &["s3cr3t", ""]), "bad value [redacted]!");
+        assert_eq!(
+            scrub("bad value s3cr3t!", &["s3cr3t", ""]),
+            "bad value [redacted]!"
+        );
     }
 }

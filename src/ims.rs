@@ -255,9 +255,18 @@ mod tests {
 
     #[test]
     fn refresh_margin_is_well_before_expiry() {
-        assert_eq!(refresh_margin(Duration::from_secs(86_399)), Duration::from_secs(3600));
-        assert_eq!(refresh_margin(Duration::from_secs(3600)), Duration::from_secs(360));
-        assert_eq!(refresh_margin(Duration::from_secs(100)), Duration::from_secs(50));
+        assert_eq!(
+            refresh_margin(Duration::from_secs(86_399)),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            refresh_margin(Duration::from_secs(3600)),
+            Duration::from_secs(360)
+        );
+        assert_eq!(
+            refresh_margin(Duration::from_secs(100)),
+            Duration::from_secs(50)
+        );
     }
 
     #[test]

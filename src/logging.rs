@@ -43,7 +43,9 @@ impl LogFormat {
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid log level or filter {filter:?}: {reason} (use e.g. info, debug, or aep_s3_rotator=debug)")]
+#[error(
+    "invalid log level or filter {filter:?}: {reason} (use e.g. info, debug, or aep_s3_rotator=debug)"
+)]
 pub struct LogFilterError {
     filter: String,
     reason: String,
@@ -59,7 +61,11 @@ fn is_ours(target: &str) -> bool {
 pub fn init(format: LogFormat, filter: Option<&str>) -> Result<(), LogFilterError> {
     let directives = filter
         .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok().filter(|s| !s.trim().is_empty()))
+        .or_else(|| {
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|s| !s.trim().is_empty())
+        })
         .unwrap_or_else(|| "info".to_owned());
     let env_filter = EnvFilter::builder()
         .parse(&directives)
@@ -103,19 +109,30 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let meta = event.metadata();
         let mut line = Map::new();
         line.insert(
             "timestamp".into(),
-            Value::String(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()),
+            Value::String(
+                humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            ),
         );
-        line.insert("level".into(), Value::String(meta.level().as_str().to_ascii_lowercase()));
+        line.insert(
+            "level".into(),
+            Value::String(meta.level().as_str().to_ascii_lowercase()),
+        );
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let extensions = span.extensions();
                 if let Some(fields) = extensions.get::<FormattedFields<N>>()
-                    && let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(fields.as_str())
+                    && let Ok(Value::Object(fields)) =
+                        serde_json::from_str::<Value>(fields.as_str())
                 {
                     line.extend(fields);
                 }
@@ -134,7 +151,8 @@ struct JsonVisitor<'a>(&'a mut Map<String, Value>);
 
 impl Visit for JsonVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), Value::String(value.to_owned()));
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_owned()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
         self.0.insert(field.name().to_owned(), value.into());
@@ -149,10 +167,12 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().to_owned(), value.into());
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0.insert(field.name().to_owned(), Value::String(value.to_string()));
+        self.0
+            .insert(field.name().to_owned(), Value::String(value.to_string()));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+        self.0
+            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
     }
 }
 
@@ -185,9 +205,18 @@ mod tests {
                 .with_writer(move || writer.clone()),
         );
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("connection", connection = "c-1", sandbox = "prod", name = "sales");
+            let span = tracing::info_span!(
+                "connection",
+                connection = "c-1",
+                sandbox = "prod",
+                name = "sales"
+            );
             let _entered = span.enter();
-            tracing::info!(access_key_id = "ASIAEXAMPLE", attempt = 2u64, "credentials rotated");
+            tracing::info!(
+                access_key_id = "ASIAEXAMPLE",
+                attempt = 2u64,
+                "credentials rotated"
+            );
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         let line: Value = serde_json::from_str(text.trim()).unwrap();

@@ -16,7 +16,10 @@ fn main() -> ExitCode {
         eprintln!("aep-s3-rotator: {error}");
         return ExitCode::from(Exit::Usage.code());
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("aep-s3-rotator: cannot start the async runtime: {error}");

@@ -135,11 +135,13 @@ impl RotationError {
     /// The HTTP status or remote error code, for the `status` log field.
     pub fn status(&self) -> Option<String> {
         match self {
-            Self::Flow(FlowError::Throttled { status, .. } | FlowError::Rejected { status, .. }) => {
-                Some(status.to_string())
-            }
+            Self::Flow(
+                FlowError::Throttled { status, .. } | FlowError::Rejected { status, .. },
+            ) => Some(status.to_string()),
             Self::Flow(FlowError::Unauthorized(_)) => Some("401".to_owned()),
-            Self::Flow(FlowError::PreconditionFailed) | Self::Conflicts(_) => Some("412".to_owned()),
+            Self::Flow(FlowError::PreconditionFailed) | Self::Conflicts(_) => {
+                Some("412".to_owned())
+            }
             Self::Ims(ImsError::Rejected { status, .. }) => Some(status.to_string()),
             Self::Sts(StsError::Rejected { code, .. }) => Some(code.clone()),
             _ => None,
@@ -233,20 +235,36 @@ impl Rotator {
                     if progress.conflicts > MAX_CONFLICTS_PER_JOB {
                         return Err(RotationError::Conflicts(progress.conflicts));
                     }
-                    tracing::info!(attempt = progress.conflicts, status = 412, "etag conflict, re-reading connection");
+                    tracing::info!(
+                        attempt = progress.conflicts,
+                        status = 412,
+                        "etag conflict, re-reading connection"
+                    );
                 }
-                Err(FlowError::Unauthorized(detail)) => self.refresh_token(progress, detail).await?,
+                Err(FlowError::Unauthorized(detail)) => {
+                    self.refresh_token(progress, detail).await?
+                }
                 Err(other) => return Err(other.into()),
             }
         }
     }
 
     /// `GET /connections/{id}`, with the one 401 retry.
-    async fn read(&self, job: &Job, progress: &mut Progress) -> Result<RemoteConnection, RotationError> {
+    async fn read(
+        &self,
+        job: &Job,
+        progress: &mut Progress,
+    ) -> Result<RemoteConnection, RotationError> {
         loop {
             let token = self.token(progress).await?;
-            match self.flow.get_connection(&job.id, &job.sandbox, &token).await {
-                Err(FlowError::Unauthorized(detail)) => self.refresh_token(progress, detail).await?,
+            match self
+                .flow
+                .get_connection(&job.id, &job.sandbox, &token)
+                .await
+            {
+                Err(FlowError::Unauthorized(detail)) => {
+                    self.refresh_token(progress, detail).await?
+                }
                 other => return Ok(other?),
             }
         }
@@ -263,11 +281,18 @@ impl Rotator {
 
     /// After a 401: drop the token (once per job) so the next call fetches a
     /// new one; a second 401 is a failure.
-    async fn refresh_token(&self, progress: &mut Progress, detail: String) -> Result<(), RotationError> {
+    async fn refresh_token(
+        &self,
+        progress: &mut Progress,
+        detail: String,
+    ) -> Result<(), RotationError> {
         if progress.token_refreshed {
             return Err(FlowError::Unauthorized(detail).into());
         }
-        tracing::info!(status = 401, "ims token refused by flow service, fetching a new one");
+        tracing::info!(
+            status = 401,
+            "ims token refused by flow service, fetching a new one"
+        );
         if let Some(token) = progress.token.take() {
             self.ims.invalidate(&token).await;
         }
@@ -279,7 +304,11 @@ impl Rotator {
     /// against S3 and logs the answer; never fails the rotation.
     async fn verify(&self, job: &Job, progress: &mut Progress) {
         let result = match self.token(progress).await {
-            Ok(token) => self.flow.test_connection(&job.id, &job.sandbox, &token).await.map_err(RotationError::from),
+            Ok(token) => self
+                .flow
+                .test_connection(&job.id, &job.sandbox, &token)
+                .await
+                .map_err(RotationError::from),
             Err(e) => Err(e),
         };
         match result {

@@ -151,7 +151,9 @@ pub fn should_log_escalation(
     }
     match last_logged {
         None => true,
-        Some((last, _)) if std::mem::discriminant(&last) != std::mem::discriminant(&escalation) => true,
+        Some((last, _)) if std::mem::discriminant(&last) != std::mem::discriminant(&escalation) => {
+            true
+        }
         Some((_, then)) => now
             .duration_since(then)
             .map(|since| since >= ESCALATION_LOG_INTERVAL)
@@ -177,7 +179,13 @@ mod tests {
     fn rotates_refresh_before_ahead_minus_jitter() {
         // 1 h credentials, refresh 20 m before, up to 1 m jitter.
         let plan = next_rotation(t(0), t(3600), S(1200), S(60), 0.0);
-        assert_eq!(plan, NextRotation { at: t(2400), short_lived: false });
+        assert_eq!(
+            plan,
+            NextRotation {
+                at: t(2400),
+                short_lived: false
+            }
+        );
         let plan = next_rotation(t(0), t(3600), S(1200), S(60), 0.5);
         assert_eq!(plan.at, t(2370));
     }
@@ -185,22 +193,46 @@ mod tests {
     #[test]
     fn jitter_never_pulls_the_rotation_before_now() {
         let plan = next_rotation(t(0), t(100), S(90), S(60), 0.99);
-        assert_eq!(plan, NextRotation { at: t(0), short_lived: false });
+        assert_eq!(
+            plan,
+            NextRotation {
+                at: t(0),
+                short_lived: false
+            }
+        );
     }
 
     #[test]
     fn short_lived_credentials_rotate_at_half_life() {
         let plan = next_rotation(t(0), t(600), S(1200), S(60), 0.7);
-        assert_eq!(plan, NextRotation { at: t(300), short_lived: true });
+        assert_eq!(
+            plan,
+            NextRotation {
+                at: t(300),
+                short_lived: true
+            }
+        );
         // Never sooner than one second, even when already expired.
         let plan = next_rotation(t(10), t(0), S(1200), S(60), 0.7);
-        assert_eq!(plan, NextRotation { at: t(11), short_lived: true });
+        assert_eq!(
+            plan,
+            NextRotation {
+                at: t(11),
+                short_lived: true
+            }
+        );
     }
 
     #[test]
     fn retry_after_is_honoured_and_floored() {
         let plan = plan_retry(&POLICY, t(0), 0, RetryKind::After(S(7)), Some(t(3600)), 0.3);
-        assert_eq!(plan, RetryPlan { at: t(7), escalation: Escalation::None });
+        assert_eq!(
+            plan,
+            RetryPlan {
+                at: t(7),
+                escalation: Escalation::None
+            }
+        );
         let plan = plan_retry(&POLICY, t(0), 0, RetryKind::After(S(0)), None, 0.3);
         assert_eq!(plan.at, t(1));
     }
@@ -216,14 +248,23 @@ mod tests {
         let plan = plan_retry(&POLICY, t(0), 0, RetryKind::Slow, Some(t(60)), 0.3);
         assert_eq!(
             plan,
-            RetryPlan { at: t(30), escalation: Escalation::ExpiresBeforeRetry { left: S(60) } }
+            RetryPlan {
+                at: t(30),
+                escalation: Escalation::ExpiresBeforeRetry { left: S(60) }
+            }
         );
     }
 
     #[test]
     fn expired_credentials_escalate_and_keep_the_policy_wait() {
         let plan = plan_retry(&POLICY, t(100), 0, RetryKind::After(S(5)), Some(t(40)), 0.3);
-        assert_eq!(plan, RetryPlan { at: t(105), escalation: Escalation::Expired { ago: S(60) } });
+        assert_eq!(
+            plan,
+            RetryPlan {
+                at: t(105),
+                escalation: Escalation::Expired { ago: S(60) }
+            }
+        );
     }
 
     #[test]
@@ -235,7 +276,11 @@ mod tests {
         assert!(!should_log_escalation(Some((soon, t(0))), soon, t(29)));
         assert!(should_log_escalation(Some((soon, t(0))), soon, t(30)));
         assert!(should_log_escalation(Some((soon, t(0))), expired, t(5)));
-        assert!(!should_log_escalation(Some((expired, t(5))), expired, t(20)));
+        assert!(!should_log_escalation(
+            Some((expired, t(5))),
+            expired,
+            t(20)
+        ));
         // A clock that went backwards does not unmute it.
         assert!(!should_log_escalation(Some((soon, t(10))), soon, t(0)));
     }

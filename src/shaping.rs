@@ -30,7 +30,9 @@ impl RequestGate {
         Self {
             slots: Arc::new(Semaphore::new(concurrency.get())),
             // Burst of one: a ceiling operators set is a ceiling, not an average.
-            limiter: per_second.map(|rate| RateLimiter::direct(Quota::per_second(rate).allow_burst(NonZeroU32::MIN))),
+            limiter: per_second.map(|rate| {
+                RateLimiter::direct(Quota::per_second(rate).allow_burst(NonZeroU32::MIN))
+            }),
             paused_until: Mutex::new(None),
         }
     }
@@ -80,9 +82,15 @@ mod tests {
             async move { gate.enter().await }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(!third.is_finished(), "a third request got in with two slots");
+        assert!(
+            !third.is_finished(),
+            "a third request got in with two slots"
+        );
         drop(a);
-        tokio::time::timeout(Duration::from_secs(1), third).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), third)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -104,6 +112,10 @@ mod tests {
             drop(gate.enter().await);
         }
         // 11 requests at 10/s with a burst of one need at least a second.
-        assert!(start.elapsed() >= Duration::from_millis(990), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(990),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

@@ -191,7 +191,10 @@ impl AwsSts {
         let shared = loader.load().await;
         let mut builder = aws_sdk_sts::config::Builder::from(&shared);
         if shared.region().is_none() {
-            tracing::info!(region = FALLBACK_REGION, "no AWS region configured, using STS in us-east-1");
+            tracing::info!(
+                region = FALLBACK_REGION,
+                "no AWS region configured, using STS in us-east-1"
+            );
             builder = builder.region(aws_config::Region::new(FALLBACK_REGION));
         }
         Self {
@@ -295,9 +298,15 @@ where
                 "AccessDenied" => {
                     "; check the role's trust policy allows the daemon's identity (and the external id)"
                 }
-                "ValidationError" => "; check role_arn, session_name, session_duration and policies",
-                "ExpiredToken" | "ExpiredTokenException" | "InvalidClientTokenId"
-                | "SignatureDoesNotMatch" => "; the daemon's own AWS identity is invalid or expired",
+                "ValidationError" => {
+                    "; check role_arn, session_name, session_duration and policies"
+                }
+                "ExpiredToken"
+                | "ExpiredTokenException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch" => {
+                    "; the daemon's own AWS identity is invalid or expired"
+                }
                 "RegionDisabledException" => "; activate STS in this region or set [aws] region",
                 _ => "",
             };
@@ -309,7 +318,9 @@ where
         SdkError::TimeoutError(_) => StsError::Unavailable("request timed out".to_owned()),
         other => {
             let text = DisplayErrorContext(other).to_string();
-            if text.contains("credentials") && text.contains("provider") || text.contains("no credentials") {
+            if text.contains("credentials") && text.contains("provider")
+                || text.contains("no credentials")
+            {
                 StsError::NoCredentials(text)
             } else {
                 StsError::Unavailable(text)
@@ -381,8 +392,14 @@ impl CredentialCache {
         }
         let credentials = Arc::new(self.source.issue(request).await?);
         let fetched = SystemTime::now();
-        let reuse_until =
-            schedule::next_rotation(fetched, credentials.expiration, refresh_before, Duration::ZERO, 0.0).at;
+        let reuse_until = schedule::next_rotation(
+            fetched,
+            credentials.expiration,
+            refresh_before,
+            Duration::ZERO,
+            0.0,
+        )
+        .at;
         *cached = Some(Cached {
             credentials: Arc::clone(&credentials),
             reuse_until,
@@ -450,12 +467,18 @@ mod tests {
         assert!(shown.contains("ASIAEXAMPLE"));
         assert!(!shown.contains("very-secret"));
         assert!(!shown.contains("FwoGZXIvYXdzEJr"));
-        assert_eq!(creds.secret_access_key.expose_secret(), "wJalrXUtnFEMI-very-secret");
+        assert_eq!(
+            creds.secret_access_key.expose_secret(),
+            "wJalrXUtnFEMI-very-secret"
+        );
     }
 
     #[tokio::test]
     async fn connections_sharing_a_request_share_one_call() {
-        let source = Arc::new(CountingSource { calls: AtomicU32::new(0), lifetime: Duration::from_secs(3600) });
+        let source = Arc::new(CountingSource {
+            calls: AtomicU32::new(0),
+            lifetime: Duration::from_secs(3600),
+        });
         let cache = Arc::new(CredentialCache::new(source.clone()));
         let refresh = Duration::from_secs(1200);
         let req = request("arn:aws:iam::123456789012:role/a");
@@ -463,7 +486,14 @@ mod tests {
             .map(|_| {
                 let cache = Arc::clone(&cache);
                 let req = req.clone();
-                tokio::spawn(async move { cache.get(&req, None, refresh).await.unwrap().access_key_id.clone() })
+                tokio::spawn(async move {
+                    cache
+                        .get(&req, None, refresh)
+                        .await
+                        .unwrap()
+                        .access_key_id
+                        .clone()
+                })
             })
             .collect();
         let mut keys = Vec::new();
@@ -473,21 +503,33 @@ mod tests {
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
         assert!(keys.iter().all(|k| k == &keys[0]));
         // Another role is another call.
-        cache.get(&request("arn:aws:iam::123456789012:role/b"), None, refresh).await.unwrap();
+        cache
+            .get(&request("arn:aws:iam::123456789012:role/b"), None, refresh)
+            .await
+            .unwrap();
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn a_holder_of_the_cached_answer_gets_a_new_one() {
-        let source = Arc::new(CountingSource { calls: AtomicU32::new(0), lifetime: Duration::from_secs(3600) });
+        let source = Arc::new(CountingSource {
+            calls: AtomicU32::new(0),
+            lifetime: Duration::from_secs(3600),
+        });
         let cache = CredentialCache::new(source.clone());
         let refresh = Duration::from_secs(1200);
         let req = request("arn:aws:iam::123456789012:role/a");
         let first = cache.get(&req, None, refresh).await.unwrap();
-        let second = cache.get(&req, Some(&first.access_key_id), refresh).await.unwrap();
+        let second = cache
+            .get(&req, Some(&first.access_key_id), refresh)
+            .await
+            .unwrap();
         assert_ne!(first.access_key_id, second.access_key_id);
         // A connection still on the first answer now gets the second, without a call.
-        let third = cache.get(&req, Some(&first.access_key_id), refresh).await.unwrap();
+        let third = cache
+            .get(&req, Some(&first.access_key_id), refresh)
+            .await
+            .unwrap();
         assert_eq!(third.access_key_id, second.access_key_id);
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }

@@ -10,12 +10,19 @@ use aep_s3_rotator::simulator::SimService;
 use common::*;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn get(url: &str) -> (u16, String) {
     match reqwest::get(url).await {
-        Ok(response) => (response.status().as_u16(), response.text().await.unwrap_or_default()),
+        Ok(response) => (
+            response.status().as_u16(),
+            response.text().await.unwrap_or_default(),
+        ),
         Err(_) => (0, String::new()),
     }
 }
@@ -25,11 +32,17 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
     let h = Harness::start(2, Duration::from_secs(4)).await;
     let ids = h.connection_ids();
     let port = free_port();
-    let config = h.write_config(FAST_ROTATION, &format!("[admin]\nlisten = \"127.0.0.1:{port}\""));
+    let config = h.write_config(
+        FAST_ROTATION,
+        &format!("[admin]\nlisten = \"127.0.0.1:{port}\""),
+    );
     let mut daemon = h.spawn(&config, &["run"]);
     let base = format!("http://127.0.0.1:{port}");
     assert!(
-        wait_until(Duration::from_secs(20), || ids.iter().all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1))).await,
+        wait_until(Duration::from_secs(20), || ids
+            .iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1)))
+        .await,
         "stderr:\n{}",
         daemon.stderr_text()
     );
@@ -56,23 +69,45 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
         "aep_s3_rotator_requests_total",
         "aep_s3_rotator_connections",
     ] {
-        assert!(metrics.contains(&format!("\n{name}")), "metric {name} missing:\n{metrics}");
+        assert!(
+            metrics.contains(&format!("\n{name}")),
+            "metric {name} missing:\n{metrics}"
+        );
     }
     assert!(metrics.contains("aep_s3_rotator_rotations_total{connection=\"conn-0\",sandbox=\"prod\",outcome=\"success\"}"), "{metrics}");
-    assert!(metrics.contains("aep_s3_rotator_requests_total{service=\"flow\",status=\"200\"}"), "{metrics}");
-    assert!(metrics.contains("aep_s3_rotator_requests_total{service=\"sts\",status=\"200\"}"), "{metrics}");
+    assert!(
+        metrics.contains("aep_s3_rotator_requests_total{service=\"flow\",status=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("aep_s3_rotator_requests_total{service=\"sts\",status=\"200\"}"),
+        "{metrics}"
+    );
 
     let (code, status) = get(&format!("{base}/status")).await;
     assert_eq!(code, 200);
     let entries: Vec<serde_json::Value> = serde_json::from_str(&status).unwrap();
     assert_eq!(entries.len(), 2);
-    assert!(entries.iter().all(|e| e["access_key_id"].as_str().is_some_and(|k| k.starts_with("ASIA"))), "{status}");
+    assert!(
+        entries.iter().all(|e| e["access_key_id"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("ASIA"))),
+        "{status}"
+    );
 
     // `status` renders the same from the command line.
     let mut cli = h.spawn(&config, &["status"]);
-    assert_eq!(cli.wait(Duration::from_secs(20)).code(), Some(0), "{}", cli.stderr_text());
+    assert_eq!(
+        cli.wait(Duration::from_secs(20)).code(),
+        Some(0),
+        "{}",
+        cli.stderr_text()
+    );
     let table = cli.stdout_text();
-    assert!(table.contains("conn-0") && table.contains("conn-1") && table.contains("ASIA"), "{table}");
+    assert!(
+        table.contains("conn-0") && table.contains("conn-1") && table.contains("ASIA"),
+        "{table}"
+    );
 
     // STS goes away: credentials on the connections expire, readiness says which.
     h.sim.set_service_down(SimService::Sts, true);
@@ -85,16 +120,29 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(not_ready.0, 503, "{}", not_ready.1);
-    assert!(not_ready.1.contains("conn-0") && not_ready.1.contains("expired"), "{}", not_ready.1);
-    let (_, metrics) = get(&format!("{base}/metrics")).await;
-    assert!(metrics.contains("aep_s3_rotator_connections{state=\"expired\"} 2"), "{metrics}");
     assert!(
-        wait_until(Duration::from_secs(10), || !daemon.events("credentials expired").is_empty()).await,
+        not_ready.1.contains("conn-0") && not_ready.1.contains("expired"),
+        "{}",
+        not_ready.1
+    );
+    let (_, metrics) = get(&format!("{base}/metrics")).await;
+    assert!(
+        metrics.contains("aep_s3_rotator_connections{state=\"expired\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !daemon
+            .events("credentials expired")
+            .is_empty())
+        .await,
         "the expiry is escalated in the logs"
     );
     let escalation = &daemon.events("credentials expired")[0];
     assert_eq!(escalation["level"], "error");
-    assert!(escalation["expired_ago"].is_string() && escalation["connection"].is_string(), "{escalation}");
+    assert!(
+        escalation["expired_ago"].is_string() && escalation["connection"].is_string(),
+        "{escalation}"
+    );
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_no_secret(&daemon.stderr_text(), &h.secrets());
 }
@@ -105,11 +153,17 @@ async fn a_restart_with_state_does_not_re_push_but_an_edited_connection_is() {
     let ids = h.connection_ids();
     let state = h.dir.path().join("state.json");
     let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
-    let config = h.write_config(&rotation, &format!("[state]\npath = \"{}\"", state.display()));
+    let config = h.write_config(
+        &rotation,
+        &format!("[state]\npath = \"{}\"", state.display()),
+    );
 
     let mut first = h.spawn(&config, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(20), || ids.iter().all(|id| h.sim.connection(id).is_some_and(|c| c.patches == 1))).await,
+        wait_until(Duration::from_secs(20), || ids
+            .iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches == 1)))
+        .await,
         "stderr:\n{}",
         first.stderr_text()
     );
@@ -121,19 +175,36 @@ async fn a_restart_with_state_does_not_re_push_but_an_edited_connection_is() {
     h.sim.bump_etag(&ids[1]);
     let mut second = h.spawn(&config, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(20), || h.sim.connection(&ids[1]).is_some_and(|c| c.patches == 2)).await,
+        wait_until(Duration::from_secs(20), || h
+            .sim
+            .connection(&ids[1])
+            .is_some_and(|c| c.patches == 2))
+        .await,
         "the edited connection was not re-pushed; stderr:\n{}",
         second.stderr_text()
     );
-    assert!(wait_until(Duration::from_secs(5), || !second.events("connection unchanged since restart, credentials kept").is_empty()).await);
+    assert!(
+        wait_until(Duration::from_secs(5), || !second
+            .events("connection unchanged since restart, credentials kept")
+            .is_empty())
+        .await
+    );
     assert_eq!(second.terminate().code(), Some(0));
-    assert_eq!(h.sim.connection(&ids[0]).unwrap().patches, 1, "an unchanged connection was re-pushed");
+    assert_eq!(
+        h.sim.connection(&ids[0]).unwrap().patches,
+        1,
+        "an unchanged connection was re-pushed"
+    );
 
     // A corrupt state file is logged and ignored, never fatal.
     std::fs::write(&state, "{ not json").unwrap();
     let mut third = h.spawn(&config, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(20), || h.sim.connection(&ids[0]).is_some_and(|c| c.patches == 2)).await,
+        wait_until(Duration::from_secs(20), || h
+            .sim
+            .connection(&ids[0])
+            .is_some_and(|c| c.patches == 2))
+        .await,
         "stderr:\n{}",
         third.stderr_text()
     );
@@ -149,13 +220,22 @@ async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
     let first_only = &h.sim_config.connections[..1];
     let config = h.write_config_with_connections(&rotation, "", first_only);
     let mut daemon = h.spawn(&config, &["run"]);
-    assert!(wait_until(Duration::from_secs(20), || h.sim.connection(&ids[0]).is_some_and(|c| c.patches == 1)).await);
+    assert!(
+        wait_until(Duration::from_secs(20), || h
+            .sim
+            .connection(&ids[0])
+            .is_some_and(|c| c.patches == 1))
+        .await
+    );
 
     // An invalid config is refused; the running one stays.
     std::fs::write(&config, "[adobe]\nclient_id = \"\"\n").unwrap();
     daemon.signal("HUP");
     assert!(
-        wait_until(Duration::from_secs(10), || !daemon.events("config reload failed, keeping the running config").is_empty()).await,
+        wait_until(Duration::from_secs(10), || !daemon
+            .events("config reload failed, keeping the running config")
+            .is_empty())
+        .await,
         "stderr:\n{}",
         daemon.stderr_text()
     );
@@ -165,7 +245,11 @@ async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
     h.write_config(&rotation, "");
     daemon.signal("HUP");
     assert!(
-        wait_until(Duration::from_secs(10), || h.sim.connection(&ids[1]).is_some_and(|c| c.patches == 1)).await,
+        wait_until(Duration::from_secs(10), || h
+            .sim
+            .connection(&ids[1])
+            .is_some_and(|c| c.patches == 1))
+        .await,
         "the added connection was not rotated; stderr:\n{}",
         daemon.stderr_text()
     );
@@ -181,7 +265,9 @@ async fn systemd_notify_ready_status_and_watchdog() {
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     let socket_path = h.dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
     let config = h.write_config(&rotation, "");
     let mut command = clean_command(binary());
@@ -198,15 +284,29 @@ async fn systemd_notify_ready_status_and_watchdog() {
     let mut buf = [0u8; 4096];
     let mut watchdogs = 0;
     while watchdogs < 3 {
-        let n = socket.recv(&mut buf).unwrap_or_else(|e| panic!("no notification ({e}); got {messages:?}"));
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}); got {messages:?}"));
         let text = String::from_utf8_lossy(&buf[..n]).to_string();
         watchdogs += usize::from(text.contains("WATCHDOG=1"));
         messages.push(text);
     }
-    let ready = messages.iter().position(|m| m.contains("READY=1")).expect("READY=1 sent");
-    assert!(messages[ready].contains("STATUS=2/2 connections fresh"), "{messages:?}");
-    let first_watchdog = messages.iter().position(|m| m.contains("WATCHDOG=1")).unwrap();
-    assert!(h.sim.stats().flow_patches_ok >= 2, "READY=1 came after the first pass");
+    let ready = messages
+        .iter()
+        .position(|m| m.contains("READY=1"))
+        .expect("READY=1 sent");
+    assert!(
+        messages[ready].contains("STATUS=2/2 connections fresh"),
+        "{messages:?}"
+    );
+    let first_watchdog = messages
+        .iter()
+        .position(|m| m.contains("WATCHDOG=1"))
+        .unwrap();
+    assert!(
+        h.sim.stats().flow_patches_ok >= 2,
+        "READY=1 came after the first pass"
+    );
     assert!(first_watchdog < messages.len());
     daemon.signal("TERM");
     let mut stopping = false;

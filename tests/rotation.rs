@@ -14,30 +14,67 @@ async fn rotates_every_connection_every_cycle_then_stops_on_sigterm() {
     let mut daemon = h.spawn(&config, &["run"]);
     let ids = h.connection_ids();
     let cycled = wait_until(Duration::from_secs(40), || {
-        ids.iter().all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3))
+        ids.iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3))
     })
     .await;
-    assert!(cycled, "not every connection rotated 3 times; stderr:\n{}", daemon.stderr_text());
+    assert!(
+        cycled,
+        "not every connection rotated 3 times; stderr:\n{}",
+        daemon.stderr_text()
+    );
 
     let status = daemon.terminate();
     assert_eq!(status.code(), Some(0), "SIGTERM must exit 0");
-    assert!(h.sim.violations().is_empty(), "protocol violations: {:?}", h.sim.violations());
+    assert!(
+        h.sim.violations().is_empty(),
+        "protocol violations: {:?}",
+        h.sim.violations()
+    );
     let stats = h.sim.stats();
-    assert_eq!(stats.expired_seconds, 0.0, "a connection held expired credentials");
+    assert_eq!(
+        stats.expired_seconds, 0.0,
+        "a connection held expired credentials"
+    );
     // One STS call per cycle for all three connections (they share a role):
     // far fewer calls than PATCHes.
     assert!(stats.sts_assume_role < stats.flow_patches_ok, "{stats:?}");
     for id in &ids {
         let view = h.sim.connection(id).unwrap();
-        assert!(view.access_key_id.as_deref().is_some_and(|k| k.starts_with("ASIA")));
-        assert!(view.params_other_than_credentials.get("bucketName").is_some(), "bucketName was dropped");
+        assert!(
+            view.access_key_id
+                .as_deref()
+                .is_some_and(|k| k.starts_with("ASIA"))
+        );
+        assert!(
+            view.params_other_than_credentials
+                .get("bucketName")
+                .is_some(),
+            "bucketName was dropped"
+        );
     }
     let rotated = daemon.events("credentials rotated");
-    assert!(rotated.len() >= 9, "only {} rotations logged", rotated.len());
+    assert!(
+        rotated.len() >= 9,
+        "only {} rotations logged",
+        rotated.len()
+    );
     for event in &rotated {
-        assert!(event["access_key_id"].as_str().is_some_and(|k| k.starts_with("ASIA")), "{event}");
-        assert!(ids.contains(&event["connection"].as_str().unwrap().to_owned()), "{event}");
-        assert!(event["sandbox"].is_string() && event["expires_at"].is_string() && event["next_rotation_at"].is_string());
+        assert!(
+            event["access_key_id"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("ASIA")),
+            "{event}"
+        );
+        assert!(
+            ids.contains(&event["connection"].as_str().unwrap().to_owned()),
+            "{event}"
+        );
+        assert!(
+            event["sandbox"].is_string()
+                && event["expires_at"].is_string()
+                && event["next_rotation_at"].is_string()
+        );
     }
     assert_eq!(daemon.events("shutting down").len(), 1);
     assert_no_secret(&daemon.stderr_text(), &h.secrets());
@@ -57,7 +94,10 @@ async fn an_etag_conflict_is_resolved_by_reading_the_connection_again() {
     let conflicts = daemon.events("etag conflict, re-reading connection");
     assert_eq!(conflicts.len(), 1);
     assert_eq!(conflicts[0]["connection"], ids[0].as_str());
-    assert!(daemon.events("rotation failed, retrying").is_empty(), "a 412 must be absorbed in the same attempt");
+    assert!(
+        daemon.events("rotation failed, retrying").is_empty(),
+        "a 412 must be absorbed in the same attempt"
+    );
     assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
 }
 
@@ -67,7 +107,11 @@ async fn a_throttled_request_waits_for_retry_after() {
     let id = h.connection_ids().remove(0);
     h.sim.script(
         SimService::Flow,
-        ScriptedFault::Status { status: 429, retry_after: Some(RetryAfter::Seconds(2)), body: None },
+        ScriptedFault::Status {
+            status: 429,
+            retry_after: Some(RetryAfter::Seconds(2)),
+            body: None,
+        },
     );
     let config = h.write_config(FAST_ROTATION, "");
     let mut daemon = h.spawn(&config, &["once"]);
@@ -89,8 +133,14 @@ async fn a_throttled_request_waits_for_retry_after() {
         SimEvent::PatchApplied { at, .. } => Some(*at),
         _ => None,
     });
-    let gap = patched_at.unwrap().duration_since(throttled_at.unwrap()).unwrap();
-    assert!(gap >= Duration::from_millis(1900), "retried after {gap:?}, before Retry-After");
+    let gap = patched_at
+        .unwrap()
+        .duration_since(throttled_at.unwrap())
+        .unwrap();
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried after {gap:?}, before Retry-After"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,13 +150,19 @@ async fn a_revoked_ims_token_is_replaced_and_the_patch_retried() {
     let config = h.write_config(FAST_ROTATION, "");
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(20), || ids.iter().all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1))).await,
+        wait_until(Duration::from_secs(20), || ids
+            .iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1)))
+        .await,
         "first pass did not happen; stderr:\n{}",
         daemon.stderr_text()
     );
     h.sim.revoke_tokens();
     assert!(
-        wait_until(Duration::from_secs(20), || ids.iter().all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3))).await,
+        wait_until(Duration::from_secs(20), || ids
+            .iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3)))
+        .await,
         "rotation did not continue after the token was revoked; stderr:\n{}",
         daemon.stderr_text()
     );
@@ -114,8 +170,16 @@ async fn a_revoked_ims_token_is_replaced_and_the_patch_retried() {
     let stats = h.sim.stats();
     assert!(stats.flow_401 >= 1, "{stats:?}");
     assert!(stats.ims_tokens_issued >= 2, "{stats:?}");
-    assert!(daemon.events("ims token refused by flow service, fetching a new one").len() >= 1);
-    assert!(daemon.events("rotation failed, retrying").is_empty(), "one 401 must be absorbed in the same attempt");
+    assert!(
+        daemon
+            .events("ims token refused by flow service, fetching a new one")
+            .len()
+            >= 1
+    );
+    assert!(
+        daemon.events("rotation failed, retrying").is_empty(),
+        "one 401 must be absorbed in the same attempt"
+    );
     assert_eq!(stats.expired_seconds, 0.0);
 }
 
@@ -128,7 +192,10 @@ async fn a_deleted_connection_fails_alone_and_the_others_keep_rotating() {
     let mut daemon = h.spawn(&config, &["run"]);
     let healthy = [&ids[0], &ids[2]];
     assert!(
-        wait_until(Duration::from_secs(30), || healthy.iter().all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3))).await,
+        wait_until(Duration::from_secs(30), || healthy
+            .iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3)))
+        .await,
         "healthy connections were held up; stderr:\n{}",
         daemon.stderr_text()
     );
@@ -136,11 +203,21 @@ async fn a_deleted_connection_fails_alone_and_the_others_keep_rotating() {
     let failures: Vec<_> = daemon.events("rotation failed, retrying");
     assert!(!failures.is_empty());
     for failure in &failures {
-        assert_eq!(failure["connection"], ids[1].as_str(), "only the deleted connection fails: {failure}");
+        assert_eq!(
+            failure["connection"],
+            ids[1].as_str(),
+            "only the deleted connection fails: {failure}"
+        );
         assert_eq!(failure["status"], "404");
         let error = failure["error"].as_str().unwrap();
-        assert!(error.contains("not found"), "the remote's detail is passed on: {error}");
-        assert!(error.contains("check that connection"), "the advice is given: {error}");
+        assert!(
+            error.contains("not found"),
+            "the remote's detail is passed on: {error}"
+        );
+        assert!(
+            error.contains("check that connection"),
+            "the advice is given: {error}"
+        );
     }
     assert_eq!(h.sim.stats().expired_seconds, 0.0);
 }
@@ -152,21 +229,36 @@ async fn once_exits_0_when_all_rotate_and_1_when_one_fails() {
     let config = h.write_config(FAST_ROTATION, "");
 
     let mut good = h.spawn(&config, &["once"]);
-    assert_eq!(good.wait(Duration::from_secs(30)).code(), Some(0), "stderr:\n{}", good.stderr_text());
+    assert_eq!(
+        good.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "stderr:\n{}",
+        good.stderr_text()
+    );
     let report = good.stdout_text();
     assert!(report.contains("2 connections, 2 ok, 0 failed"), "{report}");
     assert!(report.contains("ASIA"), "{report}");
 
     h.sim.delete_connection(&ids[0]);
     let mut bad = h.spawn(&config, &["once"]);
-    assert_eq!(bad.wait(Duration::from_secs(30)).code(), Some(1), "stderr:\n{}", bad.stderr_text());
+    assert_eq!(
+        bad.wait(Duration::from_secs(30)).code(),
+        Some(1),
+        "stderr:\n{}",
+        bad.stderr_text()
+    );
     let report = bad.stdout_text();
     assert!(report.contains("FAIL  conn-0 (prod)"), "{report}");
     assert!(report.contains("2 connections, 1 ok, 1 failed"), "{report}");
 
     // --connection narrows the run to the named connection.
     let mut only = h.spawn(&config, &["once", "--connection", &ids[1]]);
-    assert_eq!(only.wait(Duration::from_secs(30)).code(), Some(0), "stderr:\n{}", only.stderr_text());
+    assert_eq!(
+        only.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "stderr:\n{}",
+        only.stderr_text()
+    );
     assert!(only.stdout_text().contains("1 connections, 1 ok, 0 failed"));
 
     let mut unknown = h.spawn(&config, &["once", "--connection", "no-such-id"]);
@@ -179,10 +271,18 @@ async fn dry_run_reads_everything_and_patches_nothing() {
     let h = Harness::start(2, Duration::from_secs(60)).await;
     let config = h.write_config(FAST_ROTATION, "");
     let mut daemon = h.spawn(&config, &["once", "--dry-run"]);
-    assert_eq!(daemon.wait(Duration::from_secs(30)).code(), Some(0), "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(
+        daemon.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
     let stats = h.sim.stats();
     assert_eq!(stats.flow_patches_ok, 0);
-    assert!(stats.flow_gets >= 2 && stats.sts_assume_role >= 1 && stats.ims_tokens_issued >= 1, "{stats:?}");
+    assert!(
+        stats.flow_gets >= 2 && stats.sts_assume_role >= 1 && stats.ims_tokens_issued >= 1,
+        "{stats:?}"
+    );
     assert_eq!(daemon.events("dry run: would rotate credentials").len(), 2);
     assert_no_secret(&daemon.stderr_text(), &h.secrets());
 }

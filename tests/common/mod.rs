@@ -35,7 +35,10 @@ pub fn clean_command(binary: &str) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/nonexistent/aws-config")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        )
         .env("AEP_S3_ROTATOR_LOG_FORMAT", "json")
         .stdin(Stdio::null());
     command
@@ -55,25 +58,44 @@ impl Harness {
         Self::start_with(n, lifetime, |_| {}).await
     }
 
-    pub async fn start_with(n: usize, lifetime: Duration, tweak: impl FnOnce(&mut SimConfig)) -> Self {
+    pub async fn start_with(
+        n: usize,
+        lifetime: Duration,
+        tweak: impl FnOnce(&mut SimConfig),
+    ) -> Self {
         let secret = format!("client-secret-{}", uuid::Uuid::new_v4().simple());
         let mut sim_config = SimConfig::new(CLIENT_ID, &secret, ORG_ID);
         sim_config.credential_lifetime = lifetime;
         sim_config.connections = (0..n)
             .map(|i| {
                 let sandbox = if i % 2 == 0 { "prod" } else { "dev" };
-                SimConnection::s3(uuid::Uuid::new_v4().to_string(), sandbox, format!("conn-{i}"))
+                SimConnection::s3(
+                    uuid::Uuid::new_v4().to_string(),
+                    sandbox,
+                    format!("conn-{i}"),
+                )
             })
             .collect();
         tweak(&mut sim_config);
-        let sim = Simulator::start(sim_config.clone()).await.expect("simulator starts");
+        let sim = Simulator::start(sim_config.clone())
+            .await
+            .expect("simulator starts");
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("client-secret"), format!("{secret}\n")).unwrap();
-        Self { sim, sim_config, secret, dir }
+        Self {
+            sim,
+            sim_config,
+            secret,
+            dir,
+        }
     }
 
     pub fn connection_ids(&self) -> Vec<String> {
-        self.sim_config.connections.iter().map(|c| c.id.clone()).collect()
+        self.sim_config
+            .connections
+            .iter()
+            .map(|c| c.id.clone())
+            .collect()
     }
 
     /// Writes `config.toml`; `rotation` replaces the default `[rotation]`
@@ -82,7 +104,12 @@ impl Harness {
         self.write_config_with_connections(rotation, extra, &self.sim_config.connections)
     }
 
-    pub fn write_config_with_connections(&self, rotation: &str, extra: &str, connections: &[SimConnection]) -> PathBuf {
+    pub fn write_config_with_connections(
+        &self,
+        rotation: &str,
+        extra: &str,
+        connections: &[SimConnection],
+    ) -> PathBuf {
         let mut toml = format!(
             r#"[adobe]
 client_id = "{CLIENT_ID}"
@@ -156,7 +183,10 @@ pub struct DaemonProcess {
     readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn collect(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) -> std::thread::JoinHandle<()> {
+fn collect(
+    stream: impl std::io::Read + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             into.lock().unwrap().push(line);
@@ -166,14 +196,23 @@ fn collect(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<Stri
 
 impl DaemonProcess {
     pub fn spawn(mut command: Command) -> Self {
-        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("daemon starts");
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("daemon starts");
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
             collect(child.stderr.take().unwrap(), Arc::clone(&stderr)),
             collect(child.stdout.take().unwrap(), Arc::clone(&stdout)),
         ];
-        Self { child, stderr, stdout, readers }
+        Self {
+            child,
+            stderr,
+            stdout,
+            readers,
+        }
     }
 
     /// Stderr lines parsed as JSON; a line that is not JSON fails the test
@@ -183,13 +222,19 @@ impl DaemonProcess {
             .lock()
             .unwrap()
             .iter()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}")))
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"))
+            })
             .collect()
     }
 
     /// Log lines with this exact message.
     pub fn events(&self, message: &str) -> Vec<Value> {
-        self.logs().into_iter().filter(|l| l["message"] == message).collect()
+        self.logs()
+            .into_iter()
+            .filter(|l| l["message"] == message)
+            .collect()
     }
 
     pub fn stderr_text(&self) -> String {
@@ -202,7 +247,11 @@ impl DaemonProcess {
 
     /// Sends a signal by name (`TERM`, `HUP`, `INT`).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(status.success(), "kill -{name} failed");
     }
 
@@ -218,7 +267,10 @@ impl DaemonProcess {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("daemon did not exit within {timeout:?}; stderr:\n{}", self.stderr_text());
+                panic!(
+                    "daemon did not exit within {timeout:?}; stderr:\n{}",
+                    self.stderr_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -252,9 +304,19 @@ pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) 
 
 /// Asserts no secret value appears anywhere in `text`.
 pub fn assert_no_secret(text: &str, secrets: &[String]) {
-    assert!(!secrets.is_empty(), "no secrets to look for: the search would prove nothing");
+    assert!(
+        !secrets.is_empty(),
+        "no secrets to look for: the search would prove nothing"
+    );
     for secret in secrets {
-        assert!(secret.len() >= 8, "secret too short to search for meaningfully");
-        assert!(!text.contains(secret.as_str()), "a secret value was printed: {}...", &secret[..6]);
+        assert!(
+            secret.len() >= 8,
+            "secret too short to search for meaningfully"
+        );
+        assert!(
+            !text.contains(secret.as_str()),
+            "a secret value was printed: {}...",
+            &secret[..6]
+        );
     }
 }
