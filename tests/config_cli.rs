@@ -1,5 +1,8 @@
 //! Bad configuration, black box: every case exits 78 and names the key.
 
+// Helpers outside #[test] functions may unwrap too: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -27,15 +30,18 @@ id = "c-2"
 sandbox = "dev"
 "#;
 
+/// Turns the good config into a bad one.
+type Edit = Box<dyn Fn(&str) -> String>;
+
 /// (name, edit of the good config, key path that must be named)
-fn cases() -> Vec<(&'static str, Box<dyn Fn(&str) -> String>, &'static str)> {
-    fn replace(from: &'static str, to: &'static str) -> Box<dyn Fn(&str) -> String> {
+fn cases() -> Vec<(&'static str, Edit, &'static str)> {
+    fn replace(from: &'static str, to: &'static str) -> Edit {
         Box::new(move |c: &str| {
             assert!(c.contains(from), "case edit does not apply: {from}");
             c.replacen(from, to, 1)
         })
     }
-    fn append(text: &'static str) -> Box<dyn Fn(&str) -> String> {
+    fn append(text: &'static str) -> Edit {
         Box::new(move |c: &str| format!("{c}\n{text}\n"))
     }
     vec![

@@ -1,5 +1,8 @@
 //! `config/example.toml` stays valid and says what it is documented to say.
 
+// Helpers outside #[test] functions may unwrap too: a panic is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::time::Duration;
 

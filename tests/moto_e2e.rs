@@ -5,6 +5,9 @@
 //! `scripts/test.sh` installs moto into `.venv` and exports
 //! `AEP_S3_ROTATOR_MOTO_SERVER`. Without it this test FAILS: it never skips.
 
+// Helpers outside #[test] functions may unwrap too: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::net::TcpListener;

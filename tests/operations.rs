@@ -1,6 +1,9 @@
 //! Operations, black box: admin endpoint, readiness, state across restarts,
 //! SIGHUP reload, the systemd notify protocol.
 
+// Helpers outside #[test] functions may unwrap too: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::os::unix::net::UnixDatagram;

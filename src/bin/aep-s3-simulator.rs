@@ -246,7 +246,12 @@ fn write_daemon_config(
         toml.push_str(&format!("sandbox = {}\n", toml_str(&c.sandbox)));
         toml.push_str(&format!("name = {}\n", toml_str(&c.name)));
     }
-    fs::write(path, toml).with_context(|| format!("writing {}", path.display()))?;
+    // Write then rename, so a script polling for the file never reads half of it.
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    fs::write(&partial, toml).with_context(|| format!("writing {}", partial.display()))?;
+    fs::rename(&partial, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
 }
 
@@ -288,5 +293,114 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     #[cfg(not(unix))]
     {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_spread_round_robin_with_padded_names() {
+        let connections = make_connections(5, 2);
+        let sandboxes: Vec<_> = connections.iter().map(|c| c.sandbox.as_str()).collect();
+        assert_eq!(
+            sandboxes,
+            [
+                "sandbox-1",
+                "sandbox-2",
+                "sandbox-1",
+                "sandbox-2",
+                "sandbox-1"
+            ]
+        );
+        assert_eq!(connections[0].name, "conn-0001");
+        assert_eq!(connections[4].name, "conn-0005");
+        assert!(uuid::Uuid::parse_str(&connections[0].id).is_ok());
+        assert_eq!(make_connections(10_000, 1)[9_999].name, "conn-10000");
+        assert_eq!(make_connections(12_345, 3)[0].name, "conn-00001");
+    }
+
+    #[test]
+    fn durations_read_as_humantime() {
+        assert_eq!(human(Duration::from_secs(10)), "\"10s\"");
+        assert_eq!(human(Duration::from_secs(30) / 3), "\"10s\"");
+        assert_eq!(human(Duration::from_secs(1) / 3), "\"333ms\"");
+        assert_eq!(human(Duration::ZERO), "\"1ms\"");
+        assert_eq!(toml_str("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[tokio::test]
+    async fn config_out_is_a_complete_daemon_config() {
+        let dir = std::env::temp_dir().join(format!("aep-s3-sim-test-{}", uuid::Uuid::new_v4()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        let args = Args::parse_from([
+            "aep-s3-simulator",
+            "--connections",
+            "3",
+            "--sandboxes",
+            "2",
+            "--credential-lifetime",
+            "30s",
+            "--flow-slow",
+            "0.5",
+            "--config-out",
+            path.to_str().unwrap(),
+        ]);
+        let connections = make_connections(args.connections, args.sandboxes);
+        let mut config = SimConfig::new(CLIENT_ID, CLIENT_SECRET, ORG_ID);
+        config.connections = connections.clone();
+        let sim = Simulator::start(config).await.unwrap();
+        write_daemon_config(&path, &sim, &args, &connections).unwrap();
+
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains(CLIENT_SECRET),
+            "the secret goes to its own file"
+        );
+        for line in [
+            format!("client_id = \"{CLIENT_ID}\""),
+            format!("org_id = \"{ORG_ID}\""),
+            format!("ims_url = \"{}\"", sim.ims_url()),
+            format!("platform_url = \"{}\"", sim.platform_url()),
+            format!("sts_endpoint = \"{}\"", sim.sts_url()),
+            format!("role_arn = \"{ROLE_ARN}\""),
+            "region = \"us-east-1\"".to_owned(),
+            "session_duration = \"15m\"".to_owned(),
+            "refresh_before = \"10s\"".to_owned(),
+            "jitter = \"3s\"".to_owned(),
+            "concurrency = 8".to_owned(),
+            "retry_min = \"100ms\"".to_owned(),
+            "retry_max = \"5s\"".to_owned(),
+            "request_timeout = \"2s\"".to_owned(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert_eq!(text.matches("[[connections]]").count(), 3);
+        for c in &connections {
+            assert!(text.contains(&format!(
+                "id = \"{}\"\nsandbox = \"{}\"\nname = \"{}\"",
+                c.id, c.sandbox, c.name
+            )));
+        }
+
+        let secret_path = dir.join("config.toml.secret");
+        assert!(text.contains(&format!(
+            "client_secret_file = \"{}\"",
+            secret_path.display()
+        )));
+        assert_eq!(fs::read_to_string(&secret_path).unwrap(), CLIENT_SECRET);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = fs::metadata(&secret_path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        sim.stop();
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1458,3 +1458,11 @@ fn expiration_format_matches_known_dates() {
         assert_eq!(sts::format_expiration(t + Duration::from_millis(999)), ours);
     }
 }
+
+#[test]
+fn handles_can_be_shared_across_tasks() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<Simulator>();
+    shareable::<SimConfig>();
+    shareable::<SimEvent>();
+}
