@@ -17,8 +17,6 @@ export AEP_S3_ROTATOR_MOTO_SERVER="$PWD/$venv/bin/moto_server"
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
-  # nextest does not run doctests.
-  cargo test --doc --quiet
 else
   cargo test --no-fail-fast "$@"
 fi
