@@ -311,6 +311,9 @@ impl Rotator {
                 .map_err(RotationError::from),
             Err(e) => Err(e),
         };
+        if let Ok(passed) = result {
+            self.telemetry.verification(&job.id, passed);
+        }
         match result {
             Ok(true) => tracing::info!("connection test passed"),
             Ok(false) => tracing::warn!(

@@ -207,6 +207,8 @@ struct ConnectionCounts {
     successes: u64,
     failures: u64,
     etag_conflicts: u64,
+    verifications_passed: u64,
+    verifications_failed: u64,
 }
 
 /// Everything behind the one lock.
@@ -228,6 +230,13 @@ struct RotationLabels {
     connection: String,
     sandbox: String,
     outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerificationLabels {
+    connection: String,
+    sandbox: String,
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -342,6 +351,18 @@ impl Telemetry {
             .etag_conflicts += 1;
     }
 
+    /// Counts one `[rotation] verify` answer (`GET /connections/{id}/test`)
+    /// for connection `id`.
+    pub fn verification(&self, id: &str, passed: bool) {
+        let mut board = self.board();
+        let counts = board.counts.entry(id.to_owned()).or_default();
+        if passed {
+            counts.verifications_passed += 1;
+        } else {
+            counts.verifications_failed += 1;
+        }
+    }
+
     /// Inserts or replaces a connection's status.
     pub fn upsert(&self, status: ConnectionStatus) {
         self.board().connections.insert(status.id.clone(), status);
@@ -430,6 +451,7 @@ impl Telemetry {
         // appends it, so the exposed names are exactly the documented ones.
         let rotations = Family::<RotationLabels, Counter>::default();
         let etag_conflicts = Family::<ConnectionLabels, Counter>::default();
+        let verifications = Family::<VerificationLabels, Counter>::default();
         let expiry = Family::<ConnectionLabels, TimestampGauge>::default();
         let next_rotation = Family::<ConnectionLabels, TimestampGauge>::default();
         let last_success = Family::<ConnectionLabels, TimestampGauge>::default();
@@ -504,6 +526,20 @@ impl Telemetry {
                             .inc_by(n);
                     }
                 }
+                for (result, n) in [
+                    ("passed", counts.verifications_passed),
+                    ("failed", counts.verifications_failed),
+                ] {
+                    if n > 0 {
+                        verifications
+                            .get_or_create(&VerificationLabels {
+                                connection: labels.connection.clone(),
+                                sandbox: labels.sandbox.clone(),
+                                result,
+                            })
+                            .inc_by(n);
+                    }
+                }
                 if counts.etag_conflicts > 0 {
                     etag_conflicts
                         .get_or_create(&labels)
@@ -532,6 +568,11 @@ impl Telemetry {
             "last_success_timestamp_seconds",
             "When the connection was last rotated successfully (unix seconds)",
             Described(last_success),
+        );
+        registry.register(
+            "verifications",
+            "Answers of GET /connections/{id}/test after a PATCH ([rotation] verify), by result",
+            Described(verifications),
         );
         registry.register(
             "etag_conflicts",
@@ -1042,5 +1083,26 @@ mod tests {
             compact_duration(Duration::from_secs(3 * 86_400 + 4 * 3600 + 59)),
             "3d 4h"
         );
+    }
+
+    #[test]
+    fn verifications_are_counted_by_result() {
+        let telemetry = Telemetry::new(Duration::from_secs(60));
+        telemetry.upsert(ConnectionStatus {
+            id: "id-1".into(),
+            name: "sales".into(),
+            sandbox: "prod".into(),
+            access_key_id: None,
+            expires_at: None,
+            next_rotation_at: None,
+            last_success_at: None,
+            last_error: None,
+        });
+        telemetry.verification("id-1", true);
+        telemetry.verification("id-1", true);
+        telemetry.verification("id-1", false);
+        let text = telemetry.render_metrics(SystemTime::now());
+        assert!(text.contains("aep_s3_rotator_verifications_total{connection=\"sales\",sandbox=\"prod\",result=\"passed\"} 2"), "{text}");
+        assert!(text.contains("aep_s3_rotator_verifications_total{connection=\"sales\",sandbox=\"prod\",result=\"failed\"} 1"), "{text}");
     }
 }

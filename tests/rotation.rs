@@ -288,3 +288,19 @@ async fn dry_run_reads_everything_and_patches_nothing() {
     assert_eq!(daemon.events("dry run: would rotate credentials").len(), 2);
     assert_no_secret(&daemon.stderr_text(), &h.secrets());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_tests_the_connection_after_the_patch() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let config = h.write_config(&format!("{FAST_ROTATION}\nverify = true"), "");
+    let mut daemon = h.spawn(&config, &["once"]);
+    assert_eq!(
+        daemon.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let passed = daemon.events("connection test passed");
+    assert_eq!(passed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(passed[0]["connection"], h.connection_ids()[0].as_str());
+}
