@@ -158,6 +158,8 @@ struct Entry {
     last_success: Option<SystemTime>,
     /// Failures in a row.
     failures: u32,
+    /// Whether any job of this connection has ended (for the first pass).
+    had_outcome: bool,
     /// The deadline and the sequence number that makes a heap item current.
     due: Option<(SystemTime, u64)>,
     in_flight: bool,
@@ -182,6 +184,7 @@ impl Entry {
             resume_etag: None,
             last_success: None,
             failures: 0,
+            had_outcome: false,
             due: None,
             in_flight: false,
             epoch,
@@ -218,6 +221,8 @@ pub struct Daemon {
     heap: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
     jobs: JoinSet<Finished>,
     seq: u64,
+    /// Connections that have not had a first outcome yet; `READY=1` at zero.
+    first_pass_pending: usize,
     ready_sent: bool,
     state_dirty: bool,
     last_state_write: Option<tokio::time::Instant>,
@@ -257,6 +262,7 @@ impl Daemon {
             heap: BinaryHeap::new(),
             jobs: JoinSet::new(),
             seq: 0,
+            first_pass_pending: 0,
             ready_sent: false,
             state_dirty: false,
             last_state_write: None,
@@ -282,6 +288,7 @@ impl Daemon {
             daemon.entries.insert(id.clone(), entry);
             daemon.schedule(&id, now);
         }
+        daemon.first_pass_pending = daemon.entries.len();
         Ok(daemon)
     }
 
@@ -458,6 +465,18 @@ impl Daemon {
             return; // the connection was replaced by a reload meanwhile
         }
         entry.in_flight = false;
+        if !entry.had_outcome
+            && !matches!(
+                result,
+                JobResult::Failed {
+                    error: RotationError::Cancelled,
+                    ..
+                }
+            )
+        {
+            entry.had_outcome = true;
+            self.first_pass_pending = self.first_pass_pending.saturating_sub(1);
+        }
         let _span = entry.span().entered();
         let next_at = match result {
             JobResult::Rotated {
@@ -754,6 +773,9 @@ impl Daemon {
                     self.schedule(&id, now);
                 }
             }
+        }
+        if !self.ready_sent {
+            self.first_pass_pending = self.entries.values().filter(|e| !e.had_outcome).count();
         }
         let in_use: HashSet<StsRequest> = self.entries.values().map(|e| e.sts.clone()).collect();
         self.rotator.credentials.retain(&in_use);
