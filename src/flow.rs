@@ -197,15 +197,15 @@ impl FlowClient {
         Ok((status, headers, body))
     }
 
-    /// `GET /connections/{id}`: the current etag, after checking the connection
-    /// is an S3 connection with the `Access Key` auth spec.
-    pub async fn get_connection(
+    /// `GET /connections/{id}` (or `.../test`): the body of a 2xx answer.
+    async fn get(
         &self,
         id: &str,
         sandbox: &str,
         token: &AccessToken,
-    ) -> Result<RemoteConnection, FlowError> {
-        let url = self.url(id, false);
+        test: bool,
+    ) -> Result<bytes::Bytes, FlowError> {
+        let url = self.url(id, test);
         let request = self
             .http
             .get(url.clone())
@@ -214,7 +214,18 @@ impl FlowClient {
         if !status.is_success() {
             return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
         }
-        parse_connection(&body)
+        Ok(body)
+    }
+
+    /// `GET /connections/{id}`: the current etag, after checking the connection
+    /// is an S3 connection with the `Access Key` auth spec.
+    pub async fn get_connection(
+        &self,
+        id: &str,
+        sandbox: &str,
+        token: &AccessToken,
+    ) -> Result<RemoteConnection, FlowError> {
+        parse_connection(&self.get(id, sandbox, token, false).await?)
     }
 
     /// `PATCH /connections/{id}` with `If-Match: etag`, replacing the access
@@ -269,15 +280,7 @@ impl FlowClient {
         sandbox: &str,
         token: &AccessToken,
     ) -> Result<bool, FlowError> {
-        let url = self.url(id, true);
-        let request = self
-            .http
-            .get(url.clone())
-            .headers(self.headers(sandbox, token)?);
-        let (status, headers, body) = self.send(request, &url).await?;
-        if !status.is_success() {
-            return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
-        }
+        let body = self.get(id, sandbox, token, true).await?;
         serde_json::from_slice::<TestAnswer>(&body)
             .map(|answer| answer.result)
             .map_err(|e| {
