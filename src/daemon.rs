@@ -166,6 +166,7 @@ struct Entry {
     /// Bumped when the entry is replaced, so outcomes of older jobs are dropped.
     epoch: u64,
     last_escalation_log: Option<(Escalation, SystemTime)>,
+    last_short_warning: Option<SystemTime>,
     /// `once` mode: no further attempts.
     finished: bool,
     rotations: u64,
@@ -189,6 +190,7 @@ impl Entry {
             in_flight: false,
             epoch,
             last_escalation_log: None,
+            last_short_warning: None,
             finished: false,
             rotations: 0,
             conflicts: 0,
@@ -494,7 +496,7 @@ impl Daemon {
                 entry.conflicts += u64::from(conflicts);
                 self.telemetry.rotation(id, Outcome::Success);
                 self.state_dirty = true;
-                let next = next_rotation(now, expires_at, &rotation);
+                let next = next_rotation(now, expires_at, &rotation, &mut entry.last_short_warning);
                 tracing::info!(
                     access_key_id = %access_key_id,
                     expires_at = %rfc3339(expires_at),
@@ -514,7 +516,7 @@ impl Daemon {
                 entry.failures = 0;
                 entry.last_error = None;
                 entry.etag = Some(etag.clone());
-                let next = next_rotation(now, expires_at, &rotation);
+                let next = next_rotation(now, expires_at, &rotation, &mut entry.last_short_warning);
                 tracing::info!(
                     access_key_id = %access_key_id,
                     expires_at = %rfc3339(expires_at),
@@ -532,7 +534,7 @@ impl Daemon {
                 entry.etag = Some(etag);
                 entry.failures = 0;
                 let expires_at = entry.pushed.as_ref().map_or(now, |(_, at)| *at);
-                let next = next_rotation(now, expires_at, &rotation);
+                let next = next_rotation(now, expires_at, &rotation, &mut entry.last_short_warning);
                 tracing::info!(
                     access_key_id = entry.pushed.as_ref().map(|(k, _)| k.as_str()).unwrap_or(""),
                     expires_at = %rfc3339(expires_at),
@@ -835,10 +837,16 @@ impl Daemon {
     }
 }
 
+/// How often "credentials live shorter than refresh_before" is repeated per
+/// connection: it is a standing condition (the role's maximum session), so once
+/// is news and every cycle would be noise.
+const SHORT_WARNING_INTERVAL: Duration = Duration::from_secs(600);
+
 fn next_rotation(
     now: SystemTime,
     expires_at: SystemTime,
     rotation: &crate::config::RotationConfig,
+    last_warning: &mut Option<SystemTime>,
 ) -> SystemTime {
     let next = schedule::next_rotation(
         now,
@@ -847,7 +855,11 @@ fn next_rotation(
         rotation.jitter,
         rand::random(),
     );
-    if next.short_lived {
+    let warn_due = last_warning
+        .and_then(|at| now.duration_since(at).ok())
+        .is_none_or(|since| since >= SHORT_WARNING_INTERVAL);
+    if next.short_lived && warn_due {
+        *last_warning = Some(now);
         let left = expires_at.duration_since(now).unwrap_or_default();
         tracing::warn!(
             expires_at = %rfc3339(expires_at),
