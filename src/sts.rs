@@ -338,6 +338,10 @@ impl CredentialSource for AwsSts {
     }
 }
 
+/// Credentials that live shorter than this are refused: they could expire
+/// before the PATCH that carries them has landed.
+pub const MIN_USABLE_LIFETIME: Duration = Duration::from_secs(1);
+
 /// A cached STS answer and until when it is handed to further connections.
 #[derive(Debug)]
 struct Cached {
@@ -392,6 +396,17 @@ impl CredentialCache {
         }
         let credentials = Arc::new(self.source.issue(request).await?);
         let fetched = SystemTime::now();
+        // Pushing credentials that are already dead (a skewed STS clock, a
+        // misbehaving proxy) would break the connection; treat the answer as
+        // unusable and back off instead.
+        if credentials.expiration <= fetched + MIN_USABLE_LIFETIME {
+            return Err(StsError::Malformed(format!(
+                "STS returned credentials {} that expire at {}, already past or within {}s; check the clock of this host",
+                credentials.access_key_id,
+                humantime::format_rfc3339_seconds(credentials.expiration),
+                MIN_USABLE_LIFETIME.as_secs()
+            )));
+        }
         let reuse_until = schedule::next_rotation(
             fetched,
             credentials.expiration,
@@ -532,5 +547,24 @@ mod tests {
             .unwrap();
         assert_eq!(third.access_key_id, second.access_key_id);
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn credentials_that_are_already_expired_are_refused() {
+        let source = Arc::new(CountingSource {
+            calls: AtomicU32::new(0),
+            lifetime: Duration::ZERO,
+        });
+        let cache = CredentialCache::new(source.clone());
+        let error = cache
+            .get(
+                &request("arn:aws:iam::123456789012:role/a"),
+                None,
+                Duration::from_secs(1200),
+            )
+            .await
+            .unwrap_err();
+        assert!(error.is_transient(), "{error}");
+        assert!(error.to_string().contains("already past"), "{error}");
     }
 }

@@ -1,0 +1,783 @@
+//! Fault injection, black box: the real binary against the strict simulator,
+//! one fault class per test (see docs/RELIABILITY.md, "Fault classes").
+//! Each test asserts what operators rely on: the connection ends up rotated,
+//! the others are not held up, the process keeps running (or `once` exits as
+//! documented), no protocol violation, and one log line that names the problem.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use aep_s3_rotator::simulator::{RetryAfter, ScriptedFault, SimEvent, SimService};
+use common::*;
+use serde_json::Value;
+
+/// Quick retries and a 1 s request timeout, so a scripted slow answer times out.
+const QUICK: &str = r#"session_duration = "15m"
+refresh_before = "2s"
+jitter = "100ms"
+concurrency = 4
+retry_min = "100ms"
+retry_max = "1s"
+request_timeout = "1s"
+shutdown_grace = "3s""#;
+
+fn status(status: u16) -> ScriptedFault {
+    ScriptedFault::Status {
+        status,
+        retry_after: None,
+        body: None,
+    }
+}
+
+fn sts_error(code: &str, status: u16) -> ScriptedFault {
+    ScriptedFault::StsError {
+        code: code.to_owned(),
+        message: format!("scripted {code}"),
+        status,
+    }
+}
+
+fn raw(body: &str) -> ScriptedFault {
+    ScriptedFault::Raw {
+        status: 200,
+        content_type: "application/json".to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+fn error_of(event: &Value) -> &str {
+    event["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {event}"))
+}
+
+/// Runs `once` to its end and checks the exit code.
+fn once(h: &Harness, config: &std::path::Path, code: i32) -> DaemonProcess {
+    let mut daemon = h.spawn(config, &["once"]);
+    let status = daemon.wait(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        daemon.stdout_text(),
+        daemon.stderr_text()
+    );
+    daemon
+}
+
+/// Every connection in `ids` got exactly `n` successful PATCHes.
+fn assert_patches(h: &Harness, ids: &[String], n: u64) {
+    for id in ids {
+        let patches = h.sim.connection(id).unwrap().patches;
+        assert_eq!(patches, n, "connection {id}: {patches} patches, want {n}");
+    }
+}
+
+fn assert_clean(h: &Harness) {
+    assert!(
+        h.sim.violations().is_empty(),
+        "protocol violations: {:?}",
+        h.sim.violations()
+    );
+    let stats = h.sim.stats();
+    assert_eq!(
+        stats.expired_seconds, 0.0,
+        "a connection held expired credentials: {stats:?}"
+    );
+}
+
+async fn all_patched(h: &Harness, ids: &[String], n: u64, daemon: &DaemonProcess) {
+    let done = wait_until(Duration::from_secs(10), || {
+        ids.iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= n))
+    })
+    .await;
+    assert!(
+        done,
+        "not every connection rotated {n} times; stderr:\n{}",
+        daemon.stderr_text()
+    );
+}
+
+fn first_at(events: &[SimEvent], pick: impl Fn(&SimEvent) -> Option<SystemTime>) -> SystemTime {
+    events
+        .iter()
+        .find_map(pick)
+        .expect("the simulator saw the event")
+}
+
+// 1. Throttling (429) --------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_with_an_http_date_retry_after_is_honoured() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.script(
+        SimService::Flow,
+        ScriptedFault::Status {
+            status: 429,
+            retry_after: Some(RetryAfter::HttpDate(Duration::from_secs(3))),
+            body: None,
+        },
+    );
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    let failed = daemon.events("rotation failed, retrying");
+    assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(failed[0]["status"], "429");
+    assert!(error_of(&failed[0]).contains("throttled"), "{}", failed[0]);
+    assert!(
+        error_of(&failed[0]).contains("retry after"),
+        "{}",
+        failed[0]
+    );
+    assert_patches(&h, &ids, 1);
+    // An HTTP date has whole seconds: 3 s ahead is at least 2 s after parsing.
+    let events = h.sim.events();
+    let throttled = first_at(&events, |e| match e {
+        SimEvent::Throttled { at, .. } => Some(*at),
+        _ => None,
+    });
+    let patched = first_at(&events, |e| match e {
+        SimEvent::PatchApplied { at, .. } => Some(*at),
+        _ => None,
+    });
+    let gap = patched.duration_since(throttled).unwrap();
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried {gap:?} after a Retry-After date 3 s ahead"
+    );
+    assert_clean(&h);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_without_retry_after_backs_off_then_succeeds() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.script(SimService::Flow, status(429));
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    let failed = daemon.events("rotation failed, retrying");
+    assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(failed[0]["status"], "429");
+    let error = error_of(&failed[0]);
+    assert!(
+        error.contains("throttled") && !error.contains("retry after"),
+        "{error}"
+    );
+    assert!(
+        failed[0]["retry_in"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
+        "{}",
+        failed[0]
+    );
+    assert_eq!(h.sim.stats().flow_429, 1);
+    assert_patches(&h, &ids, 1);
+    assert_clean(&h);
+}
+
+// 2. Server errors -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_errors_500_502_503_504_are_retried_then_rotated() {
+    let h = Harness::start(4, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    let codes = [500u16, 502, 503, 504];
+    for (id, code) in ids.iter().zip(codes) {
+        h.sim.script_for(id, status(code));
+    }
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    let failed = daemon.events("rotation failed, retrying");
+    assert_eq!(failed.len(), 4, "stderr:\n{}", daemon.stderr_text());
+    for (id, code) in ids.iter().zip(codes) {
+        let event = failed
+            .iter()
+            .find(|e| e["connection"] == id.as_str())
+            .unwrap_or_else(|| panic!("no failure logged for the {code} connection"));
+        let error = error_of(event);
+        if code == 503 {
+            assert_eq!(event["status"], "503", "{event}");
+            assert!(error.contains("throttled the request (503)"), "{event}");
+        } else {
+            assert!(
+                error.contains("Flow Service unavailable")
+                    && error.contains(&format!("HTTP {code}")),
+                "{event}"
+            );
+        }
+        assert!(
+            event["retry_in"].as_str().is_some_and(|s| !s.is_empty()),
+            "{event}"
+        );
+    }
+    assert_eq!(h.sim.stats().flow_5xx, 4);
+    assert_patches(&h, &ids, 1);
+    assert_clean(&h);
+}
+
+// 3. Resets and timeouts -----------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_and_an_answer_slower_than_the_timeout_are_retried() {
+    let h = Harness::start(3, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.script_for(&ids[0], ScriptedFault::Reset);
+    h.sim
+        .script_for(&ids[1], ScriptedFault::Delay(Duration::from_secs(3)));
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    let failed = daemon.events("rotation failed, retrying");
+    assert_eq!(failed.len(), 2, "stderr:\n{}", daemon.stderr_text());
+    let of = |id: &str| {
+        failed
+            .iter()
+            .find(|e| e["connection"] == id)
+            .unwrap_or_else(|| panic!("no failure for {id}"))
+    };
+    let reset = error_of(of(&ids[0]));
+    assert!(
+        reset.contains("Flow Service unavailable") && reset.contains("request failed"),
+        "{reset}"
+    );
+    let slow = error_of(of(&ids[1]));
+    assert!(
+        slow.contains("Flow Service unavailable") && slow.contains("timed out"),
+        "{slow}"
+    );
+    assert_eq!(h.sim.stats().flow_resets, 1);
+    assert_patches(&h, &ids, 1);
+    assert_clean(&h);
+}
+
+// 4. Flow Service down ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn flow_service_down_for_a_while_then_every_connection_rotates() {
+    let h = Harness::start(3, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.set_service_down(SimService::Flow, true);
+    let config = h.write_config(QUICK, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || ids.iter().all(|id| daemon
+            .events("rotation failed, retrying")
+            .iter()
+            .any(|e| e["connection"] == id.as_str())))
+        .await,
+        "every connection should fail while Flow Service is down; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.sim.stats().flow_patches_ok, 0);
+    h.sim.set_service_down(SimService::Flow, false);
+    all_patched(&h, &ids, 1, &daemon).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    for event in daemon.events("rotation failed, retrying") {
+        assert!(
+            error_of(&event).contains("Flow Service unavailable"),
+            "{event}"
+        );
+    }
+    assert!(daemon.events("rotation failed").is_empty());
+    assert_clean(&h);
+}
+
+// 5. A 412 storm ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_412_storm_fails_the_attempt_then_rotates_on_the_next() {
+    let h = Harness::start(2, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    // One more conflict than a job absorbs (MAX_CONFLICTS_PER_JOB = 5).
+    for _ in 0..6 {
+        h.sim.script_for(&ids[0], ScriptedFault::EtagChurn);
+    }
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    let conflicts = daemon.events("etag conflict, re-reading connection");
+    assert_eq!(conflicts.len(), 5, "stderr:\n{}", daemon.stderr_text());
+    assert!(conflicts.iter().all(|e| e["connection"] == ids[0].as_str()));
+    let failed = daemon.events("rotation failed, retrying");
+    assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(failed[0]["connection"], ids[0].as_str());
+    assert_eq!(failed[0]["status"], "412");
+    assert!(
+        error_of(&failed[0]).contains("6 etag conflicts in a row"),
+        "{}",
+        failed[0]
+    );
+    assert_eq!(h.sim.stats().flow_412, 6);
+    assert_patches(&h, &ids, 1);
+    // What AEP holds is what the daemon says it pushed, and the rest is intact.
+    let rotated = daemon.events("credentials rotated");
+    for id in &ids {
+        let view = h.sim.connection(id).unwrap();
+        let logged = rotated
+            .iter()
+            .find(|e| e["connection"] == id.as_str())
+            .unwrap();
+        assert_eq!(
+            view.access_key_id.as_deref(),
+            logged["access_key_id"].as_str()
+        );
+        assert!(
+            view.params_other_than_credentials
+                .get("bucketName")
+                .is_some()
+        );
+    }
+    assert_clean(&h);
+}
+
+// 6. IMS ----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ims_down_at_start_then_back_rotates_every_connection() {
+    let h = Harness::start(2, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.set_service_down(SimService::Ims, true);
+    let config = h.write_config(QUICK, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || !daemon
+            .events("rotation failed, retrying")
+            .is_empty())
+        .await,
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(h.sim.stats().ims_tokens_issued, 0);
+    h.sim.set_service_down(SimService::Ims, false);
+    all_patched(&h, &ids, 1, &daemon).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    for event in daemon.events("rotation failed, retrying") {
+        assert!(error_of(&event).contains("IMS unavailable"), "{event}");
+    }
+    assert_clean(&h);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_client_secret_fails_once_with_advice() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    std::fs::write(
+        h.dir.path().join("client-secret"),
+        "not-the-client-secret-at-all\n",
+    )
+    .unwrap();
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 1);
+    let failed = daemon.events("rotation failed");
+    assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    let error = error_of(&failed[0]);
+    assert!(
+        error.contains("IMS refused the client credentials") && error.contains("invalid_client"),
+        "{error}"
+    );
+    assert!(
+        error.contains("check [adobe] client_id and the client secret"),
+        "{error}"
+    );
+    // A refusal is not retried quickly: once gives up at the first one.
+    assert!(daemon.events("rotation failed, retrying").is_empty());
+    assert_eq!(h.sim.stats().ims_tokens_issued, 0);
+    assert_eq!(h.sim.stats().flow_requests, 0);
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+}
+
+// 7. STS ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_throttling_is_retried_then_rotated() {
+    let h = Harness::start(2, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.script(SimService::Sts, sts_error("Throttling", 400));
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    let failed = daemon.events("rotation failed, retrying");
+    assert!(!failed.is_empty(), "stderr:\n{}", daemon.stderr_text());
+    for event in &failed {
+        let error = error_of(event);
+        assert!(
+            error.contains("STS unavailable") && error.contains("Throttling"),
+            "{error}"
+        );
+    }
+    assert_patches(&h, &ids, 1);
+    assert_clean(&h);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sts_access_denied_and_validation_errors_fail_once_with_advice() {
+    for (code, advice) in [
+        ("AccessDenied", "trust policy"),
+        ("ValidationError", "check role_arn"),
+    ] {
+        let h = Harness::start(1, Duration::from_secs(60)).await;
+        let status = if code == "AccessDenied" { 403 } else { 400 };
+        h.sim.script(SimService::Sts, sts_error(code, status));
+        let config = h.write_config(QUICK, "");
+        let daemon = once(&h, &config, 1);
+        let failed = daemon.events("rotation failed");
+        assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+        assert_eq!(failed[0]["status"], code);
+        let error = error_of(&failed[0]);
+        assert!(
+            error.contains(&format!("STS refused {code}")) && error.contains(advice),
+            "{error}"
+        );
+        assert!(daemon.events("rotation failed, retrying").is_empty());
+        assert_eq!(h.sim.stats().flow_patches_ok, 0);
+        assert!(daemon.stdout_text().contains("1 failed"));
+        assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+    }
+}
+
+// 8. Short credentials ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_credentials_warn_and_are_replaced_before_they_expire() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.script(
+        SimService::Sts,
+        ScriptedFault::ShortCredentials(Duration::from_secs(3)),
+    );
+    let rotation = QUICK.replace(r#"refresh_before = "2s""#, r#"refresh_before = "10s""#);
+    let config = h.write_config(&rotation, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    all_patched(&h, &ids, 2, &daemon).await;
+    // Past the short credentials' expiry, so a late second PATCH would show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let warned = daemon.events(
+        "credentials live shorter than refresh_before, rotating at half their remaining life; check the role's maximum session duration",
+    );
+    assert_eq!(warned.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(warned[0]["level"], "warn", "{}", warned[0]);
+    assert_eq!(warned[0]["connection"], ids[0].as_str());
+    let patches: Vec<(SystemTime, SystemTime)> = h
+        .sim
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            SimEvent::PatchApplied { at, expires_at, .. } => Some((*at, *expires_at)),
+            _ => None,
+        })
+        .collect();
+    let (first_at, first_expiry) = patches[0];
+    assert!(first_expiry.duration_since(first_at).unwrap() <= Duration::from_secs(4));
+    assert!(
+        patches[1].0 < first_expiry,
+        "the short credentials were replaced only after they expired"
+    );
+    assert!(daemon.events("rotation failed, retrying").is_empty());
+    assert_clean(&h);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_that_come_back_already_expired_are_never_pushed() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.script(
+        SimService::Sts,
+        ScriptedFault::ShortCredentials(Duration::ZERO),
+    );
+    let config = h.write_config(QUICK, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    all_patched(&h, &ids, 1, &daemon).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let failed = daemon.events("rotation failed, retrying");
+    assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    let error = error_of(&failed[0]);
+    assert!(error.contains("already past"), "{error}");
+    // The dead credentials never reached Flow Service: no violation recorded.
+    assert_clean(&h);
+}
+
+// 9. Wrong sandbox, unsuitable connections ---------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_in_another_sandbox_is_a_404_and_the_others_rotate() {
+    let h = Harness::start(3, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    // The simulator holds connection 1 in `dev`; the config says `prod`.
+    let mut connections = h.sim_config.connections.clone();
+    assert_eq!(connections[1].sandbox, "dev");
+    connections[1].sandbox = "prod".to_owned();
+    let config = h.write_config_with_connections(QUICK, "", &connections);
+    let daemon = once(&h, &config, 1);
+    let failed = daemon.events("rotation failed");
+    assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(failed[0]["connection"], ids[1].as_str());
+    assert_eq!(failed[0]["status"], "404");
+    let error = error_of(&failed[0]);
+    assert!(
+        error.contains("not found in sandbox prod")
+            && error.contains(&format!("check that connection {}", ids[1])),
+        "{error}"
+    );
+    assert_patches(&h, &[ids[0].clone(), ids[2].clone()], 1);
+    assert_patches(&h, &[ids[1].clone()], 0);
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn non_s3_and_non_access_key_connections_are_refused_and_the_others_rotate() {
+    let h = Harness::start_with(3, Duration::from_secs(60), |c| {
+        c.connections[1].connection_spec_id = "00000000-0000-0000-0000-0000000000db".to_owned();
+        c.connections[2].auth_spec = "IAMRole Based".to_owned();
+    })
+    .await;
+    let ids = h.connection_ids();
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 1);
+    let failed = daemon.events("rotation failed");
+    assert_eq!(failed.len(), 2, "stderr:\n{}", daemon.stderr_text());
+    let of = |id: &str| error_of(failed.iter().find(|e| e["connection"] == id).unwrap());
+    let spec = of(&ids[1]);
+    assert!(
+        spec.contains("not an S3 access-key connection")
+            && spec.contains("00000000-0000-0000-0000-0000000000db")
+            && spec.contains("not Amazon S3"),
+        "{spec}"
+    );
+    let auth = of(&ids[2]);
+    assert!(
+        auth.contains("not an S3 access-key connection")
+            && auth.contains("IAMRole Based")
+            && auth.contains("not \"Access Key\""),
+        "{auth}"
+    );
+    assert!(daemon.events("rotation failed, retrying").is_empty());
+    assert_patches(&h, &ids[..1], 1);
+    assert_patches(&h, &ids[1..], 0);
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+}
+
+// 10. Unusable answers ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unusable_get_answers_are_named_then_the_rotation_succeeds() {
+    let h = Harness::start(4, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    let cases = [
+        ("{\"items\": [", "is not {\"items\": [...]} JSON"),
+        ("{\"items\": []}", "empty items list"),
+        (
+            "{\"items\": [{\"id\": \"x\", \"name\": \"no etag\"}]}",
+            "has no etag",
+        ),
+        ("{\"connection\": {\"id\": \"x\"}}", "missing field `items`"),
+    ];
+    for (id, (body, _)) in ids.iter().zip(cases) {
+        h.sim.script_for(id, raw(body));
+    }
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    let failed = daemon.events("rotation failed, retrying");
+    assert_eq!(failed.len(), 4, "stderr:\n{}", daemon.stderr_text());
+    for (id, (_, named)) in ids.iter().zip(cases) {
+        let event = failed
+            .iter()
+            .find(|e| e["connection"] == id.as_str())
+            .unwrap_or_else(|| panic!("no failure for {id}"));
+        let error = error_of(event);
+        assert!(
+            error.contains("Flow Service answer unusable") && error.contains(named),
+            "want {named:?}: {error}"
+        );
+    }
+    assert_patches(&h, &ids, 1);
+    assert_clean(&h);
+}
+
+// 11. Secrets at trace level ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_is_printed_at_trace_level_through_every_fault_path() {
+    // Many connections with 3 s credentials: the daemon's own crate logs
+    // nothing below info and third-party crates are capped at info, so the
+    // output is made long by rotating often.
+    let h = Harness::start(40, Duration::from_secs(3)).await;
+    let ids = h.connection_ids();
+    let config = h.write_config(QUICK, "");
+    let mut output = String::new();
+    let mut lines = 0usize;
+    let mut collect = |daemon: &DaemonProcess| {
+        for text in [daemon.stderr_text(), daemon.stdout_text()] {
+            lines += text.lines().count();
+            output.push_str(&text);
+            output.push('\n');
+        }
+    };
+
+    // check and a dry run first.
+    let mut check = h.spawn(&config, &["--log-level", "trace", "check"]);
+    assert_eq!(check.wait(Duration::from_secs(20)).code(), Some(0));
+    collect(&check);
+    let mut dry = h.spawn(&config, &["--log-level", "trace", "once", "--dry-run"]);
+    assert_eq!(dry.wait(Duration::from_secs(20)).code(), Some(0));
+    collect(&dry);
+
+    // Then the daemon through a 412, a 429, a 500, an STS throttle and a 401.
+    h.sim.script_for(&ids[0], ScriptedFault::EtagChurn);
+    h.sim.script_for(
+        &ids[1],
+        ScriptedFault::Status {
+            status: 429,
+            retry_after: Some(RetryAfter::Seconds(1)),
+            body: None,
+        },
+    );
+    h.sim.script_for(&ids[2], status(500));
+    h.sim.script(SimService::Sts, sts_error("Throttling", 400));
+    let mut daemon = h.spawn(&config, &["--log-level", "trace", "run"]);
+    all_patched(&h, &ids, 1, &daemon).await;
+    h.sim.revoke_tokens();
+    all_patched(&h, &ids, 4, &daemon).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    collect(&daemon);
+
+    let stats = h.sim.stats();
+    assert!(
+        stats.flow_412 >= 1 && stats.flow_429 >= 1 && stats.flow_5xx >= 1 && stats.flow_401 >= 1,
+        "not every path was taken: {stats:?}"
+    );
+    assert!(stats.ims_tokens_issued >= 2, "{stats:?}");
+    assert!(
+        h.sim
+            .events()
+            .iter()
+            .any(|e| matches!(e, SimEvent::StsFailed { code, .. } if code == "Throttling")),
+        "the STS throttle was not taken"
+    );
+    // The search must cover real output: every process logged at length.
+    let ours_below_info = output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l.get("target").is_none() && (l["level"] == "DEBUG" || l["level"] == "TRACE"))
+        .count();
+    assert!(
+        ours_below_info > 0 || lines >= 250,
+        "only {lines} lines of output: the search proves little"
+    );
+    assert_no_secret(&output, &h.secrets());
+    assert_clean(&h);
+}
+
+// 12. check as a diagnostic ---------------------------------------------------------------
+
+fn check(h: &Harness, config: &std::path::Path) -> String {
+    let mut daemon = h.spawn(config, &["check"]);
+    let status = daemon.wait(Duration::from_secs(20));
+    let report = daemon.stdout_text();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "check must fail; stdout:\n{report}\nstderr:\n{}",
+        daemon.stderr_text()
+    );
+    assert_no_secret(&report, &h.secrets());
+    report
+}
+
+fn line_with<'a>(report: &'a str, prefix: &str) -> Vec<&'a str> {
+    report.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_a_refused_client_secret_and_a_wrong_org() {
+    let h = Harness::start(2, Duration::from_secs(60)).await;
+    std::fs::write(
+        h.dir.path().join("client-secret"),
+        "not-the-client-secret-at-all\n",
+    )
+    .unwrap();
+    let config = h.write_config(QUICK, "");
+    let report = check(&h, &config);
+    let ims = line_with(&report, "FAIL  ims");
+    assert_eq!(ims.len(), 1, "{report}");
+    assert!(
+        ims[0].contains("invalid_client") && ims[0].contains("check [adobe] client_id"),
+        "{report}"
+    );
+
+    let h = Harness::start_with(2, Duration::from_secs(60), |c| {
+        c.org_id = "FEDCBA9876543210FEDCBA98@AdobeOrg".to_owned();
+    })
+    .await;
+    let config = h.write_config(QUICK, "");
+    let report = check(&h, &config);
+    let failing = line_with(&report, "FAIL  connection");
+    assert_eq!(failing.len(), 2, "{report}");
+    for line in failing {
+        assert!(
+            line.contains("403") && line.contains("IMS Org") && line.contains("org_id"),
+            "{line}"
+        );
+    }
+    assert!(line_with(&report, "ok    ims").len() == 1, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_unknown_and_non_s3_connections_and_sts_access_denied() {
+    let h = Harness::start_with(3, Duration::from_secs(60), |c| {
+        c.connections[1].connection_spec_id = "00000000-0000-0000-0000-0000000000db".to_owned();
+    })
+    .await;
+    let mut connections = h.sim_config.connections.clone();
+    connections[2].id = "11111111-2222-3333-4444-555555555555".to_owned();
+    h.sim
+        .script(SimService::Sts, sts_error("AccessDenied", 403));
+    let config = h.write_config_with_connections(QUICK, "", &connections);
+    let report = check(&h, &config);
+    assert_eq!(line_with(&report, "ok    connection").len(), 1, "{report}");
+    let failing = line_with(&report, "FAIL  connection");
+    assert_eq!(failing.len(), 2, "{report}");
+    assert!(
+        failing
+            .iter()
+            .any(|l| l.contains("conn-1") && l.contains("not Amazon S3")),
+        "{report}"
+    );
+    assert!(
+        failing.iter().any(|l| l.contains("conn-2")
+            && l.contains("(404)")
+            && l.contains("11111111-2222-3333-4444-555555555555")),
+        "{report}"
+    );
+    let sts = line_with(&report, "FAIL  sts");
+    assert_eq!(sts.len(), 1, "{report}");
+    assert!(
+        sts[0].contains("AccessDenied") && sts[0].contains("trust policy"),
+        "{report}"
+    );
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_missing_aws_credentials() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let config = h.write_config(QUICK, "");
+    // No AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the default chain finds nothing.
+    let mut command = clean_command(binary());
+    command.arg("--config").arg(&config).arg("check");
+    let mut daemon = DaemonProcess::spawn(command);
+    let status = daemon.wait(Duration::from_secs(30));
+    let report = daemon.stdout_text();
+    assert_eq!(status.code(), Some(1), "{report}");
+    let sts = line_with(&report, "FAIL  sts");
+    assert_eq!(sts.len(), 1, "{report}");
+    assert!(
+        sts[0].contains("no AWS credentials found by the default chain"),
+        "{report}"
+    );
+    assert!(line_with(&report, "ok    ims").len() == 1, "{report}");
+    assert_eq!(h.sim.stats().sts_assume_role, 0);
+}
