@@ -66,10 +66,10 @@ def ensure_binaries() -> None:
     """Builds the release binaries when either is missing."""
     if SIM_BIN.exists() and DAEMON_BIN.exists():
         return
-    log("release binaries missing: cargo build --release --bins")
-    rc = subprocess.call(["cargo", "build", "--release", "--bins"], cwd=ROOT)
+    log("release binaries missing: cargo build --release --workspace --bins")
+    rc = subprocess.call(["cargo", "build", "--release", "--workspace", "--bins"], cwd=ROOT)
     if rc != 0 or not (SIM_BIN.exists() and DAEMON_BIN.exists()):
-        sys.exit(f"cargo build --release --bins failed (exit {rc}); cannot measure")
+        sys.exit(f"cargo build --release --workspace --bins failed (exit {rc}); cannot measure")
 
 
 def binary_id(path: Path = DAEMON_BIN) -> str:

@@ -16,7 +16,7 @@ fi
 export AEP_S3_ROTATOR_MOTO_SERVER="$PWD/$venv/bin/moto_server"
 
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@"
 else
-  cargo test --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@"
 fi

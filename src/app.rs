@@ -45,7 +45,7 @@ impl Exit {
 pub async fn main(cli: Cli) -> Exit {
     let command = cli.command.unwrap_or(Command::Run(RunArgs::default()));
     if let Command::Demo(args) = command {
-        return crate::demo::run(args).await;
+        return demo(args).await;
     }
     let config = match load_config(&cli.config) {
         Ok(config) => config,
@@ -58,6 +58,21 @@ pub async fn main(cli: Cli) -> Exit {
         Command::Status => status(&config).await,
         Command::Demo(_) => Exit::Usage,
     }
+}
+
+#[cfg(feature = "demo")]
+async fn demo(args: crate::cli::DemoArgs) -> Exit {
+    crate::demo::run(args).await
+}
+
+/// A build without the `demo` feature carries no simulator: say so plainly.
+#[cfg(not(feature = "demo"))]
+async fn demo(_args: crate::cli::DemoArgs) -> Exit {
+    eprintln!(
+        "aep-s3-rotator: this build has no demo (it was built without the `demo` feature); \
+         build with default features to run it"
+    );
+    Exit::Usage
 }
 
 /// Loads and validates the config; logs every problem with its key path.

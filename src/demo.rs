@@ -1,5 +1,5 @@
 //! `demo`: the real daemon (the same scheduler, clients and `aws-sdk-sts`)
-//! against the embedded loopback [`simulator`](crate::simulator), with
+//! against the embedded loopback simulator (`aep_s3_simulator`), with
 //! credentials that live 30 s, one etag conflict and one throttled request,
 //! and a summary table at exit. Needs no AWS or Adobe account.
 
@@ -15,11 +15,11 @@ use crate::cli::DemoArgs;
 use crate::config::Config;
 use crate::daemon::{Daemon, Mode, Options, Report};
 use crate::notify::Notifier;
-use crate::simulator::{
-    RetryAfter, ScriptedFault, SimConfig, SimConnection, SimService, SimStats, Simulator,
-};
 use crate::sts::SourceIdentity;
 use crate::telemetry::Telemetry;
+use aep_s3_simulator::{
+    RetryAfter, ScriptedFault, SimConfig, SimConnection, SimService, SimStats, Simulator,
+};
 
 /// How long the simulator's STS credentials live: long enough to watch, short
 /// enough to see several rotations a minute.

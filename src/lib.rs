@@ -27,8 +27,10 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
 //! loads the configuration and maps the result of [`app`] to an exit code.
-//! [`simulator`] is an independent, strict loopback implementation of the three
-//! remote APIs used by `demo`, the tests and the benchmark scripts.
+//! The strict loopback simulator of the three remote APIs lives in its own
+//! crate (`crates/aep-s3-simulator`): a dev-dependency of the tests and, behind
+//! the default-on `demo` feature, the engine of `demo`. A build with
+//! `--no-default-features` has no simulator code in it.
 
 pub mod admin;
 pub mod app;
@@ -36,6 +38,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod flow;
 pub mod ims;
@@ -45,7 +48,6 @@ pub mod rotation;
 pub mod schedule;
 pub mod shaping;
 pub mod shutdown;
-pub mod simulator;
 pub mod state;
 pub mod sts;
 pub mod telemetry;

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use aep_s3_rotator::simulator::{RetryAfter, ScriptedFault, SimEvent, SimService};
+use aep_s3_simulator::{RetryAfter, ScriptedFault, SimEvent, SimService};
 use common::*;
 use serde_json::Value;
 

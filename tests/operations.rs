@@ -9,7 +9,7 @@ mod common;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use aep_s3_rotator::simulator::SimService;
+use aep_s3_simulator::SimService;
 use common::*;
 
 fn free_port() -> u16 {

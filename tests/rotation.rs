@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use aep_s3_rotator::simulator::{RetryAfter, ScriptedFault, SimEvent, SimService};
+use aep_s3_simulator::{RetryAfter, ScriptedFault, SimEvent, SimService};
 use common::*;
 
 #[tokio::test(flavor = "multi_thread")]

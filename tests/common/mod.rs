@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aep_s3_rotator::simulator::{SimConfig, SimConnection, Simulator};
+use aep_s3_simulator::{SimConfig, SimConnection, Simulator};
 use serde_json::Value;
 
 pub const CLIENT_ID: &str = "test-client-id";

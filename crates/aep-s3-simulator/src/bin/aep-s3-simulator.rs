@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use aep_s3_rotator::simulator::{Faults, SimConfig, SimConnection, Simulator};
+use aep_s3_simulator::{Faults, SimConfig, SimConnection, Simulator};
 use anyhow::Context as _;
 use clap::Parser;
 
