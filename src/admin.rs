@@ -57,8 +57,7 @@ impl StatusEntry {
         now: SystemTime,
         refresh_before: Duration,
     ) -> Self {
-        let rfc3339 =
-            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+        let rfc3339 = |t: Option<SystemTime>| t.map(crate::clock::rfc3339);
         Self {
             id: status.id.clone(),
             name: status.name.clone(),
@@ -115,7 +114,7 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> Response {
-    match telemetry.readiness(SystemTime::now()) {
+    match telemetry.readiness(crate::clock::wall_now()) {
         Ok(()) => (
             StatusCode::OK,
             Json(Readiness {
@@ -138,13 +137,13 @@ async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> Response {
 async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> Response {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        telemetry.render_metrics(SystemTime::now()),
+        telemetry.render_metrics(crate::clock::wall_now()),
     )
         .into_response()
 }
 
 async fn status(State(telemetry): State<Arc<Telemetry>>) -> Json<Vec<StatusEntry>> {
-    let now = SystemTime::now();
+    let now = crate::clock::wall_now();
     let refresh_before = telemetry.refresh_before();
     Json(
         telemetry
@@ -196,7 +195,7 @@ pub async fn status_report(addr: SocketAddr) -> Result<String, String> {
     let entries: Vec<StatusEntry> = serde_json::from_slice(&body).map_err(|e| {
         format!("the admin endpoint at {url} answered something that is not a status list: {e}")
     })?;
-    Ok(render_status_table(&entries, SystemTime::now()))
+    Ok(render_status_table(&entries, crate::clock::wall_now()))
 }
 
 /// The one-line error for a request that got no answer.
@@ -326,7 +325,7 @@ mod tests {
     const REFRESH: Duration = Duration::from_secs(20 * 60);
 
     fn board() -> Arc<Telemetry> {
-        let now = SystemTime::now();
+        let now = crate::clock::wall_now();
         let telemetry = Arc::new(Telemetry::new(REFRESH));
         telemetry.upsert(ConnectionStatus {
             id: "id-fresh".into(),
@@ -655,7 +654,7 @@ mod tests {
 
     #[test]
     fn table_without_connections_says_so() {
-        let table = render_status_table(&[], SystemTime::now());
+        let table = render_status_table(&[], crate::clock::wall_now());
         assert!(table.starts_with("NAME"));
         assert!(table.ends_with("(no connections configured)\n"));
     }

@@ -4,14 +4,15 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, OnceArgs, RunArgs};
+use crate::clock::rfc3339;
 use crate::config::{Config, ConfigError};
-use crate::daemon::{Daemon, Mode, Options, Report, build_rotator, rfc3339};
+use crate::daemon::{Daemon, Mode, Options, Report, build_rotator};
 use crate::notify::Notifier;
 use crate::sts::{CredentialSource, SourceIdentity, StsError, StsRequest};
 use crate::telemetry::Telemetry;
@@ -322,7 +323,7 @@ async fn check(config: Config, path: &Path) -> Exit {
         only: Vec::new(),
         identity: SourceIdentity::DefaultChain,
     };
-    let rotator = match build_rotator(&config, &options, &telemetry).await {
+    let rotator = match build_rotator(&config, &options, &telemetry, None).await {
         Ok(rotator) => rotator,
         Err(error) => {
             lines.fail("setup", &format!("{error:#}"));
@@ -382,7 +383,7 @@ async fn check(config: Config, path: &Path) -> Exit {
         }
         match source.issue(&request).await {
             Ok(credentials) => {
-                let left = credentials.expiration.duration_since(SystemTime::now()).unwrap_or_default();
+                let left = credentials.expiration.duration_since(crate::clock::wall_now()).unwrap_or_default();
                 let operation = if request.role_arn.is_some() { "AssumeRole" } else { "GetSessionToken" };
                 lines.ok(
                     "sts",

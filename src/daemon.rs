@@ -1,11 +1,20 @@
-//! The scheduler: one loop that owns every connection's state, keeps a heap of
-//! deadlines, sleeps until the earliest one (no polling), dispatches due
-//! connections as [`rotation`](crate::rotation) jobs, and turns each outcome
-//! into the next deadline with the pure policies of
-//! [`schedule`](crate::schedule).
+//! The scheduler: a thin loop over the connections' state machines.
 //!
-//! Failures are isolated: every connection has its own deadline and its own
-//! backoff, and a slow or failing one only ever occupies its own job.
+//! It owns every [`Connection`], keeps a heap of due times, sleeps until the
+//! earliest one (no polling), dispatches due connections as jobs (at most a
+//! dispatch limit at once), and feeds every job's result back to
+//! [`Connection::apply`], which decides the next step. The rules live there;
+//! this module only moves events and actions between the connections, the
+//! job set, the clock and the observers (telemetry, systemd, the state file).
+//!
+//! - The deadline branch is armed only when a dispatch can happen, so a
+//!   backlog larger than the dispatch limit does not spin the loop.
+//! - Every job is spawned in a `JoinSet` keyed by task id: its result, or its
+//!   panic, always maps back to its connection, which is rescheduled.
+//! - A reload is a diff ([`Event::Changed`] / [`Event::Removed`] / new
+//!   connections); the clients are rebuilt off the loop and keep whatever the
+//!   new config does not change (IMS token, STS cache, request gate).
+//! - `WATCHDOG=1` is sent only while the loop makes progress.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -18,17 +27,18 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::backoff::BackoffPolicy;
+use crate::clock::{Clock, earlier};
 use crate::config::{Config, ConnectionConfig};
+use crate::connection::{self, Action, Connection, Event, Phase, Policy};
 use crate::flow::FlowClient;
 use crate::ims::ImsClient;
 use crate::notify::Notifier;
-use crate::rotation::{Job, JobResult, RotationError, Rotator};
-use crate::schedule::{self, Escalation, RetryKind};
-use crate::shaping::RequestGate;
-use crate::state::{PersistedConnection, StateSnapshot, StateStore};
+use crate::rotation::{Job, JobResult, JobRunner, RotationError, Rotator};
+use crate::schedule::EXPIRY_MARGIN;
+use crate::shaping::{self, RequestGate};
+use crate::state::{StateSnapshot, StateStore};
 use crate::sts::{AwsSts, CredentialCache, SourceIdentity, StsRequest};
-use crate::telemetry::{ConnectionStatus, Outcome, Telemetry};
+use crate::telemetry::Telemetry;
 
 /// How the daemon runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,10 +50,6 @@ pub enum Mode {
     Once,
 }
 
-/// Attempts per connection in `once` mode: enough to ride out a throttle or
-/// a dropped connection, few enough that `once` finishes promptly.
-const ONCE_ATTEMPTS: u32 = 3;
-
 /// How often the state file is written at most: every rotation marks it
 /// dirty, and a burst of rotations (the first pass over 10,000 connections)
 /// costs one write per second, not one per connection.
@@ -51,6 +57,12 @@ const STATE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often the systemd `STATUS=` line is refreshed at most.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Loop turns between two watchdog pings beyond which the loop counts as
+/// spinning (and stops feeding the watchdog) when nothing was dispatched or
+/// completed: a healthy loop turns a few times per event, never thousands of
+/// times for none.
+const SPIN_TURNS: u64 = 10_000;
 
 /// Options that do not come from the config file.
 #[derive(Debug, Clone)]
@@ -93,6 +105,8 @@ pub struct ConnectionReport {
 pub struct Report {
     /// One entry per connection, in config order.
     pub connections: Vec<ConnectionReport>,
+    /// Turns of the scheduler loop (for the benchmark: turns per rotation).
+    pub loop_turns: u64,
 }
 
 impl Report {
@@ -102,11 +116,14 @@ impl Report {
     }
 }
 
-/// Builds the remote clients for a config. Called at start and on reload.
+/// Builds the remote clients for `config`, keeping from `previous` (the
+/// clients of the running config `old`) every part whose settings did not
+/// change: the IMS token cache, the STS answer cache, the request gate.
 pub async fn build_rotator(
     config: &Config,
     options: &Options,
     telemetry: &Arc<Telemetry>,
+    previous: Option<(&Config, &Rotator)>,
 ) -> anyhow::Result<Rotator> {
     let rotation = &config.rotation;
     let http = reqwest::Client::builder()
@@ -116,27 +133,58 @@ pub async fn build_rotator(
         // Certificates are always verified; there is deliberately no switch.
         .build()
         .context("building the HTTP client")?;
-    let gate = Arc::new(RequestGate::new(
-        rotation.concurrency,
-        rotation.max_requests_per_second,
-    ));
-    let sts = AwsSts::new(
-        &config.aws,
-        &options.identity,
-        rotation.request_timeout,
-        Arc::clone(telemetry),
-    )
-    .await;
+    let same_http = |old: &Config| old.rotation.request_timeout == rotation.request_timeout;
+    let gate = match previous {
+        Some((old, rotator))
+            if old.rotation.concurrency == rotation.concurrency
+                && old.rotation.max_requests_per_second == rotation.max_requests_per_second =>
+        {
+            rotator.flow.gate()
+        }
+        _ => Arc::new(RequestGate::new(
+            rotation.concurrency,
+            rotation.max_requests_per_second,
+        )),
+    };
+    let ims = match previous {
+        Some((old, rotator)) if same_http(old) && same_adobe(old, config) => {
+            Arc::clone(&rotator.ims)
+        }
+        _ => Arc::new(ImsClient::new(
+            http.clone(),
+            &config.adobe,
+            Arc::clone(telemetry),
+        )),
+    };
+    let credentials = match previous {
+        Some((old, rotator))
+            if same_http(old)
+                && old.aws.region == config.aws.region
+                && old.aws.sts_endpoint == config.aws.sts_endpoint =>
+        {
+            Arc::clone(&rotator.credentials)
+        }
+        _ => {
+            let sts = AwsSts::new(
+                &config.aws,
+                &options.identity,
+                rotation.request_timeout,
+                Arc::clone(telemetry),
+            )
+            .await;
+            Arc::new(CredentialCache::new(Arc::new(sts)))
+        }
+    };
     Ok(Rotator {
         flow: FlowClient::new(
-            http.clone(),
+            http,
             &config.adobe,
             gate,
             Arc::clone(telemetry),
             rotation.retry_min,
         ),
-        ims: Arc::new(ImsClient::new(http, &config.adobe, Arc::clone(telemetry))),
-        credentials: Arc::new(CredentialCache::new(Arc::new(sts))),
+        ims,
+        credentials,
         telemetry: Arc::clone(telemetry),
         refresh_before: rotation.refresh_before,
         verify: rotation.verify,
@@ -144,99 +192,72 @@ pub async fn build_rotator(
     })
 }
 
-/// One connection as the scheduler sees it.
-#[derive(Debug)]
-struct Entry {
-    config: ConnectionConfig,
-    sts: StsRequest,
-    /// Etag from our last PATCH (saves a GET).
-    etag: Option<String>,
-    /// The credentials this daemon put on the connection: access key id, expiry.
-    pushed: Option<(String, SystemTime)>,
-    /// After a restart, the etag we left; the first job only re-pushes if it changed.
-    resume_etag: Option<String>,
-    last_success: Option<SystemTime>,
-    /// Failures in a row.
-    failures: u32,
-    /// Whether any job of this connection has ended (for the first pass).
-    had_outcome: bool,
-    /// The deadline and the sequence number that makes a heap item current.
-    due: Option<(SystemTime, u64)>,
-    in_flight: bool,
-    /// Bumped when the entry is replaced, so outcomes of older jobs are dropped.
-    epoch: u64,
-    last_escalation_log: Option<(Escalation, SystemTime)>,
-    last_short_warning: Option<SystemTime>,
-    /// `once` mode: no further attempts.
-    finished: bool,
-    rotations: u64,
-    conflicts: u64,
-    failed_attempts: u64,
-    last_error: Option<String>,
+fn same_adobe(a: &Config, b: &Config) -> bool {
+    use secrecy::ExposeSecret;
+    let (a, b) = (&a.adobe, &b.adobe);
+    a.client_id == b.client_id
+        && a.client_secret.expose_secret() == b.client_secret.expose_secret()
+        && a.org_id == b.org_id
+        && a.scopes == b.scopes
+        && a.ims_url == b.ims_url
+        && a.platform_url == b.platform_url
 }
 
-impl Entry {
-    fn new(config: ConnectionConfig, sts: StsRequest, epoch: u64) -> Self {
-        Self {
-            config,
-            sts,
-            etag: None,
-            pushed: None,
-            resume_etag: None,
-            last_success: None,
-            failures: 0,
-            had_outcome: false,
-            due: None,
-            in_flight: false,
-            epoch,
-            last_escalation_log: None,
-            last_short_warning: None,
-            finished: false,
-            rotations: 0,
-            conflicts: 0,
-            failed_attempts: 0,
-            last_error: None,
+/// The clients jobs run with: the real ones (rebuilt on reload), or a fixed
+/// runner (tests).
+#[derive(Debug, Clone)]
+enum Runner {
+    Real(Arc<Rotator>),
+    Fixed(Arc<dyn JobRunner>),
+}
+
+impl Runner {
+    fn job_runner(&self) -> Arc<dyn JobRunner> {
+        match self {
+            Self::Real(rotator) => Arc::clone(rotator) as Arc<dyn JobRunner>,
+            Self::Fixed(runner) => Arc::clone(runner),
         }
     }
-
-    fn span(&self) -> tracing::Span {
-        tracing::info_span!(
-            "connection",
-            connection = %self.config.id,
-            sandbox = %self.config.sandbox,
-            name = %self.config.name
-        )
-    }
 }
 
-type Finished = (String, u64, JobResult);
+/// A reload whose clients are ready.
+struct Prepared {
+    config: Config,
+    runner: Runner,
+}
 
 /// The scheduler.
 pub struct Daemon {
     config: Config,
     options: Options,
-    rotator: Arc<Rotator>,
+    policy: Policy,
+    clock: Clock,
+    runner: Runner,
     telemetry: Arc<Telemetry>,
     notifier: Notifier,
     state: Option<StateStore>,
-    entries: HashMap<String, Entry>,
-    heap: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
-    jobs: JoinSet<Finished>,
-    seq: u64,
-    /// Connections that have not had a first outcome yet; `READY=1` at zero.
-    first_pass_pending: usize,
+    connections: HashMap<String, Connection>,
+    /// Due times; an item is current while its connection waits for exactly that time.
+    heap: BinaryHeap<Reverse<(SystemTime, String)>>,
+    jobs: JoinSet<(String, JobResult)>,
+    /// Which connection each running task belongs to (for panics).
+    tasks: HashMap<tokio::task::Id, String>,
+    /// Dropped jobs are cancelled before their PATCH when shutdown starts.
+    job_cancel: CancellationToken,
     ready_sent: bool,
     state_dirty: bool,
     last_state_write: Option<tokio::time::Instant>,
     last_status: Option<tokio::time::Instant>,
-    /// Dropped jobs are cancelled before their PATCH when shutdown starts.
-    job_cancel: CancellationToken,
+    /// Work dispatched or completed since the last watchdog ping.
+    progressed: bool,
+    turns: u64,
+    turns_at_ping: u64,
 }
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
-            .field("connections", &self.entries.len())
+            .field("connections", &self.connections.len())
             .field("in_flight", &self.jobs.len())
             .finish_non_exhaustive()
     }
@@ -251,71 +272,92 @@ impl Daemon {
         telemetry: Arc<Telemetry>,
         notifier: Notifier,
     ) -> anyhow::Result<Self> {
-        let rotator = Arc::new(build_rotator(&config, &options, &telemetry).await?);
+        let rotator = build_rotator(&config, &options, &telemetry, None).await?;
+        Ok(Self::with_runner(
+            config,
+            options,
+            telemetry,
+            notifier,
+            Clock::system(),
+            Runner::Real(Arc::new(rotator)),
+        ))
+    }
+
+    /// A scheduler whose jobs run on `runner` and whose time is `clock`:
+    /// the seam that lets tests drive the loop with paused time and no sockets.
+    pub fn with_job_runner(
+        config: Config,
+        options: Options,
+        telemetry: Arc<Telemetry>,
+        notifier: Notifier,
+        clock: Clock,
+        runner: Arc<dyn JobRunner>,
+    ) -> Self {
+        Self::with_runner(
+            config,
+            options,
+            telemetry,
+            notifier,
+            clock,
+            Runner::Fixed(runner),
+        )
+    }
+
+    fn with_runner(
+        config: Config,
+        options: Options,
+        telemetry: Arc<Telemetry>,
+        notifier: Notifier,
+        clock: Clock,
+        runner: Runner,
+    ) -> Self {
+        let policy = Policy::new(&config.rotation, options.mode == Mode::Once);
         let state = config.state.path.clone().map(StateStore::new);
         let mut daemon = Self {
             config,
             options,
-            rotator,
+            policy,
+            clock,
+            runner,
             telemetry,
             notifier,
             state,
-            entries: HashMap::new(),
+            connections: HashMap::new(),
             heap: BinaryHeap::new(),
             jobs: JoinSet::new(),
-            seq: 0,
-            first_pass_pending: 0,
+            tasks: HashMap::new(),
+            job_cancel: CancellationToken::new(),
             ready_sent: false,
             state_dirty: false,
             last_state_write: None,
             last_status: None,
-            job_cancel: CancellationToken::new(),
+            progressed: false,
+            turns: 0,
+            turns_at_ping: 0,
         };
         let persisted = daemon.load_state();
-        let now = SystemTime::now();
-        let selected: Vec<ConnectionConfig> = daemon
-            .config
+        let now = daemon.clock.now();
+        for config in daemon.selected(&daemon.config) {
+            let sts = StsRequest::for_connection(&daemon.config, &config);
+            let id = config.id.clone();
+            let connection = match persisted.connections.get(&id) {
+                Some(saved) => Connection::restored(config, sts, saved, now, &daemon.policy),
+                None => Connection::new(config, sts, now),
+            };
+            daemon.connections.insert(id.clone(), connection);
+            daemon.follow(&id, Action::WaitUntil(now));
+        }
+        daemon
+    }
+
+    /// The connections of `config` this run is about (`once --connection`).
+    fn selected(&self, config: &Config) -> Vec<ConnectionConfig> {
+        config
             .connections
             .iter()
-            .filter(|c| daemon.options.only.is_empty() || daemon.options.only.contains(&c.id))
+            .filter(|c| self.options.only.is_empty() || self.options.only.contains(&c.id))
             .cloned()
-            .collect();
-        for connection in selected {
-            let mut entry = daemon.new_entry(connection);
-            if let Some(saved) = persisted.connections.get(&entry.config.id) {
-                daemon.resume(&mut entry, saved, now);
-            }
-            let id = entry.config.id.clone();
-            daemon.telemetry.upsert(status_of(&entry));
-            daemon.entries.insert(id.clone(), entry);
-            daemon.schedule(&id, now);
-        }
-        daemon.first_pass_pending = daemon.entries.len();
-        Ok(daemon)
-    }
-
-    fn new_entry(&mut self, connection: ConnectionConfig) -> Entry {
-        let sts = StsRequest::for_connection(&self.config, &connection);
-        self.seq += 1;
-        Entry::new(connection, sts, self.seq)
-    }
-
-    /// Takes a remembered connection back: when its credentials are still good
-    /// for longer than `refresh_before`, the first job only checks the etag.
-    fn resume(&self, entry: &mut Entry, saved: &PersistedConnection, now: SystemTime) {
-        entry.last_success = saved.last_success_at;
-        if saved.sandbox != entry.config.sandbox || self.options.mode == Mode::Once {
-            return;
-        }
-        let left = saved
-            .expires_at
-            .duration_since(now)
-            .unwrap_or(Duration::ZERO);
-        if left > self.config.rotation.refresh_before {
-            entry.pushed = Some((saved.access_key_id.clone(), saved.expires_at));
-            entry.resume_etag = Some(saved.etag.clone());
-            entry.etag = Some(saved.etag.clone());
-        }
+            .collect()
     }
 
     fn load_state(&self) -> StateSnapshot {
@@ -336,16 +378,6 @@ impl Daemon {
         }
     }
 
-    fn schedule(&mut self, id: &str, at: SystemTime) {
-        self.seq += 1;
-        if let Some(entry) = self.entries.get_mut(id) {
-            entry.due = Some((at, self.seq));
-            self.heap.push(Reverse((at, self.seq, id.to_owned())));
-            let next = Some(at);
-            self.telemetry.update(id, |s| s.next_rotation_at = next);
-        }
-    }
-
     /// Runs until `cancel` (mode `Run`) or until every connection is done
     /// (mode `Once`). `reloads` delivers validated configs (SIGHUP).
     pub async fn run(
@@ -357,32 +389,45 @@ impl Daemon {
         let mut watchdog_tick =
             tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
         watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (prepared_tx, mut prepared) = mpsc::channel::<anyhow::Result<Prepared>>(4);
+        let mut reloads_open = true;
         loop {
+            self.turns += 1;
             self.dispatch_due();
             if self.options.mode == Mode::Once
                 && self.jobs.is_empty()
-                && self.entries.values().all(|e| e.finished)
+                && self
+                    .connections
+                    .values()
+                    .all(|c| c.phase() == Phase::Finished)
             {
                 break;
             }
             self.after_progress();
-            let next_due = self.next_deadline();
+            // Armed only when a dispatch could happen: with every slot busy,
+            // an overdue deadline would otherwise fire on every turn.
+            let next_due = if self.jobs.len() < self.dispatch_limit() {
+                self.next_deadline()
+            } else {
+                None
+            };
             let next_state_write = self.next_state_write();
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                Some(finished) = self.jobs.join_next(), if !self.jobs.is_empty() => {
-                    match finished {
-                        Ok((id, epoch, result)) => self.on_result(&id, epoch, result),
-                        Err(error) => tracing::error!(error = %error, "rotation task failed"),
-                    }
+                Some(finished) = self.jobs.join_next_with_id(), if !self.jobs.is_empty() => {
+                    self.on_joined(finished);
                 }
-                Some(config) = reloads.recv() => self.reload(config).await,
-                () = sleep_until(next_due), if next_due.is_some() => {}
+                Some(prepared) = prepared.recv() => self.apply_reload(prepared),
+                reload = reloads.recv(), if reloads_open => match reload {
+                    Some(config) => self.prepare_reload(config, prepared_tx.clone()),
+                    None => reloads_open = false,
+                },
+                () = tokio::time::sleep_until(self.clock.instant_at(next_due.unwrap_or(SystemTime::UNIX_EPOCH))), if next_due.is_some() => {}
                 () = tokio::time::sleep_until(next_state_write.unwrap_or_else(tokio::time::Instant::now)), if next_state_write.is_some() => {
                     self.write_state().await;
                 }
-                _ = watchdog_tick.tick(), if watchdog.is_some() => self.notifier.watchdog(),
+                _ = watchdog_tick.tick(), if watchdog.is_some() => self.watchdog(),
             }
         }
         if cancel.is_cancelled() {
@@ -393,13 +438,20 @@ impl Daemon {
         Ok(self.report())
     }
 
+    /// Jobs in flight at most. Jobs beyond `concurrency` only wait in the
+    /// request gate, so a modest surplus keeps the gate busy without holding
+    /// thousands of futures.
+    fn dispatch_limit(&self) -> usize {
+        self.config.rotation.concurrency.get().saturating_mul(2)
+    }
+
+    /// The earliest current due time; drops stale heap items on the way.
     fn next_deadline(&mut self) -> Option<SystemTime> {
-        // Drop stale heap items (rescheduled or removed connections) lazily.
-        while let Some(Reverse((at, seq, id))) = self.heap.peek() {
+        while let Some(Reverse((at, id))) = self.heap.peek() {
             let current = self
-                .entries
+                .connections
                 .get(id)
-                .is_some_and(|e| !e.in_flight && !e.finished && e.due == Some((*at, *seq)));
+                .is_some_and(|c| c.phase() == Phase::Waiting(*at));
             if current {
                 return Some(*at);
             }
@@ -408,242 +460,156 @@ impl Daemon {
         None
     }
 
-    /// Dispatches due connections while fewer than the dispatch limit are in
-    /// flight. Jobs beyond `concurrency` only wait in the request gate, so a
-    /// modest surplus keeps the gate busy without holding thousands of futures.
     fn dispatch_due(&mut self) {
-        let limit = self.config.rotation.concurrency.get().saturating_mul(2);
-        let now = SystemTime::now();
-        while self.jobs.len() < limit {
-            let Some(at) = self.next_deadline() else {
-                break;
-            };
-            if at > now {
-                break;
+        let now = self.clock.now();
+        while self.jobs.len() < self.dispatch_limit() {
+            match self.next_deadline() {
+                Some(at) if at <= now => {}
+                _ => break,
             }
-            let Some(Reverse((_, _, id))) = self.heap.pop() else {
+            let Some(Reverse((_, id))) = self.heap.pop() else {
                 break;
             };
-            self.start_job(&id);
+            self.event(&id, Event::Due);
         }
     }
 
-    fn start_job(&mut self, id: &str) {
-        let Some(entry) = self.entries.get_mut(id) else {
+    /// Sends one event to one connection and carries out what it answers.
+    fn event(&mut self, id: &str, event: Event) {
+        let now = self.clock.now();
+        let Some(connection) = self.connections.get_mut(id) else {
             return;
         };
-        entry.in_flight = true;
-        entry.due = None;
-        let job = Job {
-            id: entry.config.id.clone(),
-            sandbox: entry.config.sandbox.clone(),
-            sts: entry.sts.clone(),
-            known_etag: entry.etag.clone(),
-            held: entry.pushed.as_ref().map(|(key, _)| key.clone()),
-            resume_if_etag: entry.resume_etag.take(),
+        let outcome = match &event {
+            Event::JobDone(result) => connection::outcome_of(result),
+            _ => None,
         };
-        let rotator = Arc::clone(&self.rotator);
-        let cancel = self.job_cancel.clone();
-        let epoch = entry.epoch;
-        let span = entry.span();
-        // Boxed so a waiting job costs a pointer, not the largest future.
-        self.jobs.spawn(
-            Box::pin(async move {
-                let result = rotator.run(&job, &cancel).await;
-                (job.id, epoch, result)
-            })
-            .instrument(span),
-        );
+        let action = connection.apply(event, now, &self.policy, rand::random());
+        if let Some(outcome) = outcome {
+            self.telemetry.rotation(id, outcome);
+            self.state_dirty = true;
+        }
+        self.follow(id, action);
     }
 
-    fn on_result(&mut self, id: &str, epoch: u64, result: JobResult) {
-        let now = SystemTime::now();
-        let rotation = self.config.rotation.clone();
-        let mode = self.options.mode.clone();
-        let Some(entry) = self.entries.get_mut(id) else {
-            return;
-        };
-        if entry.epoch != epoch {
-            return; // the connection was replaced by a reload meanwhile
-        }
-        entry.in_flight = false;
-        if !entry.had_outcome
-            && !matches!(
-                result,
-                JobResult::Failed {
-                    error: RotationError::Cancelled,
-                    ..
-                }
-            )
-        {
-            entry.had_outcome = true;
-            self.first_pass_pending = self.first_pass_pending.saturating_sub(1);
-        }
-        let _span = entry.span().entered();
-        let next_at = match result {
-            JobResult::Rotated {
-                access_key_id,
-                expires_at,
-                etag,
-                conflicts,
-            } => {
-                entry.pushed = Some((access_key_id.clone(), expires_at));
-                entry.etag = etag;
-                entry.failures = 0;
-                entry.last_success = Some(now);
-                entry.last_error = None;
-                entry.rotations += 1;
-                entry.conflicts += u64::from(conflicts);
-                self.telemetry.rotation(id, Outcome::Success);
+    fn follow(&mut self, id: &str, action: Action) {
+        match action {
+            Action::Dispatch(job) => self.spawn(*job),
+            Action::WaitUntil(at) => self.heap.push(Reverse((at, id.to_owned()))),
+            Action::AwaitJob | Action::Finished => {}
+            Action::Drop => {
+                self.connections.remove(id);
+                self.telemetry.remove(id);
                 self.state_dirty = true;
-                let next = next_rotation(now, expires_at, &rotation, &mut entry.last_short_warning);
-                tracing::info!(
-                    access_key_id = %access_key_id,
-                    expires_at = %rfc3339(expires_at),
-                    next_rotation_at = %rfc3339(next),
-                    "credentials rotated"
-                );
-                if mode == Mode::Once {
-                    entry.finished = true;
-                }
-                next
-            }
-            JobResult::WouldRotate {
-                access_key_id,
-                expires_at,
-                etag,
-            } => {
-                entry.failures = 0;
-                entry.last_error = None;
-                entry.etag = Some(etag.clone());
-                let next = next_rotation(now, expires_at, &rotation, &mut entry.last_short_warning);
-                tracing::info!(
-                    access_key_id = %access_key_id,
-                    expires_at = %rfc3339(expires_at),
-                    etag = %etag,
-                    changes = "s3AccessKey, s3SecretKey (redacted), s3SessionToken (redacted)",
-                    next_rotation_at = %rfc3339(next),
-                    "dry run: would rotate credentials"
-                );
-                if mode == Mode::Once {
-                    entry.finished = true;
-                }
-                next
-            }
-            JobResult::Unchanged { etag } => {
-                entry.etag = Some(etag);
-                entry.failures = 0;
-                let expires_at = entry.pushed.as_ref().map_or(now, |(_, at)| *at);
-                let next = next_rotation(now, expires_at, &rotation, &mut entry.last_short_warning);
-                tracing::info!(
-                    access_key_id = entry.pushed.as_ref().map(|(k, _)| k.as_str()).unwrap_or(""),
-                    expires_at = %rfc3339(expires_at),
-                    next_rotation_at = %rfc3339(next),
-                    "connection unchanged since restart, credentials kept"
-                );
-                next
-            }
-            JobResult::Failed {
-                error: RotationError::Cancelled,
-                etag,
-                ..
-            } => {
-                entry.etag = etag.or(entry.etag.take());
                 return;
             }
-            JobResult::Failed {
-                error,
-                etag,
-                conflicts,
-            } => {
-                if etag.is_some() {
-                    entry.etag = etag;
-                }
-                entry.conflicts += u64::from(conflicts);
-                entry.failed_attempts += 1;
-                entry.last_error = Some(error.to_string());
-                self.telemetry.rotation(id, Outcome::Failure);
-                let attempt = entry.failures;
-                entry.failures += 1;
-                let policy = BackoffPolicy {
-                    min: rotation.retry_min,
-                    max: rotation.retry_max,
-                };
-                let on_connection = entry.pushed.as_ref().map(|(_, at)| *at);
-                let plan = schedule::plan_retry(
-                    &policy,
-                    now,
-                    attempt,
-                    error.retry_kind(),
-                    on_connection,
-                    rand::random(),
-                );
-                let retry_in = plan.at.duration_since(now).unwrap_or_default();
-                let give_up = mode == Mode::Once
-                    && (entry.failures >= ONCE_ATTEMPTS || error.retry_kind() == RetryKind::Slow);
-                if give_up {
-                    entry.finished = true;
-                    tracing::error!(
-                        error = %error,
-                        status = error.status().unwrap_or_default(),
-                        attempt = entry.failures,
-                        "rotation failed"
-                    );
-                } else {
-                    tracing::warn!(
-                        error = %error,
-                        status = error.status().unwrap_or_default(),
-                        attempt = entry.failures,
-                        retry_in = %humantime::format_duration(round_ms(retry_in)),
-                        "rotation failed, retrying"
-                    );
-                }
-                if schedule::should_log_escalation(entry.last_escalation_log, plan.escalation, now)
-                {
-                    entry.last_escalation_log = Some((plan.escalation, now));
-                    escalate(plan.escalation, on_connection);
-                }
-                plan.at
-            }
-        };
-        let status = status_of(entry);
-        self.telemetry.upsert(status);
-        if !self.entries.get(id).is_some_and(|e| e.finished) {
-            self.schedule(id, next_at);
-        } else {
-            self.telemetry.update(id, |s| s.next_rotation_at = None);
+        }
+        if let Some(connection) = self.connections.get(id) {
+            self.telemetry.upsert(connection.status());
         }
     }
 
-    /// Readiness, `STATUS=` and the state file after something happened.
+    fn spawn(&mut self, job: Job) {
+        let Some(connection) = self.connections.get(&job.id) else {
+            return;
+        };
+        self.progressed = true;
+        // A shared pause (another connection's 429) never holds this job
+        // past the point where its own credentials need replacing.
+        let start_by = connection
+            .pushed()
+            .map(|p| self.clock.instant_at(earlier(p.expires_at, EXPIRY_MARGIN)));
+        let span = connection.span();
+        let runner = self.runner.job_runner();
+        let cancel = self.job_cancel.clone();
+        let id = job.id.clone();
+        // Boxed so a waiting job costs a pointer, not the largest future.
+        let task = Box::pin(async move {
+            let result = shaping::start_by(start_by, runner.run(&job, &cancel)).await;
+            (job.id, result)
+        });
+        let handle = self.jobs.spawn(task.instrument(span));
+        self.tasks.insert(handle.id(), id);
+    }
+
+    fn on_joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, (String, JobResult)), tokio::task::JoinError>,
+    ) {
+        self.progressed = true;
+        match joined {
+            Ok((task, (id, result))) => {
+                self.tasks.remove(&task);
+                self.event(&id, Event::JobDone(result));
+            }
+            Err(error) => {
+                let Some(id) = self.tasks.remove(&error.id()) else {
+                    tracing::error!(error = %error, "rotation task of an unknown connection failed");
+                    return;
+                };
+                let detail = if error.is_panic() {
+                    "the job panicked"
+                } else {
+                    "the job was aborted"
+                };
+                tracing::error!(connection = %id, error = %error, "rotation task failed; the connection is rescheduled");
+                let result = JobResult::Failed {
+                    error: RotationError::Internal(detail.to_owned()),
+                    etag: None,
+                    conflicts: 0,
+                };
+                self.event(&id, Event::JobDone(result));
+            }
+        }
+    }
+
+    /// Pings the watchdog if the loop made progress since the last ping, or
+    /// had nothing it could do; a wedged or spinning loop stops feeding it.
+    fn watchdog(&mut self) {
+        let turns = self.turns - self.turns_at_ping;
+        self.turns_at_ping = self.turns;
+        let now = self.clock.now();
+        let overdue = self.next_deadline().is_some_and(|at| at <= now);
+        let idle = self.jobs.is_empty() && !overdue;
+        let spinning = !self.progressed && turns > SPIN_TURNS;
+        if (self.progressed || idle) && !spinning {
+            self.notifier.watchdog();
+        } else {
+            tracing::warn!(
+                in_flight = self.jobs.len(),
+                loop_turns = turns,
+                "scheduler made no progress since the last watchdog ping; not pinging"
+            );
+        }
+        self.progressed = false;
+    }
+
+    /// Readiness and `STATUS=` after something happened.
     fn after_progress(&mut self) {
-        let first_pass_done = self
-            .entries
-            .values()
-            .all(|e| e.last_success.is_some() || e.failed_attempts > 0 || e.finished);
         let now = tokio::time::Instant::now();
-        let status_due = self
-            .last_status
-            .is_none_or(|at| now.duration_since(at) >= STATUS_INTERVAL);
-        if !self.ready_sent && first_pass_done {
+        if !self.ready_sent && self.connections.values().all(Connection::had_outcome) {
             self.ready_sent = true;
             self.last_status = Some(now);
             let line = self.status_line();
             tracing::info!(status = %line, "first pass complete");
             self.notifier.ready(&line);
-        } else if self.ready_sent && status_due {
+        } else if self.ready_sent
+            && self
+                .last_status
+                .is_none_or(|at| now.duration_since(at) >= STATUS_INTERVAL)
+        {
             self.last_status = Some(now);
             self.notifier.status(&self.status_line());
         }
     }
 
     fn status_line(&self) -> String {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let summary = self.telemetry.summary(now);
         let next = summary
             .next_rotation_at
             .map(|at| {
-                let wait = at.duration_since(now).unwrap_or_default();
+                let wait = crate::clock::until(now, at);
                 format!(
                     ", next rotation in {}",
                     humantime::format_duration(Duration::from_secs(wait.as_secs()))
@@ -678,7 +644,13 @@ impl Daemon {
         }
         self.state_dirty = false;
         self.last_state_write = Some(tokio::time::Instant::now());
-        let snapshot = self.snapshot();
+        let snapshot = StateSnapshot {
+            connections: self
+                .connections
+                .iter()
+                .filter_map(|(id, c)| Some((id.clone(), c.persisted()?)))
+                .collect(),
+        };
         let error = match tokio::task::spawn_blocking(move || store.save(&snapshot)).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error.to_string(),
@@ -688,105 +660,109 @@ impl Daemon {
         self.state_dirty = true;
     }
 
-    fn snapshot(&self) -> StateSnapshot {
-        let connections = self
-            .entries
-            .values()
-            .filter_map(|e| {
-                let (key, expires_at) = e.pushed.clone()?;
-                let etag = e.etag.clone()?;
-                Some((
-                    e.config.id.clone(),
-                    PersistedConnection {
-                        sandbox: e.config.sandbox.clone(),
-                        etag,
-                        access_key_id: key,
-                        expires_at,
-                        last_success_at: e.last_success,
-                    },
-                ))
-            })
-            .collect();
-        StateSnapshot { connections }
+    /// Builds the clients for a new config off the loop (loading AWS config
+    /// can take seconds); the result comes back through `done`.
+    fn prepare_reload(&self, config: Config, done: mpsc::Sender<anyhow::Result<Prepared>>) {
+        self.notifier.reloading();
+        for (key, changed) in [
+            (
+                "[admin] listen",
+                config.admin.listen != self.config.admin.listen,
+            ),
+            ("[state] path", config.state.path != self.config.state.path),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "this setting changes only on restart; the running value stays"
+                );
+            }
+        }
+        match &self.runner {
+            Runner::Fixed(runner) => {
+                let runner = Runner::Fixed(Arc::clone(runner));
+                tokio::spawn(async move { done.send(Ok(Prepared { config, runner })).await });
+            }
+            Runner::Real(rotator) => {
+                let (old, rotator) = (self.config.clone(), Arc::clone(rotator));
+                let (options, telemetry) = (self.options.clone(), Arc::clone(&self.telemetry));
+                tokio::spawn(async move {
+                    let built =
+                        build_rotator(&config, &options, &telemetry, Some((&old, &rotator))).await;
+                    let prepared = built.map(|rotator| Prepared {
+                        config,
+                        runner: Runner::Real(Arc::new(rotator)),
+                    });
+                    done.send(prepared).await
+                });
+            }
+        }
     }
 
-    /// Applies a new, already validated config: connections added start now,
-    /// removed ones stop, changed ones (sandbox or STS identity) rotate now,
-    /// unchanged ones keep their state and schedule.
-    async fn reload(&mut self, config: Config) {
-        self.notifier.reloading();
-        let rotator = match build_rotator(&config, &self.options, &self.telemetry).await {
-            Ok(rotator) => rotator,
+    /// Applies a validated config as a diff: new connections start now,
+    /// removed ones go once their job ends, changed ones (sandbox or STS
+    /// identity) rotate with the new settings once their job ends, unchanged
+    /// ones keep their state and schedule.
+    fn apply_reload(&mut self, prepared: anyhow::Result<Prepared>) {
+        let Prepared { mut config, runner } = match prepared {
+            Ok(prepared) => prepared,
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "config reload failed, keeping the running config");
                 self.notifier.reloaded(&self.status_line());
                 return;
             }
         };
-        self.rotator = Arc::new(rotator);
-        self.telemetry
-            .set_refresh_before(config.rotation.refresh_before);
-        let now = SystemTime::now();
-        let wanted: HashMap<String, ConnectionConfig> = config
-            .connections
-            .iter()
-            .filter(|c| self.options.only.is_empty() || self.options.only.contains(&c.id))
-            .map(|c| (c.id.clone(), c.clone()))
+        // Keys that need a restart keep their running values.
+        config.admin.listen = self.config.admin.listen;
+        config.state.path = self.config.state.path.clone();
+        let now = self.clock.now();
+        let wanted: HashMap<String, ConnectionConfig> = self
+            .selected(&config)
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
             .collect();
         let removed: Vec<String> = self
-            .entries
+            .connections
             .keys()
             .filter(|id| !wanted.contains_key(*id))
             .cloned()
             .collect();
         for id in &removed {
-            self.entries.remove(id);
-            self.telemetry.remove(id);
+            self.event(id, Event::Removed);
         }
-        self.config = config;
         let (mut added, mut changed) = (0usize, 0usize);
-        for connection in self.config.connections.clone() {
-            if !wanted.contains_key(&connection.id) {
-                continue;
-            }
-            let sts = StsRequest::for_connection(&self.config, &connection);
+        for connection in self.selected(&config) {
+            let sts = StsRequest::for_connection(&config, &connection);
             let id = connection.id.clone();
-            match self.entries.get_mut(&id) {
-                Some(entry) if entry.config.sandbox == connection.sandbox && entry.sts == sts => {
-                    // Same target, same identity: keep state and schedule (a new
-                    // name or timing applies from the next rotation).
-                    entry.config = connection;
-                    entry.sts = sts;
-                    self.telemetry.upsert(status_of(entry));
-                }
-                Some(_) => {
-                    changed += 1;
-                    let entry = self.new_entry(connection);
-                    self.telemetry.remove(&id);
-                    self.telemetry.upsert(status_of(&entry));
-                    self.entries.insert(id.clone(), entry);
-                    self.schedule(&id, now);
+            match self.connections.get(&id) {
+                Some(current) => {
+                    if current.config().sandbox != connection.sandbox || *current.sts() != sts {
+                        changed += 1;
+                    }
+                    self.event(&id, Event::Changed(Box::new(connection), sts));
                 }
                 None => {
                     added += 1;
-                    let entry = self.new_entry(connection);
-                    self.telemetry.upsert(status_of(&entry));
-                    self.entries.insert(id.clone(), entry);
-                    self.schedule(&id, now);
+                    self.connections
+                        .insert(id.clone(), Connection::new(connection, sts, now));
+                    self.follow(&id, Action::WaitUntil(now));
                 }
             }
         }
-        if !self.ready_sent {
-            self.first_pass_pending = self.entries.values().filter(|e| !e.had_outcome).count();
-        }
-        let in_use: HashSet<StsRequest> = self.entries.values().map(|e| e.sts.clone()).collect();
-        self.rotator.credentials.retain(&in_use);
+        self.policy = Policy::new(&config.rotation, self.options.mode == Mode::Once);
+        self.telemetry
+            .set_refresh_before(config.rotation.refresh_before);
+        self.config = config;
+        self.runner = runner;
+        let in_use: HashSet<StsRequest> =
+            self.connections.values().map(|c| c.sts().clone()).collect();
+        self.runner.job_runner().retain(&in_use);
         self.state_dirty = true;
         tracing::info!(
             added,
             removed = removed.len(),
             changed,
-            connections = self.entries.len(),
+            connections = self.connections.len(),
             "config reloaded"
         );
         self.notifier.reloaded(&self.status_line());
@@ -798,12 +774,14 @@ impl Daemon {
         tracing::info!(in_flight = self.jobs.len(), "shutting down");
         self.notifier.stopping();
         self.job_cancel.cancel();
+        let ids: Vec<String> = self.connections.keys().cloned().collect();
+        for id in &ids {
+            self.event(id, Event::Shutdown);
+        }
         let grace = self.config.rotation.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
-            while let Some(finished) = self.jobs.join_next().await {
-                if let Ok((id, epoch, result)) = finished {
-                    self.on_result(&id, epoch, result);
-                }
+            while let Some(joined) = self.jobs.join_next_with_id().await {
+                self.on_joined(joined);
             }
         })
         .await;
@@ -820,101 +798,25 @@ impl Daemon {
             .config
             .connections
             .iter()
-            .filter_map(|c| self.entries.get(&c.id))
-            .map(|e| ConnectionReport {
-                id: e.config.id.clone(),
-                name: e.config.name.clone(),
-                sandbox: e.config.sandbox.clone(),
-                rotations: e.rotations,
-                conflicts: e.conflicts,
-                failures: e.failed_attempts,
-                access_key_id: e.pushed.as_ref().map(|(k, _)| k.clone()),
-                expires_at: e.pushed.as_ref().map(|(_, at)| *at),
-                last_error: e.last_error.clone(),
+            .filter_map(|c| self.connections.get(&c.id))
+            .map(|c| {
+                let counts = c.counts();
+                ConnectionReport {
+                    id: c.config().id.clone(),
+                    name: c.config().name.clone(),
+                    sandbox: c.config().sandbox.clone(),
+                    rotations: counts.rotations,
+                    conflicts: counts.conflicts,
+                    failures: counts.failures,
+                    access_key_id: c.pushed().map(|p| p.access_key_id.clone()),
+                    expires_at: c.pushed().map(|p| p.expires_at),
+                    last_error: c.last_error().map(str::to_owned),
+                }
             })
             .collect();
-        Report { connections }
+        Report {
+            connections,
+            loop_turns: self.turns,
+        }
     }
-}
-
-/// How often "credentials live shorter than refresh_before" is repeated per
-/// connection: it is a standing condition (the role's maximum session), so once
-/// is news and every cycle would be noise.
-const SHORT_WARNING_INTERVAL: Duration = Duration::from_secs(600);
-
-fn next_rotation(
-    now: SystemTime,
-    expires_at: SystemTime,
-    rotation: &crate::config::RotationConfig,
-    last_warning: &mut Option<SystemTime>,
-) -> SystemTime {
-    let next = schedule::next_rotation(
-        now,
-        expires_at,
-        rotation.refresh_before,
-        rotation.jitter,
-        rand::random(),
-    );
-    let warn_due = last_warning
-        .and_then(|at| now.duration_since(at).ok())
-        .is_none_or(|since| since >= SHORT_WARNING_INTERVAL);
-    if next.short_lived && warn_due {
-        *last_warning = Some(now);
-        let left = expires_at.duration_since(now).unwrap_or_default();
-        tracing::warn!(
-            expires_at = %rfc3339(expires_at),
-            expires_in = %humantime::format_duration(round_ms(left)),
-            refresh_before = %humantime::format_duration(rotation.refresh_before),
-            "credentials live shorter than refresh_before, rotating at half their remaining life; check the role's maximum session duration"
-        );
-    }
-    next.at
-}
-
-fn escalate(escalation: Escalation, expires_at: Option<SystemTime>) {
-    let expires_at = expires_at.map(rfc3339).unwrap_or_default();
-    match escalation {
-        Escalation::None => {}
-        Escalation::ExpiresBeforeRetry { left } => tracing::error!(
-            expires_at = %expires_at,
-            expires_in = %humantime::format_duration(round_ms(left)),
-            "credentials expire before next attempt"
-        ),
-        Escalation::Expired { ago } => tracing::error!(
-            expires_at = %expires_at,
-            expired_ago = %humantime::format_duration(round_ms(ago)),
-            "credentials expired"
-        ),
-    }
-}
-
-fn status_of(entry: &Entry) -> ConnectionStatus {
-    ConnectionStatus {
-        id: entry.config.id.clone(),
-        name: entry.config.name.clone(),
-        sandbox: entry.config.sandbox.clone(),
-        access_key_id: entry.pushed.as_ref().map(|(k, _)| k.clone()),
-        expires_at: entry.pushed.as_ref().map(|(_, at)| *at),
-        next_rotation_at: entry.due.map(|(at, _)| at),
-        last_success_at: entry.last_success,
-        last_error: entry.last_error.clone(),
-    }
-}
-
-/// Sleeps until a wall-clock deadline (tokio time, so paused-time tests drive it).
-async fn sleep_until(at: Option<SystemTime>) {
-    let wait = at
-        .and_then(|at| at.duration_since(SystemTime::now()).ok())
-        .unwrap_or_default();
-    tokio::time::sleep(wait).await;
-}
-
-/// RFC 3339 with seconds, for log fields.
-pub fn rfc3339(at: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(at).to_string()
-}
-
-/// Durations in logs, to the millisecond.
-pub fn round_ms(d: Duration) -> Duration {
-    Duration::from_millis(d.as_millis().try_into().unwrap_or(u64::MAX))
 }

@@ -4,7 +4,7 @@
 //! and a summary table at exit. Needs no AWS or Adobe account.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use secrecy::SecretString;
 use tokio::sync::mpsc;
@@ -178,7 +178,7 @@ request_timeout = "5s"
 
 /// The table printed at exit.
 fn summary(report: &Report, stats: &SimStats, violations: &[String]) -> String {
-    let now = SystemTime::now();
+    let now = crate::clock::wall_now();
     let mut out = format!(
         "\n{:<12} {:<8} {:>9} {:>9} {:>8}  {:<20} {:>10}\n",
         "CONNECTION",

@@ -9,7 +9,7 @@
 //! the key pair it was issued with.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, IF_MATCH, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
@@ -132,6 +132,11 @@ impl FlowClient {
             telemetry,
             default_pause,
         }
+    }
+
+    /// The request gate, shared with a rebuilt client after a reload.
+    pub fn gate(&self) -> Arc<RequestGate> {
+        Arc::clone(&self.gate)
     }
 
     fn url(&self, id: &str, test: bool) -> Url {
@@ -305,7 +310,7 @@ impl FlowClient {
                 let retry_after = headers
                     .get(RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    .and_then(|v| parse_retry_after(v, crate::clock::wall_now()));
                 self.gate.pause(retry_after.unwrap_or(self.default_pause));
                 FlowError::Throttled {
                     status: code,

@@ -5,7 +5,9 @@
 //! before `expires_in`, and dropped when Flow Service answers 401.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -91,6 +93,11 @@ struct OAuthError {
     error_description: String,
 }
 
+/// The longest token lifetime believed: IMS issues 24 h tokens; a larger
+/// `expires_in` (up to `u64::MAX` is a legal JSON number) is cut to this, so
+/// the cache is refreshed in time and no deadline overflows.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(48 * 3600);
+
 /// How long before `expires_in` runs out the token is refreshed: a tenth of its
 /// life, at least a minute (clock skew, slow requests) and at most an hour (a
 /// 24 h token is renewed at 23 h, long before any dataflow could notice).
@@ -133,7 +140,11 @@ impl ImsClient {
         });
         *cached = Some(Cached {
             token: Arc::clone(&token),
-            refresh_at: Instant::now() + lifetime.saturating_sub(refresh_margin(lifetime)),
+            refresh_at: {
+                let now = Instant::now();
+                now.checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
+                    .unwrap_or(now)
+            },
         });
         tracing::info!(expires_in = lifetime.as_secs(), "ims token refreshed");
         Ok(token)
@@ -188,7 +199,7 @@ impl ImsClient {
             }
             return Ok((
                 SecretString::from(parsed.access_token),
-                Duration::from_secs(parsed.expires_in),
+                crate::clock::capped(parsed.expires_in, MAX_TOKEN_LIFETIME),
             ));
         }
         if status.as_u16() == 429 || status.is_server_error() {

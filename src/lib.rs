@@ -36,7 +36,9 @@ pub mod admin;
 pub mod app;
 pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;

@@ -119,9 +119,7 @@ where
         let mut line = Map::new();
         line.insert(
             "timestamp".into(),
-            Value::String(
-                humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            ),
+            Value::String(humantime::format_rfc3339_millis(crate::clock::wall_now()).to_string()),
         );
         line.insert(
             "level".into(),

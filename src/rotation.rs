@@ -114,6 +114,10 @@ pub enum RotationError {
     /// Shutdown began before the PATCH was sent.
     #[error("cancelled by shutdown")]
     Cancelled,
+    /// The job's task ended without a result (a panic: a bug). Backed off
+    /// like transient trouble; the connection keeps its state.
+    #[error("internal error in the rotation job: {0}")]
+    Internal(String),
 }
 
 impl RotationError {
@@ -128,7 +132,9 @@ impl RotationError {
                 ..
             }) => RetryKind::After(*wait),
             Self::Flow(FlowError::Rejected { .. } | FlowError::Unsuitable(_)) => RetryKind::Slow,
-            Self::Flow(_) | Self::Conflicts(_) | Self::Cancelled => RetryKind::Backoff,
+            Self::Flow(_) | Self::Conflicts(_) | Self::Cancelled | Self::Internal(_) => {
+                RetryKind::Backoff
+            }
         }
     }
 
@@ -146,6 +152,36 @@ impl RotationError {
             Self::Sts(StsError::Rejected { code, .. }) => Some(code.clone()),
             _ => None,
         }
+    }
+}
+
+/// What runs one job: the seam between the scheduler and the remotes.
+/// [`Rotator`] talks to IMS, STS and Flow Service; tests of the scheduler
+/// plug in a scripted runner and need no sockets.
+pub trait JobRunner: Send + Sync + std::fmt::Debug + 'static {
+    /// Runs one job to its end. Stops before the PATCH once `cancel` fires.
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        cancel: &'a CancellationToken,
+    ) -> futures::future::BoxFuture<'a, JobResult>;
+
+    /// The connections' STS requests after a reload: cached answers for
+    /// requests no longer in use may be dropped.
+    fn retain(&self, _in_use: &std::collections::HashSet<StsRequest>) {}
+}
+
+impl JobRunner for Rotator {
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+        cancel: &'a CancellationToken,
+    ) -> futures::future::BoxFuture<'a, JobResult> {
+        Box::pin(Rotator::run(self, job, cancel))
+    }
+
+    fn retain(&self, in_use: &std::collections::HashSet<StsRequest>) {
+        self.credentials.retain(in_use);
     }
 }
 

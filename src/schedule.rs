@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::backoff::BackoffPolicy;
+use crate::clock::later;
 
 /// The soonest a rotation is scheduled after the previous one. One second is
 /// what SPEC.md asks for short-lived credentials; it also stops a broken clock
@@ -14,6 +15,18 @@ pub const MIN_ROTATION_GAP: Duration = Duration::from_secs(1);
 /// attempt", "credentials expired") are repeated for one connection: often
 /// enough to stay on an operator's screen, rarely enough not to flood it.
 pub const ESCALATION_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The longest `Retry-After` honoured for one connection. Longer hints (a
+/// quota reset a day away is a legal answer) are cut to this: longer than any
+/// throttle window Adobe documents, short enough that a connection whose
+/// expiry is unknown (nothing pushed yet) is tried again within the quarter
+/// hour. A connection whose expiry *is* known never waits past it anyway.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(15 * 60);
+
+/// How long before the credentials on a connection expire a retry must come
+/// at the latest: a PATCH takes a round trip or two, and AEP reads the
+/// credentials a little before its dataflow runs.
+pub const EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 
 /// When the next rotation is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,14 +52,14 @@ pub fn next_rotation(
     let remaining = expires_at.duration_since(now).unwrap_or(Duration::ZERO);
     if remaining <= refresh_before {
         return NextRotation {
-            at: now + (remaining / 2).max(MIN_ROTATION_GAP),
+            at: later(now, (remaining / 2).max(MIN_ROTATION_GAP)),
             short_lived: true,
         };
     }
     let slack = remaining - refresh_before;
     let early = jitter.mul_f64(unit.clamp(0.0, 1.0)).min(slack);
     NextRotation {
-        at: now + (slack - early),
+        at: later(now, slack - early),
         short_lived: false,
     }
 }
@@ -108,31 +121,36 @@ pub fn plan_retry(
 ) -> RetryPlan {
     let wait = match kind {
         RetryKind::Backoff => policy.delay(attempt, unit),
-        RetryKind::After(hint) => hint.max(policy.min),
+        RetryKind::After(hint) => hint.min(RETRY_AFTER_CAP).max(policy.min),
         RetryKind::Slow => policy.max.max(policy.min),
     };
     let Some(expires_at) = on_connection_expires else {
         return RetryPlan {
-            at: now + wait,
+            at: later(now, wait),
             escalation: Escalation::None,
         };
     };
     match expires_at.duration_since(now) {
+        // Expired already: the policy's wait stands (hammering does not
+        // bring the credentials back), escalated.
         Err(past) => RetryPlan {
-            at: now + wait,
+            at: later(now, wait),
             escalation: Escalation::Expired {
                 ago: past.duration(),
             },
         },
-        Ok(left) if wait >= left => {
+        // The wait would run into the last EXPIRY_MARGIN (or past expiry):
+        // pulled in to half the time left, at least `min_gap` so a dying
+        // connection is not hammered.
+        Ok(left) if wait >= left.saturating_sub(EXPIRY_MARGIN.min(left / 2)) => {
             let min_gap = policy.min.min(MIN_ROTATION_GAP);
             RetryPlan {
-                at: now + (left / 2).max(min_gap.min(left)),
+                at: later(now, (left / 2).max(min_gap.min(left))),
                 escalation: Escalation::ExpiresBeforeRetry { left },
             }
         }
         Ok(_) => RetryPlan {
-            at: now + wait,
+            at: later(now, wait),
             escalation: Escalation::None,
         },
     }

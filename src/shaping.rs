@@ -1,7 +1,13 @@
 //! Request shaping for Flow Service: at most `concurrency` requests in flight,
-//! at most `max_requests_per_second`, and a shared pause after a 429 so that
-//! every connection slows down, not just the one that was told.
+//! at most `max_requests_per_second`, and a short shared pause after a 429 so
+//! that every connection slows down, not just the one that was told.
+//!
+//! A throttle slows the others; it never starves them: the shared pause is
+//! capped at [`SHARED_PAUSE_CAP`] (the connection that was told waits its full
+//! `Retry-After` in its own schedule), and a job never waits for it past its
+//! own connection's deadline ([`start_by`]).
 
+use std::future::Future;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -9,6 +15,24 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+/// The longest pause one throttled answer imposes on *every* request. The
+/// connection that got the 429 waits its whole `Retry-After` through its own
+/// schedule; the others only back off briefly (if the quota is really
+/// exhausted, they get their own 429s and wait on their own schedules).
+pub const SHARED_PAUSE_CAP: Duration = Duration::from_secs(30);
+
+tokio::task_local! {
+    /// The instant by which the current job must get its requests out (its
+    /// connection's credentials need replacing then), if known.
+    static START_BY: Option<Instant>;
+}
+
+/// Runs a job's future with its deadline: the shared pause never holds its
+/// requests past `deadline`.
+pub async fn start_by<F: Future>(deadline: Option<Instant>, job: F) -> F::Output {
+    START_BY.scope(deadline, job).await
+}
 
 /// The gate every Flow Service request passes.
 #[derive(Debug)]
@@ -40,10 +64,18 @@ impl RequestGate {
     /// Waits for the shared pause to end, then for the rate limiter, then for a
     /// free slot. Cancellation-safe: dropping the future gives everything back.
     pub async fn enter(&self) -> Pass {
+        let deadline = START_BY.try_with(|d| *d).ok().flatten();
         loop {
             let pause = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
             match pause {
-                Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
+                Some(until) if until > now => {
+                    let until = deadline.map_or(until, |d| until.min(d));
+                    if until <= now {
+                        break; // this connection cannot wait any longer
+                    }
+                    tokio::time::sleep_until(until).await;
+                }
                 _ => break,
             }
         }
@@ -57,10 +89,14 @@ impl RequestGate {
         }
     }
 
-    /// Makes every request wait `for_at_least` from now (a 429 or 503 with
-    /// `Retry-After`): requests already waiting pick the longer pause up.
+    /// Makes every request wait `for_at_least` from now, at most
+    /// [`SHARED_PAUSE_CAP`] (a 429 or 503): requests already waiting pick the
+    /// longer pause up.
     pub fn pause(&self, for_at_least: Duration) {
-        let until = Instant::now() + for_at_least;
+        let now = Instant::now();
+        let until = now
+            .checked_add(for_at_least.min(SHARED_PAUSE_CAP))
+            .unwrap_or(now);
         let mut paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if paused.is_none_or(|current| current < until) {
             *paused = Some(until);
@@ -103,8 +139,32 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_secs(3));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_hour_long_hint_pauses_the_others_only_briefly() {
+        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None);
+        let start = Instant::now();
+        gate.pause(Duration::from_secs(3600));
+        gate.pause(Duration::MAX); // no overflow either
+        let _pass = gate.enter().await;
+        assert_eq!(start.elapsed(), SHARED_PAUSE_CAP);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_never_holds_a_job_past_its_deadline() {
+        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None);
+        let start = Instant::now();
+        gate.pause(Duration::from_secs(20));
+        let deadline = start + Duration::from_secs(5);
+        let _pass = start_by(Some(deadline), gate.enter()).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // A job whose deadline has passed goes at once.
+        let _pass = start_by(Some(start), gate.enter()).await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
     // governor keeps its own (real) clock, so this one runs in real time: 1 s.
     #[tokio::test]
+    #[allow(clippy::disallowed_methods)]
     async fn the_rate_ceiling_spaces_requests() {
         let gate = RequestGate::new(NonZeroUsize::new(8).unwrap(), NonZeroU32::new(10));
         let start = std::time::Instant::now();

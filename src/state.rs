@@ -27,7 +27,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -202,17 +202,27 @@ impl StateStore {
             connections: file
                 .connections
                 .into_iter()
-                .map(|(id, c)| {
-                    (
+                .filter_map(|(id, c)| {
+                    // A time no clock can hold is a corrupt record: that
+                    // connection rotates now; the others are kept.
+                    let times = from_unix(c.expires_at).zip(match c.last_success_at {
+                        Some(at) => from_unix(at).map(Some),
+                        None => Some(None),
+                    });
+                    let Some((expires_at, last_success_at)) = times else {
+                        tracing::warn!(connection = %id, "state file record has times out of range; ignoring it");
+                        return None;
+                    };
+                    Some((
                         id,
                         PersistedConnection {
                             sandbox: c.sandbox,
                             etag: c.etag,
                             access_key_id: c.access_key_id,
-                            expires_at: from_unix(c.expires_at),
-                            last_success_at: c.last_success_at.map(from_unix),
+                            expires_at,
+                            last_success_at,
                         },
-                    )
+                    ))
                 })
                 .collect(),
         })
@@ -306,13 +316,14 @@ fn to_unix(time: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn from_unix(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+fn from_unix(secs: u64) -> Option<SystemTime> {
+    crate::clock::from_unix_seconds(secs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn t(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
@@ -341,6 +352,22 @@ mod tests {
             },
         );
         StateSnapshot { connections }
+    }
+
+    #[test]
+    fn times_out_of_range_drop_only_that_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let good = r#"{"sandbox":"prod","etag":"\"e\"","access_key_id":"ASIAGOOD","expires_at":1700003600}"#;
+        let bad = format!(
+            r#"{{"sandbox":"prod","etag":"\"e\"","access_key_id":"ASIABAD","expires_at":{}}}"#,
+            u64::MAX
+        );
+        let text = format!(r#"{{"version":1,"connections":{{"good":{good},"bad":{bad}}}}}"#);
+        std::fs::write(&path, text).unwrap();
+        let loaded = StateStore::new(path).load().unwrap();
+        assert_eq!(loaded.connections.len(), 1, "{loaded:?}");
+        assert!(loaded.connections.contains_key("good"));
     }
 
     #[test]

@@ -387,7 +387,7 @@ impl CredentialCache {
             Arc::clone(slots.entry(request.clone()).or_default())
         };
         let mut cached = slot.lock().await;
-        let now = SystemTime::now();
+        let now = crate::clock::wall_now();
         if let Some(entry) = cached.as_ref()
             && now < entry.reuse_until
             && held != Some(entry.credentials.access_key_id.as_str())
@@ -395,7 +395,7 @@ impl CredentialCache {
             return Ok(Arc::clone(&entry.credentials));
         }
         let credentials = Arc::new(self.source.issue(request).await?);
-        let fetched = SystemTime::now();
+        let fetched = crate::clock::wall_now();
         // Pushing credentials that are already dead (a skewed STS clock, a
         // misbehaving proxy) would break the connection; treat the answer as
         // unusable and back off instead.
@@ -403,7 +403,7 @@ impl CredentialCache {
             return Err(StsError::Malformed(format!(
                 "STS returned credentials {} that expire at {}, already past or within {}s; check the clock of this host",
                 credentials.access_key_id,
-                humantime::format_rfc3339_seconds(credentials.expiration),
+                crate::clock::rfc3339(credentials.expiration),
                 MIN_USABLE_LIFETIME.as_secs()
             )));
         }
@@ -453,7 +453,7 @@ mod tests {
                     access_key_id: format!("ASIATEST{n:08}"),
                     secret_access_key: SecretString::from(format!("secret-{n}")),
                     session_token: SecretString::from(format!("token-{n}")),
-                    expiration: SystemTime::now() + self.lifetime,
+                    expiration: crate::clock::wall_now() + self.lifetime,
                 })
             })
         }

@@ -1101,7 +1101,7 @@ mod tests {
         telemetry.verification("id-1", true);
         telemetry.verification("id-1", true);
         telemetry.verification("id-1", false);
-        let text = telemetry.render_metrics(SystemTime::now());
+        let text = telemetry.render_metrics(crate::clock::wall_now());
         assert!(text.contains("aep_s3_rotator_verifications_total{connection=\"sales\",sandbox=\"prod\",result=\"passed\"} 2"), "{text}");
         assert!(text.contains("aep_s3_rotator_verifications_total{connection=\"sales\",sandbox=\"prod\",result=\"failed\"} 1"), "{text}");
     }

@@ -1,3 +1,5 @@
+// Black-box tests drive the real binary in real time: they read the real clocks.
+#![allow(clippy::disallowed_methods)]
 //! End to end with `moto` as STS: a real, independent implementation of the
 //! STS wire protocol, reached by the real `aws-sdk-sts` client in the daemon.
 //! IMS and Flow Service are the simulator's.

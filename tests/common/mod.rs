@@ -2,7 +2,14 @@
 //! 127.0.0.1:0, a config file pointing at it, and the real daemon binary run
 //! as a child process whose JSON log lines are collected.
 
-#![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
+// Black-box tests drive the real binary in real time: they read the real clocks.
+#![allow(
+    dead_code,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
