@@ -617,3 +617,459 @@ fn escalate(escalation: Escalation, expires_at: Option<SystemTime>) {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::FlowError;
+    use crate::schedule::{EXPIRY_MARGIN, RETRY_AFTER_CAP};
+    use crate::sts::StsError;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + S(1_700_000_000 + secs)
+    }
+
+    /// refresh 20 min before, no jitter (draws below are then irrelevant to
+    /// the rotation time), retries 1 s .. 2 min.
+    fn policy() -> Policy {
+        Policy {
+            refresh_before: S(1200),
+            jitter: Duration::ZERO,
+            backoff: BackoffPolicy {
+                min: S(1),
+                max: S(120),
+            },
+            once: false,
+        }
+    }
+
+    fn config(id: &str) -> ConnectionConfig {
+        ConnectionConfig {
+            id: id.to_owned(),
+            sandbox: "prod".to_owned(),
+            name: id.to_owned(),
+            role_arn: None,
+            external_id: None,
+            session_name: None,
+            session_policy: None,
+            policy_arns: Vec::new(),
+        }
+    }
+
+    fn sts(session: &str) -> StsRequest {
+        StsRequest {
+            role_arn: None,
+            external_id: None,
+            session_name: session.to_owned(),
+            session_policy: None,
+            policy_arns: Vec::new(),
+            duration: S(3600),
+        }
+    }
+
+    fn fresh(now: SystemTime) -> Connection {
+        Connection::new(config("c1"), sts("a"), now)
+    }
+
+    fn dispatch(c: &mut Connection, now: SystemTime) -> Job {
+        match c.apply(Event::Due, now, &policy(), 0.5) {
+            Action::Dispatch(job) => *job,
+            other => panic!("expected a dispatch, got {other:?}"),
+        }
+    }
+
+    fn rotated(key: &str, expires_at: SystemTime) -> JobResult {
+        JobResult::Rotated {
+            access_key_id: key.to_owned(),
+            expires_at,
+            etag: Some("\"e2\"".to_owned()),
+            conflicts: 0,
+        }
+    }
+
+    fn failed(error: RotationError) -> JobResult {
+        JobResult::Failed {
+            error,
+            etag: Some("\"e1\"".to_owned()),
+            conflicts: 0,
+        }
+    }
+
+    fn wait_of(action: Action) -> SystemTime {
+        match action {
+            Action::WaitUntil(at) => at,
+            other => panic!("expected a wait, got {other:?}"),
+        }
+    }
+
+    /// A connection holding credentials that expire at `expires_at`, idle.
+    fn holding(now: SystemTime, expires_at: SystemTime) -> Connection {
+        let mut c = fresh(now);
+        dispatch(&mut c, now);
+        c.apply(
+            Event::JobDone(rotated("ASIAOLD", expires_at)),
+            now,
+            &policy(),
+            0.0,
+        );
+        c
+    }
+
+    #[test]
+    fn a_new_connection_is_due_at_once_and_reads_its_etag() {
+        let mut c = fresh(t(0));
+        assert_eq!(c.phase(), Phase::Waiting(t(0)));
+        let job = dispatch(&mut c, t(0));
+        assert_eq!(job.known_etag, None);
+        assert_eq!(job.held, None);
+        assert_eq!(c.phase(), Phase::InFlight);
+    }
+
+    #[test]
+    fn never_two_jobs_for_one_connection() {
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        assert!(matches!(
+            c.apply(Event::Due, t(1), &policy(), 0.5),
+            Action::AwaitJob
+        ));
+    }
+
+    #[test]
+    fn a_stale_wake_up_waits_for_the_real_due_time() {
+        let mut c = holding(t(0), t(3600));
+        assert_eq!(wait_of(c.apply(Event::Due, t(10), &policy(), 0.5)), t(2400));
+    }
+
+    #[test]
+    fn success_schedules_from_the_sts_expiry() {
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        let at = wait_of(c.apply(
+            Event::JobDone(rotated("ASIA1", t(3600))),
+            t(0),
+            &policy(),
+            0.0,
+        ));
+        assert_eq!(at, t(2400), "expiry − refresh_before");
+        assert_eq!(c.pushed().unwrap().access_key_id, "ASIA1");
+        assert_eq!(c.etag(), Some("\"e2\""));
+        assert_eq!(c.counts().rotations, 1);
+        // The next job skips the GET and names the key it replaces.
+        let job = dispatch(&mut c, t(2400));
+        assert_eq!(job.known_etag.as_deref(), Some("\"e2\""));
+        assert_eq!(job.held.as_deref(), Some("ASIA1"));
+    }
+
+    #[test]
+    fn jitter_pulls_the_rotation_earlier() {
+        let mut p = policy();
+        p.jitter = S(60);
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        let at = wait_of(c.apply(Event::JobDone(rotated("ASIA1", t(3600))), t(0), &p, 0.5));
+        assert_eq!(at, t(2370));
+    }
+
+    #[test]
+    fn short_credentials_rotate_at_half_their_life() {
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        let at = wait_of(c.apply(
+            Event::JobDone(rotated("ASIA1", t(600))),
+            t(0),
+            &policy(),
+            0.0,
+        ));
+        assert_eq!(at, t(300));
+    }
+
+    #[test]
+    fn transient_failures_back_off_exponentially_within_retry_max() {
+        let mut c = holding(t(0), t(3600));
+        let mut now = t(2400);
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            dispatch(&mut c, now);
+            let error = RotationError::Flow(FlowError::Unavailable("HTTP 502".into()));
+            // draw just below 1: the cap of each attempt.
+            let at = wait_of(c.apply(Event::JobDone(failed(error)), now, &policy(), 0.999));
+            waits.push(at.duration_since(now).unwrap().as_secs_f64().round() as u64);
+            now = at;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 120, 120, 120]);
+        assert_eq!(c.counts().failures, 10);
+        assert!(c.last_error().unwrap().contains("502"));
+    }
+
+    #[test]
+    fn rejections_and_sts_denials_wait_the_slow_cadence() {
+        for error in [
+            RotationError::Flow(FlowError::Rejected {
+                status: 404,
+                detail: "gone".into(),
+            }),
+            RotationError::Sts(StsError::Rejected {
+                code: "AccessDenied".into(),
+                message: "no".into(),
+            }),
+        ] {
+            let mut c = holding(t(0), t(3600));
+            dispatch(&mut c, t(2400));
+            let at = wait_of(c.apply(Event::JobDone(failed(error)), t(2400), &policy(), 0.1));
+            assert_eq!(at, t(2520), "retry_max");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_honoured_up_to_the_cap_and_before_expiry() {
+        let throttled = |secs| {
+            failed(RotationError::Flow(FlowError::Throttled {
+                status: 429,
+                retry_after: Some(S(secs)),
+            }))
+        };
+        // 7 s: honoured.
+        let mut c = holding(t(0), t(7200));
+        dispatch(&mut c, t(6000));
+        assert_eq!(
+            wait_of(c.apply(Event::JobDone(throttled(7)), t(6000), &policy(), 0.5)),
+            t(6007)
+        );
+        // An hour, nothing pushed yet (expiry unknown): the cap.
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        let at = wait_of(c.apply(Event::JobDone(throttled(3600)), t(0), &policy(), 0.5));
+        assert_eq!(at, t(0) + RETRY_AFTER_CAP);
+        // An hour with five minutes left: pulled in well before expiry.
+        let mut c = holding(t(0), t(600));
+        dispatch(&mut c, t(300));
+        let at = wait_of(c.apply(Event::JobDone(throttled(3600)), t(300), &policy(), 0.5));
+        assert!(at > t(300) && at <= t(600) - EXPIRY_MARGIN, "{at:?}");
+        // u64::MAX seconds: no overflow, same rule.
+        dispatch(&mut c, at);
+        let next = wait_of(c.apply(Event::JobDone(throttled(u64::MAX)), at, &policy(), 0.5));
+        assert!(
+            next > at && next <= t(600) - EXPIRY_MARGIN.min(S(1)),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn a_refused_or_malformed_etag_is_not_kept() {
+        let mut c = holding(t(0), t(3600));
+        dispatch(&mut c, t(2400));
+        let result = JobResult::Failed {
+            error: RotationError::Flow(FlowError::Malformed("bad etag".into())),
+            etag: None,
+            conflicts: 0,
+        };
+        c.apply(Event::JobDone(result), t(2400), &policy(), 0.5);
+        assert_eq!(c.etag(), None);
+        let job = dispatch(&mut c, t(2500));
+        assert_eq!(job.known_etag, None, "the next job must GET again");
+    }
+
+    #[test]
+    fn a_panicked_job_backs_off_and_keeps_the_state() {
+        let mut c = holding(t(0), t(3600));
+        dispatch(&mut c, t(2400));
+        let result = JobResult::Failed {
+            error: RotationError::Internal("the job panicked".into()),
+            etag: None,
+            conflicts: 0,
+        };
+        let at = wait_of(c.apply(Event::JobDone(result), t(2400), &policy(), 0.0));
+        assert_eq!(at, t(2401));
+        assert_eq!(c.pushed().unwrap().access_key_id, "ASIAOLD");
+    }
+
+    #[test]
+    fn once_finishes_after_success_or_its_attempts() {
+        let mut p = policy();
+        p.once = true;
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        assert!(matches!(
+            c.apply(Event::JobDone(rotated("ASIA1", t(3600))), t(0), &p, 0.5),
+            Action::Finished
+        ));
+        let mut c = fresh(t(0));
+        let mut now = t(0);
+        for attempt in 1..=ONCE_ATTEMPTS {
+            dispatch(&mut c, now);
+            let error = RotationError::Flow(FlowError::Unavailable("reset".into()));
+            match c.apply(Event::JobDone(failed(error)), now, &p, 0.5) {
+                Action::WaitUntil(at) if attempt < ONCE_ATTEMPTS => now = at,
+                Action::Finished if attempt == ONCE_ATTEMPTS => {}
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+        // A slow-cadence error ends `once` at the first attempt.
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        let error = RotationError::Flow(FlowError::Unsuitable("not S3".into()));
+        assert!(matches!(
+            c.apply(Event::JobDone(failed(error)), t(0), &p, 0.5),
+            Action::Finished
+        ));
+        assert_eq!(c.phase(), Phase::Finished);
+    }
+
+    fn saved(expires_at: SystemTime) -> PersistedConnection {
+        PersistedConnection {
+            sandbox: "prod".into(),
+            etag: "\"e9\"".into(),
+            access_key_id: "ASIASAVED".into(),
+            expires_at,
+            last_success_at: Some(t(0)),
+        }
+    }
+
+    #[test]
+    fn restart_with_good_credentials_only_checks_the_etag() {
+        let mut c = Connection::restored(config("c1"), sts("a"), &saved(t(3600)), t(60), &policy());
+        assert!(!c.had_outcome(), "a restored record is not a first pass");
+        let job = dispatch(&mut c, t(60));
+        assert_eq!(job.resume_if_etag.as_deref(), Some("\"e9\""));
+        assert_eq!(job.held.as_deref(), Some("ASIASAVED"));
+        let at = wait_of(c.apply(
+            Event::JobDone(JobResult::Unchanged {
+                etag: "\"e9\"".into(),
+            }),
+            t(60),
+            &policy(),
+            0.0,
+        ));
+        assert_eq!(at, t(2400));
+        assert!(c.had_outcome());
+    }
+
+    #[test]
+    fn restart_near_expiry_or_with_absurd_times_rotates_now() {
+        let near = Connection::restored(config("c1"), sts("a"), &saved(t(1000)), t(0), &policy());
+        assert!(near.pushed().is_none());
+        let ten_years = t(0) + S(10 * 365 * 86_400);
+        let mut absurd =
+            Connection::restored(config("c1"), sts("a"), &saved(ten_years), t(0), &policy());
+        assert!(absurd.pushed().is_none());
+        assert_eq!(dispatch(&mut absurd, t(0)).resume_if_etag, None);
+        let mut future_success = saved(t(3600));
+        future_success.last_success_at = Some(t(86_400));
+        let c = Connection::restored(config("c1"), sts("a"), &future_success, t(0), &policy());
+        assert!(c.pushed().is_none());
+    }
+
+    #[test]
+    fn a_change_during_a_job_waits_for_it_then_rotates_with_the_new_identity() {
+        let mut c = holding(t(0), t(3600));
+        dispatch(&mut c, t(2400));
+        let action = c.apply(
+            Event::Changed(Box::new(config("c1")), sts("b")),
+            t(2401),
+            &policy(),
+            0.5,
+        );
+        assert!(matches!(action, Action::AwaitJob));
+        assert!(matches!(
+            c.apply(Event::Due, t(2401), &policy(), 0.5),
+            Action::AwaitJob
+        ));
+        // The old job's result is applied (it tells which key is on the
+        // connection), then the connection is due at once with the new identity.
+        let at = wait_of(c.apply(
+            Event::JobDone(rotated("ASIAOLDROLE", t(6000))),
+            t(2402),
+            &policy(),
+            0.5,
+        ));
+        assert_eq!(at, t(2402));
+        assert_eq!(c.pushed().unwrap().access_key_id, "ASIAOLDROLE");
+        let job = dispatch(&mut c, t(2402));
+        assert_eq!(job.sts, sts("b"));
+        assert_eq!(job.held.as_deref(), Some("ASIAOLDROLE"));
+    }
+
+    #[test]
+    fn a_rename_keeps_the_schedule() {
+        let mut c = holding(t(0), t(3600));
+        let mut renamed = config("c1");
+        renamed.name = "sales".into();
+        let at = wait_of(c.apply(
+            Event::Changed(Box::new(renamed), sts("a")),
+            t(5),
+            &policy(),
+            0.5,
+        ));
+        assert_eq!(at, t(2400));
+        assert_eq!(c.status().name, "sales");
+    }
+
+    #[test]
+    fn a_removed_connection_goes_once_its_job_ends() {
+        let mut c = holding(t(0), t(3600));
+        dispatch(&mut c, t(2400));
+        assert!(matches!(
+            c.apply(Event::Removed, t(2401), &policy(), 0.5),
+            Action::AwaitJob
+        ));
+        assert!(matches!(
+            c.apply(
+                Event::JobDone(rotated("ASIA2", t(6000))),
+                t(2402),
+                &policy(),
+                0.5
+            ),
+            Action::Drop
+        ));
+        let mut idle = holding(t(0), t(3600));
+        assert!(matches!(
+            idle.apply(Event::Removed, t(1), &policy(), 0.5),
+            Action::Drop
+        ));
+    }
+
+    #[test]
+    fn shutdown_finishes_idle_connections_and_waits_for_jobs() {
+        let mut idle = holding(t(0), t(3600));
+        assert!(matches!(
+            idle.apply(Event::Shutdown, t(1), &policy(), 0.5),
+            Action::Finished
+        ));
+        let mut busy = holding(t(0), t(3600));
+        dispatch(&mut busy, t(2400));
+        assert!(matches!(
+            busy.apply(Event::Shutdown, t(2401), &policy(), 0.5),
+            Action::AwaitJob
+        ));
+        let cancelled = JobResult::Failed {
+            error: RotationError::Cancelled,
+            etag: Some("\"e2\"".into()),
+            conflicts: 0,
+        };
+        assert!(matches!(
+            busy.apply(Event::JobDone(cancelled), t(2402), &policy(), 0.5),
+            Action::Finished
+        ));
+        assert_eq!(
+            busy.counts().failures,
+            0,
+            "a cancelled job is not a failure"
+        );
+    }
+
+    #[test]
+    fn status_and_state_file_are_views_of_the_one_state() {
+        let c = holding(t(0), t(3600));
+        let status = c.status();
+        assert_eq!(status.access_key_id.as_deref(), Some("ASIAOLD"));
+        assert_eq!(status.expires_at, Some(t(3600)));
+        assert_eq!(status.next_rotation_at, Some(t(2400)));
+        let record = c.persisted().unwrap();
+        assert_eq!(record.etag, "\"e2\"");
+        assert_eq!(record.expires_at, t(3600));
+        assert!(fresh(t(0)).persisted().is_none());
+    }
+}
