@@ -137,13 +137,15 @@ pub async fn build_rotator(
     let gate = match previous {
         Some((old, rotator))
             if old.rotation.concurrency == rotation.concurrency
-                && old.rotation.max_requests_per_second == rotation.max_requests_per_second =>
+                && old.rotation.max_requests_per_second == rotation.max_requests_per_second
+                && old.rotation.retry_max == rotation.retry_max =>
         {
             rotator.flow.gate()
         }
         _ => Arc::new(RequestGate::new(
             rotation.concurrency,
             rotation.max_requests_per_second,
+            rotation.retry_max,
         )),
     };
     let ims = match previous {
@@ -820,3 +822,7 @@ impl Daemon {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod tests;

@@ -40,6 +40,7 @@ pub struct RequestGate {
     slots: Arc<Semaphore>,
     limiter: Option<DefaultDirectRateLimiter>,
     paused_until: Mutex<Option<Instant>>,
+    pause_cap: Duration,
 }
 
 /// Held while one request is in flight.
@@ -49,8 +50,15 @@ pub struct Pass {
 }
 
 impl RequestGate {
-    /// A gate with `concurrency` slots and an optional rate ceiling.
-    pub fn new(concurrency: NonZeroUsize, per_second: Option<NonZeroU32>) -> Self {
+    /// A gate with `concurrency` slots and an optional rate ceiling, whose
+    /// shared pauses last at most `pause_cap` (and never more than
+    /// [`SHARED_PAUSE_CAP`]): the daemon passes `retry_max`, so a throttle
+    /// never holds the others longer than the longest backoff the operator allows.
+    pub fn new(
+        concurrency: NonZeroUsize,
+        per_second: Option<NonZeroU32>,
+        pause_cap: Duration,
+    ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(concurrency.get())),
             // Burst of one: a ceiling operators set is a ceiling, not an average.
@@ -58,6 +66,7 @@ impl RequestGate {
                 RateLimiter::direct(Quota::per_second(rate).allow_burst(NonZeroU32::MIN))
             }),
             paused_until: Mutex::new(None),
+            pause_cap: pause_cap.min(SHARED_PAUSE_CAP),
         }
     }
 
@@ -95,7 +104,7 @@ impl RequestGate {
     pub fn pause(&self, for_at_least: Duration) {
         let now = Instant::now();
         let until = now
-            .checked_add(for_at_least.min(SHARED_PAUSE_CAP))
+            .checked_add(for_at_least.min(self.pause_cap))
             .unwrap_or(now);
         let mut paused = self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if paused.is_none_or(|current| current < until) {
@@ -110,7 +119,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrency_bounds_requests_in_flight() {
-        let gate = Arc::new(RequestGate::new(NonZeroUsize::new(2).unwrap(), None));
+        let gate = Arc::new(RequestGate::new(
+            NonZeroUsize::new(2).unwrap(),
+            None,
+            SHARED_PAUSE_CAP,
+        ));
         let a = gate.enter().await;
         let _b = gate.enter().await;
         let third = tokio::spawn({
@@ -131,7 +144,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request() {
-        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None);
+        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None, SHARED_PAUSE_CAP);
         let start = Instant::now();
         gate.pause(Duration::from_secs(3));
         gate.pause(Duration::from_secs(1)); // a shorter pause does not shorten it
@@ -141,7 +154,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_hour_long_hint_pauses_the_others_only_briefly() {
-        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None);
+        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None, SHARED_PAUSE_CAP);
         let start = Instant::now();
         gate.pause(Duration::from_secs(3600));
         gate.pause(Duration::MAX); // no overflow either
@@ -151,7 +164,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pause_never_holds_a_job_past_its_deadline() {
-        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None);
+        let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None, SHARED_PAUSE_CAP);
         let start = Instant::now();
         gate.pause(Duration::from_secs(20));
         let deadline = start + Duration::from_secs(5);
@@ -166,7 +179,11 @@ mod tests {
     #[tokio::test]
     #[allow(clippy::disallowed_methods)]
     async fn the_rate_ceiling_spaces_requests() {
-        let gate = RequestGate::new(NonZeroUsize::new(8).unwrap(), NonZeroU32::new(10));
+        let gate = RequestGate::new(
+            NonZeroUsize::new(8).unwrap(),
+            NonZeroU32::new(10),
+            SHARED_PAUSE_CAP,
+        );
         let start = std::time::Instant::now();
         for _ in 0..11 {
             drop(gate.enter().await);

@@ -1,0 +1,522 @@
+//! The scheduler loop under paused time, with a scripted job runner: no
+//! sockets, hours of schedule in milliseconds. Each test pins one of the
+//! loop's promises (see the module doc of `daemon`).
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::flow::FlowError;
+
+const S: fn(u64) -> Duration = Duration::from_secs;
+
+fn t0() -> SystemTime {
+    SystemTime::UNIX_EPOCH + S(1_700_000_000)
+}
+
+fn config_text(connections: usize, concurrency: usize, role: &str) -> String {
+    let mut text = format!(
+        r#"[adobe]
+client_id = "cid"
+client_secret = "not-a-real-secret"
+org_id = "0123456789ABCDEF01234567@AdobeOrg"
+
+[aws]
+role_arn = "arn:aws:iam::123456789012:role/{role}"
+
+[rotation]
+session_duration = "1h"
+refresh_before = "20m"
+jitter = "0s"
+concurrency = {concurrency}
+"#
+    );
+    for i in 0..connections {
+        text.push_str(&format!(
+            "\n[[connections]]\nid = \"c{i}\"\nsandbox = \"prod\"\n"
+        ));
+    }
+    text
+}
+
+fn config(connections: usize, concurrency: usize) -> Config {
+    Config::from_toml_str(&config_text(connections, concurrency, "aep"), Vec::new()).unwrap()
+}
+
+type Behaviour = dyn Fn(&Job, SystemTime) -> (Duration, JobResult) + Send + Sync;
+
+/// A job runner that answers from a script after a (paused-time) delay and
+/// records every job: when it started, with which identity, and how many
+/// jobs of one connection ran at once.
+struct Scripted {
+    clock: Clock,
+    behaviour: Box<Behaviour>,
+    log: Mutex<Log>,
+}
+
+#[derive(Debug, Default)]
+struct Log {
+    started: Vec<(String, SystemTime, StsRequest)>,
+    running: HashMap<String, usize>,
+    most_at_once_per_connection: usize,
+}
+
+impl std::fmt::Debug for Scripted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scripted").finish_non_exhaustive()
+    }
+}
+
+impl Scripted {
+    fn new(
+        clock: Clock,
+        behaviour: impl Fn(&Job, SystemTime) -> (Duration, JobResult) + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            clock,
+            behaviour: Box::new(behaviour),
+            log: Mutex::new(Log::default()),
+        })
+    }
+
+    fn starts(&self, id: &str) -> Vec<SystemTime> {
+        let log = self.log.lock().unwrap();
+        log.started
+            .iter()
+            .filter(|(i, _, _)| i == id)
+            .map(|(_, at, _)| *at)
+            .collect()
+    }
+}
+
+impl JobRunner for Scripted {
+    fn run<'a>(&'a self, job: &'a Job, _cancel: &'a CancellationToken) -> BoxFuture<'a, JobResult> {
+        Box::pin(async move {
+            let now = self.clock.now();
+            {
+                let mut log = self.log.lock().unwrap();
+                log.started.push((job.id.clone(), now, job.sts.clone()));
+                let running = log.running.entry(job.id.clone()).or_default();
+                *running += 1;
+                let running = *running;
+                log.most_at_once_per_connection = log.most_at_once_per_connection.max(running);
+            }
+            let (delay, result) = (self.behaviour)(job, now);
+            tokio::time::sleep(delay).await;
+            *self
+                .log
+                .lock()
+                .unwrap()
+                .running
+                .entry(job.id.clone())
+                .or_default() -= 1;
+            result
+        })
+    }
+}
+
+fn rotated(now: SystemTime, life: Duration) -> JobResult {
+    JobResult::Rotated {
+        access_key_id: "ASIATEST".to_owned(),
+        expires_at: now + life,
+        etag: Some("\"e\"".to_owned()),
+        conflicts: 0,
+    }
+}
+
+fn options(mode: Mode) -> Options {
+    Options {
+        mode,
+        dry_run: false,
+        only: Vec::new(),
+        identity: SourceIdentity::DefaultChain,
+    }
+}
+
+fn scheduler(
+    config: Config,
+    mode: Mode,
+    clock: Clock,
+    runner: Arc<Scripted>,
+    notifier: Notifier,
+) -> Daemon {
+    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    Daemon::with_job_runner(config, options(mode), telemetry, notifier, clock, runner)
+}
+
+/// Runs `daemon` for `length` of paused time, then stops it.
+async fn run_for(daemon: Daemon, length: Duration) -> Report {
+    let cancel = CancellationToken::new();
+    let (_reloads_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    tokio::time::sleep(length).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_hour_long_retry_after_on_one_connection_delays_no_other() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |job, now| {
+        if job.id == "c0" {
+            let throttled = FlowError::Throttled {
+                status: 429,
+                retry_after: Some(S(3600)),
+            };
+            (
+                S(1),
+                JobResult::Failed {
+                    error: RotationError::Flow(throttled),
+                    etag: None,
+                    conflicts: 0,
+                },
+            )
+        } else {
+            (S(1), rotated(now, S(3600)))
+        }
+    });
+    let report = run_for(
+        scheduler(
+            config(5, 8),
+            Mode::Run,
+            clock,
+            Arc::clone(&runner),
+            Notifier::default(),
+        ),
+        S(3 * 3600),
+    )
+    .await;
+    for id in ["c1", "c2", "c3", "c4"] {
+        let starts = runner.starts(id);
+        // Rotated at 0 and then every 40 min (1 h credentials, 20 min ahead).
+        assert_eq!(starts.len(), 5, "{id}: {starts:?}");
+        for pair in starts.windows(2) {
+            let gap = pair[1].duration_since(pair[0]).unwrap();
+            assert!(gap <= S(40 * 60 + 2), "{id} waited {gap:?}");
+        }
+    }
+    // The throttled one is retried on its own schedule, within the cap.
+    let throttled = runner.starts("c0");
+    assert!(throttled.len() >= 11, "{throttled:?}");
+    assert!(
+        report
+            .connections
+            .iter()
+            .filter(|c| c.last_error.is_none())
+            .count()
+            == 4
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_job_is_rescheduled_and_wedges_nothing() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |job, now| {
+        assert!(job.id != "c0", "scripted panic in the job of c0");
+        (S(1), rotated(now, S(3600)))
+    });
+    let report = run_for(
+        scheduler(
+            config(3, 1),
+            Mode::Run,
+            clock,
+            Arc::clone(&runner),
+            Notifier::default(),
+        ),
+        S(3600),
+    )
+    .await;
+    assert!(
+        runner.starts("c0").len() >= 5,
+        "c0 must be retried: {:?}",
+        runner.starts("c0")
+    );
+    for id in ["c1", "c2"] {
+        assert_eq!(runner.starts(id).len(), 2, "{id}");
+    }
+    let c0 = report.connections.iter().find(|c| c.id == "c0").unwrap();
+    assert!(
+        c0.last_error.as_deref().unwrap().contains("panicked"),
+        "{c0:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_larger_than_the_dispatch_limit_does_not_spin() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    // 200 connections, concurrency 1 (dispatch limit 2): a long backlog.
+    let (_tx, reloads) = mpsc::channel(1);
+    let daemon = scheduler(
+        config(200, 1),
+        Mode::Once,
+        clock,
+        Arc::clone(&runner),
+        Notifier::default(),
+    );
+    let report = daemon.run(CancellationToken::new(), reloads).await.unwrap();
+    let rotations: u64 = report.connections.iter().map(|c| c.rotations).sum();
+    assert_eq!(rotations, 200);
+    // A few turns per job (dispatch, completion); a spinning loop turns
+    // thousands of times per job.
+    assert!(
+        report.loop_turns <= 3 * rotations,
+        "{} loop turns for {rotations} rotations",
+        report.loop_turns
+    );
+}
+
+/// A datagram socket standing in for systemd's `$NOTIFY_SOCKET`.
+struct FakeSystemd {
+    _dir: tempfile::TempDir,
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl FakeSystemd {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        Self {
+            _dir: dir,
+            socket,
+            path,
+        }
+    }
+
+    fn notifier(&self, watchdog: Option<Duration>) -> Notifier {
+        Notifier::with_socket(self.path.clone(), watchdog)
+    }
+
+    /// Sleeps `length` of paused time, draining the socket every 5 s (a
+    /// datagram queue holds only a few messages); answers what arrived.
+    async fn collect_for(&self, length: Duration) -> Vec<String> {
+        let mut out = self.received();
+        let mut slept = Duration::ZERO;
+        while slept < length {
+            tokio::time::sleep(S(5)).await;
+            slept += S(5);
+            out.extend(self.received());
+        }
+        out
+    }
+
+    /// Every message received so far.
+    fn received(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ready_only_after_a_real_first_pass_even_with_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let expires = t0() + S(3600);
+    let mut snapshot = StateSnapshot::default();
+    for i in 0..2 {
+        snapshot.connections.insert(
+            format!("c{i}"),
+            crate::state::PersistedConnection {
+                sandbox: "prod".into(),
+                etag: "\"e\"".into(),
+                access_key_id: "ASIASAVED".into(),
+                expires_at: expires,
+                last_success_at: Some(t0()),
+            },
+        );
+    }
+    StateStore::new(state.clone()).save(&snapshot).unwrap();
+    let mut config = config(2, 4);
+    config.state.path = Some(state);
+    let clock = Clock::tokio_at(t0());
+    // The etag check after a restart is slow: 10 s.
+    let runner = Scripted::new(clock, |_, _| {
+        (
+            S(10),
+            JobResult::Unchanged {
+                etag: "\"e\"".into(),
+            },
+        )
+    });
+    let systemd = FakeSystemd::new();
+    let daemon = scheduler(
+        config,
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        systemd.notifier(None),
+    );
+    let cancel = CancellationToken::new();
+    let (_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    tokio::time::sleep(S(5)).await;
+    assert!(
+        !systemd.received().iter().any(|m| m.contains("READY=1")),
+        "READY before the first pass finished"
+    );
+    tokio::time::sleep(S(10)).await;
+    assert!(
+        systemd.received().iter().any(|m| m.contains("READY=1")),
+        "no READY after the first pass"
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn ready_in_a_dry_run() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| {
+        (
+            S(1),
+            JobResult::WouldRotate {
+                access_key_id: "ASIADRY".into(),
+                expires_at: now + S(3600),
+                etag: "\"e\"".into(),
+            },
+        )
+    });
+    let systemd = FakeSystemd::new();
+    run_for(
+        scheduler(
+            config(2, 4),
+            Mode::Run,
+            clock,
+            runner,
+            systemd.notifier(None),
+        ),
+        S(5),
+    )
+    .await;
+    assert!(systemd.received().iter().any(|m| m.contains("READY=1")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_watchdog_is_fed_only_while_the_loop_makes_progress() {
+    let clock = Clock::tokio_at(t0());
+    // Every job hangs for a day: all slots busy, the backlog overdue.
+    let runner = Scripted::new(clock, |_, now| (S(86_400), rotated(now, S(3600))));
+    let systemd = FakeSystemd::new();
+    // WatchdogSec=60s: pings every 30 s.
+    let notifier = systemd.notifier(Some(S(60)));
+    let daemon = scheduler(config(10, 1), Mode::Run, clock, runner, notifier);
+    let cancel = CancellationToken::new();
+    let (_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    let early = systemd
+        .collect_for(S(5))
+        .await
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    let later = systemd
+        .collect_for(S(300))
+        .await
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    // The first tick (right after dispatching) may ping; after that, with
+    // no job completing and work overdue, no more pings.
+    assert!(
+        early <= 1 && later == 0,
+        "pings: {early} early, {later} while wedged"
+    );
+    cancel.cancel();
+    // The grace period abandons the hung jobs.
+    task.await.unwrap().unwrap();
+
+    // An idle daemon (everything fresh) keeps feeding it.
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let systemd = FakeSystemd::new();
+    let daemon = scheduler(
+        config(2, 4),
+        Mode::Run,
+        clock,
+        runner,
+        systemd.notifier(Some(S(60))),
+    );
+    let cancel = CancellationToken::new();
+    let (_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    let pings = systemd
+        .collect_for(S(600))
+        .await
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    assert!(
+        pings >= 15,
+        "idle daemon pinged only {pings} times in 10 min"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_changes_the_role_waits_for_the_slow_patch() {
+    let clock = Clock::tokio_at(t0());
+    // The first job (old role) is a slow PATCH: 30 s.
+    let runner = Scripted::new(clock, |job, now| {
+        let slow = job
+            .sts
+            .role_arn
+            .as_ref()
+            .is_some_and(|r| r.as_str().ends_with("/old"));
+        (if slow { S(30) } else { S(1) }, rotated(now, S(3600)))
+    });
+    let old = Config::from_toml_str(&config_text(1, 4, "old"), Vec::new()).unwrap();
+    let new = Config::from_toml_str(&config_text(1, 4, "new"), Vec::new()).unwrap();
+    let daemon = scheduler(
+        old,
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        Notifier::default(),
+    );
+    let cancel = CancellationToken::new();
+    let (reload_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    tokio::time::sleep(S(5)).await;
+    reload_tx.send(new).await.unwrap();
+    tokio::time::sleep(S(60)).await;
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    let log = runner.log.lock().unwrap();
+    assert_eq!(
+        log.most_at_once_per_connection, 1,
+        "two jobs ran for one connection"
+    );
+    let roles: Vec<(u64, String)> = log
+        .started
+        .iter()
+        .map(|(_, at, sts)| {
+            (
+                at.duration_since(t0()).unwrap().as_secs(),
+                sts.role_arn
+                    .as_ref()
+                    .unwrap()
+                    .as_str()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    // Old role at 0; the new role right after the slow PATCH ended (30 s),
+    // not at the next scheduled rotation 40 min later.
+    assert_eq!(roles, [(0, "old".to_owned()), (30, "new".to_owned())]);
+}

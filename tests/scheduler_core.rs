@@ -1,0 +1,104 @@
+//! Legal but unusual answers from the remotes, black box: the release-like
+//! binary against the strict simulator. Each test pins a bug of the first
+//! scheduler: one throttled connection froze every other one, and an IMS
+//! `expires_in` of `u64::MAX` panicked a job and wedged the daemon.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use aep_s3_simulator::{RetryAfter, ScriptedFault};
+use common::*;
+
+/// 12 s credentials rotated 4 s before expiry: several cycles in a test.
+const FAST: &str = r#"session_duration = "15m"
+refresh_before = "4s"
+jitter = "100ms"
+concurrency = 4
+retry_min = "100ms"
+retry_max = "1s"
+request_timeout = "2s"
+shutdown_grace = "3s""#;
+
+/// Every connection in `ids` has at least `n` successful PATCHes within `within`.
+async fn rotated_at_least(h: &Harness, ids: &[String], n: u64, within: Duration) -> bool {
+    wait_until(within, || {
+        ids.iter()
+            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= n))
+    })
+    .await
+}
+
+fn assert_no_panic(daemon: &DaemonProcess) {
+    let stderr = daemon.stderr_text();
+    assert!(!stderr.contains("panicked"), "a task panicked:\n{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_hour_long_retry_after_on_one_connection_freezes_no_other() {
+    let h = Harness::start(4, Duration::from_secs(12)).await;
+    let ids = h.connection_ids();
+    // The first request about connection 0 is told to come back in an hour
+    // (a quota reset an hour away is a legal answer).
+    h.sim.script_for(
+        &ids[0],
+        ScriptedFault::Status {
+            status: 429,
+            retry_after: Some(RetryAfter::Seconds(3600)),
+            body: None,
+        },
+    );
+    let config = h.write_config(FAST, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    // The others rotate on schedule, cycle after cycle (12 s credentials:
+    // three rotations take about 20 s); the frozen daemon never rotated them.
+    let others = &ids[1..];
+    let rotated = rotated_at_least(&h, others, 3, Duration::from_secs(40)).await;
+    assert!(
+        rotated,
+        "the others were held up; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    for id in others {
+        let view = h.sim.connection(id).unwrap();
+        assert!(
+            view.expires_at.unwrap() > std::time::SystemTime::now(),
+            "{id} holds expired credentials"
+        );
+    }
+    // Connection 0 waits its own (capped) Retry-After: no retry within the test.
+    assert_eq!(h.sim.connection(&ids[0]).unwrap().patches, 0);
+    let throttled = daemon.events("rotation failed, retrying");
+    assert!(
+        throttled.iter().any(|e| e["status"] == "429"),
+        "{throttled:?}"
+    );
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_no_panic(&daemon);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ims_expires_in_of_u64_max_neither_panics_nor_wedges() {
+    let h = Harness::start_with(3, Duration::from_secs(12), |sim| {
+        sim.ims_token_lifetime = Duration::from_secs(u64::MAX);
+    })
+    .await;
+    let ids = h.connection_ids();
+    let config = h.write_config(FAST, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    let rotated = rotated_at_least(&h, &ids, 3, Duration::from_secs(40)).await;
+    assert!(
+        rotated,
+        "rotations stopped; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    // One token, cached (the huge lifetime is believed up to 48 h).
+    assert_eq!(h.sim.stats().ims_tokens_issued, 1, "{:?}", h.sim.stats());
+    let stats = h.sim.stats();
+    assert_eq!(stats.expired_seconds, 0.0, "{stats:?}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_no_panic(&daemon);
+}
