@@ -3,7 +3,8 @@
 //! scheduler: one throttled connection froze every other one, and an IMS
 //! `expires_in` of `u64::MAX` panicked a job and wedged the daemon.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+// Black-box tests drive the real binary in real time: they read the real clocks.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
 
 mod common;
 
