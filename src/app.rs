@@ -2,7 +2,7 @@
 //! [`Exit`] it returns to the process exit code.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,16 +99,39 @@ fn log_config_error(path: &Path, error: &ConfigError) {
     }
 }
 
-/// Signals, plus a task that turns SIGHUP into validated configs.
+/// How long the watched files must stay quiet before a change is reloaded:
+/// editors and Kubernetes write in several steps (temp file, rename, symlink
+/// swap), and one reload per change is enough.
+const WATCH_DEBOUNCE: Duration = Duration::from_millis(500);
+
+/// Signals, plus a task that turns SIGHUP, or a change of the config file or
+/// of the client secret file, into validated configs.
 fn reload_channel(
     path: &Path,
+    secret_file: Option<&Path>,
     cancel: &CancellationToken,
 ) -> std::io::Result<mpsc::Receiver<Config>> {
     let mut hups = crate::shutdown::listen(cancel.clone())?;
+    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    // Kept alive by the task below; dropping it stops the watch.
+    let watcher = watch_files(path, secret_file, changed_tx);
     let (tx, rx) = mpsc::channel(1);
     let path = path.to_owned();
+    let cancel = cancel.clone();
     tokio::spawn(async move {
-        while hups.recv().await.is_some() {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                hup = hups.recv() => if hup.is_none() { return },
+                Some(()) = changed.recv() => {
+                    // Debounce: wait until the files stay quiet.
+                    while let Ok(Some(())) =
+                        tokio::time::timeout(WATCH_DEBOUNCE, changed.recv()).await
+                    {}
+                    tracing::info!("config or client secret file changed, reloading config");
+                }
+                () = cancel.cancelled() => return,
+            }
             match Config::load(&path) {
                 Ok(config) => {
                     for warning in &config.warnings {
@@ -131,10 +154,67 @@ fn reload_channel(
     Ok(rx)
 }
 
+/// Watches the directories of the config file and the secret file (not the
+/// files themselves: editors replace files, and Kubernetes swaps a `..data`
+/// symlink in the directory) and signals `changed` when one of those files,
+/// or a `..`-named Kubernetes entry, changes. Without inotify the daemon
+/// still reloads on SIGHUP; the reason is logged.
+fn watch_files(
+    config: &Path,
+    secret: Option<&Path>,
+    changed: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let files: Vec<PathBuf> = std::iter::once(config)
+        .chain(secret)
+        .map(Path::to_owned)
+        .collect();
+    let names: Vec<std::ffi::OsString> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(ToOwned::to_owned))
+        .collect();
+    let relevant = move |event: &notify::Event| {
+        use notify::EventKind::{Access, Other};
+        !matches!(event.kind, Access(_) | Other)
+            && event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|name| {
+                    names.iter().any(|n| n == name) || name.to_string_lossy().starts_with("..")
+                })
+            })
+    };
+    let handler = move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| relevant(&e)) {
+            // Full means a reload is already pending: nothing is lost.
+            let _ = changed.try_send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot watch the config files; reload with SIGHUP");
+            return None;
+        }
+    };
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| match f.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.dedup();
+    for dir in dirs {
+        if let Err(error) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %error, "cannot watch the config directory; reload with SIGHUP");
+        }
+    }
+    Some(watcher)
+}
+
 async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
     let cancel = CancellationToken::new();
-    let reloads = match reload_channel(path, &cancel) {
+    let reloads = match reload_channel(path, config.adobe.client_secret_file.as_deref(), &cancel) {
         Ok(rx) => rx,
         Err(error) => {
             tracing::error!(error = %error, "cannot install signal handlers");

@@ -69,6 +69,9 @@ pub struct AdobeConfig {
     pub client_id: String,
     /// From `client_secret`, `client_secret_file` or the environment override.
     pub client_secret: SecretString,
+    /// `client_secret_file`, when the secret came from it: watched for
+    /// changes, and re-read once when IMS answers `invalid_client`.
+    pub client_secret_file: Option<PathBuf>,
     /// Sent as `x-gw-ims-org-id`.
     pub org_id: String,
     /// Joined with `,` in the token request.
@@ -699,6 +702,30 @@ impl<'de> Deserialize<'de> for Raw {
     }
 }
 
+/// Reads a file that must be small (a secret, a config): refuses anything
+/// that is not a regular file (a FIFO would block, `/dev/zero` never ends)
+/// and reads at most `limit` bytes.
+pub fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    // stat first: opening a FIFO for reading blocks until a writer comes.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {limit} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
 fn present(raw: &Option<Raw>) -> bool {
     !matches!(raw, None | Some(Raw::Nil))
 }
@@ -1133,6 +1160,10 @@ impl Checker<'_> {
                     Err(self.report("adobe.org_id", format!("{org:?} does not end with @AdobeOrg; copy the organization id from the Adobe Developer Console")))
                 }
             });
+        let client_secret_file = match &raw.client_secret_file {
+            Some(Raw::Str(path)) if !path.trim().is_empty() => Some(PathBuf::from(path)),
+            _ => None,
+        };
         let client_secret = self.client_secret(raw.client_secret, raw.client_secret_file);
         let scopes = self.scopes(raw.scopes);
         let ims_url = self.url_or("adobe.ims_url", raw.ims_url, DEFAULT_IMS_URL);
@@ -1141,6 +1172,7 @@ impl Checker<'_> {
         Ok(AdobeConfig {
             client_id: client_id?,
             client_secret: client_secret?,
+            client_secret_file,
             org_id: org_id?,
             scopes: scopes?,
             ims_url: ims_url?,

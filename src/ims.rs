@@ -73,7 +73,9 @@ pub struct ImsClient {
     http: reqwest::Client,
     token_url: Url,
     client_id: String,
-    client_secret: SecretString,
+    /// Replaced when the secret file changed (see [`ImsClient::reread_secret`]).
+    client_secret: std::sync::Mutex<SecretString>,
+    client_secret_file: Option<std::path::PathBuf>,
     scopes: String,
     cache: Mutex<(u64, Option<Cached>)>,
     telemetry: Arc<Telemetry>,
@@ -115,7 +117,8 @@ impl ImsClient {
             http,
             token_url,
             client_id: adobe.client_id.clone(),
-            client_secret: adobe.client_secret.clone(),
+            client_secret: std::sync::Mutex::new(adobe.client_secret.clone()),
+            client_secret_file: adobe.client_secret_file.clone(),
             scopes: adobe.scopes.join(","),
             cache: Mutex::new((0, None)),
             telemetry,
@@ -132,7 +135,17 @@ impl ImsClient {
         {
             return Ok(Arc::clone(&entry.token));
         }
-        let (value, lifetime) = self.fetch().await?;
+        let (value, lifetime) = match self.fetch().await {
+            // A rotated client secret: the file may already hold the new
+            // one (a Kubernetes Secret update, a new LoadCredential). Re-read
+            // it once before reporting the refusal.
+            Err(ImsError::Rejected { error, .. })
+                if error == "invalid_client" && self.reread_secret() =>
+            {
+                self.fetch().await?
+            }
+            other => other?,
+        };
         *generation += 1;
         let token = Arc::new(AccessToken {
             value,
@@ -164,12 +177,38 @@ impl ImsClient {
         }
     }
 
+    /// Re-reads `client_secret_file`; true when it now holds another secret
+    /// (which is then used).
+    fn reread_secret(&self) -> bool {
+        let Some(path) = &self.client_secret_file else {
+            return false;
+        };
+        // A secret is a line of text; anything bigger is not one.
+        let Ok(bytes) = crate::config::read_small_file(path, 64 * 1024) else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let fresh = text.trim();
+        let mut current = self.client_secret.lock().unwrap_or_else(|e| e.into_inner());
+        if fresh.is_empty() || fresh == current.expose_secret() {
+            return false;
+        }
+        *current = SecretString::from(fresh.to_owned());
+        tracing::info!(path = %path.display(), "IMS refused the client secret; the secret file holds a new one, retrying with it");
+        true
+    }
+
     async fn fetch(&self) -> Result<(SecretString, Duration), ImsError> {
+        let secret = self
+            .client_secret
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         // Secrets go in the form body, never in the URL.
         let form = [
             ("grant_type", "client_credentials"),
             ("client_id", self.client_id.as_str()),
-            ("client_secret", self.client_secret.expose_secret()),
+            ("client_secret", secret.expose_secret()),
             ("scope", self.scopes.as_str()),
         ];
         let response = self
@@ -288,5 +327,50 @@ mod tests {
         };
         assert!(!format!("{token:?}").contains("eyJhbGciOiJSUzI1NiJ9"));
         assert_eq!(token.expose(), "eyJhbGciOiJSUzI1NiJ9.secret");
+    }
+
+    async fn client_with(
+        secret_in_memory: &str,
+        file_holds: &str,
+    ) -> (ImsClient, aep_s3_simulator::Simulator, tempfile::TempDir) {
+        let sim_config = aep_s3_simulator::SimConfig::new(
+            "cid",
+            "the-new-secret",
+            "0123456789ABCDEF01234567@AdobeOrg",
+        );
+        let sim = aep_s3_simulator::Simulator::start(sim_config)
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, format!("{file_holds}\n")).unwrap();
+        let adobe = AdobeConfig {
+            client_id: "cid".into(),
+            client_secret: SecretString::from(secret_in_memory.to_owned()),
+            client_secret_file: Some(file),
+            org_id: "0123456789ABCDEF01234567@AdobeOrg".into(),
+            scopes: vec!["openid".into()],
+            ims_url: Url::parse(&sim.ims_url()).unwrap(),
+            platform_url: Url::parse(&sim.platform_url()).unwrap(),
+        };
+        let telemetry = Arc::new(Telemetry::new(Duration::from_secs(60)));
+        let client = ImsClient::new(reqwest::Client::new(), &adobe, telemetry);
+        (client, sim, dir)
+    }
+
+    #[tokio::test]
+    async fn invalid_client_rereads_a_rotated_secret_file_once() {
+        let (client, sim, _dir) = client_with("the-old-secret", "the-new-secret").await;
+        client.token().await.unwrap();
+        assert_eq!(sim.stats().ims_tokens_issued, 1);
+        // The file is not re-read for every refusal: with the same secret in
+        // it, the refusal is reported after one attempt.
+        let (client, sim, _dir) = client_with("the-old-secret", "the-old-secret").await;
+        let error = client.token().await.unwrap_err();
+        assert!(
+            matches!(&error, ImsError::Rejected { error, .. } if error == "invalid_client"),
+            "{error:?}"
+        );
+        assert_eq!(sim.stats().ims_tokens_issued, 0);
     }
 }
