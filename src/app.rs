@@ -257,8 +257,8 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         }
     };
     match daemon.run(cancel, reloads).await {
-        Ok(_) => {
-            tracing::info!("stopped");
+        Ok(report) => {
+            tracing::info!(loop_turns = report.loop_turns, "stopped");
             Exit::Ok
         }
         Err(error) => {

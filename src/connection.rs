@@ -12,7 +12,7 @@
 //!
 //! Every other view of a connection (telemetry and `/status`, `/readyz`, the
 //! state file, the `once` report) is derived from this one state by
-//! [`Connection::status`], [`Connection::persisted`] and [`Connection::report`].
+//! [`Connection::status`], [`Connection::persisted`] and its counts (the report).
 
 use std::time::{Duration, SystemTime};
 

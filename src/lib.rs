@@ -13,17 +13,22 @@
 //!   ims ──────────┼──► TokenCache (one IMS token, single flight)
 //!                 │            │
 //!                 ▼            ▼
-//!   daemon (scheduler: one loop, a deadline heap, sleeps until the next due time)
-//!                 │ dispatches due connections, at most `concurrency` at once
+//!   daemon (the loop: a deadline heap, a dispatch limit, a JoinSet keyed by task)
+//!                 │ Event::Due / JobDone / Changed / Removed / Shutdown
 //!                 ▼
-//!   rotation (one job: credentials → token → PATCH with If-Match, 412 → re-GET)
-//!                 │ outcome
+//!   connection (one state per connection; apply(event, now, policy, draw) → Action)
+//!                 │   uses schedule / backoff (pure policy: next rotation, retry wait, escalation)
+//!                 │ Action::Dispatch(job)
 //!                 ▼
-//!   schedule / backoff (pure policy: next rotation, retry wait, escalation)
-//!                 │
+//!   rotation (one job, behind the JobRunner trait: token → etag → credentials → PATCH, 412 → re-GET)
+//!                 │ JobResult, back to connection::apply
 //!                 ▼
-//!   telemetry (status board + Prometheus metrics) ─► admin (HTTP), notify (systemd), state (file)
+//!   views of the connection state: telemetry (status + metrics) ─► admin (HTTP),
+//!   notify (systemd), state (file), the `once` report
 //! ```
+//!
+//! Time is read through [`clock`]: the scheduler runs on a `Clock`, so tests
+//! drive it with paused tokio time; every remote number is clamped there.
 //!
 //! The binary (`src/main.rs`) only parses the command line, sets up logging,
 //! loads the configuration and maps the result of [`app`] to an exit code.
