@@ -51,3 +51,4 @@ pub mod shutdown;
 pub mod state;
 pub mod sts;
 pub mod telemetry;
+pub mod tls;
