@@ -168,7 +168,8 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     if let Some(addr) = config.admin.listen {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
-                tracing::info!(listen = %addr, "admin endpoint listening");
+                // admin::serve logs "admin endpoint listening" with the
+                // address actually bound (the one that matters for port 0).
                 tokio::spawn(crate::admin::serve(
                     listener,
                     Arc::clone(&telemetry),
