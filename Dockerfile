@@ -15,6 +15,10 @@
 #
 # Not built in CI (no container engine there); keep the two stages in step
 # with Cargo.toml by hand.
+#
+# The image is the production build: `--no-default-features` leaves out the
+# `demo` command and with it the simulator crate (crates/aep-s3-simulator),
+# a test peer that has no place in a deployed binary.
 
 # Same Debian release as the runtime image below, so the glibc the binary is
 # linked against is the one it runs with.
@@ -24,43 +28,49 @@ ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /build
 
-# Dependencies first, in their own layer: it is rebuilt only when Cargo.toml
+# Dependencies first, in their own layer: it is rebuilt only when a manifest
 # or Cargo.lock change, not on every source edit (the AWS SDK takes minutes).
-# Placeholders stand in for the crate's sources (and for any target whose path
+# Placeholders stand in for the crates' sources (and for any target whose path
 # Cargo.toml names explicitly, which cargo insists on finding); afterwards the
 # placeholder crate's artifacts are deleted so that the real one is always
-# rebuilt, whatever the mtimes of the copied sources.
+# rebuilt, whatever the mtimes of the copied sources. Every workspace member's
+# manifest must be present for cargo to load the workspace, even the
+# simulator's, which this build never compiles.
 COPY Cargo.toml Cargo.lock ./
+COPY crates/aep-s3-simulator/Cargo.toml crates/aep-s3-simulator/
 RUN set -eu; \
-    mkdir -p src; \
+    mkdir -p src crates/aep-s3-simulator/src; \
     echo 'fn main() {}' > src/main.rs; \
     echo '//! Placeholder to build dependencies.' > src/lib.rs; \
+    echo '//! Placeholder: a workspace member, not built here.' > crates/aep-s3-simulator/src/lib.rs; \
     for path in $(sed -n 's/^path *= *"\(.*\.rs\)".*/\1/p' Cargo.toml); do \
         if [ ! -e "$path" ]; then \
             mkdir -p "$(dirname "$path")"; echo 'fn main() {}' > "$path"; echo "$path" >> /tmp/placeholders; \
         fi; \
     done; \
-    cargo build --release --locked --bin aep-s3-rotator; \
+    cargo build --release --locked --no-default-features --bin aep-s3-rotator; \
     if [ -f /tmp/placeholders ]; then xargs rm -f < /tmp/placeholders; fi; \
-    rm -rf src \
+    rm -rf src crates/aep-s3-simulator/src \
         target/release/aep-s3-rotator \
         target/release/aep-s3-rotator.d \
         target/release/deps/aep_s3_rotator-* \
         target/release/deps/libaep_s3_rotator-* \
         target/release/.fingerprint/aep-s3-rotator-*
 
-# Everything the build may read (sources, include_str! targets); .dockerignore
-# keeps target/, .git and the packaging files out.
+# Everything the build may read (sources, include_str! targets, crates/);
+# .dockerignore keeps target/, .git and the packaging files out.
 COPY . .
-# Only the daemon: the crate's second binary (aep-s3-simulator) is a test
-# tool. The empty state directory, owned by the runtime user below, serves
-# when no volume is mounted there (the state then dies with the container).
-RUN cargo build --release --locked --bin aep-s3-rotator \
+# Only the daemon, without `demo` (see the top). The empty state directory,
+# owned by the runtime user below, serves when no volume is mounted there (the
+# state then dies with the container).
+RUN cargo build --release --locked --no-default-features --bin aep-s3-rotator \
     && install -D -m 0755 target/release/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator \
     && install -d -m 0700 /out/var/lib/aep-s3-rotator
 
 # Runtime: glibc, libgcc, CA certificates and tzdata; no shell, no package
-# manager. ":nonroot" runs as uid/gid 65532.
+# manager. ":nonroot" runs as uid/gid 65532. The daemon reads the image's CA
+# store at start (`check` prints it as its `ca` line); on a base without one
+# it falls back to the Mozilla roots built into the binary, with a warning.
 FROM ${RUNTIME_IMAGE}
 
 LABEL org.opencontainers.image.title="aep-s3-rotator" \

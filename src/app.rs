@@ -52,6 +52,11 @@ pub async fn main(cli: Cli) -> Exit {
         Ok(config) => config,
         Err(exit) => return exit,
     };
+    if matches!(command, Command::Run(_) | Command::Once(_))
+        && let Err(exit) = ca_roots()
+    {
+        return exit;
+    }
     match command {
         Command::Run(args) => run(config, &cli.config, args.dry_run).await,
         Command::Once(args) => once(config, args).await,
@@ -74,6 +79,26 @@ async fn demo(_args: crate::cli::DemoArgs) -> Exit {
          build with default features to run it"
     );
     Exit::Usage
+}
+
+/// The CA roots for every HTTPS client (see [`crate::tls`]): logged once at
+/// start; an operator-named store without certificates stops the start with
+/// one message (exit 78: systemd does not restart into the same failure).
+fn ca_roots() -> Result<(), Exit> {
+    match crate::tls::roots() {
+        Ok(roots) if matches!(roots.source(), crate::tls::CaSource::Builtin { .. }) => {
+            tracing::warn!(roots = roots.len(), "CA roots: {}", roots.describe());
+            Ok(())
+        }
+        Ok(roots) => {
+            tracing::info!(roots = roots.len(), "CA roots: {}", roots.describe());
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!("{error}");
+            Err(Exit::Config)
+        }
+    }
 }
 
 /// Loads and validates the config; logs every problem with its key path.
@@ -224,7 +249,8 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     if let Some(addr) = config.admin.listen {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
-                tracing::info!(listen = %addr, "admin endpoint listening");
+                // admin::serve logs "admin endpoint listening" with the
+                // address actually bound (the one that matters for port 0).
                 tokio::spawn(crate::admin::serve(
                     listener,
                     Arc::clone(&telemetry),
@@ -395,6 +421,23 @@ async fn check(config: Config, path: &Path) -> Exit {
     );
     for warning in &config.warnings {
         lines.warn("config", warning);
+    }
+    // The trust store every HTTPS check below depends on: its own line.
+    match crate::tls::roots() {
+        // The built-in set works, but the operator should know it is in use.
+        Ok(roots) if matches!(roots.source(), crate::tls::CaSource::Builtin { .. }) => {
+            lines.warn("ca", &roots.describe());
+        }
+        Ok(roots) => lines.ok("ca", &roots.describe()),
+        Err(error) => {
+            lines.fail("ca", &error.to_string());
+            lines.text.push_str(&format!(
+                "{} checks, {} failed\n",
+                lines.total, lines.failed
+            ));
+            print!("{}", lines.text);
+            return Exit::Config;
+        }
     }
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
     let options = Options {

@@ -131,6 +131,7 @@ pub async fn build_rotator(
         .timeout(rotation.request_timeout)
         .connect_timeout(rotation.request_timeout.min(Duration::from_secs(10)))
         // Certificates are always verified; there is deliberately no switch.
+        .tls_certs_only(crate::tls::reqwest_roots())
         .build()
         .context("building the HTTP client")?;
     let same_http = |old: &Config| old.rotation.request_timeout == rotation.request_timeout;

@@ -58,3 +58,4 @@ pub mod shutdown;
 pub mod state;
 pub mod sts;
 pub mod telemetry;
+pub mod tls;

@@ -162,6 +162,8 @@ impl AwsSts {
         telemetry: Arc<Telemetry>,
     ) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            // The roots src/tls.rs chose, for STS and the credential chain.
+            .http_client(crate::tls::aws_http_client())
             .retry_config(RetryConfig::disabled())
             .timeout_config(
                 TimeoutConfig::builder()

@@ -58,6 +58,10 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The endpoint answered, so both places that ever logged its start have
+    // run: it is logged once, with the address bound.
+    let listening = daemon.events("admin endpoint listening");
+    assert_eq!(listening.len(), 1, "stderr:\n{}", daemon.stderr_text());
     assert_eq!(ready.0, 200, "{}", ready.1);
     assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
 

@@ -165,10 +165,12 @@ async fn handle(
         tokio::time::sleep(delay).await;
     }
     let response = shared.flow_answer(&parts, route, &body);
-    if churn && kind == RequestKind::FlowGet && response.status().is_success() {
-        if let Some(id) = connection {
-            shared.bump_etag(id);
-        }
+    if churn
+        && kind == RequestKind::FlowGet
+        && response.status().is_success()
+        && let Some(id) = connection
+    {
+        shared.bump_etag(id);
     }
     shared.finish(connection, response)
 }
@@ -526,12 +528,11 @@ impl Shared {
         let Some(conn) = st.connections.get_mut(id) else {
             return not_found(id, sandbox);
         };
-        if conn.patches > 0 {
-            if let Some(previous) = conn.credentials.expires_at {
-                if let Ok(gap) = now.duration_since(previous) {
-                    conn.expired_seconds += gap.as_secs_f64();
-                }
-            }
+        if conn.patches > 0
+            && let Some(previous) = conn.credentials.expires_at
+            && let Ok(gap) = now.duration_since(previous)
+        {
+            conn.expired_seconds += gap.as_secs_f64();
         }
         conn.credentials.access_key_id = access_key_id.to_owned();
         conn.credentials.secret = secret.to_owned();

@@ -248,15 +248,15 @@ impl State {
         connection: Option<&str>,
         kind: RequestKind,
     ) -> Option<ScriptedFault> {
-        if let Some(id) = connection {
-            if let Some(queue) = self.connection_scripts.get_mut(id) {
-                let fault = take_matching(queue, kind);
-                if queue.is_empty() {
-                    self.connection_scripts.remove(id);
-                }
-                if fault.is_some() {
-                    return fault;
-                }
+        if let Some(id) = connection
+            && let Some(queue) = self.connection_scripts.get_mut(id)
+        {
+            let fault = take_matching(queue, kind);
+            if queue.is_empty() {
+                self.connection_scripts.remove(id);
+            }
+            if fault.is_some() {
+                return fault;
             }
         }
         take_matching(&mut self.scripts[service.index()], kind)

@@ -415,10 +415,10 @@ impl Shared {
                         errors.push("Value at 'externalId' failed to satisfy constraint: Member must have length between 2 and 1224 and match [\\w+=,.@:/-]*".to_owned());
                     }
                 }
-                if let Some(policy) = params.get("Policy") {
-                    if serde_json::from_str::<serde_json::Value>(policy).is_err() {
-                        errors.push("Value at 'policy' failed to satisfy constraint: Member must be a JSON policy document".to_owned());
-                    }
+                if let Some(policy) = params.get("Policy")
+                    && serde_json::from_str::<serde_json::Value>(policy).is_err()
+                {
+                    errors.push("Value at 'policy' failed to satisfy constraint: Member must be a JSON policy document".to_owned());
                 }
                 for (key, value) in &params {
                     if key.starts_with("PolicyArns.member.") {
