@@ -141,6 +141,7 @@ pub async fn build_rotator(
         refresh_before: rotation.refresh_before,
         verify: rotation.verify,
         dry_run: options.dry_run,
+        prepush: crate::s3probe::from_config(config)?,
     })
 }
 
@@ -151,6 +152,8 @@ struct Entry {
     sts: StsRequest,
     /// Etag from our last PATCH (saves a GET).
     etag: Option<String>,
+    /// The connection's S3 parameters, kept with the etag for the pre-push check.
+    s3: Option<crate::s3probe::S3Target>,
     /// The credentials this daemon put on the connection: access key id, expiry.
     pushed: Option<(String, SystemTime)>,
     /// After a restart, the etag we left; the first job only re-pushes if it changed.
@@ -181,6 +184,7 @@ impl Entry {
             config,
             sts,
             etag: None,
+            s3: None,
             pushed: None,
             resume_etag: None,
             last_success: None,
@@ -441,6 +445,7 @@ impl Daemon {
             known_etag: entry.etag.clone(),
             held: entry.pushed.as_ref().map(|(key, _)| key.clone()),
             resume_if_etag: entry.resume_etag.take(),
+            s3: entry.s3.clone(),
         };
         let rotator = Arc::clone(&self.rotator);
         let cancel = self.job_cancel.clone();
@@ -480,12 +485,16 @@ impl Daemon {
             self.first_pass_pending = self.first_pass_pending.saturating_sub(1);
         }
         let _span = entry.span().entered();
+        if let Some(target) = result.s3_target() {
+            entry.s3 = Some(target.clone());
+        }
         let next_at = match result {
             JobResult::Rotated {
                 access_key_id,
                 expires_at,
                 etag,
                 conflicts,
+                ..
             } => {
                 entry.pushed = Some((access_key_id.clone(), expires_at));
                 entry.etag = etag;
@@ -512,6 +521,7 @@ impl Daemon {
                 access_key_id,
                 expires_at,
                 etag,
+                ..
             } => {
                 entry.failures = 0;
                 entry.last_error = None;
@@ -530,7 +540,7 @@ impl Daemon {
                 }
                 next
             }
-            JobResult::Unchanged { etag } => {
+            JobResult::Unchanged { etag, .. } => {
                 entry.etag = Some(etag);
                 entry.failures = 0;
                 let expires_at = entry.pushed.as_ref().map_or(now, |(_, at)| *at);
@@ -555,6 +565,7 @@ impl Daemon {
                 error,
                 etag,
                 conflicts,
+                ..
             } => {
                 if etag.is_some() {
                     entry.etag = etag;
