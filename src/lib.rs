@@ -16,7 +16,7 @@
 //!   daemon (scheduler: one loop, a deadline heap, sleeps until the next due time)
 //!                 │ dispatches due connections, at most `concurrency` at once
 //!                 ▼
-//!   rotation (one job: credentials → token → PATCH with If-Match, 412 → re-GET)
+//!   rotation (one job: credentials → token → S3 pre-push check → PATCH with If-Match, 412 → re-GET)
 //!                 │ outcome
 //!                 ▼
 //!   schedule / backoff (pure policy: next rotation, retry wait, escalation)
@@ -45,6 +45,7 @@ pub mod ims;
 pub mod logging;
 pub mod notify;
 pub mod rotation;
+pub mod s3probe;
 pub mod schedule;
 pub mod shaping;
 pub mod shutdown;
