@@ -150,6 +150,7 @@ platform_url = "{flow}"
 [aws]
 region = "us-east-1"
 sts_endpoint = "{sts}"
+s3_endpoint = "{s3}"        # the pre-push check lists each bucket in the simulated S3
 role_arn = "arn:aws:iam::123456789012:role/aep-s3-demo"
 
 [rotation]
@@ -166,6 +167,7 @@ request_timeout = "5s"
         ims = simulator.ims_url(),
         flow = simulator.platform_url(),
         sts = simulator.sts_url(),
+        s3 = simulator.s3_url(),
     );
     for c in &sim.connections {
         toml.push_str(&format!(

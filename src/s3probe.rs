@@ -532,7 +532,12 @@ impl HttpProbe {
         classify(&answer, operation(target), target, credentials)
     }
 
-    async fn send(&self, method: Method, url: &str, headers: HeaderMap) -> Result<Answer, ProbeError> {
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: HeaderMap,
+    ) -> Result<Answer, ProbeError> {
         let parsed = Url::parse(url)
             .map_err(|e| ProbeError::Unusable(format!("cannot build the S3 URL {url:?}: {e}")))?;
         let mut response = self
@@ -584,7 +589,12 @@ impl S3Probe for HttpProbe {
             loop {
                 attempts = attempts.saturating_add(1);
                 match self.check_once(target, credentials).await {
-                    Ok(allowed) => return Ok(Allowed { attempts, ..allowed }),
+                    Ok(allowed) => {
+                        return Ok(Allowed {
+                            attempts,
+                            ..allowed
+                        });
+                    }
                     Err(error @ ProbeError::Denied { .. }) => {
                         let Some(delay) = delays.next() else {
                             return Err(error);
@@ -717,9 +727,15 @@ fn classify(
         &secrets,
     );
     let code = scrub(&code, &secrets);
-    if status.is_server_error() || TRANSIENT_CODES.contains(&code.as_str()) || status.as_u16() == 429
+    if status.is_server_error()
+        || TRANSIENT_CODES.contains(&code.as_str())
+        || status.as_u16() == 429
     {
-        let code = if code.is_empty() { status.as_str().to_owned() } else { code };
+        let code = if code.is_empty() {
+            status.as_str().to_owned()
+        } else {
+            code
+        };
         return Step::Failed(ProbeError::Unavailable(format!(
             "{operation} on {} answered {code} ({status}): {message}",
             target.describe()
@@ -739,7 +755,11 @@ fn classify(
     } else {
         ""
     };
-    let code = if code.is_empty() { "no error code".to_owned() } else { code };
+    let code = if code.is_empty() {
+        "no error code".to_owned()
+    } else {
+        code
+    };
     Step::Failed(ProbeError::Unusable(format!(
         "{operation} on {} answered {code} ({status}): {message}{advice}",
         target.describe()
@@ -751,7 +771,9 @@ fn scrub(text: &str, secrets: &[&str]) -> String {
     secrets
         .iter()
         .filter(|secret| !secret.is_empty())
-        .fold(text.to_owned(), |acc, secret| acc.replace(secret, "[redacted]"))
+        .fold(text.to_owned(), |acc, secret| {
+            acc.replace(secret, "[redacted]")
+        })
 }
 
 #[cfg(test)]
@@ -785,13 +807,21 @@ mod tests {
     }
 
     fn error_xml(code: &str, extra: &str) -> String {
-        format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>m &amp; m</Message>{extra}<RequestId>1</RequestId></Error>")
+        format!(
+            "<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>m &amp; m</Message>{extra}<RequestId>1</RequestId></Error>"
+        )
     }
 
     #[test]
     fn prefix_is_the_folder_without_leading_and_with_one_trailing_slash() {
-        assert_eq!(target(Some("/landing")).prefix().as_deref(), Some("landing/"));
-        assert_eq!(target(Some("landing/in/")).prefix().as_deref(), Some("landing/in/"));
+        assert_eq!(
+            target(Some("/landing")).prefix().as_deref(),
+            Some("landing/")
+        );
+        assert_eq!(
+            target(Some("landing/in/")).prefix().as_deref(),
+            Some("landing/in/")
+        );
         assert_eq!(target(Some("//")).prefix(), None);
         assert_eq!(target(Some("")).prefix(), None);
         assert_eq!(target(None).prefix(), None);
@@ -800,7 +830,10 @@ mod tests {
 
     #[test]
     fn query_values_are_encoded_as_sigv4_canonicalises_them() {
-        assert_eq!(encode_query_value("landing/in 1+é~"), "landing%2Fin%201%2B%C3%A9~");
+        assert_eq!(
+            encode_query_value("landing/in 1+é~"),
+            "landing%2Fin%201%2B%C3%A9~"
+        );
     }
 
     #[test]
@@ -826,17 +859,28 @@ mod tests {
         let t = target(Some("landing"));
         let step = |a: Answer| classify(&a, "ListObjectsV2", &t, &creds);
         assert!(matches!(
-            step(answer(200, None, "<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>")),
+            step(answer(
+                200,
+                None,
+                "<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>"
+            )),
             Step::Allowed
         ));
         assert!(matches!(
             step(answer(200, None, "<html>captive portal</html>")),
             Step::Failed(ProbeError::Unavailable(_))
         ));
-        for code in ["AccessDenied", "NoSuchBucket", "InvalidAccessKeyId", "SignatureDoesNotMatch"] {
+        for code in [
+            "AccessDenied",
+            "NoSuchBucket",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ] {
             let status = if code == "NoSuchBucket" { 404 } else { 403 };
             match step(answer(status, None, &error_xml(code, ""))) {
-                Step::Failed(ProbeError::Denied { code: c, message, .. }) => {
+                Step::Failed(ProbeError::Denied {
+                    code: c, message, ..
+                }) => {
                     assert_eq!(c, code);
                     assert_eq!(message, "m & m");
                 }
@@ -845,7 +889,10 @@ mod tests {
         }
         for (status, code) in [(503, "SlowDown"), (500, "InternalError"), (502, "")] {
             let step = step(answer(status, None, &error_xml(code, "")));
-            assert!(matches!(step, Step::Failed(ProbeError::Unavailable(_))), "{status}: {step:?}");
+            assert!(
+                matches!(step, Step::Failed(ProbeError::Unavailable(_))),
+                "{status}: {step:?}"
+            );
         }
         assert!(matches!(
             step(answer(403, None, &error_xml("RequestTimeTooSkewed", ""))),
@@ -865,21 +912,36 @@ mod tests {
             Step::Redirect(Some(r)) if r == "ap-south-1"
         ));
         // HEAD: no body, the status speaks.
-        let head = |status| classify(&answer(status, None, ""), "HeadBucket", &target(None), &creds);
+        let head = |status| {
+            classify(
+                &answer(status, None, ""),
+                "HeadBucket",
+                &target(None),
+                &creds,
+            )
+        };
         assert!(matches!(head(200), Step::Allowed));
-        assert!(matches!(head(403), Step::Failed(ProbeError::Denied { code, .. }) if code == "AccessDenied"));
-        assert!(matches!(head(404), Step::Failed(ProbeError::Denied { code, .. }) if code == "NoSuchBucket"));
+        assert!(
+            matches!(head(403), Step::Failed(ProbeError::Denied { code, .. }) if code == "AccessDenied")
+        );
+        assert!(
+            matches!(head(404), Step::Failed(ProbeError::Denied { code, .. }) if code == "NoSuchBucket")
+        );
     }
 
     #[test]
     fn echoed_credentials_are_scrubbed_from_messages() {
         let creds = credentials();
-        let body = error_xml(
-            "SignatureDoesNotMatch",
-            "",
-        )
-        .replace("m &amp; m", "canonical x-amz-security-token:probe-session-token-never-shown");
-        let Step::Failed(error) = classify(&answer(403, None, &body), "ListObjectsV2", &target(Some("a")), &creds) else {
+        let body = error_xml("SignatureDoesNotMatch", "").replace(
+            "m &amp; m",
+            "canonical x-amz-security-token:probe-session-token-never-shown",
+        );
+        let Step::Failed(error) = classify(
+            &answer(403, None, &body),
+            "ListObjectsV2",
+            &target(Some("a")),
+            &creds,
+        ) else {
             panic!("not a failure");
         };
         let text = error.to_string();
@@ -897,7 +959,10 @@ mod tests {
         )
         .unwrap();
         let auth = headers["authorization"].to_str().unwrap();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=ASIATESTPROBE0000001/"), "{auth}");
+        assert!(
+            auth.starts_with("AWS4-HMAC-SHA256 Credential=ASIATESTPROBE0000001/"),
+            "{auth}"
+        );
         assert!(auth.contains("/eu-west-1/s3/aws4_request"), "{auth}");
         assert!(headers["authorization"].is_sensitive());
         assert!(headers["x-amz-security-token"].is_sensitive());

@@ -1149,7 +1149,13 @@ mod tests {
         telemetry.prepush_check("denied");
         telemetry.prepush_check("allowed");
         let text = telemetry.render_metrics(SystemTime::now());
-        assert!(text.contains("aep_s3_rotator_prepush_checks_total{result=\"denied\"} 2"), "{text}");
-        assert!(text.contains("aep_s3_rotator_prepush_checks_total{result=\"allowed\"} 1"), "{text}");
+        assert!(
+            text.contains("aep_s3_rotator_prepush_checks_total{result=\"denied\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("aep_s3_rotator_prepush_checks_total{result=\"allowed\"} 1"),
+            "{text}"
+        );
     }
 }
