@@ -1028,7 +1028,9 @@ mod tests {
         // Every sample name is one of ours, with the suffix exactly once.
         for (name, _, _) in samples(&text) {
             assert!(
-                NAMES.contains(&name.as_str()) || name == "aep_s3_rotator_build_info",
+                NAMES.contains(&name.as_str())
+                    || name == "aep_s3_rotator_build_info"
+                    || name == "aep_s3_rotator_prepush_checks_total",
                 "unexpected series {name}"
             );
         }
