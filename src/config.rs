@@ -1825,7 +1825,7 @@ sandbox = "dev"
             ran += 1;
         }
         assert_eq!(ran, cases.len());
-        assert_eq!(ran, 64, "update this count when adding cases");
+        assert_eq!(ran, 66, "update this count when adding cases");
     }
 
     #[test]
