@@ -195,6 +195,8 @@ struct Progress {
     /// The target the pre-push check passed for (re-checked when a re-GET
     /// after a 412 finds another one).
     checked: Option<S3Target>,
+    /// Whether `s3` was read during this job (not cached from an earlier one).
+    target_read: bool,
     conflicts: u32,
     token: Option<Arc<AccessToken>>,
     token_refreshed: bool,
@@ -208,6 +210,7 @@ impl Rotator {
             etag: job.known_etag.clone(),
             s3: job.s3.clone(),
             checked: None,
+            target_read: false,
             conflicts: 0,
             token: None,
             token_refreshed: false,
@@ -328,6 +331,7 @@ impl Rotator {
                 other => {
                     let remote = other?;
                     progress.s3 = remote.s3.clone();
+                    progress.target_read = true;
                     return Ok(remote);
                 }
             }
@@ -347,18 +351,35 @@ impl Rotator {
         let Some(probe) = &self.prepush else {
             return Ok(());
         };
-        let Some(target) = progress.s3.clone() else {
-            self.telemetry.prepush_check("skipped");
-            progress.checked = None;
-            tracing::info!(
-                access_key_id = %credentials.access_key_id,
-                "connection names no bucketName, pre-push check skipped"
-            );
-            return Ok(());
-        };
-        let outcome = tokio::select! {
-            outcome = probe.check(&target, credentials) => outcome,
-            () = cancel.cancelled() => return Err(RotationError::Cancelled),
+        let (target, outcome) = loop {
+            let Some(target) = progress.s3.clone() else {
+                self.telemetry.prepush_check("skipped");
+                progress.checked = None;
+                tracing::info!(
+                    access_key_id = %credentials.access_key_id,
+                    "connection names no bucketName, pre-push check skipped"
+                );
+                return Ok(());
+            };
+            let outcome = tokio::select! {
+                outcome = probe.check(&target, credentials) => outcome,
+                () = cancel.cancelled() => return Err(RotationError::Cancelled),
+            };
+            // A denial on a target cached from an earlier job may only mean
+            // the connection was edited since: read it (one GET, on this
+            // failure path only) and check again if its S3 parameters changed.
+            if matches!(outcome, Err(ProbeError::Denied { .. })) && !progress.target_read {
+                let remote = self.read(job, progress).await?;
+                progress.etag = Some(remote.etag);
+                if progress.s3.as_ref() != Some(&target) {
+                    tracing::info!(
+                        bucket = %target.bucket,
+                        "the connection's S3 parameters changed since they were cached, checking again"
+                    );
+                    continue;
+                }
+            }
+            break (target, outcome);
         };
         match outcome {
             Ok(allowed) => {

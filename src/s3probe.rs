@@ -32,7 +32,8 @@
 //! - **Outcomes**: `AccessDenied`, `NoSuchBucket`, `InvalidAccessKeyId`,
 //!   `SignatureDoesNotMatch` (and the token variants) are a *denial*, but only
 //!   after a few retries over a few seconds, because new credentials can take
-//!   that long to be usable (IAM eventual consistency). 5xx, `SlowDown`,
+//!   that long to be usable (IAM eventual consistency); `NoSuchBucket` does
+//!   not depend on the credentials and is believed at once. 5xx, `SlowDown`,
 //!   timeouts and resets are *transient* (the scheduler backs off). Anything
 //!   else that does not prove access is *unusable* (slow cadence). In every
 //!   case but "allowed" the credentials are not pushed.
@@ -325,7 +326,6 @@ const DENIAL_CODES: &[&str] = &[
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
     "InvalidToken",
-    "ExpiredToken",
     "TokenRefreshRequired",
     "AllAccessDisabled",
     "AccountProblem",
@@ -338,6 +338,9 @@ const TRANSIENT_CODES: &[&str] = &[
     "ServiceUnavailable",
     "RequestTimeout",
     "OperationAborted",
+    // The new credentials expired before the check: the next attempt gets
+    // fresh ones from STS.
+    "ExpiredToken",
 ];
 
 /// One answer, read and bounded.
@@ -595,7 +598,11 @@ impl S3Probe for HttpProbe {
                             ..allowed
                         });
                     }
-                    Err(error @ ProbeError::Denied { .. }) => {
+                    // A missing bucket does not depend on the credentials:
+                    // no waiting for them to propagate.
+                    Err(error @ ProbeError::Denied { .. })
+                        if error.code() != Some("NoSuchBucket") =>
+                    {
                         let Some(delay) = delays.next() else {
                             return Err(error);
                         };

@@ -552,7 +552,8 @@ impl Simulator {
         Self::url(self.shared.addrs[SimService::S3.index()])
     }
 
-    /// S3 denies (or stops denying) every check on `bucket` with `AccessDenied`.
+    /// S3 denies (or stops denying) every check on `bucket` with
+    /// `AccessDenied`; `bucket/prefix` denies only listings of that prefix.
     pub fn s3_deny_bucket(&self, bucket: &str, deny: bool) {
         let mut st = self.shared.lock();
         if deny {

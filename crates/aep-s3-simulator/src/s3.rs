@@ -583,7 +583,11 @@ impl Shared {
         }
         let denied = {
             let st = self.lock();
-            deny_first || st.s3.deny_buckets.contains(bucket) || st.s3.deny_keys.contains(&key)
+            let folder = format!("{bucket}/{}", value("prefix").unwrap_or_default());
+            deny_first
+                || st.s3.deny_buckets.contains(bucket)
+                || st.s3.deny_buckets.contains(&folder)
+                || st.s3.deny_keys.contains(&key)
         };
         if denied {
             return deny("AccessDenied", 403, "Access Denied", "");
