@@ -211,11 +211,12 @@ fn summary(report: &Report, stats: &SimStats, violations: &[String]) -> String {
         ));
     }
     out.push_str(&format!(
-        "\nsimulator: {} PATCHes accepted, {} etag conflicts, {} throttled, {} STS calls, {} IMS tokens, {} protocol violations, {:.1} s with expired credentials\n",
+        "\nsimulator: {} PATCHes accepted, {} etag conflicts, {} throttled, {} STS calls, {} S3 pre-push checks passed, {} IMS tokens, {} protocol violations, {:.1} s with expired credentials\n",
         stats.flow_patches_ok,
         stats.flow_412,
         stats.flow_429,
         stats.sts_assume_role + stats.sts_get_session_token,
+        stats.s3_checks_allowed,
         stats.ims_tokens_issued,
         violations.len(),
         stats.expired_seconds,
