@@ -471,7 +471,8 @@ async fn check(config: Config, path: &Path) -> Exit {
             None
         }
     };
-    // Flow Service, each connection.
+    // Flow Service, each connection; its S3 parameters for the pre-push check.
+    let mut targets = std::collections::HashMap::new();
     for connection in &config.connections {
         let label = format!("{} ({})", connection.name, connection.sandbox);
         let Some(token) = &token else {
@@ -483,10 +484,13 @@ async fn check(config: Config, path: &Path) -> Exit {
             .get_connection(&connection.id, &connection.sandbox, token)
             .await
         {
-            Ok(remote) => lines.ok(
-                "connection",
-                &format!("{label}: S3 access-key connection, etag {}", remote.etag),
-            ),
+            Ok(remote) => {
+                lines.ok(
+                    "connection",
+                    &format!("{label}: S3 access-key connection, etag {}", remote.etag),
+                );
+                targets.insert(connection.id.clone(), remote.s3);
+            }
             Err(error) => lines.fail("connection", &format!("{label}: {error}")),
         }
     }
@@ -498,13 +502,15 @@ async fn check(config: Config, path: &Path) -> Exit {
         telemetry,
     )
     .await;
-    let mut seen = std::collections::HashSet::new();
+    let mut issued = std::collections::HashMap::new();
     for connection in &config.connections {
         let request = StsRequest::for_connection(&config, connection);
-        if !seen.insert(request.clone()) {
+        if issued.contains_key(&request) {
             continue;
         }
-        match source.issue(&request).await {
+        let outcome = source.issue(&request).await;
+        issued.insert(request.clone(), outcome.as_ref().ok().cloned());
+        match outcome {
             Ok(credentials) => {
                 let left = credentials.expiration.duration_since(crate::clock::wall_now()).unwrap_or_default();
                 let operation = if request.role_arn.is_some() { "AssumeRole" } else { "GetSessionToken" };
@@ -528,6 +534,8 @@ async fn check(config: Config, path: &Path) -> Exit {
             Err(error) => lines.fail("sts", &format!("{}: {error}", request.describe())),
         }
     }
+    // The pre-push S3 check, as a rotation would run it, per connection.
+    prepush_lines(&config, &rotator, &targets, &issued, &mut lines).await;
     lines.text.push_str(&format!(
         "{} checks, {} failed\n",
         lines.total, lines.failed
@@ -537,6 +545,60 @@ async fn check(config: Config, path: &Path) -> Exit {
         Exit::Ok
     } else {
         Exit::Failure
+    }
+}
+
+/// `check`: the pre-push S3 check of each connection with its fresh
+/// credentials; one line each (`s3`).
+async fn prepush_lines(
+    config: &Config,
+    rotator: &crate::rotation::Rotator,
+    targets: &std::collections::HashMap<String, Option<crate::s3probe::S3Target>>,
+    issued: &std::collections::HashMap<StsRequest, Option<crate::sts::AwsCredentials>>,
+    lines: &mut CheckReport,
+) {
+    let Some(probe) = &rotator.prepush else {
+        lines.warn(
+            "s3",
+            "[rotation] prepush_check = false: new credentials are pushed without checking they can list the bucket",
+        );
+        return;
+    };
+    for connection in &config.connections {
+        let label = format!("{} ({})", connection.name, connection.sandbox);
+        let request = StsRequest::for_connection(config, connection);
+        let (Some(target), Some(Some(credentials))) =
+            (targets.get(&connection.id), issued.get(&request))
+        else {
+            lines.fail(
+                "s3",
+                &format!("{label}: not checked (no connection or no credentials above)"),
+            );
+            continue;
+        };
+        let Some(target) = target else {
+            lines.warn(
+                "s3",
+                &format!("{label}: the connection names no bucketName; nothing to check"),
+            );
+            continue;
+        };
+        match probe.check(target, credentials).await {
+            Ok(allowed) => lines.ok(
+                "s3",
+                &format!(
+                    "{label}: {} {} allowed for {} in {}",
+                    allowed.operation,
+                    target.describe(),
+                    credentials.access_key_id,
+                    allowed.region
+                ),
+            ),
+            Err(error) => lines.fail(
+                "s3",
+                &format!("{label}: {error} (role {})", request.describe()),
+            ),
+        }
     }
 }
 

@@ -90,6 +90,9 @@ pub struct AwsConfig {
     pub region: Option<String>,
     /// Explicit STS endpoint; `None` = the SDK default (`AWS_ENDPOINT_URL_STS` honoured).
     pub sts_endpoint: Option<Url>,
+    /// Endpoint of the pre-push S3 check for connections without a
+    /// `serviceUrl`; `None` = `AWS_ENDPOINT_URL_S3`, else AWS's regional endpoint.
+    pub s3_endpoint: Option<Url>,
     /// Default role; `None` (and none on a connection) = `GetSessionToken`.
     pub role_arn: Option<RoleArn>,
     /// Default `ExternalId` for `AssumeRole`.
@@ -117,6 +120,9 @@ pub struct RotationConfig {
     pub retry_max: Duration,
     /// After a PATCH, `GET /connections/{id}/test` and log the result.
     pub verify: bool,
+    /// Before each PATCH, prove the new credentials can list the connection's
+    /// bucket and folder (see `s3probe`); `false` for buckets this host cannot reach.
+    pub prepush_check: bool,
     /// Timeout of every single HTTP request (IMS, Flow Service, STS).
     pub request_timeout: Duration,
     /// On shutdown, how long PATCHes in flight may take to finish.
@@ -758,6 +764,7 @@ struct RawAdobe {
 struct RawAws {
     region: Option<Raw>,
     sts_endpoint: Option<Raw>,
+    s3_endpoint: Option<Raw>,
     role_arn: Option<Raw>,
     external_id: Option<Raw>,
     session_name: Option<Raw>,
@@ -774,6 +781,7 @@ struct RawRotation {
     retry_min: Option<Raw>,
     retry_max: Option<Raw>,
     verify: Option<Raw>,
+    prepush_check: Option<Raw>,
     request_timeout: Option<Raw>,
     shutdown_grace: Option<Raw>,
 }
@@ -1308,12 +1316,14 @@ impl Checker<'_> {
                 other => Ok(other),
             });
         let sts_endpoint = self.url("aws.sts_endpoint", raw.sts_endpoint);
+        let s3_endpoint = self.url("aws.s3_endpoint", raw.s3_endpoint);
         let role_arn = self.role_arn("aws.role_arn", raw.role_arn);
         let external_id = self.external_id("aws.external_id", raw.external_id);
         let session_name = self.session_name("aws.session_name", raw.session_name);
         Ok(AwsConfig {
             region: region?,
             sts_endpoint: sts_endpoint?,
+            s3_endpoint: s3_endpoint?,
             role_arn: role_arn?,
             external_id: external_id?,
             session_name: session_name?.unwrap_or_else(|| DEFAULT_SESSION_NAME.to_owned()),
@@ -1441,6 +1451,9 @@ impl Checker<'_> {
             (other, _) => other,
         };
         let verify = self.boolean("rotation.verify", raw.verify, false);
+        // On by default: pushing credentials that cannot read the bucket
+        // breaks every dataflow on the connection.
+        let prepush_check = self.boolean("rotation.prepush_check", raw.prepush_check, true);
         let request_timeout = self
             .duration("rotation.request_timeout", raw.request_timeout, DEFAULT_REQUEST_TIMEOUT)
             .and_then(|d| {
@@ -1466,6 +1479,7 @@ impl Checker<'_> {
             retry_min: retry_min?,
             retry_max: retry_max?,
             verify: verify?,
+            prepush_check: prepush_check?,
             request_timeout: request_timeout?,
             shutdown_grace: shutdown_grace?,
         })
@@ -1640,7 +1654,7 @@ impl Checker<'_> {
 }
 
 /// `localhost`, 127.0.0.0/8 or `::1` (also as an IPv4-mapped address).
-fn is_loopback(url: &Url) -> bool {
+pub(crate) fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(Host::Domain(domain)) => {
             domain.eq_ignore_ascii_case("localhost") || domain.eq_ignore_ascii_case("localhost.")
@@ -1784,6 +1798,8 @@ sandbox = "dev"
             ("type error on a string key", replace(g, "client_id = \"cid\"", "client_id = 5"), "adobe.client_id", "a string"),
             ("max_requests_per_second 0", replace(g, "[rotation]\n", "[rotation]\nmax_requests_per_second = 0\n"), "rotation.max_requests_per_second", "at least 1"),
             ("verify not a boolean", replace(g, "[rotation]\n", "[rotation]\nverify = \"maybe\"\n"), "rotation.verify", "true or false"),
+            ("prepush_check not a boolean", replace(g, "[rotation]\n", "[rotation]\nprepush_check = \"yes\"\n"), "rotation.prepush_check", "true or false"),
+            ("plain http to a remote S3", replace(g, "[aws]\n", "[aws]\ns3_endpoint = \"http://s3.example.com\"\n"), "aws.s3_endpoint", "loopback"),
             ("bad role ARN", replace(g, "arn:aws:iam::123456789012:role/aep", "arn:aws:s3:::bucket"), "aws.role_arn", "not an IAM role ARN"),
             ("role ARN with a short account", replace(g, "arn:aws:iam::123456789012:role/aep", "arn:aws:iam::1234:role/aep"), "aws.role_arn", "12 digits"),
             ("bad connection role ARN", replace(g, "sandbox = \"prod\"", "sandbox = \"prod\"\nrole_arn = \"aep-role\""), "connections[0].role_arn", "not an IAM role ARN"),
@@ -1841,7 +1857,7 @@ sandbox = "dev"
             ran += 1;
         }
         assert_eq!(ran, cases.len());
-        assert_eq!(ran, 64, "update this count when adding cases");
+        assert_eq!(ran, 66, "update this count when adding cases");
     }
 
     #[test]
@@ -2054,6 +2070,7 @@ sandbox = "dev"
         let aws = &config.aws;
         assert_eq!(aws.region, None);
         assert_eq!(aws.sts_endpoint, None);
+        assert_eq!(aws.s3_endpoint, None);
         assert_eq!(aws.role_arn, None);
         assert_eq!(aws.external_id, None);
         assert_eq!(aws.session_name, "aep-s3-rotator");
@@ -2066,6 +2083,7 @@ sandbox = "dev"
         assert_eq!(r.retry_min, Duration::from_secs(1));
         assert_eq!(r.retry_max, Duration::from_secs(120));
         assert!(!r.verify);
+        assert!(r.prepush_check, "the pre-push check is on by default");
         assert_eq!(r.request_timeout, Duration::from_secs(30));
         assert_eq!(r.shutdown_grace, Duration::from_secs(10));
         let c = &config.connections[0];

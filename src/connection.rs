@@ -158,6 +158,9 @@ pub struct Connection {
     had_outcome: bool,
     pending: Option<PendingChange>,
     removed: bool,
+    /// The bucket, folder and endpoint the pre-push check probes, learnt
+    /// from the connection's GET and kept with the etag.
+    s3: Option<crate::s3probe::S3Target>,
     last_escalation_log: Option<(Escalation, SystemTime)>,
     last_short_warning: Option<SystemTime>,
     counts: Counts,
@@ -179,6 +182,7 @@ impl Connection {
             had_outcome: false,
             pending: None,
             removed: false,
+            s3: None,
             last_escalation_log: None,
             last_short_warning: None,
             counts: Counts::default(),
@@ -315,6 +319,7 @@ impl Connection {
                     known_etag: self.etag.clone(),
                     held: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
                     resume_if_etag: self.resume_etag.take(),
+                    s3: self.s3.clone(),
                 }))
             }
         }
@@ -343,6 +348,7 @@ impl Connection {
         if change.config.sandbox != self.config.sandbox {
             // Another sandbox is another connection as far as we know.
             self.etag = None;
+            self.s3 = None;
             self.pushed = None;
             self.resume_etag = None;
         }
@@ -384,6 +390,9 @@ impl Connection {
         if !cancelled {
             self.had_outcome = true;
         }
+        if let Some(target) = result.s3_target() {
+            self.s3 = Some(target.clone());
+        }
         let next = {
             let _span = self.span().entered();
             self.outcome(result, now, policy, draw)
@@ -421,6 +430,7 @@ impl Connection {
                 expires_at,
                 etag,
                 conflicts,
+                ..
             } => {
                 self.etag = etag;
                 self.failures_in_a_row = 0;
@@ -445,6 +455,7 @@ impl Connection {
                 access_key_id,
                 expires_at,
                 etag,
+                ..
             } => {
                 self.failures_in_a_row = 0;
                 self.last_error = None;
@@ -460,7 +471,7 @@ impl Connection {
                 self.etag = Some(etag);
                 (!policy.once).then_some(next)
             }
-            JobResult::Unchanged { etag } => {
+            JobResult::Unchanged { etag, .. } => {
                 self.etag = Some(etag);
                 self.failures_in_a_row = 0;
                 let expires_at = self.pushed.as_ref().map_or(now, |p| p.expires_at);
@@ -488,6 +499,7 @@ impl Connection {
                 error,
                 etag,
                 conflicts,
+                ..
             } => self.failed(error, etag, conflicts, now, policy, draw),
         }
     }
@@ -686,6 +698,7 @@ mod tests {
             expires_at,
             etag: Some("\"e2\"".to_owned()),
             conflicts: 0,
+            s3: None,
         }
     }
 
@@ -694,6 +707,7 @@ mod tests {
             error,
             etag: Some("\"e1\"".to_owned()),
             conflicts: 0,
+            s3: None,
         }
     }
 
@@ -865,6 +879,7 @@ mod tests {
             error: RotationError::Flow(FlowError::Malformed("bad etag".into())),
             etag: None,
             conflicts: 0,
+            s3: None,
         };
         c.apply(Event::JobDone(result), t(2400), &policy(), 0.5);
         assert_eq!(c.etag(), None);
@@ -880,6 +895,7 @@ mod tests {
             error: RotationError::Internal("the job panicked".into()),
             etag: None,
             conflicts: 0,
+            s3: None,
         };
         let at = wait_of(c.apply(Event::JobDone(result), t(2400), &policy(), 0.0));
         assert_eq!(at, t(2401));
@@ -938,6 +954,7 @@ mod tests {
         let at = wait_of(c.apply(
             Event::JobDone(JobResult::Unchanged {
                 etag: "\"e9\"".into(),
+                s3: None,
             }),
             t(60),
             &policy(),
@@ -1048,6 +1065,7 @@ mod tests {
             error: RotationError::Cancelled,
             etag: Some("\"e2\"".into()),
             conflicts: 0,
+            s3: None,
         };
         assert!(matches!(
             busy.apply(Event::JobDone(cancelled), t(2402), &policy(), 0.5),

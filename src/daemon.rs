@@ -192,6 +192,7 @@ pub async fn build_rotator(
         refresh_before: rotation.refresh_before,
         verify: rotation.verify,
         dry_run: options.dry_run,
+        prepush: crate::s3probe::from_config(config)?,
     })
 }
 
@@ -560,6 +561,7 @@ impl Daemon {
                     error: RotationError::Internal(detail.to_owned()),
                     etag: None,
                     conflicts: 0,
+                    s3: None,
                 };
                 self.event(&id, Event::JobDone(result));
             }

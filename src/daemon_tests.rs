@@ -127,6 +127,7 @@ fn rotated(now: SystemTime, life: Duration) -> JobResult {
         expires_at: now + life,
         etag: Some("\"e\"".to_owned()),
         conflicts: 0,
+        s3: None,
     }
 }
 
@@ -175,6 +176,7 @@ async fn an_hour_long_retry_after_on_one_connection_delays_no_other() {
                     error: RotationError::Flow(throttled),
                     etag: None,
                     conflicts: 0,
+                    s3: None,
                 },
             )
         } else {
@@ -348,6 +350,7 @@ async fn ready_only_after_a_real_first_pass_even_with_state() {
             S(10),
             JobResult::Unchanged {
                 etag: "\"e\"".into(),
+                s3: None,
             },
         )
     });
@@ -386,6 +389,7 @@ async fn ready_in_a_dry_run() {
                 access_key_id: "ASIADRY".into(),
                 expires_at: now + S(3600),
                 etag: "\"e\"".into(),
+                s3: None,
             },
         )
     });

@@ -150,6 +150,7 @@ platform_url = "{flow}"
 [aws]
 region = "us-east-1"
 sts_endpoint = "{sts}"
+s3_endpoint = "{s3}"        # the pre-push check lists each bucket in the simulated S3
 role_arn = "arn:aws:iam::123456789012:role/aep-s3-demo"
 
 [rotation]
@@ -166,6 +167,7 @@ request_timeout = "5s"
         ims = simulator.ims_url(),
         flow = simulator.platform_url(),
         sts = simulator.sts_url(),
+        s3 = simulator.s3_url(),
     );
     for c in &sim.connections {
         toml.push_str(&format!(
@@ -209,11 +211,12 @@ fn summary(report: &Report, stats: &SimStats, violations: &[String]) -> String {
         ));
     }
     out.push_str(&format!(
-        "\nsimulator: {} PATCHes accepted, {} etag conflicts, {} throttled, {} STS calls, {} IMS tokens, {} protocol violations, {:.1} s with expired credentials\n",
+        "\nsimulator: {} PATCHes accepted, {} etag conflicts, {} throttled, {} STS calls, {} S3 pre-push checks passed, {} IMS tokens, {} protocol violations, {:.1} s with expired credentials\n",
         stats.flow_patches_ok,
         stats.flow_412,
         stats.flow_429,
         stats.sts_assume_role + stats.sts_get_session_token,
+        stats.s3_checks_allowed,
         stats.ims_tokens_issued,
         violations.len(),
         stats.expired_seconds,

@@ -21,6 +21,7 @@ use url::Url;
 use crate::backoff::parse_retry_after;
 use crate::config::AdobeConfig;
 use crate::ims::{AccessToken, describe_reqwest_error, error_class};
+use crate::s3probe::S3Target;
 use crate::shaping::RequestGate;
 use crate::sts::AwsCredentials;
 use crate::telemetry::{Service, Telemetry};
@@ -84,6 +85,9 @@ pub struct RemoteConnection {
     pub etag: String,
     /// The connection's display name in AEP.
     pub name: Option<String>,
+    /// The non-secret S3 parameters (`bucketName`, `folderPath`,
+    /// `serviceUrl`) the pre-push check needs; `None` without a `bucketName`.
+    pub s3: Option<S3Target>,
 }
 
 #[derive(Deserialize)]
@@ -367,9 +371,21 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
             "its auth spec is {auth:?}, not \"Access Key\"; only access-key connections hold temporary credentials"
         )));
     }
+    let param = |name: &str| {
+        item.pointer(&format!("/auth/params/{name}"))
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
     Ok(RemoteConnection {
         etag: etag.to_owned(),
         name: item.get("name").and_then(Value::as_str).map(str::to_owned),
+        s3: param("bucketName").map(|bucket| S3Target {
+            bucket,
+            folder: param("folderPath"),
+            service_url: param("serviceUrl"),
+        }),
     })
 }
 
@@ -432,6 +448,38 @@ mod tests {
         let parsed =
             parse_connection(item(S3_CONNECTION_SPEC_ID, "Access Key").as_bytes()).unwrap();
         assert_eq!(parsed.etag, "\"1700d77b-0000\"");
+        assert_eq!(
+            parsed.s3,
+            Some(S3Target {
+                bucket: "b".into(),
+                folder: None,
+                service_url: None
+            })
+        );
+    }
+
+    #[test]
+    fn keeps_the_non_secret_s3_parameters_only() {
+        let body = json!({"items": [{
+            "etag": "\"e\"",
+            "connectionSpec": {"id": S3_CONNECTION_SPEC_ID},
+            "auth": {"specName": "Access Key", "params": {
+                "bucketName": "sales", "folderPath": "/landing", "serviceUrl": "https://s3.eu-west-1.amazonaws.com",
+                "s3AccessKey": "AKIAEXAMPLE", "s3SecretKey": "never-kept-secret"
+            }}
+        }]});
+        let parsed = parse_connection(body.to_string().as_bytes()).unwrap();
+        let target = parsed.s3.unwrap();
+        assert_eq!(target.bucket, "sales");
+        assert_eq!(target.folder.as_deref(), Some("/landing"));
+        assert_eq!(
+            target.service_url.as_deref(),
+            Some("https://s3.eu-west-1.amazonaws.com")
+        );
+        assert!(!format!("{target:?}").contains("never-kept-secret"));
+        // No bucket: nothing to check against.
+        let body = item(S3_CONNECTION_SPEC_ID, "Access Key").replace("\"bucketName\":\"b\"", "");
+        assert_eq!(parse_connection(body.as_bytes()).unwrap().s3, None);
     }
 
     #[test]

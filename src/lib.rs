@@ -20,7 +20,7 @@
 //!                 │   uses schedule / backoff (pure policy: next rotation, retry wait, escalation)
 //!                 │ Action::Dispatch(job)
 //!                 ▼
-//!   rotation (one job, behind the JobRunner trait: token → etag → credentials → PATCH, 412 → re-GET)
+//!   rotation (one job, behind the JobRunner trait: token → etag → credentials → S3 pre-push check → PATCH, 412 → re-GET)
 //!                 │ JobResult, back to connection::apply
 //!                 ▼
 //!   views of the connection state: telemetry (status + metrics) ─► admin (HTTP),
@@ -52,6 +52,7 @@ pub mod ims;
 pub mod logging;
 pub mod notify;
 pub mod rotation;
+pub mod s3probe;
 pub mod schedule;
 pub mod shaping;
 pub mod shutdown;

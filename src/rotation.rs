@@ -1,5 +1,7 @@
-//! One rotation of one connection: IMS token → (GET for the etag when it is
-//! not known) → STS credentials → PATCH with `If-Match`; a 412 re-reads the
+//! One rotation of one connection: IMS token → (GET for the etag and the S3
+//! target when they are not known) → STS credentials → pre-push S3 check
+//! with the new credentials ([`crate::s3probe`]; not pushed unless it passes)
+//! → PATCH with `If-Match`; a 412 re-reads the
 //! connection and PATCHes again at once (bounded), a 401 fetches a new IMS
 //! token and retries once. Retry *timing* is not decided here: the job reports
 //! an outcome and the scheduler plans the next attempt.
@@ -11,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::flow::{FlowClient, FlowError, RemoteConnection};
 use crate::ims::{AccessToken, ImsClient, ImsError};
+use crate::s3probe::{ProbeError, S3Probe, S3Target};
 use crate::schedule::RetryKind;
-use crate::sts::{CredentialCache, StsError, StsRequest};
+use crate::sts::{AwsCredentials, CredentialCache, StsError, StsRequest};
 use crate::telemetry::Telemetry;
 
 /// How many 412s in a row one job absorbs (re-GET + PATCH at once) before it
@@ -37,6 +40,9 @@ pub struct Rotator {
     pub verify: bool,
     /// `--dry-run`: everything but the PATCH.
     pub dry_run: bool,
+    /// `[rotation] prepush_check`: the S3 check run before each PATCH
+    /// (`None` = off).
+    pub prepush: Option<Arc<dyn S3Probe>>,
 }
 
 /// What to do for one connection.
@@ -55,6 +61,9 @@ pub struct Job {
     /// After a restart: only rotate if the connection's etag is not this one
     /// (someone edited it) — otherwise report [`JobResult::Unchanged`].
     pub resume_if_etag: Option<String>,
+    /// The connection's S3 parameters, learnt with the etag; when unknown
+    /// (and the pre-push check is on) the job GETs the connection.
+    pub s3: Option<S3Target>,
 }
 
 /// How a job ended.
@@ -70,6 +79,8 @@ pub enum JobResult {
         etag: Option<String>,
         /// 412s absorbed on the way.
         conflicts: u32,
+        /// The connection's S3 parameters, if known.
+        s3: Option<S3Target>,
     },
     /// `--dry-run`: these would have been pushed.
     WouldRotate {
@@ -79,11 +90,15 @@ pub enum JobResult {
         expires_at: SystemTime,
         /// The etag the PATCH would have carried.
         etag: String,
+        /// The connection's S3 parameters, if known.
+        s3: Option<S3Target>,
     },
     /// Resumed after a restart: the connection is as we left it.
     Unchanged {
         /// Its etag, unchanged.
         etag: String,
+        /// The connection's S3 parameters, if known.
+        s3: Option<S3Target>,
     },
     /// The attempt failed.
     Failed {
@@ -93,7 +108,22 @@ pub enum JobResult {
         etag: Option<String>,
         /// 412s absorbed on the way.
         conflicts: u32,
+        /// The connection's S3 parameters, if the job learnt them.
+        s3: Option<S3Target>,
     },
+}
+
+impl JobResult {
+    /// The connection's S3 parameters as the job knew them at its end: the
+    /// scheduler keeps them with the etag for the next job.
+    pub fn s3_target(&self) -> Option<&S3Target> {
+        match self {
+            Self::Rotated { s3, .. }
+            | Self::WouldRotate { s3, .. }
+            | Self::Unchanged { s3, .. }
+            | Self::Failed { s3, .. } => s3.as_ref(),
+        }
+    }
 }
 
 /// Why a rotation failed.
@@ -118,6 +148,11 @@ pub enum RotationError {
     /// like transient trouble; the connection keeps its state.
     #[error("internal error in the rotation job: {0}")]
     Internal(String),
+    /// The pre-push S3 check did not prove that the new credentials can list
+    /// the connection's bucket: nothing was pushed. A denial waits for the
+    /// slow cadence, a transient failure backs off.
+    #[error("new credentials not pushed: {0}")]
+    Prepush(ProbeError),
 }
 
 impl RotationError {
@@ -132,6 +167,8 @@ impl RotationError {
                 ..
             }) => RetryKind::After(*wait),
             Self::Flow(FlowError::Rejected { .. } | FlowError::Unsuitable(_)) => RetryKind::Slow,
+            Self::Prepush(e) if e.is_transient() => RetryKind::Backoff,
+            Self::Prepush(_) => RetryKind::Slow,
             Self::Flow(_) | Self::Conflicts(_) | Self::Cancelled | Self::Internal(_) => {
                 RetryKind::Backoff
             }
@@ -150,6 +187,7 @@ impl RotationError {
             }
             Self::Ims(ImsError::Rejected { status, .. }) => Some(status.to_string()),
             Self::Sts(StsError::Rejected { code, .. }) => Some(code.clone()),
+            Self::Prepush(e) => e.code().map(str::to_owned),
             _ => None,
         }
     }
@@ -188,6 +226,13 @@ impl JobRunner for Rotator {
 /// The job's working state: what it learnt survives a failure.
 struct Progress {
     etag: Option<String>,
+    /// The connection's S3 parameters as last read.
+    s3: Option<S3Target>,
+    /// The target the pre-push check passed for (re-checked when a re-GET
+    /// after a 412 finds another one).
+    checked: Option<S3Target>,
+    /// Whether `s3` was read during this job (not cached from an earlier one).
+    target_read: bool,
     conflicts: u32,
     token: Option<Arc<AccessToken>>,
     token_refreshed: bool,
@@ -199,6 +244,9 @@ impl Rotator {
     pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> JobResult {
         let mut progress = Progress {
             etag: job.known_etag.clone(),
+            s3: job.s3.clone(),
+            checked: None,
+            target_read: false,
             conflicts: 0,
             token: None,
             token_refreshed: false,
@@ -209,6 +257,7 @@ impl Rotator {
                 error,
                 etag: progress.etag,
                 conflicts: progress.conflicts,
+                s3: progress.s3,
             },
         }
     }
@@ -219,10 +268,15 @@ impl Rotator {
         progress: &mut Progress,
         cancel: &CancellationToken,
     ) -> Result<JobResult, RotationError> {
-        if job.resume_if_etag.is_some() || progress.etag.is_none() {
+        // The check needs the bucket: without a cached target, GET anyway.
+        let need_target = self.prepush.is_some() && progress.s3.is_none();
+        if job.resume_if_etag.is_some() || progress.etag.is_none() || need_target {
             let remote = self.read(job, progress).await?;
             if job.resume_if_etag.as_deref() == Some(remote.etag.as_str()) {
-                return Ok(JobResult::Unchanged { etag: remote.etag });
+                return Ok(JobResult::Unchanged {
+                    etag: remote.etag,
+                    s3: progress.s3.clone(),
+                });
             }
             progress.etag = Some(remote.etag);
         }
@@ -230,11 +284,14 @@ impl Rotator {
             .credentials
             .get(&job.sts, job.held.as_deref(), self.refresh_before)
             .await?;
+        self.prepush_check(job, progress, &credentials, cancel)
+            .await?;
         if self.dry_run {
             return Ok(JobResult::WouldRotate {
                 access_key_id: credentials.access_key_id.clone(),
                 expires_at: credentials.expiration,
                 etag: progress.etag.clone().unwrap_or_default(),
+                s3: progress.s3.clone(),
             });
         }
         loop {
@@ -246,6 +303,11 @@ impl Rotator {
                 progress.etag = Some(remote.etag);
                 continue;
             };
+            // A re-GET after a 412 may show another bucket or folder.
+            if progress.checked != progress.s3 {
+                self.prepush_check(job, progress, &credentials, cancel)
+                    .await?;
+            }
             let token = self.token(progress).await?;
             match self
                 .flow
@@ -262,6 +324,7 @@ impl Rotator {
                         expires_at: credentials.expiration,
                         etag: new_etag,
                         conflicts: progress.conflicts,
+                        s3: progress.s3.clone(),
                     });
                 }
                 Err(FlowError::PreconditionFailed) => {
@@ -301,7 +364,97 @@ impl Rotator {
                 Err(FlowError::Unauthorized(detail)) => {
                     self.refresh_token(progress, detail).await?
                 }
-                other => return Ok(other?),
+                other => {
+                    let remote = other?;
+                    progress.s3 = remote.s3.clone();
+                    progress.target_read = true;
+                    return Ok(remote);
+                }
+            }
+        }
+    }
+
+    /// The pre-push S3 check with the new credentials: `Ok` to push; an
+    /// error (nothing pushed) otherwise. Logs the denial at `error` with the
+    /// S3 code, bucket, access key id and role, never a secret.
+    async fn prepush_check(
+        &self,
+        job: &Job,
+        progress: &mut Progress,
+        credentials: &AwsCredentials,
+        cancel: &CancellationToken,
+    ) -> Result<(), RotationError> {
+        let Some(probe) = &self.prepush else {
+            return Ok(());
+        };
+        let (target, outcome) = loop {
+            let Some(target) = progress.s3.clone() else {
+                self.telemetry.prepush_check("skipped");
+                progress.checked = None;
+                tracing::info!(
+                    access_key_id = %credentials.access_key_id,
+                    "connection names no bucketName, pre-push check skipped"
+                );
+                return Ok(());
+            };
+            let outcome = tokio::select! {
+                outcome = probe.check(&target, credentials) => outcome,
+                () = cancel.cancelled() => return Err(RotationError::Cancelled),
+            };
+            // A denial on a target cached from an earlier job may only mean
+            // the connection was edited since: read it (one GET, on this
+            // failure path only) and check again if its S3 parameters changed.
+            if matches!(outcome, Err(ProbeError::Denied { .. })) && !progress.target_read {
+                let remote = self.read(job, progress).await?;
+                progress.etag = Some(remote.etag);
+                if progress.s3.as_ref() != Some(&target) {
+                    tracing::info!(
+                        bucket = %target.bucket,
+                        "the connection's S3 parameters changed since they were cached, checking again"
+                    );
+                    continue;
+                }
+            }
+            break (target, outcome);
+        };
+        match outcome {
+            Ok(allowed) => {
+                self.telemetry.prepush_check("allowed");
+                tracing::info!(
+                    access_key_id = %credentials.access_key_id,
+                    bucket = %target.bucket,
+                    prefix = target.prefix().unwrap_or_default(),
+                    operation = allowed.operation,
+                    region = %allowed.region,
+                    attempt = allowed.attempts,
+                    "pre-push check passed"
+                );
+                progress.checked = Some(target);
+                Ok(())
+            }
+            Err(error) => {
+                self.telemetry.prepush_check(error.result());
+                let role = job.sts.describe();
+                if let ProbeError::Denied { code, .. } = &error {
+                    tracing::error!(
+                        s3_code = %code,
+                        bucket = %target.bucket,
+                        prefix = target.prefix().unwrap_or_default(),
+                        access_key_id = %credentials.access_key_id,
+                        role = %role,
+                        error = %error,
+                        "new credentials cannot list the bucket, not pushed; the connection keeps its current credentials"
+                    );
+                } else {
+                    tracing::warn!(
+                        bucket = %target.bucket,
+                        access_key_id = %credentials.access_key_id,
+                        role = %role,
+                        error = %error,
+                        "pre-push check failed, not pushed"
+                    );
+                }
+                Err(RotationError::Prepush(error))
             }
         }
     }

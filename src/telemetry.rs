@@ -287,7 +287,17 @@ pub struct Telemetry {
     /// `requests_total` is not tied to a connection, so it lives in a
     /// long-lived family (lock-free increments) registered on each render.
     requests: Family<RequestLabels, Counter>,
+    /// `prepush_checks_total{result}`: process-wide, like `requests`.
+    prepush_checks: Family<PrepushLabels, Counter>,
 }
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrepushLabels {
+    result: &'static str,
+}
+
+/// The results of `aep_s3_rotator_prepush_checks_total{result}`.
+pub const PREPUSH_RESULTS: [&str; 4] = ["allowed", "denied", "error", "skipped"];
 
 impl Telemetry {
     /// A new, empty board. `refresh_before` decides `fresh` vs `expiring`.
@@ -299,7 +309,23 @@ impl Telemetry {
                 refresh_before,
             }),
             requests: Family::default(),
+            prepush_checks: {
+                // Every result at zero from the start, so alerts on
+                // `increase(...{result="denied"})` work before the first one.
+                let family = Family::<PrepushLabels, Counter>::default();
+                for result in PREPUSH_RESULTS {
+                    family.get_or_create(&PrepushLabels { result }).inc_by(0);
+                }
+                family
+            },
         }
+    }
+
+    /// Counts one pre-push S3 check; `result` is one of [`PREPUSH_RESULTS`].
+    pub fn prepush_check(&self, result: &'static str) {
+        self.prepush_checks
+            .get_or_create(&PrepushLabels { result })
+            .inc();
     }
 
     /// The board; a panic elsewhere while holding the lock leaves plain data
@@ -583,6 +609,11 @@ impl Telemetry {
             "requests",
             "Requests to remote services, by HTTP status or error class",
             Described(self.requests.clone()),
+        );
+        registry.register(
+            "prepush_checks",
+            "Pre-push S3 checks of new credentials before a PATCH, by result (allowed, denied, error, skipped)",
+            Described(self.prepush_checks.clone()),
         );
         registry.register(
             "connections",
@@ -997,7 +1028,9 @@ mod tests {
         // Every sample name is one of ours, with the suffix exactly once.
         for (name, _, _) in samples(&text) {
             assert!(
-                NAMES.contains(&name.as_str()) || name == "aep_s3_rotator_build_info",
+                NAMES.contains(&name.as_str())
+                    || name == "aep_s3_rotator_build_info"
+                    || name == "aep_s3_rotator_prepush_checks_total",
                 "unexpected series {name}"
             );
         }
@@ -1104,5 +1137,27 @@ mod tests {
         let text = telemetry.render_metrics(crate::clock::wall_now());
         assert!(text.contains("aep_s3_rotator_verifications_total{connection=\"sales\",sandbox=\"prod\",result=\"passed\"} 2"), "{text}");
         assert!(text.contains("aep_s3_rotator_verifications_total{connection=\"sales\",sandbox=\"prod\",result=\"failed\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn prepush_checks_are_counted_by_result_from_zero() {
+        let telemetry = Telemetry::new(Duration::from_secs(60));
+        let text = telemetry.render_metrics(crate::clock::wall_now());
+        for result in PREPUSH_RESULTS {
+            let line = format!("aep_s3_rotator_prepush_checks_total{{result=\"{result}\"}} 0");
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        telemetry.prepush_check("denied");
+        telemetry.prepush_check("denied");
+        telemetry.prepush_check("allowed");
+        let text = telemetry.render_metrics(crate::clock::wall_now());
+        assert!(
+            text.contains("aep_s3_rotator_prepush_checks_total{result=\"denied\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("aep_s3_rotator_prepush_checks_total{result=\"allowed\"} 1"),
+            "{text}"
+        );
     }
 }

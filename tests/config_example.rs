@@ -66,6 +66,10 @@ fn the_example_is_valid_and_says_what_it_documents() {
         (Duration::from_secs(1), Duration::from_secs(120))
     );
     assert!(!r.verify);
+    assert!(
+        r.prepush_check,
+        "the example keeps the pre-push S3 check on"
+    );
     assert_eq!(r.request_timeout, Duration::from_secs(30));
     assert_eq!(r.shutdown_grace, Duration::from_secs(10));
 
@@ -122,7 +126,8 @@ fn every_commented_default_in_the_example_is_valid() {
         .map(|line| match line.strip_prefix("# ") {
             Some(rest)
                 if rest.split_once(" = ").is_some_and(|(key, _)| {
-                    key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    key.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                         && key != "client_secret"
                 }) =>
             {
@@ -132,7 +137,7 @@ fn every_commented_default_in_the_example_is_valid() {
             _ => format!("{line}\n"),
         })
         .collect();
-    assert_eq!(uncommented, 13, "commented defaults found in the example");
+    assert_eq!(uncommented, 15, "commented defaults found in the example");
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "s\n").unwrap();

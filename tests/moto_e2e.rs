@@ -4,6 +4,11 @@
 //! STS wire protocol, reached by the real `aws-sdk-sts` client in the daemon.
 //! IMS and Flow Service are the simulator's.
 //!
+//! The pre-push S3 check is tested here against moto's S3 with moto's IAM
+//! enforcement on (`INITIAL_NO_AUTH_ACTION_COUNT`, set through
+//! `/moto-api/reset-auth` by `tests/support/moto_iam_setup.py`): moto then
+//! verifies every SigV4 signature and evaluates the assumed role's policies.
+//!
 //! `scripts/test.sh` installs moto into `.venv` and exports
 //! `AEP_S3_ROTATOR_MOTO_SERVER`. Without it this test FAILS: it never skips.
 
@@ -184,7 +189,145 @@ async fn check_reports_every_dependency_against_moto() {
         ),
         "{report}"
     );
-    assert!(report.contains("6 checks, 1 failed"), "{report}");
+    // The pre-push check runs per connection with the fresh credentials
+    // (against the simulator's S3, which takes moto's keys here).
+    assert!(
+        report.contains("ok    s3         conn-0 (prod): ListObjectsV2 s3://aep-ingest-conn-0/landing/ allowed for ASIA"),
+        "{report}"
+    );
+    assert!(
+        report.contains("FAIL  s3         conn-1 (dev): not checked"),
+        "{report}"
+    );
+    assert!(report.contains("8 checks, 2 failed"), "{report}");
     // check changes nothing.
     assert_eq!(h.sim.stats().flow_patches_ok, 0);
+}
+
+/// What `tests/support/moto_iam_setup.py` created in moto.
+#[derive(serde::Deserialize)]
+struct IamSetup {
+    access_key_id: String,
+    secret_access_key: String,
+    bucket: String,
+    reader: String,
+    outsider: String,
+}
+
+/// Creates a bucket, a user and two roles in `moto`, then turns IAM
+/// enforcement on. Uses the venv's Python, beside `moto_server`.
+fn setup_iam(moto: &Moto) -> IamSetup {
+    let server = std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap();
+    let python = std::path::Path::new(&server).with_file_name("python");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/moto_iam_setup.py"
+    );
+    let output = Command::new(&python)
+        .arg(script)
+        .arg(&moto.url)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        output.status.success(),
+        "moto IAM setup failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Runs `once` with the moto user as the daemon's source identity.
+fn once_as(setup: &IamSetup, config: &std::path::Path) -> DaemonProcess {
+    let mut command = clean_command(binary());
+    command
+        .env("AWS_ACCESS_KEY_ID", &setup.access_key_id)
+        .env("AWS_SECRET_ACCESS_KEY", &setup.secret_access_key)
+        .arg("--config")
+        .arg(config)
+        .arg("once");
+    DaemonProcess::spawn(command)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepush_check_with_moto_iam_pushes_a_reader_and_refuses_an_outsider() {
+    let moto = start_moto();
+    let setup = setup_iam(&moto);
+    let h = Harness::start_with(1, Duration::from_secs(3600), |sim| {
+        sim.accept_foreign_credentials = true
+    })
+    .await;
+    let id = h.connection_ids().remove(0);
+    h.sim
+        .set_connection_param(&id, "bucketName", Some(&setup.bucket));
+    let config = h.write_config(FAST_ROTATION, "");
+    let base = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&h.sim.sts_url(), &moto.url)
+        .replace(&h.sim.s3_url(), &moto.url);
+    let mut secrets = h.secrets();
+    secrets.push(setup.secret_access_key.clone());
+
+    // 1. The reader role may list the bucket: checked by moto, pushed.
+    std::fs::write(&config, base.replace(ROLE_ARN, &setup.reader)).unwrap();
+    let mut daemon = once_as(&setup, &config);
+    assert_eq!(
+        daemon.wait(Duration::from_secs(60)).code(),
+        Some(0),
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let passed = daemon.events("pre-push check passed");
+    assert_eq!(passed.len(), 1, "{}", daemon.stderr_text());
+    assert_eq!(passed[0]["bucket"], setup.bucket.as_str());
+    assert_eq!(passed[0]["operation"], "ListObjectsV2");
+    let pushed = h.sim.connection(&id).unwrap();
+    let reader_key = pushed.access_key_id.clone().expect("pushed");
+    assert_eq!(pushed.patches, 1);
+    assert_no_secret(&daemon.stderr_text(), &secrets);
+
+    // 2. The outsider role may not: moto answers AccessDenied, nothing is
+    // pushed, the connection keeps the reader's credentials.
+    std::fs::write(&config, base.replace(ROLE_ARN, &setup.outsider)).unwrap();
+    let mut daemon = once_as(&setup, &config);
+    assert_eq!(
+        daemon.wait(Duration::from_secs(60)).code(),
+        Some(1),
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let denied = daemon.events(
+        "new credentials cannot list the bucket, not pushed; the connection keeps its current credentials",
+    );
+    assert_eq!(denied.len(), 1, "{}", daemon.stderr_text());
+    let denial = &denied[0];
+    assert_eq!(denial["level"], "error");
+    assert_eq!(denial["s3_code"], "AccessDenied");
+    assert_eq!(denial["bucket"], setup.bucket.as_str());
+    assert_eq!(denial["role"], setup.outsider.as_str());
+    let refused_key = denial["access_key_id"].as_str().unwrap();
+    assert!(refused_key.starts_with("ASIA") && refused_key != reader_key);
+    let kept = h.sim.connection(&id).unwrap();
+    assert_eq!(kept.patches, 1, "nothing was PATCHed");
+    assert_eq!(kept.access_key_id.as_deref(), Some(reader_key.as_str()));
+    assert_no_secret(&daemon.stderr_text(), &secrets);
+
+    // 3. serviceUrl wins over the configured endpoint: with the endpoint
+    // dead, only the connection's serviceUrl (moto) can let the check pass.
+    h.sim
+        .set_connection_param(&id, "serviceUrl", Some(&moto.url));
+    let dead = base.replace(ROLE_ARN, &setup.reader).replace(
+        &format!("s3_endpoint = \"{}\"", moto.url),
+        "s3_endpoint = \"http://127.0.0.1:9\"",
+    );
+    assert!(dead.contains("127.0.0.1:9\""), "{dead}");
+    std::fs::write(&config, dead).unwrap();
+    let mut daemon = once_as(&setup, &config);
+    assert_eq!(
+        daemon.wait(Duration::from_secs(60)).code(),
+        Some(0),
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    assert_eq!(h.sim.connection(&id).unwrap().patches, 2);
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
 }

@@ -128,6 +128,7 @@ platform_url = "{flow}"
 [aws]
 region = "us-east-1"
 sts_endpoint = "{sts}"
+s3_endpoint = "{s3}"
 role_arn = "{ROLE_ARN}"
 
 [rotation]
@@ -139,6 +140,7 @@ role_arn = "{ROLE_ARN}"
             ims = self.sim.ims_url(),
             flow = self.sim.platform_url(),
             sts = self.sim.sts_url(),
+            s3 = self.sim.s3_url(),
         );
         for c in connections {
             toml.push_str(&format!(

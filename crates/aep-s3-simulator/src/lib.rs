@@ -30,6 +30,7 @@
 mod flow;
 mod ims;
 mod net;
+mod s3;
 mod state;
 mod sts;
 mod wire;
@@ -161,6 +162,8 @@ pub enum SimService {
     Flow,
     /// AWS STS.
     Sts,
+    /// Amazon S3 (the daemon's pre-push check).
+    S3,
 }
 
 impl SimService {
@@ -169,6 +172,7 @@ impl SimService {
             SimService::Ims => 0,
             SimService::Flow => 1,
             SimService::Sts => 2,
+            SimService::S3 => 3,
         }
     }
 }
@@ -291,6 +295,12 @@ pub struct SimStats {
     pub expired_seconds: f64,
     /// Connections (existing now) that never got a successful PATCH.
     pub connections_never_rotated: u64,
+    /// S3 pre-push checks answered 200.
+    #[serde(default)]
+    pub s3_checks_allowed: u64,
+    /// S3 pre-push checks answered with an error (denied, redirected, faults).
+    #[serde(default)]
+    pub s3_checks_refused: u64,
 }
 
 /// What a base connection holds now.
@@ -465,6 +475,19 @@ pub enum SimEvent {
         /// When.
         at: SystemTime,
     },
+    /// The simulated S3 answered a pre-push check.
+    S3Checked {
+        /// The bucket (the request path).
+        bucket: String,
+        /// The access key id it was signed with (empty if unknown).
+        access_key_id: String,
+        /// Answered 200.
+        allowed: bool,
+        /// The S3 error code otherwise.
+        code: String,
+        /// When.
+        at: SystemTime,
+    },
     /// The client violated the protocol.
     Violation {
         /// What it did, human readable (never a secret).
@@ -492,6 +515,7 @@ impl fmt::Debug for Simulator {
             .field("ims_url", &self.ims_url())
             .field("platform_url", &self.platform_url())
             .field("sts_url", &self.sts_url())
+            .field("s3_url", &self.s3_url())
             .finish_non_exhaustive()
     }
 }
@@ -521,6 +545,67 @@ impl Simulator {
     /// `/data/foundation/flowservice`, figures under `/_sim/stats`.
     pub fn platform_url(&self) -> String {
         Self::url(self.shared.addrs[SimService::Flow.index()])
+    }
+
+    /// Endpoint of S3 (path-style: `/{bucket}`), for the daemon's pre-push check.
+    pub fn s3_url(&self) -> String {
+        Self::url(self.shared.addrs[SimService::S3.index()])
+    }
+
+    /// S3 denies (or stops denying) every check on `bucket` with
+    /// `AccessDenied`; `bucket/prefix` denies only listings of that prefix.
+    pub fn s3_deny_bucket(&self, bucket: &str, deny: bool) {
+        let mut st = self.shared.lock();
+        if deny {
+            st.s3.deny_buckets.insert(bucket.to_owned());
+        } else {
+            st.s3.deny_buckets.remove(bucket);
+        }
+    }
+
+    /// S3 denies every check signed with this access key id.
+    pub fn s3_deny_key(&self, access_key_id: &str) {
+        self.shared
+            .lock()
+            .s3
+            .deny_keys
+            .insert(access_key_id.to_owned());
+    }
+
+    /// S3 denies the next `n` well-signed checks, then answers normally: new
+    /// credentials that take a moment to be usable (IAM eventual consistency).
+    pub fn s3_deny_next(&self, n: u32) {
+        self.shared.lock().s3.deny_next = n;
+    }
+
+    /// Puts `bucket` in `region`: checks signed for another region get
+    /// `301 PermanentRedirect` naming it.
+    pub fn s3_set_bucket_region(&self, bucket: &str, region: &str) {
+        self.shared
+            .lock()
+            .s3
+            .bucket_regions
+            .insert(bucket.to_owned(), region.to_owned());
+    }
+
+    /// Sets (or, with `None`, removes) a non-credential `auth.params` value
+    /// of a connection (`bucketName`, `folderPath`, `serviceUrl`), as an edit
+    /// in the UI would: the connection gets a new etag.
+    pub fn set_connection_param(&self, id: &str, key: &str, value: Option<&str>) {
+        let mut st = self.shared.lock();
+        let Some(conn) = st.connections.get_mut(id) else {
+            return;
+        };
+        match value {
+            Some(v) => {
+                conn.other_params
+                    .insert(key.to_owned(), serde_json::Value::String(v.to_owned()));
+            }
+            None => {
+                conn.other_params.remove(key);
+            }
+        }
+        st.bump_etag(id);
     }
 
     /// Endpoint of STS (query protocol at `POST /`).

@@ -1,4 +1,4 @@
-//! Listeners and connections: three axum servers on `127.0.0.1:0`, with a
+//! Listeners and connections: four axum servers on `127.0.0.1:0`, with a
 //! per-connection kill switch for resets and "service down".
 //!
 //! A *reset* is made by flagging the connection's [`SimStream`]: the handler
@@ -25,17 +25,19 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::state::Shared;
-use super::{SimConfig, SimService, flow, ims, sts};
+use super::{SimConfig, SimService, flow, ims, s3, sts};
 
 /// Binds the three listeners, builds the shared state and spawns the
 /// servers. The guard stops them when dropped.
 pub(super) async fn start(config: SimConfig) -> io::Result<(Arc<Shared>, DropGuard)> {
     let bind = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0));
-    let (ims_listener, flow_listener, sts_listener) = (bind().await?, bind().await?, bind().await?);
+    let (ims_listener, flow_listener, sts_listener, s3_listener) =
+        (bind().await?, bind().await?, bind().await?, bind().await?);
     let addrs = [
         ims_listener.local_addr()?,
         flow_listener.local_addr()?,
         sts_listener.local_addr()?,
+        s3_listener.local_addr()?,
     ];
     let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared::new(config, addrs, shutdown.clone()));
@@ -47,6 +49,7 @@ pub(super) async fn start(config: SimConfig) -> io::Result<(Arc<Shared>, DropGua
             flow::router(shared.clone()),
         ),
         (sts_listener, SimService::Sts, sts::router(shared.clone())),
+        (s3_listener, SimService::S3, s3::router(shared.clone())),
     ] {
         let listener = SimListener {
             inner: listener,
@@ -64,7 +67,7 @@ pub(super) async fn start(config: SimConfig) -> io::Result<(Arc<Shared>, DropGua
             }
         });
     }
-    tracing::debug!(ims = %addrs[0], flow = %addrs[1], sts = %addrs[2], "simulator listening");
+    tracing::debug!(ims = %addrs[0], flow = %addrs[1], sts = %addrs[2], s3 = %addrs[3], "simulator listening");
     Ok((shared, shutdown.drop_guard()))
 }
 

@@ -33,6 +33,8 @@ pub(super) enum RequestKind {
     Ims,
     /// An STS request.
     Sts,
+    /// An S3 request (the pre-push check).
+    S3,
 }
 
 /// A random fault drawn for one request.
@@ -167,7 +169,7 @@ pub(super) struct State {
     /// Every STS issuance, by access key id.
     pub issuances: HashMap<String, Issuance>,
     /// Scripted answers per service (indexed by `SimService::index`).
-    pub scripts: [VecDeque<ScriptedFault>; 3],
+    pub scripts: [VecDeque<ScriptedFault>; 4],
     /// Scripted answers per connection (Flow only).
     pub connection_scripts: HashMap<String, VecDeque<ScriptedFault>>,
     /// Counters; the derived figures are filled in by [`Shared::stats`].
@@ -180,6 +182,21 @@ pub(super) struct State {
     pub retired_expired_seconds: f64,
     /// Placeholder secret keys connections started with.
     pub placeholder_secrets: Vec<String>,
+    /// How the simulated S3 answers the pre-push check.
+    pub s3: S3Knobs,
+}
+
+/// The knobs of the simulated S3.
+#[derive(Debug, Default)]
+pub(super) struct S3Knobs {
+    /// Buckets every check is denied on (`AccessDenied`).
+    pub deny_buckets: std::collections::HashSet<String>,
+    /// Access key ids every check is denied for.
+    pub deny_keys: std::collections::HashSet<String>,
+    /// The next this many well-signed checks are denied (IAM eventual consistency).
+    pub deny_next: u32,
+    /// Buckets that live outside `us-east-1`, with their region.
+    pub bucket_regions: HashMap<String, String>,
 }
 
 impl State {
@@ -336,9 +353,9 @@ pub(super) struct Shared {
     /// See `SimConfig::accept_foreign_credentials`.
     pub accept_foreign_credentials: bool,
     /// Listener addresses, indexed by `SimService::index`.
-    pub addrs: [SocketAddr; 3],
+    pub addrs: [SocketAddr; 4],
     /// Services taken down.
-    down: [AtomicBool; 3],
+    down: [AtomicBool; 4],
     /// Set by `stop()`: everything refuses.
     stopped: AtomicBool,
     /// Cancels the three servers.
@@ -352,7 +369,7 @@ pub(super) struct Shared {
 
 impl Shared {
     /// The shared state for `config`, served on `addrs`.
-    pub fn new(config: SimConfig, addrs: [SocketAddr; 3], shutdown: CancellationToken) -> Self {
+    pub fn new(config: SimConfig, addrs: [SocketAddr; 4], shutdown: CancellationToken) -> Self {
         let rng = match config.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
@@ -373,6 +390,7 @@ impl Shared {
             violations: VecDeque::new(),
             retired_expired_seconds: 0.0,
             placeholder_secrets: Vec::new(),
+            s3: S3Knobs::default(),
         };
         for c in config.connections {
             insert_connection(&mut state, c);
@@ -477,7 +495,7 @@ impl Shared {
                 };
             }
             SimService::Sts if fault_draw < faults.sts_throttle => random = RandomFault::Throttle,
-            SimService::Sts | SimService::Ims => {}
+            SimService::Sts | SimService::Ims | SimService::S3 => {}
         }
         if script.is_some() {
             random = RandomFault::None;

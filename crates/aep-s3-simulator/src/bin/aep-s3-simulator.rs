@@ -144,6 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "ims_url": sim.ims_url(),
         "platform_url": sim.platform_url(),
         "sts_url": sim.sts_url(),
+        "s3_url": sim.s3_url(),
         "client_id": CLIENT_ID,
         "org_id": ORG_ID,
     });
@@ -224,6 +225,8 @@ fn write_daemon_config(
     toml.push_str("[aws]\n");
     toml.push_str("region = \"us-east-1\"\n");
     toml.push_str(&format!("sts_endpoint = {}\n", toml_str(&sim.sts_url())));
+    // The daemon's pre-push S3 check goes to the simulated S3.
+    toml.push_str(&format!("s3_endpoint = {}\n", toml_str(&sim.s3_url())));
     toml.push_str(&format!("role_arn = {}\n\n", toml_str(ROLE_ARN)));
     toml.push_str("[rotation]\n");
     toml.push_str(&format!("session_duration = {}\n", human(session_duration)));
@@ -365,6 +368,7 @@ mod tests {
             format!("ims_url = \"{}\"", sim.ims_url()),
             format!("platform_url = \"{}\"", sim.platform_url()),
             format!("sts_endpoint = \"{}\"", sim.sts_url()),
+            format!("s3_endpoint = \"{}\"", sim.s3_url()),
             format!("role_arn = \"{ROLE_ARN}\""),
             "region = \"us-east-1\"".to_owned(),
             "session_duration = \"15m\"".to_owned(),
