@@ -40,6 +40,7 @@ pub mod config;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod discovery;
 pub mod flow;
 pub mod ims;
 pub mod logging;
