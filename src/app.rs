@@ -306,10 +306,14 @@ async fn check(config: Config, path: &Path) -> Exit {
     lines.ok(
         "config",
         &format!(
-            "{}: {} connections in {} sandboxes",
+            "{}: {} connections in {} sandboxes{}",
             path.display(),
             config.connections.len(),
-            sandboxes.len()
+            sandboxes.len(),
+            match config.discover.len() {
+                0 => String::new(),
+                n => format!(", {n} discover rules"),
+            }
         ),
     );
     for warning in &config.warnings {
@@ -323,7 +327,7 @@ async fn check(config: Config, path: &Path) -> Exit {
         identity: SourceIdentity::DefaultChain,
     };
     let rotator = match build_rotator(&config, &options, &telemetry).await {
-        Ok(rotator) => rotator,
+        Ok(rotator) => Arc::new(rotator),
         Err(error) => {
             lines.fail("setup", &format!("{error:#}"));
             print!("{}", lines.text);
@@ -366,6 +370,19 @@ async fn check(config: Config, path: &Path) -> Exit {
             Err(error) => lines.fail("connection", &format!("{label}: {error}")),
         }
     }
+    // Discovery rules: what each one matches now, so a rule can be tried
+    // before it is turned on. STS is then checked for the found ones too.
+    let config = if config.discover.is_empty() {
+        config
+    } else if token.is_none() {
+        lines.fail("discover", "rules not checked, no IMS token");
+        config
+    } else {
+        let lister = crate::discovery::FlowLister::new(Arc::clone(&rotator));
+        let membership = crate::discovery::resolve(&config, &lister, None, None).await;
+        check_rules(&config, &membership, &mut lines);
+        membership.apply_to(&config)
+    };
     // STS, once per distinct request.
     let source = crate::sts::AwsSts::new(
         &config.aws,
@@ -416,6 +433,65 @@ async fn check(config: Config, path: &Path) -> Exit {
     }
 }
 
+/// `check`'s lines about `[[discover]]` rules: per rule what it matches now
+/// (id, name, sandbox), then listing failures and conflicts.
+fn check_rules(
+    config: &Config,
+    membership: &crate::discovery::Membership,
+    lines: &mut CheckReport,
+) {
+    for (sandbox, error) in &membership.failures {
+        lines.fail(
+            "discover",
+            &format!("listing sandbox {sandbox:?} failed: {error}"),
+        );
+    }
+    for rule in &config.discover {
+        let origin = crate::config::Origin::Rule(rule.index);
+        let mut conditions = Vec::new();
+        if let Some(glob) = &rule.name {
+            conditions.push(format!("name {:?}", glob.as_str()));
+        }
+        if let Some(tag) = &rule.description_tag {
+            conditions.push(format!("description_tag {tag:?}"));
+        }
+        let found: Vec<_> = membership
+            .connections
+            .iter()
+            .filter(|c| c.origin == origin)
+            .collect();
+        lines.ok(
+            "discover",
+            &format!(
+                "{origin} ({}; sandboxes {}): matches {} connections now",
+                conditions.join(", "),
+                rule.sandboxes.join(", "),
+                found.len()
+            ),
+        );
+        for c in found {
+            lines.detail(&format!("{origin}: {} {:?} ({})", c.id, c.name, c.sandbox));
+        }
+    }
+    for conflict in &membership.conflicts {
+        let rules: Vec<String> = conflict
+            .rules
+            .iter()
+            .map(|i| format!("discover[{i}]"))
+            .collect();
+        lines.fail(
+            "discover",
+            &format!(
+                "{} {:?} ({}): matched by {} with different identities, so it is not rotated; make the rules agree or list it under [[connections]]",
+                conflict.id,
+                conflict.name.as_deref().unwrap_or(""),
+                conflict.sandbox,
+                rules.join(", ")
+            ),
+        );
+    }
+}
+
 #[derive(Default)]
 struct CheckReport {
     text: String,
@@ -434,6 +510,10 @@ impl CheckReport {
     }
     fn warn(&mut self, what: &str, detail: &str) {
         self.line("warn", what, detail);
+    }
+    /// An indented line under the previous one, not a check of its own.
+    fn detail(&mut self, detail: &str) {
+        self.line("", "", &format!("  {detail}"));
     }
     fn fail(&mut self, what: &str, detail: &str) {
         self.total += 1;
