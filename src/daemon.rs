@@ -252,6 +252,20 @@ impl Daemon {
         notifier: Notifier,
     ) -> anyhow::Result<Self> {
         let rotator = Arc::new(build_rotator(&config, &options, &telemetry).await?);
+        Ok(Self::with_rotator(
+            config, options, telemetry, notifier, rotator,
+        ))
+    }
+
+    /// Same as [`Daemon::new`] with clients already built (discovery listed
+    /// through them, so its IMS token and request gate are shared).
+    pub fn with_rotator(
+        config: Config,
+        options: Options,
+        telemetry: Arc<Telemetry>,
+        notifier: Notifier,
+        rotator: Arc<Rotator>,
+    ) -> Self {
         let state = config.state.path.clone().map(StateStore::new);
         let mut daemon = Self {
             config,
@@ -291,7 +305,28 @@ impl Daemon {
             daemon.schedule(&id, now);
         }
         daemon.first_pass_pending = daemon.entries.len();
-        Ok(daemon)
+        daemon
+    }
+
+    /// Etags read in bulk from list pages: the first job of such a
+    /// connection PATCHes without a GET. After a restart, an etag that
+    /// differs from the one we left means someone edited the connection:
+    /// rotate with the listed etag instead of re-reading it.
+    pub fn seed_etags(&mut self, etags: &HashMap<String, String>) {
+        for (id, entry) in &mut self.entries {
+            let Some(listed) = etags.get(id) else {
+                continue;
+            };
+            match &entry.resume_etag {
+                Some(left) if left == listed => {}
+                Some(_) => {
+                    entry.resume_etag = None;
+                    entry.etag = Some(listed.clone());
+                }
+                None if entry.etag.is_none() => entry.etag = Some(listed.clone()),
+                None => {}
+            }
+        }
     }
 
     fn new_entry(&mut self, connection: ConnectionConfig) -> Entry {
