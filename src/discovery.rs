@@ -287,24 +287,33 @@ pub async fn resolve<L: Lister>(
 ) -> Membership {
     let mut listings = BTreeMap::new();
     let mut failures = Vec::new();
+    let mut to_list = Vec::new();
     for sandbox in sandbox_periods(&config.discover).into_keys() {
         let last = previous.and_then(|p| p.listings.get(&sandbox));
-        if let (Some(due), Some(last)) = (due, last)
-            && !due.contains(&sandbox)
-        {
-            listings.insert(sandbox, last.clone());
-            continue;
+        match (due, last) {
+            (Some(due), Some(last)) if !due.contains(&sandbox) => {
+                listings.insert(sandbox, last.clone());
+            }
+            _ => to_list.push(sandbox),
         }
-        match lister
-            .list(&sandbox, &[PropertyFilter::s3()], PAGE_LIMIT)
-            .await
-        {
+    }
+    // Sandboxes are listed side by side (pages within one are sequential by
+    // nature); the request gate still bounds what is in flight.
+    let filters = [PropertyFilter::s3()];
+    let answers = futures::future::join_all(
+        to_list
+            .iter()
+            .map(|sandbox| lister.list(sandbox, &filters, PAGE_LIMIT)),
+    )
+    .await;
+    for (sandbox, answer) in to_list.into_iter().zip(answers) {
+        match answer {
             Ok(items) => {
                 listings.insert(sandbox, SandboxListing { items });
             }
             Err(error) => {
                 failures.push((sandbox.clone(), error.to_string()));
-                if let Some(last) = last {
+                if let Some(last) = previous.and_then(|p| p.listings.get(&sandbox)) {
                     listings.insert(sandbox, last.clone());
                 }
             }
