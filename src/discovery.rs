@@ -276,8 +276,9 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
 /// - Each sandbox in `due` (every sandbox a rule names when `due` is `None`)
 ///   is listed with `property=connectionSpec.id==<S3>`; a sandbox not due, or
 ///   whose listing fails, keeps its listing from `previous`.
-/// - Explicit connections whose etag was not in those listings are listed by
-///   id (`property=id==a,b,c`, [`ID_CHUNK`] at a time, per sandbox) for their
+/// - On a full resolve (`due` is `None`: start, reload), explicit connections
+///   whose etag was not in those listings are listed by id
+///   (`property=id==a,b,c`, [`ID_CHUNK`] at a time, per sandbox) for their
 ///   etag only; a failure there just means one `GET` later.
 pub async fn resolve<L: Lister>(
     config: &Config,
@@ -321,7 +322,11 @@ pub async fn resolve<L: Lister>(
     }
     let mut membership = resolve_listings(config, listings);
     membership.failures = failures;
-    explicit_etags(config, lister, &mut membership).await;
+    // Only a full resolve (start, reload) needs them: the periodic re-list
+    // only decides membership, and explicit connections never change it.
+    if due.is_none() {
+        explicit_etags(config, lister, &mut membership).await;
+    }
     membership
 }
 
@@ -712,6 +717,13 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         assert!(third.failures.is_empty());
         assert!(!third.connections.iter().any(|c| c.id == "p1"));
         assert!(log_changes(&second, &third));
+
+        // A periodic re-list of prod lists prod only, no explicit ids.
+        let calls = lister.calls().len();
+        let due = BTreeSet::from(["prod".to_owned()]);
+        let fourth = resolve(&config, &lister, Some(&third), Some(&due)).await;
+        assert_eq!(lister.calls().len(), calls + 1);
+        assert!(!fourth.differs_from(&third));
     }
 
     #[tokio::test(start_paused = true)]
