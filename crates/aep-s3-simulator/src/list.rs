@@ -220,16 +220,6 @@ fn passes(item: &Value, filter: &Filter) -> bool {
     }
 }
 
-/// The sort key of an item: the order field, then the id (unique).
-fn sort_key(item: &Value, field: &str) -> (Value, String) {
-    let id = item
-        .get("id")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    (item.get(field).cloned().unwrap_or(Value::Null), id)
-}
-
 fn compare(a: &(Value, String), b: &(Value, String)) -> Ordering {
     let first = match (&a.0, &b.0) {
         (Value::Number(x), Value::Number(y)) => x
@@ -283,25 +273,13 @@ pub(super) fn answer(
             return flow_error(400, "Bad Request", &detail);
         }
     };
-    let mut items: Vec<Value> = st
-        .connections
-        .values()
-        .filter(|c| c.spec.sandbox == sandbox)
-        .map(|c| connection_item(c, client_id, org_id))
-        .filter(|item| query.filters.iter().all(|f| passes(item, f)))
-        .collect();
-    let (field, descending) = (&query.order.0, query.order.1);
-    items.sort_by(|a, b| {
-        let ordering = compare(&sort_key(a, field), &sort_key(b, field));
-        if descending {
-            ordering.reverse()
-        } else {
-            ordering
-        }
-    });
-    let total = items.len();
-    let start = match &query.token {
-        None => 0,
+    // The token is checked first; then connections are ordered by their
+    // sort key (cheap, from the stored fields) and JSON is built only while
+    // filling the page, so a page costs O(sandbox) comparisons, not
+    // O(sandbox) JSON documents (10,000 connections, 100 pages).
+    let (field, descending) = (query.order.0.clone(), query.order.1);
+    let last = match &query.token {
+        None => None,
         Some(token) => {
             let Some(Value::Array(decoded)) = decode_token(token) else {
                 st.violation(format!(
@@ -320,41 +298,79 @@ pub(super) fn answer(
                     "The continuationToken does not belong to this query; send the same property and orderby parameters",
                 );
             }
-            let last = (
+            Some((
                 decoded.get(4).cloned().unwrap_or(Value::Null),
                 decoded
                     .get(5)
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_owned(),
-            );
-            // Keyset paging: items created or deleted meanwhile shift nothing.
-            items
-                .iter()
-                .position(|item| {
-                    let ordering = compare(&sort_key(item, field), &last);
-                    if descending {
-                        ordering == Ordering::Less
-                    } else {
-                        ordering == Ordering::Greater
-                    }
-                })
-                .unwrap_or(total)
+            ))
         }
     };
-    let end = start.saturating_add(query.limit).min(total);
-    let page: Vec<Value> = items
-        .get(start..end)
-        .map(<[Value]>::to_vec)
-        .unwrap_or_default();
-    let mut body = json!({ "items": page });
-    if end < total {
-        if let Some(last) = page.last() {
-            let token = encode_token(sandbox, &query, &sort_key(last, field));
-            body["_links"] = json!({
-                "next": { "href": format!("/connections?continuationToken={token}") }
-            });
+    let ordered = |a: &(Value, String), b: &(Value, String)| {
+        let ordering = compare(a, b);
+        if descending {
+            ordering.reverse()
+        } else {
+            ordering
         }
+    };
+    let mut keyed: Vec<((Value, String), &super::state::Conn)> = st
+        .connections
+        .values()
+        .filter(|c| c.spec.sandbox == sandbox)
+        .map(|c| {
+            let key = match field.as_str() {
+                "name" => Value::String(c.spec.name.clone()),
+                _ => json!(c.created_at_ms),
+            };
+            ((key, c.spec.id.clone()), c)
+        })
+        .collect();
+    keyed.sort_by(|a, b| ordered(&a.0, &b.0));
+    // Keyset paging: items created or deleted meanwhile shift nothing.
+    let from = match &last {
+        None => 0,
+        Some(last) => keyed
+            .iter()
+            .position(|(key, _)| ordered(key, last) == Ordering::Greater)
+            .unwrap_or(keyed.len()),
+    };
+    let mut page: Vec<Value> = Vec::new();
+    let mut page_last = None;
+    let mut more = false;
+    let mut total = 0usize;
+    for (n, (key, conn)) in keyed.iter().enumerate() {
+        let counted_before = n < from;
+        if counted_before && !query.count {
+            continue;
+        }
+        let item = connection_item(conn, client_id, org_id);
+        if !query.filters.iter().all(|f| passes(&item, f)) {
+            continue;
+        }
+        total += 1;
+        if counted_before {
+            continue;
+        }
+        if page.len() < query.limit {
+            page.push(item);
+            page_last = Some(key.clone());
+        } else {
+            more = true;
+            if !query.count {
+                break;
+            }
+        }
+    }
+    drop(keyed);
+    let mut body = json!({ "items": page });
+    if let (true, Some(last)) = (more, page_last) {
+        let token = encode_token(sandbox, &query, &last);
+        body["_links"] = json!({
+            "next": { "href": format!("/connections?continuationToken={token}") }
+        });
     }
     if query.count {
         body["count"] = json!(total);
