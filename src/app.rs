@@ -13,6 +13,7 @@ use crate::cli::{Cli, Command, OnceArgs, RunArgs};
 use crate::clock::rfc3339;
 use crate::config::{Config, ConfigError};
 use crate::daemon::{Daemon, Mode, Options, Report, build_rotator};
+use crate::discovery::{self, FlowLister, Membership};
 use crate::notify::Notifier;
 use crate::sts::{CredentialSource, SourceIdentity, StsError, StsRequest};
 use crate::telemetry::Telemetry;
@@ -269,20 +270,41 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         only: Vec::new(),
         identity: SourceIdentity::DefaultChain,
     };
+    let Some((daemon_config, rotator, membership)) =
+        start_membership(&config, &options, &telemetry).await
+    else {
+        return Exit::Failure;
+    };
     tracing::info!(
-        connections = config.connections.len(),
+        connections = daemon_config.connections.len(),
+        discovered = membership.discovered().count(),
+        rules = config.discover.len(),
         dry_run,
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );
-    let daemon = match Daemon::new(config, options, telemetry, Notifier::from_env()).await {
-        Ok(daemon) => daemon,
-        Err(error) => {
-            tracing::error!(error = %format!("{error:#}"), "cannot start");
-            return Exit::Failure;
-        }
-    };
-    match daemon.run(cancel, reloads).await {
+    let mut daemon = Daemon::with_rotator(
+        daemon_config,
+        options.clone(),
+        Arc::clone(&telemetry),
+        Notifier::from_env(),
+        Arc::clone(&rotator),
+    );
+    daemon.seed_etags(&membership.etags);
+    // SIGHUP configs and re-listed memberships both reach the daemon as
+    // configs whose connections are the resolved set.
+    let (to_daemon, daemon_reloads) = mpsc::channel(1);
+    tokio::spawn(discovery_supervisor(
+        config,
+        options,
+        telemetry,
+        rotator,
+        membership,
+        reloads,
+        to_daemon,
+        cancel.clone(),
+    ));
+    match daemon.run(cancel, daemon_reloads).await {
         Ok(report) => {
             tracing::info!(loop_turns = report.loop_turns, "stopped");
             Exit::Ok
@@ -294,26 +316,121 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     }
 }
 
-async fn once(config: Config, args: OnceArgs) -> Exit {
-    let known: BTreeSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
-    let unknown: Vec<&String> = args
-        .connections
-        .iter()
-        .filter(|id| !known.contains(id.as_str()))
-        .collect();
-    if !unknown.is_empty() {
-        eprintln!(
-            "aep-s3-rotator: --connection {} is not in the config; known ids: {}",
-            unknown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            known.into_iter().collect::<Vec<_>>().join(", ")
-        );
-        return Exit::Usage;
+/// Builds the clients, resolves the `[[discover]]` rules and reads etags in
+/// bulk: the config the daemon starts with (its connections = the resolved
+/// set), the clients, and the membership. `None` (logged) when the clients
+/// cannot be built.
+async fn start_membership(
+    config: &Config,
+    options: &Options,
+    telemetry: &Arc<Telemetry>,
+) -> Option<(Config, Arc<crate::rotation::Rotator>, Membership)> {
+    let rotator = match build_rotator(config, options, telemetry, None).await {
+        Ok(rotator) => Arc::new(rotator),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "cannot start");
+            return None;
+        }
+    };
+    // Without rules nothing is listed (yet): the scheduler rewrite decides
+    // when explicit-only configs switch to bulk etags too, since that moves
+    // the first request of every connection from a GET to a PATCH.
+    if config.discover.is_empty() {
+        let membership = Membership {
+            connections: config.connections.clone(),
+            ..Membership::default()
+        };
+        return Some((config.clone(), rotator, membership));
     }
+    let lister = FlowLister::new(Arc::clone(&rotator));
+    let membership = discovery::resolve(config, &lister, None, None).await;
+    discovery::log_changes(&Membership::default(), &membership);
+    Some((membership.apply_to(config), rotator, membership))
+}
+
+/// Keeps the daemon's connection set current: every changed membership from
+/// [`discovery::run_discovery`], and every SIGHUP config (resolved at once,
+/// then discovery restarts with its rules), go to the daemon as a config.
+#[allow(clippy::too_many_arguments)]
+async fn discovery_supervisor(
+    mut base: Config,
+    options: Options,
+    telemetry: Arc<Telemetry>,
+    mut rotator: Arc<crate::rotation::Rotator>,
+    mut membership: Membership,
+    mut hups: mpsc::Receiver<Config>,
+    to_daemon: mpsc::Sender<Config>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let round = cancel.child_token();
+        let (tx, mut found) = mpsc::channel(1);
+        tokio::spawn(discovery::run_discovery(
+            base.clone(),
+            FlowLister::new(Arc::clone(&rotator)),
+            membership.clone(),
+            tx,
+            round.clone(),
+        ));
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                Some(next) = found.recv() => {
+                    membership = next;
+                    if to_daemon.send(membership.apply_to(&base)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(config) = hups.recv() => {
+                    round.cancel();
+                    // Clients whose settings did not change are kept (IMS
+                    // token, request gate): the same rule as the daemon's.
+                    if let Ok(fresh) =
+                        build_rotator(&config, &options, &telemetry, Some((&base, &rotator))).await
+                    {
+                        rotator = Arc::new(fresh);
+                    }
+                    base = config;
+                    let next = if base.discover.is_empty() {
+                        Membership { connections: base.connections.clone(), ..Membership::default() }
+                    } else {
+                        let lister = FlowLister::new(Arc::clone(&rotator));
+                        discovery::resolve(&base, &lister, Some(&membership), None).await
+                    };
+                    discovery::log_changes(&membership, &next);
+                    membership = next;
+                    if to_daemon.send(membership.apply_to(&base)).await.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn once(config: Config, args: OnceArgs) -> Exit {
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let options = Options {
+        mode: Mode::Once,
+        dry_run: args.dry_run,
+        only: args.connections.clone(),
+        identity: SourceIdentity::DefaultChain,
+    };
+    // Without rules a wrong --connection is known before any request.
+    if config.discover.is_empty()
+        && let Err(exit) = known_connections(&config, &args.connections)
+    {
+        return exit;
+    }
+    // `once` honours the rules: the connections they match now are rotated too.
+    let Some((config, rotator, membership)) = start_membership(&config, &options, &telemetry).await
+    else {
+        return Exit::Failure;
+    };
+    if let Err(exit) = known_connections(&config, &args.connections) {
+        return exit;
+    }
     let cancel = CancellationToken::new();
     // SIGTERM/SIGINT stop `once` too; it never reloads.
     if let Err(error) = crate::shutdown::listen(cancel.clone()) {
@@ -321,19 +438,8 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
         return Exit::Failure;
     }
     let (_no_reloads, reloads) = mpsc::channel(1);
-    let options = Options {
-        mode: Mode::Once,
-        dry_run: args.dry_run,
-        only: args.connections,
-        identity: SourceIdentity::DefaultChain,
-    };
-    let daemon = match Daemon::new(config, options, telemetry, Notifier::default()).await {
-        Ok(daemon) => daemon,
-        Err(error) => {
-            tracing::error!(error = %format!("{error:#}"), "cannot start");
-            return Exit::Failure;
-        }
-    };
+    let mut daemon = Daemon::with_rotator(config, options, telemetry, Notifier::default(), rotator);
+    daemon.seed_etags(&membership.etags);
     match daemon.run(cancel.clone(), reloads).await {
         Ok(report) => {
             print!("{}", once_report(&report, args.dry_run));
@@ -348,6 +454,25 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
             Exit::Failure
         }
     }
+}
+
+/// `once --connection ID`: every id must be a configured (or discovered) one.
+fn known_connections(config: &Config, ids: &[String]) -> Result<(), Exit> {
+    let known: BTreeSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
+    let unknown: Vec<&str> = ids
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !known.contains(id))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "aep-s3-rotator: --connection {} is not in the config; known ids: {}",
+        unknown.join(", "),
+        known.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    Err(Exit::Usage)
 }
 
 /// One line per connection: `ok`/`FAIL`, name, sandbox, access key id and
@@ -413,10 +538,14 @@ async fn check(config: Config, path: &Path) -> Exit {
     lines.ok(
         "config",
         &format!(
-            "{}: {} connections in {} sandboxes",
+            "{}: {} connections in {} sandboxes{}",
             path.display(),
             config.connections.len(),
-            sandboxes.len()
+            sandboxes.len(),
+            match config.discover.len() {
+                0 => String::new(),
+                n => format!(", {n} discover rules"),
+            }
         ),
     );
     for warning in &config.warnings {
@@ -447,7 +576,7 @@ async fn check(config: Config, path: &Path) -> Exit {
         identity: SourceIdentity::DefaultChain,
     };
     let rotator = match build_rotator(&config, &options, &telemetry, None).await {
-        Ok(rotator) => rotator,
+        Ok(rotator) => Arc::new(rotator),
         Err(error) => {
             lines.fail("setup", &format!("{error:#}"));
             print!("{}", lines.text);
@@ -494,6 +623,19 @@ async fn check(config: Config, path: &Path) -> Exit {
             Err(error) => lines.fail("connection", &format!("{label}: {error}")),
         }
     }
+    // Discovery rules: what each one matches now, so a rule can be tried
+    // before it is turned on. STS is then checked for the found ones too.
+    let config = if config.discover.is_empty() {
+        config
+    } else if token.is_none() {
+        lines.fail("discover", "rules not checked, no IMS token");
+        config
+    } else {
+        let lister = crate::discovery::FlowLister::new(Arc::clone(&rotator));
+        let membership = crate::discovery::resolve(&config, &lister, None, None).await;
+        check_rules(&config, &membership, &mut lines);
+        membership.apply_to(&config)
+    };
     // STS, once per distinct request.
     let source = crate::sts::AwsSts::new(
         &config.aws,
@@ -602,6 +744,65 @@ async fn prepush_lines(
     }
 }
 
+/// `check`'s lines about `[[discover]]` rules: per rule what it matches now
+/// (id, name, sandbox), then listing failures and conflicts.
+fn check_rules(
+    config: &Config,
+    membership: &crate::discovery::Membership,
+    lines: &mut CheckReport,
+) {
+    for (sandbox, error) in &membership.failures {
+        lines.fail(
+            "discover",
+            &format!("listing sandbox {sandbox:?} failed: {error}"),
+        );
+    }
+    for rule in &config.discover {
+        let origin = crate::config::Origin::Rule(rule.index);
+        let mut conditions = Vec::new();
+        if let Some(glob) = &rule.name {
+            conditions.push(format!("name {:?}", glob.as_str()));
+        }
+        if let Some(tag) = &rule.description_tag {
+            conditions.push(format!("description_tag {tag:?}"));
+        }
+        let found: Vec<_> = membership
+            .connections
+            .iter()
+            .filter(|c| c.origin == origin)
+            .collect();
+        lines.ok(
+            "discover",
+            &format!(
+                "{origin} ({}; sandboxes {}): matches {} connections now",
+                conditions.join(", "),
+                rule.sandboxes.join(", "),
+                found.len()
+            ),
+        );
+        for c in found {
+            lines.detail(&format!("{origin}: {} {:?} ({})", c.id, c.name, c.sandbox));
+        }
+    }
+    for conflict in &membership.conflicts {
+        let rules: Vec<String> = conflict
+            .rules
+            .iter()
+            .map(|i| format!("discover[{i}]"))
+            .collect();
+        lines.fail(
+            "discover",
+            &format!(
+                "{} {:?} ({}): matched by {} with different identities, so it is not rotated; make the rules agree or list it under [[connections]]",
+                conflict.id,
+                conflict.name.as_deref().unwrap_or(""),
+                conflict.sandbox,
+                rules.join(", ")
+            ),
+        );
+    }
+}
+
 #[derive(Default)]
 struct CheckReport {
     text: String,
@@ -620,6 +821,10 @@ impl CheckReport {
     }
     fn warn(&mut self, what: &str, detail: &str) {
         self.line("warn", what, detail);
+    }
+    /// An indented line under the previous one, not a check of its own.
+    fn detail(&mut self, detail: &str) {
+        self.line("", "", &format!("  {detail}"));
     }
     fn fail(&mut self, what: &str, detail: &str) {
         self.total += 1;

@@ -53,6 +53,8 @@ pub struct Config {
     pub rotation: RotationConfig,
     /// `[[connections]]`, in file order; ids are unique.
     pub connections: Vec<ConnectionConfig>,
+    /// `[[discover]]` rules, in file order (their index is their origin label).
+    pub discover: Vec<DiscoverRule>,
     /// `[admin]`
     pub admin: AdminConfig,
     /// `[state]`
@@ -148,6 +150,120 @@ pub struct ConnectionConfig {
     pub session_policy: Option<String>,
     /// Managed policy ARNs that narrow the session.
     pub policy_arns: Vec<String>,
+    /// How the entry came to be: written in `[[connections]]`, or found by a
+    /// `[[discover]]` rule. Labels metrics and `/status`.
+    pub origin: Origin,
+}
+
+/// Where a connection's entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Origin {
+    /// A `[[connections]]` table.
+    #[default]
+    Explicit,
+    /// Found by `discover[N]` (the index in file order).
+    Rule(usize),
+}
+
+impl fmt::Display for Origin {
+    /// `explicit` or `discover[N]`: the label value in metrics and `/status`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Explicit => f.write_str("explicit"),
+            Origin::Rule(i) => write!(f, "discover[{i}]"),
+        }
+    }
+}
+
+/// One `[[discover]]` rule: which connections of which sandboxes are rotated
+/// without being listed by hand, and with which STS identity.
+///
+/// A connection matches when it is an S3 connection (`connectionSpec.id`)
+/// with the `Access Key` auth spec, is `enabled`, lives in one of
+/// `sandboxes`, and meets *every* condition given (`name`,
+/// `description_tag`). Validation makes sure at least one condition is given,
+/// so nothing is rotated that an operator did not mark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoverRule {
+    /// Position in the file: `discover[index]`.
+    pub index: usize,
+    /// Sandboxes to list (non-empty, lower-case, unique).
+    pub sandboxes: Vec<String>,
+    /// Glob the connection name must match (whole name, case-sensitive).
+    pub name: Option<NameGlob>,
+    /// Text the connection description must contain.
+    pub description_tag: Option<String>,
+    /// As for `[[connections]]`: overrides `[aws] role_arn`.
+    pub role_arn: Option<RoleArn>,
+    /// Overrides `[aws] external_id`.
+    pub external_id: Option<String>,
+    /// Overrides `[aws] session_name`.
+    pub session_name: Option<String>,
+    /// Inline session policy (valid JSON).
+    pub session_policy: Option<String>,
+    /// Managed policy ARNs that narrow the session.
+    pub policy_arns: Vec<String>,
+    /// How often the sandboxes are re-listed.
+    pub every: Duration,
+}
+
+impl DiscoverRule {
+    /// The `[[connections]]`-equivalent entry for a connection this rule found.
+    pub fn connection(&self, id: &str, sandbox: &str, name: Option<&str>) -> ConnectionConfig {
+        ConnectionConfig {
+            id: id.to_owned(),
+            sandbox: sandbox.to_owned(),
+            name: name
+                .filter(|n| !n.trim().is_empty())
+                .unwrap_or(id)
+                .to_owned(),
+            role_arn: self.role_arn.clone(),
+            external_id: self.external_id.clone(),
+            session_name: self.session_name.clone(),
+            session_policy: self.session_policy.clone(),
+            policy_arns: self.policy_arns.clone(),
+            origin: Origin::Rule(self.index),
+        }
+    }
+}
+
+/// A compiled `name` glob of a `[[discover]]` rule (`globset` syntax: `*`,
+/// `?`, `[a-z]`, `{a,b}`), matched against the whole connection name.
+#[derive(Debug, Clone)]
+pub struct NameGlob {
+    pattern: String,
+    matcher: globset::GlobMatcher,
+}
+
+impl NameGlob {
+    /// Compiles `pattern`; the error says what is wrong with it.
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        let glob = globset::GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| e.kind().to_string())?;
+        Ok(Self {
+            pattern: pattern.to_owned(),
+            matcher: glob.compile_matcher(),
+        })
+    }
+
+    /// Whether `name` matches, as a whole.
+    pub fn is_match(&self, name: &str) -> bool {
+        self.matcher.is_match(name)
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.pattern
+    }
+}
+
+impl PartialEq for NameGlob {
+    fn eq(&self, other: &Self) -> bool {
+        self.pattern == other.pattern
+    }
 }
 
 /// `[admin]`
@@ -743,6 +859,7 @@ struct RawConfig {
     aws: RawAws,
     rotation: RawRotation,
     connections: Option<Vec<RawConnection>>,
+    discover: Option<Vec<RawDiscover>>,
     admin: RawAdmin,
     state: RawState,
 }
@@ -800,6 +917,20 @@ struct RawConnection {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(default, expecting = "a [[discover]] table")]
+struct RawDiscover {
+    sandboxes: Option<Raw>,
+    name: Option<Raw>,
+    description_tag: Option<Raw>,
+    role_arn: Option<Raw>,
+    external_id: Option<Raw>,
+    session_name: Option<Raw>,
+    session_policy: Option<Raw>,
+    policy_arns: Option<Raw>,
+    every: Option<Raw>,
+}
+
+#[derive(Deserialize, Default)]
 #[serde(default, expecting = "an [admin] table")]
 struct RawAdmin {
     listen: Option<Raw>,
@@ -851,6 +982,15 @@ const EXTERNAL_ID_CHARS: std::ops::RangeInclusive<usize> = 2..=1224;
 const MAX_SESSION_POLICY_CHARS: usize = 2048;
 /// STS's limit on `PolicyArns`.
 const MAX_POLICY_ARNS: usize = 10;
+/// A new connection waits at most this long for its first credentials, and
+/// each re-list costs one request per 100 connections per sandbox: cheap.
+const DEFAULT_DISCOVER_EVERY: Duration = Duration::from_secs(5 * 60);
+/// Below a second, listing would be most of the Flow Service traffic; 1 s
+/// lets tests and demos see a new connection at once.
+const MIN_DISCOVER_EVERY: Duration = Duration::from_secs(1);
+/// Beyond a day a new connection could sit unrotated for longer than any
+/// STS session lives; nobody means that.
+const MAX_DISCOVER_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Marks a value as invalid; the issue saying why is already recorded.
 struct Reported;
@@ -885,7 +1025,8 @@ impl Checker<'_> {
                 .connections
                 .iter()
                 .flatten()
-                .any(|c| present(&c.role_arn));
+                .any(|c| present(&c.role_arn))
+            || raw.discover.iter().flatten().any(|r| present(&r.role_arn));
         if !any_role && present(&raw.aws.external_id) {
             self.warnings.push(
                 "aws.external_id is ignored: no role_arn anywhere, so GetSessionToken is used"
@@ -895,7 +1036,9 @@ impl Checker<'_> {
         let adobe = self.adobe(raw.adobe);
         let aws = self.aws(raw.aws);
         let rotation = self.rotation(raw.rotation);
-        let connections = self.connections(raw.connections, aws_role);
+        let has_rules = raw.discover.as_ref().is_some_and(|r| !r.is_empty());
+        let connections = self.connections(raw.connections, aws_role, has_rules);
+        let discover = self.discover(raw.discover, aws_role);
         let admin = self.admin(raw.admin);
         let state = self.state(raw.state);
         Ok(Config {
@@ -903,6 +1046,7 @@ impl Checker<'_> {
             aws: aws?,
             rotation: rotation?,
             connections: connections?,
+            discover: discover?,
             admin: admin?,
             state: state?,
             warnings: Vec::new(),
@@ -1489,12 +1633,14 @@ impl Checker<'_> {
         &mut self,
         raw: Option<Vec<RawConnection>>,
         aws_role: bool,
+        has_rules: bool,
     ) -> Checked<Vec<ConnectionConfig>> {
         let raw = raw.unwrap_or_default();
-        if raw.is_empty() {
+        // With [[discover]] rules the connections may all be found remotely.
+        if raw.is_empty() && !has_rules {
             return Err(self.report(
                 "connections",
-                format!("no connections configured; add a [[connections]] table with id and sandbox for each base connection (see {EXAMPLE})"),
+                format!("no connections configured; add a [[connections]] table with id and sandbox for each base connection, or a [[discover]] rule (see {EXAMPLE})"),
             ));
         }
         let mut first_index: HashMap<String, usize> = HashMap::new();
@@ -1588,6 +1734,133 @@ impl Checker<'_> {
             session_name: session_name?,
             session_policy: session_policy?,
             policy_arns: policy_arns?,
+            origin: Origin::Explicit,
+        })
+    }
+
+    fn discover(
+        &mut self,
+        raw: Option<Vec<RawDiscover>>,
+        aws_role: bool,
+    ) -> Checked<Vec<DiscoverRule>> {
+        let mut out = Vec::new();
+        let mut bad = false;
+        for (i, rule) in raw.unwrap_or_default().into_iter().enumerate() {
+            match self.discover_rule(i, rule, aws_role) {
+                Ok(rule) => out.push(rule),
+                Err(Reported) => bad = true,
+            }
+        }
+        if bad { Err(Reported) } else { Ok(out) }
+    }
+
+    fn discover_sandboxes(&mut self, path: &str, raw: Option<Raw>) -> Checked<Vec<String>> {
+        let list = self.string_list(path, raw)?.unwrap_or_default();
+        if list.is_empty() {
+            return Err(self.report(
+                path,
+                "missing or empty; list the sandboxes to search, e.g. sandboxes = [\"prod\"]",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut bad = false;
+        for (n, sandbox) in list.iter().enumerate() {
+            let at = format!("{path}[{n}]");
+            if sandbox.trim().is_empty()
+                || sandbox.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                self.report(at, "must be a sandbox name without spaces, e.g. \"prod\"");
+                bad = true;
+            } else if sandbox.chars().any(char::is_uppercase) {
+                self.report(
+                    at,
+                    format!(
+                        "sandbox names are lower-case in AEP; write {:?}",
+                        sandbox.to_lowercase()
+                    ),
+                );
+                bad = true;
+            } else if !seen.insert(sandbox.clone()) {
+                self.report(
+                    at,
+                    format!("{sandbox:?} is listed twice; list each sandbox once"),
+                );
+                bad = true;
+            }
+        }
+        if bad { Err(Reported) } else { Ok(list) }
+    }
+
+    fn discover_rule(
+        &mut self,
+        i: usize,
+        raw: RawDiscover,
+        aws_role: bool,
+    ) -> Checked<DiscoverRule> {
+        let key = |name: &str| format!("discover[{i}].{name}");
+        let has_role = aws_role || present(&raw.role_arn);
+        let sandboxes = self.discover_sandboxes(&key("sandboxes"), raw.sandboxes);
+        let has_condition = present(&raw.name) || present(&raw.description_tag);
+        let name = match self.optional_text(&key("name"), raw.name) {
+            Ok(Some(pattern)) => NameGlob::new(&pattern).map(Some).map_err(|why| {
+                self.report(
+                    key("name"),
+                    format!("not a valid glob: {pattern:?} ({why}); use e.g. \"ingest-*\""),
+                )
+            }),
+            Ok(None) => Ok(None),
+            Err(reported) => Err(reported),
+        };
+        let description_tag = self.optional_text(&key("description_tag"), raw.description_tag);
+        if !has_condition {
+            self.report(
+                format!("discover[{i}]"),
+                "has no condition besides the sandboxes, so it would rotate every S3 connection there; add name = \"glob\" and/or description_tag = \"text\"",
+            );
+        }
+        let role_arn = self.role_arn(&key("role_arn"), raw.role_arn);
+        let external_id = self.external_id(&key("external_id"), raw.external_id);
+        let session_name = self.session_name(&key("session_name"), raw.session_name);
+        let policy_given = present(&raw.session_policy);
+        let arns_given = present(&raw.policy_arns);
+        let session_policy = self.session_policy(&key("session_policy"), raw.session_policy);
+        let policy_arns = self.policy_arns(&key("policy_arns"), raw.policy_arns);
+        if !has_role && (policy_given || arns_given) {
+            let which = if policy_given {
+                "session_policy"
+            } else {
+                "policy_arns"
+            };
+            self.report(
+                key(which),
+                "needs a role: with no role_arn here or in [aws], GetSessionToken is used, and it takes no policy; set role_arn or remove the policy",
+            );
+        }
+        let every = match self.duration(&key("every"), raw.every, DEFAULT_DISCOVER_EVERY) {
+            Ok(every) if (MIN_DISCOVER_EVERY..=MAX_DISCOVER_EVERY).contains(&every) => Ok(every),
+            Ok(every) => Err(self.report(
+                key("every"),
+                format!(
+                    "{} is out of range; use 1s..24h (e.g. \"5m\")",
+                    humantime::format_duration(every)
+                ),
+            )),
+            Err(reported) => Err(reported),
+        };
+        if !has_condition {
+            return Err(Reported);
+        }
+        Ok(DiscoverRule {
+            index: i,
+            sandboxes: sandboxes?,
+            name: name?,
+            description_tag: description_tag?,
+            role_arn: role_arn?,
+            external_id: external_id?,
+            session_name: session_name?,
+            session_policy: session_policy?,
+            policy_arns: policy_arns?,
+            every: every?,
         })
     }
 
@@ -2098,6 +2371,7 @@ sandbox = "dev"
                 session_name: None,
                 session_policy: None,
                 policy_arns: Vec::new(),
+                origin: Origin::Explicit,
             }
         );
         assert_eq!(config.admin.listen, None);
@@ -2352,5 +2626,136 @@ path = "state.json"
         assert!(Url::parse(DEFAULT_PLATFORM_URL).is_ok_and(|u| u.scheme() == "https"));
         assert!(DEFAULT_REFRESH_BEFORE + DEFAULT_JITTER < DEFAULT_SESSION_DURATION);
         assert!(DEFAULT_RETRY_MIN <= DEFAULT_RETRY_MAX);
+    }
+
+    /// The good config's `[adobe]`, `[aws]` and `[rotation]` with only rules.
+    fn rules_only(fx: &Fixture, rules: &str) -> String {
+        let good = fx.good();
+        let head = good.split("[[connections]]").next().unwrap().to_owned();
+        format!("{head}{rules}")
+    }
+
+    #[test]
+    fn discover_rules_load_without_any_connection() {
+        let fx = Fixture::new();
+        let text = rules_only(
+            &fx,
+            r#"
+[[discover]]
+sandboxes = ["prod", "dev"]
+name = "ingest-*"
+description_tag = "rotate:aep-s3"
+role_arn = "arn:aws:iam::123456789012:role/other"
+every = "2s"
+
+[[discover]]
+sandboxes = ["prod"]
+description_tag = "rotate:aep-s3"
+"#,
+        );
+        let config = Config::from_toml_str(&text, no_env()).unwrap();
+        assert!(config.connections.is_empty());
+        assert_eq!(config.discover.len(), 2);
+        let rule = &config.discover[0];
+        assert_eq!(rule.sandboxes, ["prod", "dev"]);
+        assert!(rule.name.as_ref().unwrap().is_match("ingest-sales"));
+        assert!(!rule.name.as_ref().unwrap().is_match("egress-sales"));
+        assert_eq!(rule.every, Duration::from_secs(2));
+        assert_eq!(config.discover[1].every, Duration::from_secs(300));
+        assert_eq!(config.discover[1].index, 1);
+        let found = rule.connection("c-9", "dev", Some("ingest-x"));
+        assert_eq!(found.origin, Origin::Rule(0));
+        assert_eq!(found.origin.to_string(), "discover[0]");
+        assert_eq!(Origin::Explicit.to_string(), "explicit");
+        assert_eq!(
+            found.role_arn.unwrap().as_str(),
+            "arn:aws:iam::123456789012:role/other"
+        );
+    }
+
+    #[test]
+    fn bad_discover_rules_name_their_keys() {
+        let fx = Fixture::new();
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "sandboxes = [\"prod\"]\n",
+                "discover[0]",
+                "no condition besides the sandboxes",
+            ),
+            (
+                "name = \"x-*\"\n",
+                "discover[0].sandboxes",
+                "missing or empty",
+            ),
+            (
+                "sandboxes = []\nname = \"x\"\n",
+                "discover[0].sandboxes",
+                "missing or empty",
+            ),
+            (
+                "sandboxes = [\"Prod\"]\nname = \"x\"\n",
+                "discover[0].sandboxes[0]",
+                "lower-case",
+            ),
+            (
+                "sandboxes = [\"a\", \"a\"]\nname = \"x\"\n",
+                "discover[0].sandboxes[1]",
+                "twice",
+            ),
+            (
+                "sandboxes = [\"a\"]\nname = \"in[gest\"\n",
+                "discover[0].name",
+                "not a valid glob",
+            ),
+            (
+                "sandboxes = [\"a\"]\nname = \"\"\n",
+                "discover[0].name",
+                "is empty",
+            ),
+            (
+                "sandboxes = [\"a\"]\ndescription_tag = \"t\"\nevery = \"500ms\"\n",
+                "discover[0].every",
+                "out of range",
+            ),
+            (
+                "sandboxes = [\"a\"]\ndescription_tag = \"t\"\nevery = \"2d\"\n",
+                "discover[0].every",
+                "out of range",
+            ),
+            (
+                "sandboxes = [\"a\"]\ndescription_tag = \"t\"\nrole_arn = \"nope\"\n",
+                "discover[0].role_arn",
+                "not an IAM role ARN",
+            ),
+            (
+                "sandboxes = [\"a\"]\ndescription_tag = \"t\"\nsession_policy = \"{\"\n",
+                "discover[0].session_policy",
+                "not valid JSON",
+            ),
+            (
+                "sandboxes = [\"a\"]\ndescription_tag = \"t\"\ncolour = \"red\"\n",
+                "discover[0].colour",
+                "unknown key",
+            ),
+        ];
+        for (body, key, needle) in cases {
+            let text = rules_only(&fx, &format!("[[discover]]\n{body}"));
+            let found = issues(&text, no_env());
+            assert!(
+                found
+                    .iter()
+                    .any(|i| i.path == *key && i.message.contains(needle)),
+                "{body:?}: expected {key}: ...{needle}..., got {found:?}"
+            );
+        }
+        // Neither connections nor rules: still an error, naming both ways out.
+        let none = rules_only(&fx, "");
+        let found = issues(&none, no_env());
+        assert!(
+            found
+                .iter()
+                .any(|i| i.path == "connections" && i.message.contains("[[discover]]")),
+            "{found:?}"
+        );
     }
 }

@@ -228,6 +228,42 @@ impl Connection {
         connection
     }
 
+    /// An etag read in bulk (a list page) before the first job. A new
+    /// connection saves its GET; after a restart, an etag equal to the one
+    /// we left proves the connection unchanged without any request (it is
+    /// then scheduled from its saved expiry), and a different one makes it
+    /// rotate at once with the listed etag.
+    pub fn seed_etag(
+        &mut self,
+        listed: &str,
+        now: SystemTime,
+        policy: &Policy,
+        draw: f64,
+    ) -> Action {
+        if self.phase == Phase::InFlight {
+            return Action::AwaitJob;
+        }
+        match self.resume_etag.take() {
+            Some(left) if left == listed => {
+                let expires_at = self.pushed.as_ref().map_or(now, |p| p.expires_at);
+                let next = self.next_rotation(now, expires_at, policy, draw);
+                let _span = self.span().entered();
+                tracing::info!(
+                    access_key_id = self.pushed.as_ref().map(|p| p.access_key_id.as_str()).unwrap_or(""),
+                    expires_at = %rfc3339(expires_at),
+                    next_rotation_at = %rfc3339(next),
+                    "connection unchanged since restart, credentials kept"
+                );
+                self.had_outcome = true;
+                self.phase = Phase::Waiting(next);
+            }
+            Some(_) => self.etag = Some(listed.to_owned()),
+            None if self.etag.is_none() => self.etag = Some(listed.to_owned()),
+            None => {}
+        }
+        self.current_action()
+    }
+
     /// Its settings.
     pub fn config(&self) -> &ConnectionConfig {
         &self.config
@@ -667,6 +703,7 @@ mod tests {
             session_name: None,
             session_policy: None,
             policy_arns: Vec::new(),
+            origin: crate::config::Origin::Explicit,
         }
     }
 

@@ -287,6 +287,44 @@ impl Daemon {
         ))
     }
 
+    /// A scheduler on clients already built (shared with discovery).
+    pub fn with_rotator(
+        config: Config,
+        options: Options,
+        telemetry: Arc<Telemetry>,
+        notifier: Notifier,
+        rotator: Arc<Rotator>,
+    ) -> Self {
+        Self::with_runner(
+            config,
+            options,
+            telemetry,
+            notifier,
+            Clock::system(),
+            Runner::Real(rotator),
+        )
+    }
+
+    /// Etags read in bulk (list pages) before the first pass: see
+    /// [`Connection::seed_etag`].
+    pub fn seed_etags(&mut self, etags: &HashMap<String, String>) {
+        let now = self.clock.now();
+        let ids: Vec<String> = self
+            .connections
+            .keys()
+            .filter(|id| etags.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in ids {
+            let (Some(connection), Some(listed)) = (self.connections.get_mut(&id), etags.get(&id))
+            else {
+                continue;
+            };
+            let action = connection.seed_etag(listed, now, &self.policy, rand::random());
+            self.follow(&id, action);
+        }
+    }
+
     /// A scheduler whose jobs run on `runner` and whose time is `clock`:
     /// the seam that lets tests drive the loop with paused time and no sockets.
     pub fn with_job_runner(

@@ -90,6 +90,89 @@ pub struct RemoteConnection {
     pub s3: Option<S3Target>,
 }
 
+/// One base connection of a `GET /connections` page: what discovery and the
+/// bulk etag read use, checked; everything else in the item is ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedConnection {
+    /// Base connection id (non-empty).
+    pub id: String,
+    /// Etag with its literal quotes, for `If-Match` (non-empty).
+    pub etag: String,
+    /// Display name, if the item had one.
+    pub name: Option<String>,
+    /// Description, if the item had one.
+    pub description: Option<String>,
+    /// `auth.specName`, if present.
+    pub auth_spec: Option<String>,
+    /// `state` (`enabled`, `disabled`, ...), if present.
+    pub state: Option<String>,
+    /// `connectionSpec.id`, if present.
+    pub connection_spec_id: Option<String>,
+}
+
+impl ListedConnection {
+    /// An enabled S3 connection with the `Access Key` auth spec: the only
+    /// kind that holds temporary credentials this daemon can rotate.
+    pub fn is_rotatable_s3(&self) -> bool {
+        self.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
+            && self.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
+            && self.state.as_deref() == Some("enabled")
+    }
+}
+
+/// One `property=PATH==V1,V2` filter of `GET /connections`: the property at
+/// the dotted `path` equals any of `values`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PropertyFilter {
+    /// Dotted path, e.g. `connectionSpec.id`.
+    pub path: String,
+    /// Any-of values; none may contain a comma (it separates them).
+    pub values: Vec<String>,
+}
+
+impl PropertyFilter {
+    /// `path==value`.
+    pub fn eq(path: &str, value: &str) -> Self {
+        Self {
+            path: path.to_owned(),
+            values: vec![value.to_owned()],
+        }
+    }
+
+    /// `property=connectionSpec.id==<S3>`: only S3 base connections.
+    pub fn s3() -> Self {
+        Self::eq("connectionSpec.id", S3_CONNECTION_SPEC_ID)
+    }
+
+    /// `property=id==a,b,c`.
+    pub fn ids<'a>(ids: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            path: "id".to_owned(),
+            values: ids.into_iter().map(str::to_owned).collect(),
+        }
+    }
+
+    fn render(&self) -> Result<String, FlowError> {
+        if self.path.is_empty()
+            || self.values.is_empty()
+            || self.values.iter().any(|v| v.is_empty() || v.contains(','))
+        {
+            return Err(FlowError::Rejected {
+                status: 0,
+                detail: format!(
+                    "filter on {:?} cannot be expressed (empty, or a value with a comma)",
+                    self.path
+                ),
+            });
+        }
+        Ok(format!("{}=={}", self.path, self.values.join(",")))
+    }
+}
+
+/// Pages one listing may take: 1,000 pages of 100 is 100,000 connections in
+/// one sandbox, far beyond any real org; more means a server looping.
+pub const MAX_LIST_PAGES: usize = 1000;
+
 #[derive(Deserialize)]
 struct ListWrapper {
     items: Vec<Value>,
@@ -224,6 +307,79 @@ impl FlowClient {
             return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
         }
         Ok(body)
+    }
+
+    /// `GET /connections?property=...&limit=N` in `sandbox`, following
+    /// `_links.next.href`'s `continuationToken` (with the filters sent again,
+    /// since whether the token alone keeps them is not documented) until no
+    /// next link is given. Every page goes through the request gate and rate
+    /// limit like every other Flow call. Bounded: at most [`MAX_LIST_PAGES`]
+    /// pages, and a token seen twice is an error (a server looping).
+    ///
+    /// Items without an id or etag are skipped (they cannot be used), as are
+    /// duplicates across pages.
+    pub async fn list_connections(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+        token: &AccessToken,
+    ) -> Result<Vec<ListedConnection>, FlowError> {
+        let rendered = filters
+            .iter()
+            .map(PropertyFilter::render)
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut url = self.base.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments
+                .pop_if_empty()
+                .extend(["data", "foundation", "flowservice", "connections"]);
+        }
+        let mut out: Vec<ListedConnection> = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        let mut seen_tokens = std::collections::HashSet::new();
+        let mut continuation: Option<String> = None;
+        for _page in 0..MAX_LIST_PAGES {
+            let mut page_url = url.clone();
+            {
+                let mut query = page_url.query_pairs_mut();
+                for filter in &rendered {
+                    query.append_pair("property", filter);
+                }
+                query.append_pair("limit", &limit.max(1).to_string());
+                if let Some(next) = &continuation {
+                    query.append_pair("continuationToken", next);
+                }
+            }
+            let request = self
+                .http
+                .get(page_url.clone())
+                .headers(self.headers(sandbox, token)?);
+            let (status, headers, body) = self.send(request, &page_url).await?;
+            if !status.is_success() {
+                return Err(self.error_for(status, &headers, &body, "", sandbox, &[]));
+            }
+            let page = parse_list_page(&body)?;
+            for item in page.items {
+                if ids.insert(item.id.clone()) {
+                    out.push(item);
+                }
+            }
+            match page.next {
+                None => return Ok(out),
+                Some(next) => {
+                    if !seen_tokens.insert(next.clone()) {
+                        return Err(FlowError::Malformed(format!(
+                            "listing sandbox {sandbox:?} returned continuation token {next:?} twice; the server is looping"
+                        )));
+                    }
+                    continuation = Some(next);
+                }
+            }
+        }
+        Err(FlowError::Malformed(format!(
+            "listing sandbox {sandbox:?} took more than {MAX_LIST_PAGES} pages; narrow the rule or raise the page size"
+        )))
     }
 
     /// `GET /connections/{id}`: the current etag, after checking the connection
@@ -389,6 +545,81 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
     })
 }
 
+/// One page of `GET /connections`: its usable items and the next page's
+/// continuation token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    /// Items with an id and an etag.
+    pub items: Vec<ListedConnection>,
+    /// From `_links.next.href`; `None` = last page.
+    pub next: Option<String>,
+}
+
+/// Parses a `GET /connections` page leniently (unknown fields ignored,
+/// unusable items skipped) but checks what is used.
+pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| FlowError::Malformed(format!("list answer is not JSON: {e}")))?;
+    let items = value
+        .get("items")
+        .and_then(Value::as_array)
+        .ok_or_else(|| FlowError::Malformed("list answer has no \"items\" array".to_owned()))?;
+    let text = |item: &Value, pointer: &str| {
+        item.pointer(pointer)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let id = text(item, "/id").filter(|id| {
+            !id.is_empty()
+                && !id.contains(['/', '?', '#', '%'])
+                && !id.chars().any(char::is_control)
+        });
+        let etag = text(item, "/etag").filter(|etag| !etag.is_empty());
+        let (Some(id), Some(etag)) = (id, etag) else {
+            tracing::debug!("list item without a usable id or etag skipped");
+            continue;
+        };
+        out.push(ListedConnection {
+            id,
+            etag,
+            name: text(item, "/name"),
+            description: text(item, "/description"),
+            auth_spec: text(item, "/auth/specName"),
+            state: text(item, "/state"),
+            connection_spec_id: text(item, "/connectionSpec/id"),
+        });
+    }
+    let next = match value.pointer("/_links/next/href") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(href)) => Some(continuation_token(href)?),
+        Some(_) => {
+            return Err(FlowError::Malformed(
+                "list answer's _links.next.href is not a string".to_owned(),
+            ));
+        }
+    };
+    Ok(ListPage { items: out, next })
+}
+
+/// The `continuationToken` query parameter of a next-page href (relative,
+/// like `/connections?continuationToken=...`, or absolute).
+fn continuation_token(href: &str) -> Result<String, FlowError> {
+    let base = Url::parse("http://flowservice.invalid/")
+        .map_err(|e| FlowError::Malformed(format!("cannot build a base URL: {e}")))?;
+    let url = base
+        .join(href)
+        .map_err(|e| FlowError::Malformed(format!("next-page href {href:?} is not a URL: {e}")))?;
+    url.query_pairs()
+        .find(|(k, _)| k == "continuationToken")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            FlowError::Malformed(format!("next-page href {href:?} has no continuationToken"))
+        })
+}
+
 /// The most useful line of an error body: Flow Service's `detailed-message`
 /// or `title`, the gateway's `error_code`/`message`, or the start of the body.
 fn remote_detail(body: &[u8]) -> String {
@@ -508,6 +739,56 @@ mod tests {
             let err = parse_connection(body.as_bytes()).unwrap_err();
             assert!(matches!(err, FlowError::Malformed(_)), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn list_pages_parse_leniently_and_keep_what_is_used() {
+        let body = json!({
+            "items": [
+                {"id": "a", "etag": "\"e1\"", "name": "ingest-a", "description": "rotate:aep-s3",
+                 "state": "enabled", "connectionSpec": {"id": S3_CONNECTION_SPEC_ID},
+                 "auth": {"specName": "Access Key"}, "extra": [1, 2]},
+                {"id": "", "etag": "\"x\""},
+                {"id": "no-etag"},
+                {"id": "b/../c", "etag": "\"x\""},
+                {"id": "d", "etag": "\"e2\"", "state": "disabled"},
+                "not an object"
+            ],
+            "_links": {"next": {"href": "/connections?continuationToken=tok%3D1&limit=2"}}
+        });
+        let page = parse_list_page(body.to_string().as_bytes()).unwrap();
+        assert_eq!(page.next.as_deref(), Some("tok=1"));
+        assert_eq!(page.items.len(), 2);
+        assert!(page.items[0].is_rotatable_s3());
+        assert_eq!(page.items[0].etag, "\"e1\"");
+        assert!(!page.items[1].is_rotatable_s3());
+        let last = parse_list_page(br#"{"items": [], "_links": {}}"#).unwrap();
+        assert_eq!(last.next, None);
+        for bad in [
+            r#"{"items": {}}"#,
+            "[]",
+            r#"{"items": [], "_links": {"next": {"href": "/connections?limit=2"}}}"#,
+            r#"{"items": [], "_links": {"next": {"href": 5}}}"#,
+        ] {
+            assert!(
+                matches!(
+                    parse_list_page(bad.as_bytes()),
+                    Err(FlowError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn filters_render_as_documented() {
+        assert_eq!(
+            PropertyFilter::s3().render().unwrap(),
+            format!("connectionSpec.id=={S3_CONNECTION_SPEC_ID}")
+        );
+        assert_eq!(PropertyFilter::ids(["a", "b"]).render().unwrap(), "id==a,b");
+        assert!(PropertyFilter::ids(["a,b"]).render().is_err());
+        assert!(PropertyFilter::ids([]).render().is_err());
     }
 
     #[test]

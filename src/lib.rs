@@ -47,6 +47,7 @@ pub mod connection;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod discovery;
 pub mod flow;
 pub mod ims;
 pub mod logging;

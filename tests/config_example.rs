@@ -100,6 +100,12 @@ fn the_example_is_valid_and_says_what_it_documents() {
         ["arn:aws:iam::aws:policy/AmazonS3ReadOnlyAccess"]
     );
 
+    assert_eq!(config.discover.len(), 1);
+    let rule = &config.discover[0];
+    assert_eq!(rule.sandboxes, ["prod", "dev"]);
+    assert_eq!(rule.description_tag.as_deref(), Some("rotate:aep-s3"));
+    assert_eq!(rule.every, Duration::from_secs(5 * 60));
+
     assert_eq!(config.admin.listen, Some("127.0.0.1:9464".parse().unwrap()));
     assert_eq!(config.state.path, None);
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);

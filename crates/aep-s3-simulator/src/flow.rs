@@ -41,6 +41,8 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 /// Which endpoint a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route<'a> {
+    /// `/connections` (list)
+    List,
     /// `/connections/{id}`
     Connection(&'a str),
     /// `/connections/{id}/test`
@@ -58,6 +60,9 @@ impl<'a> Route<'a> {
         if path == STATS_PATH {
             return Route::Stats;
         }
+        if Some(path) == CONNECTIONS_PREFIX.strip_suffix('/') {
+            return Route::List;
+        }
         let Some(rest) = path.strip_prefix(CONNECTIONS_PREFIX) else {
             return Route::Unknown;
         };
@@ -73,7 +78,7 @@ impl<'a> Route<'a> {
     fn connection(self) -> Option<&'a str> {
         match self {
             Route::Connection(id) | Route::Test(id) | Route::TrailingSlash(id) => Some(id),
-            Route::Stats | Route::Unknown => None,
+            Route::List | Route::Stats | Route::Unknown => None,
         }
     }
 }
@@ -96,6 +101,7 @@ async fn handle(
     let connection = connection.as_deref();
     let kind = match (route, &parts.method) {
         (Route::Connection(_), &Method::GET) => RequestKind::FlowGet,
+        (Route::List, &Method::GET) => RequestKind::FlowList,
         _ => RequestKind::FlowOther,
     };
     let plan = shared.plan(SimService::Flow, connection, kind);
@@ -269,6 +275,17 @@ impl Shared {
         };
 
         let (id, is_test) = match route {
+            Route::List if parts.method == Method::GET => {
+                return super::list::answer(st, parts, sandbox, &self.client_id, &self.org_id);
+            }
+            Route::List => {
+                st.violation(format!("{what}: method not allowed"));
+                return flow_error(
+                    405,
+                    "Method Not Allowed",
+                    &format!("{} is not allowed here", parts.method),
+                );
+            }
             Route::Connection(id) => (id, false),
             Route::Test(id) => (id, true),
             Route::TrailingSlash(id) => {
@@ -556,7 +573,7 @@ impl Shared {
 
 /// `items[0]` of `GET /connections/{id}`, with the secrets masked (they are
 /// write-only).
-fn connection_item(conn: &Conn, client_id: &str, org_id: &str) -> Value {
+pub(super) fn connection_item(conn: &Conn, client_id: &str, org_id: &str) -> Value {
     let mut params = conn.other_params.clone();
     params.insert(
         "s3AccessKey".to_owned(),
@@ -578,9 +595,9 @@ fn connection_item(conn: &Conn, client_id: &str, org_id: &str) -> Value {
         "sandboxName": conn.spec.sandbox,
         "imsOrgId": org_id,
         "name": conn.spec.name,
-        "description": "",
+        "description": conn.spec.description,
         "connectionSpec": { "id": conn.spec.connection_spec_id, "version": "1.0" },
-        "state": "enabled",
+        "state": conn.spec.state,
         "auth": { "specName": conn.spec.auth_spec, "params": params },
         "version": conn.etag,
         "etag": conn.etag,
@@ -593,7 +610,7 @@ fn gateway_error(status: u16, code: &str, message: &str) -> Response {
 }
 
 /// Flow Service's error shape, with the usual type for the status.
-fn flow_error(status: u16, title: &str, detail: &str) -> Response {
+pub(super) fn flow_error(status: u16, title: &str, detail: &str) -> Response {
     // 404 of a connection has its own documented code; the others follow
     // the FLOW-1<status>-<status> pattern of the documented 412.
     let code = match status {

@@ -29,6 +29,7 @@
 
 mod flow;
 mod ims;
+mod list;
 mod net;
 mod s3;
 mod state;
@@ -137,6 +138,10 @@ pub struct SimConnection {
     pub connection_spec_id: String,
     /// Auth spec name; [`ACCESS_KEY_AUTH_SPEC`] for S3 key pairs.
     pub auth_spec: String,
+    /// Free-text description (operators tag connections here).
+    pub description: String,
+    /// `enabled` or `disabled`.
+    pub state: String,
 }
 
 impl SimConnection {
@@ -148,7 +153,15 @@ impl SimConnection {
             name: name.into(),
             connection_spec_id: S3_CONNECTION_SPEC_ID.to_owned(),
             auth_spec: ACCESS_KEY_AUTH_SPEC.to_owned(),
+            description: String::new(),
+            state: "enabled".to_owned(),
         }
+    }
+
+    /// The same connection with this description.
+    pub fn with_description(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
     }
 }
 
@@ -272,6 +285,9 @@ pub struct SimStats {
     pub sts_get_session_token: u64,
     /// Successful `GET /connections/{id}`.
     pub flow_gets: u64,
+    /// Successful `GET /connections` list pages.
+    #[serde(default)]
+    pub flow_lists: u64,
     /// Successful PATCHes.
     pub flow_patches_ok: u64,
     /// 412 answers.
@@ -650,6 +666,33 @@ impl Simulator {
     /// Adds (or replaces) a connection.
     pub fn add_connection(&self, c: SimConnection) {
         self.shared.add_connection(c);
+    }
+
+    /// Queues one scripted answer for the next Flow *list* request
+    /// (`GET /connections`) only, taken before the service-wide queue.
+    pub fn script_list(&self, fault: ScriptedFault) {
+        self.shared.lock().list_scripts.push_back(fault);
+    }
+
+    /// Renames a connection (a new etag, as any update); `false` if it does
+    /// not exist.
+    pub fn rename_connection(&self, id: &str, name: &str) -> bool {
+        self.shared
+            .edit_connection(id, |spec| spec.name = name.to_owned())
+    }
+
+    /// Replaces a connection's description (a new etag); `false` if it does
+    /// not exist.
+    pub fn set_description(&self, id: &str, description: &str) -> bool {
+        self.shared
+            .edit_connection(id, |spec| spec.description = description.to_owned())
+    }
+
+    /// Sets a connection's `state` (`"enabled"`, `"disabled"`; a new etag);
+    /// `false` if it does not exist.
+    pub fn set_state(&self, id: &str, state: &str) -> bool {
+        self.shared
+            .edit_connection(id, |spec| spec.state = state.to_owned())
     }
 
     /// Deletes a connection; afterwards GET and PATCH answer 404.

@@ -27,6 +27,8 @@ const LOG_CAP: usize = 100_000;
 pub(super) enum RequestKind {
     /// Flow `GET /connections/{id}`.
     FlowGet,
+    /// Flow `GET /connections` (list).
+    FlowList,
     /// Any other Flow request.
     FlowOther,
     /// An IMS request.
@@ -172,6 +174,8 @@ pub(super) struct State {
     pub scripts: [VecDeque<ScriptedFault>; 4],
     /// Scripted answers per connection (Flow only).
     pub connection_scripts: HashMap<String, VecDeque<ScriptedFault>>,
+    /// Scripted answers for Flow list requests only.
+    pub list_scripts: VecDeque<ScriptedFault>,
     /// Counters; the derived figures are filled in by [`Shared::stats`].
     pub counters: SimStats,
     /// The last [`LOG_CAP`] events.
@@ -265,6 +269,11 @@ impl State {
         connection: Option<&str>,
         kind: RequestKind,
     ) -> Option<ScriptedFault> {
+        if kind == RequestKind::FlowList
+            && let Some(fault) = take_matching(&mut self.list_scripts, kind)
+        {
+            return Some(fault);
+        }
         if let Some(id) = connection
             && let Some(queue) = self.connection_scripts.get_mut(id)
         {
@@ -385,6 +394,7 @@ impl Shared {
             issuances: HashMap::new(),
             scripts: Default::default(),
             connection_scripts: HashMap::new(),
+            list_scripts: VecDeque::new(),
             counters: SimStats::default(),
             events: VecDeque::new(),
             violations: VecDeque::new(),
@@ -518,6 +528,17 @@ impl Shared {
             connection: id,
             at: SystemTime::now(),
         });
+    }
+
+    /// Changes a connection's metadata as another writer would: a new etag
+    /// and `updatedAt`. `false` if it does not exist.
+    pub fn edit_connection(&self, id: &str, edit: impl FnOnce(&mut SimConnection)) -> bool {
+        let mut st = self.lock();
+        let Some(conn) = st.connections.get_mut(id) else {
+            return false;
+        };
+        edit(&mut conn.spec);
+        st.bump_etag(id)
     }
 
     /// Deletes a connection, keeping its expired seconds in the total.

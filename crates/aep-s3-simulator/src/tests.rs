@@ -1466,3 +1466,235 @@ fn handles_can_be_shared_across_tasks() {
     shareable::<SimConfig>();
     shareable::<SimEvent>();
 }
+
+/// `GET /connections?QUERY` in `sandbox`: status and body.
+async fn list(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    token: &str,
+    sandbox: &str,
+    query: &str,
+) -> (StatusCode, Value) {
+    let response = flow(
+        sim,
+        http,
+        Method::GET,
+        &format!("/connections?{query}"),
+        token,
+        sandbox,
+    )
+    .send()
+    .await
+    .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn listed_ids(body: &Value) -> Vec<String> {
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The `continuationToken` of a page's next link.
+fn next_token(body: &Value) -> Option<String> {
+    let href = body["_links"]["next"]["href"].as_str()?;
+    assert!(
+        href.starts_with("/connections?continuationToken="),
+        "{href}"
+    );
+    Some(href.split_once('=').unwrap().1.to_owned())
+}
+
+#[tokio::test]
+async fn list_filters_pages_and_orders_as_documented() {
+    let mut config = config(Duration::from_secs(3600));
+    for n in 0..5 {
+        config.connections.push(
+            SimConnection::s3(format!("s3-{n}"), "prod", format!("ingest-{n}"))
+                .with_description(if n % 2 == 0 { "rotate:aep-s3" } else { "" }),
+        );
+    }
+    let mut other = SimConnection::s3("blob", "prod", "blob");
+    other.connection_spec_id = "other-spec".to_owned();
+    config.connections.push(other);
+    let sim = Simulator::start(config).await.unwrap();
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let s3 = format!("property=connectionSpec.id%3D%3D{S3_CONNECTION_SPEC_ID}");
+
+    // Per sandbox; the spec filter drops the non-S3 one.
+    let (status, body) = list(&sim, &http, &token, "prod", &s3).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut ids = listed_ids(&body);
+    ids.sort();
+    assert_eq!(ids, [CONN, "s3-0", "s3-1", "s3-2", "s3-3", "s3-4"]);
+    assert!(body["items"][0]["etag"].as_str().unwrap().starts_with('"'));
+    let (_, dev) = list(&sim, &http, &token, "dev", &s3).await;
+    assert_eq!(listed_ids(&dev), [OTHER]);
+
+    // Comma = any of; several property= are ANDed; nested paths.
+    let (_, body) = list(&sim, &http, &token, "prod", "property=id%3D%3Ds3-0,s3-1,blob&property=auth.specName%3D%3DAccess%20Key&property=description%3D%3Drotate:aep-s3").await;
+    assert_eq!(listed_ids(&body), ["s3-0"]);
+    let (_, body) = list(
+        &sim,
+        &http,
+        &token,
+        "prod",
+        "property=id!%3Ds3-0,blob&orderby=-name",
+    )
+    .await;
+    // "sales-bucket" > "s3-4": names sort as strings.
+    assert_eq!(listed_ids(&body), [CONN, "s3-4", "s3-3", "s3-2", "s3-1"]);
+
+    // Pages: the filters are sent again with the token, and nothing is lost
+    // or repeated even when a connection is added between pages.
+    let mut seen = Vec::new();
+    let mut query = format!("{s3}&limit=2&orderby=name");
+    let mut pages = 0;
+    loop {
+        let (status, body) = list(&sim, &http, &token, "prod", &query).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body["items"].as_array().unwrap().len() <= 2);
+        seen.extend(listed_ids(&body));
+        pages += 1;
+        if pages == 1 {
+            sim.add_connection(SimConnection::s3("a-first", "prod", "a-first"));
+        }
+        match next_token(&body) {
+            Some(next) => query = format!("{s3}&limit=2&orderby=name&continuationToken={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["s3-0", "s3-1", "s3-2", "s3-3", "s3-4", CONN]);
+    assert_eq!(sim.stats().flow_lists, 2 + 2 + 3);
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+#[tokio::test]
+async fn list_refuses_what_adobe_does_not_document() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    for query in [
+        "property=name",
+        "property=name%3Dx",
+        "filter=name%3D%3Dx",
+        "limit=0",
+        "limit=ten",
+        "orderby=updatedAt",
+        "continuationToken=zz",
+    ] {
+        let (status, body) = list(&sim, &http, &token, "prod", query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+        assert!(body["report"]["detailed-message"].is_string(), "{body}");
+    }
+    assert_eq!(sim.stats().violations, 7);
+
+    // A token must come back with the query it belongs to.
+    sim.add_connection(SimConnection::s3("second", "prod", "second"));
+    let (_, body) = list(&sim, &http, &token, "prod", "limit=1").await;
+    let next = next_token(&body).unwrap();
+    let (status, _) = list(
+        &sim,
+        &http,
+        &token,
+        "prod",
+        &format!("limit=1&property=state%3D%3Denabled&continuationToken={next}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = list(
+        &sim,
+        &http,
+        &token,
+        "dev",
+        &format!("limit=1&continuationToken={next}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = list(
+        &sim,
+        &http,
+        &token,
+        "prod",
+        &format!("limit=1&continuationToken={next}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The gateway headers are required as for every call.
+    let response = http
+        .get(format!(
+            "{}/data/foundation/flowservice/connections",
+            sim.platform_url()
+        ))
+        .bearer_auth(&token)
+        .header("x-gw-ims-org-id", ORG_ID)
+        .header("x-sandbox-name", "prod")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn knobs_rename_retag_disable_and_delete_while_listing() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let before = current_etag(&sim, &http, &token).await;
+    assert!(sim.rename_connection(CONN, "renamed"));
+    assert!(sim.set_description(CONN, "rotate:aep-s3"));
+    assert!(sim.set_state(CONN, "disabled"));
+    assert!(!sim.rename_connection("nope", "x"));
+    let (_, body) = list(
+        &sim,
+        &http,
+        &token,
+        "prod",
+        "property=id%3D%3D4cb0c374-d3bb-4557-b139-5712880adc55",
+    )
+    .await;
+    let item = &body["items"][0];
+    assert_eq!(item["name"], "renamed");
+    assert_eq!(item["description"], "rotate:aep-s3");
+    assert_eq!(item["state"], "disabled");
+    assert!(item["createdAt"].is_u64());
+    assert_ne!(
+        item["etag"].as_str().unwrap(),
+        before,
+        "an edit is a new version"
+    );
+    let (_, body) = list(&sim, &http, &token, "prod", "property=state%3D%3Denabled").await;
+    assert!(listed_ids(&body).is_empty());
+    sim.delete_connection(CONN);
+    let (_, body) = list(&sim, &http, &token, "prod", "").await;
+    assert!(listed_ids(&body).is_empty());
+
+    // A scripted list fault hits list requests only.
+    sim.script_list(ScriptedFault::Status {
+        status: 503,
+        retry_after: None,
+        body: None,
+    });
+    let (status, _) = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{OTHER}"),
+        &token,
+        "dev",
+    )
+    .send()
+    .await
+    .map(|r| (r.status(), ()))
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = list(&sim, &http, &token, "dev", "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -78,6 +78,10 @@ struct Args {
     /// Retry-After seconds sent with random 429 and 503 answers.
     #[arg(long)]
     retry_after_secs: Option<u64>,
+    /// Description of every connection (e.g. a `[[discover]] description_tag`
+    /// for the discovery benchmark).
+    #[arg(long, default_value = "")]
+    description: String,
     /// Write a daemon config pointing at the simulator here (and the client
     /// secret, mode 0600, to PATH.secret).
     #[arg(long, value_name = "PATH")]
@@ -115,7 +119,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let connections = make_connections(args.connections, args.sandboxes);
+    let connections: Vec<SimConnection> = make_connections(args.connections, args.sandboxes)
+        .into_iter()
+        .map(|c| c.with_description(args.description.clone()))
+        .collect();
     let mut config = SimConfig::new(CLIENT_ID, CLIENT_SECRET, ORG_ID);
     config.connections = connections.clone();
     config.credential_lifetime = args.credential_lifetime;

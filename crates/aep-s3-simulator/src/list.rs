@@ -1,0 +1,423 @@
+//! Simulated `GET /connections`: filter, sort and page base connections as
+//! Adobe's "Sorting and filtering responses in the Flow Service API" guide
+//! documents it, strictly.
+//!
+//! - `property=PATH OP VALUE`, `PATH` dotted (`auth.specName`), a segment
+//!   may end in `[]` to look into every element of an array; `OP` is `==` or
+//!   `!=` (any value), or `<`, `>`, `<=`, `>=` (numbers). A comma-separated
+//!   value list matches any of the values (`!=`: none of them). Several
+//!   `property=` parameters are ANDed.
+//! - `orderby=name|-name|createdAt|-createdAt` (default: creation order).
+//! - `limit=N` (1..=1000; default 100) caps a page; when more items remain,
+//!   `_links.next.href` is `/connections?continuationToken=...`.
+//! - `count=true|false`: `count` in the answer.
+//! - `continuationToken` continues the query it came from: the same filters
+//!   and order must be sent again (whether the token alone keeps them is not
+//!   documented, so a client must not rely on it), else 400.
+//!
+//! Anything else (an unknown parameter, a filter without an operator, a bad
+//! path or number) is a 400 and a recorded violation: a correct client
+//! never sends it.
+
+use std::cmp::Ordering;
+
+use axum::http::request::Parts;
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use super::flow::{connection_item, flow_error};
+use super::state::State as SimState;
+use super::wire;
+
+/// Adobe documents `limit` without a maximum; 1000 bounds one answer.
+const MAX_LIMIT: usize = 1000;
+/// What a page holds when no `limit` is given.
+const DEFAULT_LIMIT: usize = 100;
+/// The documented parameters, and only those.
+const PARAMETERS: [&str; 5] = ["property", "limit", "orderby", "continuationToken", "count"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Gt,
+    Le,
+    Ge,
+}
+
+#[derive(Debug, Clone)]
+struct Filter {
+    path: Vec<(String, bool)>,
+    op: Op,
+    values: Vec<String>,
+}
+
+/// The query, parsed; `Err` is the 400's detail.
+#[derive(Debug)]
+struct Query {
+    filters: Vec<Filter>,
+    /// The filters as sent, sorted: what a continuation token is tied to.
+    filter_texts: Vec<String>,
+    order: (String, bool),
+    limit: usize,
+    count: bool,
+    token: Option<String>,
+}
+
+fn parse_filter(text: &str) -> Result<Filter, String> {
+    // Longest operators first, so `<=` is not read as `<`.
+    let ops = [
+        ("==", Op::Eq),
+        ("!=", Op::Ne),
+        ("<=", Op::Le),
+        (">=", Op::Ge),
+        ("<", Op::Lt),
+        (">", Op::Gt),
+    ];
+    let (at, token, op) = ops
+        .iter()
+        .filter_map(|(token, op)| text.find(token).map(|at| (at, *token, *op)))
+        .min_by_key(|(at, token, _)| (*at, std::cmp::Reverse(token.len())))
+        .ok_or_else(|| {
+            format!("Invalid property filter {text:?}: expected PATH==VALUE (or !=, <, >, <=, >=)")
+        })?;
+    let (path, value) = (&text[..at], &text[at + token.len()..]);
+    let mut segments = Vec::new();
+    for segment in path.split('.') {
+        let (name, array) = match segment.strip_suffix("[]") {
+            Some(name) => (name, true),
+            None => (segment, false),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("Invalid property path {path:?} in filter {text:?}"));
+        }
+        segments.push((name.to_owned(), array));
+    }
+    let values: Vec<String> = value.split(',').map(str::to_owned).collect();
+    if values.iter().any(String::is_empty) {
+        return Err(format!("Empty value in property filter {text:?}"));
+    }
+    if matches!(op, Op::Lt | Op::Gt | Op::Le | Op::Ge)
+        && (values.len() != 1 || values[0].parse::<f64>().is_err())
+    {
+        return Err(format!(
+            "Property filter {text:?}: {token} compares with one number"
+        ));
+    }
+    Ok(Filter {
+        path: segments,
+        op,
+        values,
+    })
+}
+
+fn parse_query(raw: Option<&str>) -> Result<Query, String> {
+    let mut query = Query {
+        filters: Vec::new(),
+        filter_texts: Vec::new(),
+        order: ("createdAt".to_owned(), false),
+        limit: DEFAULT_LIMIT,
+        count: false,
+        token: None,
+    };
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        if !PARAMETERS.contains(&key.as_ref()) {
+            return Err(format!("Unknown query parameter {key:?}"));
+        }
+        if key != "property" && !seen.insert(key.to_string()) {
+            return Err(format!("Query parameter {key:?} given twice"));
+        }
+        match key.as_ref() {
+            "property" => {
+                query.filters.push(parse_filter(&value)?);
+                query.filter_texts.push(value.into_owned());
+            }
+            "limit" => {
+                query.limit = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| format!("limit must be a whole number 1..={MAX_LIMIT}"))?;
+            }
+            "orderby" => {
+                let (field, descending) = match value.strip_prefix('-') {
+                    Some(field) => (field, true),
+                    None => (value.as_ref(), false),
+                };
+                if !matches!(field, "name" | "createdAt") {
+                    return Err(format!("Cannot order by {value:?}"));
+                }
+                query.order = (field.to_owned(), descending);
+            }
+            "count" => {
+                query.count = match value.as_ref() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err("count must be true or false".to_owned()),
+                };
+            }
+            "continuationToken" => {
+                if value.is_empty() {
+                    return Err("continuationToken is empty".to_owned());
+                }
+                query.token = Some(value.into_owned());
+            }
+            _ => {}
+        }
+    }
+    query.filter_texts.sort();
+    Ok(query)
+}
+
+/// Every value at `path` in `item` (arrays fanned out where marked `[]`).
+fn values_at<'a>(item: &'a Value, path: &[(String, bool)]) -> Vec<&'a Value> {
+    let Some(((name, array), rest)) = path.split_first() else {
+        return vec![item];
+    };
+    let Some(next) = item.get(name) else {
+        return Vec::new();
+    };
+    match (array, next) {
+        (true, Value::Array(elements)) => {
+            elements.iter().flat_map(|e| values_at(e, rest)).collect()
+        }
+        (true, _) => Vec::new(),
+        (false, next) => values_at(next, rest),
+    }
+}
+
+fn equals(value: &Value, text: &str) -> bool {
+    match value {
+        Value::String(s) => s == text,
+        Value::Number(n) => text.parse::<f64>().ok() == n.as_f64(),
+        Value::Bool(b) => text == if *b { "true" } else { "false" },
+        _ => false,
+    }
+}
+
+fn passes(item: &Value, filter: &Filter) -> bool {
+    let found = values_at(item, &filter.path);
+    match filter.op {
+        Op::Eq => found
+            .iter()
+            .any(|v| filter.values.iter().any(|t| equals(v, t))),
+        Op::Ne => !found
+            .iter()
+            .any(|v| filter.values.iter().any(|t| equals(v, t))),
+        op => {
+            let Some(bound) = filter.values.first().and_then(|t| t.parse::<f64>().ok()) else {
+                return false;
+            };
+            found.iter().filter_map(|v| v.as_f64()).any(|n| match op {
+                Op::Lt => n < bound,
+                Op::Gt => n > bound,
+                Op::Le => n <= bound,
+                _ => n >= bound,
+            })
+        }
+    }
+}
+
+fn compare(a: &(Value, String), b: &(Value, String)) -> Ordering {
+    let first = match (&a.0, &b.0) {
+        (Value::Number(x), Value::Number(y)) => x
+            .as_f64()
+            .partial_cmp(&y.as_f64())
+            .unwrap_or(Ordering::Equal),
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        _ => Ordering::Equal,
+    };
+    first.then_with(|| a.1.cmp(&b.1))
+}
+
+/// A token names the query it belongs to and the last item handed out.
+fn encode_token(sandbox: &str, query: &Query, last: &(Value, String)) -> String {
+    let text = json!([
+        sandbox,
+        query.filter_texts,
+        query.order.0,
+        query.order.1,
+        last.0,
+        last.1
+    ])
+    .to_string();
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Option<Value> {
+    if !token.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    serde_json::from_slice(&bytes?).ok()
+}
+
+/// Answers `GET /connections` in `sandbox` (headers already checked).
+pub(super) fn answer(
+    st: &mut SimState,
+    parts: &Parts,
+    sandbox: &str,
+    client_id: &str,
+    org_id: &str,
+) -> Response {
+    let what = format!("Flow GET {}", parts.uri.path());
+    let query = match parse_query(parts.uri.query()) {
+        Ok(query) => query,
+        Err(detail) => {
+            st.violation(format!("{what}: {detail}"));
+            return flow_error(400, "Bad Request", &detail);
+        }
+    };
+    // The token is checked first; then connections are ordered by their
+    // sort key (cheap, from the stored fields) and JSON is built only while
+    // filling the page, so a page costs O(sandbox) comparisons, not
+    // O(sandbox) JSON documents (10,000 connections, 100 pages).
+    let (field, descending) = (query.order.0.clone(), query.order.1);
+    let last = match &query.token {
+        None => None,
+        Some(token) => {
+            let Some(Value::Array(decoded)) = decode_token(token) else {
+                st.violation(format!(
+                    "{what}: continuationToken was not issued by this server"
+                ));
+                return flow_error(400, "Bad Request", "Invalid continuationToken");
+            };
+            let expected = json!([sandbox, query.filter_texts, query.order.0, query.order.1]);
+            if decoded.get(..4) != expected.as_array().map(Vec::as_slice) {
+                st.violation(format!(
+                    "{what}: continuationToken used with other filters, order or sandbox than the query it came from"
+                ));
+                return flow_error(
+                    400,
+                    "Bad Request",
+                    "The continuationToken does not belong to this query; send the same property and orderby parameters",
+                );
+            }
+            Some((
+                decoded.get(4).cloned().unwrap_or(Value::Null),
+                decoded
+                    .get(5)
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+            ))
+        }
+    };
+    let ordered = |a: &(Value, String), b: &(Value, String)| {
+        let ordering = compare(a, b);
+        if descending {
+            ordering.reverse()
+        } else {
+            ordering
+        }
+    };
+    let mut keyed: Vec<((Value, String), &super::state::Conn)> = st
+        .connections
+        .values()
+        .filter(|c| c.spec.sandbox == sandbox)
+        .map(|c| {
+            let key = match field.as_str() {
+                "name" => Value::String(c.spec.name.clone()),
+                _ => json!(c.created_at_ms),
+            };
+            ((key, c.spec.id.clone()), c)
+        })
+        .collect();
+    keyed.sort_by(|a, b| ordered(&a.0, &b.0));
+    // Keyset paging: items created or deleted meanwhile shift nothing.
+    let from = match &last {
+        None => 0,
+        Some(last) => keyed
+            .iter()
+            .position(|(key, _)| ordered(key, last) == Ordering::Greater)
+            .unwrap_or(keyed.len()),
+    };
+    let mut page: Vec<Value> = Vec::new();
+    let mut page_last = None;
+    let mut more = false;
+    let mut total = 0usize;
+    for (n, (key, conn)) in keyed.iter().enumerate() {
+        let counted_before = n < from;
+        if counted_before && !query.count {
+            continue;
+        }
+        let item = connection_item(conn, client_id, org_id);
+        if !query.filters.iter().all(|f| passes(&item, f)) {
+            continue;
+        }
+        total += 1;
+        if counted_before {
+            continue;
+        }
+        if page.len() < query.limit {
+            page.push(item);
+            page_last = Some(key.clone());
+        } else {
+            more = true;
+            if !query.count {
+                break;
+            }
+        }
+    }
+    drop(keyed);
+    let mut body = json!({ "items": page });
+    if let (true, Some(last)) = (more, page_last) {
+        let token = encode_token(sandbox, &query, &last);
+        body["_links"] = json!({
+            "next": { "href": format!("/connections?continuationToken={token}") }
+        });
+    }
+    if query.count {
+        body["count"] = json!(total);
+    }
+    st.counters.flow_lists += 1;
+    wire::json(200, &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_parse_strictly() {
+        let f = parse_filter("connectionSpec.id==a,b").unwrap();
+        assert_eq!(f.op, Op::Eq);
+        assert_eq!(f.values, ["a", "b"]);
+        assert_eq!(parse_filter("createdAt>=5").unwrap().op, Op::Ge);
+        assert_eq!(parse_filter("state!=enabled").unwrap().op, Op::Ne);
+        for bad in [
+            "name",
+            "name=x",
+            "==x",
+            "a..b==x",
+            "name==",
+            "createdAt<x",
+            "na me==x",
+        ] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+        assert!(parse_query(Some("foo=1")).is_err());
+        assert!(parse_query(Some("limit=0")).is_err());
+        assert!(parse_query(Some("orderby=updatedAt")).is_err());
+        assert!(parse_query(Some("limit=2&limit=3")).is_err());
+    }
+
+    #[test]
+    fn nested_paths_and_arrays() {
+        let item =
+            json!({"auth": {"specName": "Access Key"}, "tags": [{"k": "x"}, {"k": "y"}], "n": 5});
+        assert!(passes(
+            &item,
+            &parse_filter("auth.specName==Access Key").unwrap()
+        ));
+        assert!(passes(&item, &parse_filter("tags[].k==y").unwrap()));
+        assert!(!passes(&item, &parse_filter("tags[].k!=y").unwrap()));
+        assert!(passes(&item, &parse_filter("n<6").unwrap()));
+        assert!(!passes(&item, &parse_filter("missing==x").unwrap()));
+    }
+}

@@ -1,0 +1,779 @@
+//! `[[discover]]` rules → the set of connections to rotate, re-listed.
+//!
+//! Three parts, from pure to wired:
+//!
+//! - [`matches`] / [`resolve_listings`]: pure. A listed connection is
+//!   rotated by a rule when it is an S3 connection with the `Access Key` auth
+//!   spec, `enabled`, in one of the rule's sandboxes, and meets every
+//!   condition of the rule. An explicit `[[connections]]` entry wins over any
+//!   rule; a connection that two rules would rotate with different STS
+//!   identities is a [`Conflict`] and is not rotated.
+//! - [`resolve`]: lists every sandbox a rule names (`property=connectionSpec.id==<S3>`,
+//!   paged) and the explicit connections by id (`property=id==a,b,c`, in
+//!   chunks), through a [`Lister`], and answers a [`Membership`] with the
+//!   etags it saw, so the first pass needs no `GET` per connection. A sandbox
+//!   whose listing fails keeps its previous listing: a failed list call
+//!   never drops a connection.
+//! - [`run_discovery`]: re-lists each sandbox every `every` (the shortest of
+//!   the rules naming it) and sends each changed [`Membership`] on a channel,
+//!   logging `connection discovered` / `connection no longer matches`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConnectionConfig, DiscoverRule, Origin};
+use crate::flow::{
+    ACCESS_KEY_AUTH_SPEC, FlowError, ListedConnection, PropertyFilter, S3_CONNECTION_SPEC_ID,
+};
+use crate::ims::ImsError;
+use crate::rotation::Rotator;
+use crate::sts::StsRequest;
+
+/// Items per list page. Adobe documents `limit` but no maximum; 100 keeps a
+/// page small (~100 KB) while 10,000 connections cost 100 pages (1 %).
+pub const PAGE_LIMIT: u32 = 100;
+
+/// Explicit ids per `property=id==a,b,c` request: 80 UUIDs make a ~3 KB
+/// query, well under the 8 KB URL limit common to gateways.
+pub const ID_CHUNK: usize = 80;
+
+/// Why a listing failed. The sandbox keeps its last known listing either way.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ListError {
+    /// No IMS token: nothing can be listed until IMS answers again.
+    #[error(transparent)]
+    Ims(#[from] ImsError),
+    /// Flow Service refused or failed the list call (or a page was unusable).
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+}
+
+/// The list call, behind a trait so matching and resolving are testable
+/// without HTTP. [`FlowLister`] is the real one.
+pub trait Lister: Send + Sync {
+    /// Every item of `GET /connections` in `sandbox` that passes `filters`,
+    /// all pages followed.
+    fn list(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ListedConnection>, ListError>> + Send;
+}
+
+/// Lists through the daemon's own Flow Service client (same request gate and
+/// rate limit as the rotations) with its IMS token cache; a 401 drops the
+/// token and retries once, as a rotation does.
+#[derive(Debug, Clone)]
+pub struct FlowLister {
+    rotator: Arc<Rotator>,
+}
+
+impl FlowLister {
+    /// A lister over `rotator`'s Flow and IMS clients.
+    pub fn new(rotator: Arc<Rotator>) -> Self {
+        Self { rotator }
+    }
+}
+
+impl Lister for FlowLister {
+    async fn list(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+    ) -> Result<Vec<ListedConnection>, ListError> {
+        let mut retried = false;
+        loop {
+            let token = self.rotator.ims.token().await?;
+            match self
+                .rotator
+                .flow
+                .list_connections(sandbox, filters, limit, &token)
+                .await
+            {
+                Err(FlowError::Unauthorized(_)) if !retried => {
+                    retried = true;
+                    self.rotator.ims.invalidate(&token).await;
+                }
+                other => return Ok(other?),
+            }
+        }
+    }
+}
+
+/// A connection that two or more rules would rotate with different STS
+/// identities: an operator must decide, so it is not rotated at all.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    /// Connection id.
+    pub id: String,
+    /// Its sandbox.
+    pub sandbox: String,
+    /// Its name in AEP, if any.
+    pub name: Option<String>,
+    /// Indexes of the rules (`discover[N]`) that matched it.
+    pub rules: Vec<usize>,
+}
+
+/// The last good listing of one sandbox (all S3 connections in it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SandboxListing {
+    /// The items, as listed.
+    pub items: Vec<ListedConnection>,
+}
+
+/// The set of connections to rotate now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Membership {
+    /// Explicit `[[connections]]` first (config order), then discovered ones
+    /// by (sandbox, id). Ids are unique.
+    pub connections: Vec<ConnectionConfig>,
+    /// Etags seen in list pages, by connection id, for connections in
+    /// `connections` that are S3 `Access Key` connections: the first job of
+    /// such a connection can PATCH without a `GET`.
+    pub etags: HashMap<String, String>,
+    /// Connections matched by rules with different STS identities (not in
+    /// `connections`).
+    pub conflicts: Vec<Conflict>,
+    /// Sandboxes whose listing failed this time (sandbox, error); their
+    /// previous listing was used.
+    pub failures: Vec<(String, String)>,
+    /// The last good listing of each sandbox a rule names.
+    pub listings: BTreeMap<String, SandboxListing>,
+}
+
+impl Membership {
+    /// Connections found by rules (not explicit ones).
+    pub fn discovered(&self) -> impl Iterator<Item = &ConnectionConfig> {
+        self.connections
+            .iter()
+            .filter(|c| c.origin != Origin::Explicit)
+    }
+
+    /// Whether the rotated set (or the conflicts) differ from `other`:
+    /// what the scheduler must be told about. Etags and listings do not count.
+    pub fn differs_from(&self, other: &Membership) -> bool {
+        self.connections != other.connections || self.conflicts != other.conflicts
+    }
+
+    /// `config` with its connections replaced by this membership's.
+    pub fn apply_to(&self, config: &Config) -> Config {
+        let mut config = config.clone();
+        config.connections = self.connections.clone();
+        config
+    }
+}
+
+/// Whether `rule` rotates connection `c`, listed in `sandbox`.
+pub fn matches(rule: &DiscoverRule, sandbox: &str, c: &ListedConnection) -> bool {
+    c.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
+        && c.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
+        && c.state.as_deref() == Some("enabled")
+        && rule.sandboxes.iter().any(|s| s == sandbox)
+        && rule
+            .name
+            .as_ref()
+            .is_none_or(|glob| c.name.as_deref().is_some_and(|n| glob.is_match(n)))
+        && rule.description_tag.as_ref().is_none_or(|tag| {
+            c.description
+                .as_deref()
+                .is_some_and(|d| d.contains(tag.as_str()))
+        })
+        // A rule without conditions never validates; this keeps the promise
+        // even for a rule built by hand.
+        && (rule.name.is_some() || rule.description_tag.is_some())
+}
+
+/// Every sandbox a rule names, with the shortest `every` among those rules.
+pub fn sandbox_periods(rules: &[DiscoverRule]) -> BTreeMap<String, Duration> {
+    let mut periods: BTreeMap<String, Duration> = BTreeMap::new();
+    for rule in rules {
+        for sandbox in &rule.sandboxes {
+            periods
+                .entry(sandbox.clone())
+                .and_modify(|p| *p = (*p).min(rule.every))
+                .or_insert(rule.every);
+        }
+    }
+    periods
+}
+
+/// The rules' entries for one listed connection, its name and its etag.
+type Candidates = (Vec<ConnectionConfig>, Option<String>, String);
+
+/// Pure: the membership that `listings` (sandbox → items) give under
+/// `config`'s rules and explicit connections. `failures` and `etags` of
+/// explicit connections are filled in by [`resolve`].
+pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListing>) -> Membership {
+    let explicit: HashSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
+    let mut found: BTreeMap<(String, String), Candidates> = BTreeMap::new();
+    for (sandbox, listing) in &listings {
+        for item in &listing.items {
+            if explicit.contains(item.id.as_str()) {
+                continue;
+            }
+            for rule in &config.discover {
+                if matches(rule, sandbox, item) {
+                    let entry = found
+                        .entry((sandbox.clone(), item.id.clone()))
+                        .or_insert_with(|| (Vec::new(), item.name.clone(), item.etag.clone()));
+                    entry
+                        .0
+                        .push(rule.connection(&item.id, sandbox, item.name.as_deref()));
+                }
+            }
+        }
+    }
+    let mut membership = Membership {
+        connections: config.connections.clone(),
+        listings,
+        ..Membership::default()
+    };
+    // The same id listed in two sandboxes cannot be: ids are global. Keep the
+    // first (sandbox order) and skip the other rather than guess.
+    let mut taken: HashSet<String> = explicit.iter().map(|s| (*s).to_owned()).collect();
+    for ((sandbox, id), (candidates, name, etag)) in found {
+        if !taken.insert(id.clone()) {
+            continue;
+        }
+        let identities: HashSet<StsRequest> = candidates
+            .iter()
+            .map(|c| StsRequest::for_connection(config, c))
+            .collect();
+        if identities.len() > 1 {
+            let rules = candidates
+                .iter()
+                .filter_map(|c| match c.origin {
+                    Origin::Rule(i) => Some(i),
+                    Origin::Explicit => None,
+                })
+                .collect();
+            membership.conflicts.push(Conflict {
+                id,
+                sandbox,
+                name,
+                rules,
+            });
+            continue;
+        }
+        // Same identity from several rules: the first rule names it.
+        if let Some(first) = candidates.into_iter().next() {
+            membership.etags.insert(id, etag);
+            membership.connections.push(first);
+        }
+    }
+    membership
+}
+
+/// Lists what `config` needs and answers the membership.
+///
+/// - Each sandbox in `due` (every sandbox a rule names when `due` is `None`)
+///   is listed with `property=connectionSpec.id==<S3>`; a sandbox not due, or
+///   whose listing fails, keeps its listing from `previous`.
+/// - On a full resolve (`due` is `None`: start, reload), explicit connections
+///   whose etag was not in those listings are listed by id
+///   (`property=id==a,b,c`, [`ID_CHUNK`] at a time, per sandbox) for their
+///   etag only; a failure there just means one `GET` later.
+pub async fn resolve<L: Lister>(
+    config: &Config,
+    lister: &L,
+    previous: Option<&Membership>,
+    due: Option<&BTreeSet<String>>,
+) -> Membership {
+    let mut listings = BTreeMap::new();
+    let mut failures = Vec::new();
+    let mut to_list = Vec::new();
+    for sandbox in sandbox_periods(&config.discover).into_keys() {
+        let last = previous.and_then(|p| p.listings.get(&sandbox));
+        match (due, last) {
+            (Some(due), Some(last)) if !due.contains(&sandbox) => {
+                listings.insert(sandbox, last.clone());
+            }
+            _ => to_list.push(sandbox),
+        }
+    }
+    // Sandboxes are listed side by side (pages within one are sequential by
+    // nature); the request gate still bounds what is in flight.
+    let filters = [PropertyFilter::s3()];
+    let answers = futures::future::join_all(
+        to_list
+            .iter()
+            .map(|sandbox| lister.list(sandbox, &filters, PAGE_LIMIT)),
+    )
+    .await;
+    for (sandbox, answer) in to_list.into_iter().zip(answers) {
+        match answer {
+            Ok(items) => {
+                listings.insert(sandbox, SandboxListing { items });
+            }
+            Err(error) => {
+                failures.push((sandbox.clone(), error.to_string()));
+                if let Some(last) = previous.and_then(|p| p.listings.get(&sandbox)) {
+                    listings.insert(sandbox, last.clone());
+                }
+            }
+        }
+    }
+    let mut membership = resolve_listings(config, listings);
+    membership.failures = failures;
+    // Only a full resolve (start, reload) needs them: the periodic re-list
+    // only decides membership, and explicit connections never change it.
+    if due.is_none() {
+        explicit_etags(config, lister, &mut membership).await;
+    }
+    membership
+}
+
+/// Fills in the etags of explicit connections: from the rule listings when
+/// they hold them, else by id in chunks.
+async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut Membership) {
+    let usable = |item: &ListedConnection| {
+        item.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
+            && item.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
+    };
+    let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for connection in &config.connections {
+        let listed = membership
+            .listings
+            .get(&connection.sandbox)
+            .and_then(|l| l.items.iter().find(|i| i.id == connection.id));
+        match listed {
+            Some(item) if usable(item) => {
+                membership
+                    .etags
+                    .insert(connection.id.clone(), item.etag.clone());
+            }
+            _ => wanted
+                .entry(connection.sandbox.as_str())
+                .or_default()
+                .push(connection.id.as_str()),
+        }
+    }
+    for (sandbox, ids) in wanted {
+        for chunk in ids.chunks(ID_CHUNK) {
+            let filter = PropertyFilter::ids(chunk.iter().copied());
+            let limit = u32::try_from(chunk.len()).unwrap_or(PAGE_LIMIT);
+            match lister.list(sandbox, &[filter], limit).await {
+                Ok(items) => {
+                    for item in items.iter().filter(|i| usable(i)) {
+                        if chunk.contains(&item.id.as_str()) {
+                            membership.etags.insert(item.id.clone(), item.etag.clone());
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    sandbox = %sandbox,
+                    error = %error,
+                    "bulk etag read failed; those connections are read one by one"
+                ),
+            }
+        }
+    }
+}
+
+/// Logs what changed from `previous` to `next`: `connection discovered`,
+/// `connection no longer matches`, new conflicts and listing failures.
+/// Answers whether the rotated set changed.
+pub fn log_changes(previous: &Membership, next: &Membership) -> bool {
+    let before: HashMap<&str, &ConnectionConfig> =
+        previous.discovered().map(|c| (c.id.as_str(), c)).collect();
+    let after: HashMap<&str, &ConnectionConfig> =
+        next.discovered().map(|c| (c.id.as_str(), c)).collect();
+    for c in next.discovered() {
+        if !before.contains_key(c.id.as_str()) {
+            tracing::info!(connection = %c.id, sandbox = %c.sandbox, name = %c.name, origin = %c.origin, "connection discovered");
+        }
+    }
+    for c in previous.discovered() {
+        if !after.contains_key(c.id.as_str()) {
+            tracing::info!(connection = %c.id, sandbox = %c.sandbox, name = %c.name, origin = %c.origin, "connection no longer matches");
+        }
+    }
+    for conflict in &next.conflicts {
+        if !previous.conflicts.contains(conflict) {
+            let rules: Vec<String> = conflict
+                .rules
+                .iter()
+                .map(|i| format!("discover[{i}]"))
+                .collect();
+            tracing::error!(
+                connection = %conflict.id,
+                sandbox = %conflict.sandbox,
+                name = conflict.name.as_deref().unwrap_or(""),
+                rules = %rules.join(", "),
+                "connection matched by rules with different identities, not rotated; make the rules agree or list it under [[connections]]"
+            );
+        }
+    }
+    for (sandbox, error) in &next.failures {
+        tracing::warn!(sandbox = %sandbox, error = %error, "listing connections failed, keeping the last known set");
+    }
+    next.differs_from(previous)
+}
+
+/// Re-lists every sandbox a rule names every `every` (the shortest of the
+/// rules naming it) and sends each membership that differs from the last one
+/// sent on `tx`. `current` is the membership the caller already applied.
+/// Returns when `cancel` fires or the receiver is gone; does nothing (but
+/// wait for `cancel`) when `config` has no rules.
+pub async fn run_discovery<L: Lister>(
+    config: Config,
+    lister: L,
+    mut current: Membership,
+    tx: mpsc::Sender<Membership>,
+    cancel: CancellationToken,
+) {
+    let periods = sandbox_periods(&config.discover);
+    if periods.is_empty() {
+        cancel.cancelled().await;
+        return;
+    }
+    let start = tokio::time::Instant::now();
+    let mut next_due: BTreeMap<String, tokio::time::Instant> = periods
+        .iter()
+        .map(|(sandbox, every)| (sandbox.clone(), start + *every))
+        .collect();
+    loop {
+        let Some(wake) = next_due.values().min().copied() else {
+            return;
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        let now = tokio::time::Instant::now();
+        let due: BTreeSet<String> = next_due
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(sandbox, _)| sandbox.clone())
+            .collect();
+        for sandbox in &due {
+            if let (Some(at), Some(every)) = (next_due.get_mut(sandbox), periods.get(sandbox)) {
+                // From now, not from the missed deadline: a slow listing
+                // never turns into a burst of catch-up listings.
+                *at = now + *every;
+            }
+        }
+        let next = tokio::select! {
+            () = cancel.cancelled() => return,
+            next = resolve(&config, &lister, Some(&current), Some(&due)) => next,
+        };
+        let changed = log_changes(&current, &next);
+        current = next;
+        if changed && tx.send(current.clone()).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    const ROLE_A: &str = "arn:aws:iam::123456789012:role/a";
+    const ROLE_B: &str = "arn:aws:iam::123456789012:role/b";
+
+    fn config(rules: &str, connections: &str) -> Config {
+        let text = format!(
+            r#"[adobe]
+client_id = "cid"
+client_secret = "not-a-real-secret"
+org_id = "0123456789ABCDEF01234567@AdobeOrg"
+[aws]
+role_arn = "{ROLE_A}"
+{connections}
+{rules}"#
+        );
+        Config::from_toml_str(&text, Vec::new()).unwrap()
+    }
+
+    fn item(id: &str, name: &str, description: &str) -> ListedConnection {
+        ListedConnection {
+            id: id.to_owned(),
+            etag: format!("\"etag-{id}\""),
+            name: Some(name.to_owned()),
+            description: Some(description.to_owned()),
+            auth_spec: Some(ACCESS_KEY_AUTH_SPEC.to_owned()),
+            state: Some("enabled".to_owned()),
+            connection_spec_id: Some(S3_CONNECTION_SPEC_ID.to_owned()),
+        }
+    }
+
+    /// A fake Flow Service: items per sandbox, a switch to fail a sandbox,
+    /// and a log of the calls.
+    #[derive(Default)]
+    struct FakeLister {
+        items: Mutex<BTreeMap<String, Vec<ListedConnection>>>,
+        failing: Mutex<HashSet<String>>,
+        calls: Mutex<Vec<(String, Vec<PropertyFilter>)>>,
+    }
+
+    impl FakeLister {
+        fn put(&self, sandbox: &str, items: Vec<ListedConnection>) {
+            self.items.lock().unwrap().insert(sandbox.to_owned(), items);
+        }
+        fn fail(&self, sandbox: &str, fail: bool) {
+            let mut failing = self.failing.lock().unwrap();
+            if fail {
+                failing.insert(sandbox.to_owned());
+            } else {
+                failing.remove(sandbox);
+            }
+        }
+        fn calls(&self) -> Vec<(String, Vec<PropertyFilter>)> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Lister for Arc<FakeLister> {
+        async fn list(
+            &self,
+            sandbox: &str,
+            filters: &[PropertyFilter],
+            _limit: u32,
+        ) -> Result<Vec<ListedConnection>, ListError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((sandbox.to_owned(), filters.to_vec()));
+            if self.failing.lock().unwrap().contains(sandbox) {
+                return Err(ListError::Flow(FlowError::Throttled {
+                    status: 429,
+                    retry_after: None,
+                }));
+            }
+            let all = self
+                .items
+                .lock()
+                .unwrap()
+                .get(sandbox)
+                .cloned()
+                .unwrap_or_default();
+            Ok(all
+                .into_iter()
+                .filter(|i| {
+                    filters.iter().all(|f| {
+                        let value = match f.path.as_str() {
+                            "id" => Some(i.id.clone()),
+                            "connectionSpec.id" => i.connection_spec_id.clone(),
+                            _ => None,
+                        };
+                        value.is_some_and(|v| f.values.contains(&v))
+                    })
+                })
+                .collect())
+        }
+    }
+
+    fn ids(m: &Membership) -> Vec<&str> {
+        m.connections.iter().map(|c| c.id.as_str()).collect()
+    }
+
+    const TAG_RULE: &str = r#"
+[[discover]]
+sandboxes = ["prod"]
+description_tag = "rotate:aep-s3"
+every = "1m"
+"#;
+
+    #[test]
+    fn a_rule_needs_every_condition_and_a_rotatable_s3_connection() {
+        let config = config(
+            r#"
+[[discover]]
+sandboxes = ["prod"]
+name = "ingest-*"
+description_tag = "rotate:aep-s3"
+"#,
+            "",
+        );
+        let rule = &config.discover[0];
+        let good = item("a", "ingest-sales", "team x; rotate:aep-s3");
+        assert!(matches(rule, "prod", &good));
+        assert!(!matches(rule, "dev", &good), "wrong sandbox");
+        assert!(!matches(
+            rule,
+            "prod",
+            &item("a", "egress-sales", "rotate:aep-s3")
+        ));
+        assert!(!matches(rule, "prod", &item("a", "ingest-sales", "no tag")));
+        let mut disabled = good.clone();
+        disabled.state = Some("disabled".to_owned());
+        assert!(!matches(rule, "prod", &disabled));
+        let mut role_based = good.clone();
+        role_based.auth_spec = Some("IAMRole Based".to_owned());
+        assert!(!matches(rule, "prod", &role_based));
+        let mut other_spec = good.clone();
+        other_spec.connection_spec_id = Some("other".to_owned());
+        assert!(!matches(rule, "prod", &other_spec));
+        let mut nameless = good.clone();
+        nameless.name = None;
+        assert!(!matches(rule, "prod", &nameless));
+        let mut unconditional = rule.clone();
+        unconditional.name = None;
+        unconditional.description_tag = None;
+        assert!(!matches(&unconditional, "prod", &good));
+    }
+
+    #[test]
+    fn explicit_wins_and_different_identities_conflict() {
+        let config = config(
+            &format!(
+                r#"
+[[discover]]
+sandboxes = ["prod"]
+description_tag = "rotate"
+[[discover]]
+sandboxes = ["prod"]
+name = "ingest-*"
+role_arn = "{ROLE_B}"
+[[discover]]
+sandboxes = ["prod"]
+name = "*-sales"
+"#
+            ),
+            r#"[[connections]]
+id = "explicit"
+sandbox = "prod"
+role_arn = "arn:aws:iam::123456789012:role/b"
+"#,
+        );
+        let listing = SandboxListing {
+            items: vec![
+                item("explicit", "ingest-x", "rotate"),
+                item("both", "ingest-y", "rotate"),
+                item("same", "plain-sales", "rotate"),
+                item("one", "ingest-z", ""),
+            ],
+        };
+        let m = resolve_listings(&config, BTreeMap::from([("prod".to_owned(), listing)]));
+        assert_eq!(ids(&m), ["explicit", "one", "same"]);
+        assert_eq!(m.connections[0].origin, Origin::Explicit);
+        let one = &m.connections[1];
+        assert_eq!(one.origin, Origin::Rule(1));
+        assert_eq!(one.role_arn.as_ref().unwrap().as_str(), ROLE_B);
+        assert_eq!(one.name, "ingest-z");
+        // Rules 0 and 2 agree (the [aws] role): the first names it.
+        assert_eq!(m.connections[2].origin, Origin::Rule(0));
+        assert_eq!(m.conflicts.len(), 1);
+        assert_eq!(m.conflicts[0].id, "both");
+        assert_eq!(m.conflicts[0].rules, [0, 1]);
+        assert_eq!(m.etags.get("one").unwrap(), "\"etag-one\"");
+        assert!(!m.etags.contains_key("both"));
+    }
+
+    #[tokio::test]
+    async fn resolve_reads_explicit_etags_in_chunks_and_keeps_a_failed_sandbox() {
+        let explicit: String = (0..(ID_CHUNK + 5))
+            .map(|n| format!("[[connections]]\nid = \"x{n}\"\nsandbox = \"dev\"\n"))
+            .collect();
+        let config = config(TAG_RULE, &explicit);
+        let lister = Arc::new(FakeLister::default());
+        lister.put(
+            "prod",
+            vec![item("p1", "a", "rotate:aep-s3"), item("p2", "b", "")],
+        );
+        lister.put(
+            "dev",
+            (0..(ID_CHUNK + 5))
+                .map(|n| item(&format!("x{n}"), "n", ""))
+                .collect(),
+        );
+        let first = resolve(&config, &lister, None, None).await;
+        assert_eq!(first.discovered().count(), 1);
+        assert_eq!(
+            first.etags.len(),
+            ID_CHUNK + 5 + 1,
+            "every connection has its etag"
+        );
+        let calls = lister.calls();
+        assert_eq!(
+            calls.len(),
+            3,
+            "one rule listing and two id chunks: {calls:?}"
+        );
+        assert_eq!(calls[0].1, [PropertyFilter::s3()]);
+        assert_eq!(calls[1].1[0].values.len(), ID_CHUNK);
+
+        // prod fails: p1 stays, even though the listing now says otherwise.
+        lister.put("prod", vec![]);
+        lister.fail("prod", true);
+        let second = resolve(&config, &lister, Some(&first), None).await;
+        assert_eq!(second.failures.len(), 1);
+        assert!(second.connections.iter().any(|c| c.id == "p1"));
+        assert!(!second.differs_from(&first));
+
+        // prod answers again, without p1: now it goes.
+        lister.fail("prod", false);
+        let third = resolve(&config, &lister, Some(&second), None).await;
+        assert!(third.failures.is_empty());
+        assert!(!third.connections.iter().any(|c| c.id == "p1"));
+        assert!(log_changes(&second, &third));
+
+        // A periodic re-list of prod lists prod only, no explicit ids.
+        let calls = lister.calls().len();
+        let due = BTreeSet::from(["prod".to_owned()]);
+        let fourth = resolve(&config, &lister, Some(&third), Some(&due)).await;
+        assert_eq!(lister.calls().len(), calls + 1);
+        assert!(!fourth.differs_from(&third));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn run_discovery_relists_every_period_and_sends_changes_only() {
+        let config = config(TAG_RULE, "");
+        let lister = Arc::new(FakeLister::default());
+        lister.put("prod", vec![item("p1", "a", "rotate:aep-s3")]);
+        let initial = resolve(&config, &lister, None, None).await;
+        assert_eq!(ids(&initial), ["p1"]);
+        let (tx, mut rx) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_discovery(
+            config,
+            Arc::clone(&lister),
+            initial,
+            tx,
+            cancel.clone(),
+        ));
+
+        // Nothing changes for two periods: nothing is sent, but it re-lists.
+        tokio::time::sleep(Duration::from_secs(125)).await;
+        assert!(rx.try_recv().is_err());
+        assert_eq!(lister.calls().len(), 3, "initial + 2 re-lists");
+
+        // A new tagged connection: sent within one period.
+        lister.put(
+            "prod",
+            vec![
+                item("p1", "a", "rotate:aep-s3"),
+                item("p2", "b", "rotate:aep-s3"),
+            ],
+        );
+        let started = tokio::time::Instant::now();
+        let m = rx.recv().await.unwrap();
+        assert!(started.elapsed() <= Duration::from_secs(60));
+        assert_eq!(ids(&m), ["p1", "p2"]);
+
+        // Throttled: nothing dropped, nothing sent.
+        lister.put("prod", vec![]);
+        lister.fail("prod", true);
+        tokio::time::sleep(Duration::from_secs(130)).await;
+        assert!(rx.try_recv().is_err());
+
+        // Answering again without p1 (untagged now): p1 is dropped.
+        lister.fail("prod", false);
+        lister.put("prod", vec![item("p2", "b", "rotate:aep-s3")]);
+        let m = rx.recv().await.unwrap();
+        assert_eq!(ids(&m), ["p2"]);
+
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}
