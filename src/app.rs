@@ -634,6 +634,24 @@ async fn check(config: Config, path: &Path) -> Exit {
         let lister = crate::discovery::FlowLister::new(Arc::clone(&rotator));
         let membership = crate::discovery::resolve(&config, &lister, None, None).await;
         check_rules(&config, &membership, &mut lines);
+        // The pre-push check below needs each found connection's bucket.
+        if let Some(token) = &token {
+            for found in membership.discovered() {
+                match rotator
+                    .flow
+                    .get_connection(&found.id, &found.sandbox, token)
+                    .await
+                {
+                    Ok(remote) => {
+                        targets.insert(found.id.clone(), remote.s3);
+                    }
+                    Err(error) => lines.fail(
+                        "connection",
+                        &format!("{} ({}): {error}", found.name, found.sandbox),
+                    ),
+                }
+            }
+        }
         membership.apply_to(&config)
     };
     // STS, once per distinct request.
