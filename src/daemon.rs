@@ -109,13 +109,7 @@ pub async fn build_rotator(
     telemetry: &Arc<Telemetry>,
 ) -> anyhow::Result<Rotator> {
     let rotation = &config.rotation;
-    let http = reqwest::Client::builder()
-        .user_agent(concat!("aep-s3-rotator/", env!("CARGO_PKG_VERSION")))
-        .timeout(rotation.request_timeout)
-        .connect_timeout(rotation.request_timeout.min(Duration::from_secs(10)))
-        // Certificates are always verified; there is deliberately no switch.
-        .build()
-        .context("building the HTTP client")?;
+    let http = crate::http::client(rotation).context("building the HTTP client")?;
     let gate = Arc::new(RequestGate::new(
         rotation.concurrency,
         rotation.max_requests_per_second,
