@@ -190,10 +190,11 @@ impl FlowClient {
         let status = response.status();
         self.telemetry.request(Service::Flow, status.as_str());
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        // A 3xx is refused (a redirected PATCH would carry the new secret key
+        // and session token elsewhere); an oversized body is transient.
+        let body = crate::http::read_body(response)
             .await
-            .map_err(|e| FlowError::Unavailable(format!("reading the answer from {url}: {e}")))?;
+            .map_err(|e| FlowError::Unavailable(format!("answer from {url}: {e}")))?;
         Ok((status, headers, body))
     }
 
@@ -255,7 +256,10 @@ impl FlowClient {
         headers.insert(
             IF_MATCH,
             HeaderValue::try_from(etag).map_err(|_| {
-                FlowError::Malformed(format!("etag {etag:?} is not a valid header value"))
+                FlowError::Malformed(format!(
+                    "etag {} is not a valid header value; it is dropped and the connection re-read",
+                    crate::http::bounded(etag, 80)
+                ))
             })?,
         );
         let request = self
@@ -269,7 +273,8 @@ impl FlowClient {
         }
         let parsed: PatchAnswer =
             serde_json::from_slice(&answer).unwrap_or(PatchAnswer { etag: None });
-        Ok(parsed.etag.filter(|etag| !etag.is_empty()))
+        // An etag that cannot be sent back is dropped: the next job re-reads.
+        Ok(parsed.etag.filter(|etag| is_valid_etag(etag)))
     }
 
     /// `GET /connections/{id}/test`: whether Flow Service can reach S3 with the
@@ -297,7 +302,8 @@ impl FlowClient {
         sandbox: &str,
         secrets: &[&str],
     ) -> FlowError {
-        let detail = scrub(&remote_detail(body), secrets);
+        let detail =
+            crate::http::remote_text_with(&remote_detail(body), secrets, crate::http::MAX_REMOTE_TEXT);
         match status.as_u16() {
             401 => FlowError::Unauthorized(detail),
             412 => FlowError::PreconditionFailed,
@@ -344,13 +350,21 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         .and_then(Value::as_str)
         .filter(|etag| !etag.is_empty())
         .ok_or_else(|| FlowError::Malformed("GET answer has no etag".to_owned()))?;
+    // It goes back in `If-Match`: one that cannot be sent is never kept.
+    if !is_valid_etag(etag) {
+        return Err(FlowError::Malformed(format!(
+            "GET answer has an etag that is not a valid header value ({}); it is not kept",
+            crate::http::bounded(etag, 80)
+        )));
+    }
     let spec = item
         .pointer("/connectionSpec/id")
         .and_then(Value::as_str)
         .unwrap_or("(none)");
     if spec != S3_CONNECTION_SPEC_ID {
         return Err(FlowError::Unsuitable(format!(
-            "its connection spec is {spec}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id"
+            "its connection spec is {}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id",
+            crate::http::bounded(spec, 80)
         )));
     }
     let auth = item
@@ -359,22 +373,36 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         .unwrap_or("(none)");
     if auth != ACCESS_KEY_AUTH_SPEC {
         return Err(FlowError::Unsuitable(format!(
-            "its auth spec is {auth:?}, not \"Access Key\"; only access-key connections hold temporary credentials"
+            "its auth spec is \"{}\", not \"Access Key\"; only access-key connections hold temporary credentials",
+            crate::http::bounded(auth, 80)
         )));
     }
     Ok(RemoteConnection {
         etag: etag.to_owned(),
-        name: item.get("name").and_then(Value::as_str).map(str::to_owned),
+        name: item
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|name| crate::http::bounded(name, 200)),
     })
+}
+
+/// Whether `etag` can go back in `If-Match` as received: a non-empty, visible
+/// ASCII header value of sane length (Flow Service etags are ~40 characters).
+pub fn is_valid_etag(etag: &str) -> bool {
+    const MAX_ETAG: usize = 256;
+    !etag.is_empty()
+        && etag.len() <= MAX_ETAG
+        && etag.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && HeaderValue::from_str(etag).is_ok()
 }
 
 /// The most useful line of an error body: Flow Service's `detailed-message`
 /// or `title`, the gateway's `error_code`/`message`, or the start of the body.
 fn remote_detail(body: &[u8]) -> String {
-    const KEEP: usize = 300;
+    // Not cut here: the caller scrubs secrets first, then bounds the text
+    // (cutting first could leave the prefix of an echoed secret).
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        let text = String::from_utf8_lossy(body);
-        let text: String = text.chars().take(KEEP).collect();
+        let text = String::from_utf8_lossy(body).into_owned();
         return if text.trim().is_empty() {
             "empty body".to_owned()
         } else {
@@ -396,18 +424,9 @@ fn remote_detail(body: &[u8]) -> String {
             None => message,
         };
     }
-    text("/errorMessage").unwrap_or_else(|| value.to_string().chars().take(KEEP).collect())
+    text("/errorMessage").unwrap_or_else(|| value.to_string())
 }
 
-/// Removes secret values a remote may have echoed back.
-fn scrub(text: &str, secrets: &[&str]) -> String {
-    secrets
-        .iter()
-        .filter(|secret| !secret.is_empty())
-        .fold(text.to_owned(), |acc, secret| {
-            acc.replace(secret, "[redacted]")
-        })
-}
 
 #[cfg(test)]
 mod tests {
@@ -472,7 +491,7 @@ mod tests {
     #[test]
     fn echoed_secrets_are_scrubbed() {
         assert_eq!(
-            scrub("bad value s3cr3t!", &["s3cr3t", ""]),
+            crate::http::remote_text_with("bad value s3cr3t-value!", &["s3cr3t-value", ""], 300),
             "bad value [redacted]!"
         );
     }

@@ -104,6 +104,7 @@ impl ImsClient {
     pub fn new(http: reqwest::Client, adobe: &AdobeConfig, telemetry: Arc<Telemetry>) -> Self {
         let mut token_url = adobe.ims_url.clone();
         token_url.set_path("/ims/token/v3");
+        crate::http::register_secret(adobe.client_secret.expose_secret());
         Self {
             http,
             token_url,
@@ -173,19 +174,29 @@ impl ImsClient {
             })?;
         let status = response.status();
         self.telemetry.request(Service::Ims, status.as_str());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| ImsError::Unavailable(format!("reading the token response: {e}")))?;
+        // A 3xx is refused here (no redirect is followed: the form carries
+        // the client secret), an oversized body is a transient error.
+        let body = crate::http::read_body(response).await.map_err(|e| {
+            ImsError::Unavailable(format!(
+                "reading the token response from {}: {e}",
+                self.token_url
+            ))
+        })?;
         if status.is_success() {
             let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-                ImsError::Malformed(format!("token response is not the expected JSON: {e}"))
+                // serde's message may quote the value: scrub and bound it.
+                ImsError::Malformed(crate::http::remote_text_with(
+                    &format!("token response is not the expected JSON: {e}"),
+                    &[self.client_secret.expose_secret()],
+                    crate::http::MAX_REMOTE_TEXT,
+                ))
             })?;
             if parsed.access_token.is_empty() || parsed.expires_in == 0 {
                 return Err(ImsError::Malformed(
                     "token response has an empty access_token or expires_in".to_owned(),
                 ));
             }
+            crate::http::register_secret(&parsed.access_token);
             return Ok((
                 SecretString::from(parsed.access_token),
                 Duration::from_secs(parsed.expires_in),
@@ -195,6 +206,14 @@ impl ImsClient {
             return Err(ImsError::Unavailable(format!("HTTP {status}")));
         }
         let detail: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+        // IMS may echo the form (client secret included) in its description.
+        let shown = |text: &str| {
+            crate::http::remote_text_with(
+                text,
+                &[self.client_secret.expose_secret()],
+                crate::http::MAX_REMOTE_TEXT,
+            )
+        };
         let advice = match detail.error.as_str() {
             "invalid_client" => {
                 "check [adobe] client_id and the client secret in the Adobe Developer Console"
@@ -207,9 +226,9 @@ impl ImsClient {
             error: if detail.error.is_empty() {
                 "unknown".to_owned()
             } else {
-                detail.error
+                shown(&detail.error)
             },
-            description: format!("{}; {advice}", detail.error_description),
+            description: format!("{}; {advice}", shown(&detail.error_description)),
         })
     }
 }
@@ -242,11 +261,12 @@ pub fn describe_reqwest_error(error: &reqwest::Error, url: &Url) -> String {
         root = cause.to_string();
         source = cause.source();
     }
-    if root.is_empty() {
+    let line = if root.is_empty() {
         format!("{what}: {}", url.as_str())
     } else {
         format!("{what}: {} ({root})", url.as_str())
-    }
+    };
+    crate::http::bounded(&line, 2 * crate::http::MAX_REMOTE_TEXT)
 }
 
 #[cfg(test)]

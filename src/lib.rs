@@ -41,6 +41,8 @@ pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod flow;
+pub mod fsguard;
+pub mod http;
 pub mod ims;
 pub mod logging;
 pub mod notify;
