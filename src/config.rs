@@ -1216,7 +1216,8 @@ impl Checker<'_> {
                 "is empty; give the path of a file holding the client secret",
             ));
         }
-        let mut text = match crate::fsguard::read(Path::new(file), crate::fsguard::MAX_SECRET_FILE) {
+        let mut text = match crate::fsguard::read(Path::new(file), crate::fsguard::MAX_SECRET_FILE)
+        {
             Ok(bytes) => {
                 match String::from_utf8(bytes) {
                     Ok(text) => text,
@@ -2388,7 +2389,13 @@ path = "state.json"
     fn a_fifo_as_the_config_file_is_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("config.toml");
-        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
         // Before the type check this open blocked until a writer came.
         let error = Config::load_with_env(&fifo, no_env()).unwrap_err();
         assert_eq!(error.issues.len(), 1, "{error:?}");

@@ -302,8 +302,11 @@ impl FlowClient {
         sandbox: &str,
         secrets: &[&str],
     ) -> FlowError {
-        let detail =
-            crate::http::remote_text_with(&remote_detail(body), secrets, crate::http::MAX_REMOTE_TEXT);
+        let detail = crate::http::remote_text_with(
+            &remote_detail(body),
+            secrets,
+            crate::http::MAX_REMOTE_TEXT,
+        );
         match status.as_u16() {
             401 => FlowError::Unauthorized(detail),
             412 => FlowError::PreconditionFailed,
@@ -426,7 +429,6 @@ fn remote_detail(body: &[u8]) -> String {
     }
     text("/errorMessage").unwrap_or_else(|| value.to_string())
 }
-
 
 #[cfg(test)]
 mod tests {

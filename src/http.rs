@@ -106,10 +106,7 @@ pub fn refuse_redirect(response: &reqwest::Response) -> Result<(), BodyError> {
         .headers()
         .get(LOCATION)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .map_or_else(
-            || "(no Location)".to_owned(),
-            |l| bounded(&l, MAX_LOCATION),
-        );
+        .map_or_else(|| "(no Location)".to_owned(), |l| bounded(&l, MAX_LOCATION));
     Err(BodyError::Redirect {
         status: status.as_u16(),
         location,
@@ -215,10 +212,8 @@ pub fn remote_text_with(text: &str, extra: &[&str], max: usize) -> String {
     let mut rest = text;
     while !rest.is_empty() {
         if shown >= max {
-            let _ = std::fmt::Write::write_fmt(
-                &mut out,
-                format_args!("… ({} more bytes)", rest.len()),
-            );
+            let _ =
+                std::fmt::Write::write_fmt(&mut out, format_args!("… ({} more bytes)", rest.len()));
             break;
         }
         // A secret starting here is replaced whole: scanning the original
@@ -304,8 +299,14 @@ mod tests {
     #[test]
     fn control_characters_are_escaped_and_text_bounded() {
         let shown = remote_text("bad\n{\"message\":\"credentials rotated\"}\u{1b}[2J\u{202e}");
-        assert!(!shown.contains('\n') && !shown.contains('\u{1b}'), "{shown}");
-        assert!(shown.contains("\\n") && shown.contains("\\u{1b}"), "{shown}");
+        assert!(
+            !shown.contains('\n') && !shown.contains('\u{1b}'),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("\\n") && shown.contains("\\u{1b}"),
+            "{shown}"
+        );
         assert!(shown.contains("\\u{202e}"), "{shown}");
         let long = remote_text(&"a".repeat(5 << 20));
         assert!(long.len() < MAX_REMOTE_TEXT + 40, "{}", long.len());
