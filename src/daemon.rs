@@ -550,9 +550,8 @@ impl Daemon {
                 etag,
                 conflicts,
             } => {
-                if etag.is_some() {
-                    entry.etag = etag;
-                }
+                // None = unknown, stale or refused: never kept (issue 14).
+                entry.etag = etag;
                 entry.conflicts += u64::from(conflicts);
                 entry.failed_attempts += 1;
                 entry.last_error = Some(error.to_string());
