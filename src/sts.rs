@@ -376,10 +376,11 @@ fn classify_http(raw: &HttpResponse) -> StsError {
     }
 }
 
-/// Refuses an STS answer whose `Content-Length` exceeds the cap before the
-/// SDK reads it into memory. (The SDK reads bodies whole and has no cap of
-/// its own; a chunked body without a length is bounded only by the request
-/// timeout. See docs/SECURITY.md.)
+/// Caps the STS answer body, which the SDK would otherwise read whole: a
+/// `Content-Length` over the cap is refused before reading, and the body is
+/// wrapped so that reading stops (with an error) once the cap is passed.
+/// The SDK follows no redirects (its hyper client has no such policy), so a
+/// 3xx arrives here as an answer and is classified by [`classify_http`].
 #[derive(Debug)]
 struct BodyLimit {
     cap: u64,
@@ -390,13 +391,15 @@ impl aws_sdk_sts::config::Intercept for BodyLimit {
         "aep-s3-rotator body limit"
     }
 
-    fn read_before_deserialization(
+    fn modify_before_deserialization(
         &self,
-        context: &aws_sdk_sts::config::interceptors::BeforeDeserializationInterceptorContextRef<'_>,
+        context: &mut aws_sdk_sts::config::interceptors::BeforeDeserializationInterceptorContextMut<
+            '_,
+        >,
         _runtime_components: &aws_sdk_sts::config::RuntimeComponents,
         _cfg: &mut aws_sdk_sts::config::ConfigBag,
     ) -> Result<(), aws_sdk_sts::error::BoxError> {
-        let response = context.response();
+        let response = context.response_mut();
         let declared = response
             .headers()
             .get("content-length")
@@ -408,7 +411,14 @@ impl aws_sdk_sts::config::Intercept for BodyLimit {
                 self.cap
             )
             .into()),
-            _ => Ok(()),
+            _ => {
+                let body = response.take_body();
+                let cap = usize::try_from(self.cap).unwrap_or(usize::MAX);
+                *response.body_mut() = aws_smithy_types::body::SdkBody::from_body_1_x(
+                    http_body_util::Limited::new(body, cap),
+                );
+                Ok(())
+            }
         }
     }
 }
