@@ -368,6 +368,11 @@ fn classify_http(raw: &HttpResponse) -> StsError {
                 ),
             }
         }
+        // A success the SDK could not parse (an unparseable Expiration):
+        // transient. Its body is not shown: it may hold credentials.
+        200..=299 => StsError::Malformed(format!(
+            "HTTP {status}: the answer is not a parseable STS result (e.g. an unparseable Expiration)"
+        )),
         500..=599 => StsError::Unavailable(format!("HTTP {status}: {body}")),
         _ => StsError::Rejected {
             code: format!("HTTP {status}"),
