@@ -289,7 +289,9 @@ impl FlowClient {
         serde_json::from_slice::<TestAnswer>(&body)
             .map(|answer| answer.result)
             .map_err(|e| {
-                FlowError::Malformed(format!("test answer is not {{\"result\": bool}}: {e}"))
+                FlowError::Malformed(crate::http::remote_text(&format!(
+                    "test answer is not {{\"result\": bool}}: {e}"
+                )))
             })
     }
 
@@ -343,7 +345,10 @@ impl FlowClient {
 /// connection with the `Access Key` auth spec.
 pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
     let wrapper: ListWrapper = serde_json::from_slice(body).map_err(|e| {
-        FlowError::Malformed(format!("GET answer is not {{\"items\": [...]}} JSON: {e}"))
+        // serde's message may quote a value from the body: scrub and bound it.
+        FlowError::Malformed(crate::http::remote_text(&format!(
+            "GET answer is not {{\"items\": [...]}} JSON: {e}"
+        )))
     })?;
     let item = wrapper.items.into_iter().next().ok_or_else(|| {
         FlowError::Malformed("GET answered an empty items list; check the connection id".to_owned())
