@@ -150,6 +150,7 @@ async fn endless_bodies_are_cut_at_the_cap_and_memory_stays_bounded() {
     // timeout: gigabytes on loopback. Now at most 1 MiB per request.
     let peak = peak_rss_kib(daemon.child.id());
     daemon.terminate();
+    eprintln!("peak RSS under endless IMS, Flow and STS bodies: {peak} KiB");
     assert!(
         peak < 150 * 1024,
         "peak RSS {peak} KiB under endless bodies"
