@@ -26,6 +26,10 @@ use crate::telemetry::{
 /// anything slower than this means it is wedged or unreachable.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest `/status` answer `status` reads: ~400 bytes per connection, so
+/// 16 MiB is 40 000 connections, and a hostile endpoint costs at most that.
+const STATUS_MAX_BODY: usize = 16 << 20;
+
 /// One connection in `GET /status` (and what `aep-s3-rotator status` reads).
 /// Times are RFC 3339 (`2024-05-01T12:00:00Z`) or null. Holds no secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,9 +108,296 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "admin endpoint listening");
     }
-    axum::serve(listener, router(telemetry))
+    let cap = connection_cap(open_file_limit());
+    tracing::debug!(max_connections = cap, "admin endpoint connection cap");
+    serve_bounded(listener, telemetry, cancel, cap).await
+}
+
+/// [`serve`] with an explicit connection cap.
+async fn serve_bounded(
+    listener: TcpListener,
+    telemetry: Arc<Telemetry>,
+    cancel: CancellationToken,
+    cap: usize,
+) -> std::io::Result<()> {
+    axum::serve(BoundedListener::new(listener, cap), router(telemetry))
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
+}
+
+// ---------------------------------------------------------------------------
+// A listener that cannot be starved (docs/SECURITY.md)
+// ---------------------------------------------------------------------------
+
+/// Most admin connections open at once. Who connects is a probe or two, a
+/// Prometheus scraper and an operator's `status`: a handful. Each one is a
+/// file descriptor the rotation path may need.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Descriptors kept for everything but the admin endpoint: the runtime
+/// (epoll, eventfds, signal pipe), stdio, the listener, the state file and
+/// its temp file, and the rotation path's sockets (IMS, STS, Flow Service
+/// pools at the configured concurrency, plus DNS).
+pub const RESERVED_DESCRIPTORS: u64 = 40;
+
+/// A connection that has sent nothing for this long is closed: headers of
+/// a real request arrive at once, and a scraper that keeps a connection
+/// between scrapes simply opens a new one.
+pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long accepting pauses after the process ran out of descriptors
+/// (`EMFILE`): a spin would burn a core and the pause lets connections close.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits`
+/// (`None` where that file does not exist or says `unlimited`).
+pub fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// How many admin connections may be open at once under a descriptor limit:
+/// what is left after [`RESERVED_DESCRIPTORS`], at most
+/// [`MAX_ADMIN_CONNECTIONS`], at least one.
+pub fn connection_cap(open_file_limit: Option<u64>) -> usize {
+    let left = open_file_limit.map_or(u64::MAX, |n| n.saturating_sub(RESERVED_DESCRIPTORS));
+    usize::try_from(left)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_ADMIN_CONNECTIONS)
+}
+
+/// One open admin connection, as the listener sees it.
+#[derive(Debug)]
+struct Slot {
+    /// Milliseconds since the listener started at the last byte read.
+    last_read_ms: std::sync::atomic::AtomicU64,
+    /// Set to close the connection to make room for a new one.
+    evicted: std::sync::atomic::AtomicBool,
+    /// Wakes the connection's task so it notices the eviction.
+    waker: futures::task::AtomicWaker,
+}
+
+#[derive(Debug)]
+struct Slots {
+    started: tokio::time::Instant,
+    /// Every live connection, evicted ones included until they are dropped
+    /// (their descriptor is still open until then).
+    open: std::sync::Mutex<std::collections::HashMap<u64, Arc<Slot>>>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Signalled when a connection is dropped.
+    freed: tokio::sync::Notify,
+}
+
+impl Slots {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Accepts at most `cap` connections at once. When a new one arrives at the
+/// cap, the connection that has been silent longest is closed to make room:
+/// a flood of idle sockets cannot keep a probe out, and the descriptors the
+/// rotation path needs are never taken.
+struct BoundedListener {
+    inner: TcpListener,
+    cap: usize,
+    slots: Arc<Slots>,
+}
+
+impl BoundedListener {
+    fn new(inner: TcpListener, cap: usize) -> Self {
+        Self {
+            inner,
+            cap,
+            slots: Arc::new(Slots {
+                started: tokio::time::Instant::now(),
+                open: std::sync::Mutex::new(std::collections::HashMap::new()),
+                next_id: std::sync::atomic::AtomicU64::new(0),
+                freed: tokio::sync::Notify::new(),
+            }),
+        }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = BoundedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (BoundedStream, SocketAddr) {
+        use std::sync::atomic::Ordering;
+        loop {
+            // While an evicted connection is still closing, wait (briefly,
+            // bounded): descriptors held by admin never exceed cap + 1.
+            for _ in 0..20 {
+                let evicting = {
+                    let open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+                    open.len() >= self.cap
+                        && open.values().any(|s| s.evicted.load(Ordering::Relaxed))
+                };
+                if !evicting {
+                    break;
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(10), self.slots.freed.notified())
+                        .await;
+            }
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::Interrupted
+                    ) {
+                        tracing::warn!(error = %e, "admin endpoint: accept failed, pausing");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                    continue;
+                }
+            };
+            let slot = Arc::new(Slot {
+                last_read_ms: std::sync::atomic::AtomicU64::new(self.slots.now_ms()),
+                evicted: std::sync::atomic::AtomicBool::new(false),
+                waker: futures::task::AtomicWaker::new(),
+            });
+            let id = self.slots.next_id.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+                let live = open
+                    .values()
+                    .filter(|s| !s.evicted.load(Ordering::Relaxed))
+                    .count();
+                if live >= self.cap {
+                    let oldest = open
+                        .values()
+                        .filter(|s| !s.evicted.load(Ordering::Relaxed))
+                        .min_by_key(|s| s.last_read_ms.load(Ordering::Relaxed));
+                    if let Some(oldest) = oldest {
+                        oldest.evicted.store(true, Ordering::Relaxed);
+                        oldest.waker.wake();
+                    }
+                }
+                open.insert(id, Arc::clone(&slot));
+            }
+            let _ = stream.set_nodelay(true);
+            let idle = Box::pin(tokio::time::sleep(ADMIN_IDLE_TIMEOUT));
+            return (
+                BoundedStream {
+                    inner: stream,
+                    slot,
+                    id,
+                    slots: Arc::clone(&self.slots),
+                    idle,
+                },
+                addr,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// An admin connection: closed when evicted or silent for
+/// [`ADMIN_IDLE_TIMEOUT`]; frees its slot when dropped.
+struct BoundedStream {
+    inner: tokio::net::TcpStream,
+    slot: Arc<Slot>,
+    id: u64,
+    slots: Arc<Slots>,
+    idle: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl BoundedStream {
+    fn evicted(&self, cx: &std::task::Context<'_>) -> bool {
+        self.slot.waker.register(cx.waker());
+        self.slot.evicted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for BoundedStream {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(&self.id);
+        drop(open);
+        self.slots.freed.notify_one();
+    }
+}
+
+fn closed(why: &'static str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, why)
+}
+
+impl tokio::io::AsyncRead for BoundedStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.evicted(cx) {
+            return Poll::Ready(Err(closed(
+                "closed to make room for a new admin connection",
+            )));
+        }
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.slot
+                        .last_read_ms
+                        .store(this.slots.now_ms(), std::sync::atomic::Ordering::Relaxed);
+                    let deadline = tokio::time::Instant::now() + ADMIN_IDLE_TIMEOUT;
+                    this.idle.as_mut().reset(deadline);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(closed("admin connection idle"))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for BoundedStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.evicted(cx) {
+            return std::task::Poll::Ready(Err(closed(
+                "closed to make room for a new admin connection",
+            )));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -172,6 +463,8 @@ pub async fn status_report(addr: SocketAddr) -> Result<String, String> {
     let url = format!("http://{target}/status");
     let client = reqwest::Client::builder()
         .timeout(STATUS_TIMEOUT)
+        // The admin endpoint never redirects; whatever does is not it.
+        .redirect(reqwest::redirect::Policy::none())
         // The admin endpoint is local plain HTTP; a proxy from the
         // environment would only get in the way.
         .no_proxy()
@@ -188,10 +481,9 @@ pub async fn status_report(addr: SocketAddr) -> Result<String, String> {
             "the admin endpoint at {url} answered {code}, expected 200 OK"
         ));
     }
-    let body = response
-        .bytes()
+    let body = crate::http::read_capped(response, STATUS_MAX_BODY)
         .await
-        .map_err(|e| format!("cannot read the answer of {url}: {}", error_chain(&e)))?;
+        .map_err(|e| format!("cannot read the answer of {url}: {e}"))?;
     let entries: Vec<StatusEntry> = serde_json::from_slice(&body).map_err(|e| {
         format!("the admin endpoint at {url} answered something that is not a status list: {e}")
     })?;
@@ -248,18 +540,22 @@ pub fn render_status_table(entries: &[StatusEntry], now: SystemTime) -> String {
     let rows: Vec<[String; 7]> = entries
         .iter()
         .map(|e| {
+            // Everything here came over the wire from the admin endpoint:
+            // escape control characters and bound each cell.
             [
-                e.name.clone(),
-                e.sandbox.clone(),
+                crate::http::bounded(&e.name, 100),
+                crate::http::bounded(&e.sandbox, 100),
                 e.state.to_string(),
-                e.access_key_id.clone().unwrap_or_else(|| "-".to_owned()),
+                e.access_key_id
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |k| crate::http::bounded(k, 128)),
                 relative(e.expires_at.as_deref(), now, |ago| {
                     format!("expired {ago} ago")
                 }),
                 relative(e.next_rotation_at.as_deref(), now, |ago| format!("-{ago}")),
                 e.last_error
                     .as_deref()
-                    .map(one_line)
+                    .map(|text| crate::http::remote_text(&one_line(text)))
                     .unwrap_or_else(|| "-".to_owned()),
             ]
         })
@@ -303,7 +599,7 @@ fn relative(time: Option<&str>, now: SystemTime, past: impl Fn(String) -> String
     };
     let Ok(time) = humantime::parse_rfc3339_weak(text) else {
         // Shown as given rather than hidden: the daemon is newer than we are.
-        return text.to_owned();
+        return crate::http::bounded(text, 40);
     };
     match time.duration_since(now) {
         Ok(left) => compact_duration(left),
@@ -667,5 +963,126 @@ mod tests {
         assert!(json.contains(r#""state":"fresh""#), "{json}");
         assert!(json.contains(r#""last_error":null"#), "{json}");
         assert_eq!(serde_json::from_str::<StatusEntry>(&json).unwrap(), e);
+    }
+
+    #[test]
+    fn the_connection_cap_keeps_descriptors_in_reserve() {
+        assert_eq!(connection_cap(None), MAX_ADMIN_CONNECTIONS);
+        assert_eq!(connection_cap(Some(1024)), MAX_ADMIN_CONNECTIONS);
+        assert_eq!(connection_cap(Some(64)), 64 - RESERVED_DESCRIPTORS as usize);
+        assert_eq!(connection_cap(Some(10)), 1);
+        let limits = open_file_limit();
+        assert!(limits.is_none_or(|n| n > 0));
+    }
+
+    #[tokio::test]
+    async fn idle_sockets_beyond_the_cap_do_not_keep_a_probe_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve_bounded(listener, board(), cancel.clone(), 4));
+        // Five times the cap, all silent: before the cap each held a task
+        // and a descriptor until the client gave up.
+        let mut idle = Vec::new();
+        for _ in 0..20 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let http = reqwest::Client::new();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            http.get(format!("http://{addr}/healthz")).send(),
+        )
+        .await
+        .expect("/healthz answered while idle sockets held every slot")
+        .unwrap();
+        assert_eq!(answer.status(), 200);
+        // Most idle sockets were closed by the server to make room.
+        let mut closed = 0;
+        for socket in &mut idle {
+            let mut buf = [0u8; 1];
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(
+                Duration::from_millis(200),
+                tokio::io::AsyncReadExt::read(socket, &mut buf),
+            )
+            .await
+            {
+                closed += 1;
+            }
+        }
+        assert!(
+            closed >= 20 - 4,
+            "only {closed} of 20 idle sockets were closed"
+        );
+        cancel.cancel();
+        let _ = server.await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(serve_bounded(listener, board(), cancel.clone(), 4));
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Half a request line, then silence (a slow-headers client).
+        tokio::io::AsyncWriteExt::write_all(&mut socket, b"GET /heal")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        // Paused time jumps to the idle deadline once everything waits.
+        let read = tokio::time::timeout(
+            ADMIN_IDLE_TIMEOUT * 2,
+            tokio::io::AsyncReadExt::read(&mut socket, &mut buf),
+        )
+        .await
+        .expect("the server kept a silent connection open past the idle timeout");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        cancel.cancel();
+        let _ = server.await;
+    }
+
+    #[test]
+    fn remote_text_in_the_table_is_escaped() {
+        let mut a = entry("evil\u{1b}[2Jname");
+        a.last_error =
+            Some("boom\r\n{\"message\":\"credentials rotated\"}\u{1b}]0;title\u{7}".into());
+        let table = render_status_table(&[a], crate::clock::wall_now());
+        assert!(
+            !table.contains('\u{1b}') && !table.contains('\r') && !table.contains('\u{7}'),
+            "{table:?}"
+        );
+        assert_eq!(table.lines().count(), 2, "{table}");
+    }
+
+    #[tokio::test]
+    async fn status_against_an_endless_body_stops_at_the_cap() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                .await;
+            let chunk = format!("10000\r\n{}\r\n", "[".repeat(0x10000));
+            // Bounded: 1 GiB at most, stops as soon as the client hangs up.
+            let mut sent = 0u64;
+            for _ in 0..16_384 {
+                if socket.write_all(chunk.as_bytes()).await.is_err() {
+                    break;
+                }
+                sent += 0x10000;
+            }
+            sent
+        });
+        let error = status_report(addr).await.unwrap_err();
+        assert!(error.contains("larger than"), "{error}");
+        let sent = server.await.unwrap();
+        assert!(
+            sent < 64 << 20,
+            "the client read {sent} bytes before giving up"
+        );
     }
 }

@@ -497,13 +497,14 @@ fn load_file(
     issues: Vec<ConfigIssue>,
 ) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::fsguard::read_to_string(path, crate::fsguard::MAX_CONFIG_FILE) {
         Ok(text) => text,
         Err(error) => {
             let message = match error.kind() {
                 std::io::ErrorKind::NotFound => "no such file; pass --config PATH or set AEP_S3_ROTATOR_CONFIG (the default is /etc/aep-s3-rotator/config.toml)".to_owned(),
                 std::io::ErrorKind::PermissionDenied => "permission denied; make the file readable by the daemon's user".to_owned(),
                 std::io::ErrorKind::InvalidData => "not UTF-8 text; save the file as UTF-8".to_owned(),
+                std::io::ErrorKind::InvalidInput => error.to_string(),
                 _ => format!("cannot be read ({error}); check that --config names a readable file"),
             };
             let mut all = issues;
@@ -824,30 +825,6 @@ impl<'de> Deserialize<'de> for Raw {
     }
 }
 
-/// Reads a file that must be small (a secret, a config): refuses anything
-/// that is not a regular file (a FIFO would block, `/dev/zero` never ends)
-/// and reads at most `limit` bytes.
-pub fn read_small_file(path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    // stat first: opening a FIFO for reading blocks until a writer comes.
-    if !std::fs::metadata(path)?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    let file = std::fs::File::open(path)?;
-    let mut bytes = Vec::new();
-    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {limit} bytes"),
-        ));
-    }
-    Ok(bytes)
-}
-
 fn present(raw: &Option<Raw>) -> bool {
     !matches!(raw, None | Some(Raw::Nil))
 }
@@ -974,6 +951,14 @@ const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Enough for a PATCH in flight; far under systemd's 90 s stop timeout.
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Longest retry wait: it is also the slow cadence after a refusal, and a
+/// fixed remote or IAM policy should be noticed within the hour; credentials
+/// live at most 12 h, so longer waits only risk letting them run out (and a
+/// huge value like "100000y" overflows time arithmetic downstream).
+const MAX_RETRY_MAX: Duration = Duration::from_secs(60 * 60);
+/// Longest shutdown grace: a PATCH in flight ends within `request_timeout`,
+/// itself at most 5 minutes, so waiting longer cannot save anything.
+const MAX_SHUTDOWN_GRACE: Duration = MAX_REQUEST_TIMEOUT;
 /// STS's limit on `RoleSessionName`.
 const SESSION_NAME_CHARS: std::ops::RangeInclusive<usize> = 2..=64;
 /// STS's limit on `ExternalId`.
@@ -1391,7 +1376,8 @@ impl Checker<'_> {
                 "is empty; give the path of a file holding the client secret",
             ));
         }
-        let mut text = match std::fs::read(file) {
+        let mut text = match crate::fsguard::read(Path::new(file), crate::fsguard::MAX_SECRET_FILE)
+        {
             Ok(bytes) => {
                 match String::from_utf8(bytes) {
                     Ok(text) => text,
@@ -1409,6 +1395,9 @@ impl Checker<'_> {
                     std::io::ErrorKind::PermissionDenied => {
                         "permission denied; make it readable by the daemon's user (e.g. with systemd LoadCredential=)"
                     }
+                    std::io::ErrorKind::InvalidInput => {
+                        return Err(self.report(path, format!("cannot read {file}: {error}")));
+                    }
                     _ => "check that it is a readable file",
                 };
                 return Err(self.report(path, format!("cannot read {file}: {advice} ({error})")));
@@ -1416,6 +1405,11 @@ impl Checker<'_> {
         };
         let secret = text.trim().to_owned();
         text.zeroize();
+        if readable_by_others(Path::new(file)) {
+            self.warnings.push(format!(
+                "{path} {file} is readable by group/others; chmod 600 it (or use systemd LoadCredential=)"
+            ));
+        }
         if secret.is_empty() {
             return Err(self.report(
                 path,
@@ -1580,6 +1574,11 @@ impl Checker<'_> {
                         "rotation.retry_max",
                         "must be more than 0s; use e.g. \"2m\"",
                     ))
+                } else if d > MAX_RETRY_MAX {
+                    Err(self.report(
+                        "rotation.retry_max",
+                        format!("must be at most 1h (found {}); it is also the cadence after a refusal, and credentials live at most 12h", show(d)),
+                    ))
                 } else {
                     Ok(d)
                 }
@@ -1609,11 +1608,21 @@ impl Checker<'_> {
                     Ok(d)
                 }
             });
-        let shutdown_grace = self.duration(
-            "rotation.shutdown_grace",
-            raw.shutdown_grace,
-            DEFAULT_SHUTDOWN_GRACE,
-        );
+        let shutdown_grace = self
+            .duration(
+                "rotation.shutdown_grace",
+                raw.shutdown_grace,
+                DEFAULT_SHUTDOWN_GRACE,
+            )
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err(self.report("rotation.shutdown_grace", "must be more than 0s (0s would abandon PATCHes in flight, leaving connections in an unknown state); use e.g. \"10s\""))
+                } else if d > MAX_SHUTDOWN_GRACE {
+                    Err(self.report("rotation.shutdown_grace", format!("must be at most 5m (found {}); a PATCH in flight ends within request_timeout (at most 5m)", show(d))))
+                } else {
+                    Ok(d)
+                }
+            });
         Ok(RotationConfig {
             session_duration: session_duration?,
             refresh_before: refresh_before?,
@@ -1650,6 +1659,24 @@ impl Checker<'_> {
             match self.connection(i, connection, aws_role, &mut first_index) {
                 Ok(connection) => out.push(connection),
                 Err(Reported) => bad = true,
+            }
+        }
+        // Metrics and the expiry gauge are labelled by sandbox and name: two
+        // connections sharing both would merge into one series.
+        let mut first_name: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, connection) in out.iter().enumerate() {
+            let label = (connection.sandbox.as_str(), connection.name.as_str());
+            if let Some(first) = first_name.get(&label) {
+                self.issues.push(ConfigIssue::new(
+                    format!("connections[{i}].name"),
+                    format!(
+                        "duplicate name {:?} in sandbox {:?}: {} has it already; names label metrics and logs, give each connection its own",
+                        connection.name, connection.sandbox, out[*first].id
+                    ),
+                ));
+                bad = true;
+            } else {
+                first_name.insert(label, i);
             }
         }
         if bad { Err(Reported) } else { Ok(out) }
@@ -1980,6 +2007,15 @@ sandbox = "dev"
             let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("secret"), format!("  {FILE_SECRET}\n")).unwrap();
             std::fs::write(dir.path().join("empty"), "\n").unwrap();
+            // As an operator should keep it; the mode warning has its own test.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(
+                    dir.path().join("secret"),
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .unwrap();
+            }
             Self { dir }
         }
         fn path(&self, name: &str) -> String {
@@ -2064,6 +2100,11 @@ sandbox = "dev"
             ("refresh_before zero", replace(g, "refresh_before = \"20m\"", "refresh_before = \"0s\""), "rotation.refresh_before", "more than 0s"),
             ("jitter too large", replace(g, "[rotation]\n", "[rotation]\njitter = \"40m\"\n"), "rotation.jitter", "session_duration - refresh_before"),
             ("retry_min above retry_max", replace(g, "[rotation]\n", "[rotation]\nretry_min = \"5m\"\n"), "rotation.retry_min", "retry_max"),
+            ("retry_max too long", replace(g, "[rotation]\n", "[rotation]\nretry_max = \"100000y\"\n"), "rotation.retry_max", "at most 1h"),
+            ("shutdown_grace zero", replace(g, "[rotation]\n", "[rotation]\nshutdown_grace = \"0s\"\n"), "rotation.shutdown_grace", "more than 0s"),
+            ("shutdown_grace too long", replace(g, "[rotation]\n", "[rotation]\nshutdown_grace = \"1h\"\n"), "rotation.shutdown_grace", "at most 5m"),
+            ("duplicate name in a sandbox", replace(&replace(g, "sandbox = \"dev\"", "sandbox = \"prod\"\nname = \"orders\""), "sandbox = \"prod\"\n\n", "sandbox = \"prod\"\nname = \"orders\"\n\n"), "connections[1].name", "duplicate name \"orders\" in sandbox \"prod\""),
+            ("secret file is /dev/zero", replace(g, &fx.path("secret"), "/dev/zero"), "adobe.client_secret_file", "character device"),
             ("request_timeout too long", replace(g, "[rotation]\n", "[rotation]\nrequest_timeout = \"10m\"\n"), "rotation.request_timeout", "at most 5m"),
             ("concurrency 0", replace(g, "[rotation]\n", "[rotation]\nconcurrency = 0\n"), "rotation.concurrency", "at least 1"),
             ("concurrency negative", replace(g, "[rotation]\n", "[rotation]\nconcurrency = -2\n"), "rotation.concurrency", "negative"),
@@ -2130,7 +2171,7 @@ sandbox = "dev"
             ran += 1;
         }
         assert_eq!(ran, cases.len());
-        assert_eq!(ran, 66, "update this count when adding cases");
+        assert_eq!(ran, 71, "update this count when adding cases");
     }
 
     #[test]
@@ -2757,5 +2798,38 @@ description_tag = "rotate:aep-s3"
                 .any(|i| i.path == "connections" && i.message.contains("[[discover]]")),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn a_world_readable_secret_file_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let fx = Fixture::new();
+        let secret = fx.path("secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = Config::from_toml_str(&fx.good(), no_env()).unwrap();
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(config.warnings[0].contains("adobe.client_secret_file"));
+        assert!(config.warnings[0].contains("readable by group/others"));
+        assert!(!config.warnings[0].contains(FILE_SECRET));
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = Config::from_toml_str(&fx.good(), no_env()).unwrap();
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    }
+
+    #[test]
+    fn a_fifo_as_the_config_file_is_one_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("config.toml");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        // Before the type check this open blocked until a writer came.
+        let error = Config::load_with_env(&fifo, no_env()).unwrap_err();
+        assert_eq!(error.issues.len(), 1, "{error:?}");
+        assert!(error.to_string().contains("FIFO"), "{error}");
     }
 }

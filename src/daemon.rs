@@ -126,14 +126,7 @@ pub async fn build_rotator(
     previous: Option<(&Config, &Rotator)>,
 ) -> anyhow::Result<Rotator> {
     let rotation = &config.rotation;
-    let http = reqwest::Client::builder()
-        .user_agent(concat!("aep-s3-rotator/", env!("CARGO_PKG_VERSION")))
-        .timeout(rotation.request_timeout)
-        .connect_timeout(rotation.request_timeout.min(Duration::from_secs(10)))
-        // Certificates are always verified; there is deliberately no switch.
-        .tls_certs_only(crate::tls::reqwest_roots())
-        .build()
-        .context("building the HTTP client")?;
+    let http = crate::http::client(rotation).context("building the HTTP client")?;
     let same_http = |old: &Config| old.rotation.request_timeout == rotation.request_timeout;
     let gate = match previous {
         Some((old, rotator))

@@ -282,10 +282,11 @@ impl FlowClient {
         let status = response.status();
         self.telemetry.request(Service::Flow, status.as_str());
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        // A 3xx is refused (a redirected PATCH would carry the new secret key
+        // and session token elsewhere); an oversized body is transient.
+        let body = crate::http::read_body(response)
             .await
-            .map_err(|e| FlowError::Unavailable(format!("reading the answer from {url}: {e}")))?;
+            .map_err(|e| FlowError::Unavailable(format!("answer from {url}: {e}")))?;
         Ok((status, headers, body))
     }
 
@@ -420,7 +421,10 @@ impl FlowClient {
         headers.insert(
             IF_MATCH,
             HeaderValue::try_from(etag).map_err(|_| {
-                FlowError::Malformed(format!("etag {etag:?} is not a valid header value"))
+                FlowError::Malformed(format!(
+                    "etag {} is not a valid header value; it is dropped and the connection re-read",
+                    crate::http::bounded(etag, 80)
+                ))
             })?,
         );
         let request = self
@@ -434,7 +438,8 @@ impl FlowClient {
         }
         let parsed: PatchAnswer =
             serde_json::from_slice(&answer).unwrap_or(PatchAnswer { etag: None });
-        Ok(parsed.etag.filter(|etag| !etag.is_empty()))
+        // An etag that cannot be sent back is dropped: the next job re-reads.
+        Ok(parsed.etag.filter(|etag| is_valid_etag(etag)))
     }
 
     /// `GET /connections/{id}/test`: whether Flow Service can reach S3 with the
@@ -449,7 +454,9 @@ impl FlowClient {
         serde_json::from_slice::<TestAnswer>(&body)
             .map(|answer| answer.result)
             .map_err(|e| {
-                FlowError::Malformed(format!("test answer is not {{\"result\": bool}}: {e}"))
+                FlowError::Malformed(crate::http::remote_text(&format!(
+                    "test answer is not {{\"result\": bool}}: {e}"
+                )))
             })
     }
 
@@ -462,7 +469,11 @@ impl FlowClient {
         sandbox: &str,
         secrets: &[&str],
     ) -> FlowError {
-        let detail = scrub(&remote_detail(body), secrets);
+        let detail = crate::http::remote_text_with(
+            &remote_detail(body),
+            secrets,
+            crate::http::MAX_REMOTE_TEXT,
+        );
         match status.as_u16() {
             401 => FlowError::Unauthorized(detail),
             412 => FlowError::PreconditionFailed,
@@ -499,7 +510,10 @@ impl FlowClient {
 /// connection with the `Access Key` auth spec.
 pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
     let wrapper: ListWrapper = serde_json::from_slice(body).map_err(|e| {
-        FlowError::Malformed(format!("GET answer is not {{\"items\": [...]}} JSON: {e}"))
+        // serde's message may quote a value from the body: scrub and bound it.
+        FlowError::Malformed(crate::http::remote_text(&format!(
+            "GET answer is not {{\"items\": [...]}} JSON: {e}"
+        )))
     })?;
     let item = wrapper.items.into_iter().next().ok_or_else(|| {
         FlowError::Malformed("GET answered an empty items list; check the connection id".to_owned())
@@ -509,13 +523,21 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         .and_then(Value::as_str)
         .filter(|etag| !etag.is_empty())
         .ok_or_else(|| FlowError::Malformed("GET answer has no etag".to_owned()))?;
+    // It goes back in `If-Match`: one that cannot be sent is never kept.
+    if !is_valid_etag(etag) {
+        return Err(FlowError::Malformed(format!(
+            "GET answer has an etag that is not a valid header value ({}); it is not kept",
+            crate::http::bounded(etag, 80)
+        )));
+    }
     let spec = item
         .pointer("/connectionSpec/id")
         .and_then(Value::as_str)
         .unwrap_or("(none)");
     if spec != S3_CONNECTION_SPEC_ID {
         return Err(FlowError::Unsuitable(format!(
-            "its connection spec is {spec}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id"
+            "its connection spec is {}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id",
+            crate::http::bounded(spec, 80)
         )));
     }
     let auth = item
@@ -524,7 +546,8 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         .unwrap_or("(none)");
     if auth != ACCESS_KEY_AUTH_SPEC {
         return Err(FlowError::Unsuitable(format!(
-            "its auth spec is {auth:?}, not \"Access Key\"; only access-key connections hold temporary credentials"
+            "its auth spec is \"{}\", not \"Access Key\"; only access-key connections hold temporary credentials",
+            crate::http::bounded(auth, 80)
         )));
     }
     let param = |name: &str| {
@@ -536,7 +559,10 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
     };
     Ok(RemoteConnection {
         etag: etag.to_owned(),
-        name: item.get("name").and_then(Value::as_str).map(str::to_owned),
+        name: item
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|name| crate::http::bounded(name, 200)),
         s3: param("bucketName").map(|bucket| S3Target {
             bucket,
             folder: param("folderPath"),
@@ -620,13 +646,23 @@ fn continuation_token(href: &str) -> Result<String, FlowError> {
         })
 }
 
+/// Whether `etag` can go back in `If-Match` as received: a non-empty, visible
+/// ASCII header value of sane length (Flow Service etags are ~40 characters).
+pub fn is_valid_etag(etag: &str) -> bool {
+    const MAX_ETAG: usize = 256;
+    !etag.is_empty()
+        && etag.len() <= MAX_ETAG
+        && etag.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && HeaderValue::from_str(etag).is_ok()
+}
+
 /// The most useful line of an error body: Flow Service's `detailed-message`
 /// or `title`, the gateway's `error_code`/`message`, or the start of the body.
 fn remote_detail(body: &[u8]) -> String {
-    const KEEP: usize = 300;
+    // Not cut here: the caller scrubs secrets first, then bounds the text
+    // (cutting first could leave the prefix of an echoed secret).
     let Ok(value) = serde_json::from_slice::<Value>(body) else {
-        let text = String::from_utf8_lossy(body);
-        let text: String = text.chars().take(KEEP).collect();
+        let text = String::from_utf8_lossy(body).into_owned();
         return if text.trim().is_empty() {
             "empty body".to_owned()
         } else {
@@ -648,17 +684,7 @@ fn remote_detail(body: &[u8]) -> String {
             None => message,
         };
     }
-    text("/errorMessage").unwrap_or_else(|| value.to_string().chars().take(KEEP).collect())
-}
-
-/// Removes secret values a remote may have echoed back.
-fn scrub(text: &str, secrets: &[&str]) -> String {
-    secrets
-        .iter()
-        .filter(|secret| !secret.is_empty())
-        .fold(text.to_owned(), |acc, secret| {
-            acc.replace(secret, "[redacted]")
-        })
+    text("/errorMessage").unwrap_or_else(|| value.to_string())
 }
 
 #[cfg(test)]
@@ -806,7 +832,7 @@ mod tests {
     #[test]
     fn echoed_secrets_are_scrubbed() {
         assert_eq!(
-            scrub("bad value s3cr3t!", &["s3cr3t", ""]),
+            crate::http::remote_text_with("bad value s3cr3t-value!", &["s3cr3t-value", ""], 300),
             "bad value [redacted]!"
         );
     }

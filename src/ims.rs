@@ -113,6 +113,7 @@ impl ImsClient {
     pub fn new(http: reqwest::Client, adobe: &AdobeConfig, telemetry: Arc<Telemetry>) -> Self {
         let mut token_url = adobe.ims_url.clone();
         token_url.set_path("/ims/token/v3");
+        crate::http::register_secret(adobe.client_secret.expose_secret());
         Self {
             http,
             token_url,
@@ -183,8 +184,7 @@ impl ImsClient {
         let Some(path) = &self.client_secret_file else {
             return false;
         };
-        // A secret is a line of text; anything bigger is not one.
-        let Ok(bytes) = crate::config::read_small_file(path, 64 * 1024) else {
+        let Ok(bytes) = crate::fsguard::read(path, crate::fsguard::MAX_SECRET_FILE) else {
             return false;
         };
         let text = String::from_utf8_lossy(&bytes);
@@ -193,6 +193,7 @@ impl ImsClient {
         if fresh.is_empty() || fresh == current.expose_secret() {
             return false;
         }
+        crate::http::register_secret(fresh);
         *current = SecretString::from(fresh.to_owned());
         tracing::info!(path = %path.display(), "IMS refused the client secret; the secret file holds a new one, retrying with it");
         true
@@ -223,19 +224,29 @@ impl ImsClient {
             })?;
         let status = response.status();
         self.telemetry.request(Service::Ims, status.as_str());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| ImsError::Unavailable(format!("reading the token response: {e}")))?;
+        // A 3xx is refused here (no redirect is followed: the form carries
+        // the client secret), an oversized body is a transient error.
+        let body = crate::http::read_body(response).await.map_err(|e| {
+            ImsError::Unavailable(format!(
+                "reading the token response from {}: {e}",
+                self.token_url
+            ))
+        })?;
         if status.is_success() {
             let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-                ImsError::Malformed(format!("token response is not the expected JSON: {e}"))
+                // serde's message may quote the value: scrub and bound it.
+                ImsError::Malformed(crate::http::remote_text_with(
+                    &format!("token response is not the expected JSON: {e}"),
+                    &[secret.expose_secret()],
+                    crate::http::MAX_REMOTE_TEXT,
+                ))
             })?;
             if parsed.access_token.is_empty() || parsed.expires_in == 0 {
                 return Err(ImsError::Malformed(
                     "token response has an empty access_token or expires_in".to_owned(),
                 ));
             }
+            crate::http::register_secret(&parsed.access_token);
             return Ok((
                 SecretString::from(parsed.access_token),
                 crate::clock::capped(parsed.expires_in, MAX_TOKEN_LIFETIME),
@@ -245,6 +256,14 @@ impl ImsClient {
             return Err(ImsError::Unavailable(format!("HTTP {status}")));
         }
         let detail: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+        // IMS may echo the form (client secret included) in its description.
+        let shown = |text: &str| {
+            crate::http::remote_text_with(
+                text,
+                &[secret.expose_secret()],
+                crate::http::MAX_REMOTE_TEXT,
+            )
+        };
         let advice = match detail.error.as_str() {
             "invalid_client" => {
                 "check [adobe] client_id and the client secret in the Adobe Developer Console"
@@ -257,9 +276,9 @@ impl ImsClient {
             error: if detail.error.is_empty() {
                 "unknown".to_owned()
             } else {
-                detail.error
+                shown(&detail.error)
             },
-            description: format!("{}; {advice}", detail.error_description),
+            description: format!("{}; {advice}", shown(&detail.error_description)),
         })
     }
 }
@@ -292,11 +311,12 @@ pub fn describe_reqwest_error(error: &reqwest::Error, url: &Url) -> String {
         root = cause.to_string();
         source = cause.source();
     }
-    if root.is_empty() {
+    let line = if root.is_empty() {
         format!("{what}: {}", url.as_str())
     } else {
         format!("{what}: {} ({root})", url.as_str())
-    }
+    };
+    crate::http::bounded(&line, 2 * crate::http::MAX_REMOTE_TEXT)
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ pub mod daemon;
 pub mod demo;
 pub mod discovery;
 pub mod flow;
+pub mod fsguard;
+pub mod http;
 pub mod ims;
 pub mod logging;
 pub mod notify;

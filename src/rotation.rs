@@ -104,7 +104,9 @@ pub enum JobResult {
     Failed {
         /// Why.
         error: RotationError,
-        /// The etag, if the job learnt it (a GET is then saved next time).
+        /// The etag the job ends with: learnt from a GET (a GET is then saved
+        /// next time), or `None` when it is unknown, stale (412) or was
+        /// malformed or refused; the scheduler then forgets its cached one.
         etag: Option<String>,
         /// 412s absorbed on the way.
         conflicts: u32,
@@ -243,7 +245,12 @@ impl Rotator {
     /// a PATCH already sent is let finish.
     pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> JobResult {
         let mut progress = Progress {
-            etag: job.known_etag.clone(),
+            // A cached etag that cannot be sent (a corrupt state file, an
+            // older version that kept anything) is dropped: the job re-reads.
+            etag: job
+                .known_etag
+                .clone()
+                .filter(|etag| crate::flow::is_valid_etag(etag)),
             s3: job.s3.clone(),
             checked: None,
             target_read: false,
@@ -343,7 +350,14 @@ impl Rotator {
                 Err(FlowError::Unauthorized(detail)) => {
                     self.refresh_token(progress, detail).await?
                 }
-                Err(other) => return Err(other.into()),
+                Err(other) => {
+                    // The etag could not be sent or the PATCH was refused:
+                    // it is not trusted again, the next job re-reads first.
+                    if matches!(other, FlowError::Malformed(_) | FlowError::Rejected { .. }) {
+                        progress.etag = None;
+                    }
+                    return Err(other.into());
+                }
             }
         }
     }

@@ -162,7 +162,7 @@ impl StateStore {
 
     /// Reads the file; a missing file is an empty snapshot.
     pub fn load(&self) -> Result<StateSnapshot, StateError> {
-        let bytes = match fs::read(&self.path) {
+        let bytes = match crate::fsguard::read(&self.path, crate::fsguard::MAX_STATE_FILE) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(StateSnapshot::default()),
             Err(source) => {

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
+use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use futures::future::BoxFuture;
 use secrecy::SecretString;
@@ -182,6 +183,7 @@ impl AwsSts {
         } = identity
         {
             use secrecy::ExposeSecret;
+            crate::http::register_secret(secret_access_key.expose_secret());
             loader = loader.credentials_provider(aws_credential_types::Credentials::new(
                 access_key_id.clone(),
                 secret_access_key.expose_secret().to_owned(),
@@ -191,7 +193,9 @@ impl AwsSts {
             ));
         }
         let shared = loader.load().await;
-        let mut builder = aws_sdk_sts::config::Builder::from(&shared);
+        let mut builder = aws_sdk_sts::config::Builder::from(&shared).interceptor(BodyLimit {
+            cap: crate::http::MAX_BODY as u64,
+        });
         if shared.region().is_none() {
             tracing::info!(
                 region = FALLBACK_REGION,
@@ -251,16 +255,16 @@ impl AwsSts {
         })
     }
 
-    fn classify<E, R>(&self, error: SdkError<E, R>) -> StsError
+    fn classify<E>(&self, error: SdkError<E, HttpResponse>) -> StsError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug,
     {
         let sts_error = classify_sdk_error(&error);
         let status = match &sts_error {
             StsError::Rejected { code, .. } => code.as_str(),
             StsError::Unavailable(_) => match &error {
                 SdkError::ServiceError(e) => e.err().code().unwrap_or("error"),
+                SdkError::ResponseError(_) => "malformed",
                 SdkError::TimeoutError(_) => "timeout",
                 _ => "connect",
             },
@@ -283,16 +287,20 @@ const TRANSIENT_CODES: &[&str] = &[
     "IDPCommunicationError",
 ];
 
-fn classify_sdk_error<E, R>(error: &SdkError<E, R>) -> StsError
+fn classify_sdk_error<E>(error: &SdkError<E, HttpResponse>) -> StsError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     match error {
         SdkError::ServiceError(service) => {
             let err = service.err();
-            let code = err.code().unwrap_or("Unknown").to_owned();
-            let message = err.message().unwrap_or("no message").to_owned();
+            let Some(code) = err.code() else {
+                // Not an AWS error document (an HTML 502 of a proxy, an
+                // empty 503, a redirect): keep the HTTP status.
+                return classify_http(service.raw());
+            };
+            let code = crate::http::bounded(code, 64);
+            let message = crate::http::remote_text(err.message().unwrap_or("no message"));
             if TRANSIENT_CODES.contains(&code.as_str()) {
                 return StsError::Unavailable(format!("{code}: {message}"));
             }
@@ -318,14 +326,105 @@ where
             }
         }
         SdkError::TimeoutError(_) => StsError::Unavailable("request timed out".to_owned()),
+        // A 2xx that could not be parsed (an unparseable Expiration, a
+        // truncated document): transient, like any malformed answer.
+        SdkError::ResponseError(response) => StsError::Malformed(format!(
+            "HTTP {}: the answer could not be parsed ({})",
+            response.raw().status().as_u16(),
+            crate::http::remote_text(&DisplayErrorContext(error).to_string())
+        )),
         other => {
-            let text = DisplayErrorContext(other).to_string();
+            let text = crate::http::remote_text(&DisplayErrorContext(other).to_string());
             if text.contains("credentials") && text.contains("provider")
                 || text.contains("no credentials")
             {
                 StsError::NoCredentials(text)
             } else {
                 StsError::Unavailable(text)
+            }
+        }
+    }
+}
+
+/// An STS answer that is not an AWS error document, by its HTTP status: a
+/// 5xx is transient (back off), a 3xx is refused (no redirect is followed:
+/// check `[aws] sts_endpoint`), any other status is a refusal.
+fn classify_http(raw: &HttpResponse) -> StsError {
+    let status = raw.status().as_u16();
+    let body = raw
+        .body()
+        .bytes()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .filter(|b| !b.trim().is_empty())
+        .map_or_else(|| "empty body".to_owned(), |b| crate::http::remote_text(&b));
+    match status {
+        300..=399 => {
+            let location = raw.headers().get("location").map_or_else(
+                || "(no Location)".to_owned(),
+                |l| crate::http::bounded(l, 200),
+            );
+            StsError::Rejected {
+                code: format!("HTTP {status}"),
+                message: format!(
+                    "STS redirected to {location}; no redirect is followed, check [aws] sts_endpoint"
+                ),
+            }
+        }
+        // A success the SDK could not parse (an unparseable Expiration):
+        // transient. Its body is not shown: it may hold credentials.
+        200..=299 => StsError::Malformed(format!(
+            "HTTP {status}: the answer is not a parseable STS result (e.g. an unparseable Expiration)"
+        )),
+        500..=599 => StsError::Unavailable(format!("HTTP {status}: {body}")),
+        _ => StsError::Rejected {
+            code: format!("HTTP {status}"),
+            message: format!("not an AWS error document: {body}"),
+        },
+    }
+}
+
+/// Caps the STS answer body, which the SDK would otherwise read whole: a
+/// `Content-Length` over the cap is refused before reading, and the body is
+/// wrapped so that reading stops (with an error) once the cap is passed.
+/// The SDK follows no redirects (its hyper client has no such policy), so a
+/// 3xx arrives here as an answer and is classified by [`classify_http`].
+#[derive(Debug)]
+struct BodyLimit {
+    cap: u64,
+}
+
+impl aws_sdk_sts::config::Intercept for BodyLimit {
+    fn name(&self) -> &'static str {
+        "aep-s3-rotator body limit"
+    }
+
+    fn modify_before_deserialization(
+        &self,
+        context: &mut aws_sdk_sts::config::interceptors::BeforeDeserializationInterceptorContextMut<
+            '_,
+        >,
+        _runtime_components: &aws_sdk_sts::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_sts::config::ConfigBag,
+    ) -> Result<(), aws_sdk_sts::error::BoxError> {
+        let response = context.response_mut();
+        let declared = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .or_else(|| response.body().content_length());
+        match declared {
+            Some(n) if n > self.cap => Err(format!(
+                "the STS answer is {n} bytes, more than the {} bytes any STS answer needs; refused",
+                self.cap
+            )
+            .into()),
+            _ => {
+                let body = response.take_body();
+                let cap = usize::try_from(self.cap).unwrap_or(usize::MAX);
+                *response.body_mut() = aws_smithy_types::body::SdkBody::from_body_1_x(
+                    http_body_util::Limited::new(body, cap),
+                );
+                Ok(())
             }
         }
     }
@@ -343,6 +442,76 @@ impl CredentialSource for AwsSts {
 /// Credentials that live shorter than this are refused: they could expire
 /// before the PATCH that carries them has landed.
 pub const MIN_USABLE_LIFETIME: Duration = Duration::from_secs(1);
+
+/// The longest any STS credentials can live (`GetSessionToken` for an IAM
+/// user: 36 h); an `Expiration` further away is not from STS.
+pub const MAX_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(36 * 60 * 60);
+
+/// Clock skew tolerated on top of [`MAX_CREDENTIAL_LIFETIME`].
+const EXPIRATION_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// Whether an STS answer can be pushed: a plausible access key id (16..=128
+/// upper-case letters and digits), a secret key and a session token that are
+/// non-empty visible ASCII of plausible length, and an `Expiration` after
+/// [`MIN_USABLE_LIFETIME`] from `now` and within 36 h. Anything else would
+/// overwrite working credentials with useless ones: a malformed answer (back
+/// off and retry), never a PATCH. The message never holds a secret.
+pub fn check_credentials(credentials: &AwsCredentials, now: SystemTime) -> Result<(), StsError> {
+    use secrecy::ExposeSecret;
+    let key = &credentials.access_key_id;
+    if !(16..=128).contains(&key.len())
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    {
+        return Err(StsError::Malformed(format!(
+            "the access key id {} is not 16-128 upper-case letters and digits; nothing pushed",
+            crate::http::bounded(key, 40)
+        )));
+    }
+    let visible = |s: &str, range: std::ops::RangeInclusive<usize>| {
+        range.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
+    };
+    // AWS secret keys are 40 characters; session tokens hundreds to a few
+    // thousand. The bounds are wide, but an empty or one-word value is out.
+    if !visible(credentials.secret_access_key.expose_secret(), 16..=1024) {
+        return Err(StsError::Malformed(format!(
+            "the SecretAccessKey of {key} is missing, empty or implausible; nothing pushed"
+        )));
+    }
+    if !visible(credentials.session_token.expose_secret(), 16..=16 * 1024) {
+        return Err(StsError::Malformed(format!(
+            "the SessionToken of {key} is missing, empty or implausible; nothing pushed"
+        )));
+    }
+    // Pushing credentials that are already dead (a skewed STS clock, a
+    // misbehaving proxy) would break the connection; treat the answer as
+    // unusable and back off instead.
+    let earliest = now.checked_add(MIN_USABLE_LIFETIME).unwrap_or(now);
+    if credentials.expiration <= earliest {
+        return Err(StsError::Malformed(format!(
+            "STS returned credentials {key} that expire at {}, already past or within {}s; check the clock of this host",
+            // humantime panics before 1970: a hostile Expiration must not.
+            if credentials.expiration >= SystemTime::UNIX_EPOCH {
+                humantime::format_rfc3339_seconds(credentials.expiration).to_string()
+            } else {
+                "a time before 1970".to_owned()
+            },
+            MIN_USABLE_LIFETIME.as_secs()
+        )));
+    }
+    let latest = now
+        .checked_add(MAX_CREDENTIAL_LIFETIME + EXPIRATION_SKEW)
+        .unwrap_or(now);
+    if credentials.expiration > latest {
+        return Err(StsError::Malformed(format!(
+            "STS returned credentials {key} that expire more than 36h from now, longer than STS issues; check the clock of this host and [aws] sts_endpoint"
+        )));
+    }
+    crate::http::register_secret(credentials.secret_access_key.expose_secret());
+    crate::http::register_secret(credentials.session_token.expose_secret());
+    Ok(())
+}
 
 /// A cached STS answer and until when it is handed to further connections.
 #[derive(Debug)]
@@ -398,17 +567,7 @@ impl CredentialCache {
         }
         let credentials = Arc::new(self.source.issue(request).await?);
         let fetched = crate::clock::wall_now();
-        // Pushing credentials that are already dead (a skewed STS clock, a
-        // misbehaving proxy) would break the connection; treat the answer as
-        // unusable and back off instead.
-        if credentials.expiration <= fetched + MIN_USABLE_LIFETIME {
-            return Err(StsError::Malformed(format!(
-                "STS returned credentials {} that expire at {}, already past or within {}s; check the clock of this host",
-                credentials.access_key_id,
-                crate::clock::rfc3339(credentials.expiration),
-                MIN_USABLE_LIFETIME.as_secs()
-            )));
-        }
+        check_credentials(&credentials, fetched)?;
         let reuse_until = schedule::next_rotation(
             fetched,
             credentials.expiration,
@@ -453,8 +612,8 @@ mod tests {
                 tokio::task::yield_now().await;
                 Ok(AwsCredentials {
                     access_key_id: format!("ASIATEST{n:08}"),
-                    secret_access_key: SecretString::from(format!("secret-{n}")),
-                    session_token: SecretString::from(format!("token-{n}")),
+                    secret_access_key: SecretString::from(format!("secret-key-{n:032}")),
+                    session_token: SecretString::from(format!("session-token-{n:032}")),
                     expiration: crate::clock::wall_now() + self.lifetime,
                 })
             })
@@ -568,5 +727,78 @@ mod tests {
             .unwrap_err();
         assert!(error.is_transient(), "{error}");
         assert!(error.to_string().contains("already past"), "{error}");
+    }
+
+    fn creds(key: &str, secret: &str, token: &str, expiration: SystemTime) -> AwsCredentials {
+        AwsCredentials {
+            access_key_id: key.into(),
+            secret_access_key: SecretString::from(secret.to_owned()),
+            session_token: SecretString::from(token.to_owned()),
+            expiration,
+        }
+    }
+
+    #[test]
+    fn empty_or_implausible_credentials_are_malformed() {
+        let now = crate::clock::wall_now();
+        let hour = now + Duration::from_secs(3600);
+        let key = "ASIAABCDEFGHIJKLMNOP";
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY";
+        let token = "IQoJb3JpZ2luX2VjEXAMPLEsessiontoken0123456789";
+        check_credentials(&creds(key, secret, token, hour), now).unwrap();
+        let cases = [
+            ("empty key", creds("", secret, token, hour), "access key id"),
+            (
+                "lower-case key",
+                creds("asia-not-a-key-at-all", secret, token, hour),
+                "access key id",
+            ),
+            (
+                "empty secret",
+                creds(key, "", token, hour),
+                "SecretAccessKey",
+            ),
+            (
+                "short secret",
+                creds(key, "x", token, hour),
+                "SecretAccessKey",
+            ),
+            ("empty token", creds(key, secret, "", hour), "SessionToken"),
+            (
+                "token with a space",
+                creds(key, secret, "IQoJb3JpZ2luX2 VjEXAMPLE", hour),
+                "SessionToken",
+            ),
+            (
+                "expired",
+                creds(key, secret, token, now - Duration::from_secs(60)),
+                "already past",
+            ),
+            (
+                "before 1970",
+                creds(
+                    key,
+                    secret,
+                    token,
+                    SystemTime::UNIX_EPOCH - Duration::from_secs(60),
+                ),
+                "before 1970",
+            ),
+            (
+                "too far away",
+                creds(key, secret, token, now + Duration::from_secs(37 * 3600)),
+                "36h",
+            ),
+        ];
+        for (what, c, needle) in cases {
+            let error = check_credentials(&c, now).unwrap_err();
+            assert!(error.is_transient(), "{what}: {error}");
+            let text = error.to_string();
+            assert!(text.contains(needle), "{what}: {text}");
+            assert!(
+                !text.contains("wJalrXUtnFEMI") && !text.contains("IQoJb3JpZ2luX2"),
+                "{what}: {text}"
+            );
+        }
     }
 }

@@ -18,6 +18,11 @@ fn load_example() -> (Config, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("adobe-client-secret");
     std::fs::write(&secret, "example-client-secret\n").unwrap();
+    // 0600, as the example's comments ask (a readable one is warned about).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let config = Config::load_with_env(
         Path::new(EXAMPLE),
         [(

@@ -89,6 +89,15 @@ impl Harness {
             .expect("simulator starts");
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::write(dir.path().join("client-secret"), format!("{secret}\n")).unwrap();
+        // 0600, as an operator should keep it (a readable one is warned about).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                dir.path().join("client-secret"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+        }
         Self {
             sim,
             sim_config,

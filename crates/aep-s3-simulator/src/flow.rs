@@ -113,7 +113,46 @@ async fn handle(
         return ctl.reset();
     };
     let mut churn = plan.churn;
+    let mut invalid_etag = false;
     let delay = match plan.script {
+        Some(ScriptedFault::Redirect { location }) => {
+            return shared.finish(connection, wire::redirect(&location));
+        }
+        Some(ScriptedFault::EndlessBody) => return wire::endless_body(),
+        Some(ScriptedFault::EchoSecrets) => {
+            let bearer = wire::header(&parts.headers, "authorization").unwrap_or_default();
+            let session = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|ops| {
+                    ops.as_array()?.iter().find_map(|op| {
+                        (op.get("path")?.as_str()? == "/auth/params/s3SessionToken")
+                            .then(|| op.get("value")?.as_str().map(str::to_owned))?
+                    })
+                })
+                .unwrap_or_default();
+            let text = format!(
+                "{}upstream rejected {{\"authorization\":\"{bearer}\",\"s3SessionToken\":\"{}\"}}",
+                "p".repeat(290),
+                wire::json_escaped(&session)
+            );
+            return shared.finish(connection, wire::response(502, "text/plain", text));
+        }
+        Some(ScriptedFault::HostileText { len }) => {
+            let response = wire::json(
+                400,
+                &json!({
+                    "type": "https://ns.adobe.com/aep/errors/FLOW-1400-400",
+                    "title": "Bad Request",
+                    "status": 400,
+                    "report": { "detailed-message": wire::hostile_text(len, false) },
+                }),
+            );
+            return shared.finish(connection, response);
+        }
+        Some(ScriptedFault::InvalidEtag) => {
+            invalid_etag = true;
+            None
+        }
         Some(ScriptedFault::Reset) => return shared.reset(&ctl, connection),
         Some(ScriptedFault::Status {
             status,
@@ -142,7 +181,8 @@ async fn handle(
             None
         }
         // Never taken for Flow (see `take_matching`); answer normally.
-        Some(ScriptedFault::ShortCredentials(_)) | None => match plan.random {
+        Some(ScriptedFault::ShortCredentials(_) | ScriptedFault::PartialCredentials { .. })
+        | None => match plan.random {
             RandomFault::None => None,
             RandomFault::Slow(delay) => Some(delay),
             RandomFault::Reset => return shared.reset(&ctl, connection),
@@ -170,7 +210,10 @@ async fn handle(
         });
         tokio::time::sleep(delay).await;
     }
-    let response = shared.flow_answer(&parts, route, &body);
+    let mut response = shared.flow_answer(&parts, route, &body);
+    if invalid_etag && response.status().is_success() {
+        response = with_invalid_etag(response).await;
+    }
     if churn
         && kind == RequestKind::FlowGet
         && response.status().is_success()
@@ -179,6 +222,25 @@ async fn handle(
         shared.bump_etag(id);
     }
     shared.finish(connection, response)
+}
+
+/// The same GET answer with `items[0].etag` replaced by
+/// [`wire::INVALID_ETAG`].
+async fn with_invalid_etag(response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
+        return wire::json(500, &json!({"title": "simulator: unreadable answer"}));
+    };
+    let mut value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if let Some(item) = value.pointer_mut("/items/0") {
+        item["etag"] = Value::String(wire::INVALID_ETAG.to_owned());
+    }
+    let mut response = wire::json(parts.status.as_u16(), &value);
+    *response.headers_mut() = parts.headers;
+    response
+        .headers_mut()
+        .remove(axum::http::header::CONTENT_LENGTH);
+    response
 }
 
 impl Shared {

@@ -86,8 +86,34 @@ async fn handle(
             });
             tokio::time::sleep(delay).await;
         }
+        Some(ScriptedFault::Redirect { location }) => {
+            return shared.ims_finish(wire::redirect(&location));
+        }
+        Some(ScriptedFault::EndlessBody) => return wire::endless_body(),
+        Some(ScriptedFault::EchoSecrets) => {
+            let form = form_pairs(&body);
+            let secret = form_value(&form, "client_secret").unwrap_or_default();
+            return shared.ims_finish(ims_error(
+                400,
+                "invalid_client",
+                &format!("client_secret {secret} is not valid for this client_id"),
+            ));
+        }
+        Some(ScriptedFault::HostileText { len }) => {
+            return shared.ims_finish(ims_error(
+                400,
+                "invalid_scope",
+                &wire::hostile_text(len, false),
+            ));
+        }
         // Never taken for IMS (see `take_matching`).
-        Some(ScriptedFault::EtagChurn | ScriptedFault::ShortCredentials(_)) | None => {}
+        Some(
+            ScriptedFault::EtagChurn
+            | ScriptedFault::ShortCredentials(_)
+            | ScriptedFault::PartialCredentials { .. }
+            | ScriptedFault::InvalidEtag,
+        )
+        | None => {}
     }
     shared.ims_answer(&parts, &body)
 }

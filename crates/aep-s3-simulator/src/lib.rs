@@ -34,7 +34,10 @@ mod net;
 mod s3;
 mod state;
 mod sts;
+mod trap;
 mod wire;
+
+pub use trap::SecretTrap;
 
 #[cfg(test)]
 mod tests;
@@ -226,6 +229,44 @@ pub enum ScriptedFault {
     /// STS only: the next issuance lives only this long (zero = already
     /// expired when issued). Never matches an IMS or Flow request.
     ShortCredentials(Duration),
+    /// Answer `307 Temporary Redirect` to `location` (another origin, such
+    /// as a [`SecretTrap`]). None of the real APIs redirects; a client that
+    /// follows re-sends its secrets there.
+    Redirect {
+        /// The `Location` header.
+        location: String,
+    },
+    /// Answer `200` with a chunked body that never ends (64 KiB chunks of
+    /// JSON whitespace, up to 4 GiB, until the client hangs up).
+    EndlessBody,
+    /// STS only: issue credentials but leave fields out of the answer (the
+    /// issuance is recorded with all of them, so a PATCH of what the client
+    /// got is refused as credentials that were not issued together).
+    PartialCredentials {
+        /// Leave out `<SecretAccessKey>`.
+        omit_secret: bool,
+        /// Leave out `<SessionToken>`.
+        omit_token: bool,
+    },
+    /// Answer an error whose body echoes the secrets the request carried:
+    /// IMS puts the client secret in `error_description` (400); Flow answers
+    /// a plain-text 502 that repeats the bearer token and, for a PATCH, the
+    /// JSON-escaped (`\/`) session token, after 290 characters of padding so
+    /// a cut at 300 characters would split the token. STS: a 500.
+    EchoSecrets,
+    /// Answer an error whose message carries a newline, a forged JSON log
+    /// line, ESC and OSC sequences and a bell, padded to `len` bytes (IMS
+    /// `error_description`, Flow `detailed-message`, both 400; STS 400
+    /// `<Message>` with the newline and the forged line only, since XML
+    /// cannot carry ESC).
+    HostileText {
+        /// Total length of the message.
+        len: usize,
+    },
+    /// Flow `GET /connections/{id}` only: answer normally, but with an etag
+    /// that is not a valid HTTP header value (it carries a control
+    /// character).
+    InvalidEtag,
     /// An arbitrary answer (malformed JSON, empty items, missing etag ...).
     Raw {
         /// HTTP status.

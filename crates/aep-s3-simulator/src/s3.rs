@@ -105,7 +105,19 @@ async fn handle(
             });
             tokio::time::sleep(delay).await;
         }
-        Some(ScriptedFault::EtagChurn | ScriptedFault::ShortCredentials(_)) | None => {}
+        // The hostile-peer faults are about IMS, STS and Flow Service
+        // answers; S3 answers normally to them.
+        Some(
+            ScriptedFault::EtagChurn
+            | ScriptedFault::ShortCredentials(_)
+            | ScriptedFault::Redirect { .. }
+            | ScriptedFault::EndlessBody
+            | ScriptedFault::PartialCredentials { .. }
+            | ScriptedFault::EchoSecrets
+            | ScriptedFault::HostileText { .. }
+            | ScriptedFault::InvalidEtag,
+        )
+        | None => {}
     }
     shared.s3_answer(&parts)
 }

@@ -293,7 +293,10 @@ impl State {
 fn take_matching(queue: &mut VecDeque<ScriptedFault>, kind: RequestKind) -> Option<ScriptedFault> {
     let position = queue.iter().position(|fault| match fault {
         ScriptedFault::EtagChurn => kind == RequestKind::FlowGet,
-        ScriptedFault::ShortCredentials(_) => kind == RequestKind::Sts,
+        ScriptedFault::ShortCredentials(_) | ScriptedFault::PartialCredentials { .. } => {
+            kind == RequestKind::Sts
+        }
+        ScriptedFault::InvalidEtag => kind == RequestKind::FlowGet,
         _ => true,
     })?;
     queue.remove(position)

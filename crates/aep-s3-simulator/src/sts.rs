@@ -98,14 +98,57 @@ async fn handle(
             tokio::time::sleep(delay).await;
         }
         Some(ScriptedFault::ShortCredentials(short)) => lifetime = short,
+        Some(ScriptedFault::Redirect { location }) => {
+            shared.sts_failed("Redirect", 307);
+            return wire::redirect(&location);
+        }
+        Some(ScriptedFault::EndlessBody) => return wire::endless_body(),
+        Some(ScriptedFault::EchoSecrets) => {
+            let (code, message) = default_error(500);
+            return shared.sts_error(500, code, message);
+        }
+        Some(ScriptedFault::HostileText { len }) => {
+            return shared.sts_error(400, "ValidationError", &wire::hostile_text(len, true));
+        }
+        Some(ScriptedFault::PartialCredentials {
+            omit_secret,
+            omit_token,
+        }) => {
+            let response = shared.sts_answer(&parts, &body, lifetime);
+            return without_fields(response, omit_secret, omit_token).await;
+        }
         // Never taken for STS (see `take_matching`).
-        Some(ScriptedFault::EtagChurn) | None => {
+        Some(ScriptedFault::EtagChurn | ScriptedFault::InvalidEtag) | None => {
             if plan.random == RandomFault::Throttle {
                 return shared.sts_error(400, "Throttling", "Rate exceeded");
             }
         }
     }
     shared.sts_answer(&parts, &body, lifetime)
+}
+
+/// The same answer with `<SecretAccessKey>` and/or `<SessionToken>` left out.
+async fn without_fields(response: Response, omit_secret: bool, omit_token: bool) -> Response {
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = to_bytes(body, MAX_BODY).await else {
+        return error_xml(500, "InternalFailure", "simulator: unreadable answer");
+    };
+    let mut xml = String::from_utf8_lossy(&bytes).into_owned();
+    for (omit, tag) in [
+        (omit_secret, "SecretAccessKey"),
+        (omit_token, "SessionToken"),
+    ] {
+        let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+        if let (true, Some(start), Some(end)) = (omit, xml.find(&open), xml.find(&close)) {
+            xml.replace_range(start..end + close.len(), "");
+        }
+    }
+    let mut response = wire::response(parts.status.as_u16(), "text/xml", xml);
+    *response.headers_mut() = parts.headers;
+    response
+        .headers_mut()
+        .remove(axum::http::header::CONTENT_LENGTH);
+    response
 }
 
 /// Code and message of the documented error for a scripted status.

@@ -1698,3 +1698,119 @@ async fn knobs_rename_retag_disable_and_delete_while_listing() {
     let (status, _) = list(&sim, &http, &token, "dev", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test]
+async fn hostile_fault_modes_answer_as_documented() {
+    let sim = start().await;
+    let trap = SecretTrap::start().await.unwrap();
+    // reqwest's default client follows redirects: the trap must then see it.
+    let follows = http();
+    sim.script(
+        SimService::Ims,
+        ScriptedFault::Redirect {
+            location: format!("{}/ims/token/v3", trap.url()),
+        },
+    );
+    let answer = follows
+        .post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[("client_secret", CLIENT_SECRET)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK, "the trap answered");
+    assert!(trap.received_any(&[CLIENT_SECRET.to_owned()]));
+
+    // Echo: the client secret comes back in error_description.
+    sim.script(SimService::Ims, ScriptedFault::EchoSecrets);
+    let answer = follows
+        .post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[("client_secret", CLIENT_SECRET)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::BAD_REQUEST);
+    assert!(answer.text().await.unwrap().contains(CLIENT_SECRET));
+
+    // Partial STS answer: no SecretAccessKey, the rest intact.
+    sim.script(
+        SimService::Sts,
+        ScriptedFault::PartialCredentials {
+            omit_secret: true,
+            omit_token: false,
+        },
+    );
+    let (status, xml) = sts_call(
+        &sim,
+        &follows,
+        &[
+            ("Action", "AssumeRole"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", ROLE_ARN),
+            ("RoleSessionName", "test-session"),
+            ("DurationSeconds", "3600"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(tag(&xml, "SecretAccessKey").is_none(), "{xml}");
+    assert!(tag(&xml, "SessionToken").is_some(), "{xml}");
+
+    // Invalid etag on the next GET only.
+    let token = ims_token(&sim, &follows).await;
+    sim.script_for(CONN, ScriptedFault::InvalidEtag);
+    let item = get_connection(&sim, &follows, &token).await;
+    let etag = item["items"][0]["etag"].as_str().unwrap().to_owned();
+    assert!(
+        reqwest::header::HeaderValue::from_str(&etag).is_err(),
+        "{etag:?}"
+    );
+    let item = get_connection(&sim, &follows, &token).await;
+    let etag = item["items"][0]["etag"].as_str().unwrap().to_owned();
+    assert!(
+        reqwest::header::HeaderValue::from_str(&etag).is_ok(),
+        "{etag:?}"
+    );
+
+    // Endless body: more than any cap, until the client stops reading.
+    sim.script(SimService::Flow, ScriptedFault::EndlessBody);
+    let mut answer = flow(
+        &sim,
+        &follows,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    let mut read = 0usize;
+    while read <= 4 << 20 {
+        read += answer
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the body goes on")
+            .len();
+    }
+    drop(answer);
+
+    // Hostile text: control characters in the detail, padded to length.
+    sim.script(SimService::Flow, ScriptedFault::HostileText { len: 10_000 });
+    let answer = flow(
+        &sim,
+        &follows,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    let body: Value = answer.json().await.unwrap();
+    let detail = body["report"]["detailed-message"].as_str().unwrap();
+    assert!(detail.contains('\u{1b}') && detail.contains('\n') && detail.len() >= 10_000);
+    // None of this is a violation: the client did nothing wrong.
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}

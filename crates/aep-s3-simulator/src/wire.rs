@@ -117,3 +117,54 @@ pub(super) fn form_value<'a>(pairs: &'a [(String, String)], key: &str) -> Option
 pub(super) fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// The etag [`super::ScriptedFault::InvalidEtag`] hands out: a control
+/// character makes it an invalid header value.
+pub(super) const INVALID_ETAG: &str = "\"0a00\u{1}bad-etag\"";
+
+/// `307 Temporary Redirect` to `location`.
+pub(super) fn redirect(location: &str) -> Response {
+    let mut response = response(307, "text/plain", String::new());
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LOCATION, value);
+    }
+    response
+}
+
+/// `200` with a chunked body of JSON whitespace that ends only after 4 GiB
+/// or when the client hangs up.
+pub(super) fn endless_body() -> Response {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 64 * 1024;
+    let chunk = axum::body::Bytes::from(vec![b' '; CHUNK]);
+    let stream = futures::stream::iter(
+        std::iter::repeat_n(chunk, CHUNKS).map(Ok::<_, std::convert::Infallible>),
+    );
+    let mut response = Response::new(Body::from_stream(stream));
+    if let Ok(value) = HeaderValue::from_str("application/json") {
+        response.headers_mut().insert(CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// A message with a newline, a forged JSON log line, ESC/OSC sequences and a
+/// bell, padded with `x` to `len` bytes.
+pub(super) fn hostile_text(len: usize, xml_safe: bool) -> String {
+    let mut text = if xml_safe {
+        "refused\n{\"level\":\"INFO\",\"message\":\"credentials rotated\"}\n".to_owned()
+    } else {
+        "refused\n{\"level\":\"INFO\",\"message\":\"credentials rotated\"}\r\n\u{1b}[2J\u{1b}]0;pwned\u{7}\u{202e}".to_owned()
+    };
+    if text.len() < len {
+        text.extend(std::iter::repeat_n('x', len - text.len()));
+    }
+    text
+}
+
+/// `secret` as a JSON encoder that escapes `/` writes it (no quotes).
+pub(super) fn json_escaped(secret: &str) -> String {
+    let quoted = serde_json::to_string(secret).unwrap_or_default();
+    quoted.trim_matches('"').replace('/', "\\/")
+}
