@@ -389,10 +389,21 @@ pub async fn run(config: &Config, args: &CreateArgs) -> Exit {
     {
         Ok(created) => created,
         Err(error) => {
+            // A POST is not idempotent: after a lost answer the connection
+            // may exist, and running `create` again would make a second one.
+            let advice = match error {
+                crate::flow::FlowError::Unavailable(_) | crate::flow::FlowError::Malformed(_) => {
+                    format!(
+                        "; the connection may have been created all the same: look for {:?} in sandbox {:?} before running create again",
+                        plan.new.name, plan.sandbox
+                    )
+                }
+                _ => String::new(),
+            };
             // The error's detail is scrubbed of the secret key and token.
             tracing::error!(
                 sandbox = %plan.sandbox,
-                "Flow Service did not create the connection: {error}"
+                "Flow Service did not create the connection: {error}{advice}"
             );
             return Exit::Failure;
         }

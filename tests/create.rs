@@ -214,8 +214,19 @@ async fn a_refused_post_exits_1_with_the_remotes_detail() {
     let (code, stdout2, stderr2) = run(&h, &config, &args);
     assert_eq!(code, 1, "stdout:\n{stdout2}\nstderr:\n{stderr2}");
     assert!(stderr2.contains("forbids this org"), "{stderr2}");
+
+    // A gateway that echoes the request's Authorization header back: the
+    // failure is reported, the IMS token is not.
+    h.sim.script(SimService::Flow, ScriptedFault::EchoSecrets);
+    let (code, stdout3, stderr3) = run(&h, &config, &args);
+    assert_eq!(code, 1, "stdout:\n{stdout3}\nstderr:\n{stderr3}");
+    assert!(stderr3.contains("502"), "{stderr3}");
+    assert!(stderr3.contains("may have been created"), "{stderr3}");
     assert!(created(&h).is_empty());
-    assert_no_secret(&format!("{stdout}{stderr}{stdout2}{stderr2}"), &h.secrets());
+    assert_no_secret(
+        &format!("{stdout}{stderr}{stdout2}{stderr2}{stdout3}{stderr3}"),
+        &h.secrets(),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
