@@ -53,8 +53,10 @@ pub async fn main(cli: Cli) -> Exit {
         Ok(config) => config,
         Err(exit) => return exit,
     };
-    if matches!(command, Command::Run(_) | Command::Once(_))
-        && let Err(exit) = ca_roots()
+    if matches!(
+        command,
+        Command::Run(_) | Command::Once(_) | Command::Create(_)
+    ) && let Err(exit) = ca_roots()
     {
         return exit;
     }
@@ -64,6 +66,7 @@ pub async fn main(cli: Cli) -> Exit {
         Command::Check => check(config, &cli.config).await,
         Command::Status => status(&config).await,
         Command::Demo(_) => Exit::Usage,
+        Command::Create(args) => crate::create::run(&config, &args).await,
     }
 }
 

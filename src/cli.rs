@@ -43,6 +43,8 @@ pub enum Command {
     Status,
     /// Run the real daemon against an embedded loopback simulator of IMS, STS and Flow Service.
     Demo(DemoArgs),
+    /// Create a new S3 base connection holding fresh temporary credentials, ready to be rotated.
+    Create(CreateArgs),
 }
 
 /// `run`
@@ -62,6 +64,36 @@ pub struct OnceArgs {
     /// Only this connection id (repeatable).
     #[arg(long = "connection", value_name = "ID")]
     pub connections: Vec<String>,
+}
+
+/// `create`
+#[derive(Debug, Args, Clone)]
+pub struct CreateArgs {
+    /// The sandbox to create the connection in (lower-case, e.g. `prod`).
+    #[arg(long)]
+    pub sandbox: String,
+    /// The connection's display name.
+    #[arg(long)]
+    pub name: String,
+    /// The S3 bucket (`bucketName`).
+    #[arg(long)]
+    pub bucket: String,
+    /// A folder inside the bucket (`folderPath`).
+    #[arg(long)]
+    pub folder: Option<String>,
+    /// The S3 endpoint (`serviceUrl`), an https URL.
+    #[arg(long, value_name = "URL")]
+    pub service_url: Option<String>,
+    /// The connection's description (a `[[discover]]` rule's `description_tag` can match it).
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+    /// The role to assume for the credentials [default: the config's `[aws] role_arn`].
+    #[arg(long, value_name = "ARN")]
+    pub role_arn: Option<String>,
+    /// Mint the credentials (and run the pre-push S3 check) but send nothing to
+    /// Flow Service; print the request with its secrets redacted.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// `demo`

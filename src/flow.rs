@@ -442,6 +442,41 @@ impl FlowClient {
         Ok(parsed.etag.filter(|etag| is_valid_etag(etag)))
     }
 
+    /// `POST /connections`: creates an S3 base connection with the `Access
+    /// Key` auth spec holding `credentials` (see [`create_body`]). Through
+    /// the request gate like every call; the answer body is read capped, a
+    /// redirect is refused, and an error's detail is scrubbed of the secret
+    /// key and session token. Answers the new connection's id and etag.
+    pub async fn create_connection(
+        &self,
+        sandbox: &str,
+        new: &NewConnection,
+        credentials: &AwsCredentials,
+        token: &AccessToken,
+    ) -> Result<CreatedConnection, FlowError> {
+        let url = self.url("", false);
+        let mut url = url;
+        if let Ok(mut segments) = url.path_segments_mut() {
+            // `url("")` ends in `connections/`: the collection has no slash.
+            segments.pop_if_empty();
+        }
+        let secret = credentials.secret_access_key.expose_secret();
+        let session = credentials.session_token.expose_secret();
+        let body = create_body(new, credentials);
+        let mut headers = self.headers(sandbox, token)?;
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let request = self
+            .http
+            .post(url.clone())
+            .headers(headers)
+            .body(body.to_string());
+        let (status, headers, answer) = self.send(request, &url).await?;
+        if !status.is_success() {
+            return Err(self.error_for(status, &headers, &answer, "", sandbox, &[secret, session]));
+        }
+        parse_created(&answer)
+    }
+
     /// `GET /connections/{id}/test`: whether Flow Service can reach S3 with the
     /// stored credentials.
     pub async fn test_connection(
@@ -568,6 +603,104 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
             folder: param("folderPath"),
             service_url: param("serviceUrl"),
         }),
+    })
+}
+
+/// What `POST /connections` creates besides the credentials: the non-secret
+/// parts of the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewConnection {
+    /// `name` (non-empty).
+    pub name: String,
+    /// `description`, sent only when given.
+    pub description: Option<String>,
+    /// `auth.params.bucketName`.
+    pub bucket: String,
+    /// `auth.params.folderPath`, sent only when given.
+    pub folder: Option<String>,
+    /// `auth.params.serviceUrl`, sent only when given.
+    pub service_url: Option<String>,
+}
+
+/// The answer to `POST /connections`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatedConnection {
+    /// The new base connection id.
+    pub id: String,
+    /// Its etag, with literal quotes, for the first `If-Match`.
+    pub etag: String,
+}
+
+/// The `POST /connections` body of the S3 tutorial: the three credentials,
+/// the bucket, and only the optional values that were given.
+pub fn create_body(new: &NewConnection, credentials: &AwsCredentials) -> Value {
+    let mut params = serde_json::Map::new();
+    params.insert("s3AccessKey".into(), json!(credentials.access_key_id));
+    params.insert(
+        "s3SecretKey".into(),
+        json!(credentials.secret_access_key.expose_secret()),
+    );
+    params.insert(
+        "s3SessionToken".into(),
+        json!(credentials.session_token.expose_secret()),
+    );
+    params.insert("bucketName".into(), json!(new.bucket));
+    if let Some(folder) = &new.folder {
+        params.insert("folderPath".into(), json!(folder));
+    }
+    if let Some(url) = &new.service_url {
+        params.insert("serviceUrl".into(), json!(url));
+    }
+    let mut body = serde_json::Map::new();
+    body.insert("name".into(), json!(new.name));
+    if let Some(description) = &new.description {
+        body.insert("description".into(), json!(description));
+    }
+    body.insert(
+        "auth".into(),
+        json!({"specName": ACCESS_KEY_AUTH_SPEC, "params": params}),
+    );
+    body.insert(
+        "connectionSpec".into(),
+        json!({"id": S3_CONNECTION_SPEC_ID, "version": "1.0"}),
+    );
+    Value::Object(body)
+}
+
+/// Reads `{"id", "etag"}` of a `POST /connections` answer, checked: an id
+/// that can go in a path, an etag that can go back in `If-Match`.
+pub fn parse_created(body: &[u8]) -> Result<CreatedConnection, FlowError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        FlowError::Malformed(crate::http::remote_text(&format!(
+            "create answer is not JSON: {e}"
+        )))
+    })?;
+    let id = value
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| {
+            !id.is_empty()
+                && id.len() <= 200
+                && !id.contains(['/', '?', '#', '%'])
+                && !id.chars().any(|c| c.is_control() || c.is_whitespace())
+        })
+        .ok_or_else(|| {
+            FlowError::Malformed(
+                "create answer has no usable \"id\"; look for the connection in the Platform UI before creating it again".to_owned(),
+            )
+        })?;
+    let etag = value
+        .get("etag")
+        .and_then(Value::as_str)
+        .filter(|etag| is_valid_etag(etag))
+        .ok_or_else(|| {
+            FlowError::Malformed(format!(
+                "create answer for connection {id} has no usable \"etag\"; the daemon will read it with GET"
+            ))
+        })?;
+    Ok(CreatedConnection {
+        id: id.to_owned(),
+        etag: etag.to_owned(),
     })
 }
 
@@ -801,6 +934,61 @@ mod tests {
                     parse_list_page(bad.as_bytes()),
                     Err(FlowError::Malformed(_))
                 ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn create_body_is_the_tutorials_with_only_the_given_options() {
+        let credentials = AwsCredentials {
+            access_key_id: "ASIAEXAMPLE".into(),
+            secret_access_key: "sk".to_owned().into(),
+            session_token: "st".to_owned().into(),
+            expiration: std::time::SystemTime::UNIX_EPOCH,
+        };
+        let mut new = NewConnection {
+            name: "n".into(),
+            description: None,
+            bucket: "b-1".into(),
+            folder: None,
+            service_url: None,
+        };
+        assert_eq!(
+            create_body(&new, &credentials),
+            json!({"name": "n",
+                "auth": {"specName": "Access Key", "params": {
+                    "s3AccessKey": "ASIAEXAMPLE", "s3SecretKey": "sk", "s3SessionToken": "st",
+                    "bucketName": "b-1"}},
+                "connectionSpec": {"id": S3_CONNECTION_SPEC_ID, "version": "1.0"}})
+        );
+        new.description = Some("d".into());
+        new.folder = Some("in/".into());
+        new.service_url = Some("https://s3.eu-west-1.amazonaws.com".into());
+        let body = create_body(&new, &credentials);
+        assert_eq!(body["description"], "d");
+        assert_eq!(body["auth"]["params"]["folderPath"], "in/");
+        assert_eq!(
+            body["auth"]["params"]["serviceUrl"],
+            "https://s3.eu-west-1.amazonaws.com"
+        );
+    }
+
+    #[test]
+    fn created_answers_are_checked() {
+        let ok = parse_created(br#"{"id": "69f188b6", "etag": "\"6802064a-0000\""}"#).unwrap();
+        assert_eq!(ok.id, "69f188b6");
+        assert_eq!(ok.etag, "\"6802064a-0000\"");
+        for bad in [
+            "nope",
+            "{}",
+            r#"{"id": "", "etag": "\"e\""}"#,
+            r#"{"id": "a/../b", "etag": "\"e\""}"#,
+            r#"{"id": "a"}"#,
+            r#"{"id": "a", "etag": "bad\netag"}"#,
+        ] {
+            assert!(
+                matches!(parse_created(bad.as_bytes()), Err(FlowError::Malformed(_))),
                 "{bad}"
             );
         }

@@ -11,7 +11,7 @@ use axum::http::header::RETRY_AFTER;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
 use axum::response::Response;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::net::ConnCtl;
 use super::state::{Conn, RandomFault, RequestKind, Shared, State as SimState, TokenStatus};
@@ -340,6 +340,9 @@ impl Shared {
             Route::List if parts.method == Method::GET => {
                 return super::list::answer(st, parts, sandbox, &self.client_id, &self.org_id);
             }
+            Route::List if parts.method == Method::POST => {
+                return self.create(st, parts, body, sandbox, &what, now);
+            }
             Route::List => {
                 st.violation(format!("{what}: method not allowed"));
                 return flow_error(
@@ -390,7 +393,9 @@ impl Shared {
             let Some(conn) = st.connections.get(id) else {
                 return not_found(id, sandbox);
             };
-            let valid = conn.patches > 0
+            // STS credentials were stored by a PATCH or by the POST that
+            // created the connection (a placeholder key pair has no token).
+            let valid = conn.credentials.token.is_some()
                 && conn.credentials.expires_at.is_some_and(|e| e > now)
                 && st
                     .issuances
@@ -630,6 +635,235 @@ impl Shared {
             at: now,
         });
         wire::json(200, &json!({ "id": id, "etag": etag }))
+    }
+}
+
+/// The `auth.params` an S3 `Access Key` connection accepts.
+const S3_PARAMS: [&str; 6] = [
+    "s3AccessKey",
+    "s3SecretKey",
+    "s3SessionToken",
+    "bucketName",
+    "folderPath",
+    "serviceUrl",
+];
+
+/// Why `bucket` breaks Adobe's bucket name rules (3–63 characters, lower-case
+/// letters, digits and hyphens, starting and ending with a letter or digit,
+/// not an IP address); `None` when it is fine.
+pub(super) fn bucket_problem(bucket: &str) -> Option<&'static str> {
+    if !(3..=63).contains(&bucket.len()) {
+        return Some("must be 3 to 63 characters long");
+    }
+    if !bucket
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Some("may contain only lower-case letters, digits and hyphens");
+    }
+    if bucket.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Some("must not be an IP address");
+    }
+    if bucket.contains('.') {
+        return Some("may contain only lower-case letters, digits and hyphens");
+    }
+    let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !alnum(bucket.bytes().next()) || !alnum(bucket.bytes().last()) {
+        return Some("must start and end with a letter or digit");
+    }
+    None
+}
+
+impl Shared {
+    /// `POST /connections`: a new S3 `Access Key` base connection holding
+    /// credentials this STS issued together and that have not expired.
+    fn create(
+        &self,
+        st: &mut SimState,
+        parts: &Parts,
+        body: &[u8],
+        sandbox: &str,
+        what: &str,
+        now: SystemTime,
+    ) -> Response {
+        let bad = |detail: &str| flow_error(400, "Bad Request", detail);
+        if !has_content_type(&parts.headers, "application/json") {
+            st.violation(format!("{what}: Content-Type is not application/json"));
+            return flow_error(
+                415,
+                "Unsupported Media Type",
+                "Content-Type must be application/json",
+            );
+        }
+        let request = match serde_json::from_slice::<Value>(body) {
+            Ok(request @ Value::Object(_)) => request,
+            _ => {
+                st.violation(format!("{what}: body is not a JSON object"));
+                return bad("The request body must be a JSON object");
+            }
+        };
+        let keys: Vec<&String> = request
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        let mut problems = Vec::new();
+        for key in keys {
+            if !matches!(
+                key.as_str(),
+                "name" | "description" | "auth" | "connectionSpec"
+            ) {
+                problems.push(format!("unknown property {key:?}"));
+            }
+        }
+        let name = request
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.trim().is_empty());
+        if name.is_none() {
+            problems.push("name must be a non-empty string".to_owned());
+        }
+        let description = match request.get("description") {
+            None => Some(""),
+            Some(Value::String(d)) => Some(d.as_str()),
+            Some(_) => {
+                problems.push("description must be a string".to_owned());
+                None
+            }
+        };
+        let spec_id = request
+            .pointer("/connectionSpec/id")
+            .and_then(Value::as_str);
+        if spec_id != Some(super::S3_CONNECTION_SPEC_ID) {
+            problems.push(format!(
+                "connectionSpec.id must be the Amazon S3 spec {}",
+                super::S3_CONNECTION_SPEC_ID
+            ));
+        }
+        if request
+            .pointer("/connectionSpec/version")
+            .and_then(Value::as_str)
+            != Some("1.0")
+        {
+            problems.push("connectionSpec.version must be \"1.0\"".to_owned());
+        }
+        if request.pointer("/auth/specName").and_then(Value::as_str)
+            != Some(super::ACCESS_KEY_AUTH_SPEC)
+        {
+            problems.push("auth.specName must be \"Access Key\"".to_owned());
+        }
+        let empty = Map::new();
+        let params = match request.pointer("/auth/params") {
+            Some(Value::Object(params)) => params,
+            _ => {
+                problems.push("auth.params must be an object".to_owned());
+                &empty
+            }
+        };
+        let mut other_params = Map::new();
+        for (key, value) in params {
+            if !S3_PARAMS.contains(&key.as_str()) {
+                problems.push(format!("auth.params.{key} is not a parameter of Amazon S3"));
+                continue;
+            }
+            match value.as_str().filter(|v| !v.is_empty()) {
+                None => problems.push(format!("auth.params.{key} must be a non-empty string")),
+                Some(v) if !key.starts_with("s3") => {
+                    other_params.insert(key.clone(), Value::String(v.to_owned()));
+                }
+                Some(_) => {}
+            }
+        }
+        let text = |key: &str| {
+            params
+                .get(key)
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+        };
+        let (Some(access_key_id), Some(secret), Some(token)) = (
+            text("s3AccessKey"),
+            text("s3SecretKey"),
+            text("s3SessionToken"),
+        ) else {
+            problems.push(
+                "auth.params must hold s3AccessKey, s3SecretKey and s3SessionToken".to_owned(),
+            );
+            problems.sort();
+            st.violation(format!(
+                "{what}: bad create request: {}",
+                problems.join("; ")
+            ));
+            return bad(&format!("Invalid request: {}", problems.join("; ")));
+        };
+        if !problems.is_empty() {
+            problems.sort();
+            st.violation(format!(
+                "{what}: bad create request: {}",
+                problems.join("; ")
+            ));
+            return bad(&format!("Invalid request: {}", problems.join("; ")));
+        }
+        // A value the user chose, not a protocol error: 400, no violation.
+        if let Some(bucket) = text("bucketName")
+            && let Some(why) = bucket_problem(bucket)
+        {
+            return bad(&format!(
+                "Invalid bucketName {bucket:?}: the bucket name {why}"
+            ));
+        }
+        if let Some(url) = text("serviceUrl")
+            && !url.starts_with("https://")
+        {
+            return bad(&format!(
+                "Invalid serviceUrl {url:?}: it must be an https URL"
+            ));
+        }
+        let expires_at = match st.issuances.get(access_key_id) {
+            None => {
+                st.violation(format!(
+                    "{what}: mismatched credentials: access key {access_key_id} was not issued by STS"
+                ));
+                return bad("The credentials are not valid");
+            }
+            Some(issuance) if issuance.secret != secret || issuance.token != token => {
+                st.violation(format!(
+                    "{what}: mismatched credentials: the secret key or session token was not issued together with access key {access_key_id}"
+                ));
+                return bad("The credentials are not valid");
+            }
+            Some(issuance) if issuance.expires_at <= now => {
+                st.violation(format!(
+                    "{what}: credentials {access_key_id} sent after they expired"
+                ));
+                return bad("The credentials have expired");
+            }
+            Some(issuance) => issuance.expires_at,
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let spec = super::SimConnection::s3(&id, sandbox, name.unwrap_or_default())
+            .with_description(description.unwrap_or_default());
+        let etag = st.create_connection(
+            spec,
+            other_params,
+            super::state::StoredCredentials {
+                access_key_id: access_key_id.to_owned(),
+                secret: secret.to_owned(),
+                token: Some(token.to_owned()),
+                expires_at: Some(expires_at),
+            },
+        );
+        st.event(SimEvent::ConnectionAdded {
+            connection: id.clone(),
+            at: now,
+        });
+        let mut response = wire::json(201, &json!({ "id": id, "etag": etag }));
+        if let Ok(location) =
+            axum::http::HeaderValue::from_str(&format!("{CONNECTIONS_PREFIX}{id}"))
+        {
+            response
+                .headers_mut()
+                .insert(axum::http::header::LOCATION, location);
+        }
+        response
     }
 }
 

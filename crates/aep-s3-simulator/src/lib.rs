@@ -635,6 +635,12 @@ impl Simulator {
         self.shared.lock().s3.deny_next = n;
     }
 
+    /// Makes `bucket` exist in S3 although no connection names it yet (the
+    /// bucket of a connection about to be created, for the pre-push check).
+    pub fn s3_add_bucket(&self, bucket: &str) {
+        self.shared.lock().s3.buckets.insert(bucket.to_owned());
+    }
+
     /// Puts `bucket` in `region`: checks signed for another region get
     /// `301 PermanentRedirect` naming it.
     pub fn s3_set_bucket_region(&self, bucket: &str, region: &str) {

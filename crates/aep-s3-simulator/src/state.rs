@@ -201,6 +201,9 @@ pub(super) struct S3Knobs {
     pub deny_next: u32,
     /// Buckets that live outside `us-east-1`, with their region.
     pub bucket_regions: HashMap<String, String>,
+    /// Buckets that exist although no connection names them yet (a new
+    /// connection's bucket, checked before it is created).
+    pub buckets: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -620,6 +623,30 @@ impl Shared {
 }
 
 /// Inserts (or replaces) a connection with its initial state.
+impl State {
+    /// Stores a connection made by `POST /connections`: its own parameters
+    /// and the STS credentials it was created with. Answers its etag.
+    pub(super) fn create_connection(
+        &mut self,
+        spec: SimConnection,
+        other_params: Map<String, Value>,
+        credentials: StoredCredentials,
+    ) -> String {
+        let sandbox_id = self
+            .sandbox_ids
+            .entry(spec.sandbox.clone())
+            .or_insert_with(|| uuid::Uuid::new_v4().to_string())
+            .clone();
+        let id = spec.id.clone();
+        let mut conn = new_conn(spec, sandbox_id);
+        conn.other_params = other_params;
+        conn.credentials = credentials;
+        let etag = conn.etag.clone();
+        self.connections.insert(id, conn);
+        etag
+    }
+}
+
 fn insert_connection(st: &mut State, c: SimConnection) {
     let sandbox_id = st
         .sandbox_ids

@@ -1814,3 +1814,249 @@ async fn hostile_fault_modes_answer_as_documented() {
     // None of this is a violation: the client did nothing wrong.
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
 }
+
+fn create_body(c: &Creds, bucket: &str) -> Value {
+    json!({
+        "name": "new-s3", "description": "rotate:aep-s3",
+        "auth": {"specName": "Access Key", "params": {
+            "s3AccessKey": c.access_key_id, "s3SecretKey": c.secret, "s3SessionToken": c.token,
+            "bucketName": bucket, "folderPath": "in/"}},
+        "connectionSpec": {"id": S3_CONNECTION_SPEC_ID, "version": "1.0"}
+    })
+}
+
+async fn create(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    token: &str,
+    body: &Value,
+) -> (StatusCode, Option<String>, Value) {
+    let response = flow(sim, http, Method::POST, "/connections", token, "prod")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let location = response
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        status,
+        location,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn post_creates_a_connection_that_is_readable_patchable_and_listable() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    let (status, location, body) =
+        create(&sim, &http, &token, &create_body(&creds, "my-bucket-1")).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let etag = body["etag"].as_str().unwrap().to_owned();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("/data/foundation/flowservice/connections/{id}").as_str())
+    );
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+
+    // Readable, with the secrets masked and the parameters as given.
+    let item: Value = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{id}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let item = &item["items"][0];
+    assert_eq!(item["etag"], etag.as_str());
+    assert_eq!(item["name"], "new-s3");
+    assert_eq!(item["description"], "rotate:aep-s3");
+    assert_eq!(item["state"], "enabled");
+    assert_eq!(item["auth"]["params"]["bucketName"], "my-bucket-1");
+    assert_eq!(item["auth"]["params"]["folderPath"], "in/");
+    assert_eq!(item["auth"]["params"]["s3SecretKey"], "***");
+    assert!(!item.to_string().contains(&creds.secret));
+    // Not visible from another sandbox.
+    let other = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{id}"),
+        &token,
+        "dev",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND);
+    // The stored credentials work (test endpoint).
+    let test: Value = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{id}/test"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(test, json!({"result": true}));
+    // Listable.
+    let list: Value = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections?property=id=={id}"),
+        &token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["items"][0]["id"], id.as_str());
+    // Patchable with its etag.
+    let fresh = assume_role(&sim, &http).await;
+    let response = flow(
+        &sim,
+        &http,
+        Method::PATCH,
+        &format!("/connections/{id}"),
+        &token,
+        "prod",
+    )
+    .header("content-type", "application/json")
+    .header("if-match", &etag)
+    .body(three_ops(&fresh).to_string())
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let view = sim.connection(&id).unwrap();
+    assert_eq!(view.patches, 1);
+    assert_eq!(
+        view.access_key_id.as_deref(),
+        Some(fresh.access_key_id.as_str())
+    );
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+#[tokio::test]
+async fn post_refuses_what_an_s3_access_key_connection_does_not_allow() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let creds = assume_role(&sim, &http).await;
+    // Bucket names: Adobe's rules; a value problem, not a protocol violation.
+    for bucket in [
+        "ab",
+        "My-Bucket",
+        "-bucket",
+        "bucket-",
+        "192.168.1.10",
+        "a_b_c",
+        &"b".repeat(64),
+    ] {
+        let (status, _, body) = create(&sim, &http, &token, &create_body(&creds, bucket)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bucket}: {body}");
+        assert_eq!(body["status"], 400, "{body}");
+        assert!(
+            body["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://ns.adobe.com/aep/errors/")
+        );
+        let detail = body["report"]["detailed-message"].as_str().unwrap();
+        assert!(detail.contains("bucketName"), "{detail}");
+    }
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+
+    let mut cases: Vec<(&str, Value)> = Vec::new();
+    let mut v = create_body(&creds, "good-bucket");
+    v["connectionSpec"]["id"] = json!("00000000-0000-0000-0000-000000000000");
+    cases.push(("connectionSpec.id", v));
+    let mut v = create_body(&creds, "good-bucket");
+    v["connectionSpec"]["version"] = json!("2.0");
+    cases.push(("connectionSpec.version", v));
+    let mut v = create_body(&creds, "good-bucket");
+    v["auth"]["specName"] = json!("IAMRole Based");
+    cases.push(("auth.specName", v));
+    let mut v = create_body(&creds, "good-bucket");
+    v["auth"]["params"]["roleArn"] = json!("arn:aws:iam::123456789012:role/x");
+    cases.push(("auth.params.roleArn", v));
+    let mut v = create_body(&creds, "good-bucket");
+    v["auth"]["params"]
+        .as_object_mut()
+        .unwrap()
+        .remove("s3SessionToken");
+    cases.push(("s3SessionToken", v));
+    let mut v = create_body(&creds, "good-bucket");
+    v["name"] = json!("");
+    cases.push(("name", v));
+    let mut v = create_body(&creds, "good-bucket");
+    v["auth"]["params"]["s3SecretKey"] = json!("not-the-issued-secret-key");
+    cases.push(("not issued together", v));
+    let mut v = create_body(&creds, "good-bucket");
+    v["auth"]["params"]["s3AccessKey"] = json!("ASIANEVERISSUED00001");
+    cases.push(("was not issued by STS", v));
+    for (what, body) in &cases {
+        let (status, _, answer) = create(&sim, &http, &token, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {answer}");
+        let violations = sim.violations();
+        assert!(
+            violations.last().is_some_and(|v| v.contains(what)),
+            "{what}: {violations:?}"
+        );
+    }
+    // Headers: no content type, then no sandbox.
+    let response = flow(&sim, &http, Method::POST, "/connections", &token, "prod")
+        .body(create_body(&creds, "good-bucket").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let response = http
+        .post(format!(
+            "{}/data/foundation/flowservice/connections",
+            sim.platform_url()
+        ))
+        .bearer_auth(&token)
+        .header("x-api-key", CLIENT_ID)
+        .header("x-gw-ims-org-id", ORG_ID)
+        .header("content-type", "application/json")
+        .body(create_body(&creds, "good-bucket").to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(sim.violations().last().unwrap().contains("x-sandbox-name"));
+    // Nothing was created by any of these.
+    assert!(
+        !sim.events()
+            .iter()
+            .any(|e| matches!(e, SimEvent::ConnectionAdded { .. })),
+        "a refused POST created a connection"
+    );
+}
