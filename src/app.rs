@@ -345,6 +345,7 @@ async fn start_membership(
     let lister = FlowLister::new(Arc::clone(&rotator));
     let membership = discovery::resolve(config, &lister, None, None).await;
     discovery::log_changes(&Membership::default(), &membership);
+    telemetry.set_discovery_conflicts(membership.conflicts.len());
     Some((membership.apply_to(config), rotator, membership))
 }
 
@@ -377,6 +378,7 @@ async fn discovery_supervisor(
                 () = cancel.cancelled() => return,
                 Some(next) = found.recv() => {
                     membership = next;
+                    telemetry.set_discovery_conflicts(membership.conflicts.len());
                     if to_daemon.send(membership.apply_to(&base)).await.is_err() {
                         return;
                     }
@@ -399,6 +401,7 @@ async fn discovery_supervisor(
                     };
                     discovery::log_changes(&membership, &next);
                     membership = next;
+                    telemetry.set_discovery_conflicts(membership.conflicts.len());
                     if to_daemon.send(membership.apply_to(&base)).await.is_err() {
                         return;
                     }

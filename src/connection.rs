@@ -620,6 +620,7 @@ impl Connection {
             },
             last_success_at: self.last_success,
             last_error: self.last_error.clone(),
+            origin: self.config.origin,
         }
     }
 

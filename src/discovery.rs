@@ -88,6 +88,22 @@ impl Lister for FlowLister {
         filters: &[PropertyFilter],
         limit: u32,
     ) -> Result<Vec<ListedConnection>, ListError> {
+        let answer = self.list_once(sandbox, filters, limit).await;
+        // One count per listing (all its pages), whatever it was for.
+        self.rotator
+            .telemetry
+            .discovery_listing(sandbox, answer.is_ok());
+        answer
+    }
+}
+
+impl FlowLister {
+    async fn list_once(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+    ) -> Result<Vec<ListedConnection>, ListError> {
         let mut retried = false;
         loop {
             let token = self.rotator.ims.token().await?;
