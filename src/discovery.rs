@@ -32,6 +32,7 @@ use crate::flow::{
 };
 use crate::ims::ImsError;
 use crate::rotation::Rotator;
+use crate::s3probe::S3Target;
 use crate::sts::StsRequest;
 
 /// Items per list page. Adobe documents `limit` but no maximum; 100 keeps a
@@ -154,6 +155,10 @@ pub struct Membership {
     /// `connections` that are S3 `Access Key` connections: the first job of
     /// such a connection can PATCH without a `GET`.
     pub etags: HashMap<String, String>,
+    /// S3 targets (bucket, folder, endpoint) seen in the same list items as
+    /// `etags`, by connection id: the pre-push check of the first job then
+    /// needs no `GET` either.
+    pub targets: HashMap<String, S3Target>,
     /// Connections matched by rules with different STS identities (not in
     /// `connections`).
     pub conflicts: Vec<Conflict>,
@@ -220,8 +225,14 @@ pub fn sandbox_periods(rules: &[DiscoverRule]) -> BTreeMap<String, Duration> {
     periods
 }
 
-/// The rules' entries for one listed connection, its name and its etag.
-type Candidates = (Vec<ConnectionConfig>, Option<String>, String);
+/// The rules' entries for one listed connection, its name, its etag and
+/// its S3 target.
+type Candidates = (
+    Vec<ConnectionConfig>,
+    Option<String>,
+    String,
+    Option<S3Target>,
+);
 
 /// Pure: the membership that `listings` (sandbox → items) give under
 /// `config`'s rules and explicit connections. `failures` and `etags` of
@@ -238,7 +249,14 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
                 if matches(rule, sandbox, item) {
                     let entry = found
                         .entry((sandbox.clone(), item.id.clone()))
-                        .or_insert_with(|| (Vec::new(), item.name.clone(), item.etag.clone()));
+                        .or_insert_with(|| {
+                            (
+                                Vec::new(),
+                                item.name.clone(),
+                                item.etag.clone(),
+                                item.s3.clone(),
+                            )
+                        });
                     entry
                         .0
                         .push(rule.connection(&item.id, sandbox, item.name.as_deref()));
@@ -254,7 +272,7 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
     // The same id listed in two sandboxes cannot be: ids are global. Keep the
     // first (sandbox order) and skip the other rather than guess.
     let mut taken: HashSet<String> = explicit.iter().map(|s| (*s).to_owned()).collect();
-    for ((sandbox, id), (candidates, name, etag)) in found {
+    for ((sandbox, id), (candidates, name, etag, target)) in found {
         if !taken.insert(id.clone()) {
             continue;
         }
@@ -280,6 +298,9 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
         }
         // Same identity from several rules: the first rule names it.
         if let Some(first) = candidates.into_iter().next() {
+            if let Some(target) = target {
+                membership.targets.insert(id.clone(), target);
+            }
             membership.etags.insert(id, etag);
             membership.connections.push(first);
         }
@@ -364,6 +385,11 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
                 membership
                     .etags
                     .insert(connection.id.clone(), item.etag.clone());
+                if let Some(target) = &item.s3 {
+                    membership
+                        .targets
+                        .insert(connection.id.clone(), target.clone());
+                }
             }
             _ => wanted
                 .entry(connection.sandbox.as_str())
@@ -380,6 +406,9 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
                     for item in items.iter().filter(|i| usable(i)) {
                         if chunk.contains(&item.id.as_str()) {
                             membership.etags.insert(item.id.clone(), item.etag.clone());
+                            if let Some(target) = &item.s3 {
+                                membership.targets.insert(item.id.clone(), target.clone());
+                            }
                         }
                     }
                 }
@@ -520,6 +549,7 @@ role_arn = "{ROLE_A}"
             auth_spec: Some(ACCESS_KEY_AUTH_SPEC.to_owned()),
             state: Some("enabled".to_owned()),
             connection_spec_id: Some(S3_CONNECTION_SPEC_ID.to_owned()),
+            s3: None,
         }
     }
 
