@@ -772,6 +772,39 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         assert!(!fourth.differs_from(&third));
     }
 
+    #[tokio::test]
+    async fn without_rules_explicit_ids_are_listed_with_their_targets() {
+        let explicit = "[[connections]]\nid = \"e1\"\nsandbox = \"dev\"\n\
+                        [[connections]]\nid = \"e2\"\nsandbox = \"dev\"\n\
+                        [[connections]]\nid = \"e3\"\nsandbox = \"prod\"\n";
+        let config = config("", explicit);
+        let lister = Arc::new(FakeLister::default());
+        let target = S3Target {
+            bucket: "sales".to_owned(),
+            folder: Some("/landing".to_owned()),
+            service_url: None,
+        };
+        let mut e1 = item("e1", "one", "");
+        e1.s3 = Some(target.clone());
+        lister.put("dev", vec![e1, item("e2", "two", "")]);
+        lister.fail("prod", true);
+        let m = resolve(&config, &lister, None, None).await;
+        // One id chunk per sandbox, nothing else (no rule, no sandbox listing).
+        let calls = lister.calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(calls.iter().all(|(_, f)| f[0].path == "id"), "{calls:?}");
+        assert_eq!(m.connections.len(), 3);
+        assert_eq!(m.etags.get("e1").map(String::as_str), Some("\"etag-e1\""));
+        assert_eq!(m.etags.get("e2").map(String::as_str), Some("\"etag-e2\""));
+        // prod's listing failed: e3 is kept, and just has no etag (one GET).
+        assert!(!m.etags.contains_key("e3"));
+        assert_eq!(m.targets.get("e1"), Some(&target));
+        assert!(
+            !m.targets.contains_key("e2"),
+            "no bucket listed, none made up"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn run_discovery_relists_every_period_and_sends_changes_only() {
         let config = config(TAG_RULE, "");
