@@ -52,6 +52,11 @@ pub struct StatusEntry {
     pub last_success_at: Option<String>,
     /// Last error, if the last attempt failed.
     pub last_error: Option<String>,
+    /// How the connection was configured: `explicit` (`[[connections]]`) or
+    /// `discover[N]` (the Nth `[[discover]]` rule). Empty from a daemon too
+    /// old to say.
+    #[serde(default)]
+    pub origin: String,
 }
 
 impl StatusEntry {
@@ -72,6 +77,7 @@ impl StatusEntry {
             next_rotation_at: rfc3339(status.next_rotation_at),
             last_success_at: rfc3339(status.last_success_at),
             last_error: status.last_error.clone(),
+            origin: status.origin.to_string(),
         }
     }
 }
@@ -528,16 +534,17 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// relative to `now` (`41m 3s`; `expired 12s ago`; an overdue rotation as
 /// `-12s`; `-` for none).
 pub fn render_status_table(entries: &[StatusEntry], now: SystemTime) -> String {
-    const HEADER: [&str; 7] = [
+    const HEADER: [&str; 8] = [
         "NAME",
         "SANDBOX",
+        "ORIGIN",
         "STATE",
         "ACCESS KEY ID",
         "EXPIRES IN",
         "NEXT ROTATION IN",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 7]> = entries
+    let rows: Vec<[String; 8]> = entries
         .iter()
         .map(|e| {
             // Everything here came over the wire from the admin endpoint:
@@ -545,6 +552,11 @@ pub fn render_status_table(entries: &[StatusEntry], now: SystemTime) -> String {
             [
                 crate::http::bounded(&e.name, 100),
                 crate::http::bounded(&e.sandbox, 100),
+                if e.origin.is_empty() {
+                    "-".to_owned()
+                } else {
+                    crate::http::bounded(&e.origin, 40)
+                },
                 e.state.to_string(),
                 e.access_key_id
                     .as_deref()
@@ -568,7 +580,7 @@ pub fn render_status_table(entries: &[StatusEntry], now: SystemTime) -> String {
         }
     }
     let mut out = String::new();
-    let mut push_row = |cells: [&str; 7]| {
+    let mut push_row = |cells: [&str; 8]| {
         let mut line = String::new();
         for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
             if i + 1 == cells.len() {
@@ -632,6 +644,7 @@ mod tests {
             next_rotation_at: Some(now + Duration::from_secs(2400)),
             last_success_at: Some(now - Duration::from_secs(60)),
             last_error: None,
+            origin: crate::config::Origin::Explicit,
         });
         telemetry.upsert(ConnectionStatus {
             id: "id-expired".into(),
@@ -642,6 +655,7 @@ mod tests {
             next_rotation_at: Some(now + Duration::from_secs(30)),
             last_success_at: None,
             last_error: Some("403 Forbidden: no access".into()),
+            origin: crate::config::Origin::Explicit,
         });
         telemetry.rotation("id-fresh", Outcome::Success);
         telemetry.rotation("id-expired", Outcome::Failure);
@@ -730,7 +744,8 @@ mod tests {
                 "expires_at",
                 "next_rotation_at",
                 "last_success_at",
-                "last_error"
+                "last_error",
+                "origin"
             ]
             .into_iter()
             .collect()
@@ -741,6 +756,7 @@ mod tests {
         assert_eq!(entries[0].name, "old-bucket");
         assert_eq!(entries[0].state, ConnectionState::Expired);
         assert_eq!(entries[0].last_success_at, None);
+        assert_eq!(entries[0].origin, "explicit");
         assert_eq!(entries[1].state, ConnectionState::Fresh);
         assert_eq!(entries[1].access_key_id.as_deref(), Some("ASIAFRESH"));
         let expires = entries[1].expires_at.as_deref().unwrap();
@@ -786,6 +802,7 @@ mod tests {
         for column in [
             "NAME",
             "SANDBOX",
+            "ORIGIN",
             "STATE",
             "ACCESS KEY ID",
             "EXPIRES IN",
@@ -909,6 +926,7 @@ mod tests {
             next_rotation_at: None,
             last_success_at: None,
             last_error: None,
+            origin: "explicit".into(),
         }
     }
 
@@ -932,19 +950,20 @@ mod tests {
         b.state = ConnectionState::Expired;
         b.expires_at = at(-12);
         b.last_error = Some("line one\nline two".into());
+        b.origin = "discover[1]".into();
         let table = render_status_table(&[a, b], now);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],
-            "NAME                         SANDBOX  STATE     ACCESS KEY ID  EXPIRES IN       NEXT ROTATION IN  LAST ERROR"
+            "NAME                         SANDBOX  ORIGIN       STATE     ACCESS KEY ID  EXPIRES IN       NEXT ROTATION IN  LAST ERROR"
         );
         assert_eq!(
             lines[1],
-            "a-very-long-connection-name  prod     expiring  ASIA1          41m 3s           -12s              -"
+            "a-very-long-connection-name  prod     explicit     expiring  ASIA1          41m 3s           -12s              -"
         );
         assert_eq!(
             lines[2],
-            "b                            prod     expired   -              expired 12s ago  -                 line one line two"
+            "b                            prod     discover[1]  expired   -              expired 12s ago  -                 line one line two"
         );
     }
 
@@ -962,6 +981,7 @@ mod tests {
         let json = serde_json::to_string(&e).unwrap();
         assert!(json.contains(r#""state":"fresh""#), "{json}");
         assert!(json.contains(r#""last_error":null"#), "{json}");
+        assert!(json.contains(r#""origin":"explicit""#), "{json}");
         assert_eq!(serde_json::from_str::<StatusEntry>(&json).unwrap(), e);
     }
 

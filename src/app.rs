@@ -293,6 +293,7 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         Notifier::from_env(),
         Arc::clone(&rotator),
     );
+    daemon.seed_s3_targets(&membership.targets);
     daemon.seed_etags(&membership.etags);
     // SIGHUP configs and re-listed memberships both reach the daemon as
     // configs whose connections are the resolved set.
@@ -335,19 +336,13 @@ async fn start_membership(
             return None;
         }
     };
-    // Without rules nothing is listed (yet): the scheduler rewrite decides
-    // when explicit-only configs switch to bulk etags too, since that moves
-    // the first request of every connection from a GET to a PATCH.
-    if config.discover.is_empty() {
-        let membership = Membership {
-            connections: config.connections.clone(),
-            ..Membership::default()
-        };
-        return Some((config.clone(), rotator, membership));
-    }
+    // Explicit-only configs list too: their etags (and S3 targets) come
+    // by id in pages, so a healthy first rotation is one PATCH. A failed
+    // listing only means that connection does its own GET.
     let lister = FlowLister::new(Arc::clone(&rotator));
     let membership = discovery::resolve(config, &lister, None, None).await;
     discovery::log_changes(&Membership::default(), &membership);
+    telemetry.set_discovery_conflicts(membership.conflicts.len());
     Some((membership.apply_to(config), rotator, membership))
 }
 
@@ -380,6 +375,7 @@ async fn discovery_supervisor(
                 () = cancel.cancelled() => return,
                 Some(next) = found.recv() => {
                     membership = next;
+                    telemetry.set_discovery_conflicts(membership.conflicts.len());
                     if to_daemon.send(membership.apply_to(&base)).await.is_err() {
                         return;
                     }
@@ -402,6 +398,7 @@ async fn discovery_supervisor(
                     };
                     discovery::log_changes(&membership, &next);
                     membership = next;
+                    telemetry.set_discovery_conflicts(membership.conflicts.len());
                     if to_daemon.send(membership.apply_to(&base)).await.is_err() {
                         return;
                     }
@@ -442,6 +439,7 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
     }
     let (_no_reloads, reloads) = mpsc::channel(1);
     let mut daemon = Daemon::with_rotator(config, options, telemetry, Notifier::default(), rotator);
+    daemon.seed_s3_targets(&membership.targets);
     daemon.seed_etags(&membership.etags);
     match daemon.run(cancel.clone(), reloads).await {
         Ok(report) => {

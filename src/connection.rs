@@ -264,6 +264,16 @@ impl Connection {
         self.current_action()
     }
 
+    /// The S3 target (bucket, folder, endpoint) read in bulk from the same
+    /// list item as the etag, before the first job: its pre-push check then
+    /// needs no `GET`. A target learnt from a job is never overwritten, and a
+    /// running job is left alone (its result carries what it read).
+    pub fn seed_s3(&mut self, listed: &crate::s3probe::S3Target) {
+        if self.phase != Phase::InFlight && self.s3.is_none() {
+            self.s3 = Some(listed.clone());
+        }
+    }
+
     /// Its settings.
     pub fn config(&self) -> &ConnectionConfig {
         &self.config
@@ -620,6 +630,7 @@ impl Connection {
             },
             last_success_at: self.last_success,
             last_error: self.last_error.clone(),
+            origin: self.config.origin,
         }
     }
 

@@ -318,6 +318,16 @@ impl Daemon {
         }
     }
 
+    /// S3 targets read in bulk (list pages), by connection id; seed them
+    /// before [`Self::seed_etags`] so the first job holds both.
+    pub fn seed_s3_targets(&mut self, targets: &HashMap<String, crate::s3probe::S3Target>) {
+        for (id, target) in targets {
+            if let Some(connection) = self.connections.get_mut(id) {
+                connection.seed_s3(target);
+            }
+        }
+    }
+
     /// A scheduler whose jobs run on `runner` and whose time is `clock`:
     /// the seam that lets tests drive the loop with paused time and no sockets.
     pub fn with_job_runner(

@@ -32,6 +32,7 @@ use crate::flow::{
 };
 use crate::ims::ImsError;
 use crate::rotation::Rotator;
+use crate::s3probe::S3Target;
 use crate::sts::StsRequest;
 
 /// Items per list page. Adobe documents `limit` but no maximum; 100 keeps a
@@ -88,6 +89,22 @@ impl Lister for FlowLister {
         filters: &[PropertyFilter],
         limit: u32,
     ) -> Result<Vec<ListedConnection>, ListError> {
+        let answer = self.list_once(sandbox, filters, limit).await;
+        // One count per listing (all its pages), whatever it was for.
+        self.rotator
+            .telemetry
+            .discovery_listing(sandbox, answer.is_ok());
+        answer
+    }
+}
+
+impl FlowLister {
+    async fn list_once(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+    ) -> Result<Vec<ListedConnection>, ListError> {
         let mut retried = false;
         loop {
             let token = self.rotator.ims.token().await?;
@@ -138,6 +155,10 @@ pub struct Membership {
     /// `connections` that are S3 `Access Key` connections: the first job of
     /// such a connection can PATCH without a `GET`.
     pub etags: HashMap<String, String>,
+    /// S3 targets (bucket, folder, endpoint) seen in the same list items as
+    /// `etags`, by connection id: the pre-push check of the first job then
+    /// needs no `GET` either.
+    pub targets: HashMap<String, S3Target>,
     /// Connections matched by rules with different STS identities (not in
     /// `connections`).
     pub conflicts: Vec<Conflict>,
@@ -204,8 +225,14 @@ pub fn sandbox_periods(rules: &[DiscoverRule]) -> BTreeMap<String, Duration> {
     periods
 }
 
-/// The rules' entries for one listed connection, its name and its etag.
-type Candidates = (Vec<ConnectionConfig>, Option<String>, String);
+/// The rules' entries for one listed connection, its name, its etag and
+/// its S3 target.
+type Candidates = (
+    Vec<ConnectionConfig>,
+    Option<String>,
+    String,
+    Option<S3Target>,
+);
 
 /// Pure: the membership that `listings` (sandbox → items) give under
 /// `config`'s rules and explicit connections. `failures` and `etags` of
@@ -222,7 +249,14 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
                 if matches(rule, sandbox, item) {
                     let entry = found
                         .entry((sandbox.clone(), item.id.clone()))
-                        .or_insert_with(|| (Vec::new(), item.name.clone(), item.etag.clone()));
+                        .or_insert_with(|| {
+                            (
+                                Vec::new(),
+                                item.name.clone(),
+                                item.etag.clone(),
+                                item.s3.clone(),
+                            )
+                        });
                     entry
                         .0
                         .push(rule.connection(&item.id, sandbox, item.name.as_deref()));
@@ -238,7 +272,7 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
     // The same id listed in two sandboxes cannot be: ids are global. Keep the
     // first (sandbox order) and skip the other rather than guess.
     let mut taken: HashSet<String> = explicit.iter().map(|s| (*s).to_owned()).collect();
-    for ((sandbox, id), (candidates, name, etag)) in found {
+    for ((sandbox, id), (candidates, name, etag, target)) in found {
         if !taken.insert(id.clone()) {
             continue;
         }
@@ -264,6 +298,9 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
         }
         // Same identity from several rules: the first rule names it.
         if let Some(first) = candidates.into_iter().next() {
+            if let Some(target) = target {
+                membership.targets.insert(id.clone(), target);
+            }
             membership.etags.insert(id, etag);
             membership.connections.push(first);
         }
@@ -348,6 +385,11 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
                 membership
                     .etags
                     .insert(connection.id.clone(), item.etag.clone());
+                if let Some(target) = &item.s3 {
+                    membership
+                        .targets
+                        .insert(connection.id.clone(), target.clone());
+                }
             }
             _ => wanted
                 .entry(connection.sandbox.as_str())
@@ -355,24 +397,36 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
                 .push(connection.id.as_str()),
         }
     }
-    for (sandbox, ids) in wanted {
-        for chunk in ids.chunks(ID_CHUNK) {
-            let filter = PropertyFilter::ids(chunk.iter().copied());
-            let limit = u32::try_from(chunk.len()).unwrap_or(PAGE_LIMIT);
-            match lister.list(sandbox, &[filter], limit).await {
-                Ok(items) => {
-                    for item in items.iter().filter(|i| usable(i)) {
-                        if chunk.contains(&item.id.as_str()) {
-                            membership.etags.insert(item.id.clone(), item.etag.clone());
+    // Chunks are listed side by side, as sandboxes are: one after another
+    // they cost a round trip each before the first PATCH (16 at 1,000
+    // connections); the request gate still bounds what is in flight.
+    let chunks: Vec<(&str, &[&str])> = wanted
+        .iter()
+        .flat_map(|(sandbox, ids)| ids.chunks(ID_CHUNK).map(move |chunk| (*sandbox, chunk)))
+        .collect();
+    let answers = futures::future::join_all(chunks.iter().map(|(sandbox, chunk)| {
+        let filter = PropertyFilter::ids(chunk.iter().copied());
+        let limit = u32::try_from(chunk.len()).unwrap_or(PAGE_LIMIT);
+        async move { lister.list(sandbox, &[filter], limit).await }
+    }))
+    .await;
+    for ((sandbox, chunk), answer) in chunks.into_iter().zip(answers) {
+        match answer {
+            Ok(items) => {
+                for item in items.iter().filter(|i| usable(i)) {
+                    if chunk.contains(&item.id.as_str()) {
+                        membership.etags.insert(item.id.clone(), item.etag.clone());
+                        if let Some(target) = &item.s3 {
+                            membership.targets.insert(item.id.clone(), target.clone());
                         }
                     }
                 }
-                Err(error) => tracing::warn!(
-                    sandbox = %sandbox,
-                    error = %error,
-                    "bulk etag read failed; those connections are read one by one"
-                ),
             }
+            Err(error) => tracing::warn!(
+                sandbox = %sandbox,
+                error = %error,
+                "bulk etag read failed; those connections are read one by one"
+            ),
         }
     }
 }
@@ -504,6 +558,7 @@ role_arn = "{ROLE_A}"
             auth_spec: Some(ACCESS_KEY_AUTH_SPEC.to_owned()),
             state: Some("enabled".to_owned()),
             connection_spec_id: Some(S3_CONNECTION_SPEC_ID.to_owned()),
+            s3: None,
         }
     }
 
@@ -724,6 +779,39 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         let fourth = resolve(&config, &lister, Some(&third), Some(&due)).await;
         assert_eq!(lister.calls().len(), calls + 1);
         assert!(!fourth.differs_from(&third));
+    }
+
+    #[tokio::test]
+    async fn without_rules_explicit_ids_are_listed_with_their_targets() {
+        let explicit = "[[connections]]\nid = \"e1\"\nsandbox = \"dev\"\n\
+                        [[connections]]\nid = \"e2\"\nsandbox = \"dev\"\n\
+                        [[connections]]\nid = \"e3\"\nsandbox = \"prod\"\n";
+        let config = config("", explicit);
+        let lister = Arc::new(FakeLister::default());
+        let target = S3Target {
+            bucket: "sales".to_owned(),
+            folder: Some("/landing".to_owned()),
+            service_url: None,
+        };
+        let mut e1 = item("e1", "one", "");
+        e1.s3 = Some(target.clone());
+        lister.put("dev", vec![e1, item("e2", "two", "")]);
+        lister.fail("prod", true);
+        let m = resolve(&config, &lister, None, None).await;
+        // One id chunk per sandbox, nothing else (no rule, no sandbox listing).
+        let calls = lister.calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(calls.iter().all(|(_, f)| f[0].path == "id"), "{calls:?}");
+        assert_eq!(m.connections.len(), 3);
+        assert_eq!(m.etags.get("e1").map(String::as_str), Some("\"etag-e1\""));
+        assert_eq!(m.etags.get("e2").map(String::as_str), Some("\"etag-e2\""));
+        // prod's listing failed: e3 is kept, and just has no etag (one GET).
+        assert!(!m.etags.contains_key("e3"));
+        assert_eq!(m.targets.get("e1"), Some(&target));
+        assert!(
+            !m.targets.contains_key("e2"),
+            "no bucket listed, none made up"
+        );
     }
 
     #[tokio::test(start_paused = true)]

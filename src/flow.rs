@@ -108,6 +108,9 @@ pub struct ListedConnection {
     pub state: Option<String>,
     /// `connectionSpec.id`, if present.
     pub connection_spec_id: Option<String>,
+    /// The non-secret S3 parameters, read as from a `GET` (list items have
+    /// the same shape): the pre-push check then needs no `GET` either.
+    pub s3: Option<S3Target>,
 }
 
 impl ListedConnection {
@@ -585,6 +588,19 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
             crate::http::bounded(auth, 80)
         )));
     }
+    Ok(RemoteConnection {
+        etag: etag.to_owned(),
+        name: item
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|name| crate::http::bounded(name, 200)),
+        s3: s3_target(&item),
+    })
+}
+
+/// `auth.params` `bucketName` / `folderPath` / `serviceUrl` of a connection
+/// item (a `GET` answer or a list item); `None` without a `bucketName`.
+fn s3_target(item: &Value) -> Option<S3Target> {
     let param = |name: &str| {
         item.pointer(&format!("/auth/params/{name}"))
             .and_then(Value::as_str)
@@ -592,17 +608,10 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
             .filter(|v| !v.is_empty())
             .map(str::to_owned)
     };
-    Ok(RemoteConnection {
-        etag: etag.to_owned(),
-        name: item
-            .get("name")
-            .and_then(Value::as_str)
-            .map(|name| crate::http::bounded(name, 200)),
-        s3: param("bucketName").map(|bucket| S3Target {
-            bucket,
-            folder: param("folderPath"),
-            service_url: param("serviceUrl"),
-        }),
+    param("bucketName").map(|bucket| S3Target {
+        bucket,
+        folder: param("folderPath"),
+        service_url: param("serviceUrl"),
     })
 }
 
@@ -748,6 +757,7 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
             auth_spec: text(item, "/auth/specName"),
             state: text(item, "/state"),
             connection_spec_id: text(item, "/connectionSpec/id"),
+            s3: s3_target(item),
         });
     }
     let next = match value.pointer("/_links/next/href") {

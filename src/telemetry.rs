@@ -133,6 +133,8 @@ pub struct ConnectionStatus {
     pub last_success_at: Option<SystemTime>,
     /// Last error, if the last attempt failed (cleared on success).
     pub last_error: Option<String>,
+    /// How the connection was configured (`explicit` or `discover[N]`).
+    pub origin: crate::config::Origin,
 }
 
 impl ConnectionStatus {
@@ -246,6 +248,19 @@ struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    connection: String,
+    sandbox: String,
+    origin: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListingLabels {
+    sandbox: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -289,6 +304,10 @@ pub struct Telemetry {
     requests: Family<RequestLabels, Counter>,
     /// `prepush_checks_total{result}`: process-wide, like `requests`.
     prepush_checks: Family<PrepushLabels, Counter>,
+    /// `discovery_listings_total{sandbox,outcome}`: one per listing (all its pages).
+    listings: Family<ListingLabels, Counter>,
+    /// `discovery_conflicts`: connections rules disagree on, not rotated.
+    discovery_conflicts: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -318,7 +337,25 @@ impl Telemetry {
                 }
                 family
             },
+            listings: Family::default(),
+            discovery_conflicts: Gauge::default(),
         }
+    }
+
+    /// Counts one listing of `sandbox` (rules or bulk etags), all pages.
+    pub fn discovery_listing(&self, sandbox: &str, ok: bool) {
+        self.listings
+            .get_or_create(&ListingLabels {
+                sandbox: sandbox.to_owned(),
+                outcome: if ok { "ok" } else { "failure" },
+            })
+            .inc();
+    }
+
+    /// How many connections are not rotated now because rules disagree on them.
+    pub fn set_discovery_conflicts(&self, conflicts: usize) {
+        self.discovery_conflicts
+            .set(i64::try_from(conflicts).unwrap_or(i64::MAX));
     }
 
     /// Counts one pre-push S3 check; `result` is one of [`PREPUSH_RESULTS`].
@@ -482,6 +519,7 @@ impl Telemetry {
         let next_rotation = Family::<ConnectionLabels, TimestampGauge>::default();
         let last_success = Family::<ConnectionLabels, TimestampGauge>::default();
         let connections = Family::<StateLabels, Gauge>::default();
+        let info = Family::<InfoLabels, Gauge>::default();
 
         {
             let board = self.board();
@@ -504,6 +542,12 @@ impl Telemetry {
                         state: status.state(now, board.refresh_before).as_str(),
                     })
                     .inc();
+                info.get_or_create(&InfoLabels {
+                    connection: status.name.clone(),
+                    sandbox: status.sandbox.clone(),
+                    origin: status.origin.to_string(),
+                })
+                .set(1);
                 for (family, time) in [
                     (&expiry, status.expires_at),
                     (&next_rotation, status.next_rotation_at),
@@ -620,6 +664,21 @@ impl Telemetry {
             "Configured connections per state",
             Described(connections),
         );
+        registry.register(
+            "connection_info",
+            "How each connection was configured (origin: explicit or discover[N]); the value is always 1",
+            Described(info),
+        );
+        registry.register(
+            "discovery_conflicts",
+            "Connections matched by [[discover]] rules with different identities, not rotated",
+            Described(self.discovery_conflicts.clone()),
+        );
+        registry.register(
+            "discovery_listings",
+            "Listings of connections (GET /connections, all pages), by sandbox and outcome (ok, failure)",
+            Described(self.listings.clone()),
+        );
         // A gauge rather than an OpenMetrics `info`: the `_build_info` gauge
         // is the convention every Prometheus-format consumer understands.
         let build_info = Family::<BuildLabels, Gauge>::default();
@@ -696,6 +755,7 @@ mod tests {
             next_rotation_at: None,
             last_success_at: None,
             last_error: None,
+            origin: crate::config::Origin::Explicit,
         }
     }
 
@@ -1030,7 +1090,9 @@ mod tests {
             assert!(
                 NAMES.contains(&name.as_str())
                     || name == "aep_s3_rotator_build_info"
-                    || name == "aep_s3_rotator_prepush_checks_total",
+                    || name == "aep_s3_rotator_prepush_checks_total"
+                    || name == "aep_s3_rotator_connection_info"
+                    || name == "aep_s3_rotator_discovery_conflicts",
                 "unexpected series {name}"
             );
         }
@@ -1095,8 +1157,9 @@ mod tests {
             .into_iter()
             .filter(|(_, l, _)| l.get("connection").map(String::as_str) == Some("keep"))
             .count();
-        // rotations success + failure, etag conflicts, three timestamps.
-        assert_eq!(keep, 6, "{text}");
+        // rotations success + failure, etag conflicts, three timestamps,
+        // connection_info.
+        assert_eq!(keep, 7, "{text}");
         assert_eq!(
             value(&text, "aep_s3_rotator_connections", &[("state", "fresh")]),
             Some(1.0)
@@ -1130,6 +1193,7 @@ mod tests {
             next_rotation_at: None,
             last_success_at: None,
             last_error: None,
+            origin: crate::config::Origin::Explicit,
         });
         telemetry.verification("id-1", true);
         telemetry.verification("id-1", true);
@@ -1159,5 +1223,58 @@ mod tests {
             text.contains("aep_s3_rotator_prepush_checks_total{result=\"allowed\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn connection_info_and_discovery_counts() {
+        let telemetry = Telemetry::new(Duration::from_secs(1200));
+        let mut found = status("c-1");
+        found.name = "ingest-a".into();
+        found.origin = crate::config::Origin::Rule(2);
+        telemetry.upsert(found);
+        telemetry.upsert(status("c-2"));
+        let text = telemetry.render_metrics(t(NOW));
+        let info = |connection: &str, origin: &str| {
+            value(
+                &text,
+                "aep_s3_rotator_connection_info",
+                &[
+                    ("connection", connection),
+                    ("sandbox", "prod"),
+                    ("origin", origin),
+                ],
+            )
+        };
+        assert_eq!(info("ingest-a", "discover[2]"), Some(1.0), "{text}");
+        assert_eq!(info("c-2", "explicit"), Some(1.0), "{text}");
+        // Before discovery reports anything, the gauge is 0 and the counter
+        // family is declared (no series yet).
+        assert_eq!(
+            value(&text, "aep_s3_rotator_discovery_conflicts", &[]),
+            Some(0.0)
+        );
+        assert!(
+            declared(&text).contains(&"aep_s3_rotator_discovery_listings_total".to_owned()),
+            "{text}"
+        );
+        telemetry.set_discovery_conflicts(3);
+        telemetry.discovery_listing("prod", true);
+        telemetry.discovery_listing("prod", true);
+        telemetry.discovery_listing("dev", false);
+        let text = telemetry.render_metrics(t(NOW));
+        assert_eq!(
+            value(&text, "aep_s3_rotator_discovery_conflicts", &[]),
+            Some(3.0)
+        );
+        let listings = |sandbox: &str, outcome: &str| {
+            value(
+                &text,
+                "aep_s3_rotator_discovery_listings_total",
+                &[("sandbox", sandbox), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(listings("prod", "ok"), Some(2.0), "{text}");
+        assert_eq!(listings("dev", "failure"), Some(1.0), "{text}");
+        assert_eq!(listings("prod", "failure"), None, "{text}");
     }
 }

@@ -91,6 +91,11 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
         "{metrics}"
     );
 
+    assert!(
+        metrics.contains("aep_s3_rotator_connection_info{")
+            && metrics.contains("origin=\"explicit\"} 1"),
+        "{metrics}"
+    );
     let (code, status) = get(&format!("{base}/status")).await;
     assert_eq!(code, 200);
     let entries: Vec<serde_json::Value> = serde_json::from_str(&status).unwrap();
@@ -99,6 +104,11 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
         entries.iter().all(|e| e["access_key_id"]
             .as_str()
             .is_some_and(|k| k.starts_with("ASIA"))),
+        "{status}"
+    );
+    // Both are `[[connections]]` entries: their origin says so.
+    assert!(
+        entries.iter().all(|e| e["origin"] == "explicit"),
         "{status}"
     );
 

@@ -270,8 +270,10 @@ async fn a_healthy_rotation_stays_one_patch_with_the_check() {
     );
     daemon.terminate();
     let stats = h.sim.stats();
-    // One GET at start (etag and bucket), then PATCHes only; each after a check.
-    assert_eq!(stats.flow_gets, 1, "{stats:?}");
+    // One list call at start (etag and bucket in its item), no GET, then
+    // PATCHes only; each after a check.
+    assert_eq!(stats.flow_lists, 1, "{stats:?}");
+    assert_eq!(stats.flow_gets, 0, "{stats:?}");
     assert!(stats.s3_checks_allowed >= 3, "{stats:?}");
     assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
 }

@@ -87,6 +87,8 @@ async fn rotates_every_connection_every_cycle_then_stops_on_sigterm() {
 async fn an_etag_conflict_is_resolved_by_reading_the_connection_again() {
     let h = Harness::start(2, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
+    // The churn comes with a GET: start without bulk etags.
+    h.without_bulk_etags();
     h.sim.script_for(&ids[0], ScriptedFault::EtagChurn);
     let config = h.write_config(FAST_ROTATION, "");
     let mut daemon = h.spawn(&config, &["once"]);
@@ -105,9 +107,52 @@ async fn an_etag_conflict_is_resolved_by_reading_the_connection_again() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_stale_etag_from_the_bulk_read_is_resolved_by_reading_the_connection() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let id = h.connection_ids().remove(0);
+    // The list page is older than the connection (someone edited it after
+    // the page was read): its etag is no longer current. Its bucket is the
+    // real one, so the pre-push check needs no GET either.
+    let params = h.sim.connection(&id).unwrap().params_other_than_credentials;
+    let item = serde_json::json!({
+        "id": id,
+        "etag": "\"00000000-0000-0000-0000-000000000000\"",
+        "name": "conn-0",
+        "state": "enabled",
+        "connectionSpec": {"id": aep_s3_simulator::S3_CONNECTION_SPEC_ID},
+        "auth": {"specName": aep_s3_simulator::ACCESS_KEY_AUTH_SPEC, "params": params},
+    });
+    h.sim.script_list(ScriptedFault::Raw {
+        status: 200,
+        content_type: "application/json".to_owned(),
+        body: serde_json::json!({ "items": [item] }).to_string(),
+    });
+    let config = h.write_config(FAST_ROTATION, "");
+    let mut daemon = h.spawn(&config, &["once"]);
+    let status = daemon.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr_text());
+    let stats = h.sim.stats();
+    // List, PATCH with the listed etag (412), one GET, one PATCH: one attempt.
+    assert_eq!(stats.flow_requests, 4, "{stats:?}");
+    assert_eq!(stats.flow_412, 1, "{stats:?}");
+    assert_eq!(stats.flow_gets, 1, "{stats:?}");
+    assert_eq!(h.sim.connection(&id).unwrap().patches, 1);
+    assert_eq!(
+        daemon.events("etag conflict, re-reading connection").len(),
+        1,
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    assert!(daemon.events("rotation failed, retrying").is_empty());
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_throttled_request_waits_for_retry_after() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
     let id = h.connection_ids().remove(0);
+    // The 429 is for the rotation's own request, not the bulk etag read.
+    h.without_bulk_etags();
     h.sim.script(
         SimService::Flow,
         ScriptedFault::Status {
@@ -281,8 +326,12 @@ async fn dry_run_reads_everything_and_patches_nothing() {
     );
     let stats = h.sim.stats();
     assert_eq!(stats.flow_patches_ok, 0);
+    // The connections are read in bulk: one list call per sandbox, no GET.
     assert!(
-        stats.flow_gets >= 2 && stats.sts_assume_role >= 1 && stats.ims_tokens_issued >= 1,
+        stats.flow_lists >= 2
+            && stats.flow_gets == 0
+            && stats.sts_assume_role >= 1
+            && stats.ims_tokens_issued >= 1,
         "{stats:?}"
     );
     assert_eq!(daemon.events("dry run: would rotate credentials").len(), 2);

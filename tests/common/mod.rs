@@ -106,6 +106,27 @@ impl Harness {
         }
     }
 
+    /// Makes the first pass's bulk etag read fail (one scripted 503 per
+    /// sandbox's list call), so each connection starts with its own `GET`:
+    /// for tests about what happens on that `GET` (or on a PATCH after it).
+    /// A failed bulk read never blocks a connection (tests/discovery.rs).
+    pub fn without_bulk_etags(&self) {
+        let sandboxes: std::collections::BTreeSet<&str> = self
+            .sim_config
+            .connections
+            .iter()
+            .map(|c| c.sandbox.as_str())
+            .collect();
+        for _ in sandboxes {
+            self.sim
+                .script_list(aep_s3_simulator::ScriptedFault::Status {
+                    status: 503,
+                    retry_after: None,
+                    body: None,
+                });
+        }
+    }
+
     pub fn connection_ids(&self) -> Vec<String> {
         self.sim_config
             .connections
