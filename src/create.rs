@@ -246,6 +246,11 @@ pub fn next_steps(config: &Config, plan: &CreatePlan, id: &str, etag: &str) -> S
         auth_spec: Some(ACCESS_KEY_AUTH_SPEC.to_owned()),
         state: Some("enabled".to_owned()),
         connection_spec_id: Some(S3_CONNECTION_SPEC_ID.to_owned()),
+        s3: Some(crate::s3probe::S3Target {
+            bucket: plan.new.bucket.clone(),
+            folder: plan.new.folder.clone(),
+            service_url: plan.new.service_url.clone(),
+        }),
     };
     let rules: Vec<_> = config
         .discover
