@@ -221,7 +221,7 @@ impl BoundedListener {
             inner,
             cap,
             slots: Arc::new(Slots {
-                started: tokio::time::Instant::now(),
+                started: crate::clock::mono_now(),
                 open: std::sync::Mutex::new(std::collections::HashMap::new()),
                 next_id: std::sync::atomic::AtomicU64::new(0),
                 freed: tokio::sync::Notify::new(),
@@ -362,7 +362,7 @@ impl tokio::io::AsyncRead for BoundedStream {
                     this.slot
                         .last_read_ms
                         .store(this.slots.now_ms(), std::sync::atomic::Ordering::Relaxed);
-                    let deadline = tokio::time::Instant::now() + ADMIN_IDLE_TIMEOUT;
+                    let deadline = crate::clock::mono_now() + ADMIN_IDLE_TIMEOUT;
                     this.idle.as_mut().reset(deadline);
                 }
                 Poll::Ready(Ok(()))

@@ -46,7 +46,7 @@ impl Clock {
     pub fn tokio_at(wall: SystemTime) -> Self {
         Self::Tokio {
             wall,
-            mono: tokio::time::Instant::now(),
+            mono: mono_now(),
         }
     }
 
@@ -61,10 +61,18 @@ impl Clock {
     /// The tokio instant at which this clock reads `at` (now, if `at` has
     /// passed): what a sleep until a wall-clock deadline waits for.
     pub fn instant_at(&self, at: SystemTime) -> tokio::time::Instant {
-        let now = tokio::time::Instant::now();
+        let now = mono_now();
         let wait = until(self.now(), at).min(HORIZON);
         now.checked_add(wait).unwrap_or(now)
     }
+}
+
+/// tokio's monotonic clock: what every deadline, timeout and debounce in the
+/// daemon measures against (paused-time tests move it). The only call of
+/// `tokio::time::Instant::now` in the crate.
+#[allow(clippy::disallowed_methods)]
+pub fn mono_now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// The operating system's wall clock. The only call of `SystemTime::now` in
@@ -154,7 +162,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3600)).await;
         assert_eq!(clock.now(), t(3600));
         let at = clock.instant_at(t(3610));
-        assert_eq!(at - tokio::time::Instant::now(), Duration::from_secs(10));
+        assert_eq!(at - mono_now(), Duration::from_secs(10));
         // A deadline in the past, or absurdly far, never panics.
         let _ = clock.instant_at(t(0));
         let _ = clock.instant_at(later(t(0), HORIZON));

@@ -469,7 +469,7 @@ impl Daemon {
                     None => reloads_open = false,
                 },
                 () = tokio::time::sleep_until(self.clock.instant_at(next_due.unwrap_or(SystemTime::UNIX_EPOCH))), if next_due.is_some() => {}
-                () = tokio::time::sleep_until(next_state_write.unwrap_or_else(tokio::time::Instant::now)), if next_state_write.is_some() => {
+                () = tokio::time::sleep_until(next_state_write.unwrap_or_else(crate::clock::mono_now)), if next_state_write.is_some() => {
                     self.write_state().await;
                 }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => self.watchdog(),
@@ -632,7 +632,7 @@ impl Daemon {
 
     /// Readiness and `STATUS=` after something happened.
     fn after_progress(&mut self) {
-        let now = tokio::time::Instant::now();
+        let now = crate::clock::mono_now();
         if !self.ready_sent && self.connections.values().all(Connection::had_outcome) {
             self.ready_sent = true;
             self.last_status = Some(now);
@@ -677,7 +677,7 @@ impl Daemon {
         }
         Some(
             self.last_state_write
-                .map_or_else(tokio::time::Instant::now, |at| at + STATE_WRITE_INTERVAL),
+                .map_or_else(crate::clock::mono_now, |at| at + STATE_WRITE_INTERVAL),
         )
     }
 
@@ -689,7 +689,7 @@ impl Daemon {
             return;
         }
         self.state_dirty = false;
-        self.last_state_write = Some(tokio::time::Instant::now());
+        self.last_state_write = Some(crate::clock::mono_now());
         let snapshot = StateSnapshot {
             connections: self
                 .connections

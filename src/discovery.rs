@@ -488,7 +488,7 @@ pub async fn run_discovery<L: Lister>(
         cancel.cancelled().await;
         return;
     }
-    let start = tokio::time::Instant::now();
+    let start = crate::clock::mono_now();
     let mut next_due: BTreeMap<String, tokio::time::Instant> = periods
         .iter()
         .map(|(sandbox, every)| (sandbox.clone(), start + *every))
@@ -501,7 +501,7 @@ pub async fn run_discovery<L: Lister>(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep_until(wake) => {}
         }
-        let now = tokio::time::Instant::now();
+        let now = crate::clock::mono_now();
         let due: BTreeSet<String> = next_due
             .iter()
             .filter(|(_, at)| **at <= now)
@@ -844,7 +844,7 @@ role_arn = "arn:aws:iam::123456789012:role/b"
                 item("p2", "b", "rotate:aep-s3"),
             ],
         );
-        let started = tokio::time::Instant::now();
+        let started = crate::clock::mono_now();
         let m = rx.recv().await.unwrap();
         assert!(started.elapsed() <= Duration::from_secs(60));
         assert_eq!(ids(&m), ["p1", "p2"]);

@@ -132,7 +132,7 @@ impl ImsClient {
         let mut guard = self.cache.lock().await;
         let (generation, cached) = &mut *guard;
         if let Some(entry) = cached.as_ref()
-            && Instant::now() < entry.refresh_at
+            && crate::clock::mono_now() < entry.refresh_at
         {
             return Ok(Arc::clone(&entry.token));
         }
@@ -155,7 +155,7 @@ impl ImsClient {
         *cached = Some(Cached {
             token: Arc::clone(&token),
             refresh_at: {
-                let now = Instant::now();
+                let now = crate::clock::mono_now();
                 now.checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
                     .unwrap_or(now)
             },

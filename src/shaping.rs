@@ -76,7 +76,7 @@ impl RequestGate {
         let deadline = START_BY.try_with(|d| *d).ok().flatten();
         loop {
             let pause = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
-            let now = Instant::now();
+            let now = crate::clock::mono_now();
             match pause {
                 Some(until) if until > now => {
                     let until = deadline.map_or(until, |d| until.min(d));
@@ -102,7 +102,7 @@ impl RequestGate {
     /// [`SHARED_PAUSE_CAP`] (a 429 or 503): requests already waiting pick the
     /// longer pause up.
     pub fn pause(&self, for_at_least: Duration) {
-        let now = Instant::now();
+        let now = crate::clock::mono_now();
         let until = now
             .checked_add(for_at_least.min(self.pause_cap))
             .unwrap_or(now);
@@ -145,7 +145,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_every_request() {
         let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None, SHARED_PAUSE_CAP);
-        let start = Instant::now();
+        let start = crate::clock::mono_now();
         gate.pause(Duration::from_secs(3));
         gate.pause(Duration::from_secs(1)); // a shorter pause does not shorten it
         let _pass = gate.enter().await;
@@ -155,7 +155,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_hour_long_hint_pauses_the_others_only_briefly() {
         let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None, SHARED_PAUSE_CAP);
-        let start = Instant::now();
+        let start = crate::clock::mono_now();
         gate.pause(Duration::from_secs(3600));
         gate.pause(Duration::MAX); // no overflow either
         let _pass = gate.enter().await;
@@ -165,7 +165,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pause_never_holds_a_job_past_its_deadline() {
         let gate = RequestGate::new(NonZeroUsize::new(4).unwrap(), None, SHARED_PAUSE_CAP);
-        let start = Instant::now();
+        let start = crate::clock::mono_now();
         gate.pause(Duration::from_secs(20));
         let deadline = start + Duration::from_secs(5);
         let _pass = start_by(Some(deadline), gate.enter()).await;
