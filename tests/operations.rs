@@ -7,6 +7,7 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aep_s3_simulator::SimService;
@@ -229,14 +230,15 @@ async fn a_restart_with_state_does_not_re_push_but_an_edited_connection_is() {
     assert!(third.stderr_text().contains("state file ignored"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
+/// Two simulated connections, a config naming only the first, the daemon
+/// running and that first one rotated: the start of the reload tests.
+async fn running_with_the_first_of_two() -> (Harness, Vec<String>, String, PathBuf, DaemonProcess) {
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     let ids = h.connection_ids();
     let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
     let first_only = &h.sim_config.connections[..1];
     let config = h.write_config_with_connections(&rotation, "", first_only);
-    let mut daemon = h.spawn(&config, &["run"]);
+    let daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(20), || h
             .sim
@@ -244,6 +246,12 @@ async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
             .is_some_and(|c| c.patches == 1))
         .await
     );
+    (h, ids, rotation, config, daemon)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
+    let (h, ids, rotation, config, mut daemon) = running_with_the_first_of_two().await;
 
     // An invalid config is refused; the running one stays.
     std::fs::write(&config, "[adobe]\nclient_id = \"\"\n").unwrap();
@@ -286,19 +294,7 @@ async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn editing_the_config_file_reloads_without_a_signal() {
-    let h = Harness::start(2, Duration::from_secs(3600)).await;
-    let ids = h.connection_ids();
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
-    let first_only = &h.sim_config.connections[..1];
-    let config = h.write_config_with_connections(&rotation, "", first_only);
-    let mut daemon = h.spawn(&config, &["run"]);
-    assert!(
-        wait_until(Duration::from_secs(20), || h
-            .sim
-            .connection(&ids[0])
-            .is_some_and(|c| c.patches == 1))
-        .await
-    );
+    let (h, ids, rotation, config, mut daemon) = running_with_the_first_of_two().await;
     // A ConfigMap-style update: a new file renamed over the old one.
     let staged = config.with_extension("new");
     std::fs::copy(&config, &staged).unwrap();
