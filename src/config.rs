@@ -59,6 +59,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[state]`
     pub state: StateConfig,
+    /// `[coordination]`; `None` = a single instance (no lease, no shared state).
+    pub coordination: Option<CoordinationConfig>,
     /// Non-fatal findings (e.g. a config file holding `client_secret` that is
     /// readable by group or others); logged at `warn` by the caller.
     pub warnings: Vec<String>,
@@ -278,6 +280,22 @@ pub struct AdminConfig {
 pub struct StateConfig {
     /// Where non-secret state is kept across restarts; `None` = not kept.
     pub path: Option<PathBuf>,
+}
+
+/// `[coordination]`: several replicas, one writer, through a lease item in a
+/// DynamoDB table (see `coordination`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinationConfig {
+    /// The DynamoDB table (created by `coordination init`).
+    pub table: String,
+    /// How long a lease holds without renewal.
+    pub lease: Duration,
+    /// How often the leader renews (and a standby looks at the lease); < lease / 2.
+    pub renew_every: Duration,
+    /// This replica's name in the lease; `None` = hostname, pid and a random suffix.
+    pub holder: Option<String>,
+    /// Explicit DynamoDB endpoint; `None` = the SDK default (`AWS_ENDPOINT_URL_DYNAMODB` honoured).
+    pub endpoint: Option<Url>,
 }
 
 /// A well-formed IAM role ARN (`arn:<partition>:iam::<12 digits>:role/<path/name>`).
@@ -839,6 +857,7 @@ struct RawConfig {
     discover: Option<Vec<RawDiscover>>,
     admin: RawAdmin,
     state: RawState,
+    coordination: RawCoordination,
 }
 
 #[derive(Deserialize, Default)]
@@ -919,6 +938,17 @@ struct RawState {
     path: Option<Raw>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(default, expecting = "a [coordination] table")]
+struct RawCoordination {
+    backend: Option<Raw>,
+    table: Option<Raw>,
+    lease: Option<Raw>,
+    renew_every: Option<Raw>,
+    holder: Option<Raw>,
+    endpoint: Option<Raw>,
+}
+
 // ---------------------------------------------------------------------------
 // Validation
 // ---------------------------------------------------------------------------
@@ -976,6 +1006,19 @@ const MIN_DISCOVER_EVERY: Duration = Duration::from_secs(1);
 /// Beyond a day a new connection could sit unrotated for longer than any
 /// STS session lives; nobody means that.
 const MAX_DISCOVER_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
+/// The Lock Client's and cert-manager's order of magnitude: a dead leader is
+/// replaced within seconds, and a leader survives a renewal or two failing.
+const DEFAULT_LEASE: Duration = Duration::from_secs(15);
+/// A lease shorter than a second cannot survive one slow DynamoDB call.
+const MIN_LEASE: Duration = Duration::from_secs(1);
+/// Beyond this, a dead leader leaves every connection unattended too long.
+const MAX_LEASE: Duration = Duration::from_secs(10 * 60);
+/// Renewals faster than this only cost DynamoDB writes.
+const MIN_RENEW_EVERY: Duration = Duration::from_millis(100);
+/// DynamoDB's own limits on table names.
+const TABLE_NAME_CHARS: std::ops::RangeInclusive<usize> = 3..=255;
+/// Holder names go into every lease write and into logs.
+const MAX_HOLDER_CHARS: usize = 128;
 
 /// Marks a value as invalid; the issue saying why is already recorded.
 struct Reported;
@@ -1026,6 +1069,19 @@ impl Checker<'_> {
         let discover = self.discover(raw.discover, aws_role);
         let admin = self.admin(raw.admin);
         let state = self.state(raw.state);
+        let coordination = self.coordination(raw.coordination);
+        let coordination = match (coordination, &rotation) {
+            (Ok(Some(c)), Ok(rotation)) if c.lease.saturating_mul(2) > rotation.refresh_before => {
+                Err(self.report(
+                    "coordination.lease",
+                    format!(
+                        "must be at most half of rotation.refresh_before ({}) so a standby takes over well before credentials need replacing; shorten the lease",
+                        humantime::format_duration(rotation.refresh_before)
+                    ),
+                ))
+            }
+            (other, _) => other,
+        };
         Ok(Config {
             adobe: adobe?,
             aws: aws?,
@@ -1034,6 +1090,7 @@ impl Checker<'_> {
             discover: discover?,
             admin: admin?,
             state: state?,
+            coordination: coordination?,
             warnings: Vec::new(),
         })
     }
@@ -1943,6 +2000,110 @@ impl Checker<'_> {
             })?),
         };
         Ok(AdminConfig { listen })
+    }
+
+    fn coordination(&mut self, raw: RawCoordination) -> Checked<Option<CoordinationConfig>> {
+        let others = [
+            &raw.table,
+            &raw.lease,
+            &raw.renew_every,
+            &raw.holder,
+            &raw.endpoint,
+        ]
+        .into_iter()
+        .any(present);
+        match self.optional_text("coordination.backend", raw.backend)? {
+            None if others => {
+                return Err(self.report(
+                    "coordination.backend",
+                    "missing; set backend = \"dynamodb\" to run replicas with one writer, or remove the [coordination] table",
+                ));
+            }
+            None => return Ok(None),
+            Some(backend) if backend.trim() == "dynamodb" => {}
+            Some(backend) => {
+                return Err(self.report(
+                    "coordination.backend",
+                    format!("unknown backend {backend:?}; the only one is \"dynamodb\""),
+                ));
+            }
+        }
+        let table = self.required(
+            "coordination.table",
+            raw.table,
+            "name the DynamoDB table (create it with `aep-s3-rotator coordination init`)",
+        );
+        let table = table.and_then(|t| {
+            let t = t.trim().to_owned();
+            let ok = TABLE_NAME_CHARS.contains(&t.chars().count())
+                && t.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+            if ok {
+                Ok(t)
+            } else {
+                Err(self.report(
+                    "coordination.table",
+                    format!("not a DynamoDB table name: {t:?} (3 to 255 characters of A-Z, a-z, 0-9, _ . -)"),
+                ))
+            }
+        });
+        let lease = self
+            .duration("coordination.lease", raw.lease, DEFAULT_LEASE)
+            .and_then(|lease| {
+                if (MIN_LEASE..=MAX_LEASE).contains(&lease) {
+                    Ok(lease)
+                } else {
+                    Err(self.report(
+                        "coordination.lease",
+                        format!(
+                            "{} is out of range; use 1s to 10m (default 15s)",
+                            humantime::format_duration(lease)
+                        ),
+                    ))
+                }
+            });
+        let renew_every = match &lease {
+            Ok(lease) => {
+                let default = *lease / 3;
+                self.duration("coordination.renew_every", raw.renew_every, default)
+                    .and_then(|every| {
+                        if every >= MIN_RENEW_EVERY && every.saturating_mul(2) < *lease {
+                            Ok(every)
+                        } else {
+                            Err(self.report(
+                                "coordination.renew_every",
+                                format!(
+                                    "{} must be at least 100ms and less than half of coordination.lease ({}), so one failed renewal does not lose the lease",
+                                    humantime::format_duration(every),
+                                    humantime::format_duration(*lease)
+                                ),
+                            ))
+                        }
+                    })
+            }
+            Err(Reported) => Err(Reported),
+        };
+        let holder = self
+            .optional_text("coordination.holder", raw.holder)
+            .and_then(|holder| match holder {
+                Some(h)
+                    if h.chars().count() > MAX_HOLDER_CHARS
+                        || h.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+                {
+                    Err(self.report(
+                        "coordination.holder",
+                        "must be at most 128 characters without spaces or control characters; it must be unique per replica (default: hostname, pid and a random suffix)",
+                    ))
+                }
+                other => Ok(other),
+            });
+        let endpoint = self.url("coordination.endpoint", raw.endpoint);
+        Ok(Some(CoordinationConfig {
+            table: table?,
+            lease: lease?,
+            renew_every: renew_every?,
+            holder: holder?,
+            endpoint: endpoint?,
+        }))
     }
 
     fn state(&mut self, raw: RawState) -> Checked<StateConfig> {

@@ -44,6 +44,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod connection;
+pub mod coordination;
 pub mod create;
 pub mod daemon;
 #[cfg(feature = "demo")]

@@ -195,6 +195,7 @@ impl AwsSts {
         let shared = loader.load().await;
         let mut builder = aws_sdk_sts::config::Builder::from(&shared).interceptor(BodyLimit {
             cap: crate::http::MAX_BODY as u64,
+            service: "STS",
         });
         if shared.region().is_none() {
             tracing::info!(
@@ -389,8 +390,11 @@ fn classify_http(raw: &HttpResponse) -> StsError {
 /// The SDK follows no redirects (its hyper client has no such policy), so a
 /// 3xx arrives here as an answer and is classified by [`classify_http`].
 #[derive(Debug)]
-struct BodyLimit {
-    cap: u64,
+pub(crate) struct BodyLimit {
+    /// Largest body accepted, in bytes.
+    pub(crate) cap: u64,
+    /// Named in the refusal ("STS", "DynamoDB").
+    pub(crate) service: &'static str,
 }
 
 impl aws_sdk_sts::config::Intercept for BodyLimit {
@@ -414,8 +418,8 @@ impl aws_sdk_sts::config::Intercept for BodyLimit {
             .or_else(|| response.body().content_length());
         match declared {
             Some(n) if n > self.cap => Err(format!(
-                "the STS answer is {n} bytes, more than the {} bytes any STS answer needs; refused",
-                self.cap
+                "the {} answer is {n} bytes, more than the {} bytes any such answer needs; refused",
+                self.service, self.cap
             )
             .into()),
             _ => {

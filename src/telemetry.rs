@@ -308,6 +308,21 @@ pub struct Telemetry {
     listings: Family<ListingLabels, Counter>,
     /// `discovery_conflicts`: connections rules disagree on, not rotated.
     discovery_conflicts: Gauge,
+    /// This replica's role under `[coordination]` (`None`: coordination off).
+    role: Mutex<Option<RoleView>>,
+    /// `leader_changes_total`: this replica became or stopped being the leader.
+    leader_changes: Counter,
+}
+
+/// This replica's role, as `/readyz`, `/status` and `leader` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleView {
+    /// Leader, standby or starting.
+    pub role: crate::coordination::Role,
+    /// The lease holder as last seen.
+    pub leader: Option<String>,
+    /// The coordination table's last failure, while it lasts.
+    pub trouble: Option<String>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -339,7 +354,35 @@ impl Telemetry {
             },
             listings: Family::default(),
             discovery_conflicts: Gauge::default(),
+            role: Mutex::new(None),
+            leader_changes: Counter::default(),
         }
+    }
+
+    /// Records this replica's role (coordination on).
+    pub fn set_leadership(&self, leadership: &crate::coordination::Leadership) {
+        let view = RoleView {
+            role: leadership.role,
+            leader: leadership.leader.clone(),
+            trouble: leadership.trouble.clone(),
+        };
+        *self
+            .role
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(view);
+    }
+
+    /// Counts one change of this replica's leadership (gained or lost).
+    pub fn leader_change(&self) {
+        self.leader_changes.inc();
+    }
+
+    /// This replica's role (`None`: coordination off, the only writer).
+    pub fn role(&self) -> Option<RoleView> {
+        self.role
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Counts one listing of `sandbox` (rules or bulk etags), all pages.
@@ -678,6 +721,23 @@ impl Telemetry {
             "discovery_listings",
             "Listings of connections (GET /connections, all pages), by sandbox and outcome (ok, failure)",
             Described(self.listings.clone()),
+        );
+        // Without coordination the process is the only writer: leader = 1,
+        // so `sum(aep_s3_rotator_leader) == 1` holds for every deployment.
+        let leader = Gauge::<i64>::default();
+        leader.set(i64::from(
+            self.role()
+                .is_none_or(|v| v.role == crate::coordination::Role::Leader),
+        ));
+        registry.register(
+            "leader",
+            "1 while this replica holds the coordination lease (or runs without coordination), else 0",
+            leader,
+        );
+        registry.register(
+            "leader_changes",
+            "Times this replica became or stopped being the leader",
+            self.leader_changes.clone(),
         );
         // A gauge rather than an OpenMetrics `info`: the `_build_info` gauge
         // is the convention every Prometheus-format consumer understands.
