@@ -1,5 +1,6 @@
 //! Simulated Flow Service: `GET`/`PATCH /connections/{id}`,
-//! `GET /connections/{id}/test`, and `GET /_sim/stats` for scripts.
+//! `GET /connections/{id}/test`, and `GET /_sim/stats` and `GET /_sim/patches`
+//! for scripts.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -25,6 +26,8 @@ use super::{ScriptedFault, SimEvent, SimService};
 const CONNECTIONS_PREFIX: &str = "/data/foundation/flowservice/connections/";
 /// The figures endpoint for scripts (no auth).
 const STATS_PATH: &str = "/_sim/stats";
+/// Who PATCHed what, for scripts (no auth).
+const PATCHES_PATH: &str = "/_sim/patches";
 /// The three credential fields a PATCH must replace, together.
 const CREDENTIAL_PATHS: [&str; 3] = [
     "/auth/params/s3AccessKey",
@@ -51,6 +54,8 @@ enum Route<'a> {
     TrailingSlash(&'a str),
     /// `/_sim/stats`
     Stats,
+    /// `/_sim/patches`
+    Patches,
     /// Anything else.
     Unknown,
 }
@@ -59,6 +64,9 @@ impl<'a> Route<'a> {
     fn parse(path: &'a str) -> Self {
         if path == STATS_PATH {
             return Route::Stats;
+        }
+        if path == PATCHES_PATH {
+            return Route::Patches;
         }
         if Some(path) == CONNECTIONS_PREFIX.strip_suffix('/') {
             return Route::List;
@@ -78,7 +86,7 @@ impl<'a> Route<'a> {
     fn connection(self) -> Option<&'a str> {
         match self {
             Route::Connection(id) | Route::Test(id) | Route::TrailingSlash(id) => Some(id),
-            Route::List | Route::Stats | Route::Unknown => None,
+            Route::List | Route::Stats | Route::Patches | Route::Unknown => None,
         }
     }
 }
@@ -88,11 +96,44 @@ async fn handle(
     ConnectInfo(ctl): ConnectInfo<ConnCtl>,
     request: Request,
 ) -> Response {
+    let route = Route::parse(request.uri().path());
+    if request.method() == Method::GET {
+        match route {
+            Route::Stats => return wire::json(200, &json!(shared.stats())),
+            Route::Patches => return wire::json(200, &json!(shared.patches())),
+            _ => {}
+        }
+    }
+    // A PATCH of a connection that does not end in a stored credential is
+    // counted against the client that made it (accepted ones are logged by
+    // `patch` itself, with the key stored).
+    let is_patch = request.method() == Method::PATCH && matches!(route, Route::Connection(_));
+    let bearer = is_patch
+        .then(|| header(request.headers(), "authorization"))
+        .flatten()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let response = serve(&shared, &ctl, request).await;
+    if is_patch {
+        let status = if ctl.was_reset() {
+            Some("reset".to_owned())
+        } else {
+            let status = response.status();
+            (!status.is_success()).then(|| status.as_u16().to_string())
+        };
+        if let Some(status) = status {
+            shared
+                .lock()
+                .record_patch_refused(bearer.as_deref(), &status);
+        }
+    }
+    response
+}
+
+/// Answers one Flow request (every fault, script and check applied).
+async fn serve(shared: &Arc<Shared>, ctl: &ConnCtl, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let route = Route::parse(parts.uri.path());
-    if route == Route::Stats && parts.method == Method::GET {
-        return wire::json(200, &json!(shared.stats()));
-    }
     if shared.refuses(SimService::Flow) {
         return ctl.reset();
     }
@@ -153,7 +194,7 @@ async fn handle(
             invalid_etag = true;
             None
         }
-        Some(ScriptedFault::Reset) => return shared.reset(&ctl, connection),
+        Some(ScriptedFault::Reset) => return shared.reset(ctl, connection),
         Some(ScriptedFault::Status {
             status,
             retry_after,
@@ -185,7 +226,7 @@ async fn handle(
         | None => match plan.random {
             RandomFault::None => None,
             RandomFault::Slow(delay) => Some(delay),
-            RandomFault::Reset => return shared.reset(&ctl, connection),
+            RandomFault::Reset => return shared.reset(ctl, connection),
             RandomFault::Throttle => {
                 let response = default_error(429, connection, None);
                 let retry_after = plan.retry_after_secs.map(|s| s.to_string());
@@ -311,16 +352,21 @@ impl Shared {
         let mut guard = self.lock();
         let st = &mut *guard;
 
-        let secret = self.client_secret.as_bytes();
-        if contains_bytes(body, secret)
-            || parts
-                .headers
-                .values()
-                .any(|v| contains_bytes(v.as_bytes(), secret))
-            || parts
-                .uri
-                .query()
-                .is_some_and(|q| contains_bytes(q.as_bytes(), secret))
+        let leaks = |secret: &[u8]| {
+            contains_bytes(body, secret)
+                || parts
+                    .headers
+                    .values()
+                    .any(|v| contains_bytes(v.as_bytes(), secret))
+                || parts
+                    .uri
+                    .query()
+                    .is_some_and(|q| contains_bytes(q.as_bytes(), secret))
+        };
+        if self
+            .clients
+            .iter()
+            .any(|(_, secret)| leaks(secret.as_bytes()))
         {
             st.violation(format!(
                 "{what}: the IMS client secret was sent to Flow Service"
@@ -359,7 +405,7 @@ impl Shared {
                 ));
                 return not_found(id, sandbox);
             }
-            Route::Stats | Route::Unknown => {
+            Route::Stats | Route::Patches | Route::Unknown => {
                 st.violation(format!("{what}: no such Flow Service endpoint"));
                 return flow_error(
                     404,
@@ -442,7 +488,7 @@ impl Shared {
             }
         }
         match header(headers, "x-api-key") {
-            Some(key) if key == self.client_id => {}
+            Some(key) if st.token_client(token) == Some(key) => {}
             Some(_) => {
                 st.violation(format!(
                     "{what}: x-api-key is not the client id the token was issued to"
@@ -628,6 +674,13 @@ impl Shared {
         conn.updated_at_ms = unix_millis(now);
         let etag = conn.etag.clone();
         st.counters.flow_patches_ok += 1;
+        // The gateway check let this token through: it was issued here.
+        let client = header(&parts.headers, "authorization")
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .and_then(|t| st.token_client(t))
+            .unwrap_or("?")
+            .to_owned();
+        st.record_patch(id, &client, access_key_id, now);
         st.event(SimEvent::PatchApplied {
             connection: id.to_owned(),
             access_key_id: access_key_id.to_owned(),

@@ -253,7 +253,11 @@ impl Shared {
                 Some("no client_id or no client_secret in the form".to_owned()),
             );
         };
-        if client_id != self.client_id || client_secret != self.client_secret {
+        if !self
+            .clients
+            .iter()
+            .any(|(id, secret)| id == client_id && secret == client_secret)
+        {
             // A wrong credential is a configuration error, not a protocol error.
             return refuse(
                 &mut st,
@@ -285,6 +289,7 @@ impl Shared {
             token.clone(),
             Token {
                 generation,
+                client_id: client_id.to_owned(),
                 expires_at: Instant::now()
                     .checked_add(self.ims_token_lifetime)
                     // Absurd lifetimes: a century is forever for a test.

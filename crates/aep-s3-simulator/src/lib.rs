@@ -66,6 +66,12 @@ pub struct SimConfig {
     pub client_id: String,
     /// IMS client secret.
     pub client_secret: String,
+    /// More IMS clients `(client id, client secret)` of the same org, each
+    /// accepted on its own (several replicas of the daemon, each with its
+    /// own credential, so the PATCH log tells them apart). A token is bound
+    /// to the client it was issued to: Flow Service wants that client's id
+    /// as `x-api-key`.
+    pub extra_clients: Vec<(String, String)>,
     /// IMS org id; Flow Service requires it as `x-gw-ims-org-id`.
     pub org_id: String,
     /// The base connections that exist at start.
@@ -98,6 +104,7 @@ impl SimConfig {
         Self {
             client_id: client_id.into(),
             client_secret: client_secret.into(),
+            extra_clients: Vec::new(),
             org_id: org_id.into(),
             connections: Vec::new(),
             credential_lifetime: Duration::from_secs(3600),
@@ -114,6 +121,14 @@ impl fmt::Debug for SimConfig {
         f.debug_struct("SimConfig")
             .field("client_id", &self.client_id)
             .field("client_secret", &"[redacted]")
+            .field(
+                "extra_clients",
+                &self
+                    .extra_clients
+                    .iter()
+                    .map(|(id, _)| (id.as_str(), "[redacted]"))
+                    .collect::<Vec<_>>(),
+            )
             .field("org_id", &self.org_id)
             .field("connections", &self.connections.len())
             .field("credential_lifetime", &self.credential_lifetime)
@@ -358,6 +373,69 @@ pub struct SimStats {
     /// S3 pre-push checks answered with an error (denied, redirected, faults).
     #[serde(default)]
     pub s3_checks_refused: u64,
+}
+
+/// One PATCH that stored credentials, in the order they were applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PatchRecord {
+    /// 1, 2, 3 ... in the order the simulator applied them (times can tie).
+    pub seq: u64,
+    /// Connection id.
+    pub connection: String,
+    /// The IMS client whose token made the PATCH.
+    pub client_id: String,
+    /// When it was applied, Unix milliseconds.
+    pub at_unix_ms: u64,
+    /// The access key id stored (not secret).
+    pub access_key_id: String,
+}
+
+/// Who wrote what (also `GET /_sim/patches` on the Flow listener): every
+/// accepted PATCH, and the refused ones counted per client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimPatches {
+    /// Accepted PATCHes, oldest first (the last 100 000).
+    pub accepted: Vec<PatchRecord>,
+    /// Accepted PATCHes dropped from the front of `accepted` (log cap).
+    pub dropped: u64,
+    /// Refused PATCHes per client id, then per HTTP status (`"412"`, ...;
+    /// `"reset"` for a connection closed without an answer). A PATCH whose
+    /// bearer token the simulator never issued counts under `"?"`.
+    pub rejected: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+}
+
+impl SimPatches {
+    /// Accepted PATCHes by this client.
+    pub fn by_client(&self, client_id: &str) -> Vec<&PatchRecord> {
+        self.accepted
+            .iter()
+            .filter(|p| p.client_id == client_id)
+            .collect()
+    }
+
+    /// Accepted PATCHes on this connection.
+    pub fn on_connection(&self, connection: &str) -> Vec<&PatchRecord> {
+        self.accepted
+            .iter()
+            .filter(|p| p.connection == connection)
+            .collect()
+    }
+
+    /// The distinct clients that made at least one accepted PATCH, sorted.
+    pub fn writers(&self) -> Vec<String> {
+        let set: std::collections::BTreeSet<&str> =
+            self.accepted.iter().map(|p| p.client_id.as_str()).collect();
+        set.into_iter().map(str::to_owned).collect()
+    }
+
+    /// Refused PATCHes by this client with this status (`"412"`, `"reset"` ...).
+    pub fn rejected_count(&self, client_id: &str, status: &str) -> u64 {
+        self.rejected
+            .get(client_id)
+            .and_then(|m| m.get(status))
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 /// What a base connection holds now.
@@ -778,6 +856,12 @@ impl Simulator {
     /// placeholder secret keys connections start with). For leak checks.
     pub fn issued_secrets(&self) -> Vec<String> {
         self.shared.issued_secrets()
+    }
+
+    /// Who PATCHed what: accepted PATCHes with their client, refused ones
+    /// counted per client.
+    pub fn patches(&self) -> SimPatches {
+        self.shared.patches()
     }
 
     /// Notable events, oldest first (the last 100 000).

@@ -218,6 +218,11 @@ impl ConnCtl {
         self.kill.store(true, Ordering::Relaxed);
         Response::new(Body::empty())
     }
+
+    /// Whether [`ConnCtl::reset`] was called (its response is never sent).
+    pub fn was_reset(&self) -> bool {
+        self.kill.load(Ordering::Relaxed)
+    }
 }
 
 impl Connected<IncomingStream<'_, SimListener>> for ConnCtl {

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{ALNUM_UPPER, BASE64, random_from, unix_millis};
 use super::{
-    ConnectionView, Faults, ScriptedFault, SimConfig, SimConnection, SimEvent, SimService, SimStats,
+    ConnectionView, Faults, PatchRecord, ScriptedFault, SimConfig, SimConnection, SimEvent,
+    SimPatches, SimService, SimStats,
 };
 
 /// How many events and violations are kept: enough for any test or soak
@@ -74,6 +75,8 @@ pub(super) struct Plan {
 pub(super) struct Token {
     /// Revocation generation it belongs to.
     pub generation: u64,
+    /// The IMS client it was issued to.
+    pub client_id: String,
     /// When it expires.
     pub expires_at: Instant,
 }
@@ -188,6 +191,12 @@ pub(super) struct State {
     pub placeholder_secrets: Vec<String>,
     /// How the simulated S3 answers the pre-push check.
     pub s3: S3Knobs,
+    /// The last [`LOG_CAP`] accepted PATCHes, with who made them.
+    pub patch_log: VecDeque<PatchRecord>,
+    /// Sequence number of the last accepted PATCH.
+    pub patch_seq: u64,
+    /// Refused PATCHes per client, per status.
+    pub patch_rejected: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
 }
 
 /// The knobs of the simulated S3.
@@ -228,6 +237,46 @@ impl State {
             message,
             at: SystemTime::now(),
         });
+    }
+
+    /// Records an accepted PATCH by `client_id`, keeping the last [`LOG_CAP`].
+    pub fn record_patch(
+        &mut self,
+        connection: &str,
+        client_id: &str,
+        access_key_id: &str,
+        at: SystemTime,
+    ) {
+        self.patch_seq += 1;
+        if self.patch_log.len() >= LOG_CAP {
+            self.patch_log.pop_front();
+        }
+        self.patch_log.push_back(PatchRecord {
+            seq: self.patch_seq,
+            connection: connection.to_owned(),
+            client_id: client_id.to_owned(),
+            at_unix_ms: unix_millis(at),
+            access_key_id: access_key_id.to_owned(),
+        });
+    }
+
+    /// Counts a refused PATCH by the client that holds `bearer` (`"?"` when
+    /// the token is unknown) under `status`.
+    pub fn record_patch_refused(&mut self, bearer: Option<&str>, status: &str) {
+        let client = bearer
+            .and_then(|t| self.tokens.get(t))
+            .map_or_else(|| "?".to_owned(), |t| t.client_id.clone());
+        *self
+            .patch_rejected
+            .entry(client)
+            .or_default()
+            .entry(status.to_owned())
+            .or_default() += 1;
+    }
+
+    /// The IMS client a token was issued to (`None`: never issued here).
+    pub fn token_client(&self, token: &str) -> Option<&str> {
+        self.tokens.get(token).map(|t| t.client_id.as_str())
     }
 
     /// Whether a bearer token is good now.
@@ -357,8 +406,9 @@ fn new_conn(spec: SimConnection, sandbox_id: String) -> Conn {
 pub(super) struct Shared {
     /// IMS client id (`x-api-key`).
     pub client_id: String,
-    /// IMS client secret.
-    pub client_secret: String,
+    /// Every IMS client accepted, `(id, secret)`: `SimConfig::client_id` first, then
+    /// `SimConfig::extra_clients`.
+    pub clients: Vec<(String, String)>,
     /// IMS org (`x-gw-ims-org-id`).
     pub org_id: String,
     /// Lifetime of STS credentials.
@@ -407,13 +457,18 @@ impl Shared {
             retired_expired_seconds: 0.0,
             placeholder_secrets: Vec::new(),
             s3: S3Knobs::default(),
+            patch_log: VecDeque::new(),
+            patch_seq: 0,
+            patch_rejected: Default::default(),
         };
         for c in config.connections {
             insert_connection(&mut state, c);
         }
+        let mut clients = vec![(config.client_id.clone(), config.client_secret.clone())];
+        clients.extend(config.extra_clients);
         Self {
+            clients,
             client_id: config.client_id,
-            client_secret: config.client_secret,
             org_id: config.org_id,
             credential_lifetime: config.credential_lifetime,
             ims_token_lifetime: config.ims_token_lifetime,
@@ -586,6 +641,19 @@ impl Shared {
         stats
     }
 
+    /// The PATCH log.
+    pub fn patches(&self) -> SimPatches {
+        let st = self.lock();
+        let dropped = st
+            .patch_seq
+            .saturating_sub(u64::try_from(st.patch_log.len()).unwrap_or(u64::MAX));
+        SimPatches {
+            accepted: st.patch_log.iter().cloned().collect(),
+            dropped,
+            rejected: st.patch_rejected.clone(),
+        }
+    }
+
     /// What one connection holds now.
     pub fn connection_view(&self, id: &str) -> Option<ConnectionView> {
         let st = self.lock();
@@ -611,7 +679,7 @@ impl Shared {
     pub fn issued_secrets(&self) -> Vec<String> {
         let st = self.lock();
         let mut secrets = Vec::with_capacity(1 + st.tokens.len() + 2 * st.issuances.len());
-        secrets.push(self.client_secret.clone());
+        secrets.extend(self.clients.iter().map(|(_, secret)| secret.clone()));
         secrets.extend(st.tokens.keys().cloned());
         for issuance in st.issuances.values() {
             secrets.push(issuance.secret.clone());

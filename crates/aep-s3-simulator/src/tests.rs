@@ -2060,3 +2060,274 @@ async fn post_refuses_what_an_s3_access_key_connection_does_not_allow() {
         "a refused POST created a connection"
     );
 }
+
+/// A Flow request in sandbox `prod` with `api_key` as `x-api-key`.
+fn flow_as(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    method: Method,
+    path: &str,
+    token: &str,
+    api_key: &str,
+) -> reqwest::RequestBuilder {
+    http.request(
+        method,
+        format!("{}/data/foundation/flowservice{path}", sim.platform_url()),
+    )
+    .bearer_auth(token)
+    .header("x-api-key", api_key)
+    .header("x-gw-ims-org-id", ORG_ID)
+    .header("x-sandbox-name", "prod")
+}
+
+/// A token for `client_id`/`secret` (one of the extra clients).
+async fn ims_token_for(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    client_id: &str,
+    secret: &str,
+) -> reqwest::Response {
+    http.post(format!("{}/ims/token/v3", sim.ims_url()))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+            ("scope", "openid,AdobeID,read_organizations"),
+        ])
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn token_of(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn extra_clients_get_tokens_bound_to_their_own_client_id() {
+    let mut cfg = config(Duration::from_secs(3600));
+    cfg.extra_clients = vec![
+        ("replica-1".to_owned(), "replica-1-secret-abcdef".to_owned()),
+        ("replica-2".to_owned(), "replica-2-secret-abcdef".to_owned()),
+    ];
+    let debug = format!("{cfg:?}");
+    assert!(debug.contains("replica-1"), "{debug}");
+    assert!(!debug.contains("replica-1-secret"), "{debug}");
+    let sim = Simulator::start(cfg).await.unwrap();
+    let http = http();
+
+    // Each secret works for its own id only.
+    let wrong = ims_token_for(&sim, &http, "replica-1", "replica-2-secret-abcdef").await;
+    assert_eq!(wrong.status(), StatusCode::BAD_REQUEST);
+    let t1 =
+        token_of(ims_token_for(&sim, &http, "replica-1", "replica-1-secret-abcdef").await).await;
+
+    // The token is bound to replica-1: another client's id (even the primary
+    // one) as x-api-key is a violation, its own is fine.
+    let primary_key = flow(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &t1,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(primary_key.status(), StatusCode::FORBIDDEN);
+    assert_eq!(sim.violations().len(), 1, "{:?}", sim.violations());
+    assert!(sim.violations()[0].contains("x-api-key is not the client id the token was issued to"));
+    let own_key = flow_as(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &t1,
+        "replica-1",
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(own_key.status(), StatusCode::OK);
+
+    // Every client secret is a secret the leak checks look for.
+    let secrets = sim.issued_secrets();
+    for s in [
+        CLIENT_SECRET,
+        "replica-1-secret-abcdef",
+        "replica-2-secret-abcdef",
+    ] {
+        assert!(secrets.iter().any(|x| x == s), "{s} missing");
+    }
+    // And one sent to Flow Service is a violation, like the primary's.
+    let leaked = flow_as(
+        &sim,
+        &http,
+        Method::GET,
+        &format!("/connections/{CONN}"),
+        &t1,
+        "replica-1",
+    )
+    .header("x-debug", "replica-2-secret-abcdef")
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(leaked.status(), StatusCode::OK);
+    assert!(
+        sim.violations()
+            .iter()
+            .any(|v| v.contains("the IMS client secret was sent to Flow Service")),
+        "{:?}",
+        sim.violations()
+    );
+}
+
+/// A PATCH of `CONN` by `client_id` with its token.
+async fn patch_as(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    client_id: &str,
+    token: &str,
+    if_match: &str,
+    body: &Value,
+) -> StatusCode {
+    flow_as(
+        sim,
+        http,
+        Method::PATCH,
+        &format!("/connections/{CONN}"),
+        token,
+        client_id,
+    )
+    .header("content-type", "application/json")
+    .header("if-match", if_match)
+    .body(body.to_string())
+    .send()
+    .await
+    .unwrap()
+    .status()
+}
+
+#[tokio::test]
+async fn patch_log_records_who_wrote_and_counts_refusals_per_client() {
+    let mut cfg = config(Duration::from_secs(3600));
+    cfg.extra_clients = vec![("replica-1".to_owned(), "replica-1-secret-abcdef".to_owned())];
+    let sim = Simulator::start(cfg).await.unwrap();
+    let http = http();
+    let primary = ims_token(&sim, &http).await;
+    let replica =
+        token_of(ims_token_for(&sim, &http, "replica-1", "replica-1-secret-abcdef").await).await;
+    assert!(sim.patches().accepted.is_empty());
+
+    let first = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &primary).await;
+    let status = patch_as(&sim, &http, CLIENT_ID, &primary, &etag, &three_ops(&first)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // replica-1 still holds the old etag: 412, counted against it.
+    let second = assume_role(&sim, &http).await;
+    let status = patch_as(
+        &sim,
+        &http,
+        "replica-1",
+        &replica,
+        &etag,
+        &three_ops(&second),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED);
+    // A scripted reset of its next PATCH counts as "reset".
+    sim.script_for(CONN, ScriptedFault::Reset);
+    let reset = flow_as(
+        &sim,
+        &http,
+        Method::PATCH,
+        &format!("/connections/{CONN}"),
+        &replica,
+        "replica-1",
+    )
+    .header("content-type", "application/json")
+    .header("if-match", &etag)
+    .body(three_ops(&second).to_string())
+    .send()
+    .await;
+    assert!(reset.is_err(), "a reset has no answer");
+    // A GET is not a PATCH: never counted.
+    let fresh = current_etag(&sim, &http, &primary).await;
+    let status = patch_as(
+        &sim,
+        &http,
+        "replica-1",
+        &replica,
+        &fresh,
+        &three_ops(&second),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // A token the simulator never issued: counted under "?".
+    let status = patch_as(
+        &sim,
+        &http,
+        "replica-1",
+        "eyJforged",
+        &fresh,
+        &three_ops(&second),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let patches = sim.patches();
+    let who: Vec<(u64, &str, &str)> = patches
+        .accepted
+        .iter()
+        .map(|p| (p.seq, p.client_id.as_str(), p.access_key_id.as_str()))
+        .collect();
+    assert_eq!(
+        who,
+        [
+            (1, CLIENT_ID, first.access_key_id.as_str()),
+            (2, "replica-1", second.access_key_id.as_str())
+        ]
+    );
+    assert!(patches.accepted.iter().all(|p| p.connection == CONN));
+    assert!(patches.accepted[0].at_unix_ms <= patches.accepted[1].at_unix_ms);
+    assert_eq!(patches.dropped, 0);
+    assert_eq!(
+        patches.writers(),
+        ["replica-1".to_owned(), CLIENT_ID.to_owned()],
+        "sorted by id"
+    );
+    assert_eq!(patches.by_client("replica-1").len(), 1);
+    assert_eq!(patches.on_connection(CONN).len(), 2);
+    assert_eq!(patches.rejected_count("replica-1", "412"), 1);
+    assert_eq!(patches.rejected_count("replica-1", "reset"), 1);
+    assert_eq!(patches.rejected_count("?", "401"), 1);
+    assert_eq!(patches.rejected_count(CLIENT_ID, "412"), 0);
+    assert_eq!(
+        patches
+            .rejected
+            .values()
+            .flat_map(|m| m.values())
+            .sum::<u64>(),
+        3
+    );
+
+    // The same over HTTP, for scripts.
+    let over_http: SimPatches = http
+        .get(format!("{}/_sim/patches", sim.platform_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(over_http, patches);
+    assert!(
+        sim.violations().iter().all(|v| v.contains("never issued")),
+        "{:?}",
+        sim.violations()
+    );
+}

@@ -82,6 +82,11 @@ struct Args {
     /// for the discovery benchmark).
     #[arg(long, default_value = "")]
     description: String,
+    /// Another IMS client the simulator accepts, as `ID:SECRET` (repeatable):
+    /// one per daemon replica, so `GET {platform_url}/_sim/patches` tells
+    /// who wrote what. Test credentials only: the secret is on the command line.
+    #[arg(long = "extra-client", value_name = "ID:SECRET", value_parser = extra_client)]
+    extra_clients: Vec<(String, String)>,
     /// Write a daemon config pointing at the simulator here (and the client
     /// secret, mode 0600, to PATH.secret).
     #[arg(long, value_name = "PATH")]
@@ -97,6 +102,19 @@ fn probability(s: &str) -> Result<f64, String> {
         Ok(p)
     } else {
         Err(format!("{p} is not a probability (0.0..=1.0)"))
+    }
+}
+
+/// Parses `ID:SECRET` (the id cannot hold `:`; the secret may).
+fn extra_client(s: &str) -> Result<(String, String), String> {
+    match s.split_once(':') {
+        Some((id, secret)) if !id.is_empty() && !secret.is_empty() => {
+            if id == CLIENT_ID {
+                return Err(format!("{id} is already the simulator's own client id"));
+            }
+            Ok((id.to_owned(), secret.to_owned()))
+        }
+        _ => Err("expected ID:SECRET, both non-empty".to_owned()),
     }
 }
 
@@ -128,6 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.credential_lifetime = args.credential_lifetime;
     config.ims_token_lifetime = args.ims_token_lifetime;
     config.seed = args.seed;
+    config.extra_clients = args.extra_clients.clone();
     config.faults = Faults {
         latency: args.latency,
         flow_429: args.flow_429,
@@ -153,6 +172,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "sts_url": sim.sts_url(),
         "s3_url": sim.s3_url(),
         "client_id": CLIENT_ID,
+        "extra_client_ids": args.extra_clients.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
         "org_id": ORG_ID,
     });
     println!("{endpoints}");
@@ -329,6 +349,35 @@ mod tests {
         assert!(uuid::Uuid::parse_str(&connections[0].id).is_ok());
         assert_eq!(make_connections(10_000, 1)[9_999].name, "conn-10000");
         assert_eq!(make_connections(12_345, 3)[0].name, "conn-00001");
+    }
+
+    #[test]
+    fn extra_clients_parse_as_id_colon_secret() {
+        let args = Args::parse_from([
+            "aep-s3-simulator",
+            "--extra-client",
+            "replica-1:s3cr:et",
+            "--extra-client",
+            "replica-2:other",
+        ]);
+        assert_eq!(
+            args.extra_clients,
+            [
+                ("replica-1".to_owned(), "s3cr:et".to_owned()),
+                ("replica-2".to_owned(), "other".to_owned())
+            ]
+        );
+        for bad in ["nocolon", ":secret", "id:", CLIENT_ID] {
+            let arg = if bad == CLIENT_ID {
+                format!("{CLIENT_ID}:x")
+            } else {
+                bad.to_owned()
+            };
+            assert!(
+                Args::try_parse_from(["aep-s3-simulator", "--extra-client", &arg]).is_err(),
+                "{arg} must be refused"
+            );
+        }
     }
 
     #[test]
