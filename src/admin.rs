@@ -90,7 +90,22 @@ pub struct Readiness {
     /// The connections that are not, with the reason (absent when ready).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ready: Vec<NotReady>,
+    /// With `[coordination]`: `leader`, `standby` or `starting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// With `[coordination]`: the lease holder as last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Why a replica that is not the leader is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
+
+/// Response headers of `/status` that name this replica's role and the
+/// lease holder (with `[coordination]`); the body stays the SPEC's list.
+pub const ROLE_HEADER: &str = "x-aep-s3-rotator-role";
+/// See [`ROLE_HEADER`].
+pub const LEADER_HEADER: &str = "x-aep-s3-rotator-leader";
 
 /// The admin routes over `telemetry`, without a listener (for embedding and tests).
 pub fn router(telemetry: Arc<Telemetry>) -> Router {
@@ -411,24 +426,35 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> Response {
-    match telemetry.readiness(crate::clock::wall_now()) {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(Readiness {
-                ready: true,
-                not_ready: Vec::new(),
-            }),
-        )
-            .into_response(),
-        Err(not_ready) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Readiness {
-                ready: false,
-                not_ready,
-            }),
-        )
-            .into_response(),
+    use crate::coordination::Role;
+    let role = telemetry.role();
+    let mut body = Readiness {
+        ready: false,
+        not_ready: Vec::new(),
+        role: role.as_ref().map(|v| v.role.as_str().to_owned()),
+        leader: role.as_ref().and_then(|v| v.leader.clone()),
+        reason: None,
+    };
+    match role {
+        // A standby is ready when it can take over: it reaches the table.
+        Some(view) if view.role == Role::Standby => match view.trouble {
+            None => body.ready = true,
+            Some(trouble) => body.reason = Some(format!("coordination table: {trouble}")),
+        },
+        Some(view) if view.role == Role::Starting => {
+            body.reason = Some("the coordination lease has not been read yet".to_owned());
+        }
+        _ => match telemetry.readiness(crate::clock::wall_now()) {
+            Ok(()) => body.ready = true,
+            Err(not_ready) => body.not_ready = not_ready,
+        },
     }
+    let code = if body.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> Response {
@@ -439,16 +465,31 @@ async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> Response {
         .into_response()
 }
 
-async fn status(State(telemetry): State<Arc<Telemetry>>) -> Json<Vec<StatusEntry>> {
+async fn status(State(telemetry): State<Arc<Telemetry>>) -> Response {
     let now = crate::clock::wall_now();
     let refresh_before = telemetry.refresh_before();
-    Json(
-        telemetry
-            .snapshot()
-            .iter()
-            .map(|s| StatusEntry::from_status(s, now, refresh_before))
-            .collect(),
-    )
+    let entries: Vec<StatusEntry> = telemetry
+        .snapshot()
+        .iter()
+        .map(|s| StatusEntry::from_status(s, now, refresh_before))
+        .collect();
+    let mut response = Json(entries).into_response();
+    if let Some(view) = telemetry.role() {
+        let headers = response.headers_mut();
+        headers.insert(
+            ROLE_HEADER,
+            header::HeaderValue::from_static(view.role.as_str()),
+        );
+        // Holder names are validated (no spaces or control characters) or
+        // generated; one that is still no header value is left out.
+        if let Some(value) = view
+            .leader
+            .and_then(|l| header::HeaderValue::from_str(&l).ok())
+        {
+            headers.insert(LEADER_HEADER, value);
+        }
+    }
+    response
 }
 
 /// `aep-s3-rotator status`: reads `/status` from `addr` and renders the table
@@ -487,13 +528,30 @@ pub async fn status_report(addr: SocketAddr) -> Result<String, String> {
             "the admin endpoint at {url} answered {code}, expected 200 OK"
         ));
     }
+    let role_line = role_line(response.headers());
     let body = crate::http::read_capped(response, STATUS_MAX_BODY)
         .await
         .map_err(|e| format!("cannot read the answer of {url}: {e}"))?;
     let entries: Vec<StatusEntry> = serde_json::from_slice(&body).map_err(|e| {
         format!("the admin endpoint at {url} answered something that is not a status list: {e}")
     })?;
-    Ok(render_status_table(&entries, crate::clock::wall_now()))
+    Ok(role_line + &render_status_table(&entries, crate::clock::wall_now()))
+}
+
+/// `role: standby (leader: X)` above the table, from the `/status` headers
+/// of a replica with `[coordination]`; empty otherwise.
+fn role_line(headers: &header::HeaderMap) -> String {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| crate::http::bounded(v, 128))
+    };
+    match (text(ROLE_HEADER), text(LEADER_HEADER)) {
+        (Some(role), Some(leader)) => format!("role: {role} (leader: {leader})\n"),
+        (Some(role), None) => format!("role: {role} (leader: unknown)\n"),
+        _ => String::new(),
+    }
 }
 
 /// The one-line error for a request that got no answer.

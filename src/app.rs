@@ -267,12 +267,23 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             }
         }
     }
-    let options = Options {
+    let mut options = Options {
         mode: Mode::Run,
         dry_run,
         only: Vec::new(),
         identity: SourceIdentity::DefaultChain,
+        fence: None,
     };
+    let coordination = match &config.coordination {
+        Some(settings) => {
+            match start_coordination(&config, settings, &options.identity, &telemetry).await {
+                Ok(started) => Some(started),
+                Err(exit) => return exit,
+            }
+        }
+        None => None,
+    };
+    options.fence = coordination.as_ref().map(|c| c.fence.clone());
     let Some((daemon_config, rotator, membership)) =
         start_membership(&config, &options, &telemetry).await
     else {
@@ -295,6 +306,7 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     );
     daemon.seed_s3_targets(&membership.targets);
     daemon.seed_etags(&membership.etags);
+    let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     // SIGHUP configs and re-listed memberships both reach the daemon as
     // configs whose connections are the resolved set.
     let (to_daemon, daemon_reloads) = mpsc::channel(1);
@@ -308,7 +320,11 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         to_daemon,
         cancel.clone(),
     ));
-    match daemon.run(cancel, daemon_reloads).await {
+    let result = daemon.run(cancel, daemon_reloads).await;
+    if let Some(running) = coordination {
+        running.stop().await;
+    }
+    match result {
         Ok(report) => {
             tracing::info!(loop_turns = report.loop_turns, "stopped");
             Exit::Ok
@@ -317,6 +333,128 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             tracing::error!(error = %format!("{error:#}"), "stopped on an error");
             Exit::Failure
         }
+    }
+}
+
+/// `[coordination]` before the daemon starts: the table is checked (a
+/// missing table or permission stops the start with one message, exit 78:
+/// restarting would not cure it), the elector is built.
+struct Coordination {
+    elector: crate::coordination::Elector,
+    leadership: tokio::sync::watch::Receiver<crate::coordination::Leadership>,
+    fence: crate::coordination::Fence,
+    writer: crate::coordination::StateWriter,
+    sink: crate::coordination::StateSink,
+}
+
+/// The coordination tasks while the daemon runs.
+struct RunningCoordination {
+    stop: CancellationToken,
+    elector: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+/// How often a standby makes sure it holds a valid IMS token (the cache
+/// only asks IMS when the token nears its end): a wrong or revoked client
+/// secret shows up in a standby's log long before it has to take over.
+const STANDBY_TOKEN_CHECK: Duration = Duration::from_secs(5 * 60);
+
+async fn start_coordination(
+    config: &Config,
+    settings: &crate::config::CoordinationConfig,
+    identity: &SourceIdentity,
+    telemetry: &Arc<Telemetry>,
+) -> Result<Coordination, Exit> {
+    use crate::coordination::{Elector, StateWriter, Store, StoreError, dynamo::DynamoStore};
+    let store = DynamoStore::connect(
+        &config.aws,
+        settings,
+        identity,
+        config.rotation.request_timeout,
+    )
+    .await;
+    match store.read_lease().await {
+        Ok(_) => {}
+        Err(error @ (StoreError::NoTable { .. } | StoreError::Denied { .. })) => {
+            tracing::error!(table = %settings.table, "{error}");
+            return Err(Exit::Config);
+        }
+        // Credentials and reachability can recover: the elector retries.
+        Err(error) => {
+            tracing::warn!(table = %settings.table, table_error = %error, "coordination table not reachable yet; standing by until it is");
+        }
+    }
+    let store: Arc<dyn Store> = Arc::new(store);
+    let holder = settings
+        .holder
+        .clone()
+        .unwrap_or_else(crate::coordination::default_holder);
+    let (elector, leadership, fence) = Elector::new(
+        Arc::clone(&store),
+        holder.clone(),
+        settings.lease,
+        settings.renew_every,
+        Arc::clone(telemetry),
+    );
+    let (writer, sink) = StateWriter::new(store, fence.clone(), holder);
+    Ok(Coordination {
+        elector,
+        leadership,
+        fence,
+        writer,
+        sink,
+    })
+}
+
+impl Coordination {
+    /// Hands the daemon its leadership and sink; starts the elector, the
+    /// state writer and the standby's token check.
+    fn attach(
+        self,
+        daemon: &mut Daemon,
+        rotator: &Arc<crate::rotation::Rotator>,
+    ) -> RunningCoordination {
+        daemon.coordinate(self.leadership.clone(), self.sink);
+        let stop = CancellationToken::new();
+        let elector = tokio::spawn(self.elector.run(stop.clone()));
+        let writer = tokio::spawn(self.writer.run());
+        let ims = Arc::clone(&rotator.ims);
+        let leadership = self.leadership;
+        let keeper_stop = stop.clone();
+        let keeper = tokio::spawn(async move {
+            loop {
+                let standby = leadership.borrow().role != crate::coordination::Role::Leader;
+                if standby && let Err(error) = ims.token().await {
+                    tracing::warn!(error = %error, "standby cannot get an IMS access token; it could not rotate if it became the leader");
+                }
+                tokio::select! {
+                    () = keeper_stop.cancelled() => return,
+                    () = tokio::time::sleep(STANDBY_TOKEN_CHECK) => {}
+                }
+            }
+        });
+        RunningCoordination {
+            stop,
+            elector,
+            writer,
+            keeper,
+        }
+    }
+}
+
+impl RunningCoordination {
+    /// After the daemon has drained its jobs: the queued shared state is
+    /// written (bounded), then the lease is released so a standby takes
+    /// over at its next look.
+    async fn stop(self) {
+        let flush = crate::coordination::FLUSH_GRACE;
+        if tokio::time::timeout(flush, self.writer).await.is_err() {
+            tracing::warn!(grace = %humantime::format_duration(flush), "shared state not fully written before shutdown");
+        }
+        self.stop.cancel();
+        let _ = self.keeper.await;
+        let _ = self.elector.await;
     }
 }
 
@@ -416,6 +554,7 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
         dry_run: args.dry_run,
         only: args.connections.clone(),
         identity: SourceIdentity::DefaultChain,
+        fence: None,
     };
     // Without rules a wrong --connection is known before any request.
     if config.discover.is_empty()
@@ -575,6 +714,7 @@ async fn check(config: Config, path: &Path) -> Exit {
         dry_run: true,
         only: Vec::new(),
         identity: SourceIdentity::DefaultChain,
+        fence: None,
     };
     let rotator = match build_rotator(&config, &options, &telemetry, None).await {
         Ok(rotator) => Arc::new(rotator),

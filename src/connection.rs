@@ -228,6 +228,63 @@ impl Connection {
         connection
     }
 
+    /// Takes up the shared state another replica wrote (coordination: on
+    /// becoming the leader, and for a standby's view). Of the shared record
+    /// and what this replica knows itself, the credentials that expire
+    /// later win; when they are good for longer than `refresh_before` the
+    /// connection is scheduled from their expiry (no request: the next
+    /// PATCH's `If-Match` catches any change meanwhile), otherwise it is due
+    /// now. A record with impossible times, or from another sandbox, is
+    /// ignored. A connection with a job in flight is left alone.
+    pub fn adopt(
+        &mut self,
+        shared: Option<&PersistedConnection>,
+        now: SystemTime,
+        policy: &Policy,
+        draw: f64,
+    ) -> Action {
+        if matches!(self.phase, Phase::InFlight | Phase::Finished) {
+            return self.current_action();
+        }
+        let usable = shared.filter(|saved| {
+            saved.sandbox == self.config.sandbox
+                && saved.expires_at <= later(now, MAX_CREDENTIAL_LIFETIME)
+                && saved
+                    .last_success_at
+                    .is_none_or(|at| at <= later(now, RESTORE_SKEW))
+        });
+        if let Some(saved) = usable
+            && self
+                .pushed
+                .as_ref()
+                .is_none_or(|own| own.expires_at <= saved.expires_at)
+        {
+            self.pushed = Some(Pushed {
+                access_key_id: saved.access_key_id.clone(),
+                expires_at: saved.expires_at,
+            });
+            self.etag = Some(saved.etag.clone());
+            self.last_success = saved.last_success_at.or(self.last_success);
+            self.resume_etag = None;
+            self.failures_in_a_row = 0;
+            self.last_error = None;
+        }
+        let fresh_until = self
+            .pushed
+            .as_ref()
+            .map(|p| p.expires_at)
+            .filter(|at| until(now, *at) > policy.refresh_before);
+        let next = match fresh_until {
+            Some(expires_at) => {
+                self.had_outcome = true;
+                self.next_rotation(now, expires_at, policy, draw)
+            }
+            None => now,
+        };
+        self.phase = Phase::Waiting(next);
+        Action::WaitUntil(next)
+    }
+
     /// An etag read in bulk (a list page) before the first job. A new
     /// connection saves its GET; after a restart, an etag equal to the one
     /// we left proves the connection unchanged without any request (it is
@@ -429,7 +486,7 @@ impl Connection {
         let cancelled = matches!(
             result,
             JobResult::Failed {
-                error: RotationError::Cancelled,
+                error: RotationError::Cancelled | RotationError::NotLeader,
                 ..
             }
         );
@@ -542,6 +599,18 @@ impl Connection {
                 None
             }
             JobResult::Failed {
+                error: RotationError::NotLeader,
+                etag,
+                ..
+            } => {
+                // Leadership lost: not this connection's failure. The job's
+                // etag view wins (`None` after a 412); whoever leads next
+                // takes it up from the shared state.
+                self.etag = etag;
+                tracing::info!("stood down before the next request: no longer the leader");
+                Some(now)
+            }
+            JobResult::Failed {
                 error,
                 etag,
                 conflicts,
@@ -652,7 +721,7 @@ pub fn outcome_of(result: &JobResult) -> Option<Outcome> {
     match result {
         JobResult::Rotated { .. } => Some(Outcome::Success),
         JobResult::Failed {
-            error: RotationError::Cancelled,
+            error: RotationError::Cancelled | RotationError::NotLeader,
             ..
         } => None,
         JobResult::Failed { .. } => Some(Outcome::Failure),

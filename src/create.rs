@@ -309,6 +309,7 @@ pub async fn run(config: &Config, args: &CreateArgs) -> Exit {
         dry_run: args.dry_run,
         only: Vec::new(),
         identity: SourceIdentity::DefaultChain,
+        fence: None,
     };
     let rotator = match build_rotator(config, &options, &telemetry, None).await {
         Ok(rotator) => rotator,

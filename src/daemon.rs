@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -30,6 +30,7 @@ use tracing::Instrument;
 use crate::clock::{Clock, earlier};
 use crate::config::{Config, ConnectionConfig};
 use crate::connection::{self, Action, Connection, Event, Phase, Policy};
+use crate::coordination::{Leadership, Role, StateSink};
 use crate::flow::FlowClient;
 use crate::ims::ImsClient;
 use crate::notify::Notifier;
@@ -75,6 +76,9 @@ pub struct Options {
     pub only: Vec<String>,
     /// Where the STS client's own identity comes from.
     pub identity: SourceIdentity,
+    /// With `[coordination]`: this replica's right to write, checked by every
+    /// job before each request that could write (`None`: the only writer).
+    pub fence: Option<crate::coordination::Fence>,
 }
 
 /// The final word on one connection, for `once` and `demo` reports.
@@ -186,6 +190,7 @@ pub async fn build_rotator(
         verify: rotation.verify,
         dry_run: options.dry_run,
         prepush: crate::s3probe::from_config(config)?,
+        fence: options.fence.clone(),
     })
 }
 
@@ -249,6 +254,17 @@ pub struct Daemon {
     progressed: bool,
     turns: u64,
     turns_at_ping: u64,
+    /// `[coordination]`: the elector's word (`None`: the only writer).
+    leadership: Option<watch::Receiver<Leadership>>,
+    /// Whether this replica may dispatch: always without coordination;
+    /// with it, from a leadership term until the fence closes.
+    leading: bool,
+    /// The leadership term whose shared state was adopted.
+    term: u64,
+    /// Where changed connections' shared state goes (coordination on).
+    shared: Option<StateSink>,
+    /// Connections whose shared state changed since the last flush.
+    shared_dirty: HashSet<String>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -379,6 +395,11 @@ impl Daemon {
             progressed: false,
             turns: 0,
             turns_at_ping: 0,
+            leadership: None,
+            leading: true,
+            term: 0,
+            shared: None,
+            shared_dirty: HashSet::new(),
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
@@ -393,6 +414,76 @@ impl Daemon {
             daemon.follow(&id, Action::WaitUntil(now));
         }
         daemon
+    }
+
+    /// Runs as one of several replicas: dispatches only while `leadership`
+    /// says this replica leads (and its fence is open), adopts the shared
+    /// state of each new term, and sends changed connections to `shared`.
+    pub fn coordinate(&mut self, leadership: watch::Receiver<Leadership>, shared: StateSink) {
+        self.leadership = Some(leadership);
+        self.leading = false;
+        self.shared = Some(shared);
+    }
+
+    /// Whether the fence (coordination) lets jobs write now.
+    fn fence_open(&self) -> bool {
+        self.options
+            .fence
+            .as_ref()
+            .is_none_or(crate::coordination::Fence::is_open)
+    }
+
+    /// The elector changed its word: a new term adopts the shared state and
+    /// starts dispatching; anything else stops it (jobs in flight stop at
+    /// their next fence check).
+    fn on_leadership(&mut self, open: bool) {
+        if !open {
+            // The elector has ended (shutdown): nothing more is written.
+            self.leading = false;
+            return;
+        }
+        let Some(receiver) = self.leadership.as_mut() else {
+            return;
+        };
+        let current = receiver.borrow_and_update().clone();
+        match current.role {
+            Role::Leader if current.term != self.term => {
+                self.term = current.term;
+                self.adopt(current.view.as_deref());
+                self.leading = true;
+            }
+            Role::Leader => {}
+            Role::Standby | Role::Starting => {
+                self.leading = false;
+                self.adopt(current.view.as_deref());
+            }
+        }
+        // The role shows in `STATUS=` at once.
+        self.last_status = None;
+    }
+
+    /// Takes up the shared state (see [`Connection::adopt`]); `None` keeps
+    /// this replica's own view.
+    fn adopt(&mut self, view: Option<&StateSnapshot>) {
+        let Some(view) = view else {
+            return;
+        };
+        let now = self.clock.now();
+        let ids: Vec<String> = self.connections.keys().cloned().collect();
+        for id in ids {
+            let Some(connection) = self.connections.get_mut(&id) else {
+                continue;
+            };
+            let action =
+                connection.adopt(view.connections.get(&id), now, &self.policy, rand::random());
+            self.follow(&id, action);
+        }
+    }
+
+    /// The role as `STATUS=` shows it when this replica is not the leader.
+    fn standby_line(&self) -> Option<String> {
+        let leadership = self.leadership.as_ref()?.borrow();
+        (leadership.role != Role::Leader).then(|| leadership.status_line())
     }
 
     /// The connections of `config` this run is about (`once --connection`).
@@ -451,7 +542,7 @@ impl Daemon {
             self.after_progress();
             // Armed only when a dispatch could happen: with every slot busy,
             // an overdue deadline would otherwise fire on every turn.
-            let next_due = if self.jobs.len() < self.dispatch_limit() {
+            let next_due = if self.leading && self.jobs.len() < self.dispatch_limit() {
                 self.next_deadline()
             } else {
                 None
@@ -464,6 +555,7 @@ impl Daemon {
                     self.on_joined(finished);
                 }
                 Some(prepared) = prepared.recv() => self.apply_reload(prepared),
+                open = leadership_changed(&mut self.leadership) => self.on_leadership(open),
                 reload = reloads.recv(), if reloads_open => match reload {
                     Some(config) => self.prepare_reload(config, prepared_tx.clone()),
                     None => reloads_open = false,
@@ -506,6 +598,15 @@ impl Daemon {
     }
 
     fn dispatch_due(&mut self) {
+        if !self.leading {
+            return;
+        }
+        if !self.fence_open() {
+            // The lease lapsed before the elector said so: stop until it
+            // publishes a new term (it always does after a lapse).
+            self.leading = false;
+            return;
+        }
         let now = self.clock.now();
         while self.jobs.len() < self.dispatch_limit() {
             match self.next_deadline() {
@@ -533,6 +634,7 @@ impl Daemon {
         if let Some(outcome) = outcome {
             self.telemetry.rotation(id, outcome);
             self.state_dirty = true;
+            self.shared_dirty.insert(id.to_owned());
         }
         self.follow(id, action);
     }
@@ -546,6 +648,7 @@ impl Daemon {
                 self.connections.remove(id);
                 self.telemetry.remove(id);
                 self.state_dirty = true;
+                self.shared_dirty.insert(id.to_owned());
                 return;
             }
         }
@@ -585,6 +688,14 @@ impl Daemon {
         match joined {
             Ok((task, (id, result))) => {
                 self.tasks.remove(&task);
+                if let JobResult::Failed {
+                    error: RotationError::NotLeader,
+                    ..
+                } = &result
+                {
+                    // Stand down until the elector publishes a new term.
+                    self.leading = false;
+                }
                 self.event(&id, Event::JobDone(result));
             }
             Err(error) => {
@@ -615,7 +726,8 @@ impl Daemon {
         let turns = self.turns - self.turns_at_ping;
         self.turns_at_ping = self.turns;
         let now = self.clock.now();
-        let overdue = self.next_deadline().is_some_and(|at| at <= now);
+        // A standby's due connections wait for leadership, not for the loop.
+        let overdue = self.leading && self.next_deadline().is_some_and(|at| at <= now);
         let idle = self.jobs.is_empty() && !overdue;
         let spinning = !self.progressed && turns > SPIN_TURNS;
         if (self.progressed || idle) && !spinning {
@@ -633,7 +745,21 @@ impl Daemon {
     /// Readiness and `STATUS=` after something happened.
     fn after_progress(&mut self) {
         let now = crate::clock::mono_now();
-        if !self.ready_sent && self.connections.values().all(Connection::had_outcome) {
+        let standby = self
+            .leadership
+            .as_ref()
+            .is_some_and(|l| l.borrow().role == Role::Standby);
+        if !self.ready_sent && standby {
+            // A healthy standby is ready: ready to take over.
+            self.ready_sent = true;
+            self.last_status = Some(now);
+            let line = self.status_line();
+            tracing::info!(status = %line, "ready as a standby");
+            self.notifier.ready(&line);
+        } else if !self.ready_sent
+            && self.leading
+            && self.connections.values().all(Connection::had_outcome)
+        {
             self.ready_sent = true;
             self.last_status = Some(now);
             let line = self.status_line();
@@ -650,6 +776,9 @@ impl Daemon {
     }
 
     fn status_line(&self) -> String {
+        if let Some(line) = self.standby_line() {
+            return line;
+        }
         let now = self.clock.now();
         let summary = self.telemetry.summary(now);
         let next = summary
@@ -672,7 +801,9 @@ impl Daemon {
     }
 
     fn next_state_write(&self) -> Option<tokio::time::Instant> {
-        if !self.state_dirty || self.state.is_none() {
+        let file = self.state_dirty && self.state.is_some();
+        let shared = self.shared.is_some() && !self.shared_dirty.is_empty();
+        if !file && !shared {
             return None;
         }
         Some(
@@ -682,6 +813,8 @@ impl Daemon {
     }
 
     async fn write_state(&mut self) {
+        self.last_state_write = Some(crate::clock::mono_now());
+        self.flush_shared();
         let Some(store) = self.state.clone() else {
             return;
         };
@@ -689,7 +822,6 @@ impl Daemon {
             return;
         }
         self.state_dirty = false;
-        self.last_state_write = Some(crate::clock::mono_now());
         let snapshot = StateSnapshot {
             connections: self
                 .connections
@@ -704,6 +836,24 @@ impl Daemon {
         };
         tracing::warn!(error = %error, "state file not written; will retry");
         self.state_dirty = true;
+    }
+
+    /// Sends the changed connections to the shared state writer (which
+    /// writes only while this replica holds the lease). A connection that
+    /// is gone is deleted there; one never pushed is left alone.
+    fn flush_shared(&mut self) {
+        let Some(sink) = &self.shared else {
+            return;
+        };
+        let batch: Vec<_> = self
+            .shared_dirty
+            .drain()
+            .filter_map(|id| match self.connections.get(&id) {
+                None => Some((id, None)),
+                Some(c) => c.persisted().map(|p| (id, Some(p))),
+            })
+            .collect();
+        sink.send(batch);
     }
 
     /// Builds the clients for a new config off the loop (loading AWS config
@@ -864,6 +1014,22 @@ impl Daemon {
             connections,
             loop_turns: self.turns,
         }
+    }
+}
+
+/// Resolves when the elector publishes (`true`), or when it has ended
+/// (`false`, once); never without coordination.
+async fn leadership_changed(leadership: &mut Option<watch::Receiver<Leadership>>) -> bool {
+    match leadership {
+        Some(receiver) => {
+            let open = receiver.changed().await.is_ok();
+            if !open {
+                // Ended: later calls wait forever instead of spinning.
+                *leadership = None;
+            }
+            open
+        }
+        None => std::future::pending().await,
     }
 }
 

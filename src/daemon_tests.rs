@@ -137,6 +137,7 @@ fn options(mode: Mode) -> Options {
         dry_run: false,
         only: Vec::new(),
         identity: SourceIdentity::DefaultChain,
+        fence: None,
     }
 }
 
@@ -523,4 +524,106 @@ async fn a_reload_that_changes_the_role_waits_for_the_slow_patch() {
     // Old role at 0; the new role right after the slow PATCH ended (30 s),
     // not at the next scheduled rotation 40 min later.
     assert_eq!(roles, [(0, "old".to_owned()), (30, "new".to_owned())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
+    use crate::coordination::{Fence, Leadership, Role, StateSink};
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let systemd = FakeSystemd::new();
+    let fence = Fence::new();
+    let mut options = options(Mode::Run);
+    options.fence = Some(fence.clone());
+    let config = config(3, 4);
+    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let mut daemon = Daemon::with_job_runner(
+        config,
+        options,
+        telemetry,
+        systemd.notifier(None),
+        clock,
+        Arc::clone(&runner) as Arc<dyn JobRunner>,
+    );
+    let (leadership_tx, leadership) = watch::channel(Leadership::starting("me"));
+    let (sink, mut written) = StateSink::channel();
+    daemon.coordinate(leadership, sink);
+    let cancel = CancellationToken::new();
+    let (_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+
+    // Starting, then a standby: everything is due, nothing is dispatched.
+    tokio::time::sleep(S(5)).await;
+    assert!(!systemd.received().iter().any(|m| m.contains("READY=1")));
+    leadership_tx.send_modify(|l| {
+        l.role = Role::Standby;
+        l.leader = Some("other".into());
+    });
+    tokio::time::sleep(S(60)).await;
+    assert!(
+        runner.log.lock().unwrap().started.is_empty(),
+        "a standby dispatched"
+    );
+    assert!(
+        systemd
+            .received()
+            .iter()
+            .any(|m| m.contains("READY=1") && m.contains("standby (leader: other)")),
+        "a healthy standby is READY and says whose lease it is: {:?}",
+        systemd.received()
+    );
+
+    // Leader, term 1: c0's shared credentials are good for an hour, so
+    // only c1 and c2 are rotated.
+    let now = clock.now();
+    let mut view = StateSnapshot::default();
+    view.connections.insert(
+        "c0".into(),
+        crate::state::PersistedConnection {
+            sandbox: "prod".into(),
+            etag: "\"shared\"".into(),
+            access_key_id: "ASIASHARED".into(),
+            expires_at: now + S(3600),
+            last_success_at: Some(now),
+        },
+    );
+    fence.open_until(crate::clock::mono_now() + S(24 * 3600));
+    leadership_tx.send_modify(|l| {
+        l.role = Role::Leader;
+        l.leader = Some("me".into());
+        l.term = 1;
+        l.view = Some(Arc::new(view));
+    });
+    tokio::time::sleep(S(5)).await;
+    assert!(
+        runner.starts("c0").is_empty(),
+        "a fresh shared record was re-pushed"
+    );
+    assert_eq!(runner.starts("c1").len(), 1);
+    assert_eq!(runner.starts("c2").len(), 1);
+    let mut shared: Vec<String> = Vec::new();
+    while let Ok(batch) = written.try_recv() {
+        shared.extend(
+            batch
+                .into_iter()
+                .filter(|(_, r)| r.is_some())
+                .map(|(id, _)| id),
+        );
+    }
+    shared.sort();
+    assert_eq!(shared, ["c1", "c2"], "the leader shares what it pushed");
+
+    // The fence closes (lost lease): nothing more is dispatched, even when
+    // everything falls due.
+    fence.close();
+    tokio::time::sleep(S(3 * 3600)).await;
+    assert_eq!(runner.starts("c0").len(), 0);
+    assert_eq!(runner.starts("c1").len(), 1);
+    cancel.cancel();
+    let report = task.await.unwrap().unwrap();
+    assert!(
+        report.loop_turns < 100,
+        "a closed fence made the loop spin: {} turns",
+        report.loop_turns
+    );
 }

@@ -109,6 +109,7 @@ pub async fn run(args: DemoArgs) -> Exit {
             access_key_id: "AKIADEMOSOURCEIDENTY".to_owned(),
             secret_access_key: SecretString::from("demo-source-identity-secret".to_owned()),
         },
+        fence: None,
     };
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
     let daemon = match Daemon::new(config, options, telemetry, Notifier::default()).await {

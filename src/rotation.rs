@@ -43,6 +43,9 @@ pub struct Rotator {
     /// `[rotation] prepush_check`: the S3 check run before each PATCH
     /// (`None` = off).
     pub prepush: Option<Arc<dyn S3Probe>>,
+    /// With `[coordination]`: checked before every `GET` and `PATCH`
+    /// (`None` = this process is the only writer).
+    pub fence: Option<crate::coordination::Fence>,
 }
 
 /// What to do for one connection.
@@ -155,6 +158,11 @@ pub enum RotationError {
     /// slow cadence, a transient failure backs off.
     #[error("new credentials not pushed: {0}")]
     Prepush(ProbeError),
+    /// This replica lost the coordination lease: it stopped before the next
+    /// request (after a 412 it does not re-read: the new leader owns the
+    /// connection). Not a failure of the connection.
+    #[error("stopped: this replica is no longer the leader")]
+    NotLeader,
 }
 
 impl RotationError {
@@ -171,9 +179,11 @@ impl RotationError {
             Self::Flow(FlowError::Rejected { .. } | FlowError::Unsuitable(_)) => RetryKind::Slow,
             Self::Prepush(e) if e.is_transient() => RetryKind::Backoff,
             Self::Prepush(_) => RetryKind::Slow,
-            Self::Flow(_) | Self::Conflicts(_) | Self::Cancelled | Self::Internal(_) => {
-                RetryKind::Backoff
-            }
+            Self::Flow(_)
+            | Self::Conflicts(_)
+            | Self::Cancelled
+            | Self::Internal(_)
+            | Self::NotLeader => RetryKind::Backoff,
         }
     }
 
@@ -275,6 +285,7 @@ impl Rotator {
         progress: &mut Progress,
         cancel: &CancellationToken,
     ) -> Result<JobResult, RotationError> {
+        self.fenced()?;
         // The check needs the bucket: without a cached target, GET anyway.
         let need_target = self.prepush.is_some() && progress.s3.is_none();
         if job.resume_if_etag.is_some() || progress.etag.is_none() || need_target {
@@ -305,6 +316,9 @@ impl Rotator {
             if cancel.is_cancelled() {
                 return Err(RotationError::Cancelled);
             }
+            // Before every PATCH, and before the re-read after a 412: a
+            // replica that lost the lease stops here.
+            self.fenced()?;
             let Some(etag) = progress.etag.clone() else {
                 let remote = self.read(job, progress).await?;
                 progress.etag = Some(remote.etag);
@@ -359,6 +373,15 @@ impl Rotator {
                     return Err(other.into());
                 }
             }
+        }
+    }
+
+    /// `Err(NotLeader)` when this replica may not write now (by its own
+    /// monotonic clock: see `coordination::Fence`).
+    fn fenced(&self) -> Result<(), RotationError> {
+        match &self.fence {
+            Some(fence) if !fence.is_open() => Err(RotationError::NotLeader),
+            _ => Ok(()),
         }
     }
 

@@ -162,14 +162,14 @@ impl Fence {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn open_until(&self, at: Instant) {
+    pub(crate) fn open_until(&self, at: Instant) {
         *self
             .valid_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(at);
     }
 
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         *self
             .valid_until
             .lock()
@@ -617,6 +617,18 @@ impl StateSink {
         if !batch.is_empty() {
             let _ = self.tx.send(batch);
         }
+    }
+}
+
+impl StateSink {
+    /// A sink and the receiving end, without a writer (tests of the loop).
+    #[cfg(test)]
+    pub(crate) fn channel() -> (
+        Self,
+        mpsc::UnboundedReceiver<Vec<(String, Option<PersistedConnection>)>>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self { tx }, rx)
     }
 }
 
