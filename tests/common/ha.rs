@@ -1,0 +1,465 @@
+//! Harness of the high-availability black-box tests: one simulator (each
+//! replica its own IMS client, so its PATCH log tells them apart), one
+//! `moto_server` serving DynamoDB, a TCP proxy in front of moto that a test
+//! takes down and brings back (DynamoDB "down" without losing moto's data),
+//! and N replicas of the real daemon binary, each with its own holder name,
+//! config, admin port and collected JSON log.
+//!
+//! Include it next to `common` in a test file:
+//! `mod common; #[path = "common/ha.rs"] mod ha;`.
+
+// Black-box tests drive the real binaries in real time: they read the real clocks.
+#![allow(
+    dead_code,
+    missing_docs,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::disallowed_methods
+)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType,
+};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{DaemonProcess, Harness, SOURCE_KEY_ID, SOURCE_SECRET};
+
+/// The table every replica of one test shares (each test has its own moto).
+pub const TABLE: &str = "aep-s3-rotator";
+
+/// `moto_server` on a free loopback port; killed on drop.
+pub struct Moto {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    /// Starts moto (`AEP_S3_ROTATOR_MOTO_SERVER`, set by `scripts/test.sh`;
+    /// without it the test fails, never skips) and waits until it listens.
+    pub fn start() -> Self {
+        let server = std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap_or_else(|_| {
+            panic!("AEP_S3_ROTATOR_MOTO_SERVER is not set: run the suite with scripts/test.sh, which installs moto[server] into .venv")
+        });
+        // Ask the OS for a free port, then hand it to moto (it cannot report one).
+        let port = free_port();
+        let mut child = Command::new(&server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start moto_server at {server}: {e}"));
+        // Generous: five Python interpreters start at once under nextest.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("moto_server exited at start with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on port {port} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A DynamoDB client straight at moto (not through the proxy): the test's
+/// own view of the table.
+pub fn dynamo_client(url: &str) -> aws_sdk_dynamodb::Client {
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .endpoint_url(url)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            SOURCE_KEY_ID,
+            SOURCE_SECRET,
+            None,
+            None,
+            "ha-test",
+        ))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+/// Creates the table with the key schema `coordination` documents
+/// (`pk` S partition key, `sk` S sort key).
+pub async fn create_table(client: &aws_sdk_dynamodb::Client) {
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .unwrap()
+    };
+    let attr = |name: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    client
+        .create_table()
+        .table_name(TABLE)
+        .key_schema(key("pk", KeyType::Hash))
+        .key_schema(key("sk", KeyType::Range))
+        .attribute_definitions(attr("pk"))
+        .attribute_definitions(attr("sk"))
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .expect("moto creates the table");
+}
+
+/// The lease holder as the table says now (`None`: no lease item).
+pub async fn lease_holder(client: &aws_sdk_dynamodb::Client) -> Option<String> {
+    let item = client
+        .get_item()
+        .table_name(TABLE)
+        .key("pk", AttributeValue::S("lease".to_owned()))
+        .key("sk", AttributeValue::S("leader".to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("moto answers")
+        .item?;
+    item.get("holder")?.as_s().ok().cloned()
+}
+
+/// A TCP proxy on `127.0.0.1:0` in front of `target`. Down: every new
+/// connection is accepted and closed at once and every open one is closed,
+/// so a client sees DynamoDB as unreachable while moto keeps its data.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    /// Cancelled (and replaced) when the proxy goes down: closes the open
+    /// connections.
+    open: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let open = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (up2, open2, stop2) = (Arc::clone(&up), Arc::clone(&open), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = stop2.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let closed = open2.lock().unwrap().clone();
+                let stop3 = stop2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        () = closed.cancelled() => {}
+                        () = stop3.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            open,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// DynamoDB unreachable: open connections closed, new ones refused.
+    pub fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        open.cancel();
+        *open = CancellationToken::new();
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Coordination timings of a test cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub lease: Duration,
+    pub renew_every: Duration,
+}
+
+impl Timings {
+    /// The shortest that validates with room: a 2 s lease (the minimum is
+    /// 1 s) renewed every 500 ms (< lease / 2); `refresh_before` must then
+    /// be at least 4 s.
+    pub const FAST: Timings = Timings {
+        lease: Duration::from_secs(2),
+        renew_every: Duration::from_millis(500),
+    };
+}
+
+/// `[rotation]` for HA tests: `refresh_before` = 4 s, twice the 2 s lease
+/// (the daemon refuses less); with simulator credentials of 8 s each
+/// connection rotates about every 4 s.
+pub const HA_ROTATION: &str = r#"session_duration = "15m"
+refresh_before = "4s"
+jitter = "300ms"
+concurrency = 4
+retry_min = "100ms"
+retry_max = "1s"
+request_timeout = "2s"
+shutdown_grace = "3s""#;
+
+/// One replica: holder name = IMS client id = `replica-N`.
+pub struct Replica {
+    pub name: String,
+    pub config: PathBuf,
+    pub process: DaemonProcess,
+}
+
+/// Simulator + moto + proxy + N replicas.
+pub struct Cluster {
+    pub h: Harness,
+    pub moto: Moto,
+    pub proxy: Proxy,
+    pub dynamo: aws_sdk_dynamodb::Client,
+    pub replicas: Vec<Replica>,
+    pub timings: Timings,
+}
+
+/// The IMS client secret of replica `name` (test value, never printed by the daemon).
+fn replica_secret(name: &str) -> String {
+    format!("{name}-client-secret-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Cluster {
+    /// `connections` S3 connections whose simulator credentials live
+    /// `lifetime`; `n` replicas started at once, all standing by until one
+    /// takes the lease.
+    pub async fn start(connections: usize, lifetime: Duration, n: usize, timings: Timings) -> Self {
+        let names: Vec<String> = (1..=n).map(|i| format!("replica-{i}")).collect();
+        let secrets: Vec<String> = names.iter().map(|n| replica_secret(n)).collect();
+        let clients: Vec<(String, String)> = names.iter().cloned().zip(secrets.clone()).collect();
+        let h = Harness::start_with(connections, lifetime, move |sim| {
+            sim.extra_clients = clients;
+        })
+        .await;
+        let moto = Moto::start();
+        let dynamo = dynamo_client(&moto.url());
+        create_table(&dynamo).await;
+        let proxy = Proxy::start(moto.addr).await;
+
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        let mut replicas = Vec::with_capacity(n);
+        for (name, secret) in names.iter().zip(&secrets) {
+            let secret_file = h.dir.path().join(format!("{name}.secret"));
+            std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600))
+                    .unwrap();
+            }
+            let extra = format!(
+                "[admin]\nlisten = \"127.0.0.1:0\"\n\n[coordination]\nbackend = \"dynamodb\"\ntable = \"{TABLE}\"\nlease = \"{}\"\nrenew_every = \"{}\"\nholder = \"{name}\"\nendpoint = \"{}\"\n",
+                human(timings.lease),
+                human(timings.renew_every),
+                proxy.url(),
+            );
+            let base = h.write_config(HA_ROTATION, &extra);
+            let text = std::fs::read_to_string(&base)
+                .unwrap()
+                .replace(
+                    &format!("client_id = \"{}\"", crate::common::CLIENT_ID),
+                    &format!("client_id = \"{name}\""),
+                )
+                .replace(
+                    &h.dir.path().join("client-secret").display().to_string(),
+                    &secret_file.display().to_string(),
+                );
+            assert!(text.contains(&format!("client_id = \"{name}\"")));
+            let config = h.dir.path().join(format!("{name}.toml"));
+            std::fs::write(&config, text).unwrap();
+            let process = h.spawn(&config, &["run"]);
+            replicas.push(Replica {
+                name: name.clone(),
+                config,
+                process,
+            });
+        }
+        Self {
+            h,
+            moto,
+            proxy,
+            dynamo,
+            replicas,
+            timings,
+        }
+    }
+
+    pub fn index_of(&self, name: &str) -> usize {
+        self.replicas
+            .iter()
+            .position(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no replica {name}"))
+    }
+
+    /// Replicas whose last leadership line is "became leader".
+    pub fn leaders_by_logs(&self) -> Vec<String> {
+        self.replicas
+            .iter()
+            .filter(|r| {
+                r.process
+                    .logs()
+                    .iter()
+                    .rev()
+                    .find(|l| {
+                        matches!(
+                            l["message"].as_str(),
+                            Some(
+                                "became leader"
+                                    | "lost leadership"
+                                    | "released leadership"
+                                    | "standing by"
+                            )
+                        )
+                    })
+                    .is_some_and(|l| l["message"] == "became leader")
+            })
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// Waits for exactly one replica to lead; its name.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> String {
+        let mut leaders = Vec::new();
+        let found = crate::common::wait_until(timeout, || {
+            leaders = self.leaders_by_logs();
+            leaders.len() == 1
+        })
+        .await;
+        assert!(
+            found,
+            "no single leader within {timeout:?} (leaders: {leaders:?})\n{}",
+            self.all_logs()
+        );
+        leaders.remove(0)
+    }
+
+    /// "became leader" lines of `name` at or after `since`.
+    pub fn became_leader_since(&self, name: &str, since: SystemTime) -> Vec<Value> {
+        self.replicas[self.index_of(name)]
+            .process
+            .events("became leader")
+            .into_iter()
+            .filter(|l| log_time(l) >= since)
+            .collect()
+    }
+
+    /// Every replica's stderr, labelled, for failure messages.
+    pub fn all_logs(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|r| format!("--- {} ---\n{}", r.name, r.process.stderr_text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The admin address a replica logged.
+    pub async fn admin_addr(&self, name: &str) -> String {
+        let replica = &self.replicas[self.index_of(name)];
+        let mut addr = None;
+        crate::common::wait_until(Duration::from_secs(20), || {
+            addr = replica
+                .process
+                .events("admin endpoint listening")
+                .first()
+                .and_then(|l| l["listen"].as_str().map(str::to_owned));
+            addr.is_some()
+        })
+        .await;
+        addr.unwrap_or_else(|| panic!("{name} logged no admin address\n{}", self.all_logs()))
+    }
+
+    /// Every secret that must never be printed: the simulator's (all client
+    /// secrets, tokens, issued keys) and the source identity's.
+    pub fn secrets(&self) -> Vec<String> {
+        self.h.secrets()
+    }
+}
+
+/// The `timestamp` of a JSON log line.
+pub fn log_time(line: &Value) -> SystemTime {
+    let text = line["timestamp"]
+        .as_str()
+        .expect("log line has a timestamp");
+    humantime::parse_rfc3339_weak(text)
+        .unwrap_or_else(|e| panic!("timestamp {text:?} is not RFC 3339: {e}"))
+}
+
+/// Unix milliseconds of `t` (the simulator's PATCH log unit).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
+}
+
+/// `b - a` in seconds, negative when `b` is earlier.
+pub fn secs_between(a: SystemTime, b: SystemTime) -> f64 {
+    match b.duration_since(a) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}

@@ -1,0 +1,448 @@
+// Black-box tests drive the real binaries in real time: they read the real clocks.
+#![allow(clippy::disallowed_methods)]
+//! High availability, black box (issue 12 §6): three replicas of the daemon
+//! binary against the simulator and one DynamoDB (`moto_server`, through a
+//! proxy the test can take down). The simulator's PATCH log says which
+//! replica (IMS client) wrote what, so "one writer" is checked at the remote,
+//! not from the daemons' own logs.
+//!
+//! Timings: lease 2 s, renewed every 500 ms. Bounds on takeover times are
+//! generous (a loaded 2-core machine runs these in parallel); the measured
+//! times are printed (`--no-capture`) and ownership and order are asserted.
+//!
+//! `scripts/test.sh` exports `AEP_S3_ROTATOR_MOTO_SERVER`; without it these
+//! tests FAIL, never skip.
+
+// Helpers outside #[test] functions may unwrap too: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "common/ha.rs"]
+mod ha;
+
+use std::time::{Duration, SystemTime};
+
+use common::{assert_no_secret, wait_until};
+use ha::{Cluster, Timings, log_time, secs_between, unix_ms};
+
+/// How long a test waits for something that takes a second or two when the
+/// machine is idle.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Who wrote, in PATCH order, collapsed into runs: `[("replica-2", 7), ...]`.
+fn writer_runs(patches: &aep_s3_simulator::SimPatches) -> Vec<(String, usize)> {
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for p in &patches.accepted {
+        match runs.last_mut() {
+            Some((who, n)) if *who == p.client_id => *n += 1,
+            _ => runs.push((p.client_id.clone(), 1)),
+        }
+    }
+    runs
+}
+
+/// SIGSTOP the leader: a standby takes over after the lease, and writes;
+/// SIGCONT the old leader: it never writes again while the other holds the
+/// lease. Before the stop, one writer only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_leader_is_replaced_and_never_writes_again() {
+    let c = Cluster::start(3, Duration::from_secs(8), 3, Timings::FAST).await;
+    let ids = c.h.connection_ids();
+    let first = c.wait_for_leader(PATIENCE).await;
+    // Every connection pushed at least once, then one more rotation each,
+    // all by the leader.
+    assert!(
+        wait_until(PATIENCE, || ids.iter().all(|id| c
+            .h
+            .sim
+            .connection(id)
+            .is_some_and(|v| v.patches >= 2)))
+        .await,
+        "no rotations\n{}",
+        c.all_logs()
+    );
+    let before = c.h.sim.patches();
+    assert_eq!(before.writers(), [first.as_str()], "one writer only");
+    assert_eq!(c.leaders_by_logs(), [first.as_str()]);
+    for r in c.replicas.iter().filter(|r| r.name != first) {
+        assert!(
+            !r.process.events("standing by").is_empty(),
+            "{} never said it stands by\n{}",
+            r.name,
+            r.process.stderr_text()
+        );
+    }
+
+    let i = c.index_of(&first);
+    let stopped_at = SystemTime::now();
+    c.replicas[i].process.signal("STOP");
+    let mut second = None;
+    assert!(
+        wait_until(PATIENCE, || {
+            second = c
+                .replicas
+                .iter()
+                .filter(|r| r.name != first)
+                .find(|r| {
+                    r.process
+                        .events("became leader")
+                        .iter()
+                        .any(|l| log_time(l) >= stopped_at)
+                })
+                .map(|r| r.name.clone());
+            second.is_some()
+        })
+        .await,
+        "no standby took over\n{}",
+        c.all_logs()
+    );
+    let second = second.unwrap();
+    let took_over = log_time(&c.became_leader_since(&second, stopped_at)[0]);
+    let takeover = secs_between(stopped_at, took_over);
+    // It takes over once the record was unchanged for a full lease by its
+    // own clock, looking every renew_every.
+    let nominal = (c.timings.lease + c.timings.renew_every).as_secs_f64();
+    println!("SIGSTOP takeover: {takeover:.3} s (nominal bound {nominal:.1} s)");
+    assert!(
+        takeover >= c.timings.lease.as_secs_f64() - 0.6,
+        "took over after {takeover:.3} s, before the lease ran out by its own clock\n{}",
+        c.all_logs()
+    );
+    assert!(takeover < nominal + 8.0, "takeover {takeover:.3} s");
+    let previous = c.became_leader_since(&second, stopped_at)[0]["previous"].clone();
+    assert_eq!(previous, first.as_str(), "{previous}");
+
+    // The new leader writes (connections are due every ~4 s).
+    assert!(
+        wait_until(PATIENCE, || !c
+            .h
+            .sim
+            .patches()
+            .by_client(&second)
+            .is_empty())
+        .await,
+        "the new leader never wrote\n{}",
+        c.all_logs()
+    );
+    let first_write = c.h.sim.patches().by_client(&second)[0].at_unix_ms;
+    println!(
+        "SIGSTOP to the new leader's first PATCH: {:.3} s",
+        (first_write.saturating_sub(unix_ms(stopped_at))) as f64 / 1000.0
+    );
+
+    // Wake the old leader: it must find its lease gone and never write.
+    let resumed_at = SystemTime::now();
+    c.replicas[i].process.signal("CONT");
+    assert!(
+        wait_until(PATIENCE, || !c.replicas[i]
+            .process
+            .events("lost leadership")
+            .is_empty())
+        .await,
+        "the old leader never noticed it lost the lease\n{}",
+        c.replicas[i].process.stderr_text()
+    );
+    // Let rotations happen for a few more seconds: every connection is due
+    // at least once more, so a confused old leader would have had its chance.
+    let mark = c.h.sim.patches().accepted.len();
+    assert!(
+        wait_until(PATIENCE, || {
+            let p = c.h.sim.patches();
+            ids.iter()
+                .all(|id| p.accepted[mark..].iter().any(|x| x.connection == *id))
+        })
+        .await,
+        "rotations did not continue after SIGCONT\n{}",
+        c.all_logs()
+    );
+    let after = c.h.sim.patches();
+    let runs = writer_runs(&after);
+    println!(
+        "writers in PATCH order: {runs:?}; refused: {:?}",
+        after.rejected
+    );
+    // Exactly two terms at the remote: the first leader, then the second.
+    assert_eq!(
+        runs.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(),
+        [first.as_str(), second.as_str()],
+        "{runs:?}"
+    );
+    let last_by_first = after.by_client(&first).last().unwrap().at_unix_ms;
+    assert!(
+        last_by_first <= unix_ms(resumed_at),
+        "the old leader wrote after SIGCONT"
+    );
+    assert_eq!(c.leaders_by_logs(), [second.as_str()]);
+    assert!(
+        c.h.sim.violations().is_empty(),
+        "{:?}",
+        c.h.sim.violations()
+    );
+    println!(
+        "expired seconds over the test: {:.3}",
+        c.h.sim.stats().expired_seconds
+    );
+    assert_no_secret(&c.all_logs(), &c.secrets());
+}
+
+/// SIGTERM the leader: it drains, releases the lease ("released
+/// leadership") and a standby takes over within about renew_every, without
+/// re-pushing any connection whose credentials are still fresh. A healthy
+/// standby is ready (`/readyz` 200, role standby).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
+    // Credentials of an hour: after the first push nothing is due, so any
+    // later PATCH is a re-push.
+    let mut c = Cluster::start(4, Duration::from_secs(3600), 3, Timings::FAST).await;
+    let ids = c.h.connection_ids();
+    let first = c.wait_for_leader(PATIENCE).await;
+    assert!(
+        wait_until(PATIENCE, || ids.iter().all(|id| c
+            .h
+            .sim
+            .connection(id)
+            .is_some_and(|v| v.patches >= 1)))
+        .await,
+        "first pass incomplete\n{}",
+        c.all_logs()
+    );
+    // The leader's shared state reaches the table (written asynchronously).
+    let leader_log = |c: &Cluster| c.replicas[c.index_of(&first)].process.stderr_text();
+    let standby = c
+        .replicas
+        .iter()
+        .find(|r| r.name != first)
+        .unwrap()
+        .name
+        .clone();
+    let admin = c.admin_addr(&standby).await;
+    let mut readyz = (0, String::new());
+    for _ in 0..100 {
+        if let Ok(response) = reqwest::get(format!("http://{admin}/readyz")).await {
+            readyz = (
+                response.status().as_u16(),
+                response.text().await.unwrap_or_default(),
+            );
+            if readyz.0 == 200 && readyz.1.contains(&first) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(readyz.0, 200, "standby /readyz: {}", readyz.1);
+    let body: serde_json::Value = serde_json::from_str(&readyz.1).unwrap();
+    assert_eq!(body["role"], "standby", "{body}");
+    assert_eq!(body["leader"], first.as_str(), "{body}");
+    assert_eq!(c.h.sim.patches().writers(), [first.as_str()]);
+
+    let i = c.index_of(&first);
+    let term_at = SystemTime::now();
+    let status = c.replicas[i].process.terminate();
+    assert!(status.success(), "{status:?}\n{}", leader_log(&c));
+    let released = c.replicas[i].process.events("released leadership");
+    assert_eq!(released.len(), 1, "{}", leader_log(&c));
+    let released_at = log_time(&released[0]);
+
+    let mut second = None;
+    assert!(
+        wait_until(PATIENCE, || {
+            second = c
+                .replicas
+                .iter()
+                .filter(|r| r.name != first)
+                .find(|r| !c.became_leader_since(&r.name, term_at).is_empty())
+                .map(|r| r.name.clone());
+            second.is_some()
+        })
+        .await,
+        "nobody took over\n{}",
+        c.all_logs()
+    );
+    let second = second.unwrap();
+    let became = &c.became_leader_since(&second, term_at)[0];
+    let handover = secs_between(released_at, log_time(became));
+    println!(
+        "SIGTERM: released {:.3} s after the signal, taken over {handover:.3} s after the release (renew_every {:?})",
+        secs_between(term_at, released_at),
+        c.timings.renew_every
+    );
+    // The release removes the item: a standby takes it at its next look,
+    // without waiting for a lease to run out.
+    assert!(
+        handover < c.timings.lease.as_secs_f64(),
+        "takeover {handover:.3} s after the release: it waited for the lease instead"
+    );
+    assert!(handover >= -0.05, "taken over before the release");
+
+    // The new leader loads the shared state, and re-pushes nothing.
+    let j = c.index_of(&second);
+    assert!(
+        wait_until(PATIENCE, || !c.replicas[j]
+            .process
+            .events("shared state loaded")
+            .is_empty())
+        .await,
+        "{}",
+        c.replicas[j].process.stderr_text()
+    );
+    let loaded = c.replicas[j].process.events("shared state loaded");
+    assert_eq!(
+        loaded.last().unwrap()["connections"],
+        ids.len(),
+        "the shared state holds every connection: {}",
+        loaded.last().unwrap()
+    );
+    // Give its scheduler time to act on every connection (it would re-push
+    // at once if it ignored the shared state).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for id in &ids {
+        assert_eq!(
+            c.h.sim.connection(id).unwrap().patches,
+            1,
+            "connection {id} was re-pushed on failover\n{}",
+            c.all_logs()
+        );
+    }
+    let patches = c.h.sim.patches();
+    assert_eq!(patches.writers(), [first.as_str()], "{:?}", patches.accepted);
+    assert_eq!(c.leaders_by_logs(), [second.as_str()]);
+    assert!(
+        c.h.sim.violations().is_empty(),
+        "{:?}",
+        c.h.sim.violations()
+    );
+    assert_no_secret(&c.all_logs(), &c.secrets());
+}
+
+/// DynamoDB unreachable for longer than the lease: the leader stops writing
+/// when its fence closes (no PATCH lands once the lease could have expired
+/// elsewhere), nobody takes over while it is down, and rotation resumes when
+/// it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_replica_writes_while_dynamodb_is_down_and_rotation_resumes() {
+    let c = Cluster::start(3, Duration::from_secs(8), 3, Timings::FAST).await;
+    let ids = c.h.connection_ids();
+    let first = c.wait_for_leader(PATIENCE).await;
+    assert!(
+        wait_until(PATIENCE, || ids.iter().all(|id| c
+            .h
+            .sim
+            .connection(id)
+            .is_some_and(|v| v.patches >= 1)))
+        .await,
+        "{}",
+        c.all_logs()
+    );
+
+    let down_at = SystemTime::now();
+    c.proxy.down();
+    // Down for three leases: rotations fall due meanwhile (credentials of
+    // 8 s, refreshed with 4 s left).
+    let outage = c.timings.lease * 3;
+    tokio::time::sleep(outage).await;
+    let up_at = SystemTime::now();
+    let during = c.h.sim.patches();
+    c.proxy.up();
+
+    let i = c.index_of(&first);
+    let lost: Vec<_> = c.replicas[i]
+        .process
+        .events("lost leadership")
+        .into_iter()
+        .filter(|l| log_time(l) >= down_at)
+        .collect();
+    assert!(
+        !lost.is_empty(),
+        "the leader did not stand down while DynamoDB was down\n{}",
+        c.replicas[i].process.stderr_text()
+    );
+    let stood_down = secs_between(down_at, log_time(&lost[0]));
+    println!(
+        "DynamoDB down: leader stood down {stood_down:.3} s after the outage began (lease - renew_every = {:?})",
+        c.timings.lease - c.timings.renew_every
+    );
+    assert!(stood_down < c.timings.lease.as_secs_f64() + 0.5);
+    // The safety property: once the lease could have expired as seen by
+    // another replica (a full lease after the last renewal, at the latest
+    // the outage's start), no PATCH lands.
+    let fence = unix_ms(down_at) + u64::try_from(c.timings.lease.as_millis()).unwrap();
+    let late: Vec<_> = during
+        .accepted
+        .iter()
+        .filter(|p| p.at_unix_ms > fence)
+        .collect();
+    assert!(late.is_empty(), "PATCHes while DynamoDB was down: {late:?}");
+    let last = during.accepted.last().unwrap().at_unix_ms;
+    println!(
+        "last PATCH {:.3} s after the outage began",
+        last as f64 / 1000.0 - unix_ms(down_at) as f64 / 1000.0
+    );
+    // Nobody became leader while it was down.
+    for r in &c.replicas {
+        let became: Vec<_> = r
+            .process
+            .events("became leader")
+            .into_iter()
+            .filter(|l| {
+                let t = log_time(l);
+                t > down_at && t < up_at
+            })
+            .collect();
+        assert!(
+            became.is_empty(),
+            "{} became leader while DynamoDB was down",
+            r.name
+        );
+    }
+
+    // Back: a leader again, and every connection rotated after the outage.
+    let mut resumed = None;
+    assert!(
+        wait_until(PATIENCE, || {
+            resumed = c
+                .replicas
+                .iter()
+                .find(|r| !c.became_leader_since(&r.name, up_at).is_empty())
+                .map(|r| r.name.clone());
+            resumed.is_some()
+        })
+        .await,
+        "no leader after DynamoDB came back\n{}",
+        c.all_logs()
+    );
+    assert!(
+        wait_until(PATIENCE, || {
+            let p = c.h.sim.patches();
+            ids.iter().all(|id| {
+                p.on_connection(id)
+                    .iter()
+                    .any(|x| x.at_unix_ms >= unix_ms(up_at))
+            })
+        })
+        .await,
+        "rotation did not resume\n{}",
+        c.all_logs()
+    );
+    let after = c.h.sim.patches();
+    let resumed = resumed.unwrap();
+    println!(
+        "after the outage {resumed} leads; writers in order: {:?}; expired seconds: {:.3}",
+        writer_runs(&after),
+        c.h.sim.stats().expired_seconds
+    );
+    // One leader at a time at the remote: the writers after the outage are
+    // the new term's only.
+    let post: Vec<_> = after
+        .accepted
+        .iter()
+        .filter(|p| p.at_unix_ms >= unix_ms(up_at))
+        .map(|p| p.client_id.as_str())
+        .collect();
+    assert!(post.iter().all(|w| *w == resumed), "{post:?}");
+    assert!(
+        c.h.sim.violations().is_empty(),
+        "{:?}",
+        c.h.sim.violations()
+    );
+    assert_no_secret(&c.all_logs(), &c.secrets());
+}
