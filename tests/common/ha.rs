@@ -158,6 +158,30 @@ pub async fn lease_holder(client: &aws_sdk_dynamodb::Client) -> Option<String> {
     item.get("holder")?.as_s().ok().cloned()
 }
 
+/// The shared state as the table holds it now: connection id → access key id.
+pub async fn shared_state_keys(
+    client: &aws_sdk_dynamodb::Client,
+) -> std::collections::BTreeMap<String, String> {
+    let answer = client
+        .query()
+        .table_name(TABLE)
+        .key_condition_expression("pk = :p")
+        .expression_attribute_values(":p", AttributeValue::S("state".to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("moto answers");
+    answer
+        .items()
+        .iter()
+        .filter_map(|item| {
+            let id = item.get("sk")?.as_s().ok()?.clone();
+            let key = item.get("access_key_id")?.as_s().ok()?.clone();
+            Some((id, key))
+        })
+        .collect()
+}
+
 /// A TCP proxy on `127.0.0.1:0` in front of `target`. Down: every new
 /// connection is accepted and closed at once and every open one is closed,
 /// so a client sees DynamoDB as unreachable while moto keeps its data.
