@@ -562,6 +562,13 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
     {
         return exit;
     }
+    if config.coordination.is_some() {
+        tracing::warn!(
+            "`once` does not take the [coordination] lease: it writes even while a leader runs. \
+             The etag (If-Match) keeps the two from mixing credentials, but run `once` only \
+             where you mean to override the leader"
+        );
+    }
     // `once` honours the rules: the connections they match now are rotated too.
     let Some((config, rotator, membership)) = start_membership(&config, &options, &telemetry).await
     else {

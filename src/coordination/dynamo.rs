@@ -494,21 +494,27 @@ where
             }
         }
         SdkError::TimeoutError(_) => StoreError::Unavailable("timed out".to_owned()),
-        SdkError::DispatchFailure(failure) => {
-            let what = if failure.is_timeout() {
-                "timed out"
-            } else if failure.is_io() {
-                "connection failed"
-            } else {
-                "request could not be sent"
-            };
-            StoreError::Unavailable(what.to_owned())
-        }
         SdkError::ResponseError(_) => StoreError::Unavailable("unreadable answer".to_owned()),
-        SdkError::ConstructionFailure(_) => {
-            StoreError::Unavailable("request could not be built (no credentials?)".to_owned())
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => {
+            StoreError::Unavailable("timed out".to_owned())
         }
-        _ => StoreError::Unavailable("unknown SDK error".to_owned()),
+        other => {
+            // Dispatch and construction failures: the chain says whether
+            // the credential chain found nothing (the common case).
+            let text = crate::http::remote_text(
+                &aws_smithy_types::error::display::DisplayErrorContext(other).to_string(),
+            );
+            if text.contains("credentials") && text.contains("provider")
+                || text.contains("no credentials")
+            {
+                StoreError::Credentials {
+                    code: "NoCredentials".to_owned(),
+                    detail: "the AWS default credential chain found no credentials".to_owned(),
+                }
+            } else {
+                StoreError::Unavailable(text)
+            }
+        }
     }
 }
 
