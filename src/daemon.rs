@@ -866,6 +866,10 @@ impl Daemon {
                 config.admin.listen != self.config.admin.listen,
             ),
             ("[state] path", config.state.path != self.config.state.path),
+            (
+                "[coordination]",
+                config.coordination != self.config.coordination,
+            ),
         ] {
             if changed {
                 tracing::warn!(
@@ -911,6 +915,7 @@ impl Daemon {
         // Keys that need a restart keep their running values.
         config.admin.listen = self.config.admin.listen;
         config.state.path = self.config.state.path.clone();
+        config.coordination = self.config.coordination.clone();
         let now = self.clock.now();
         let wanted: HashMap<String, ConnectionConfig> = self
             .selected(&config)
