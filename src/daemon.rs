@@ -469,15 +469,20 @@ impl Daemon {
             return;
         };
         let now = self.clock.now();
-        let ids: Vec<String> = self.connections.keys().cloned().collect();
-        for id in ids {
-            let Some(connection) = self.connections.get_mut(&id) else {
-                continue;
-            };
-            let action =
-                connection.adopt(view.connections.get(&id), now, &self.policy, rand::random());
-            self.follow(&id, action);
+        for (id, connection) in &mut self.connections {
+            connection.adopt(view.connections.get(id), now, &self.policy, rand::random());
+            self.telemetry.upsert(connection.status());
         }
+        // Every due time may have moved: the heap is rebuilt rather than
+        // grown (a standby adopts a view every half minute).
+        self.heap = self
+            .connections
+            .iter()
+            .filter_map(|(id, c)| match c.phase() {
+                Phase::Waiting(at) => Some(Reverse((at, id.clone()))),
+                Phase::InFlight | Phase::Finished => None,
+            })
+            .collect();
     }
 
     /// The role as `STATUS=` shows it when this replica is not the leader.
