@@ -796,7 +796,15 @@ impl Daemon {
                 )
             })
             .unwrap_or_default();
-        let mut line = format!("{}/{} connections fresh", summary.fresh, summary.total);
+        let role = if self.leadership.is_some() {
+            "leader: "
+        } else {
+            ""
+        };
+        let mut line = format!(
+            "{role}{}/{} connections fresh",
+            summary.fresh, summary.total
+        );
         for (count, label) in [(summary.failing, "failing"), (summary.expired, "expired")] {
             if count > 0 {
                 line.push_str(&format!(", {count} {label}"));
