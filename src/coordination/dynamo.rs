@@ -191,7 +191,8 @@ impl DynamoStore {
                     .item("rvn", s(&record.rvn))
                     .item("lease_ms", n(lease_ms))
                     .item("format", s(FORMAT))
-                    .condition_expression("attribute_not_exists(pk)")
+                    .condition_expression("attribute_not_exists(#pk)")
+                    .expression_attribute_names("#pk", "pk")
                     .send()
                     .await
                     .map_err(|e| self.error("dynamodb:PutItem", e))?;
@@ -200,9 +201,9 @@ impl DynamoStore {
                 // A record without a readable version (another version's,
                 // or damaged) is replaced on that same condition.
                 let condition = if old.is_empty() {
-                    "attribute_not_exists(rvn) OR NOT attribute_type(rvn, :string)"
+                    "attribute_not_exists(#rvn) OR NOT attribute_type(#rvn, :string)"
                 } else {
-                    "rvn = :old"
+                    "#rvn = :old"
                 };
                 let mut call = self
                     .lease_client
@@ -211,10 +212,15 @@ impl DynamoStore {
                     .key("pk", s(LEASE_PK))
                     .key("sk", s(LEASE_SK))
                     .update_expression(
-                        "SET holder = :holder, rvn = :rvn, lease_ms = :lease, #format = :format",
+                        "SET #holder = :holder, #rvn = :rvn, #lease = :lease, #format = :format",
                     )
                     .condition_expression(condition)
+                    // Every name aliased: FORMAT is a DynamoDB reserved
+                    // word, and aliases keep the others safe from the list.
                     .expression_attribute_names("#format", "format")
+                    .expression_attribute_names("#holder", "holder")
+                    .expression_attribute_names("#rvn", "rvn")
+                    .expression_attribute_names("#lease", "lease_ms")
                     .expression_attribute_values(":holder", s(&record.holder))
                     .expression_attribute_values(":rvn", s(&record.rvn))
                     .expression_attribute_values(":lease", n(lease_ms))
@@ -238,7 +244,8 @@ impl DynamoStore {
             .table_name(&self.table)
             .key("pk", s(LEASE_PK))
             .key("sk", s(LEASE_SK))
-            .condition_expression("rvn = :rvn")
+            .condition_expression("#rvn = :rvn")
+            .expression_attribute_names("#rvn", "rvn")
             .expression_attribute_values(":rvn", s(rvn))
             .send()
             .await
@@ -255,7 +262,8 @@ impl DynamoStore {
                 .state_client
                 .query()
                 .table_name(&self.table)
-                .key_condition_expression("pk = :pk")
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", "pk")
                 .expression_attribute_values(":pk", s(STATE_PK))
                 .consistent_read(true)
                 .set_exclusive_start_key(start.take())
