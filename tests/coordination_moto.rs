@@ -37,15 +37,62 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 use tokio_util::sync::CancellationToken;
 
+/// A DynamoDB to test against: our own moto_server, or (for the protocol
+/// tests) one named by `AEP_S3_ROTATOR_TEST_DYNAMODB_URL`, e.g. real AWS.
 struct Moto {
-    child: Child,
+    child: Option<Child>,
     url: String,
+}
+
+impl Moto {
+    fn external(&self) -> bool {
+        self.child.is_none()
+    }
 }
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The DynamoDB of the protocol tests (lease, state, election): by default
+/// a fresh moto; with `AEP_S3_ROTATOR_TEST_DYNAMODB_URL` set (e.g.
+/// `https://dynamodb.us-east-1.amazonaws.com`), that endpoint, with the
+/// AWS default credential chain of the test process, on tables named
+/// `aep-s3-rotator-test-<name>-<random>` that each test deletes at its end.
+fn dynamodb() -> Moto {
+    match std::env::var("AEP_S3_ROTATOR_TEST_DYNAMODB_URL") {
+        Ok(url) if !url.is_empty() => Moto { child: None, url },
+        _ => start_moto(),
+    }
+}
+
+/// The table name a test uses: as given on moto, unique on a shared DynamoDB.
+fn table_name(moto: &Moto, name: &str) -> String {
+    if moto.external() {
+        format!(
+            "aep-s3-rotator-test-{name}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    } else {
+        name.to_owned()
+    }
+}
+
+/// Deletes a test table on a shared DynamoDB (moto is thrown away whole).
+async fn drop_table(moto: &Moto, store: &DynamoStore) {
+    if moto.external() {
+        store
+            .client()
+            .delete_table()
+            .table_name(store.table())
+            .send()
+            .await
+            .unwrap();
     }
 }
 
@@ -81,7 +128,7 @@ fn start_moto() -> Moto {
         std::thread::sleep(Duration::from_millis(100));
     }
     Moto {
-        child,
+        child: Some(child),
         url: format!("http://127.0.0.1:{port}"),
     }
 }
@@ -123,16 +170,27 @@ async fn store_as(moto: &Moto, table: &str, key: &str, secret: &str) -> DynamoSt
 }
 
 async fn store(moto: &Moto, table: &str) -> DynamoStore {
+    if moto.external() {
+        return DynamoStore::connect(
+            &aws(),
+            &coordination(moto, table),
+            &SourceIdentity::DefaultChain,
+            Duration::from_secs(5),
+        )
+        .await;
+    }
     store_as(moto, table, SOURCE_KEY_ID, SOURCE_SECRET).await
 }
 
-/// `table` created as `coordination init` creates it.
-async fn created(moto: &Moto, table: &str) -> DynamoStore {
-    let store = store(moto, table).await;
+/// A table named after `name` (see [`table_name`]), created as
+/// `coordination init` creates it.
+async fn created(moto: &Moto, name: &str) -> DynamoStore {
+    let table = table_name(moto, name);
+    let store = store(moto, &table).await;
     let outcome = table::init(
         store.client(),
-        table,
-        Duration::from_secs(30),
+        &table,
+        Duration::from_secs(120),
         Duration::from_millis(100),
     )
     .await
@@ -346,7 +404,7 @@ async fn init_creates_the_table_is_idempotent_and_refuses_a_wrong_key_schema() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lease_writes_are_conditional_and_a_missing_table_says_init() {
-    let moto = start_moto();
+    let moto = dynamodb();
     let store = created(&moto, "lease-table").await;
     let record = |holder: &str, rvn: &str| LeaseRecord {
         holder: holder.to_owned(),
@@ -413,27 +471,27 @@ async fn lease_writes_are_conditional_and_a_missing_table_says_init() {
     let summary = table::verify(&store).await.unwrap();
     assert_eq!(
         summary,
-        "table lease-table, lease held by c; GetItem, PutItem, UpdateItem, DeleteItem, Query and BatchWriteItem allowed"
+        format!(
+            "table {}, lease held by c; GetItem, PutItem, UpdateItem, DeleteItem, Query and BatchWriteItem allowed",
+            store.table()
+        )
     );
     // verify changed nothing: the lease and no probe item.
     assert_eq!(store.read_lease().await.unwrap(), Some(record("c", "c1")));
     assert_eq!(scan(&store).await.len(), 1);
 
     // A table that does not exist: the message says how to create it.
-    let absent = self::store(&moto, "no-such-table").await;
+    let missing = table_name(&moto, "no-such-table");
+    let absent = self::store(&moto, &missing).await;
     let error = table::verify(&absent).await.unwrap_err();
-    assert_eq!(
-        error,
-        StoreError::NoTable {
-            table: "no-such-table".to_owned()
-        }
-    );
+    assert_eq!(error, StoreError::NoTable { table: missing });
     assert!(
         error
             .to_string()
             .contains("create it with `aep-s3-rotator coordination init`"),
         "{error}"
     );
+    drop_table(&moto, &store).await;
 }
 
 fn connection(i: u64) -> PersistedConnection {
@@ -475,7 +533,7 @@ async fn write_all(store: &DynamoStore, items: Vec<(String, Option<PersistedConn
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shared_state_round_trips_in_batches_without_secrets() {
-    let moto = start_moto();
+    let moto = dynamodb();
     let store = created(&moto, "state-table").await;
     // 60 connections: three BatchWriteItem calls (25 + 25 + 10).
     let all: BTreeMap<String, PersistedConnection> = (0..60)
@@ -552,6 +610,7 @@ async fn shared_state_round_trips_in_batches_without_secrets() {
             assert!(item["expires_at"].as_n().is_ok(), "expires_at is a number");
         }
     }
+    drop_table(&moto, &store).await;
 }
 
 /// What `tests/support/moto_dynamodb_iam_setup.py` created.
@@ -714,13 +773,13 @@ struct Replica {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
-    let moto = start_moto();
+    let moto = dynamodb();
     let admin = created(&moto, "election").await;
     let lease = Duration::from_secs(2);
     let renew_every = Duration::from_millis(500);
     let mut replicas: Vec<Replica> = Vec::new();
     for name in ["replica-a", "replica-b"] {
-        let store: Arc<dyn Store> = Arc::new(store(&moto, "election").await);
+        let store: Arc<dyn Store> = Arc::new(store(&moto, admin.table()).await);
         let telemetry = Arc::new(Telemetry::new(Duration::from_secs(20 * 60)));
         let (elector, rx, fence) = Elector::new(
             Arc::clone(&store),
@@ -831,6 +890,7 @@ async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
     last.stop.cancel();
     last.task.await.unwrap();
     assert_eq!(admin.read_lease().await.unwrap(), None, "released at stop");
+    drop_table(&moto, &admin).await;
 }
 
 #[test]
