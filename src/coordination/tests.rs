@@ -1,1 +1,3 @@
+// The lead's elector tests come here; until then the import is unused.
+#[allow(unused_imports)]
 use super::*;
