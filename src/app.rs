@@ -55,7 +55,7 @@ pub async fn main(cli: Cli) -> Exit {
     };
     if matches!(
         command,
-        Command::Run(_) | Command::Once(_) | Command::Create(_)
+        Command::Run(_) | Command::Once(_) | Command::Create(_) | Command::Coordination(_)
     ) && let Err(exit) = ca_roots()
     {
         return exit;
@@ -67,6 +67,9 @@ pub async fn main(cli: Cli) -> Exit {
         Command::Status => status(&config).await,
         Command::Demo(_) => Exit::Usage,
         Command::Create(args) => crate::create::run(&config, &args).await,
+        Command::Coordination(crate::cli::CoordinationCommand::Init) => {
+            crate::coordination::table::init_command(&config).await
+        }
     }
 }
 
@@ -714,6 +717,13 @@ async fn check(config: Config, path: &Path) -> Exit {
             print!("{}", lines.text);
             return Exit::Config;
         }
+    }
+    // The coordination table: every call the daemon makes, proven allowed
+    // without changing data (it needs no IMS token, so it comes first).
+    match crate::coordination::table::check_line(&config).await {
+        Some(Ok(summary)) => lines.ok("coordination", &summary),
+        Some(Err(message)) => lines.fail("coordination", &message),
+        None => {}
     }
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
     let options = Options {

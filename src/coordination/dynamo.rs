@@ -474,14 +474,20 @@ where
     match error {
         SdkError::ServiceError(service) => {
             let err = service.err();
-            let code = err.code().unwrap_or("");
-            let message = crate::http::remote_text(err.message().unwrap_or(""));
+            // Without a JSON error document, the XML one of AWS's query
+            // protocol (what moto's IAM enforcement and some gateways
+            // answer with): its code is classified the same way.
+            let (code, message) = match err.code() {
+                Some(code) => (code, err.message().unwrap_or("")),
+                None => xml_error(service.raw()).unwrap_or(("", "")),
+            };
+            let message = crate::http::remote_text(message);
             match code {
                 "ConditionalCheckFailedException" => StoreError::Conflict,
                 "ResourceNotFoundException" => StoreError::NoTable {
                     table: table.to_owned(),
                 },
-                "AccessDeniedException" => StoreError::Denied {
+                "AccessDeniedException" | "AccessDenied" => StoreError::Denied {
                     action,
                     table: table.to_owned(),
                     detail: message,
@@ -490,7 +496,10 @@ where
                 | "InvalidSignatureException"
                 | "ExpiredTokenException"
                 | "MissingAuthenticationTokenException"
-                | "IncompleteSignatureException" => StoreError::Credentials {
+                | "IncompleteSignatureException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "AuthFailure" => StoreError::Credentials {
                     code: code.to_owned(),
                     detail: message,
                 },
@@ -524,6 +533,23 @@ where
             }
         }
     }
+}
+
+/// The `<Code>` and `<Message>` of an XML error document
+/// (`<ErrorResponse><Error><Code>AccessDenied</Code>...`), if the body is
+/// one. Only a plain identifier is taken as a code.
+fn xml_error(response: &aws_smithy_runtime_api::http::Response) -> Option<(&str, &str)> {
+    let body = std::str::from_utf8(response.body().bytes()?).ok()?;
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = start + body.get(start..)?.find(&format!("</{name}>"))?;
+        body.get(start..end)
+    };
+    let code = element("Code").filter(|c| {
+        !c.is_empty() && c.len() <= 64 && c.chars().all(|c| c.is_ascii_alphanumeric())
+    })?;
+    Some((code, element("Message").unwrap_or("")))
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! and metrics show what the leader did.
 
 pub mod dynamo;
+pub mod table;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
