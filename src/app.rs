@@ -377,8 +377,9 @@ async fn start_coordination(
         config.rotation.request_timeout,
     )
     .await;
-    match store.read_lease().await {
-        Ok(_) => {}
+    // Every permission the daemon needs, proven without changing data.
+    match crate::coordination::table::verify(&store).await {
+        Ok(summary) => tracing::info!("coordination table: {summary}"),
         Err(error @ (StoreError::NoTable { .. } | StoreError::Denied { .. })) => {
             tracing::error!(table = %settings.table, "{error}");
             return Err(Exit::Config);
