@@ -852,6 +852,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_healthy_standby_is_ready_and_says_whose_lease_it_is() {
+        use crate::coordination::{Leadership, Role};
+        // board() holds an expired connection: a leader would not be ready.
+        let telemetry = board();
+        let mut leadership = Leadership::starting("replica-2");
+        telemetry.set_leadership(&leadership);
+        let (addr, cancel, handle) = start(Arc::clone(&telemetry)).await;
+        let readyz = || async {
+            let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+            (r.status().as_u16(), r.json::<Readiness>().await.unwrap())
+        };
+        let (code, body) = readyz().await;
+        assert_eq!((code, body.role.as_deref()), (503, Some("starting")));
+
+        leadership.role = Role::Standby;
+        leadership.leader = Some("replica-1".into());
+        telemetry.set_leadership(&leadership);
+        let (code, body) = readyz().await;
+        assert_eq!(code, 200, "{body:?}");
+        assert_eq!(body.role.as_deref(), Some("standby"));
+        assert_eq!(body.leader.as_deref(), Some("replica-1"));
+        let r = reqwest::get(format!("http://{addr}/status")).await.unwrap();
+        assert_eq!(r.headers()[ROLE_HEADER], "standby");
+        assert_eq!(r.headers()[LEADER_HEADER], "replica-1");
+        let report = status_report(addr).await.unwrap();
+        assert!(
+            report.starts_with("role: standby (leader: replica-1)\n"),
+            "{report}"
+        );
+
+        // A standby that cannot reach the table could not take over.
+        leadership.trouble = Some("DynamoDB unavailable: timed out".into());
+        telemetry.set_leadership(&leadership);
+        let (code, body) = readyz().await;
+        assert_eq!(code, 503);
+        assert!(body.reason.unwrap().contains("timed out"));
+
+        // The leader is ready by its connections, like a single instance.
+        leadership.role = Role::Leader;
+        leadership.trouble = None;
+        telemetry.set_leadership(&leadership);
+        let (code, body) = readyz().await;
+        assert_eq!((code, body.role.as_deref()), (503, Some("leader")));
+        assert!(!body.not_ready.is_empty());
+        let metrics = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("aep_s3_rotator_leader 1"), "{metrics}");
+        cancel.cancel();
+        handle.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn status_report_renders_a_table() {
         let (addr, cancel, handle) = start(board()).await;
         let table = status_report(addr).await.unwrap();

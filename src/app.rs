@@ -55,7 +55,7 @@ pub async fn main(cli: Cli) -> Exit {
     };
     if matches!(
         command,
-        Command::Run(_) | Command::Once(_) | Command::Create(_)
+        Command::Run(_) | Command::Once(_) | Command::Create(_) | Command::Coordination(_)
     ) && let Err(exit) = ca_roots()
     {
         return exit;
@@ -67,6 +67,9 @@ pub async fn main(cli: Cli) -> Exit {
         Command::Status => status(&config).await,
         Command::Demo(_) => Exit::Usage,
         Command::Create(args) => crate::create::run(&config, &args).await,
+        Command::Coordination(crate::cli::CoordinationCommand::Init) => {
+            crate::coordination::table::init_command(&config).await
+        }
     }
 }
 
@@ -374,8 +377,9 @@ async fn start_coordination(
         config.rotation.request_timeout,
     )
     .await;
-    match store.read_lease().await {
-        Ok(_) => {}
+    // Every permission the daemon needs, proven without changing data.
+    match crate::coordination::table::verify(&store).await {
+        Ok(summary) => tracing::info!("coordination table: {summary}"),
         Err(error @ (StoreError::NoTable { .. } | StoreError::Denied { .. })) => {
             tracing::error!(table = %settings.table, "{error}");
             return Err(Exit::Config);
@@ -562,6 +566,13 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
     {
         return exit;
     }
+    if config.coordination.is_some() {
+        tracing::warn!(
+            "`once` does not take the [coordination] lease: it writes even while a leader runs. \
+             The etag (If-Match) keeps the two from mixing credentials, but run `once` only \
+             where you mean to override the leader"
+        );
+    }
     // `once` honours the rules: the connections they match now are rotated too.
     let Some((config, rotator, membership)) = start_membership(&config, &options, &telemetry).await
     else {
@@ -707,6 +718,13 @@ async fn check(config: Config, path: &Path) -> Exit {
             print!("{}", lines.text);
             return Exit::Config;
         }
+    }
+    // The coordination table: every call the daemon makes, proven allowed
+    // without changing data (it needs no IMS token, so it comes first).
+    match crate::coordination::table::check_line(&config).await {
+        Some(Ok(summary)) => lines.ok("coordination", &summary),
+        Some(Err(message)) => lines.fail("coordination", &message),
+        None => {}
     }
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
     let options = Options {

@@ -45,6 +45,19 @@ pub enum Command {
     Demo(DemoArgs),
     /// Create a new S3 base connection holding fresh temporary credentials, ready to be rotated.
     Create(CreateArgs),
+    /// Set up the DynamoDB table that replicas share (`[coordination]`).
+    #[command(subcommand)]
+    Coordination(CoordinationCommand),
+}
+
+/// `coordination`
+#[derive(Debug, Subcommand)]
+pub enum CoordinationCommand {
+    /// Create the [coordination] table (partition key pk, sort key sk, both
+    /// strings; on-demand capacity) and wait until it is ACTIVE. An existing
+    /// table with that key schema is left as it is. Needs
+    /// dynamodb:CreateTable and dynamodb:DescribeTable.
+    Init,
 }
 
 /// `run`

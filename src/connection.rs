@@ -848,6 +848,95 @@ mod tests {
         c
     }
 
+    fn shared(key: &str, expires_at: SystemTime) -> PersistedConnection {
+        PersistedConnection {
+            sandbox: "prod".to_owned(),
+            etag: "\"shared\"".to_owned(),
+            access_key_id: key.to_owned(),
+            expires_at,
+            last_success_at: Some(t(0)),
+        }
+    }
+
+    #[test]
+    fn adopting_fresh_shared_state_schedules_from_its_expiry_without_a_request() {
+        let mut c = fresh(t(0));
+        let at = wait_of(c.adopt(Some(&shared("ASIASHARED", t(3600))), t(10), &policy(), 0.5));
+        assert_eq!(at, t(3600 - 1200));
+        assert_eq!(c.pushed().unwrap().access_key_id, "ASIASHARED");
+        assert_eq!(c.etag(), Some("\"shared\""));
+        assert!(c.had_outcome());
+        // When due, the job PATCHes with the shared etag (no GET first).
+        let job = dispatch(&mut c, at);
+        assert_eq!(job.known_etag.as_deref(), Some("\"shared\""));
+    }
+
+    #[test]
+    fn adopting_keeps_whichever_credentials_expire_later() {
+        let mut c = holding(t(0), t(7200));
+        let at = wait_of(c.adopt(Some(&shared("ASIAOLDER", t(3600))), t(10), &policy(), 0.5));
+        assert_eq!(
+            c.pushed().unwrap().expires_at,
+            t(7200),
+            "our own newer push wins"
+        );
+        assert_eq!(at, t(7200 - 1200));
+    }
+
+    #[test]
+    fn adopting_stale_absurd_or_foreign_records_rotates_now() {
+        for record in [
+            shared("ASIASTALE", t(600)),                 // < refresh_before left
+            shared("ASIAFAR", t(100 * 365 * 24 * 3600)), // impossible expiry
+            PersistedConnection {
+                sandbox: "dev".to_owned(),
+                ..shared("ASIADEV", t(3600))
+            },
+        ] {
+            let mut c = fresh(t(0));
+            assert_eq!(
+                wait_of(c.adopt(Some(&record), t(10), &policy(), 0.5)),
+                t(10),
+                "{record:?}"
+            );
+        }
+        let mut c = fresh(t(0));
+        assert_eq!(wait_of(c.adopt(None, t(10), &policy(), 0.5)), t(10));
+    }
+
+    #[test]
+    fn adopting_leaves_a_running_job_alone() {
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        assert!(matches!(
+            c.adopt(Some(&shared("ASIASHARED", t(3600))), t(1), &policy(), 0.5),
+            Action::AwaitJob
+        ));
+        assert!(c.pushed().is_none());
+    }
+
+    #[test]
+    fn standing_down_is_no_failure_and_forgets_a_refused_etag() {
+        let mut c = fresh(t(0));
+        dispatch(&mut c, t(0));
+        let result = JobResult::Failed {
+            error: RotationError::NotLeader,
+            etag: None,
+            conflicts: 1,
+            s3: None,
+        };
+        assert_eq!(
+            outcome_of(&result),
+            None,
+            "not counted as a rotation failure"
+        );
+        let at = wait_of(c.apply(Event::JobDone(result), t(1), &policy(), 0.5));
+        assert_eq!(at, t(1), "due again for whoever leads next");
+        assert_eq!(c.counts().failures, 0);
+        assert_eq!(c.last_error(), None);
+        assert_eq!(c.etag(), None, "after a 412 the next leader re-reads");
+    }
+
     #[test]
     fn a_new_connection_is_due_at_once_and_reads_its_etag() {
         let mut c = fresh(t(0));

@@ -469,15 +469,20 @@ impl Daemon {
             return;
         };
         let now = self.clock.now();
-        let ids: Vec<String> = self.connections.keys().cloned().collect();
-        for id in ids {
-            let Some(connection) = self.connections.get_mut(&id) else {
-                continue;
-            };
-            let action =
-                connection.adopt(view.connections.get(&id), now, &self.policy, rand::random());
-            self.follow(&id, action);
+        for (id, connection) in &mut self.connections {
+            connection.adopt(view.connections.get(id), now, &self.policy, rand::random());
+            self.telemetry.upsert(connection.status());
         }
+        // Every due time may have moved: the heap is rebuilt rather than
+        // grown (a standby adopts a view every half minute).
+        self.heap = self
+            .connections
+            .iter()
+            .filter_map(|(id, c)| match c.phase() {
+                Phase::Waiting(at) => Some(Reverse((at, id.clone()))),
+                Phase::InFlight | Phase::Finished => None,
+            })
+            .collect();
     }
 
     /// The role as `STATUS=` shows it when this replica is not the leader.
@@ -791,7 +796,15 @@ impl Daemon {
                 )
             })
             .unwrap_or_default();
-        let mut line = format!("{}/{} connections fresh", summary.fresh, summary.total);
+        let role = if self.leadership.is_some() {
+            "leader: "
+        } else {
+            ""
+        };
+        let mut line = format!(
+            "{role}{}/{} connections fresh",
+            summary.fresh, summary.total
+        );
         for (count, label) in [(summary.failing, "failing"), (summary.expired, "expired")] {
             if count > 0 {
                 line.push_str(&format!(", {count} {label}"));
@@ -866,6 +879,10 @@ impl Daemon {
                 config.admin.listen != self.config.admin.listen,
             ),
             ("[state] path", config.state.path != self.config.state.path),
+            (
+                "[coordination]",
+                config.coordination != self.config.coordination,
+            ),
         ] {
             if changed {
                 tracing::warn!(
@@ -911,6 +928,7 @@ impl Daemon {
         // Keys that need a restart keep their running values.
         config.admin.listen = self.config.admin.listen;
         config.state.path = self.config.state.path.clone();
+        config.coordination = self.config.coordination.clone();
         let now = self.clock.now();
         let wanted: HashMap<String, ConnectionConfig> = self
             .selected(&config)

@@ -25,6 +25,11 @@
 //!                 ▼
 //!   views of the connection state: telemetry (status + metrics) ─► admin (HTTP),
 //!   notify (systemd), state (file), the `once` report
+//!
+//!   coordination (optional, `[coordination]`): an elector holds a lease item
+//!   in DynamoDB; its Leadership gates the daemon's dispatch, its Fence is
+//!   checked by every job before each GET and PATCH, and the leader's
+//!   connection state is shared in the same table (a view of `connection`).
 //! ```
 //!
 //! Time is read through [`clock`]: the scheduler runs on a `Clock`, so tests

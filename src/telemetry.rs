@@ -1152,10 +1152,18 @@ mod tests {
                     || name == "aep_s3_rotator_build_info"
                     || name == "aep_s3_rotator_prepush_checks_total"
                     || name == "aep_s3_rotator_connection_info"
-                    || name == "aep_s3_rotator_discovery_conflicts",
+                    || name == "aep_s3_rotator_discovery_conflicts"
+                    || name == "aep_s3_rotator_leader"
+                    || name == "aep_s3_rotator_leader_changes_total",
                 "unexpected series {name}"
             );
         }
+        // Without coordination the process is the only writer.
+        assert_eq!(value(&text, "aep_s3_rotator_leader", &[]), Some(1.0));
+        assert_eq!(
+            value(&text, "aep_s3_rotator_leader_changes_total", &[]),
+            Some(0.0)
+        );
         // No label carries the id when a name is set.
         assert!(!text.contains("4cb0c374"), "{text}");
     }

@@ -170,3 +170,44 @@ fn every_commented_default_in_the_example_is_valid() {
         Some(Path::new("/var/lib/aep-s3-rotator/state.json"))
     );
 }
+
+#[test]
+fn the_commented_coordination_block_in_the_example_is_valid() {
+    // Removing the leading "#" of the [coordination] block, as its comment
+    // says, gives a valid config with the documented defaults.
+    let text = std::fs::read_to_string(EXAMPLE).unwrap();
+    let start = text
+        .find("#[coordination]")
+        .expect("the block is in the example");
+    let (head, block) = text.split_at(start);
+    let opened: String = block
+        .lines()
+        .map(|line| match line.strip_prefix('#') {
+            Some(rest) if !rest.starts_with(' ') => format!("{rest}\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s\n").unwrap();
+    let config = Config::from_toml_str(
+        &format!("{head}{opened}"),
+        [(
+            "AEP_S3_ROTATOR__ADOBE__CLIENT_SECRET_FILE".to_owned(),
+            secret.display().to_string(),
+        )],
+    )
+    .unwrap_or_else(|error| panic!("uncommented [coordination] is invalid:\n{error}\n{opened}"));
+    let c = config.coordination.expect("coordination on");
+    assert_eq!(c.table, "aep-s3-rotator");
+    assert_eq!(c.lease, Duration::from_secs(15));
+    assert_eq!(c.renew_every, Duration::from_secs(5));
+    assert_eq!(c.holder.as_deref(), Some("rotator-a"));
+    assert_eq!(
+        c.endpoint.map(|u| u.to_string()),
+        Some("https://dynamodb.us-east-1.amazonaws.com/".to_owned())
+    );
+    // As shipped, the block is off.
+    let (shipped, _dir) = load_example();
+    assert!(shipped.coordination.is_none());
+}

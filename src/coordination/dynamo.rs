@@ -191,7 +191,8 @@ impl DynamoStore {
                     .item("rvn", s(&record.rvn))
                     .item("lease_ms", n(lease_ms))
                     .item("format", s(FORMAT))
-                    .condition_expression("attribute_not_exists(pk)")
+                    .condition_expression("attribute_not_exists(#pk)")
+                    .expression_attribute_names("#pk", "pk")
                     .send()
                     .await
                     .map_err(|e| self.error("dynamodb:PutItem", e))?;
@@ -200,9 +201,9 @@ impl DynamoStore {
                 // A record without a readable version (another version's,
                 // or damaged) is replaced on that same condition.
                 let condition = if old.is_empty() {
-                    "attribute_not_exists(rvn) OR NOT attribute_type(rvn, :string)"
+                    "attribute_not_exists(#rvn) OR NOT attribute_type(#rvn, :string)"
                 } else {
-                    "rvn = :old"
+                    "#rvn = :old"
                 };
                 let mut call = self
                     .lease_client
@@ -211,10 +212,15 @@ impl DynamoStore {
                     .key("pk", s(LEASE_PK))
                     .key("sk", s(LEASE_SK))
                     .update_expression(
-                        "SET holder = :holder, rvn = :rvn, lease_ms = :lease, #format = :format",
+                        "SET #holder = :holder, #rvn = :rvn, #lease = :lease, #format = :format",
                     )
                     .condition_expression(condition)
+                    // Every name aliased: FORMAT is a DynamoDB reserved
+                    // word, and aliases keep the others safe from the list.
                     .expression_attribute_names("#format", "format")
+                    .expression_attribute_names("#holder", "holder")
+                    .expression_attribute_names("#rvn", "rvn")
+                    .expression_attribute_names("#lease", "lease_ms")
                     .expression_attribute_values(":holder", s(&record.holder))
                     .expression_attribute_values(":rvn", s(&record.rvn))
                     .expression_attribute_values(":lease", n(lease_ms))
@@ -238,7 +244,8 @@ impl DynamoStore {
             .table_name(&self.table)
             .key("pk", s(LEASE_PK))
             .key("sk", s(LEASE_SK))
-            .condition_expression("rvn = :rvn")
+            .condition_expression("#rvn = :rvn")
+            .expression_attribute_names("#rvn", "rvn")
             .expression_attribute_values(":rvn", s(rvn))
             .send()
             .await
@@ -255,7 +262,8 @@ impl DynamoStore {
                 .state_client
                 .query()
                 .table_name(&self.table)
-                .key_condition_expression("pk = :pk")
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", "pk")
                 .expression_attribute_values(":pk", s(STATE_PK))
                 .consistent_read(true)
                 .set_exclusive_start_key(start.take())
@@ -466,14 +474,20 @@ where
     match error {
         SdkError::ServiceError(service) => {
             let err = service.err();
-            let code = err.code().unwrap_or("");
-            let message = crate::http::remote_text(err.message().unwrap_or(""));
+            // Without a JSON error document, the XML one of AWS's query
+            // protocol (what moto's IAM enforcement and some gateways
+            // answer with): its code is classified the same way.
+            let (code, message) = match err.code() {
+                Some(code) => (code, err.message().unwrap_or("")),
+                None => xml_error(service.raw()).unwrap_or(("", "")),
+            };
+            let message = crate::http::remote_text(message);
             match code {
                 "ConditionalCheckFailedException" => StoreError::Conflict,
                 "ResourceNotFoundException" => StoreError::NoTable {
                     table: table.to_owned(),
                 },
-                "AccessDeniedException" => StoreError::Denied {
+                "AccessDeniedException" | "AccessDenied" => StoreError::Denied {
                     action,
                     table: table.to_owned(),
                     detail: message,
@@ -482,7 +496,10 @@ where
                 | "InvalidSignatureException"
                 | "ExpiredTokenException"
                 | "MissingAuthenticationTokenException"
-                | "IncompleteSignatureException" => StoreError::Credentials {
+                | "IncompleteSignatureException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "AuthFailure" => StoreError::Credentials {
                     code: code.to_owned(),
                     detail: message,
                 },
@@ -494,22 +511,45 @@ where
             }
         }
         SdkError::TimeoutError(_) => StoreError::Unavailable("timed out".to_owned()),
-        SdkError::DispatchFailure(failure) => {
-            let what = if failure.is_timeout() {
-                "timed out"
-            } else if failure.is_io() {
-                "connection failed"
-            } else {
-                "request could not be sent"
-            };
-            StoreError::Unavailable(what.to_owned())
-        }
         SdkError::ResponseError(_) => StoreError::Unavailable("unreadable answer".to_owned()),
-        SdkError::ConstructionFailure(_) => {
-            StoreError::Unavailable("request could not be built (no credentials?)".to_owned())
+        SdkError::DispatchFailure(failure) if failure.is_timeout() => {
+            StoreError::Unavailable("timed out".to_owned())
         }
-        _ => StoreError::Unavailable("unknown SDK error".to_owned()),
+        other => {
+            // Dispatch and construction failures: the chain says whether
+            // the credential chain found nothing (the common case).
+            let text = crate::http::remote_text(
+                &aws_smithy_types::error::display::DisplayErrorContext(other).to_string(),
+            );
+            if text.contains("credentials") && text.contains("provider")
+                || text.contains("no credentials")
+            {
+                StoreError::Credentials {
+                    code: "NoCredentials".to_owned(),
+                    detail: "the AWS default credential chain found no credentials".to_owned(),
+                }
+            } else {
+                StoreError::Unavailable(text)
+            }
+        }
     }
+}
+
+/// The `<Code>` and `<Message>` of an XML error document
+/// (`<ErrorResponse><Error><Code>AccessDenied</Code>...`), if the body is
+/// one. Only a plain identifier is taken as a code.
+fn xml_error(response: &aws_smithy_runtime_api::http::Response) -> Option<(&str, &str)> {
+    let body = std::str::from_utf8(response.body().bytes()?).ok()?;
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = start + body.get(start..)?.find(&format!("</{name}>"))?;
+        body.get(start..end)
+    };
+    let code = element("Code").filter(|c| {
+        !c.is_empty() && c.len() <= 64 && c.chars().all(|c| c.is_ascii_alphanumeric())
+    })?;
+    Some((code, element("Message").unwrap_or("")))
 }
 
 #[cfg(test)]

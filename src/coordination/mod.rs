@@ -28,6 +28,7 @@
 //! and metrics show what the leader did.
 
 pub mod dynamo;
+pub mod table;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -605,15 +606,18 @@ impl Elector {
     }
 }
 
+/// Changed connections' shared state, by id (`None`: the connection is gone).
+pub type StateBatch = Vec<(String, Option<PersistedConnection>)>;
+
 /// Where the scheduler sends the connections whose shared state changed.
 #[derive(Debug, Clone)]
 pub struct StateSink {
-    tx: mpsc::UnboundedSender<Vec<(String, Option<PersistedConnection>)>>,
+    tx: mpsc::UnboundedSender<StateBatch>,
 }
 
 impl StateSink {
     /// Queues records (`None`: the connection is gone). Never blocks.
-    pub fn send(&self, batch: Vec<(String, Option<PersistedConnection>)>) {
+    pub fn send(&self, batch: StateBatch) {
         if !batch.is_empty() {
             let _ = self.tx.send(batch);
         }
@@ -623,10 +627,7 @@ impl StateSink {
 impl StateSink {
     /// A sink and the receiving end, without a writer (tests of the loop).
     #[cfg(test)]
-    pub(crate) fn channel() -> (
-        Self,
-        mpsc::UnboundedReceiver<Vec<(String, Option<PersistedConnection>)>>,
-    ) {
+    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<StateBatch>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Self { tx }, rx)
     }
@@ -638,7 +639,7 @@ pub struct StateWriter {
     store: Arc<dyn Store>,
     fence: Fence,
     holder: String,
-    rx: mpsc::UnboundedReceiver<Vec<(String, Option<PersistedConnection>)>>,
+    rx: mpsc::UnboundedReceiver<StateBatch>,
 }
 
 impl StateWriter {
