@@ -1,6 +1,6 @@
 //! Harness of the high-availability black-box tests: one simulator (each
 //! replica its own IMS client, so its PATCH log tells them apart), one
-//! `moto_server` serving DynamoDB, a TCP proxy in front of moto that a test
+//! `moto_server` serving DynamoDB (table made by `coordination init`), a TCP proxy in front of moto that a test
 //! takes down and brings back (DynamoDB "down" without losing moto's data),
 //! and N replicas of the real daemon binary, each with its own holder name,
 //! config, admin port and collected JSON log.
@@ -24,10 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -111,36 +108,6 @@ pub fn dynamo_client(url: &str) -> aws_sdk_dynamodb::Client {
         ))
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
-}
-
-/// Creates the table with the key schema `coordination` documents
-/// (`pk` S partition key, `sk` S sort key).
-pub async fn create_table(client: &aws_sdk_dynamodb::Client) {
-    let key = |name: &str, kind: KeyType| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-            .unwrap()
-    };
-    let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .unwrap()
-    };
-    client
-        .create_table()
-        .table_name(TABLE)
-        .key_schema(key("pk", KeyType::Hash))
-        .key_schema(key("sk", KeyType::Range))
-        .attribute_definitions(attr("pk"))
-        .attribute_definitions(attr("sk"))
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .expect("moto creates the table");
 }
 
 /// The lease holder as the table says now (`None`: no lease item).
@@ -325,7 +292,6 @@ impl Cluster {
         .await;
         let moto = Moto::start();
         let dynamo = dynamo_client(&moto.url());
-        create_table(&dynamo).await;
         let proxy = Proxy::start(moto.addr).await;
 
         let human = |d: Duration| humantime::format_duration(d).to_string();
@@ -358,6 +324,16 @@ impl Cluster {
             assert!(text.contains(&format!("client_id = \"{name}\"")));
             let config = h.dir.path().join(format!("{name}.toml"));
             std::fs::write(&config, text).unwrap();
+            if replicas.is_empty() {
+                // The operator's way: `coordination init` creates the table.
+                let mut init = h.spawn(&config, &["coordination", "init"]);
+                let status = init.wait(Duration::from_secs(60));
+                assert!(
+                    status.success(),
+                    "coordination init: {status:?}\n{}",
+                    init.stderr_text()
+                );
+            }
             let process = h.spawn(&config, &["run"]);
             replicas.push(Replica {
                 name: name.clone(),
