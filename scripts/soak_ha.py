@@ -97,25 +97,6 @@ def dynamo(url, target, body):
         return json.loads(response.read() or b"{}")
 
 
-def create_table(url):
-    dynamo(
-        url,
-        "CreateTable",
-        {
-            "TableName": TABLE,
-            "KeySchema": [
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
-            ],
-            "AttributeDefinitions": [
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
-            "BillingMode": "PAY_PER_REQUEST",
-        },
-    )
-
-
 def lease_holder(url):
     try:
         item = dynamo(
@@ -265,7 +246,6 @@ def main():
         children.append(moto)
         wait_listening(moto_port, moto, "moto_server")
         moto_url = f"http://127.0.0.1:{moto_port}"
-        create_table(moto_url)
 
         names = [f"replica-{i}" for i in range(1, args.replicas + 1)]
         client_secrets = {n: secrets.token_urlsafe(24) for n in names}
@@ -340,8 +320,15 @@ endpoint = "{moto_url}"
 
 {connections}"""
                 )
-            replica = Replica(name, config, env, rotator, work)
-            replicas.append(replica)
+            replicas.append(Replica(name, config, env, rotator, work))
+        # The operator's way to make the table.
+        init = subprocess.run(
+            [rotator, "--config", replicas[0].config, "coordination", "init"],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+        )
+        if init.returncode != 0:
+            sys.exit(f"soak_ha: coordination init failed ({init.returncode}):\n{init.stderr}")
+        for replica in replicas:
             replica.start()
 
         by_name = {r.name: r for r in replicas}
