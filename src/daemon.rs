@@ -263,8 +263,6 @@ pub struct Daemon {
     term: u64,
     /// Where changed connections' shared state goes (coordination on).
     shared: Option<StateSink>,
-    /// Connections whose shared state changed since the last flush.
-    shared_dirty: HashSet<String>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -399,7 +397,6 @@ impl Daemon {
             leading: true,
             term: 0,
             shared: None,
-            shared_dirty: HashSet::new(),
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
@@ -639,7 +636,7 @@ impl Daemon {
         if let Some(outcome) = outcome {
             self.telemetry.rotation(id, outcome);
             self.state_dirty = true;
-            self.shared_dirty.insert(id.to_owned());
+            self.share(id);
         }
         self.follow(id, action);
     }
@@ -653,7 +650,7 @@ impl Daemon {
                 self.connections.remove(id);
                 self.telemetry.remove(id);
                 self.state_dirty = true;
-                self.shared_dirty.insert(id.to_owned());
+                self.share(id);
                 return;
             }
         }
@@ -814,9 +811,7 @@ impl Daemon {
     }
 
     fn next_state_write(&self) -> Option<tokio::time::Instant> {
-        let file = self.state_dirty && self.state.is_some();
-        let shared = self.shared.is_some() && !self.shared_dirty.is_empty();
-        if !file && !shared {
+        if !self.state_dirty || self.state.is_none() {
             return None;
         }
         Some(
@@ -826,8 +821,6 @@ impl Daemon {
     }
 
     async fn write_state(&mut self) {
-        self.last_state_write = Some(crate::clock::mono_now());
-        self.flush_shared();
         let Some(store) = self.state.clone() else {
             return;
         };
@@ -835,6 +828,7 @@ impl Daemon {
             return;
         }
         self.state_dirty = false;
+        self.last_state_write = Some(crate::clock::mono_now());
         let snapshot = StateSnapshot {
             connections: self
                 .connections
@@ -851,22 +845,23 @@ impl Daemon {
         self.state_dirty = true;
     }
 
-    /// Sends the changed connections to the shared state writer (which
-    /// writes only while this replica holds the lease). A connection that
-    /// is gone is deleted there; one never pushed is left alone.
-    fn flush_shared(&mut self) {
+    /// Sends one changed connection to the shared state writer at once
+    /// (it batches, and writes only while this replica holds the lease):
+    /// the sooner it is in the table, the smaller the window in which a
+    /// new leader would read an older record. A connection that is gone is
+    /// deleted there; one never pushed is left alone.
+    fn share(&self, id: &str) {
         let Some(sink) = &self.shared else {
             return;
         };
-        let batch: Vec<_> = self
-            .shared_dirty
-            .drain()
-            .filter_map(|id| match self.connections.get(&id) {
-                None => Some((id, None)),
-                Some(c) => c.persisted().map(|p| (id, Some(p))),
-            })
-            .collect();
-        sink.send(batch);
+        match self.connections.get(id) {
+            None => sink.send(vec![(id.to_owned(), None)]),
+            Some(c) => {
+                if let Some(record) = c.persisted() {
+                    sink.send(vec![(id.to_owned(), Some(record))]);
+                }
+            }
+        }
     }
 
     /// Builds the clients for a new config off the loop (loading AWS config
