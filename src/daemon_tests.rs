@@ -254,7 +254,7 @@ async fn a_panicking_job_is_rescheduled_and_wedges_nothing() {
 async fn a_backlog_larger_than_the_dispatch_limit_does_not_spin() {
     let clock = Clock::tokio_at(t0());
     let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
-    // 200 connections, concurrency 1 (dispatch limit 2): a long backlog.
+    // 200 connections, concurrency 1 (dispatch limit 4): a long backlog.
     let (_tx, reloads) = mpsc::channel(1);
     let daemon = scheduler(
         config(200, 1),

@@ -101,8 +101,22 @@ pub fn init(format: LogFormat, filter: Option<&str>) -> Result<(), LogFilterErro
 use tracing_subscriber::Layer as _;
 
 /// The JSON line format: event fields and span fields flattened to the top.
+///
+/// Keys come out sorted, each once: an event field wins over a span field of
+/// the same name, an inner span's over an outer one's. The line is built in
+/// one buffer and written with one call; a span's fields are parsed from
+/// their JSON once and kept with the span ([`SpanFields`]), since a rotation
+/// job logs more than one line in its span.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FlatJson;
+
+/// A span's fields as parsed from its formatted JSON, cached in the span's
+/// extensions by [`FlatJson`].
+struct SpanFields {
+    /// Length of the formatted text parsed: `Span::record` changes it.
+    source_len: usize,
+    fields: Vec<(String, Value)>,
+}
 
 impl<S, N> FormatEvent<S, N> for FlatJson
 where
@@ -116,61 +130,117 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
-        let mut line = Map::new();
-        line.insert(
-            "timestamp".into(),
+        let mut fields = Fields::default();
+        fields.insert(
+            "timestamp",
             Value::String(humantime::format_rfc3339_millis(crate::clock::wall_now()).to_string()),
         );
-        line.insert(
-            "level".into(),
+        fields.insert(
+            "level",
             Value::String(meta.level().as_str().to_ascii_lowercase()),
         );
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
-                let extensions = span.extensions();
-                if let Some(fields) = extensions.get::<FormattedFields<N>>()
-                    && let Ok(Value::Object(fields)) =
-                        serde_json::from_str::<Value>(fields.as_str())
+                let source_len = span
+                    .extensions()
+                    .get::<FormattedFields<N>>()
+                    .map_or(0, |f| f.as_str().len());
+                // Re-parsed when `Span::record` changed the text since.
+                let stale = span
+                    .extensions()
+                    .get::<SpanFields>()
+                    .is_none_or(|cached| cached.source_len != source_len);
+                if stale {
+                    let parsed = span
+                        .extensions()
+                        .get::<FormattedFields<N>>()
+                        .and_then(|f| serde_json::from_str::<Map<String, Value>>(f.as_str()).ok())
+                        .map(|map| map.into_iter().collect())
+                        .unwrap_or_default();
+                    let mut extensions = span.extensions_mut();
+                    extensions.remove::<SpanFields>();
+                    extensions.insert(SpanFields {
+                        source_len,
+                        fields: parsed,
+                    });
+                }
+                if let Some(SpanFields { fields: cached, .. }) =
+                    span.extensions().get::<SpanFields>()
                 {
-                    line.extend(fields);
+                    for (key, value) in cached {
+                        fields.insert(key.clone(), value.clone());
+                    }
                 }
             }
         }
-        let mut visitor = JsonVisitor(&mut line);
-        event.record(&mut visitor);
+        event.record(&mut JsonVisitor(&mut fields));
         if !is_ours(meta.target()) {
-            line.insert("target".into(), Value::String(meta.target().to_owned()));
+            fields.insert("target", Value::String(meta.target().to_owned()));
         }
-        writeln!(writer, "{}", Value::Object(line))
+        writer.write_str(&fields.into_line())
     }
 }
 
-struct JsonVisitor<'a>(&'a mut Map<String, Value>);
+/// A line's fields, each key once (the last insert wins), in insertion order
+/// until [`Fields::into_line`] sorts them. A log line has a dozen fields at
+/// most, so a vector beats a map.
+#[derive(Default)]
+struct Fields<'a>(Vec<(std::borrow::Cow<'a, str>, Value)>);
 
-impl Visit for JsonVisitor<'_> {
+impl<'a> Fields<'a> {
+    fn insert(&mut self, key: impl Into<std::borrow::Cow<'a, str>>, value: Value) {
+        let key = key.into();
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, slot)) => *slot = value,
+            None => self.0.push((key, value)),
+        }
+    }
+
+    /// `{"key":value,...}` with sorted keys, and a newline.
+    fn into_line(mut self) -> String {
+        self.0.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Vec::with_capacity(256);
+        out.push(b'{');
+        for (n, (key, value)) in self.0.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            // Writing a str or a Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut out, key.as_ref());
+            out.push(b':');
+            let _ = serde_json::to_writer(&mut out, value);
+        }
+        out.extend_from_slice(b"}\n");
+        // serde_json writes UTF-8 only.
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+struct JsonVisitor<'f, 'a>(&'f mut Fields<'a>);
+
+impl Visit for JsonVisitor<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0
-            .insert(field.name().to_owned(), Value::String(value.to_owned()));
+        self.0.insert(field.name(), Value::String(value.to_owned()));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.0.insert(field.name(), value.into());
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.0.insert(field.name(), value.into());
     }
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.0.insert(field.name(), value.into());
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.0.insert(field.name(), value.into());
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
         self.0
-            .insert(field.name().to_owned(), Value::String(value.to_string()));
+            .insert(field.name(), Value::String(value.to_string()));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0
-            .insert(field.name().to_owned(), Value::String(format!("{value:?}")));
+            .insert(field.name(), Value::String(format!("{value:?}")));
     }
 }
 
@@ -226,6 +296,46 @@ mod tests {
         assert_eq!(line["access_key_id"], "ASIAEXAMPLE");
         assert_eq!(line["attempt"], 2);
         assert!(line["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn keys_are_sorted_once_each_and_follow_span_records() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .fmt_fields(JsonFields::new())
+                .event_format(FlatJson)
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "connection",
+                connection = "c-1",
+                sandbox = "prod",
+                attempt = tracing::field::Empty
+            );
+            let _entered = span.enter();
+            tracing::info!(sandbox = "event-wins", "first");
+            span.record("attempt", 3u64);
+            tracing::info!("second");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines[0].matches("\"sandbox\"").count(), 1, "{}", lines[0]);
+        let first: Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(first["sandbox"], "event-wins");
+        assert_eq!(first["connection"], "c-1");
+        let keys: Vec<&String> = first.as_object().unwrap().keys().collect();
+        let text_order: Vec<usize> = keys
+            .iter()
+            .map(|k| lines[0].find(&format!("\"{k}\":")).unwrap())
+            .collect();
+        assert!(text_order.windows(2).all(|w| w[0] < w[1]), "{}", lines[0]);
+        let second: Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second["sandbox"], "prod");
+        assert_eq!(second["attempt"], 3, "a recorded span field shows");
     }
 
     #[test]

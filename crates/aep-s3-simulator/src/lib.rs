@@ -746,6 +746,7 @@ impl Simulator {
                 conn.other_params.remove(key);
             }
         }
+        st.connections_changed();
         st.bump_etag(id);
     }
 

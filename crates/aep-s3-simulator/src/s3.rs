@@ -532,10 +532,7 @@ impl Shared {
                     );
                 }
             };
-            let bucket_known = st.s3.buckets.contains(bucket)
-                || st.connections.values().any(|c| {
-                    c.other_params.get("bucketName").and_then(|v| v.as_str()) == Some(bucket)
-                });
+            let bucket_known = st.s3.buckets.contains(bucket) || st.bucket_in_use(bucket);
             let region = st
                 .s3
                 .bucket_regions

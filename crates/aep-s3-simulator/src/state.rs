@@ -197,6 +197,12 @@ pub(super) struct State {
     pub patch_seq: u64,
     /// Refused PATCHes per client, per status.
     pub patch_rejected: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// `bucketName` → how many connections name it, built on first use and
+    /// dropped ([`State::connections_changed`]) whenever a connection is
+    /// added, removed or has its parameters edited: without it every S3
+    /// request scanned all connections under the lock (at 10,000
+    /// connections the simulator, not the daemon, set the pace).
+    bucket_index: Option<HashMap<String, usize>>,
 }
 
 /// The knobs of the simulated S3.
@@ -216,6 +222,27 @@ pub(super) struct S3Knobs {
 }
 
 impl State {
+    /// Whether some connection names `bucket` as its `bucketName`.
+    pub fn bucket_in_use(&mut self, bucket: &str) -> bool {
+        let connections = &self.connections;
+        let index = self.bucket_index.get_or_insert_with(|| {
+            let mut index = HashMap::new();
+            for c in connections.values() {
+                if let Some(name) = c.other_params.get("bucketName").and_then(|v| v.as_str()) {
+                    *index.entry(name.to_owned()).or_insert(0) += 1;
+                }
+            }
+            index
+        });
+        index.contains_key(bucket)
+    }
+
+    /// Call after adding or removing a connection or editing its
+    /// `auth.params`: the bucket index is rebuilt on next use.
+    pub fn connections_changed(&mut self) {
+        self.bucket_index = None;
+    }
+
     /// Records an event, keeping only the last [`LOG_CAP`].
     pub fn event(&mut self, event: SimEvent) {
         if self.events.len() >= LOG_CAP {
@@ -460,6 +487,7 @@ impl Shared {
             patch_log: VecDeque::new(),
             patch_seq: 0,
             patch_rejected: Default::default(),
+            bucket_index: None,
         };
         for c in config.connections {
             insert_connection(&mut state, c);
@@ -606,6 +634,7 @@ impl Shared {
     pub fn delete_connection(&self, id: &str) {
         let mut st = self.lock();
         if let Some(conn) = st.connections.remove(id) {
+            st.connections_changed();
             let now = SystemTime::now();
             st.retired_expired_seconds += conn.expired_seconds_at(now);
             st.event(SimEvent::ConnectionDeleted {
@@ -711,6 +740,7 @@ impl State {
         conn.credentials = credentials;
         let etag = conn.etag.clone();
         self.connections.insert(id, conn);
+        self.connections_changed();
         etag
     }
 }
@@ -725,6 +755,7 @@ fn insert_connection(st: &mut State, c: SimConnection) {
     let conn = new_conn(c, sandbox_id);
     st.placeholder_secrets.push(conn.credentials.secret.clone());
     st.connections.insert(id, conn);
+    st.connections_changed();
 }
 
 /// A Flow request in flight; decrements the count when dropped.
