@@ -478,6 +478,7 @@ def bench_one(n: int, args, workroot: Path) -> dict:
                     faults={"description": DISCOVER_TAG} if discover else None)
     result: dict = {"connections": n, "latency_ms": latency_s * 1000, "concurrency": args.concurrency,
                     "workdir": str(workdir), "daemon_sha256": binary_id(),
+                    "prepush_check": not args.no_prepush,
                     "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
     daemon = None
     try:
@@ -491,6 +492,9 @@ def bench_one(n: int, args, workroot: Path) -> dict:
             jitter="1m",
             concurrency=args.concurrency,
             max_requests_per_second=None,
+            # The pre-push S3 check (on by default) is a second signed
+            # request per rotation; --no-prepush measures the rotation alone.
+            prepush_check=False if args.no_prepush else None,
         )
         if discover:
             text = discovery_config(text, sandboxes)
@@ -653,6 +657,8 @@ def main() -> int:
     p.add_argument("--connections", default="10,1000,10000", help="comma-separated list of N")
     p.add_argument("--latency", default="20ms", help="simulator latency per request")
     p.add_argument("--concurrency", type=int, default=32, help="daemon [rotation] concurrency")
+    p.add_argument("--no-prepush", action="store_true",
+                   help="set [rotation] prepush_check = false (the rotation without its S3 check)")
     p.add_argument("--idle-seconds", type=float, default=60, help="idle CPU window after the first pass")
     p.add_argument("--sandboxes", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)

@@ -18,9 +18,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,23 +38,15 @@ use tokio_util::sync::CancellationToken;
 
 /// A DynamoDB to test against: our own moto_server, or (for the protocol
 /// tests) one named by `AEP_S3_ROTATOR_TEST_DYNAMODB_URL`, e.g. real AWS.
-struct Moto {
-    child: Option<Child>,
+struct Dynamo {
+    /// Our own moto (killed on drop); `None` for an external endpoint.
+    moto: Option<Moto>,
     url: String,
 }
 
-impl Moto {
+impl Dynamo {
     fn external(&self) -> bool {
-        self.child.is_none()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.moto.is_none()
     }
 }
 
@@ -64,15 +55,15 @@ impl Drop for Moto {
 /// `https://dynamodb.us-east-1.amazonaws.com`), that endpoint, with the
 /// AWS default credential chain of the test process, on tables named
 /// `aep-s3-rotator-test-<name>-<random>` that each test deletes at its end.
-fn dynamodb() -> Moto {
+fn dynamodb() -> Dynamo {
     match std::env::var("AEP_S3_ROTATOR_TEST_DYNAMODB_URL") {
-        Ok(url) if !url.is_empty() => Moto { child: None, url },
+        Ok(url) if !url.is_empty() => Dynamo { moto: None, url },
         _ => start_moto(),
     }
 }
 
 /// The table name a test uses: as given on moto, unique on a shared DynamoDB.
-fn table_name(moto: &Moto, name: &str) -> String {
+fn table_name(moto: &Dynamo, name: &str) -> String {
     if moto.external() {
         format!(
             "aep-s3-rotator-test-{name}-{}",
@@ -84,7 +75,7 @@ fn table_name(moto: &Moto, name: &str) -> String {
 }
 
 /// Deletes a test table on a shared DynamoDB (moto is thrown away whole).
-async fn drop_table(moto: &Moto, store: &DynamoStore) {
+async fn drop_table(moto: &Dynamo, store: &DynamoStore) {
     if moto.external() {
         store
             .client()
@@ -102,34 +93,11 @@ fn moto_server() -> String {
     })
 }
 
-fn start_moto() -> Moto {
-    let server = moto_server();
-    // Ask the OS for a free port, then hand it to moto (it cannot report one).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(&server)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start moto_server at {server}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("moto_server exited at start with {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not listen on port {port} within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Moto {
-        child: Some(child),
-        url: format!("http://127.0.0.1:{port}"),
+fn start_moto() -> Dynamo {
+    let moto = Moto::start();
+    Dynamo {
+        url: moto.url(),
+        moto: Some(moto),
     }
 }
 
@@ -144,7 +112,7 @@ fn aws() -> AwsConfig {
     }
 }
 
-fn coordination(moto: &Moto, table: &str) -> CoordinationConfig {
+fn coordination(moto: &Dynamo, table: &str) -> CoordinationConfig {
     CoordinationConfig {
         table: table.to_owned(),
         lease: Duration::from_secs(2),
@@ -156,7 +124,7 @@ fn coordination(moto: &Moto, table: &str) -> CoordinationConfig {
 
 /// A store on `table` signed with these keys (moto without enforcement
 /// takes any).
-async fn store_as(moto: &Moto, table: &str, key: &str, secret: &str) -> DynamoStore {
+async fn store_as(moto: &Dynamo, table: &str, key: &str, secret: &str) -> DynamoStore {
     DynamoStore::connect(
         &aws(),
         &coordination(moto, table),
@@ -169,7 +137,7 @@ async fn store_as(moto: &Moto, table: &str, key: &str, secret: &str) -> DynamoSt
     .await
 }
 
-async fn store(moto: &Moto, table: &str) -> DynamoStore {
+async fn store(moto: &Dynamo, table: &str) -> DynamoStore {
     if moto.external() {
         return DynamoStore::connect(
             &aws(),
@@ -184,7 +152,7 @@ async fn store(moto: &Moto, table: &str) -> DynamoStore {
 
 /// A table named after `name` (see [`table_name`]), created as
 /// `coordination init` creates it.
-async fn created(moto: &Moto, name: &str) -> DynamoStore {
+async fn created(moto: &Dynamo, name: &str) -> DynamoStore {
     let table = table_name(moto, name);
     let store = store(moto, &table).await;
     let outcome = table::init(
@@ -626,7 +594,7 @@ struct IamSetup {
     noput: Keys,
 }
 
-fn setup_iam(moto: &Moto, table: &str) -> IamSetup {
+fn setup_iam(moto: &Dynamo, table: &str) -> IamSetup {
     let python = Path::new(&moto_server()).with_file_name("python");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),

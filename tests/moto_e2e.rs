@@ -17,60 +17,14 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_moto() -> Moto {
-    let server = std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap_or_else(|_| {
-        panic!("AEP_S3_ROTATOR_MOTO_SERVER is not set: run the suite with scripts/test.sh, which installs moto[server] into .venv")
-    });
-    // Ask the OS for a free port, then hand it to moto (it cannot report one).
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(&server)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start moto_server at {server}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("moto_server exited at start with {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not listen on port {port} within 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Moto {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn rotates_with_credentials_from_moto_sts() {
-    let moto = start_moto();
+    let moto = Moto::start();
     let h = Harness::start_with(2, Duration::from_secs(3600), |sim| {
         sim.accept_foreign_credentials = true
     })
@@ -80,7 +34,7 @@ async fn rotates_with_credentials_from_moto_sts() {
     // Point STS at moto instead of the simulator.
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url);
+        .replace(&h.sim.sts_url(), &moto.url());
     std::fs::write(&config, text).unwrap();
 
     let mut daemon = h.spawn(&config, &["once"]);
@@ -125,7 +79,7 @@ async fn rotates_with_credentials_from_moto_sts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_session_token_is_used_when_no_role_is_configured() {
-    let moto = start_moto();
+    let moto = Moto::start();
     let h = Harness::start_with(1, Duration::from_secs(3600), |sim| {
         sim.accept_foreign_credentials = true
     })
@@ -134,7 +88,7 @@ async fn get_session_token_is_used_when_no_role_is_configured() {
     let config = h.write_config(FAST_ROTATION, "");
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url)
+        .replace(&h.sim.sts_url(), &moto.url())
         .replace(&format!("role_arn = \"{ROLE_ARN}\"\n"), "");
     std::fs::write(&config, text).unwrap();
 
@@ -158,7 +112,7 @@ async fn get_session_token_is_used_when_no_role_is_configured() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_reports_every_dependency_against_moto() {
-    let moto = start_moto();
+    let moto = Moto::start();
     let h = Harness::start_with(2, Duration::from_secs(3600), |sim| {
         sim.accept_foreign_credentials = true
     })
@@ -168,7 +122,7 @@ async fn check_reports_every_dependency_against_moto() {
     let config = h.write_config(FAST_ROTATION, "");
     let text = std::fs::read_to_string(&config)
         .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url);
+        .replace(&h.sim.sts_url(), &moto.url());
     std::fs::write(&config, text).unwrap();
 
     let mut daemon = h.spawn(&config, &["check"]);
@@ -225,7 +179,7 @@ fn setup_iam(moto: &Moto) -> IamSetup {
     );
     let output = Command::new(&python)
         .arg(script)
-        .arg(&moto.url)
+        .arg(moto.url())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     assert!(
@@ -250,7 +204,7 @@ fn once_as(setup: &IamSetup, config: &std::path::Path) -> DaemonProcess {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prepush_check_with_moto_iam_pushes_a_reader_and_refuses_an_outsider() {
-    let moto = start_moto();
+    let moto = Moto::start();
     let setup = setup_iam(&moto);
     let h = Harness::start_with(1, Duration::from_secs(3600), |sim| {
         sim.accept_foreign_credentials = true
@@ -262,8 +216,8 @@ async fn prepush_check_with_moto_iam_pushes_a_reader_and_refuses_an_outsider() {
     let config = h.write_config(FAST_ROTATION, "");
     let base = std::fs::read_to_string(&config)
         .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url)
-        .replace(&h.sim.s3_url(), &moto.url);
+        .replace(&h.sim.sts_url(), &moto.url())
+        .replace(&h.sim.s3_url(), &moto.url());
     let mut secrets = h.secrets();
     secrets.push(setup.secret_access_key.clone());
 
@@ -314,9 +268,9 @@ async fn prepush_check_with_moto_iam_pushes_a_reader_and_refuses_an_outsider() {
     // 3. serviceUrl wins over the configured endpoint: with the endpoint
     // dead, only the connection's serviceUrl (moto) can let the check pass.
     h.sim
-        .set_connection_param(&id, "serviceUrl", Some(&moto.url));
+        .set_connection_param(&id, "serviceUrl", Some(&moto.url()));
     let dead = base.replace(ROLE_ARN, &setup.reader).replace(
-        &format!("s3_endpoint = \"{}\"", moto.url),
+        &format!("s3_endpoint = \"{}\"", moto.url()),
         "s3_endpoint = \"http://127.0.0.1:9\"",
     );
     assert!(dead.contains("127.0.0.1:9\""), "{dead}");

@@ -17,80 +17,20 @@
     clippy::disallowed_methods
 )]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{DaemonProcess, Harness, SOURCE_KEY_ID, SOURCE_SECRET};
+use crate::common::{DaemonProcess, Harness, Moto, SOURCE_KEY_ID, SOURCE_SECRET};
 
 /// The table every replica of one test shares (each test has its own moto).
 pub const TABLE: &str = "aep-s3-rotator";
-
-/// `moto_server` on a free loopback port; killed on drop.
-pub struct Moto {
-    child: Child,
-    pub addr: SocketAddr,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    /// Starts moto (`AEP_S3_ROTATOR_MOTO_SERVER`, set by `scripts/test.sh`;
-    /// without it the test fails, never skips) and waits until it listens.
-    pub fn start() -> Self {
-        let server = std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap_or_else(|_| {
-            panic!("AEP_S3_ROTATOR_MOTO_SERVER is not set: run the suite with scripts/test.sh, which installs moto[server] into .venv")
-        });
-        // Ask the OS for a free port, then hand it to moto (it cannot report one).
-        let port = free_port();
-        let mut child = Command::new(&server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start moto_server at {server}: {e}"));
-        // Generous: five Python interpreters start at once under nextest.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("moto_server exited at start with {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A DynamoDB client straight at moto (not through the proxy): the test's
 /// own view of the table.
