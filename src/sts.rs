@@ -162,37 +162,14 @@ impl AwsSts {
         timeout: Duration,
         telemetry: Arc<Telemetry>,
     ) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            // The roots src/tls.rs chose, for STS and the credential chain.
-            .http_client(crate::tls::aws_http_client())
-            .retry_config(RetryConfig::disabled())
+        let shared = sdk_config(aws, aws.sts_endpoint.as_ref(), identity)
             .timeout_config(
                 TimeoutConfig::builder()
                     .operation_attempt_timeout(timeout)
                     .build(),
-            );
-        if let Some(region) = &aws.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &aws.sts_endpoint {
-            loader = loader.endpoint_url(endpoint.as_str().trim_end_matches('/'));
-        }
-        if let SourceIdentity::Static {
-            access_key_id,
-            secret_access_key,
-        } = identity
-        {
-            use secrecy::ExposeSecret;
-            crate::http::register_secret(secret_access_key.expose_secret());
-            loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-                access_key_id.clone(),
-                secret_access_key.expose_secret().to_owned(),
-                None,
-                None,
-                "aep-s3-rotator-static",
-            ));
-        }
-        let shared = loader.load().await;
+            )
+            .load()
+            .await;
         let mut builder = aws_sdk_sts::config::Builder::from(&shared).interceptor(BodyLimit {
             cap: crate::http::MAX_BODY as u64,
             service: "STS",
@@ -275,6 +252,45 @@ impl AwsSts {
         self.telemetry.request(Service::Sts, status);
         sts_error
     }
+}
+
+/// The AWS SDK settings every client of ours starts from (STS, DynamoDB):
+/// the CA roots [`crate::tls`] chose (for the service and the credential
+/// chain), the SDK's retries off (our loops retry, log and count every
+/// attempt), the region of `[aws] region` (else the default chain's), an
+/// explicit endpoint if given (else the SDK honours `AWS_ENDPOINT_URL_*`),
+/// and the static identity of `demo` and the tests if one is given (else
+/// the default credential chain).
+pub(crate) fn sdk_config(
+    aws: &AwsConfig,
+    endpoint: Option<&url::Url>,
+    identity: &SourceIdentity,
+) -> aws_config::ConfigLoader {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(crate::tls::aws_http_client())
+        .retry_config(RetryConfig::disabled());
+    if let Some(region) = &aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint.as_str().trim_end_matches('/'));
+    }
+    if let SourceIdentity::Static {
+        access_key_id,
+        secret_access_key,
+    } = identity
+    {
+        use secrecy::ExposeSecret;
+        crate::http::register_secret(secret_access_key.expose_secret());
+        loader = loader.credentials_provider(aws_credential_types::Credentials::new(
+            access_key_id.clone(),
+            secret_access_key.expose_secret().to_owned(),
+            None,
+            None,
+            "aep-s3-rotator-static",
+        ));
+    }
+    loader
 }
 
 /// STS error codes that a retry after a short wait may cure.

@@ -16,8 +16,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_config::BehaviorVersion;
-use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -71,31 +69,9 @@ pub async fn clients(
     identity: &SourceIdentity,
     request_timeout: Duration,
 ) -> (Client, Client) {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(crate::tls::aws_http_client())
-        .retry_config(RetryConfig::disabled());
-    if let Some(region) = &aws.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    if let Some(endpoint) = &coordination.endpoint {
-        loader = loader.endpoint_url(endpoint.as_str().trim_end_matches('/'));
-    }
-    if let SourceIdentity::Static {
-        access_key_id,
-        secret_access_key,
-    } = identity
-    {
-        use secrecy::ExposeSecret;
-        crate::http::register_secret(secret_access_key.expose_secret());
-        loader = loader.credentials_provider(aws_credential_types::Credentials::new(
-            access_key_id.clone(),
-            secret_access_key.expose_secret().to_owned(),
-            None,
-            None,
-            "aep-s3-rotator-static",
-        ));
-    }
-    let shared = loader.load().await;
+    let shared = crate::sts::sdk_config(aws, coordination.endpoint.as_ref(), identity)
+        .load()
+        .await;
     let build = |timeout: Duration| {
         let mut builder = aws_sdk_dynamodb::config::Builder::from(&shared)
             .timeout_config(
