@@ -262,17 +262,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn json_lines_carry_span_fields_at_the_top_level() {
-        let buffer = Buffer::default();
+    /// The daemon's JSON format, writing into `buffer`.
+    fn json_subscriber(buffer: &Buffer) -> impl tracing::Subscriber + Send + Sync {
         let writer = buffer.clone();
-        let subscriber = tracing_subscriber::registry().with(
+        tracing_subscriber::registry().with(
             tracing_subscriber::fmt::layer()
                 .fmt_fields(JsonFields::new())
                 .event_format(FlatJson)
                 .with_writer(move || writer.clone()),
-        );
-        tracing::subscriber::with_default(subscriber, || {
+        )
+    }
+
+    #[test]
+    fn json_lines_carry_span_fields_at_the_top_level() {
+        let buffer = Buffer::default();
+        tracing::subscriber::with_default(json_subscriber(&buffer), || {
             let span = tracing::info_span!(
                 "connection",
                 connection = "c-1",
@@ -301,14 +305,7 @@ mod tests {
     #[test]
     fn keys_are_sorted_once_each_and_follow_span_records() {
         let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .fmt_fields(JsonFields::new())
-                .event_format(FlatJson)
-                .with_writer(move || writer.clone()),
-        );
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(json_subscriber(&buffer), || {
             let span = tracing::info_span!(
                 "connection",
                 connection = "c-1",
