@@ -28,7 +28,9 @@ Prints, and with --json writes, the figures:
 * re-pushes on failover: PATCHes that are the first write of a leadership
   term on a connection whose previous credentials (pushed by the earlier
   leader) still had more than refresh_before + jitter + --slack left. Must
-  be 0.
+  be 0. The previous credentials' expiry is the real one, from the replicas'
+  "credentials rotated" lines (STS answers are cached and shared between
+  connections, so a key pushed at t may expire before t + lifetime).
 * refused PATCHes per replica and status (412 after a takeover is the etag
   fence working, not an error).
 
@@ -391,20 +393,29 @@ endpoint = "{moto_url}"
     repushes = []
     last = {}
     all_terms = sorted((t, name) for name, times in became.items() for t in times)
+    # The real expiry of every pushed key, from the replicas' own "credentials
+    # rotated" lines: STS answers are shared between connections and cached,
+    # so a key pushed at t can expire well before t + lifetime.
+    expiry = {}
+    for r in replicas:
+        for l in r.events("credentials rotated"):
+            if l.get("connection") and l.get("access_key_id") and l.get("expires_at"):
+                expiry[(l["connection"], l["access_key_id"])] = parse_ts(l["expires_at"])
     for p in accepted:
         conn, at = p["connection"], p["at_unix_ms"] / 1000
         if conn in last:
-            prev_client, prev_at = last[conn]
-            if at - prev_at > lifetime:
+            prev_client, prev_at, prev_key = last[conn]
+            prev_expiry = expiry.get((conn, prev_key), prev_at + lifetime)
+            if at > prev_expiry:
                 expired_connections.add(conn)
             # First write of a new term on this connection (another replica wrote it last).
             if prev_client != p["client_id"]:
-                left = prev_at + lifetime - at
+                left = prev_expiry - at
                 if left > args.refresh_before + args.jitter + args.slack:
                     repushes.append({"connection": conn, "by": p["client_id"], "left_s": round(left, 1)})
-        last[conn] = (p["client_id"], at)
-    for conn, (_, at) in last.items():
-        if now - at > lifetime + 5:
+        last[conn] = (p["client_id"], at, p.get("access_key_id"))
+    for conn, (_, at, key) in last.items():
+        if now > expiry.get((conn, key), at + lifetime) + 5:
             expired_connections.add(conn)
 
     figures = {
