@@ -196,16 +196,7 @@ async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
     let mut c = Cluster::start(4, Duration::from_secs(3600), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
-    assert!(
-        wait_until(PATIENCE, || ids.iter().all(|id| c
-            .h
-            .sim
-            .connection(id)
-            .is_some_and(|v| v.patches >= 1)))
-        .await,
-        "first pass incomplete\n{}",
-        c.all_logs()
-    );
+    c.wait_first_pass(PATIENCE).await;
     // The leader's shared state reaches the table (written asynchronously).
     let leader_log = |c: &Cluster| c.replicas[c.index_of(&first)].process.stderr_text();
     let standby = c
@@ -465,16 +456,7 @@ async fn a_killed_leader_is_replaced_without_re_pushing_fresh_connections() {
     let mut c = Cluster::start(4, Duration::from_secs(3600), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
-    assert!(
-        wait_until(PATIENCE, || ids.iter().all(|id| c
-            .h
-            .sim
-            .connection(id)
-            .is_some_and(|v| v.patches >= 1)))
-        .await,
-        "first pass incomplete\n{}",
-        c.all_logs()
-    );
+    c.wait_first_pass(PATIENCE).await;
     // What the simulator holds is what the table holds (the state writer
     // is asynchronous: wait for it, the way a crash after a flush would be).
     let pushed = |c: &Cluster| -> std::collections::BTreeMap<String, String> {

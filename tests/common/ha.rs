@@ -324,6 +324,21 @@ impl Cluster {
             .collect()
     }
 
+    /// Waits until every connection has been PATCHed at least once.
+    pub async fn wait_first_pass(&self, timeout: Duration) {
+        let ids = self.h.connection_ids();
+        assert!(
+            crate::common::wait_until(timeout, || ids.iter().all(|id| self
+                .h
+                .sim
+                .connection(id)
+                .is_some_and(|v| v.patches >= 1)))
+            .await,
+            "first pass incomplete\n{}",
+            self.all_logs()
+        );
+    }
+
     /// Waits for exactly one replica to lead; its name.
     pub async fn wait_for_leader(&self, timeout: Duration) -> String {
         let mut leaders = Vec::new();
