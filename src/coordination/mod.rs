@@ -461,18 +461,21 @@ impl Elector {
         }
     }
 
+    /// A lease record of ours with a fresh version number.
+    fn new_record(&self) -> LeaseRecord {
+        LeaseRecord {
+            holder: self.me.clone(),
+            rvn: new_rvn(),
+            lease: self.lease,
+        }
+    }
+
     /// A conditional write of a new record of ours.
     async fn take(&mut self, expect: Expect, previous: Option<String>) -> Instant {
-        let rvn = new_rvn();
-        let record = LeaseRecord {
-            holder: self.me.clone(),
-            rvn: rvn.clone(),
-            lease: self.lease,
-        };
-        let sent = mono_now();
+        let (record, sent) = (self.new_record(), mono_now());
         match self.store.write_lease(&record, &expect).await {
             Ok(()) => {
-                self.mine = Some(rvn);
+                self.mine = Some(record.rvn);
                 self.become_leader(sent, previous).await;
                 sent + self.renew_every
             }
@@ -542,17 +545,11 @@ impl Elector {
             self.lose("the lease could not be renewed in time");
             return mono_now();
         }
-        let rvn = new_rvn();
-        let record = LeaseRecord {
-            holder: self.me.clone(),
-            rvn: rvn.clone(),
-            lease: self.lease,
-        };
-        let sent = mono_now();
+        let (record, sent) = (self.new_record(), mono_now());
         match self.store.write_lease(&record, &Expect::Rvn(mine)).await {
             Ok(()) => {
                 self.healthy();
-                self.mine = Some(rvn);
+                self.mine = Some(record.rvn);
                 // A renewal answered after the fence had closed: jobs may
                 // have stood down meanwhile, so this is a new term for them.
                 let lapsed = !self.fence.is_open();
