@@ -380,7 +380,11 @@ async fn start_coordination(
     // Every permission the daemon needs, proven without changing data.
     match crate::coordination::table::verify(&store).await {
         Ok(summary) => tracing::info!("coordination table: {summary}"),
-        Err(error @ (StoreError::NoTable { .. } | StoreError::Denied { .. })) => {
+        Err(
+            error @ (StoreError::NoTable { .. }
+            | StoreError::Denied { .. }
+            | StoreError::NotOurs { .. }),
+        ) => {
             tracing::error!(table = %settings.table, "{error}");
             return Err(Exit::Config);
         }

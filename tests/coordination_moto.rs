@@ -359,6 +359,16 @@ async fn init_creates_the_table_is_idempotent_and_refuses_a_wrong_key_schema() {
         ]
     );
 
+    // The daemon meets such a table at start: one message naming the
+    // mismatch, not an endless "unavailable" (start exits 78 on it).
+    let foreign = self::store(&moto, "someone-elses").await;
+    match table::verify(&foreign).await {
+        Err(error @ StoreError::NotOurs { .. }) => {
+            assert!(error.to_string().contains("coordination init"), "{error}")
+        }
+        other => panic!("a table with another key schema gave {other:?}"),
+    }
+
     // 4. No [coordination]: a config problem, exit 78, saying what to add.
     let none = write_config(dir.path(), "");
     let mut missing = init_process(&none);

@@ -479,6 +479,12 @@ where
                     code: code.to_owned(),
                     detail: message,
                 },
+                // The table exists but is not ours (another key schema):
+                // no retry cures that.
+                "ValidationException" => StoreError::NotOurs {
+                    table: table.to_owned(),
+                    detail: message,
+                },
                 "" => StoreError::Unavailable(format!(
                     "HTTP {} without a DynamoDB error document",
                     service.raw().status().as_u16()

@@ -86,6 +86,17 @@ pub enum StoreError {
         /// The table name.
         table: String,
     },
+    /// DynamoDB refused the request as invalid: the table exists but was
+    /// not made for this daemon (another key schema).
+    #[error(
+        "DynamoDB refused the request on table {table:?} as invalid ({detail}); is it a table made by `aep-s3-rotator coordination init` (partition key pk, sort key sk, both strings)? Fix coordination.table or recreate the table"
+    )]
+    NotOurs {
+        /// The table name.
+        table: String,
+        /// DynamoDB's message, cleaned.
+        detail: String,
+    },
     /// The identity may not call this action on the table.
     #[error(
         "access denied: this AWS identity may not call {action} on table {table:?}; grant it (the README lists the IAM policy): {detail}"
