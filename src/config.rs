@@ -2314,6 +2314,16 @@ sandbox = "dev"
             ("not TOML", "this is [not toml".to_owned(), "config", "not valid TOML"),
             ("no connections", g.split("[[connections]]").next().unwrap().to_owned(), "connections", "no connections"),
             ("connections as a single table", format!("{}\n[connections]\nid = \"c-1\"\nsandbox = \"prod\"\n", g.split("[[connections]]").next().unwrap()), "connections", "[[connections]]"),
+            ("a coordination key without a backend", format!("{g}\n[coordination]\ntable = \"t-1\"\n"), "coordination.backend", "dynamodb"),
+            ("an unknown backend", format!("{g}\n[coordination]\nbackend = \"etcd\"\ntable = \"t-1\"\n"), "coordination.backend", "unknown backend"),
+            ("no table", format!("{g}\n[coordination]\nbackend = \"dynamodb\"\n"), "coordination.table", "coordination init"),
+            ("a bad table name", format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"a b\"\n"), "coordination.table", "not a DynamoDB table name"),
+            ("a lease out of range", format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\nlease = \"500ms\"\n"), "coordination.lease", "1s to 10m"),
+            ("a lease over 10m", format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\nlease = \"10m 1s\"\n"), "coordination.lease", "out of range"),
+            ("a lease longer than refresh_before / 2", replace(&format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\nlease = \"6m\"\n"), "refresh_before = \"20m\"", "refresh_before = \"10m\""), "coordination.lease", "half of rotation.refresh_before"),
+            ("renew_every not under lease / 2", format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\nlease = \"10s\"\nrenew_every = \"5s\"\n"), "coordination.renew_every", "less than half"),
+            ("a holder with a space", format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\nholder = \"a b\"\n"), "coordination.holder", "unique per replica"),
+            ("a plain-http endpoint off loopback", format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\nendpoint = \"http://dynamodb.example.com\"\n"), "coordination.endpoint", "loopback"),
             ("a section that is not a table", format!("admin = \"{INLINE_SECRET}\"\n{g}"), "admin", "expected an [admin] table"),
         ];
         assert!(cases.len() >= 20, "the table lost cases");
@@ -2332,7 +2342,25 @@ sandbox = "dev"
             ran += 1;
         }
         assert_eq!(ran, cases.len());
-        assert_eq!(ran, 71, "update this count when adding cases");
+        assert_eq!(ran, 81, "update this count when adding cases");
+    }
+
+    #[test]
+    fn coordination_is_off_without_its_table_and_has_defaults_with_it() {
+        let fx = Fixture::new();
+        let g = fx.good();
+        let off = Config::from_toml_str(&g, no_env()).unwrap();
+        assert_eq!(off.coordination, None);
+        let on = Config::from_toml_str(
+            &format!("{g}\n[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\n"),
+            no_env(),
+        )
+        .unwrap();
+        let c = on.coordination.unwrap();
+        assert_eq!(c.table, "aep-s3-rotator");
+        assert_eq!(c.lease, Duration::from_secs(15));
+        assert_eq!(c.renew_every, Duration::from_secs(5), "lease / 3");
+        assert_eq!((c.holder, c.endpoint), (None, None));
     }
 
     #[test]
