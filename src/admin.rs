@@ -856,7 +856,7 @@ mod tests {
         use crate::coordination::{Leadership, Role};
         // board() holds an expired connection: a leader would not be ready.
         let telemetry = board();
-        let mut leadership = Leadership::starting("replica-2");
+        let mut leadership = Leadership::starting();
         telemetry.set_leadership(&leadership);
         let (addr, cancel, handle) = start(Arc::clone(&telemetry)).await;
         let readyz = || async {

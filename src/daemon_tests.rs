@@ -545,7 +545,7 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
         clock,
         Arc::clone(&runner) as Arc<dyn JobRunner>,
     );
-    let (leadership_tx, leadership) = watch::channel(Leadership::starting("me"));
+    let (leadership_tx, leadership) = watch::channel(Leadership::starting());
     let (sink, mut written) = StateSink::channel();
     daemon.coordinate(leadership, sink);
     let cancel = CancellationToken::new();

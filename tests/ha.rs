@@ -51,16 +51,7 @@ async fn a_stopped_leader_is_replaced_and_never_writes_again() {
     let first = c.wait_for_leader(PATIENCE).await;
     // Every connection pushed at least once, then one more rotation each,
     // all by the leader.
-    assert!(
-        wait_until(PATIENCE, || ids.iter().all(|id| c
-            .h
-            .sim
-            .connection(id)
-            .is_some_and(|v| v.patches >= 2)))
-        .await,
-        "no rotations\n{}",
-        c.all_logs()
-    );
+    c.wait_patched(2, PATIENCE).await;
     let before = c.h.sim.patches();
     assert_eq!(before.writers(), [first.as_str()], "one writer only");
     assert_eq!(c.leaders_by_logs(), [first.as_str()]);
@@ -196,7 +187,7 @@ async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
     let mut c = Cluster::start(4, Duration::from_secs(3600), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
-    c.wait_first_pass(PATIENCE).await;
+    c.wait_patched(1, PATIENCE).await;
     // The leader's shared state reaches the table (written asynchronously).
     let leader_log = |c: &Cluster| c.replicas[c.index_of(&first)].process.stderr_text();
     let standby = c
@@ -319,16 +310,7 @@ async fn no_replica_writes_while_dynamodb_is_down_and_rotation_resumes() {
     let c = Cluster::start(3, Duration::from_secs(8), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
-    assert!(
-        wait_until(PATIENCE, || ids.iter().all(|id| c
-            .h
-            .sim
-            .connection(id)
-            .is_some_and(|v| v.patches >= 1)))
-        .await,
-        "{}",
-        c.all_logs()
-    );
+    c.wait_patched(1, PATIENCE).await;
 
     let down_at = SystemTime::now();
     c.proxy.down();
@@ -456,7 +438,7 @@ async fn a_killed_leader_is_replaced_without_re_pushing_fresh_connections() {
     let mut c = Cluster::start(4, Duration::from_secs(3600), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
-    c.wait_first_pass(PATIENCE).await;
+    c.wait_patched(1, PATIENCE).await;
     // What the simulator holds is what the table holds (the state writer
     // is asynchronous: wait for it, the way a crash after a flush would be).
     let pushed = |c: &Cluster| -> std::collections::BTreeMap<String, String> {

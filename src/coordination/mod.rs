@@ -216,8 +216,6 @@ impl Role {
 pub struct Leadership {
     /// This replica's role.
     pub role: Role,
-    /// This replica's holder name.
-    pub me: String,
     /// The holder of the lease as last seen (`None`: nobody or unknown).
     pub leader: Option<String>,
     /// Incremented every time this replica becomes the leader.
@@ -230,10 +228,9 @@ pub struct Leadership {
 
 impl Leadership {
     /// The state before the lease is first read.
-    pub fn starting(me: &str) -> Self {
+    pub fn starting() -> Self {
         Self {
             role: Role::Starting,
-            me: me.to_owned(),
             leader: None,
             term: 0,
             view: None,
@@ -317,9 +314,9 @@ impl Elector {
         renew_every: Duration,
         telemetry: Arc<Telemetry>,
     ) -> (Self, watch::Receiver<Leadership>, Fence) {
-        let (tx, rx) = watch::channel(Leadership::starting(&me));
+        let (tx, rx) = watch::channel(Leadership::starting());
         let fence = Fence::new();
-        telemetry.set_leadership(&Leadership::starting(&me));
+        telemetry.set_leadership(&Leadership::starting());
         let elector = Self {
             store,
             me,
@@ -443,13 +440,11 @@ impl Elector {
         if current.role == Role::Standby && current.leader == leader {
             return;
         }
-        if current.role != Role::Standby || current.leader != leader {
-            tracing::info!(
-                leader = leader.as_deref().unwrap_or("unknown"),
-                reason = why,
-                "standing by"
-            );
-        }
+        tracing::info!(
+            leader = leader.as_deref().unwrap_or("unknown"),
+            reason = why,
+            "standing by"
+        );
         self.publish(|l| {
             l.role = Role::Standby;
             l.leader = leader;

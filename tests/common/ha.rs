@@ -324,17 +324,17 @@ impl Cluster {
             .collect()
     }
 
-    /// Waits until every connection has been PATCHed at least once.
-    pub async fn wait_first_pass(&self, timeout: Duration) {
+    /// Waits until every connection has been PATCHed at least `times` times.
+    pub async fn wait_patched(&self, times: u64, timeout: Duration) {
         let ids = self.h.connection_ids();
         assert!(
             crate::common::wait_until(timeout, || ids.iter().all(|id| self
                 .h
                 .sim
                 .connection(id)
-                .is_some_and(|v| v.patches >= 1)))
+                .is_some_and(|v| v.patches >= times)))
             .await,
-            "first pass incomplete\n{}",
+            "not every connection was PATCHed {times} times\n{}",
             self.all_logs()
         );
     }
