@@ -41,6 +41,35 @@ use crate::state::{StateSnapshot, StateStore};
 use crate::sts::{AwsSts, CredentialCache, SourceIdentity, StsRequest};
 use crate::telemetry::Telemetry;
 
+/// The deadline heap: (due time, insertion number, id), earliest first.
+///
+/// Connections due at the same time (a whole first pass is) come out in the
+/// order they were queued: the insertion number settles every tie, so the
+/// heap never compares ids (10,000 equal due times made string comparison
+/// the heap's main cost).
+#[derive(Debug, Default)]
+struct DueQueue {
+    heap: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
+    queued: u64,
+}
+
+impl DueQueue {
+    fn push(&mut self, at: SystemTime, id: &str) {
+        self.queued = self.queued.wrapping_add(1);
+        self.heap.push(Reverse((at, self.queued, id.to_owned())));
+    }
+
+    fn peek(&self) -> Option<(SystemTime, &str)> {
+        self.heap
+            .peek()
+            .map(|Reverse((at, _, id))| (*at, id.as_str()))
+    }
+
+    fn pop(&mut self) -> Option<String> {
+        self.heap.pop().map(|Reverse((_, _, id))| id)
+    }
+}
+
 /// How the daemon runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
@@ -240,7 +269,7 @@ pub struct Daemon {
     state: Option<StateStore>,
     connections: HashMap<String, Connection>,
     /// Due times; an item is current while its connection waits for exactly that time.
-    heap: BinaryHeap<Reverse<(SystemTime, String)>>,
+    heap: DueQueue,
     jobs: JoinSet<(String, JobResult)>,
     /// Which connection each running task belongs to (for panics).
     tasks: HashMap<tokio::task::Id, String>,
@@ -382,7 +411,7 @@ impl Daemon {
             notifier,
             state,
             connections: HashMap::new(),
-            heap: BinaryHeap::new(),
+            heap: DueQueue::default(),
             jobs: JoinSet::new(),
             tasks: HashMap::new(),
             job_cancel: CancellationToken::new(),
@@ -468,18 +497,17 @@ impl Daemon {
         let now = self.clock.now();
         for (id, connection) in &mut self.connections {
             connection.adopt(view.connections.get(id), now, &self.policy, rand::random());
-            self.telemetry.upsert(connection.status());
+            self.telemetry
+                .sync(id, |status| connection.write_status(status));
         }
         // Every due time may have moved: the heap is rebuilt rather than
         // grown (a standby adopts a view every half minute).
-        self.heap = self
-            .connections
-            .iter()
-            .filter_map(|(id, c)| match c.phase() {
-                Phase::Waiting(at) => Some(Reverse((at, id.clone()))),
-                Phase::InFlight | Phase::Finished => None,
-            })
-            .collect();
+        self.heap = DueQueue::default();
+        for (id, connection) in &self.connections {
+            if let Phase::Waiting(at) = connection.phase() {
+                self.heap.push(at, id);
+            }
+        }
     }
 
     /// The role as `STATUS=` shows it when this replica is not the leader.
@@ -589,13 +617,13 @@ impl Daemon {
 
     /// The earliest current due time; drops stale heap items on the way.
     fn next_deadline(&mut self) -> Option<SystemTime> {
-        while let Some(Reverse((at, id))) = self.heap.peek() {
+        while let Some((at, id)) = self.heap.peek() {
             let current = self
                 .connections
                 .get(id)
-                .is_some_and(|c| c.phase() == Phase::Waiting(*at));
+                .is_some_and(|c| c.phase() == Phase::Waiting(at));
             if current {
-                return Some(*at);
+                return Some(at);
             }
             self.heap.pop();
         }
@@ -618,7 +646,7 @@ impl Daemon {
                 Some(at) if at <= now => {}
                 _ => break,
             }
-            let Some(Reverse((_, id))) = self.heap.pop() else {
+            let Some(id) = self.heap.pop() else {
                 break;
             };
             self.event(&id, Event::Due);
@@ -647,7 +675,7 @@ impl Daemon {
     fn follow(&mut self, id: &str, action: Action) {
         match action {
             Action::Dispatch(job) => self.spawn(*job),
-            Action::WaitUntil(at) => self.heap.push(Reverse((at, id.to_owned()))),
+            Action::WaitUntil(at) => self.heap.push(at, id),
             Action::AwaitJob | Action::Finished => {}
             Action::Drop => {
                 self.connections.remove(id);
@@ -658,12 +686,13 @@ impl Daemon {
             }
         }
         if let Some(connection) = self.connections.get(id) {
-            self.telemetry.upsert(connection.status());
+            self.telemetry
+                .sync(id, |status| connection.write_status(status));
         }
     }
 
     fn spawn(&mut self, job: Job) {
-        let Some(connection) = self.connections.get(&job.id) else {
+        let Some(connection) = self.connections.get_mut(&job.id) else {
             return;
         };
         self.progressed = true;
@@ -672,7 +701,7 @@ impl Daemon {
         let start_by = connection
             .pushed()
             .map(|p| self.clock.instant_at(earlier(p.expires_at, EXPIRY_MARGIN)));
-        let span = connection.span();
+        let span = connection.job_span();
         let runner = self.runner.job_runner();
         let cancel = self.job_cancel.clone();
         let id = job.id.clone();

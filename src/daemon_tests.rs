@@ -627,3 +627,16 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
         report.loop_turns
     );
 }
+
+#[test]
+fn due_queue_serves_earliest_first_and_ties_in_queue_order() {
+    let mut queue = DueQueue::default();
+    // Ids in reverse order: a tie must not fall back to comparing them.
+    queue.push(t0() + S(5), "a");
+    queue.push(t0(), "z");
+    queue.push(t0(), "m");
+    queue.push(t0(), "b");
+    assert_eq!(queue.peek(), Some((t0(), "z")));
+    let order: Vec<String> = std::iter::from_fn(|| queue.pop()).collect();
+    assert_eq!(order, ["z", "m", "b", "a"]);
+}
