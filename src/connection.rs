@@ -165,6 +165,9 @@ pub struct Connection {
     last_short_warning: Option<SystemTime>,
     counts: Counts,
     last_error: Option<String>,
+    /// The span of the job in flight ([`Self::job_span`]): its result is
+    /// logged in the same span instead of a second one per rotation.
+    job_span: Option<tracing::Span>,
 }
 
 impl Connection {
@@ -185,6 +188,7 @@ impl Connection {
             s3: None,
             last_escalation_log: None,
             last_short_warning: None,
+            job_span: None,
             counts: Counts::default(),
             last_error: None,
         }
@@ -381,6 +385,14 @@ impl Connection {
         )
     }
 
+    /// The span a job of this connection runs in; kept until its result is
+    /// applied, which logs in it too.
+    pub fn job_span(&mut self) -> tracing::Span {
+        let span = self.span();
+        self.job_span = Some(span.clone());
+        span
+    }
+
     /// Moves the connection by one event. `draw` is a uniform random number
     /// in `[0, 1)` for jitter and backoff.
     pub fn apply(&mut self, event: Event, now: SystemTime, policy: &Policy, draw: f64) -> Action {
@@ -497,7 +509,8 @@ impl Connection {
             self.s3 = Some(target.clone());
         }
         let next = {
-            let _span = self.span().entered();
+            let span = self.job_span.take().unwrap_or_else(|| self.span());
+            let _entered = span.entered();
             self.outcome(result, now, policy, draw)
         };
         if self.removed {
@@ -687,20 +700,28 @@ impl Connection {
 
     /// The view operators see (telemetry, `/status`, `/readyz`).
     pub fn status(&self) -> ConnectionStatus {
-        ConnectionStatus {
-            id: self.config.id.clone(),
-            name: self.config.name.clone(),
-            sandbox: self.config.sandbox.clone(),
-            access_key_id: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
-            expires_at: self.pushed.as_ref().map(|p| p.expires_at),
-            next_rotation_at: match self.phase {
-                Phase::Waiting(at) => Some(at),
-                Phase::InFlight | Phase::Finished => None,
-            },
-            last_success_at: self.last_success,
-            last_error: self.last_error.clone(),
-            origin: self.config.origin,
+        let mut status = ConnectionStatus::default();
+        self.write_status(&mut status);
+        status
+    }
+
+    /// [`Self::status`] written over `status`, reusing its strings.
+    pub fn write_status(&self, status: &mut ConnectionStatus) {
+        status.id.clone_from(&self.config.id);
+        status.name.clone_from(&self.config.name);
+        status.sandbox.clone_from(&self.config.sandbox);
+        match (&mut status.access_key_id, &self.pushed) {
+            (Some(held), Some(pushed)) => held.clone_from(&pushed.access_key_id),
+            (slot, pushed) => *slot = pushed.as_ref().map(|p| p.access_key_id.clone()),
         }
+        status.expires_at = self.pushed.as_ref().map(|p| p.expires_at);
+        status.next_rotation_at = match self.phase {
+            Phase::Waiting(at) => Some(at),
+            Phase::InFlight | Phase::Finished => None,
+        };
+        status.last_success_at = self.last_success;
+        status.last_error.clone_from(&self.last_error);
+        status.origin = self.config.origin;
     }
 
     /// What the state file keeps (nothing until this daemon pushed and knows the etag).

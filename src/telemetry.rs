@@ -115,7 +115,7 @@ impl std::fmt::Display for ConnectionState {
 }
 
 /// What the daemon knows about one connection. Holds no secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionStatus {
     /// Base connection id.
     pub id: String,
@@ -472,6 +472,22 @@ impl Telemetry {
     /// Inserts or replaces a connection's status.
     pub fn upsert(&self, status: ConnectionStatus) {
         self.board().connections.insert(status.id.clone(), status);
+    }
+
+    /// Writes a connection's status in place through `fill` (which is
+    /// handed the previous status, or an empty one for a new connection):
+    /// the scheduler calls this after every event, and reusing the entry
+    /// and its strings costs no allocation when little changed.
+    pub fn sync(&self, id: &str, fill: impl FnOnce(&mut ConnectionStatus)) {
+        let mut board = self.board();
+        match board.connections.get_mut(id) {
+            Some(status) => fill(status),
+            None => {
+                let mut status = ConnectionStatus::default();
+                fill(&mut status);
+                board.connections.insert(id.to_owned(), status);
+            }
+        }
     }
 
     /// Edits a connection's status in place (no-op when unknown).
