@@ -26,7 +26,14 @@ fn main() -> ExitCode {
             return ExitCode::from(Exit::Failure.code());
         }
     };
-    let exit = runtime.block_on(app::main(cli));
+    // On a worker, not on this thread: the scheduler then wakes on the
+    // worker that finished a job instead of across threads (a futex wake
+    // per rotation), and its own work balances over the workers.
+    let app = runtime.spawn(app::main(cli));
+    let exit = runtime.block_on(app).unwrap_or_else(|error| {
+        eprintln!("aep-s3-rotator: internal error: {error}");
+        Exit::Failure
+    });
     // Do not wait for stray blocking tasks (a hung DNS lookup) at exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(exit.code())
