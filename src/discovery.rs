@@ -908,6 +908,24 @@ role_arn = "{ROLE_A}"
                 })
                 .collect())
         }
+
+        /// Pages of `limit` items, as Flow Service would answer them.
+        async fn list_pages(
+            &self,
+            sandbox: &str,
+            filters: &[PropertyFilter],
+            limit: u32,
+            on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
+        ) -> Result<Vec<ListedConnection>, ListError> {
+            let items = self.list(sandbox, filters, limit).await?;
+            if items.is_empty() {
+                on_page(&[]);
+            }
+            for page in items.chunks(limit.max(1) as usize) {
+                on_page(page);
+            }
+            Ok(items)
+        }
     }
 
     fn ids(m: &Membership) -> Vec<&str> {
@@ -1145,5 +1163,95 @@ role_arn = "arn:aws:iam::123456789012:role/b"
 
         cancel.cancel();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_streaming_start_sends_each_page_and_chunk_and_answers_what_resolve_does() {
+        let mut explicit: String = (0..(ID_CHUNK + 5))
+            .map(|n| format!("[[connections]]\nid = \"x{n}\"\nsandbox = \"dev\"\n"))
+            .collect();
+        explicit.push_str("[[connections]]\nid = \"e\"\nsandbox = \"prod\"\n");
+        let config = config(TAG_RULE, &explicit);
+        let lister = Arc::new(FakeLister::default());
+        // prod: the explicit one (tagged, but explicit wins) then 250 more,
+        // every other one tagged: pages of 100, 100 and 51.
+        let mut prod = vec![item("e", "explicit", "rotate:aep-s3")];
+        prod.extend((0..250).map(|n| {
+            let tag = if n % 2 == 0 { "rotate:aep-s3" } else { "" };
+            item(&format!("p{n:03}"), "n", tag)
+        }));
+        lister.put("prod", prod);
+        lister.put(
+            "dev",
+            (0..(ID_CHUNK + 5))
+                .map(|n| item(&format!("x{n}"), "n", ""))
+                .collect(),
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let streamed = resolve_streaming(&config, &lister, &tx).await;
+        let streamed_calls = lister.calls();
+        let mut sent = Vec::new();
+        while let Ok(intake) = rx.try_recv() {
+            sent.push(intake);
+        }
+        let shape: Vec<(usize, usize)> = sent
+            .iter()
+            .map(|i| match i {
+                Intake::Found { added, etags, .. } => (added.len(), etags.len()),
+                Intake::Done => (usize::MAX, 0),
+            })
+            .collect();
+        // dev's two id chunks (no rule there), then prod's three pages:
+        // its first page carries the explicit one's etag too.
+        assert_eq!(shape, [(0, ID_CHUNK), (0, 5), (50, 51), (50, 50), (25, 25)]);
+        let Intake::Found { added, etags, .. } = &sent[2] else {
+            panic!("{:?}", sent[2]);
+        };
+        assert_eq!(added[0].id, "p000");
+        assert_eq!(etags.get("e").map(String::as_str), Some("\"etag-e\""));
+        assert!(added.iter().all(|c| c.id != "e"), "explicit wins");
+
+        // The same requests and the same membership as `resolve`.
+        let again = Arc::new(FakeLister::default());
+        for sandbox in ["prod", "dev"] {
+            let items = lister.items.lock().unwrap().get(sandbox).cloned().unwrap();
+            again.put(sandbox, items);
+        }
+        let full = resolve(&config, &again, None, None).await;
+        assert_eq!(streamed.membership, full);
+        assert!(streamed.exact);
+        let sorted = |calls: Vec<(String, Vec<PropertyFilter>)>| {
+            let mut calls: Vec<String> = calls.iter().map(|c| format!("{c:?}")).collect();
+            calls.sort();
+            calls
+        };
+        assert_eq!(sorted(streamed_calls), sorted(again.calls()));
+        let added: BTreeSet<&str> = sent
+            .iter()
+            .flat_map(|i| match i {
+                Intake::Found { added, .. } => added.iter().map(|c| c.id.as_str()).collect(),
+                Intake::Done => Vec::new(),
+            })
+            .collect();
+        let discovered: BTreeSet<&str> = full.discovered().map(|c| c.id.as_str()).collect();
+        assert_eq!(added, discovered);
+        assert_eq!(discovered.len(), 125);
+    }
+
+    #[tokio::test]
+    async fn a_failed_rule_listing_has_its_explicit_ids_read_by_id() {
+        let explicit = "[[connections]]\nid = \"e\"\nsandbox = \"prod\"\n";
+        let config = config(TAG_RULE, explicit);
+        let lister = Arc::new(FakeLister::default());
+        lister.put("prod", vec![item("e", "explicit", "")]);
+        lister.fail("prod", true);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let streamed = resolve_streaming(&config, &lister, &tx).await;
+        assert_eq!(streamed.membership.failures.len(), 1);
+        // The rule listing, then e by id (which fails too here).
+        let calls = lister.calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[1].1[0].path, "id");
+        assert!(streamed.exact, "nothing was added, nothing to correct");
     }
 }
