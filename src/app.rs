@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{Cli, Command, OnceArgs, RunArgs};
 use crate::clock::rfc3339;
 use crate::config::{Config, ConfigError};
-use crate::daemon::{Daemon, Mode, Options, Report, build_rotator};
+use crate::daemon::{Daemon, Intake, Mode, Options, Report, build_rotator};
 use crate::discovery::{self, FlowLister, Membership};
 use crate::notify::Notifier;
 use crate::sts::{CredentialSource, SourceIdentity, StsError, StsRequest};
@@ -287,40 +287,47 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         None => None,
     };
     options.fence = coordination.as_ref().map(|c| c.fence.clone());
-    let Some((daemon_config, rotator, membership)) =
-        start_membership(&config, &options, &telemetry).await
-    else {
-        return Exit::Failure;
+    let rotator = match build_rotator(&config, &options, &telemetry, None).await {
+        Ok(rotator) => Arc::new(rotator),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "cannot start");
+            return Exit::Failure;
+        }
     };
     tracing::info!(
-        connections = daemon_config.connections.len(),
-        discovered = membership.discovered().count(),
+        connections = config.connections.len(),
         rules = config.discover.len(),
         dry_run,
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );
+    // The daemon runs at once, its explicit connections held until the
+    // start's listing seeds their etag: the first PATCHes go out while the
+    // later list pages are still on their way, and no connection GETs an
+    // etag a list page is about to bring.
     let mut daemon = Daemon::with_rotator(
-        daemon_config,
+        config.clone(),
         options.clone(),
         Arc::clone(&telemetry),
         Notifier::from_env(),
         Arc::clone(&rotator),
     );
-    daemon.seed_s3_targets(&membership.targets);
-    daemon.seed_etags(&membership.etags);
+    let (intake_tx, intake) = mpsc::unbounded_channel();
+    daemon.hold_until_listed(intake);
     let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     // SIGHUP configs and re-listed memberships both reach the daemon as
     // configs whose connections are the resolved set.
     let (to_daemon, daemon_reloads) = mpsc::channel(1);
-    tokio::spawn(discovery_supervisor(
-        config,
-        options,
-        telemetry,
-        rotator,
-        membership,
-        reloads,
-        to_daemon,
+    tokio::spawn(start_listing(
+        StartListing {
+            config,
+            options,
+            telemetry,
+            rotator,
+            intake: intake_tx,
+            reloads,
+            to_daemon,
+        },
         cancel.clone(),
     ));
     let result = daemon.run(cancel, daemon_reloads).await;
@@ -490,6 +497,59 @@ async fn start_membership(
     discovery::log_changes(&Membership::default(), &membership);
     telemetry.set_discovery_conflicts(membership.conflicts.len());
     Some((membership.apply_to(config), rotator, membership))
+}
+
+/// What the start's listing task needs.
+struct StartListing {
+    config: Config,
+    options: Options,
+    telemetry: Arc<Telemetry>,
+    rotator: Arc<crate::rotation::Rotator>,
+    intake: mpsc::UnboundedSender<Intake>,
+    reloads: mpsc::Receiver<Config>,
+    to_daemon: mpsc::Sender<Config>,
+}
+
+/// `run`'s start: resolves the rules and reads etags in bulk, feeding the
+/// daemon page by page ([`discovery::resolve_streaming`]), tells it the
+/// listing is done, sends it the resolved set as a config only when that
+/// differs from what the pages added, then keeps the set current
+/// ([`discovery_supervisor`]; SIGHUPs wait until then).
+async fn start_listing(start: StartListing, cancel: CancellationToken) {
+    let StartListing {
+        config,
+        options,
+        telemetry,
+        rotator,
+        intake,
+        reloads,
+        to_daemon,
+    } = start;
+    let lister = FlowLister::new(Arc::clone(&rotator));
+    let streamed = tokio::select! {
+        () = cancel.cancelled() => return,
+        streamed = discovery::resolve_streaming(&config, &lister, &intake) => streamed,
+    };
+    // What is still held goes now (it GETs its etag). A daemon already gone
+    // is shutting down.
+    let _ = intake.send(Intake::Done);
+    drop(intake);
+    let membership = streamed.membership;
+    discovery::log_changes(&Membership::default(), &membership);
+    telemetry.set_discovery_conflicts(membership.conflicts.len());
+    tracing::info!(
+        connections = membership.connections.len(),
+        discovered = membership.discovered().count(),
+        etags = membership.etags.len(),
+        "connections listed"
+    );
+    if !streamed.exact && to_daemon.send(membership.apply_to(&config)).await.is_err() {
+        return;
+    }
+    discovery_supervisor(
+        config, options, telemetry, rotator, membership, reloads, to_daemon, cancel,
+    )
+    .await;
 }
 
 /// Keeps the daemon's connection set current: every changed membership from

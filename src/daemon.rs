@@ -149,6 +149,27 @@ impl Report {
     }
 }
 
+/// What the start's listing tells a daemon started with
+/// [`Daemon::hold_until_listed`], page by page (see
+/// [`crate::discovery::resolve_streaming`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Intake {
+    /// Listed so far: etags and S3 targets by id (explicit connections' id
+    /// chunks, or discovered ones), and connections found by rules on a
+    /// page (to add, with their etags and targets).
+    Found {
+        /// Connections the rules found on this page.
+        added: Vec<ConnectionConfig>,
+        /// Etags by connection id.
+        etags: HashMap<String, String>,
+        /// S3 targets by connection id.
+        targets: HashMap<String, crate::s3probe::S3Target>,
+    },
+    /// The start's listing is over: whatever is still held goes now (it
+    /// will `GET` its etag).
+    Done,
+}
+
 /// Builds the remote clients for `config`, keeping from `previous` (the
 /// clients of the running config `old`) every part whose settings did not
 /// change: the IMS token cache, the STS answer cache, the request gate.
@@ -257,6 +278,16 @@ struct Prepared {
     runner: Runner,
 }
 
+/// What is known of a connection before it is added.
+#[derive(Debug, Default, Clone, Copy)]
+struct Listed<'a> {
+    /// Its state file record.
+    saved: Option<&'a crate::state::PersistedConnection>,
+    /// The etag and S3 target its list item carried.
+    etag: Option<&'a str>,
+    target: Option<&'a crate::s3probe::S3Target>,
+}
+
 /// The scheduler.
 pub struct Daemon {
     config: Config,
@@ -292,6 +323,15 @@ pub struct Daemon {
     term: u64,
     /// Where changed connections' shared state goes (coordination on).
     shared: Option<StateSink>,
+    /// Connections known but not scheduled until the start's listing seeds
+    /// their etag (or ends): see [`Self::hold_until_listed`].
+    held: HashSet<String>,
+    /// The start's listing, page by page, until it is done.
+    intake: Option<mpsc::UnboundedReceiver<Intake>>,
+    /// State file records of no configured connection: a connection the
+    /// start's listing adds is restored from them. Dropped when the listing
+    /// is over (a later reload adds connections as new, as it always did).
+    unclaimed: std::collections::BTreeMap<String, crate::state::PersistedConnection>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -426,6 +466,9 @@ impl Daemon {
             leading: true,
             term: 0,
             shared: None,
+            held: HashSet::new(),
+            intake: None,
+            unclaimed: std::collections::BTreeMap::new(),
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
@@ -439,7 +482,102 @@ impl Daemon {
             daemon.connections.insert(id.clone(), connection);
             daemon.follow(&id, Action::WaitUntil(now));
         }
+        let mut unclaimed = persisted.connections;
+        unclaimed.retain(|id, _| !daemon.connections.contains_key(id));
+        daemon.unclaimed = unclaimed;
         daemon
+    }
+
+    /// Starts with every connection known so far (the explicit ones)
+    /// **held**: in `/status`, telemetry and restored from the state file
+    /// as usual, but not dispatched until `intake` seeds its etag with an
+    /// [`Intake::Found`] or says [`Intake::Done`] (a closed channel counts
+    /// as `Done`: nothing is held forever). Connections a `Found` adds
+    /// start at once with the etag it carries. `READY=1` (first pass
+    /// complete) waits for `Done`: before it, most connections may not even
+    /// be known yet.
+    pub fn hold_until_listed(&mut self, intake: mpsc::UnboundedReceiver<Intake>) {
+        self.held = self.connections.keys().cloned().collect();
+        self.intake = Some(intake);
+    }
+
+    /// One message of the start's listing (`None`: the channel closed).
+    fn on_intake(&mut self, intake: Option<Intake>) {
+        let now = self.clock.now();
+        let Some(Intake::Found {
+            added,
+            etags,
+            targets,
+        }) = intake
+        else {
+            // Done, or the listing is gone: release the rest as they are
+            // (they will GET their etag), at their own due time.
+            self.intake = None;
+            self.unclaimed = std::collections::BTreeMap::new();
+            let held: Vec<String> = self.held.drain().collect();
+            for id in held {
+                if let Some(Phase::Waiting(at)) = self.connections.get(&id).map(Connection::phase) {
+                    self.follow(&id, Action::WaitUntil(at));
+                }
+            }
+            return;
+        };
+        for config in added {
+            if self.connections.contains_key(&config.id)
+                || !(self.options.only.is_empty() || self.options.only.contains(&config.id))
+            {
+                continue;
+            }
+            let sts = StsRequest::for_connection(&self.config, &config);
+            let id = config.id.clone();
+            self.config.connections.push(config.clone());
+            let saved = self.unclaimed.remove(&id);
+            let listed = Listed {
+                saved: saved.as_ref(),
+                etag: etags.get(&id).map(String::as_str),
+                target: targets.get(&id),
+            };
+            self.add_connection(config, sts, now, listed);
+        }
+        for (id, etag) in &etags {
+            if !self.held.remove(id) {
+                continue;
+            }
+            let Some(connection) = self.connections.get_mut(id) else {
+                continue;
+            };
+            if let Some(target) = targets.get(id) {
+                connection.seed_s3(target);
+            }
+            let action = connection.seed_etag(etag, now, &self.policy, rand::random());
+            self.follow(id, action);
+        }
+    }
+
+    /// A connection the daemon did not know (a reload's, or one the start's
+    /// listing found): restored from its state file record when there is
+    /// one, seeded with what its list item said, then due.
+    fn add_connection(
+        &mut self,
+        config: ConnectionConfig,
+        sts: StsRequest,
+        now: SystemTime,
+        listed: Listed<'_>,
+    ) {
+        let id = config.id.clone();
+        let mut connection = match listed.saved {
+            Some(saved) => Connection::restored(config, sts, saved, now, &self.policy),
+            None => Connection::new(config, sts, now),
+        };
+        if let Some(target) = listed.target {
+            connection.seed_s3(target);
+        }
+        let action = match listed.etag {
+            Some(etag) => connection.seed_etag(etag, now, &self.policy, rand::random()),
+            None => Action::WaitUntil(now),
+        };
+        self.connections.insert(id.clone(), connection);
+        self.follow(&id, action);
     }
 
     /// Runs as one of several replicas: dispatches only while `leadership`
@@ -557,6 +695,10 @@ impl Daemon {
         watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (prepared_tx, mut prepared) = mpsc::channel::<anyhow::Result<Prepared>>(4);
         let mut reloads_open = true;
+        if self.intake.is_none() {
+            // Without a streamed start nothing claims these records.
+            self.unclaimed = std::collections::BTreeMap::new();
+        }
         loop {
             self.turns += 1;
             self.dispatch_due();
@@ -586,6 +728,7 @@ impl Daemon {
                 }
                 Some(prepared) = prepared.recv() => self.apply_reload(prepared),
                 open = leadership_changed(&mut self.leadership) => self.on_leadership(open),
+                intake = next_intake(&mut self.intake) => self.on_intake(intake),
                 reload = reloads.recv(), if reloads_open => match reload {
                     Some(config) => self.prepare_reload(config, prepared_tx.clone()),
                     None => reloads_open = false,
@@ -656,6 +799,11 @@ impl Daemon {
     /// Sends one event to one connection and carries out what it answers.
     fn event(&mut self, id: &str, event: Event) {
         let now = self.clock.now();
+        if matches!(event, Event::Due) && self.held.contains(id) {
+            // Held until the start's listing seeds it: its wake-up is
+            // dropped, and releasing it schedules it again.
+            return;
+        }
         let Some(connection) = self.connections.get_mut(id) else {
             return;
         };
@@ -792,6 +940,7 @@ impl Daemon {
             self.notifier.ready(&line);
         } else if !self.ready_sent
             && self.leading
+            && self.intake.is_none()
             && self.connections.values().all(Connection::had_outcome)
         {
             self.ready_sent = true;
@@ -984,9 +1133,7 @@ impl Daemon {
                 }
                 None => {
                     added += 1;
-                    self.connections
-                        .insert(id.clone(), Connection::new(connection, sts, now));
-                    self.follow(&id, Action::WaitUntil(now));
+                    self.add_connection(connection, sts, now, Listed::default());
                 }
             }
         }
@@ -1059,6 +1206,15 @@ impl Daemon {
             connections,
             loop_turns: self.turns,
         }
+    }
+}
+
+/// The start's next listing message (`None` once: the channel closed);
+/// never once the listing is over.
+async fn next_intake(intake: &mut Option<mpsc::UnboundedReceiver<Intake>>) -> Option<Intake> {
+    match intake {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -65,6 +65,8 @@ struct Log {
     started: Vec<(String, SystemTime, StsRequest)>,
     running: HashMap<String, usize>,
     most_at_once_per_connection: usize,
+    /// Each job's `known_etag`, in start order.
+    known_etags: Vec<(String, Option<String>)>,
 }
 
 impl std::fmt::Debug for Scripted {
@@ -85,6 +87,10 @@ impl Scripted {
         })
     }
 
+    fn known_etags(&self) -> Vec<(String, Option<String>)> {
+        self.log.lock().unwrap().known_etags.clone()
+    }
+
     fn starts(&self, id: &str) -> Vec<SystemTime> {
         let log = self.log.lock().unwrap();
         log.started
@@ -102,6 +108,8 @@ impl JobRunner for Scripted {
             {
                 let mut log = self.log.lock().unwrap();
                 log.started.push((job.id.clone(), now, job.sts.clone()));
+                log.known_etags
+                    .push((job.id.clone(), job.known_etag.clone()));
                 let running = log.running.entry(job.id.clone()).or_default();
                 *running += 1;
                 let running = *running;
@@ -639,4 +647,194 @@ fn due_queue_serves_earliest_first_and_ties_in_queue_order() {
     assert_eq!(queue.peek(), Some((t0(), "z")));
     let order: Vec<String> = std::iter::from_fn(|| queue.pop()).collect();
     assert_eq!(order, ["z", "m", "b", "a"]);
+}
+
+/// An `Intake::Found` with these etags (no target, nothing added).
+fn found(etags: &[(&str, &str)]) -> Intake {
+    Intake::Found {
+        added: Vec::new(),
+        etags: etags
+            .iter()
+            .map(|(id, etag)| ((*id).to_owned(), (*etag).to_owned()))
+            .collect(),
+        targets: HashMap::new(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_connection_waits_for_its_listed_etag_and_done_releases_the_rest() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let mut daemon = scheduler(
+        config(3, 8),
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        Notifier::default(),
+    );
+    let (intake, rx) = mpsc::unbounded_channel();
+    daemon.hold_until_listed(rx);
+    let cancel = CancellationToken::new();
+    let (_reloads_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    // The listing takes a while: nothing is dispatched (no GET) meanwhile.
+    tokio::time::sleep(S(30)).await;
+    assert!(
+        runner.known_etags().is_empty(),
+        "{:?}",
+        runner.known_etags()
+    );
+
+    intake.send(found(&[("c1", "\"listed-c1\"")])).unwrap();
+    tokio::time::sleep(S(5)).await;
+    assert_eq!(
+        runner.known_etags(),
+        [("c1".to_owned(), Some("\"listed-c1\"".to_owned()))],
+        "only the listed one goes, with the listed etag"
+    );
+
+    // Later than their due time: still released at once.
+    tokio::time::sleep(S(60)).await;
+    intake.send(Intake::Done).unwrap();
+    tokio::time::sleep(S(5)).await;
+    let mut etags = runner.known_etags();
+    etags.sort();
+    assert_eq!(
+        etags,
+        [
+            ("c0".to_owned(), None),
+            ("c1".to_owned(), Some("\"listed-c1\"".to_owned())),
+            ("c2".to_owned(), None),
+        ],
+        "Done releases the rest, which read their own etag"
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn ready_waits_for_the_end_of_the_listing() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let systemd = FakeSystemd::new();
+    let mut daemon = scheduler(
+        config(2, 4),
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        systemd.notifier(None),
+    );
+    let (intake, rx) = mpsc::unbounded_channel();
+    daemon.hold_until_listed(rx);
+    let cancel = CancellationToken::new();
+    let (_reloads_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    // Every connection known so far has rotated, but more pages may come.
+    intake
+        .send(found(&[("c0", "\"a\""), ("c1", "\"b\"")]))
+        .unwrap();
+    tokio::time::sleep(S(20)).await;
+    assert_eq!(runner.known_etags().len(), 2);
+    assert!(
+        !systemd.received().iter().any(|m| m.contains("READY=1")),
+        "READY before the listing was done"
+    );
+    intake.send(Intake::Done).unwrap();
+    tokio::time::sleep(S(1)).await;
+    assert!(
+        systemd.received().iter().any(|m| m.contains("READY=1")),
+        "no READY after Done"
+    );
+    assert_eq!(runner.known_etags().len(), 2, "Done released nothing new");
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_intake_releases_every_held_connection() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let systemd = FakeSystemd::new();
+    let mut daemon = scheduler(
+        config(3, 8),
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        systemd.notifier(None),
+    );
+    let (intake, rx) = mpsc::unbounded_channel();
+    daemon.hold_until_listed(rx);
+    // The listing task died without a word.
+    drop(intake);
+    run_for(daemon, S(10)).await;
+    let mut etags = runner.known_etags();
+    etags.sort();
+    assert_eq!(
+        etags,
+        [
+            ("c0".to_owned(), None),
+            ("c1".to_owned(), None),
+            ("c2".to_owned(), None)
+        ]
+    );
+    assert!(systemd.received().iter().any(|m| m.contains("READY=1")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_found_by_a_page_starts_with_its_etag_or_its_saved_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    // c3 rotated before the restart and its listed etag is the one left:
+    // no request at all. c2 has no record: it rotates with the listed etag.
+    let mut snapshot = StateSnapshot::default();
+    snapshot.connections.insert(
+        "c3".to_owned(),
+        crate::state::PersistedConnection {
+            sandbox: "prod".into(),
+            etag: "\"left\"".into(),
+            access_key_id: "ASIASAVED".into(),
+            expires_at: t0() + S(3600),
+            last_success_at: Some(t0()),
+        },
+    );
+    StateStore::new(state.clone()).save(&snapshot).unwrap();
+    let mut base = config(1, 4);
+    base.state.path = Some(state);
+    let later = config(4, 4);
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let mut daemon = scheduler(
+        base,
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        Notifier::default(),
+    );
+    let (intake, rx) = mpsc::unbounded_channel();
+    daemon.hold_until_listed(rx);
+    intake
+        .send(Intake::Found {
+            added: later.connections[2..].to_vec(),
+            etags: HashMap::from([
+                ("c2".to_owned(), "\"listed-c2\"".to_owned()),
+                ("c3".to_owned(), "\"left\"".to_owned()),
+            ]),
+            targets: HashMap::new(),
+        })
+        .unwrap();
+    intake.send(Intake::Done).unwrap();
+    let report = run_for(daemon, S(10)).await;
+    let mut etags = runner.known_etags();
+    etags.sort();
+    assert_eq!(
+        etags,
+        [
+            ("c0".to_owned(), None),
+            ("c2".to_owned(), Some("\"listed-c2\"".to_owned()))
+        ]
+    );
+    let ids: Vec<&str> = report.connections.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["c0", "c2", "c3"], "added connections are reported");
+    let c3 = report.connections.iter().find(|c| c.id == "c3").unwrap();
+    assert_eq!(c3.access_key_id.as_deref(), Some("ASIASAVED"));
 }

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConnectionConfig, DiscoverRule, Origin};
+use crate::daemon::Intake;
 use crate::flow::{
     ACCESS_KEY_AUTH_SPEC, FlowError, ListedConnection, PropertyFilter, S3_CONNECTION_SPEC_ID,
 };
@@ -65,6 +66,23 @@ pub trait Lister: Send + Sync {
         filters: &[PropertyFilter],
         limit: u32,
     ) -> impl Future<Output = Result<Vec<ListedConnection>, ListError>> + Send;
+
+    /// [`Self::list`], showing each page's items to `on_page` as it arrives
+    /// (the start rotates them while the next page is on its way). The
+    /// default shows the whole listing as one page.
+    fn list_pages(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+        on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
+    ) -> impl Future<Output = Result<Vec<ListedConnection>, ListError>> + Send {
+        async move {
+            let items = self.list(sandbox, filters, limit).await?;
+            on_page(&items);
+            Ok(items)
+        }
+    }
 }
 
 /// Lists through the daemon's own Flow Service client (same request gate and
@@ -89,7 +107,17 @@ impl Lister for FlowLister {
         filters: &[PropertyFilter],
         limit: u32,
     ) -> Result<Vec<ListedConnection>, ListError> {
-        let answer = self.list_once(sandbox, filters, limit).await;
+        self.list_pages(sandbox, filters, limit, &mut |_| {}).await
+    }
+
+    async fn list_pages(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+        on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
+    ) -> Result<Vec<ListedConnection>, ListError> {
+        let answer = self.list_once(sandbox, filters, limit, on_page).await;
         // One count per listing (all its pages), whatever it was for.
         self.rotator
             .telemetry
@@ -104,14 +132,17 @@ impl FlowLister {
         sandbox: &str,
         filters: &[PropertyFilter],
         limit: u32,
+        on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
     ) -> Result<Vec<ListedConnection>, ListError> {
         let mut retried = false;
         loop {
             let token = self.rotator.ims.token().await?;
+            // A retry after a 401 shows its pages again: the callers
+            // tolerate an item seen twice.
             match self
                 .rotator
                 .flow
-                .list_connections(sandbox, filters, limit, &token)
+                .list_connections_paged(sandbox, filters, limit, &token, on_page)
                 .await
             {
                 Err(FlowError::Unauthorized(_)) if !retried => {
@@ -239,8 +270,26 @@ type Candidates = (
 /// explicit connections are filled in by [`resolve`].
 pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListing>) -> Membership {
     let explicit: HashSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
+    let found = discovered_in(config, &explicit, &listings);
+    let mut connections = config.connections.clone();
+    connections.extend(found.connections);
+    Membership {
+        connections,
+        listings,
+        ..found
+    }
+}
+
+/// What the rules find in `listings`, `explicit` ids excluded: the
+/// membership without the explicit connections and without the listings
+/// (the streaming start calls it once per page, so it copies neither).
+fn discovered_in(
+    config: &Config,
+    explicit: &HashSet<&str>,
+    listings: &BTreeMap<String, SandboxListing>,
+) -> Membership {
     let mut found: BTreeMap<(String, String), Candidates> = BTreeMap::new();
-    for (sandbox, listing) in &listings {
+    for (sandbox, listing) in listings {
         for item in &listing.items {
             if explicit.contains(item.id.as_str()) {
                 continue;
@@ -264,14 +313,11 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
             }
         }
     }
-    let mut membership = Membership {
-        connections: config.connections.clone(),
-        listings,
-        ..Membership::default()
-    };
+    let mut membership = Membership::default();
     // The same id listed in two sandboxes cannot be: ids are global. Keep the
-    // first (sandbox order) and skip the other rather than guess.
-    let mut taken: HashSet<String> = explicit.iter().map(|s| (*s).to_owned()).collect();
+    // first (sandbox order) and skip the other rather than guess. (Explicit
+    // ids never get here: they were skipped above.)
+    let mut taken: HashSet<String> = HashSet::new();
     for ((sandbox, id), (candidates, name, etag, target)) in found {
         if !taken.insert(id.clone()) {
             continue;
@@ -428,6 +474,254 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
                 "bulk etag read failed; those connections are read one by one"
             ),
         }
+    }
+}
+
+/// Whether a listed item is an S3 `Access Key` connection: only then is its
+/// etag (and S3 target) worth seeding.
+fn usable_item(item: &ListedConnection) -> bool {
+    item.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
+        && item.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
+}
+
+/// Id chunks of the streaming start in flight at once. The request gate
+/// is first come, first served: 128 chunks (10,000 explicit connections)
+/// sent at once sat ahead of every PATCH, so the first PATCH waited for
+/// the last chunk (0.46 s measured) as before streaming. Four keep PATCHes
+/// flowing between them and still seed connections faster than the
+/// rotations use them (a chunk seeds 80 in about one round trip plus the
+/// queue ahead of it; 32 slots rotate about 32 per round trip).
+const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// What [`resolve_streaming`] answers.
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    /// The membership [`resolve`] would answer for the same listings: the
+    /// authority.
+    pub membership: Membership,
+    /// Whether the explicit connections plus those sent as `added` are
+    /// exactly `membership.connections` (the usual case): otherwise the
+    /// daemon must be sent the membership as a config, to drop what a
+    /// failed listing or an id listed twice made it add.
+    pub exact: bool,
+}
+
+/// What the streaming start has sent so far.
+#[derive(Debug, Default)]
+struct StreamState {
+    /// Discovered connections sent as `added`, by id.
+    sent: HashMap<String, ConnectionConfig>,
+    /// Etags and S3 targets of explicit connections seen.
+    etags: HashMap<String, String>,
+    targets: HashMap<String, S3Target>,
+}
+
+fn lock(state: &std::sync::Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The start's full resolve, streamed: it lists what [`resolve`] lists
+/// (every sandbox a rule names, then by id the explicit connections whose
+/// etag those listings did not carry; sandboxes without a rule by id at
+/// once) and sends an [`Intake::Found`] to `intake` for every rule-list
+/// page and every id chunk as it arrives, so the daemon rotates the first
+/// connections while the later pages are still on their way.
+///
+/// A page's matches are decided by the same rules as [`resolve_listings`]
+/// on that page alone (explicit ids excluded, conflicting rules not
+/// rotated); an id already sent is not sent again. The membership it
+/// answers is built as [`resolve`] builds it and is the authority (see
+/// [`Streamed::exact`]). Sends no `Done`: the caller does, once it has the
+/// membership.
+pub async fn resolve_streaming<L: Lister>(
+    config: &Config,
+    lister: &L,
+    intake: &mpsc::UnboundedSender<Intake>,
+) -> Streamed {
+    let explicit: HashMap<&str, &str> = config
+        .connections
+        .iter()
+        .map(|c| (c.id.as_str(), c.sandbox.as_str()))
+        .collect();
+    let explicit_ids: HashSet<&str> = explicit.keys().copied().collect();
+    let rule_sandboxes: BTreeSet<String> = sandbox_periods(&config.discover).into_keys().collect();
+    // Explicit ids by sandbox in config order (the chunks `resolve` makes),
+    // and every rule sandbox, with or without explicit ids.
+    let mut by_sandbox: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for c in &config.connections {
+        by_sandbox.entry(&c.sandbox).or_default().push(&c.id);
+    }
+    for sandbox in &rule_sandboxes {
+        by_sandbox.entry(sandbox.as_str()).or_default();
+    }
+    let state = std::sync::Mutex::new(StreamState::default());
+    let filters = [PropertyFilter::s3()];
+    let chunk_slots = tokio::sync::Semaphore::new(STREAM_CHUNKS_IN_FLIGHT);
+    let (state_ref, explicit_ref, explicit_ids_ref, filters_ref, slots) =
+        (&state, &explicit, &explicit_ids, &filters, &chunk_slots);
+    // Sandboxes side by side, as `resolve` lists them; within one sandbox
+    // its id chunks wait for its rule listing (they are only for the ids
+    // that listing did not carry). The request gate bounds what is in flight.
+    let answers = futures::future::join_all(by_sandbox.iter().map(|(sandbox, ids)| {
+        let with_rules = rule_sandboxes.contains(*sandbox);
+        async move {
+            let mut missing: Vec<&str> = ids.clone();
+            let listing = if with_rules {
+                let mut on_page = |items: &[ListedConnection]| {
+                    let found = page_found(
+                        config,
+                        sandbox,
+                        explicit_ref,
+                        explicit_ids_ref,
+                        items,
+                        state_ref,
+                    );
+                    // The daemon gone means shutdown: nothing left to feed.
+                    let _ = intake.send(found);
+                };
+                let answer = lister
+                    .list_pages(sandbox, filters_ref, PAGE_LIMIT, &mut on_page)
+                    .await;
+                if let Ok(items) = &answer {
+                    let carried: HashSet<&str> = items
+                        .iter()
+                        .filter(|i| usable_item(i))
+                        .map(|i| i.id.as_str())
+                        .collect();
+                    missing.retain(|id| !carried.contains(id));
+                }
+                Some(answer)
+            } else {
+                None
+            };
+            futures::future::join_all(missing.chunks(ID_CHUNK).map(|chunk| async move {
+                // Never closed: an error would only mean "no bound".
+                let _slot = slots.acquire().await.ok();
+                let filter = PropertyFilter::ids(chunk.iter().copied());
+                let limit = u32::try_from(chunk.len()).unwrap_or(PAGE_LIMIT);
+                let mut on_page = |items: &[ListedConnection]| {
+                    let _ = intake.send(chunk_found(chunk, items, state_ref));
+                };
+                if let Err(error) = lister
+                    .list_pages(sandbox, &[filter], limit, &mut on_page)
+                    .await
+                {
+                    tracing::warn!(
+                        sandbox = %sandbox,
+                        error = %error,
+                        "bulk etag read failed; those connections are read one by one"
+                    );
+                }
+            }))
+            .await;
+            listing
+        }
+    }))
+    .await;
+    let mut listings = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (sandbox, answer) in by_sandbox.keys().zip(answers) {
+        match answer {
+            Some(Ok(items)) => {
+                listings.insert((*sandbox).to_owned(), SandboxListing { items });
+            }
+            Some(Err(error)) => failures.push(((*sandbox).to_owned(), error.to_string())),
+            None => {}
+        }
+    }
+    let mut membership = resolve_listings(config, listings);
+    membership.failures = failures;
+    let state = state
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    membership.etags.extend(state.etags);
+    membership.targets.extend(state.targets);
+    let exact = membership.discovered().count() == state.sent.len()
+        && membership
+            .discovered()
+            .all(|c| state.sent.get(&c.id) == Some(c));
+    Streamed { membership, exact }
+}
+
+/// One rule-list page of `sandbox`: the connections the rules find on it
+/// (not sent before) with their etags and targets, and the etags of the
+/// explicit connections of that sandbox it carries.
+fn page_found(
+    config: &Config,
+    sandbox: &str,
+    explicit: &HashMap<&str, &str>,
+    explicit_ids: &HashSet<&str>,
+    items: &[ListedConnection],
+    state: &std::sync::Mutex<StreamState>,
+) -> Intake {
+    let page = BTreeMap::from([(
+        sandbox.to_owned(),
+        SandboxListing {
+            items: items.to_vec(),
+        },
+    )]);
+    let Membership {
+        connections,
+        mut etags,
+        mut targets,
+        ..
+    } = discovered_in(config, explicit_ids, &page);
+    let mut state = lock(state);
+    let mut added = Vec::with_capacity(connections.len());
+    for connection in connections {
+        if state.sent.contains_key(&connection.id) {
+            // Listed again (a retried listing, or a second sandbox): the
+            // first word stands, the final membership settles the rest.
+            etags.remove(&connection.id);
+            targets.remove(&connection.id);
+            continue;
+        }
+        state.sent.insert(connection.id.clone(), connection.clone());
+        added.push(connection);
+    }
+    for item in items {
+        if usable_item(item) && explicit.get(item.id.as_str()) == Some(&sandbox) {
+            etags.insert(item.id.clone(), item.etag.clone());
+            state.etags.insert(item.id.clone(), item.etag.clone());
+            if let Some(target) = &item.s3 {
+                targets.insert(item.id.clone(), target.clone());
+                state.targets.insert(item.id.clone(), target.clone());
+            }
+        }
+    }
+    Intake::Found {
+        added,
+        etags,
+        targets,
+    }
+}
+
+/// One id chunk's answer: the etags and targets of the explicit
+/// connections it asked for.
+fn chunk_found(
+    chunk: &[&str],
+    items: &[ListedConnection],
+    state: &std::sync::Mutex<StreamState>,
+) -> Intake {
+    let mut etags = HashMap::new();
+    let mut targets = HashMap::new();
+    let mut state = lock(state);
+    for item in items {
+        if usable_item(item) && chunk.contains(&item.id.as_str()) {
+            etags.insert(item.id.clone(), item.etag.clone());
+            state.etags.insert(item.id.clone(), item.etag.clone());
+            if let Some(target) = &item.s3 {
+                targets.insert(item.id.clone(), target.clone());
+                state.targets.insert(item.id.clone(), target.clone());
+            }
+        }
+    }
+    Intake::Found {
+        added: Vec::new(),
+        etags,
+        targets,
     }
 }
 
@@ -625,6 +919,24 @@ role_arn = "{ROLE_A}"
                     })
                 })
                 .collect())
+        }
+
+        /// Pages of `limit` items, as Flow Service would answer them.
+        async fn list_pages(
+            &self,
+            sandbox: &str,
+            filters: &[PropertyFilter],
+            limit: u32,
+            on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
+        ) -> Result<Vec<ListedConnection>, ListError> {
+            let items = self.list(sandbox, filters, limit).await?;
+            if items.is_empty() {
+                on_page(&[]);
+            }
+            for page in items.chunks(limit.max(1) as usize) {
+                on_page(page);
+            }
+            Ok(items)
         }
     }
 
@@ -863,5 +1175,95 @@ role_arn = "arn:aws:iam::123456789012:role/b"
 
         cancel.cancel();
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_streaming_start_sends_each_page_and_chunk_and_answers_what_resolve_does() {
+        let mut explicit: String = (0..(ID_CHUNK + 5))
+            .map(|n| format!("[[connections]]\nid = \"x{n}\"\nsandbox = \"dev\"\n"))
+            .collect();
+        explicit.push_str("[[connections]]\nid = \"e\"\nsandbox = \"prod\"\n");
+        let config = config(TAG_RULE, &explicit);
+        let lister = Arc::new(FakeLister::default());
+        // prod: the explicit one (tagged, but explicit wins) then 250 more,
+        // every other one tagged: pages of 100, 100 and 51.
+        let mut prod = vec![item("e", "explicit", "rotate:aep-s3")];
+        prod.extend((0..250).map(|n| {
+            let tag = if n % 2 == 0 { "rotate:aep-s3" } else { "" };
+            item(&format!("p{n:03}"), "n", tag)
+        }));
+        lister.put("prod", prod);
+        lister.put(
+            "dev",
+            (0..(ID_CHUNK + 5))
+                .map(|n| item(&format!("x{n}"), "n", ""))
+                .collect(),
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let streamed = resolve_streaming(&config, &lister, &tx).await;
+        let streamed_calls = lister.calls();
+        let mut sent = Vec::new();
+        while let Ok(intake) = rx.try_recv() {
+            sent.push(intake);
+        }
+        let shape: Vec<(usize, usize)> = sent
+            .iter()
+            .map(|i| match i {
+                Intake::Found { added, etags, .. } => (added.len(), etags.len()),
+                Intake::Done => (usize::MAX, 0),
+            })
+            .collect();
+        // dev's two id chunks (no rule there), then prod's three pages:
+        // its first page carries the explicit one's etag too.
+        assert_eq!(shape, [(0, ID_CHUNK), (0, 5), (50, 51), (50, 50), (25, 25)]);
+        let Intake::Found { added, etags, .. } = &sent[2] else {
+            panic!("{:?}", sent[2]);
+        };
+        assert_eq!(added[0].id, "p000");
+        assert_eq!(etags.get("e").map(String::as_str), Some("\"etag-e\""));
+        assert!(added.iter().all(|c| c.id != "e"), "explicit wins");
+
+        // The same requests and the same membership as `resolve`.
+        let again = Arc::new(FakeLister::default());
+        for sandbox in ["prod", "dev"] {
+            let items = lister.items.lock().unwrap().get(sandbox).cloned().unwrap();
+            again.put(sandbox, items);
+        }
+        let full = resolve(&config, &again, None, None).await;
+        assert_eq!(streamed.membership, full);
+        assert!(streamed.exact);
+        let sorted = |calls: Vec<(String, Vec<PropertyFilter>)>| {
+            let mut calls: Vec<String> = calls.iter().map(|c| format!("{c:?}")).collect();
+            calls.sort();
+            calls
+        };
+        assert_eq!(sorted(streamed_calls), sorted(again.calls()));
+        let added: BTreeSet<&str> = sent
+            .iter()
+            .flat_map(|i| match i {
+                Intake::Found { added, .. } => added.iter().map(|c| c.id.as_str()).collect(),
+                Intake::Done => Vec::new(),
+            })
+            .collect();
+        let discovered: BTreeSet<&str> = full.discovered().map(|c| c.id.as_str()).collect();
+        assert_eq!(added, discovered);
+        assert_eq!(discovered.len(), 125);
+    }
+
+    #[tokio::test]
+    async fn a_failed_rule_listing_has_its_explicit_ids_read_by_id() {
+        let explicit = "[[connections]]\nid = \"e\"\nsandbox = \"prod\"\n";
+        let config = config(TAG_RULE, explicit);
+        let lister = Arc::new(FakeLister::default());
+        lister.put("prod", vec![item("e", "explicit", "")]);
+        lister.fail("prod", true);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let streamed = resolve_streaming(&config, &lister, &tx).await;
+        assert_eq!(streamed.membership.failures.len(), 1);
+        // The rule listing, then e by id (which fails too here).
+        let calls = lister.calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[1].1[0].path, "id");
+        assert!(streamed.exact, "nothing was added, nothing to correct");
     }
 }

@@ -329,6 +329,22 @@ impl FlowClient {
         limit: u32,
         token: &AccessToken,
     ) -> Result<Vec<ListedConnection>, FlowError> {
+        self.list_connections_paged(sandbox, filters, limit, token, &mut |_| {})
+            .await
+    }
+
+    /// [`Self::list_connections`], calling `on_page` with each page's new
+    /// items as soon as the page is parsed (the start rotates them while
+    /// the next page is on its way). A listing that fails later has still
+    /// shown its earlier pages: the caller decides what they are worth.
+    pub async fn list_connections_paged(
+        &self,
+        sandbox: &str,
+        filters: &[PropertyFilter],
+        limit: u32,
+        token: &AccessToken,
+        on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
+    ) -> Result<Vec<ListedConnection>, FlowError> {
         let rendered = filters
             .iter()
             .map(PropertyFilter::render)
@@ -364,11 +380,13 @@ impl FlowClient {
                 return Err(self.error_for(status, &headers, &body, "", sandbox, &[]));
             }
             let page = parse_list_page(&body)?;
+            let before = out.len();
             for item in page.items {
                 if ids.insert(item.id.clone()) {
                     out.push(item);
                 }
             }
+            on_page(out.get(before..).unwrap_or_default());
             match page.next {
                 None => return Ok(out),
                 Some(next) => {
