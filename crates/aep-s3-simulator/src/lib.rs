@@ -360,6 +360,12 @@ pub struct SimStats {
     pub flow_requests: u64,
     /// Peak of Flow requests being handled at once.
     pub max_in_flight: u64,
+    /// Seconds Flow requests spent being handled (from arrival to the
+    /// answer, injected latency included), summed over requests: divided by
+    /// `flow_requests` it is the mean service time, divided by a stretch of
+    /// wall time the mean number of Flow requests in flight.
+    #[serde(default)]
+    pub flow_busy_seconds: f64,
     /// Protocol violations recorded.
     pub violations: u64,
     /// Over all connections, from their first successful PATCH on, the

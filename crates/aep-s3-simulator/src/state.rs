@@ -456,6 +456,8 @@ pub(super) struct Shared {
     in_flight: AtomicU64,
     /// Peak of `in_flight`.
     max_in_flight: AtomicU64,
+    /// Microseconds Flow requests spent being handled, summed.
+    flow_busy_us: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -507,6 +509,7 @@ impl Shared {
             shutdown,
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            flow_busy_us: AtomicU64::new(0),
             state: Mutex::new(state),
         }
     }
@@ -542,7 +545,7 @@ impl Shared {
     pub fn enter_flow(&self) -> InFlight<'_> {
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.max_in_flight.fetch_max(now, Ordering::Relaxed);
-        InFlight(self)
+        InFlight(self, std::time::Instant::now())
     }
 
     /// Decides what to do with one request: latency, a scripted answer, or a
@@ -660,6 +663,7 @@ impl Shared {
         let st = self.lock();
         let mut stats = st.counters.clone();
         stats.max_in_flight = self.max_in_flight.load(Ordering::Relaxed);
+        stats.flow_busy_seconds = self.flow_busy_us.load(Ordering::Relaxed) as f64 / 1e6;
         stats.expired_seconds = st.retired_expired_seconds
             + st.connections
                 .values()
@@ -758,11 +762,14 @@ fn insert_connection(st: &mut State, c: SimConnection) {
     st.connections_changed();
 }
 
-/// A Flow request in flight; decrements the count when dropped.
-pub(super) struct InFlight<'a>(&'a Shared);
+/// A Flow request in flight since the instant it holds; decrements the
+/// count and adds its time to the busy total when dropped.
+pub(super) struct InFlight<'a>(&'a Shared, std::time::Instant);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let us = u64::try_from(self.1.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.0.flow_busy_us.fetch_add(us, Ordering::Relaxed);
     }
 }
