@@ -514,6 +514,11 @@ struct StreamState {
     /// Etags and S3 targets of explicit connections seen.
     etags: HashMap<String, String>,
     targets: HashMap<String, S3Target>,
+    /// The listed items of the connections sent as `added`, by sandbox,
+    /// until that sandbox's listing completes: if it fails on a later page,
+    /// they are its (partial) last known listing, so what the daemon was
+    /// given is kept, not dropped because a list call failed.
+    partial: HashMap<String, Vec<ListedConnection>>,
 }
 
 fn lock(state: &std::sync::Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
@@ -585,6 +590,8 @@ pub async fn resolve_streaming<L: Lister>(
                     .list_pages(sandbox, filters_ref, PAGE_LIMIT, &mut on_page)
                     .await;
                 if let Ok(items) = &answer {
+                    // Complete: the full listing is the authority now.
+                    lock(state_ref).partial.remove(*sandbox);
                     let carried: HashSet<&str> = items
                         .iter()
                         .filter(|i| usable_item(i))
@@ -620,6 +627,9 @@ pub async fn resolve_streaming<L: Lister>(
         }
     }))
     .await;
+    let mut state = state
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut listings = BTreeMap::new();
     let mut failures = Vec::new();
     for (sandbox, answer) in by_sandbox.keys().zip(answers) {
@@ -627,15 +637,19 @@ pub async fn resolve_streaming<L: Lister>(
             Some(Ok(items)) => {
                 listings.insert((*sandbox).to_owned(), SandboxListing { items });
             }
-            Some(Err(error)) => failures.push(((*sandbox).to_owned(), error.to_string())),
+            Some(Err(error)) => {
+                failures.push(((*sandbox).to_owned(), error.to_string()));
+                // The pages that did arrive are this sandbox's last known
+                // listing: their connections stay (the daemon has them).
+                if let Some(items) = state.partial.remove(*sandbox) {
+                    listings.insert((*sandbox).to_owned(), SandboxListing { items });
+                }
+            }
             None => {}
         }
     }
     let mut membership = resolve_listings(config, listings);
     membership.failures = failures;
-    let state = state
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     membership.etags.extend(state.etags);
     membership.targets.extend(state.targets);
     let exact = membership.discovered().count() == state.sent.len()
@@ -679,6 +693,13 @@ fn page_found(
             continue;
         }
         state.sent.insert(connection.id.clone(), connection.clone());
+        if let Some(item) = items.iter().find(|i| i.id == connection.id) {
+            state
+                .partial
+                .entry(sandbox.to_owned())
+                .or_default()
+                .push(item.clone());
+        }
         added.push(connection);
     }
     for item in items {
@@ -862,6 +883,8 @@ role_arn = "{ROLE_A}"
     struct FakeLister {
         items: Mutex<BTreeMap<String, Vec<ListedConnection>>>,
         failing: Mutex<HashSet<String>>,
+        /// Sandboxes whose paged listing fails after this many pages.
+        fail_after_pages: Mutex<HashMap<String, usize>>,
         calls: Mutex<Vec<(String, Vec<PropertyFilter>)>>,
     }
 
@@ -933,7 +956,14 @@ role_arn = "{ROLE_A}"
             if items.is_empty() {
                 on_page(&[]);
             }
-            for page in items.chunks(limit.max(1) as usize) {
+            let fail_after = self.fail_after_pages.lock().unwrap().get(sandbox).copied();
+            for (n, page) in items.chunks(limit.max(1) as usize).enumerate() {
+                if fail_after == Some(n) {
+                    return Err(ListError::Flow(FlowError::Throttled {
+                        status: 429,
+                        retry_after: None,
+                    }));
+                }
                 on_page(page);
             }
             Ok(items)
@@ -1265,5 +1295,37 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         assert_eq!(calls.len(), 2, "{calls:?}");
         assert_eq!(calls[1].1[0].path, "id");
         assert!(streamed.exact, "nothing was added, nothing to correct");
+    }
+
+    #[tokio::test]
+    async fn a_rule_listing_failing_after_some_pages_keeps_what_they_brought() {
+        let config = config(TAG_RULE, "");
+        let lister = Arc::new(FakeLister::default());
+        let prod: Vec<ListedConnection> = (0..(2 * PAGE_LIMIT + 7))
+            .map(|n| item(&format!("p{n:03}"), "n", "rotate:aep-s3"))
+            .collect();
+        lister.put("prod", prod);
+        lister
+            .fail_after_pages
+            .lock()
+            .unwrap()
+            .insert("prod".to_owned(), 2);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let streamed = resolve_streaming(&config, &lister, &tx).await;
+        let mut added = 0;
+        while let Ok(Intake::Found { added: a, .. }) = rx.try_recv() {
+            added += a.len();
+        }
+        assert_eq!(added, 2 * PAGE_LIMIT as usize, "two pages were shown");
+        assert_eq!(streamed.membership.failures.len(), 1);
+        // What the daemon was given stays: no correcting config drops it.
+        assert!(streamed.exact);
+        assert_eq!(
+            streamed.membership.discovered().count(),
+            2 * PAGE_LIMIT as usize
+        );
+        // ...and it is the sandbox's last known listing for the re-lists.
+        let kept = &streamed.membership.listings["prod"].items;
+        assert_eq!(kept.len(), 2 * PAGE_LIMIT as usize);
     }
 }

@@ -218,6 +218,51 @@ async fn a_failing_or_throttled_list_drops_nothing() {
     assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
 }
 
+/// The start's listing fails after its first page: the connections that
+/// page brought are rotated and kept (a failed list call drops nothing), and
+/// the next re-list brings the rest. Each connection is PATCHed once: none
+/// is dropped and then rotated again as new.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_listing_failing_after_its_first_page_keeps_that_page() {
+    let connections: Vec<SimConnection> = (0..130)
+        .map(|n| tagged(&format!("c{n:03}"), "prod", &format!("ingest-{n:03}")))
+        .collect();
+    let h = harness(Duration::from_secs(60), connections).await;
+    // The first list page (100 items) is answered, the second fails.
+    h.sim.script_list(ScriptedFault::Delay(Duration::ZERO));
+    h.sim.script_list(ScriptedFault::Status {
+        status: 503,
+        retry_after: None,
+        body: None,
+    });
+    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let mut daemon = h.spawn(&config, &["run"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            h.sim.stats().connections_never_rotated == 0
+        })
+        .await,
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let dropping: Vec<_> = daemon
+        .events("config reloaded")
+        .into_iter()
+        .filter(|e| e["removed"].as_u64() != Some(0))
+        .collect();
+    assert!(
+        dropping.is_empty(),
+        "the failed page made the daemon drop connections: {dropping:?}"
+    );
+    assert!(daemon.events("connection no longer matches").is_empty());
+    for n in 0..130 {
+        let id = format!("c{n:03}");
+        assert_eq!(patches(&h, &id), 1, "{id} was rotated again as new");
+    }
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn check_prints_what_each_rule_matches() {
     let h = harness(
