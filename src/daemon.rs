@@ -94,6 +94,13 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// times for none.
 const SPIN_TURNS: u64 = 10_000;
 
+/// How long the start's listing may hold a connection at most. The listing
+/// normally seeds every etag within seconds (10,000 connections: under 3 s);
+/// a list API that answers slowly (each page within the request timeout, but
+/// many pages) must not keep connections from rotating, so after this those
+/// not reached yet read their own etag (a `GET` each).
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
+
 /// Options that do not come from the config file.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -328,6 +335,8 @@ pub struct Daemon {
     held: HashSet<String>,
     /// The start's listing, page by page, until it is done.
     intake: Option<mpsc::UnboundedReceiver<Intake>>,
+    /// When connections still held are released anyway ([`MAX_HOLD`]).
+    hold_until: Option<tokio::time::Instant>,
     /// State file records of no configured connection: a connection the
     /// start's listing adds is restored from them. Dropped when the listing
     /// is over (a later reload adds connections as new, as it always did).
@@ -468,6 +477,7 @@ impl Daemon {
             shared: None,
             held: HashSet::new(),
             intake: None,
+            hold_until: None,
             unclaimed: std::collections::BTreeMap::new(),
         };
         let persisted = daemon.load_state();
@@ -499,6 +509,30 @@ impl Daemon {
     pub fn hold_until_listed(&mut self, intake: mpsc::UnboundedReceiver<Intake>) {
         self.held = self.connections.keys().cloned().collect();
         self.intake = Some(intake);
+        self.hold_until = Some(crate::clock::mono_now() + MAX_HOLD);
+    }
+
+    /// Schedules every held connection at its own due time (it will GET
+    /// its etag).
+    fn release_held(&mut self) {
+        self.hold_until = None;
+        let held: Vec<String> = self.held.drain().collect();
+        for id in held {
+            if let Some(Phase::Waiting(at)) = self.connections.get(&id).map(Connection::phase) {
+                self.follow(&id, Action::WaitUntil(at));
+            }
+        }
+    }
+
+    /// [`MAX_HOLD`] is over and the listing is not: what it has not reached
+    /// goes now; its later pages still add connections and seed etags.
+    fn hold_expired(&mut self) {
+        tracing::warn!(
+            held = self.held.len(),
+            waited = %humantime::format_duration(MAX_HOLD),
+            "the start's listing is slow; connections it has not reached read their own etag"
+        );
+        self.release_held();
     }
 
     /// One message of the start's listing (`None`: the channel closed).
@@ -514,12 +548,7 @@ impl Daemon {
             // (they will GET their etag), at their own due time.
             self.intake = None;
             self.unclaimed = std::collections::BTreeMap::new();
-            let held: Vec<String> = self.held.drain().collect();
-            for id in held {
-                if let Some(Phase::Waiting(at)) = self.connections.get(&id).map(Connection::phase) {
-                    self.follow(&id, Action::WaitUntil(at));
-                }
-            }
+            self.release_held();
             return;
         };
         for config in added {
@@ -729,6 +758,9 @@ impl Daemon {
                 Some(prepared) = prepared.recv() => self.apply_reload(prepared),
                 open = leadership_changed(&mut self.leadership) => self.on_leadership(open),
                 intake = next_intake(&mut self.intake) => self.on_intake(intake),
+                () = tokio::time::sleep_until(self.hold_until.unwrap_or_else(crate::clock::mono_now)), if self.hold_until.is_some() => {
+                    self.hold_expired();
+                }
                 reload = reloads.recv(), if reloads_open => match reload {
                     Some(config) => self.prepare_reload(config, prepared_tx.clone()),
                     None => reloads_open = false,
