@@ -885,6 +885,9 @@ role_arn = "{ROLE_A}"
         failing: Mutex<HashSet<String>>,
         /// Sandboxes whose paged listing fails after this many pages.
         fail_after_pages: Mutex<HashMap<String, usize>>,
+        /// Sandboxes whose listing yields this many times first (answers
+        /// later than the others).
+        slow: Mutex<HashMap<String, usize>>,
         calls: Mutex<Vec<(String, Vec<PropertyFilter>)>>,
     }
 
@@ -952,6 +955,10 @@ role_arn = "{ROLE_A}"
             limit: u32,
             on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
         ) -> Result<Vec<ListedConnection>, ListError> {
+            let yields = self.slow.lock().unwrap().get(sandbox).copied();
+            for _ in 0..yields.unwrap_or(0) {
+                tokio::task::yield_now().await;
+            }
             let items = self.list(sandbox, filters, limit).await?;
             if items.is_empty() {
                 on_page(&[]);
@@ -1327,5 +1334,37 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         // ...and it is the sandbox's last known listing for the re-lists.
         let kept = &streamed.membership.listings["prod"].items;
         assert_eq!(kept.len(), 2 * PAGE_LIMIT as usize);
+    }
+
+    #[tokio::test]
+    async fn an_id_listed_in_two_sandboxes_is_corrected_by_the_final_membership() {
+        let rule = r#"
+[[discover]]
+sandboxes = ["a", "b"]
+description_tag = "rotate:aep-s3"
+"#;
+        let config = config(rule, "");
+        let lister = Arc::new(FakeLister::default());
+        lister.put("a", vec![item("dup", "n", "rotate:aep-s3")]);
+        lister.put("b", vec![item("dup", "n", "rotate:aep-s3")]);
+        // b answers first, so the page the daemon is given says "b"...
+        lister.slow.lock().unwrap().insert("a".to_owned(), 10);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let streamed = resolve_streaming(&config, &lister, &tx).await;
+        let Ok(Intake::Found { added, .. }) = rx.try_recv() else {
+            panic!("no page sent");
+        };
+        assert_eq!(added.len(), 1);
+        assert_eq!(added[0].sandbox, "b");
+        let Ok(Intake::Found { added, .. }) = rx.try_recv() else {
+            panic!("a's page not sent");
+        };
+        assert!(added.is_empty(), "dup is added once: {added:?}");
+        // ...but the membership keeps the first sandbox, as `resolve` does,
+        // and says the daemon must be corrected.
+        let full = resolve(&config, &lister, None, None).await;
+        assert_eq!(streamed.membership.connections, full.connections);
+        assert_eq!(streamed.membership.connections[0].sandbox, "a");
+        assert!(!streamed.exact);
     }
 }
