@@ -649,6 +649,38 @@ fn due_queue_serves_earliest_first_and_ties_in_queue_order() {
     assert_eq!(order, ["z", "m", "b", "a"]);
 }
 
+/// A running scheduler over `connections` connections whose connections
+/// are held for the start's listing ([`Daemon::hold_until_listed`]).
+struct Held {
+    runner: Arc<Scripted>,
+    intake: mpsc::UnboundedSender<Intake>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<Report>>,
+}
+
+fn start_held(connections: usize, concurrency: usize, notifier: Notifier) -> Held {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let mut daemon = scheduler(
+        config(connections, concurrency),
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        notifier,
+    );
+    let (intake, rx) = mpsc::unbounded_channel();
+    daemon.hold_until_listed(rx);
+    let cancel = CancellationToken::new();
+    let (_reloads_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    Held {
+        runner,
+        intake,
+        cancel,
+        task,
+    }
+}
+
 /// An `Intake::Found` with these etags (no target, nothing added).
 fn found(etags: &[(&str, &str)]) -> Intake {
     Intake::Found {
@@ -663,20 +695,12 @@ fn found(etags: &[(&str, &str)]) -> Intake {
 
 #[tokio::test(start_paused = true)]
 async fn a_held_connection_waits_for_its_listed_etag_and_done_releases_the_rest() {
-    let clock = Clock::tokio_at(t0());
-    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
-    let mut daemon = scheduler(
-        config(3, 8),
-        Mode::Run,
-        clock,
-        Arc::clone(&runner),
-        Notifier::default(),
-    );
-    let (intake, rx) = mpsc::unbounded_channel();
-    daemon.hold_until_listed(rx);
-    let cancel = CancellationToken::new();
-    let (_reloads_tx, reloads) = mpsc::channel(1);
-    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    let Held {
+        runner,
+        intake,
+        cancel,
+        task,
+    } = start_held(3, 8, Notifier::default());
     // The listing takes a while: nothing is dispatched (no GET) meanwhile.
     tokio::time::sleep(S(30)).await;
     assert!(
@@ -714,21 +738,13 @@ async fn a_held_connection_waits_for_its_listed_etag_and_done_releases_the_rest(
 
 #[tokio::test(start_paused = true)]
 async fn ready_waits_for_the_end_of_the_listing() {
-    let clock = Clock::tokio_at(t0());
-    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
     let systemd = FakeSystemd::new();
-    let mut daemon = scheduler(
-        config(2, 4),
-        Mode::Run,
-        clock,
-        Arc::clone(&runner),
-        systemd.notifier(None),
-    );
-    let (intake, rx) = mpsc::unbounded_channel();
-    daemon.hold_until_listed(rx);
-    let cancel = CancellationToken::new();
-    let (_reloads_tx, reloads) = mpsc::channel(1);
-    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    let Held {
+        runner,
+        intake,
+        cancel,
+        task,
+    } = start_held(2, 4, systemd.notifier(None));
     // Every connection known so far has rotated, but more pages may come.
     intake
         .send(found(&[("c0", "\"a\""), ("c1", "\"b\"")]))
@@ -841,20 +857,12 @@ async fn a_connection_found_by_a_page_starts_with_its_etag_or_its_saved_state() 
 
 #[tokio::test(start_paused = true)]
 async fn a_slow_listing_holds_connections_at_most_max_hold() {
-    let clock = Clock::tokio_at(t0());
-    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
-    let mut daemon = scheduler(
-        config(2, 4),
-        Mode::Run,
-        clock,
-        Arc::clone(&runner),
-        Notifier::default(),
-    );
-    let (intake, rx) = mpsc::unbounded_channel();
-    daemon.hold_until_listed(rx);
-    let cancel = CancellationToken::new();
-    let (_reloads_tx, reloads) = mpsc::channel(1);
-    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    let Held {
+        runner,
+        intake,
+        cancel,
+        task,
+    } = start_held(2, 4, Notifier::default());
     tokio::time::sleep(MAX_HOLD - S(1)).await;
     assert!(runner.known_etags().is_empty(), "released before MAX_HOLD");
     tokio::time::sleep(S(2)).await;

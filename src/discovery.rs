@@ -521,6 +521,24 @@ struct StreamState {
     partial: HashMap<String, Vec<ListedConnection>>,
 }
 
+impl StreamState {
+    /// An explicit connection's etag and S3 target from its list item: into
+    /// the message for the daemon, and kept for the final membership.
+    fn seed(
+        &mut self,
+        item: &ListedConnection,
+        etags: &mut HashMap<String, String>,
+        targets: &mut HashMap<String, S3Target>,
+    ) {
+        etags.insert(item.id.clone(), item.etag.clone());
+        self.etags.insert(item.id.clone(), item.etag.clone());
+        if let Some(target) = &item.s3 {
+            targets.insert(item.id.clone(), target.clone());
+            self.targets.insert(item.id.clone(), target.clone());
+        }
+    }
+}
+
 fn lock(state: &std::sync::Mutex<StreamState>) -> std::sync::MutexGuard<'_, StreamState> {
     state
         .lock()
@@ -704,12 +722,7 @@ fn page_found(
     }
     for item in items {
         if usable_item(item) && explicit.get(item.id.as_str()) == Some(&sandbox) {
-            etags.insert(item.id.clone(), item.etag.clone());
-            state.etags.insert(item.id.clone(), item.etag.clone());
-            if let Some(target) = &item.s3 {
-                targets.insert(item.id.clone(), target.clone());
-                state.targets.insert(item.id.clone(), target.clone());
-            }
+            state.seed(item, &mut etags, &mut targets);
         }
     }
     Intake::Found {
@@ -731,12 +744,7 @@ fn chunk_found(
     let mut state = lock(state);
     for item in items {
         if usable_item(item) && chunk.contains(&item.id.as_str()) {
-            etags.insert(item.id.clone(), item.etag.clone());
-            state.etags.insert(item.id.clone(), item.etag.clone());
-            if let Some(target) = &item.s3 {
-                targets.insert(item.id.clone(), target.clone());
-                state.targets.insert(item.id.clone(), target.clone());
-            }
+            state.seed(item, &mut etags, &mut targets);
         }
     }
     Intake::Found {
