@@ -168,6 +168,10 @@ pub struct Connection {
     /// The span of the job in flight ([`Self::job_span`]): its result is
     /// logged in the same span instead of a second one per rotation.
     job_span: Option<tracing::Span>,
+    /// The expiry a sane state-file record gave for credentials too close
+    /// to it to be kept ([`Self::restored`] then rotates at once): nothing
+    /// may make that first rotation wait past it.
+    restored_expiry: Option<SystemTime>,
 }
 
 impl Connection {
@@ -189,6 +193,7 @@ impl Connection {
             last_escalation_log: None,
             last_short_warning: None,
             job_span: None,
+            restored_expiry: None,
             counts: Counts::default(),
             last_error: None,
         }
@@ -221,6 +226,7 @@ impl Connection {
         if saved.sandbox != connection.config.sandbox || policy.once {
             return connection;
         }
+        connection.restored_expiry = Some(saved.expires_at);
         if until(now, saved.expires_at) > policy.refresh_before {
             connection.pushed = Some(Pushed {
                 access_key_id: saved.access_key_id.clone(),
@@ -358,6 +364,15 @@ impl Connection {
     /// The credentials this daemon put on the connection.
     pub fn pushed(&self) -> Option<&Pushed> {
         self.pushed.as_ref()
+    }
+
+    /// When the credentials on the connection expire, as far as this
+    /// process knows: the ones it pushed, else a restored record's.
+    pub fn credentials_expire_at(&self) -> Option<SystemTime> {
+        self.pushed
+            .as_ref()
+            .map(|p| p.expires_at)
+            .or(self.restored_expiry)
     }
 
     /// The etag to send next, if known.

@@ -94,11 +94,13 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// times for none.
 const SPIN_TURNS: u64 = 10_000;
 
-/// How long the start's listing may hold a connection at most. The listing
-/// normally seeds every etag within seconds (10,000 connections: under 3 s);
-/// a list API that answers slowly (each page within the request timeout, but
-/// many pages) must not keep connections from rotating, so after this those
-/// not reached yet read their own etag (a `GET` each).
+/// How long past its due time the start's listing may hold a connection.
+/// The listing normally seeds every etag within seconds (10,000
+/// connections: under 3 s); a list API that answers slowly (each page within
+/// the request timeout, but many pages) must not keep connections from
+/// rotating, so after this those not reached yet read their own etag (a
+/// `GET` each). A connection whose credentials expire sooner is held only
+/// until [`EXPIRY_MARGIN`] before their expiry.
 pub const MAX_HOLD: Duration = Duration::from_secs(60);
 
 /// Options that do not come from the config file.
@@ -335,7 +337,8 @@ pub struct Daemon {
     held: HashSet<String>,
     /// The start's listing, page by page, until it is done.
     intake: Option<mpsc::UnboundedReceiver<Intake>>,
-    /// When connections still held are released anyway ([`MAX_HOLD`]).
+    /// When the hold is looked at next: the earliest time a held
+    /// connection must go without its page ([`Self::hold_limit`]).
     hold_until: Option<tokio::time::Instant>,
     /// State file records of no configured connection: a connection the
     /// start's listing adds is restored from them. Dropped when the listing
@@ -509,30 +512,78 @@ impl Daemon {
     pub fn hold_until_listed(&mut self, intake: mpsc::UnboundedReceiver<Intake>) {
         self.held = self.connections.keys().cloned().collect();
         self.intake = Some(intake);
-        self.hold_until = Some(crate::clock::mono_now() + MAX_HOLD);
+        self.plan_hold();
     }
 
-    /// Schedules every held connection at its own due time (it will GET
-    /// its etag).
-    fn release_held(&mut self) {
-        self.hold_until = None;
-        let held: Vec<String> = self.held.drain().collect();
-        for id in held {
-            if let Some(Phase::Waiting(at)) = self.connections.get(&id).map(Connection::phase) {
-                self.follow(&id, Action::WaitUntil(at));
-            }
+    /// The latest time a held connection may wait for its page: [`MAX_HOLD`]
+    /// past its due time, and never later than [`EXPIRY_MARGIN`] before its
+    /// credentials expire. `None` when it is not waiting at all.
+    fn hold_limit(&self, id: &str) -> Option<SystemTime> {
+        let connection = self.connections.get(id)?;
+        let Phase::Waiting(due) = connection.phase() else {
+            return None;
+        };
+        let by_due = crate::clock::later(due, MAX_HOLD);
+        Some(match connection.credentials_expire_at() {
+            Some(expires_at) => by_due.min(earlier(expires_at, EXPIRY_MARGIN)),
+            None => by_due,
+        })
+    }
+
+    /// Sets when the hold is looked at next (see `hold_until`).
+    fn plan_hold(&mut self) {
+        self.hold_until = self
+            .held
+            .iter()
+            .filter_map(|id| self.hold_limit(id))
+            .min()
+            .map(|at| self.clock.instant_at(at));
+    }
+
+    /// Schedules one held connection at its own due time: it reads its own
+    /// etag (a later page no longer seeds it).
+    fn release(&mut self, id: &str) {
+        self.held.remove(id);
+        if let Some(Phase::Waiting(at)) = self.connections.get(id).map(Connection::phase) {
+            self.follow(id, Action::WaitUntil(at));
         }
     }
 
-    /// [`MAX_HOLD`] is over and the listing is not: what it has not reached
-    /// goes now; its later pages still add connections and seed etags.
+    /// Schedules every held connection at its own due time (each will GET
+    /// its etag).
+    fn release_held(&mut self) {
+        self.hold_until = None;
+        let held: Vec<String> = self.held.iter().cloned().collect();
+        for id in held {
+            self.release(&id);
+        }
+    }
+
+    /// The hold's time came: the held connections past their
+    /// [`Self::hold_limit`] go now and read their own etag (later pages
+    /// still add connections and seed the others).
     fn hold_expired(&mut self) {
-        tracing::warn!(
-            held = self.held.len(),
-            waited = %humantime::format_duration(MAX_HOLD),
-            "the start's listing is slow; connections it has not reached read their own etag"
-        );
-        self.release_held();
+        // Decided on the wall clock, which `plan_hold` converts from: a
+        // connection not due to go now has a limit strictly in the future,
+        // so this never turns into a loop that fires at once.
+        let now = self.clock.now();
+        let late: Vec<String> = self
+            .held
+            .iter()
+            .filter(|id| self.hold_limit(id).is_none_or(|limit| limit <= now))
+            .cloned()
+            .collect();
+        if !late.is_empty() {
+            tracing::warn!(
+                released = late.len(),
+                still_held = self.held.len() - late.len(),
+                "the start's listing is slow; connections it has not reached read their own etag"
+            );
+        }
+        for id in late {
+            self.release(&id);
+        }
+        self.plan_hold();
     }
 
     /// One message of the start's listing (`None`: the channel closed).

@@ -895,3 +895,52 @@ async fn a_slow_listing_holds_connections_at_most_max_hold() {
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_held_connection_never_waits_into_its_credentials_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let mut snapshot = StateSnapshot::default();
+    // c0's restored credentials expire in 40 s, c1's in an hour.
+    for (id, expires_in) in [("c0", S(40)), ("c1", S(3600))] {
+        snapshot.connections.insert(
+            id.to_owned(),
+            crate::state::PersistedConnection {
+                sandbox: "prod".into(),
+                etag: "\"e\"".into(),
+                access_key_id: "ASIASAVED".into(),
+                expires_at: t0() + expires_in,
+                last_success_at: Some(t0()),
+            },
+        );
+    }
+    StateStore::new(state.clone()).save(&snapshot).unwrap();
+    let mut config = config(2, 4);
+    config.state.path = Some(state);
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let mut daemon = scheduler(
+        config,
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        Notifier::default(),
+    );
+    let (_intake, rx) = mpsc::unbounded_channel();
+    daemon.hold_until_listed(rx);
+    let cancel = CancellationToken::new();
+    let (_reloads_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    // The listing says nothing. c0 is held until EXPIRY_MARGIN before its
+    // expiry (t0 + 10 s), not for all of MAX_HOLD.
+    tokio::time::sleep(S(9)).await;
+    assert!(
+        runner.known_etags().is_empty(),
+        "{:?}",
+        runner.known_etags()
+    );
+    tokio::time::sleep(S(2)).await;
+    assert_eq!(runner.known_etags(), [("c0".to_owned(), None)]);
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
