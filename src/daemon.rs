@@ -996,7 +996,14 @@ impl Daemon {
         let idle = self.jobs.is_empty() && !overdue;
         let spinning = !self.progressed && turns > SPIN_TURNS;
         if (self.progressed || idle) && !spinning {
-            self.notifier.watchdog();
+            match self.notifier.watchdog_interval() {
+                // Before READY=1 (the first pass is still going): three
+                // ping intervals more to start, asked again at each ping.
+                Some(interval) if !self.ready_sent => self
+                    .notifier
+                    .watchdog_extending_start(interval.saturating_mul(3)),
+                _ => self.notifier.watchdog(),
+            }
         } else {
             tracing::warn!(
                 in_flight = self.jobs.len(),

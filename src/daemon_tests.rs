@@ -944,3 +944,40 @@ async fn a_held_connection_never_waits_into_its_credentials_expiry() {
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_first_pass_asks_systemd_for_more_start_time_until_ready() {
+    let clock = Clock::tokio_at(t0());
+    // 30 connections, 4 jobs at a time (dispatch limit), 20 s each: a
+    // 160 s first pass, longer than systemd's default 90 s start timeout.
+    let runner = Scripted::new(clock, |_, now| (S(20), rotated(now, S(3600))));
+    let systemd = FakeSystemd::new();
+    let notifier = systemd.notifier(Some(S(60)));
+    let daemon = scheduler(config(30, 1), Mode::Run, clock, runner, notifier);
+    let cancel = CancellationToken::new();
+    let (_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    let during = systemd.collect_for(S(120)).await;
+    let extends = |messages: &[String]| {
+        messages
+            .iter()
+            .filter(|m| m.contains("EXTEND_TIMEOUT_USEC=90000000"))
+            .count()
+    };
+    assert!(!during.iter().any(|m| m.contains("READY=1")));
+    assert!(
+        extends(&during) >= 3,
+        "every ping of the first pass extends the start: {during:?}"
+    );
+    let after = systemd.collect_for(S(300)).await;
+    assert!(after.iter().any(|m| m.contains("READY=1")));
+    let ready_at = after.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert_eq!(
+        extends(&after[ready_at..]),
+        0,
+        "no extension after READY: {after:?}"
+    );
+    assert!(after[ready_at..].iter().any(|m| m.contains("WATCHDOG=1")));
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -81,6 +81,15 @@ impl Notifier {
         self.send(&[NotifyState::Watchdog]);
     }
 
+    /// `WATCHDOG=1` with `EXTEND_TIMEOUT_USEC=`: while the first pass is
+    /// still making progress, systemd's start timeout (`TimeoutStartSec`,
+    /// 90 s by default) is pushed to at least `by` from now, so a large first
+    /// pass is not killed for being slow; a wedged one stops asking.
+    pub fn watchdog_extending_start(&self, by: Duration) {
+        let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+        self.send(&[NotifyState::Watchdog, NotifyState::ExtendTimeoutUsec(usec)]);
+    }
+
     /// `RELOADING=1` with `MONOTONIC_USEC=`.
     ///
     /// systemd 253+ requires the timestamp with `RELOADING=1` (it matches
