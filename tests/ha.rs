@@ -67,28 +67,10 @@ async fn a_stopped_leader_is_replaced_and_never_writes_again() {
     let i = c.index_of(&first);
     let stopped_at = SystemTime::now();
     c.replicas[i].process.signal("STOP");
-    let mut second = None;
-    assert!(
-        wait_until(PATIENCE, || {
-            second = c
-                .replicas
-                .iter()
-                .filter(|r| r.name != first)
-                .find(|r| {
-                    r.process
-                        .events("became leader")
-                        .iter()
-                        .any(|l| log_time(l) >= stopped_at)
-                })
-                .map(|r| r.name.clone());
-            second.is_some()
-        })
-        .await,
-        "no standby took over\n{}",
-        c.all_logs()
-    );
-    let second = second.unwrap();
-    let took_over = log_time(&c.became_leader_since(&second, stopped_at)[0]);
+    let (second, became) = c
+        .wait_leader_since(Some(&first), stopped_at, PATIENCE)
+        .await;
+    let took_over = log_time(&became);
     let takeover = secs_between(stopped_at, took_over);
     // It takes over once the record was unchanged for a full lease by its
     // own clock, looking every renew_every.
@@ -100,7 +82,7 @@ async fn a_stopped_leader_is_replaced_and_never_writes_again() {
         c.all_logs()
     );
     assert!(takeover < nominal + 8.0, "takeover {takeover:.3} s");
-    let previous = c.became_leader_since(&second, stopped_at)[0]["previous"].clone();
+    let previous = became["previous"].clone();
     assert_eq!(previous, first.as_str(), "{previous}");
 
     // The new leader writes (connections are due every ~4 s).
@@ -225,24 +207,8 @@ async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
     assert_eq!(released.len(), 1, "{}", leader_log(&c));
     let released_at = log_time(&released[0]);
 
-    let mut second = None;
-    assert!(
-        wait_until(PATIENCE, || {
-            second = c
-                .replicas
-                .iter()
-                .filter(|r| r.name != first)
-                .find(|r| !c.became_leader_since(&r.name, term_at).is_empty())
-                .map(|r| r.name.clone());
-            second.is_some()
-        })
-        .await,
-        "nobody took over\n{}",
-        c.all_logs()
-    );
-    let second = second.unwrap();
-    let became = &c.became_leader_since(&second, term_at)[0];
-    let handover = secs_between(released_at, log_time(became));
+    let (second, became) = c.wait_leader_since(Some(&first), term_at, PATIENCE).await;
+    let handover = secs_between(released_at, log_time(&became));
     println!(
         "SIGTERM: released {:.3} s after the signal, taken over {handover:.3} s after the release (renew_every {:?})",
         secs_between(term_at, released_at),
@@ -379,20 +345,7 @@ async fn no_replica_writes_while_dynamodb_is_down_and_rotation_resumes() {
     }
 
     // Back: a leader again, and every connection rotated after the outage.
-    let mut resumed = None;
-    assert!(
-        wait_until(PATIENCE, || {
-            resumed = c
-                .replicas
-                .iter()
-                .find(|r| !c.became_leader_since(&r.name, up_at).is_empty())
-                .map(|r| r.name.clone());
-            resumed.is_some()
-        })
-        .await,
-        "no leader after DynamoDB came back\n{}",
-        c.all_logs()
-    );
+    let (resumed, _) = c.wait_leader_since(None, up_at, PATIENCE).await;
     assert!(
         wait_until(PATIENCE, || {
             let p = c.h.sim.patches();
@@ -407,7 +360,6 @@ async fn no_replica_writes_while_dynamodb_is_down_and_rotation_resumes() {
         c.all_logs()
     );
     let after = c.h.sim.patches();
-    let resumed = resumed.unwrap();
     println!(
         "after the outage {resumed} leads; writers in order: {:?}; expired seconds: {:.3}",
         writer_runs(&after),
@@ -470,23 +422,7 @@ async fn a_killed_leader_is_replaced_without_re_pushing_fresh_connections() {
     let killed_at = SystemTime::now();
     c.replicas[i].process.child.kill().unwrap();
     let _ = c.replicas[i].process.child.wait();
-    let mut second = None;
-    assert!(
-        wait_until(PATIENCE, || {
-            second = c
-                .replicas
-                .iter()
-                .filter(|r| r.name != first)
-                .find(|r| !c.became_leader_since(&r.name, killed_at).is_empty())
-                .map(|r| r.name.clone());
-            second.is_some()
-        })
-        .await,
-        "nobody took over\n{}",
-        c.all_logs()
-    );
-    let second = second.unwrap();
-    let became = c.became_leader_since(&second, killed_at)[0].clone();
+    let (second, became) = c.wait_leader_since(Some(&first), killed_at, PATIENCE).await;
     println!(
         "SIGKILL takeover: {:.3} s",
         secs_between(killed_at, log_time(&became))

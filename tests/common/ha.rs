@@ -355,6 +355,35 @@ impl Cluster {
         leaders.remove(0)
     }
 
+    /// Waits until a replica other than `except` (any, for `None`) logs
+    /// "became leader" at or after `since`: its name and that line.
+    pub async fn wait_leader_since(
+        &self,
+        except: Option<&str>,
+        since: SystemTime,
+        timeout: Duration,
+    ) -> (String, Value) {
+        let mut found = None;
+        let ok = crate::common::wait_until(timeout, || {
+            found = self
+                .replicas
+                .iter()
+                .filter(|r| Some(r.name.as_str()) != except)
+                .find_map(|r| {
+                    let became = self.became_leader_since(&r.name, since);
+                    became.into_iter().next().map(|l| (r.name.clone(), l))
+                });
+            found.is_some()
+        })
+        .await;
+        assert!(
+            ok,
+            "no replica (but {except:?}) became leader since {since:?}\n{}",
+            self.all_logs()
+        );
+        found.expect("checked above")
+    }
+
     /// "became leader" lines of `name` at or after `since`.
     pub fn became_leader_since(&self, name: &str, since: SystemTime) -> Vec<Value> {
         self.replicas[self.index_of(name)]
