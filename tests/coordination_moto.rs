@@ -19,7 +19,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -85,12 +84,6 @@ async fn drop_table(moto: &Dynamo, store: &DynamoStore) {
             .await
             .unwrap();
     }
-}
-
-fn moto_server() -> String {
-    std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap_or_else(|_| {
-        panic!("AEP_S3_ROTATOR_MOTO_SERVER is not set: run the suite with scripts/test.sh, which installs moto[server] into .venv")
-    })
 }
 
 fn start_moto() -> Dynamo {
@@ -217,14 +210,7 @@ sandbox = "prod"
 }
 
 fn init_process(config: &Path) -> DaemonProcess {
-    let mut command = clean_command(binary());
-    command
-        .env("AWS_ACCESS_KEY_ID", SOURCE_KEY_ID)
-        .env("AWS_SECRET_ACCESS_KEY", SOURCE_SECRET)
-        .arg("--config")
-        .arg(config)
-        .args(["coordination", "init"]);
-    DaemonProcess::spawn(command)
+    spawn_daemon(config, &["coordination", "init"])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -605,23 +591,7 @@ struct IamSetup {
 }
 
 fn setup_iam(moto: &Dynamo, table: &str) -> IamSetup {
-    let python = Path::new(&moto_server()).with_file_name("python");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support/moto_dynamodb_iam_setup.py"
-    );
-    let output = Command::new(&python)
-        .arg(script)
-        .arg(&moto.url)
-        .arg(table)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    assert!(
-        output.status.success(),
-        "moto IAM setup failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    run_moto_setup("moto_dynamodb_iam_setup.py", &[&moto.url, table])
 }
 
 #[tokio::test(flavor = "multi_thread")]

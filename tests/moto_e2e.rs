@@ -17,7 +17,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -171,23 +170,7 @@ struct IamSetup {
 /// Creates a bucket, a user and two roles in `moto`, then turns IAM
 /// enforcement on. Uses the venv's Python, beside `moto_server`.
 fn setup_iam(moto: &Moto) -> IamSetup {
-    let server = std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap();
-    let python = std::path::Path::new(&server).with_file_name("python");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/support/moto_iam_setup.py"
-    );
-    let output = Command::new(&python)
-        .arg(script)
-        .arg(moto.url())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
-    assert!(
-        output.status.success(),
-        "moto IAM setup failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    run_moto_setup("moto_iam_setup.py", &[&moto.url()])
 }
 
 /// Runs `once` with the moto user as the daemon's source identity.

@@ -186,14 +186,7 @@ role_arn = "{ROLE_ARN}"
 
     /// Starts the daemon with `args` after `--config <path>`.
     pub fn spawn(&self, config: &Path, args: &[&str]) -> DaemonProcess {
-        let mut command = clean_command(binary());
-        command
-            .env("AWS_ACCESS_KEY_ID", SOURCE_KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", SOURCE_SECRET)
-            .arg("--config")
-            .arg(config)
-            .args(args);
-        DaemonProcess::spawn(command)
+        spawn_daemon(config, args)
     }
 
     /// Every secret value that must never be printed.
@@ -374,13 +367,52 @@ impl Drop for Moto {
     }
 }
 
+/// The `moto_server` executable (`AEP_S3_ROTATOR_MOTO_SERVER`, set by
+/// `scripts/test.sh`): without it a moto test fails, never skips.
+pub fn moto_server() -> String {
+    std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap_or_else(|_| {
+        panic!("AEP_S3_ROTATOR_MOTO_SERVER is not set: run the suite with scripts/test.sh, which installs moto[server] into .venv")
+    })
+}
+
+/// Runs `tests/support/<script>` with `args` on the venv's Python (beside
+/// `moto_server`); its stdout, parsed as JSON.
+pub fn run_moto_setup<T: serde::de::DeserializeOwned>(script: &str, args: &[&str]) -> T {
+    let python = Path::new(&moto_server()).with_file_name("python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script);
+    let output = Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    assert!(
+        output.status.success(),
+        "moto setup {} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Starts the daemon binary with `args` after `--config <config>`, with the
+/// tests' AWS source identity.
+pub fn spawn_daemon(config: &Path, args: &[&str]) -> DaemonProcess {
+    let mut command = clean_command(binary());
+    command
+        .env("AWS_ACCESS_KEY_ID", SOURCE_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", SOURCE_SECRET)
+        .arg("--config")
+        .arg(config)
+        .args(args);
+    DaemonProcess::spawn(command)
+}
+
 impl Moto {
-    /// Starts moto (`AEP_S3_ROTATOR_MOTO_SERVER`, set by `scripts/test.sh`;
-    /// without it the test fails, never skips) and waits until it listens.
+    /// Starts moto ([`moto_server`]) and waits until it listens.
     pub fn start() -> Self {
-        let server = std::env::var("AEP_S3_ROTATOR_MOTO_SERVER").unwrap_or_else(|_| {
-            panic!("AEP_S3_ROTATOR_MOTO_SERVER is not set: run the suite with scripts/test.sh, which installs moto[server] into .venv")
-        });
+        let server = moto_server();
         // Ask the OS for a free port, then hand it to moto (it cannot report one).
         let port = free_port();
         let mut child = Command::new(&server)
