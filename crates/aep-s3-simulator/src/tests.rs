@@ -140,12 +140,25 @@ fn flow(
     token: &str,
     sandbox: &str,
 ) -> reqwest::RequestBuilder {
+    flow_request(sim, http, method, path, token, CLIENT_ID, sandbox)
+}
+
+/// A Flow request with `api_key` as `x-api-key`, in `sandbox`.
+fn flow_request(
+    sim: &Simulator,
+    http: &reqwest::Client,
+    method: Method,
+    path: &str,
+    token: &str,
+    api_key: &str,
+    sandbox: &str,
+) -> reqwest::RequestBuilder {
     http.request(
         method,
         format!("{}/data/foundation/flowservice{path}", sim.platform_url()),
     )
     .bearer_auth(token)
-    .header("x-api-key", CLIENT_ID)
+    .header("x-api-key", api_key)
     .header("x-gw-ims-org-id", ORG_ID)
     .header("x-sandbox-name", sandbox)
 }
@@ -2070,14 +2083,7 @@ fn flow_as(
     token: &str,
     api_key: &str,
 ) -> reqwest::RequestBuilder {
-    http.request(
-        method,
-        format!("{}/data/foundation/flowservice{path}", sim.platform_url()),
-    )
-    .bearer_auth(token)
-    .header("x-api-key", api_key)
-    .header("x-gw-ims-org-id", ORG_ID)
-    .header("x-sandbox-name", "prod")
+    flow_request(sim, http, method, path, token, api_key, "prod")
 }
 
 /// A token for `client_id`/`secret` (one of the extra clients).
