@@ -146,9 +146,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &ConnCtl, request: Request) -> Respons
         _ => RequestKind::FlowOther,
     };
     let plan = shared.plan(SimService::Flow, connection, kind);
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
+    crate::pace::wait(plan.latency, plan.arrived).await;
     let Ok(body) = to_bytes(body, MAX_BODY).await else {
         // The client went away or sent more than any real request: drop it.
         return ctl.reset();

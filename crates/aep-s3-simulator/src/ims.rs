@@ -40,9 +40,7 @@ async fn handle(
     }
     let (parts, body) = request.into_parts();
     let plan = shared.plan(SimService::Ims, None, RequestKind::Ims);
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
+    crate::pace::wait(plan.latency, plan.arrived).await;
     let Ok(body) = to_bytes(body, MAX_BODY).await else {
         return ctl.reset();
     };

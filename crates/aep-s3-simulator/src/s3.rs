@@ -53,9 +53,7 @@ async fn handle(
     }
     let (parts, _body) = request.into_parts();
     let plan = shared.plan(SimService::S3, None, RequestKind::S3);
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
+    crate::pace::wait(plan.latency, plan.arrived).await;
     match plan.script {
         Some(ScriptedFault::Reset) => {
             shared.lock().event(SimEvent::Reset {

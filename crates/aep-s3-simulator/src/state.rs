@@ -58,6 +58,9 @@ pub(super) enum RandomFault {
 /// What to do with one request, decided under the lock when it arrives.
 #[derive(Debug)]
 pub(super) struct Plan {
+    /// When the request was planned (it had just arrived): the latency is
+    /// counted from here.
+    pub arrived: tokio::time::Instant,
     /// Injected latency before answering.
     pub latency: Duration,
     /// A scripted answer, taken from a queue (wins over random faults).
@@ -551,6 +554,7 @@ impl Shared {
     /// Decides what to do with one request: latency, a scripted answer, or a
     /// random fault; applies a random token revocation (Flow).
     pub fn plan(&self, service: SimService, connection: Option<&str>, kind: RequestKind) -> Plan {
+        let arrived = tokio::time::Instant::now();
         let mut st = self.lock();
         let st = &mut *st;
         if service == SimService::Flow {
@@ -603,6 +607,7 @@ impl Shared {
             random = RandomFault::None;
         }
         Plan {
+            arrived,
             latency: faults.latency,
             script,
             random,

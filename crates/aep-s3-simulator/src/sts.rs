@@ -41,9 +41,7 @@ async fn handle(
     }
     let (parts, body) = request.into_parts();
     let plan = shared.plan(SimService::Sts, None, RequestKind::Sts);
-    if !plan.latency.is_zero() {
-        tokio::time::sleep(plan.latency).await;
-    }
+    crate::pace::wait(plan.latency, plan.arrived).await;
     // The SDK may send the form chunked or with a length: read it all.
     let Ok(body) = to_bytes(body, MAX_BODY).await else {
         return ctl.reset();
