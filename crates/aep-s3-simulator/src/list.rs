@@ -316,7 +316,7 @@ pub(super) fn answer(
             ordering
         }
     };
-    // An `id==a,b,c` filter is checked on the id before the item is built:
+    // An `id==a,b,c` filter is applied on the id before the item is built:
     // the same answer (the item's `id` is the connection's id), without
     // building and sorting every item of the sandbox for each 80-id call.
     let wanted_ids: Option<std::collections::HashSet<&str>> = query
@@ -326,15 +326,14 @@ pub(super) fn answer(
             matches!(f.op, Op::Eq) && f.path.len() == 1 && f.path[0] == ("id".to_owned(), false)
         })
         .map(|f| f.values.iter().map(String::as_str).collect());
-    let mut keyed: Vec<((Value, String), &super::state::Conn)> = st
-        .connections
-        .values()
+    // With such a filter the candidates are looked up, not scanned for: a
+    // first pass lists 10,000 connections in 128 such calls.
+    let candidates: Box<dyn Iterator<Item = &super::state::Conn>> = match &wanted_ids {
+        Some(ids) => Box::new(ids.iter().filter_map(|id| st.connections.get(*id))),
+        None => Box::new(st.connections.values()),
+    };
+    let mut keyed: Vec<((Value, String), &super::state::Conn)> = candidates
         .filter(|c| c.spec.sandbox == sandbox)
-        .filter(|c| {
-            wanted_ids
-                .as_ref()
-                .is_none_or(|ids| ids.contains(c.spec.id.as_str()))
-        })
         .map(|c| {
             let key = match field.as_str() {
                 "name" => Value::String(c.spec.name.clone()),
