@@ -617,19 +617,33 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
 }
 
 /// `auth.params` `bucketName` / `folderPath` / `serviceUrl` of a connection
-/// item (a `GET` answer or a list item); `None` without a `bucketName`.
+/// `GET` answer; `None` without a `bucketName`.
 fn s3_target(item: &Value) -> Option<S3Target> {
-    let param = |name: &str| {
-        item.pointer(&format!("/auth/params/{name}"))
-            .and_then(Value::as_str)
-            .map(str::trim)
+    let params = item.pointer("/auth/params")?;
+    let param = |name: &str| params.get(name).and_then(Value::as_str);
+    s3_target_of(
+        param("bucketName"),
+        param("folderPath"),
+        param("serviceUrl"),
+    )
+}
+
+/// The S3 target of a connection's parameters, each trimmed (blank =
+/// absent); `None` without a bucket.
+fn s3_target_of(
+    bucket: Option<&str>,
+    folder: Option<&str>,
+    service_url: Option<&str>,
+) -> Option<S3Target> {
+    let given = |v: Option<&str>| {
+        v.map(str::trim)
             .filter(|v| !v.is_empty())
             .map(str::to_owned)
     };
-    param("bucketName").map(|bucket| S3Target {
+    given(bucket).map(|bucket| S3Target {
         bucket,
-        folder: param("folderPath"),
-        service_url: param("serviceUrl"),
+        folder: given(folder),
+        service_url: given(service_url),
     })
 }
 
@@ -741,46 +755,117 @@ pub struct ListPage {
     pub next: Option<String>,
 }
 
-/// Parses a `GET /connections` page leniently (unknown fields ignored,
-/// unusable items skipped) but checks what is used.
+/// Parses a `GET /connections` page leniently (unknown fields skipped, a
+/// field of the wrong type read as absent, unusable items skipped) but
+/// checks what is used. Typed, not through `serde_json::Value`: only the
+/// fields used are built.
 pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
-    let value: Value = serde_json::from_slice(body)
+    use crate::lenient::{Array, Object, Text};
+
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Page {
+        items: Array<Object<Item>>,
+        #[serde(rename = "_links")]
+        links: Object<Links>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Links {
+        next: Object<Next>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Next {
+        href: Option<Value>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Item {
+        id: Text,
+        etag: Text,
+        name: Text,
+        description: Text,
+        state: Text,
+        auth: Object<Auth>,
+        #[serde(rename = "connectionSpec")]
+        connection_spec: Object<Spec>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Auth {
+        #[serde(rename = "specName")]
+        spec_name: Text,
+        params: Object<Params>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Params {
+        #[serde(rename = "bucketName")]
+        bucket_name: Text,
+        #[serde(rename = "folderPath")]
+        folder_path: Text,
+        #[serde(rename = "serviceUrl")]
+        service_url: Text,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(default)]
+    struct Spec {
+        id: Text,
+    }
+
+    let Object(page) = serde_json::from_slice::<Object<Page>>(body)
         .map_err(|e| FlowError::Malformed(format!("list answer is not JSON: {e}")))?;
-    let items = value
-        .get("items")
-        .and_then(Value::as_array)
-        .ok_or_else(|| FlowError::Malformed("list answer has no \"items\" array".to_owned()))?;
-    let text = |item: &Value, pointer: &str| {
-        item.pointer(pointer)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
+    let Some(Page {
+        items: Array(Some(items)),
+        links,
+    }) = page
+    else {
+        return Err(FlowError::Malformed(
+            "list answer has no \"items\" array".to_owned(),
+        ));
     };
     let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let id = text(item, "/id").filter(|id| {
+    for Object(item) in items {
+        let Some(item) = item else {
+            tracing::debug!("list item that is not an object skipped");
+            continue;
+        };
+        let id = item.id.0.filter(|id| {
             !id.is_empty()
                 && !id.contains(['/', '?', '#', '%'])
                 && !id.chars().any(char::is_control)
         });
-        let etag = text(item, "/etag").filter(|etag| !etag.is_empty());
+        let etag = item.etag.0.filter(|etag| !etag.is_empty());
         let (Some(id), Some(etag)) = (id, etag) else {
             tracing::debug!("list item without a usable id or etag skipped");
             continue;
         };
+        let auth = item.auth.0.unwrap_or_default();
         out.push(ListedConnection {
             id,
             etag,
-            name: text(item, "/name"),
-            description: text(item, "/description"),
-            auth_spec: text(item, "/auth/specName"),
-            state: text(item, "/state"),
-            connection_spec_id: text(item, "/connectionSpec/id"),
-            s3: s3_target(item),
+            name: item.name.0,
+            description: item.description.0,
+            auth_spec: auth.spec_name.0,
+            state: item.state.0,
+            connection_spec_id: item.connection_spec.0.and_then(|spec| spec.id.0),
+            s3: auth.params.0.and_then(|params| {
+                s3_target_of(
+                    params.bucket_name.0.as_deref(),
+                    params.folder_path.0.as_deref(),
+                    params.service_url.0.as_deref(),
+                )
+            }),
         });
     }
-    let next = match value.pointer("/_links/next/href") {
+    let href = links
+        .0
+        .and_then(|links| links.next.0)
+        .and_then(|next| next.href);
+    let next = match href {
         None | Some(Value::Null) => None,
-        Some(Value::String(href)) => Some(continuation_token(href)?),
+        Some(Value::String(href)) => Some(continuation_token(&href)?),
         Some(_) => {
             return Err(FlowError::Malformed(
                 "list answer's _links.next.href is not a string".to_owned(),

@@ -59,6 +59,7 @@ pub mod flow;
 pub mod fsguard;
 pub mod http;
 pub mod ims;
+pub mod lenient;
 pub mod logging;
 pub mod notify;
 pub mod rotation;
