@@ -9,16 +9,15 @@
 //! could reach.
 //!
 //! So a wait is counted from when the request arrived, and its last stretch
-//! is timed by one thread that sleeps on a channel with a timeout (a futex
-//! wait on the kernel's high-resolution timers) and wakes each request at
-//! its deadline. tokio's timer still runs the first part of a wait and
+//! is timed by one thread that sleeps on a condition variable with a
+//! timeout (a futex wait on the kernel's high-resolution timers) and wakes
+//! each request at its deadline. tokio's timer still runs the first part of a wait and
 //! races the thread for the rest, so on paused time a wait takes no real
 //! time, as before.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::sync::OnceLock;
-use std::sync::mpsc;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -47,73 +46,94 @@ pub(crate) async fn wait(latency: Duration, arrived: tokio::time::Instant) {
         return;
     }
     let (done, woken) = oneshot::channel();
-    if timer().send((Instant::now() + left, done)).is_err() {
-        // The timer thread is gone (it never stops while the process runs):
-        // tokio's own timer alone.
-        tokio::time::sleep_until(deadline).await;
-        return;
-    }
+    timer().add(Instant::now() + left, done);
     // Whichever is first: the precise thread in real time, tokio's timer on
-    // paused time (which it advances to the deadline at once).
+    // paused time (which it advances to the deadline at once) or should the
+    // thread have failed to start.
     tokio::select! {
         _ = woken => {}
         () = tokio::time::sleep_until(deadline) => {}
     }
 }
 
-type Wake = (Instant, oneshot::Sender<()>);
-
-/// The precise timer's queue; the thread starts on first use.
-fn timer() -> &'static mpsc::Sender<Wake> {
-    static TIMER: OnceLock<mpsc::Sender<Wake>> = OnceLock::new();
-    TIMER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Wake>();
-        // Should the thread fail to start, `rx` is dropped with it and every
-        // `send` fails: waits fall back to tokio's timer.
-        let _ = std::thread::Builder::new()
-            .name("sim-latency".to_owned())
-            .spawn(move || run_timer(&rx));
-        tx
-    })
+/// The precise timer: deadlines under a lock, and one thread that sleeps
+/// until the earliest. It is woken only when a new deadline comes before
+/// the earliest one (rare: deadlines mostly arrive in order), so a request
+/// costs a lock and a heap push, not a thread wake-up.
+#[derive(Default)]
+struct Timer {
+    queue: Mutex<Queue>,
+    earlier: Condvar,
 }
 
-/// Wakes each queued request at its deadline, earliest first.
-fn run_timer(queue: &mpsc::Receiver<Wake>) {
-    // Ordered by deadline, then arrival (a sequence number: senders do not
-    // compare).
-    let mut due: BinaryHeap<Reverse<(Instant, u64)>> = BinaryHeap::new();
-    let mut waiting: std::collections::HashMap<u64, oneshot::Sender<()>> =
-        std::collections::HashMap::new();
-    let mut seq = 0u64;
-    loop {
-        let next = due.peek().map(|Reverse((at, _))| *at);
-        let received = match next {
-            None => queue
-                .recv()
-                .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            Some(at) => queue.recv_timeout(at.saturating_duration_since(Instant::now())),
-        };
-        match received {
-            Ok((at, done)) => {
-                seq += 1;
-                due.push(Reverse((at, seq)));
-                waiting.insert(seq, done);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        }
-        let now = Instant::now();
-        while let Some(Reverse((at, n))) = due.peek().copied() {
-            if at > now {
-                break;
-            }
-            due.pop();
-            if let Some(done) = waiting.remove(&n) {
-                // The request may have gone away meanwhile: nothing to wake.
-                let _ = done.send(());
-            }
+#[derive(Default)]
+struct Queue {
+    /// Ordered by deadline, then arrival (senders do not compare).
+    due: BinaryHeap<Reverse<(Instant, u64)>>,
+    waiting: HashMap<u64, oneshot::Sender<()>>,
+    seq: u64,
+}
+
+impl Timer {
+    fn add(&self, at: Instant, done: oneshot::Sender<()>) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = queue
+            .due
+            .peek()
+            .is_none_or(|Reverse((earliest, _))| at < *earliest);
+        queue.seq += 1;
+        let seq = queue.seq;
+        queue.due.push(Reverse((at, seq)));
+        queue.waiting.insert(seq, done);
+        drop(queue);
+        if first {
+            self.earlier.notify_one();
         }
     }
+
+    /// Wakes each waiting request at its deadline, earliest first.
+    fn run(&self) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            while let Some(Reverse((at, seq))) = queue.due.peek().copied() {
+                if at > now {
+                    break;
+                }
+                queue.due.pop();
+                if let Some(done) = queue.waiting.remove(&seq) {
+                    // The request may have gone away meanwhile: no one to wake.
+                    let _ = done.send(());
+                }
+            }
+            queue = match queue.due.peek() {
+                None => self
+                    .earlier
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(Reverse((at, _))) => {
+                    let timeout = at.saturating_duration_since(now);
+                    self.earlier
+                        .wait_timeout(queue, timeout)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// The process's timer; its thread starts on first use.
+fn timer() -> &'static Timer {
+    static TIMER: OnceLock<&'static Timer> = OnceLock::new();
+    TIMER.get_or_init(|| {
+        let timer: &'static Timer = Box::leak(Box::default());
+        // Should the thread fail to start, tokio's timer ends every wait.
+        let _ = std::thread::Builder::new()
+            .name("sim-latency".to_owned())
+            .spawn(move || timer.run());
+        timer
+    })
 }
 
 #[cfg(test)]

@@ -669,13 +669,15 @@ impl Shared {
         let mut stats = st.counters.clone();
         stats.max_in_flight = self.max_in_flight.load(Ordering::Relaxed);
         stats.flow_busy_seconds = self.flow_busy_us.load(Ordering::Relaxed) as f64 / 1e6;
-        stats.expired_seconds = st.retired_expired_seconds
-            + st.connections
-                .values()
-                .map(|c| c.expired_seconds_at(now))
-                .sum::<f64>();
-        stats.connections_never_rotated =
-            st.connections.values().filter(|c| c.patches == 0).count() as u64;
+        // One pass under the lock: the benchmark asks 20 times a second
+        // while 10,000 connections are being rotated.
+        let (mut expired, mut never_rotated) = (st.retired_expired_seconds, 0u64);
+        for c in st.connections.values() {
+            expired += c.expired_seconds_at(now);
+            never_rotated += u64::from(c.patches == 0);
+        }
+        stats.expired_seconds = expired;
+        stats.connections_never_rotated = never_rotated;
         stats
     }
 
