@@ -430,13 +430,23 @@ impl FlowClient {
         let secret = credentials.secret_access_key.expose_secret();
         let session = credentials.session_token.expose_secret();
         let values = [credentials.access_key_id.as_str(), secret, session];
-        let body = Value::Array(
-            CREDENTIAL_PATHS
-                .iter()
-                .zip(values)
-                .map(|(path, value)| json!({"op": "replace", "path": path, "value": value}))
-                .collect(),
-        );
+        /// One JSON Patch operation, written straight to the body.
+        #[derive(serde::Serialize)]
+        struct Replace<'a> {
+            op: &'static str,
+            path: &'static str,
+            value: &'a str,
+        }
+        let ops = CREDENTIAL_PATHS
+            .into_iter()
+            .zip(values)
+            .map(|(path, value)| Replace {
+                op: "replace",
+                path,
+                value,
+            });
+        let body = serde_json::to_vec(&ops.collect::<Vec<_>>())
+            .map_err(|e| FlowError::Malformed(format!("cannot encode the PATCH body: {e}")))?;
         let mut headers = self.headers(sandbox, token)?;
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
@@ -452,7 +462,7 @@ impl FlowClient {
             .http
             .request(Method::PATCH, url.clone())
             .headers(headers)
-            .body(body.to_string());
+            .body(body);
         let (status, headers, answer) = self.send(request, &url).await?;
         if !status.is_success() {
             return Err(self.error_for(status, &headers, &answer, id, sandbox, &[secret, session]));
