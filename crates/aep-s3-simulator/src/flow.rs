@@ -382,7 +382,9 @@ impl Shared {
 
         let (id, is_test) = match route {
             Route::List if parts.method == Method::GET => {
-                return super::list::answer(st, parts, sandbox, &self.client_id, &self.org_id);
+                let page = super::list::answer(st, parts, sandbox, &self.client_id, &self.org_id);
+                drop(guard);
+                return page.map_or_else(|error| *error, |page| wire::json(200, &page));
             }
             Route::List if parts.method == Method::POST => {
                 return self.create(st, parts, body, sandbox, &what, now);
