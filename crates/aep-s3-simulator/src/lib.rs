@@ -309,7 +309,8 @@ pub enum RetryAfter {
 /// faults and no latency.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Faults {
-    /// Added to every request of every service before answering.
+    /// Every request of every service is answered this long after it
+    /// arrived (the answer is built then; timed to about 0.1 ms).
     pub latency: Duration,
     /// Probability of a Flow 429.
     pub flow_429: f64,

@@ -39,7 +39,8 @@ struct Args {
     /// Number of sandboxes (`sandbox-1..K`) the connections are spread over, round-robin.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     sandboxes: u64,
-    /// Latency added to every request of every service.
+    /// Latency of every request of every service: the answer is built this
+    /// long after the request arrived (to about 0.1 ms).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     latency: Duration,
     /// Lifetime of every STS credential issued, whatever was asked for.
