@@ -385,7 +385,12 @@ pub(super) fn answer(
         }
     }
     drop(keyed);
-    let mut body = json!({ "items": page });
+    // Not `json!({"items": page})`: that serializes the page into a second
+    // copy (under the state lock).
+    let mut body = Value::Object(serde_json::Map::from_iter([(
+        "items".to_owned(),
+        Value::Array(page),
+    )]));
     if let (true, Some(last)) = (more, page_last) {
         let token = encode_token(sandbox, &query, &last);
         body["_links"] = json!({
