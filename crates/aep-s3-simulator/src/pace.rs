@@ -11,12 +11,12 @@
 //! So a wait is counted from when the request arrived, and its last stretch
 //! is timed by one thread that sleeps on a condition variable with a
 //! timeout (a futex wait on the kernel's high-resolution timers) and wakes
-//! each request at its deadline. tokio's timer still runs the first part of a wait and
-//! races the thread for the rest, so on paused time a wait takes no real
-//! time, as before.
+//! each request at its deadline. tokio's timer still runs the first part
+//! of a wait and races the thread for the rest, so on paused time a wait
+//! takes no real time, as before.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
 use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -68,11 +68,38 @@ struct Timer {
 
 #[derive(Default)]
 struct Queue {
-    /// Ordered by deadline, then arrival (senders do not compare).
-    due: BinaryHeap<Reverse<(Instant, u64)>>,
-    waiting: HashMap<u64, oneshot::Sender<()>>,
+    /// Earliest deadline first.
+    due: BinaryHeap<Reverse<Wake>>,
+    /// Arrival order, to break ties.
     seq: u64,
 }
+
+/// One waiting request: its deadline and how to wake it.
+struct Wake {
+    at: Instant,
+    seq: u64,
+    done: oneshot::Sender<()>,
+}
+
+impl Ord for Wake {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+impl PartialOrd for Wake {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Wake {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Wake {}
 
 impl Timer {
     fn add(&self, at: Instant, done: oneshot::Sender<()>) {
@@ -80,11 +107,10 @@ impl Timer {
         let first = queue
             .due
             .peek()
-            .is_none_or(|Reverse((earliest, _))| at < *earliest);
+            .is_none_or(|Reverse(earliest)| at < earliest.at);
         queue.seq += 1;
         let seq = queue.seq;
-        queue.due.push(Reverse((at, seq)));
-        queue.waiting.insert(seq, done);
+        queue.due.push(Reverse(Wake { at, seq, done }));
         drop(queue);
         if first {
             self.earlier.notify_one();
@@ -96,14 +122,10 @@ impl Timer {
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             let now = Instant::now();
-            while let Some(Reverse((at, seq))) = queue.due.peek().copied() {
-                if at > now {
-                    break;
-                }
-                queue.due.pop();
-                if let Some(done) = queue.waiting.remove(&seq) {
+            while queue.due.peek().is_some_and(|Reverse(wake)| wake.at <= now) {
+                if let Some(Reverse(wake)) = queue.due.pop() {
                     // The request may have gone away meanwhile: no one to wake.
-                    let _ = done.send(());
+                    let _ = wake.done.send(());
                 }
             }
             queue = match queue.due.peek() {
@@ -111,8 +133,8 @@ impl Timer {
                     .earlier
                     .wait(queue)
                     .unwrap_or_else(PoisonError::into_inner),
-                Some(Reverse((at, _))) => {
-                    let timeout = at.saturating_duration_since(now);
+                Some(Reverse(wake)) => {
+                    let timeout = wake.at.saturating_duration_since(now);
                     self.earlier
                         .wait_timeout(queue, timeout)
                         .unwrap_or_else(PoisonError::into_inner)
