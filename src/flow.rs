@@ -1051,6 +1051,9 @@ mod tests {
             "[]",
             r#"{"items": [], "_links": {"next": {"href": "/connections?limit=2"}}}"#,
             r#"{"items": [], "_links": {"next": {"href": 5}}}"#,
+            // A key given twice is ambiguous: the page is refused (the
+            // listing then counts as failed and drops nothing).
+            r#"{"items": [{"id": "a", "id": "b", "etag": "\"e\""}]}"#,
         ] {
             assert!(
                 matches!(

@@ -1588,6 +1588,31 @@ async fn list_filters_pages_and_orders_as_documented() {
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
 }
 
+/// An `id==` filter is answered by looking the ids up (not by scanning the
+/// sandbox): it still names ids *in the sandbox asked*, and each once.
+#[tokio::test]
+async fn an_id_filter_answers_the_sandboxs_connections_each_once() {
+    let mut config = config(Duration::from_secs(3600));
+    for n in 0..3 {
+        config.connections.push(SimConnection::s3(
+            format!("s3-{n}"),
+            "prod",
+            format!("ingest-{n}"),
+        ));
+    }
+    let sim = Simulator::start(config).await.unwrap();
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    // Another sandbox's id, an unknown one and a repeated one add nothing.
+    let query = format!("property=id%3D%3Ds3-2,{OTHER},nope,s3-0,s3-2&orderby=name");
+    let (status, body) = list(&sim, &http, &token, "prod", &query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(listed_ids(&body), ["s3-0", "s3-2"]);
+    let (_, dev) = list(&sim, &http, &token, "dev", &query).await;
+    assert_eq!(listed_ids(&dev), [OTHER]);
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
 #[tokio::test]
 async fn list_refuses_what_adobe_does_not_document() {
     let sim = start().await;
