@@ -26,7 +26,7 @@ use axum::response::Response;
 use serde_json::{Value, json};
 
 use super::flow::{connection_item, flow_error};
-use super::state::State as SimState;
+use super::state::{Conn, State as SimState};
 
 /// Adobe documents `limit` without a maximum; 1000 bounds one answer.
 const MAX_LIMIT: usize = 1000;
@@ -219,26 +219,43 @@ fn passes(item: &Value, filter: &Filter) -> bool {
     }
 }
 
-fn compare(a: &(Value, String), b: &(Value, String)) -> Ordering {
-    let first = match (&a.0, &b.0) {
-        (Value::Number(x), Value::Number(y)) => x
-            .as_f64()
-            .partial_cmp(&y.as_f64())
-            .unwrap_or(Ordering::Equal),
-        (Value::String(x), Value::String(y)) => x.cmp(y),
-        _ => Ordering::Equal,
+/// Where a connection sits in the query's order: its sort field, then its
+/// id, so the order is total and keyset paging neither skips nor repeats.
+/// Borrowed from the stored connection: ordering a sandbox copies nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Field<'a> {
+    Created(u64),
+    Name(&'a str),
+}
+
+type Key<'a> = (Field<'a>, &'a str);
+
+/// An entry of the creation index ([`SimState::by_creation`]) as a key.
+fn index_key((created, id): &(u64, String)) -> Key<'_> {
+    (Field::Created(*created), id)
+}
+
+fn key_of<'a>(conn: &'a Conn, by_name: bool) -> Key<'a> {
+    let field = if by_name {
+        Field::Name(&conn.spec.name)
+    } else {
+        Field::Created(conn.created_at_ms)
     };
-    first.then_with(|| a.1.cmp(&b.1))
+    (field, &conn.spec.id)
 }
 
 /// A token names the query it belongs to and the last item handed out.
-fn encode_token(sandbox: &str, query: &Query, last: &(Value, String)) -> String {
+fn encode_token(sandbox: &str, query: &Query, last: Key<'_>) -> String {
+    let field = match last.0 {
+        Field::Created(ms) => json!(ms),
+        Field::Name(name) => json!(name),
+    };
     let text = json!([
         sandbox,
         query.filter_texts,
         query.order.0,
         query.order.1,
-        last.0,
+        field,
         last.1
     ])
     .to_string();
@@ -254,6 +271,58 @@ fn decode_token(token: &str) -> Option<Value> {
         .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
         .collect();
     serde_json::from_slice(&bytes?).ok()
+}
+
+/// Why a continuation token is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenFault {
+    /// Not a token this server wrote.
+    NotOurs,
+    /// Ours, but from a query with other filters, order or sandbox.
+    OtherQuery,
+}
+
+impl TokenFault {
+    /// The recorded violation and the 400's detail.
+    fn texts(self) -> (&'static str, &'static str) {
+        match self {
+            Self::NotOurs => (
+                "continuationToken was not issued by this server",
+                "Invalid continuationToken",
+            ),
+            Self::OtherQuery => (
+                "continuationToken used with other filters, order or sandbox than the query it came from",
+                "The continuationToken does not belong to this query; send the same property and orderby parameters",
+            ),
+        }
+    }
+}
+
+/// The last key a decoded token handed out, if it belongs to the query
+/// `expected` describes (`[sandbox, filters, field, descending]`).
+fn token_key<'t>(
+    decoded: Option<&'t Value>,
+    expected: &Value,
+    by_name: bool,
+) -> Result<Key<'t>, TokenFault> {
+    let Some([query @ .., field, id]) = decoded.and_then(Value::as_array).map(Vec::as_slice) else {
+        return Err(TokenFault::NotOurs);
+    };
+    if query.len() != 4 {
+        return Err(TokenFault::NotOurs);
+    }
+    if Some(query) != expected.as_array().map(Vec::as_slice) {
+        return Err(TokenFault::OtherQuery);
+    }
+    let field = if by_name {
+        field.as_str().map(Field::Name)
+    } else {
+        field.as_u64().map(Field::Created)
+    };
+    let (Some(field), Some(id)) = (field, id.as_str()) else {
+        return Err(TokenFault::NotOurs);
+    };
+    Ok((field, id))
 }
 
 /// Answers `GET /connections` in `sandbox` (headers already checked): the
@@ -275,53 +344,34 @@ pub(super) fn answer(
             return Err(Box::new(flow_error(400, "Bad Request", &detail)));
         }
     };
-    // The token is checked first; then connections are ordered by their
-    // sort key (cheap, from the stored fields) and JSON is built only while
-    // filling the page, so a page costs O(sandbox) comparisons, not
-    // O(sandbox) JSON documents (10,000 connections, 100 pages).
-    let (field, descending) = (query.order.0.clone(), query.order.1);
-    let last = match &query.token {
+    // The token is checked first; then the sandbox's connections are
+    // ordered by borrowed keys (no copies, no JSON) and JSON is built only
+    // while filling the page: every other request waits for the state lock
+    // meanwhile, and a rule's listing of 10,000 connections is 100 pages.
+    let by_name = query.order.0 == "name";
+    let descending = query.order.1;
+    let decoded = query.token.as_deref().map(decode_token);
+    let last = match &decoded {
         None => None,
-        Some(token) => {
-            let Some(Value::Array(decoded)) = decode_token(token) else {
-                st.violation(format!(
-                    "{what}: continuationToken was not issued by this server"
-                ));
-                return Err(Box::new(flow_error(
-                    400,
-                    "Bad Request",
-                    "Invalid continuationToken",
-                )));
-            };
+        Some(decoded) => {
             let expected = json!([sandbox, query.filter_texts, query.order.0, query.order.1]);
-            if decoded.get(..4) != expected.as_array().map(Vec::as_slice) {
-                st.violation(format!(
-                    "{what}: continuationToken used with other filters, order or sandbox than the query it came from"
-                ));
-                return Err(Box::new(flow_error(
-                    400,
-                    "Bad Request",
-                    "The continuationToken does not belong to this query; send the same property and orderby parameters",
-                )));
+            match token_key(decoded.as_ref(), &expected, by_name) {
+                Ok(key) => Some(key),
+                Err(fault) => {
+                    let (violation, detail) = fault.texts();
+                    st.violation(format!("{what}: {violation}"));
+                    return Err(Box::new(flow_error(400, "Bad Request", detail)));
+                }
             }
-            Some((
-                decoded.get(4).cloned().unwrap_or(Value::Null),
-                decoded
-                    .get(5)
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_owned(),
-            ))
         }
     };
-    let ordered = |a: &(Value, String), b: &(Value, String)| {
-        let ordering = compare(a, b);
-        if descending {
-            ordering.reverse()
-        } else {
-            ordering
-        }
+    let ordered = |a: &Key<'_>, b: &Key<'_>| {
+        if descending { b.cmp(a) } else { a.cmp(b) }
     };
+    // Items at or before the token's, already handed out: skipped, or with
+    // `count=true` still counted.
+    let handed_out =
+        |key: &Key<'_>| last.is_some_and(|last| ordered(key, &last) != Ordering::Greater);
     // An `id==a,b,c` filter is applied on the id before the item is built:
     // the same answer (the item's `id` is the connection's id), without
     // building and sorting every item of the sandbox for each 80-id call.
@@ -332,37 +382,52 @@ pub(super) fn answer(
             matches!(f.op, Op::Eq) && f.path.len() == 1 && f.path[0] == ("id".to_owned(), false)
         })
         .map(|f| f.values.iter().map(String::as_str).collect());
-    // With such a filter the candidates are looked up, not scanned for: a
-    // first pass lists 10,000 connections in 128 such calls.
-    let candidates: Box<dyn Iterator<Item = &super::state::Conn>> = match &wanted_ids {
-        Some(ids) => Box::new(ids.iter().filter_map(|id| st.connections.get(*id))),
-        None => Box::new(st.connections.values()),
-    };
-    let mut keyed: Vec<((Value, String), &super::state::Conn)> = candidates
-        .filter(|c| c.spec.sandbox == sandbox)
-        .map(|c| {
-            let key = match field.as_str() {
-                "name" => Value::String(c.spec.name.clone()),
-                _ => json!(c.created_at_ms),
+    let (members, connections) = st.by_creation(sandbox);
+    let candidates: Box<dyn Iterator<Item = (Key<'_>, &Conn)>> = match &wanted_ids {
+        // The default order, a page at a time: straight from the creation
+        // index, from the token on, so a page touches its own items only.
+        None if !by_name && !query.count => {
+            let lookup =
+                |(_, id): &(u64, String)| connections.get(id).map(|c| (key_of(c, false), c));
+            if descending {
+                let end = last.map_or(members.len(), |last| {
+                    members.partition_point(|m| index_key(m) < last)
+                });
+                Box::new(members[..end].iter().rev().filter_map(lookup))
+            } else {
+                let start =
+                    last.map_or(0, |last| members.partition_point(|m| index_key(m) <= last));
+                Box::new(members[start..].iter().filter_map(lookup))
+            }
+        }
+        // Otherwise the candidates are keyed and sorted; an `id==` filter
+        // looks its ids up instead of going through the sandbox (a first
+        // pass lists 10,000 connections in 128 such calls).
+        _ => {
+            let found: Box<dyn Iterator<Item = &Conn>> = match &wanted_ids {
+                Some(ids) => Box::new(
+                    ids.iter()
+                        .filter_map(|id| connections.get(*id))
+                        .filter(|c| c.spec.sandbox == sandbox),
+                ),
+                None => Box::new(members.iter().filter_map(|(_, id)| connections.get(id))),
             };
-            ((key, c.spec.id.clone()), c)
-        })
-        .collect();
-    keyed.sort_by(|a, b| ordered(&a.0, &b.0));
-    // Keyset paging: items created or deleted meanwhile shift nothing.
-    let from = match &last {
-        None => 0,
-        Some(last) => keyed
-            .iter()
-            .position(|(key, _)| ordered(key, last) == Ordering::Greater)
-            .unwrap_or(keyed.len()),
+            // Keyset paging: items created or deleted meanwhile shift nothing.
+            let mut keyed: Vec<(Key<'_>, &Conn)> = found
+                .map(|c| (key_of(c, by_name), c))
+                .filter(|(key, _)| query.count || !handed_out(key))
+                .collect();
+            // Keys are unique (the id breaks ties): an unstable sort is exact.
+            keyed.sort_unstable_by(|a, b| ordered(&a.0, &b.0));
+            Box::new(keyed.into_iter())
+        }
     };
     let mut page: Vec<Value> = Vec::new();
     let mut page_last = None;
     let mut more = false;
     let mut total = 0usize;
-    for (n, (key, conn)) in keyed.iter().enumerate() {
-        let counted_before = n < from;
+    for (key, conn) in candidates {
+        let counted_before = handed_out(&key);
         if counted_before && !query.count {
             continue;
         }
@@ -376,7 +441,7 @@ pub(super) fn answer(
         }
         if page.len() < query.limit {
             page.push(item);
-            page_last = Some(key.clone());
+            page_last = Some(key);
         } else {
             more = true;
             if !query.count {
@@ -384,7 +449,6 @@ pub(super) fn answer(
             }
         }
     }
-    drop(keyed);
     // Not `json!({"items": page})`: that serializes the page into a second
     // copy (under the state lock).
     let mut body = Value::Object(serde_json::Map::from_iter([(
@@ -392,7 +456,7 @@ pub(super) fn answer(
         Value::Array(page),
     )]));
     if let (true, Some(last)) = (more, page_last) {
-        let token = encode_token(sandbox, &query, &last);
+        let token = encode_token(sandbox, &query, last);
         body["_links"] = json!({
             "next": { "href": format!("/connections?continuationToken={token}") }
         });
@@ -430,6 +494,36 @@ mod tests {
         assert!(parse_query(Some("limit=0")).is_err());
         assert!(parse_query(Some("orderby=updatedAt")).is_err());
         assert!(parse_query(Some("limit=2&limit=3")).is_err());
+    }
+
+    #[test]
+    fn a_token_is_read_only_for_its_own_query() {
+        let expected = json!(["prod", ["connectionSpec.id==x"], "name", false]);
+        let ours = json!(["prod", ["connectionSpec.id==x"], "name", false, "b", "id-2"]);
+        assert_eq!(
+            token_key(Some(&ours), &expected, true),
+            Ok((Field::Name("b"), "id-2"))
+        );
+        let other = json!(["dev", ["connectionSpec.id==x"], "name", false, "b", "id-2"]);
+        assert_eq!(
+            token_key(Some(&other), &expected, true),
+            Err(TokenFault::OtherQuery)
+        );
+        // Forged: a number where the name goes, a short array, not JSON.
+        let forged = json!(["prod", ["connectionSpec.id==x"], "name", false, 7, "id-2"]);
+        let short = json!(["prod", "name", false, "b", "id-2"]);
+        for bad in [Some(&forged), Some(&short), None] {
+            assert_eq!(token_key(bad, &expected, true), Err(TokenFault::NotOurs));
+        }
+        // A token round-trips through its text.
+        let query = parse_query(Some("orderby=-createdAt&limit=3")).unwrap();
+        let text = encode_token("prod", &query, (Field::Created(12), "id-9"));
+        let decoded = decode_token(&text);
+        let expected = json!(["prod", query.filter_texts, "createdAt", true]);
+        assert_eq!(
+            token_key(decoded.as_ref(), &expected, false),
+            Ok((Field::Created(12), "id-9"))
+        );
     }
 
     #[test]

@@ -206,6 +206,11 @@ pub(super) struct State {
     /// request scanned all connections under the lock (at 10,000
     /// connections the simulator, not the daemon, set the pace).
     bucket_index: Option<HashMap<String, usize>>,
+    /// Sandbox → its connections' (`created_at_ms`, id), sorted: the order
+    /// a listing pages through by default. Built on first use and dropped
+    /// with the bucket index: without it each page of a rule's listing
+    /// scanned every connection under the lock (100 pages at 10,000).
+    creation_index: Option<HashMap<String, Vec<(u64, String)>>>,
 }
 
 /// The knobs of the simulated S3.
@@ -240,10 +245,31 @@ impl State {
         index.contains_key(bucket)
     }
 
+    /// `sandbox`'s connections as (`created_at_ms`, id), oldest first (ids
+    /// break ties), with the connections they name.
+    pub fn by_creation(&mut self, sandbox: &str) -> (&[(u64, String)], &HashMap<String, Conn>) {
+        let connections = &self.connections;
+        let index = self.creation_index.get_or_insert_with(|| {
+            let mut index: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+            for c in connections.values() {
+                index
+                    .entry(c.spec.sandbox.clone())
+                    .or_default()
+                    .push((c.created_at_ms, c.spec.id.clone()));
+            }
+            for members in index.values_mut() {
+                members.sort_unstable();
+            }
+            index
+        });
+        (index.get(sandbox).map_or(&[], Vec::as_slice), connections)
+    }
+
     /// Call after adding or removing a connection or editing its
-    /// `auth.params`: the bucket index is rebuilt on next use.
+    /// `auth.params` or sandbox: the indexes are rebuilt on next use.
     pub fn connections_changed(&mut self) {
         self.bucket_index = None;
+        self.creation_index = None;
     }
 
     /// Records an event, keeping only the last [`LOG_CAP`].
@@ -493,6 +519,7 @@ impl Shared {
             patch_seq: 0,
             patch_rejected: Default::default(),
             bucket_index: None,
+            creation_index: None,
         };
         for c in config.connections {
             insert_connection(&mut state, c);
@@ -634,7 +661,11 @@ impl Shared {
         let Some(conn) = st.connections.get_mut(id) else {
             return false;
         };
+        let sandbox = conn.spec.sandbox.clone();
         edit(&mut conn.spec);
+        if conn.spec.sandbox != sandbox {
+            st.connections_changed();
+        }
         st.bump_etag(id)
     }
 

@@ -1588,6 +1588,80 @@ async fn list_filters_pages_and_orders_as_documented() {
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
 }
 
+/// Pages in creation order, both ways: newest first is the default (oldest
+/// first) order reversed, `count=true` counts the whole match on every
+/// page, and a connection created between pages comes last.
+#[tokio::test]
+async fn pages_in_creation_order_both_ways_and_count_the_whole_match() {
+    let mut config = config(Duration::from_secs(3600));
+    for n in 0..4 {
+        config.connections.push(SimConnection::s3(
+            format!("s3-{n}"),
+            "prod",
+            format!("ingest-{n}"),
+        ));
+    }
+    let sim = Simulator::start(config).await.unwrap();
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let (_, all) = list(&sim, &http, &token, "prod", "limit=1000").await;
+    let mut oldest_first = listed_ids(&all);
+    assert_eq!(oldest_first.len(), 5, "{all}");
+    assert!(all.get("count").is_none(), "count only when asked: {all}");
+
+    // Newest first, with and without a count (two ways through the
+    // simulator); oldest first by default, with a connection created
+    // between two pages showing up last.
+    let pages = |base: &'static str, add_after_first: bool| {
+        let (sim, http, token) = (&sim, &http, &token);
+        async move {
+            let (mut query, mut seen) = (base.to_owned(), Vec::new());
+            loop {
+                let (status, body) = list(sim, http, token, "prod", &query).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                if base.contains("count=true") {
+                    assert_eq!(body["count"], 5, "{body}");
+                }
+                if add_after_first && seen.is_empty() {
+                    sim.add_connection(SimConnection::s3("s3-new", "prod", "new"));
+                }
+                seen.extend(listed_ids(&body));
+                match next_token(&body) {
+                    Some(next) => query = format!("{base}&continuationToken={next}"),
+                    None => return seen,
+                }
+            }
+        }
+    };
+    let mut newest_first = oldest_first.clone();
+    newest_first.reverse();
+    assert_eq!(
+        pages("orderby=-createdAt&limit=2&count=true", false).await,
+        newest_first
+    );
+    assert_eq!(
+        pages("orderby=-createdAt&limit=2", false).await,
+        newest_first
+    );
+    oldest_first.push("s3-new".to_owned());
+    assert_eq!(pages("limit=2", true).await, oldest_first);
+
+    // The same token under another order is another query's.
+    let base = "orderby=-createdAt&limit=2&count=true";
+    let (_, first) = list(&sim, &http, &token, "prod", base).await;
+    let next = next_token(&first).unwrap();
+    let (status, _) = list(
+        &sim,
+        &http,
+        &token,
+        "prod",
+        &format!("orderby=-name&limit=2&count=true&continuationToken={next}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(sim.stats().violations, 1);
+}
+
 /// An `id==` filter is answered by looking the ids up (not by scanning the
 /// sandbox): it still names ids *in the sandbox asked*, and each once.
 #[tokio::test]
