@@ -541,8 +541,12 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
     // is shutting down.
     let _ = intake.send(Intake::Done);
     drop(intake);
-    let membership = streamed.membership;
-    discovery::log_changes(&Membership::default(), &membership);
+    // `Done` woke the daemon into this worker's LIFO slot (the other worker
+    // cannot take it from there): let it run before what follows.
+    tokio::task::yield_now().await;
+    let membership = Arc::new(streamed.membership);
+    // Each discovered connection was logged as its page came.
+    discovery::log_changes(&streamed.announced, &membership);
     telemetry.set_discovery_conflicts(membership.conflicts.len());
     tracing::info!(
         connections = membership.connections.len(),
@@ -568,7 +572,7 @@ async fn discovery_supervisor(
     options: Options,
     telemetry: Arc<Telemetry>,
     mut rotator: Arc<crate::rotation::Rotator>,
-    mut membership: Membership,
+    mut membership: Arc<Membership>,
     mut hups: mpsc::Receiver<Config>,
     to_daemon: mpsc::Sender<Config>,
     cancel: CancellationToken,
@@ -579,7 +583,7 @@ async fn discovery_supervisor(
         tokio::spawn(discovery::run_discovery(
             base.clone(),
             FlowLister::new(Arc::clone(&rotator)),
-            membership.clone(),
+            Arc::clone(&membership),
             tx,
             round.clone(),
         ));
@@ -610,7 +614,7 @@ async fn discovery_supervisor(
                         discovery::resolve(&base, &lister, Some(&membership), None).await
                     };
                     discovery::log_changes(&membership, &next);
-                    membership = next;
+                    membership = Arc::new(next);
                     telemetry.set_discovery_conflicts(membership.conflicts.len());
                     if to_daemon.send(membership.apply_to(&base)).await.is_err() {
                         return;

@@ -307,7 +307,9 @@ pub struct Daemon {
     telemetry: Arc<Telemetry>,
     notifier: Notifier,
     state: Option<StateStore>,
-    connections: HashMap<String, Connection>,
+    /// Boxed: a `Connection` is about 1 KB, and a discovery start adds
+    /// 10,000 page by page, so each growth of the map moved all of them.
+    connections: HashMap<String, Box<Connection>>,
     /// Due times; an item is current while its connection waits for exactly that time.
     heap: DueQueue,
     jobs: JoinSet<(String, JobResult)>,
@@ -492,7 +494,7 @@ impl Daemon {
                 Some(saved) => Connection::restored(config, sts, saved, now, &daemon.policy),
                 None => Connection::new(config, sts, now),
             };
-            daemon.connections.insert(id.clone(), connection);
+            daemon.connections.insert(id.clone(), Box::new(connection));
             daemon.follow(&id, Action::WaitUntil(now));
         }
         let mut unclaimed = persisted.connections;
@@ -544,7 +546,7 @@ impl Daemon {
     /// etag (a later page no longer seeds it).
     fn release(&mut self, id: &str) {
         self.held.remove(id);
-        if let Some(Phase::Waiting(at)) = self.connections.get(id).map(Connection::phase) {
+        if let Some(Phase::Waiting(at)) = self.connections.get(id).map(|c| c.phase()) {
             self.follow(id, Action::WaitUntil(at));
         }
     }
@@ -656,7 +658,7 @@ impl Daemon {
             Some(etag) => connection.seed_etag(etag, now, &self.policy, rand::random()),
             None => Action::WaitUntil(now),
         };
-        self.connections.insert(id.clone(), connection);
+        self.connections.insert(id.clone(), Box::new(connection));
         self.follow(&id, action);
     }
 
@@ -1031,7 +1033,7 @@ impl Daemon {
         } else if !self.ready_sent
             && self.leading
             && self.intake.is_none()
-            && self.connections.values().all(Connection::had_outcome)
+            && self.connections.values().all(|c| c.had_outcome())
         {
             self.ready_sent = true;
             self.last_status = Some(now);

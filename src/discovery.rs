@@ -256,21 +256,18 @@ pub fn sandbox_periods(rules: &[DiscoverRule]) -> BTreeMap<String, Duration> {
     periods
 }
 
-/// The rules' entries for one listed connection, its name, its etag and
-/// its S3 target.
-type Candidates = (
-    Vec<ConnectionConfig>,
-    Option<String>,
-    String,
-    Option<S3Target>,
-);
-
 /// Pure: the membership that `listings` (sandbox → items) give under
 /// `config`'s rules and explicit connections. `failures` and `etags` of
 /// explicit connections are filled in by [`resolve`].
 pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListing>) -> Membership {
     let explicit: HashSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
-    let found = discovered_in(config, &explicit, &listings);
+    let found = discovered_in(
+        config,
+        &explicit,
+        listings
+            .iter()
+            .map(|(sandbox, listing)| (sandbox.as_str(), listing.items.as_slice())),
+    );
     let mut connections = config.connections.clone();
     connections.extend(found.connections);
     Membership {
@@ -280,53 +277,58 @@ pub fn resolve_listings(config: &Config, listings: BTreeMap<String, SandboxListi
     }
 }
 
-/// What the rules find in `listings`, `explicit` ids excluded: the
-/// membership without the explicit connections and without the listings
-/// (the streaming start calls it once per page, so it copies neither).
-fn discovered_in(
+/// What the rules find in `listings` (sandbox, items), `explicit` ids
+/// excluded: the membership without the explicit connections and without
+/// the listings. The streaming start calls it once per page and the final
+/// membership once over 10,000 items, so it borrows what it can and builds
+/// an identity only where two rules must be compared.
+fn discovered_in<'a>(
     config: &Config,
     explicit: &HashSet<&str>,
-    listings: &BTreeMap<String, SandboxListing>,
+    listings: impl IntoIterator<Item = (&'a str, &'a [ListedConnection])>,
 ) -> Membership {
-    let mut found: BTreeMap<(String, String), Candidates> = BTreeMap::new();
-    for (sandbox, listing) in listings {
-        for item in &listing.items {
+    // (sandbox, id) → the listed item and each matching rule's entry.
+    let mut found: BTreeMap<(&str, &str), (&ListedConnection, Vec<ConnectionConfig>)> =
+        BTreeMap::new();
+    for (sandbox, items) in listings {
+        for item in items {
             if explicit.contains(item.id.as_str()) {
                 continue;
             }
             for rule in &config.discover {
                 if matches(rule, sandbox, item) {
-                    let entry = found
-                        .entry((sandbox.clone(), item.id.clone()))
-                        .or_insert_with(|| {
-                            (
-                                Vec::new(),
-                                item.name.clone(),
-                                item.etag.clone(),
-                                item.s3.clone(),
-                            )
-                        });
-                    entry
-                        .0
+                    found
+                        .entry((sandbox, item.id.as_str()))
+                        .or_insert_with(|| (item, Vec::new()))
+                        .1
                         .push(rule.connection(&item.id, sandbox, item.name.as_deref()));
                 }
             }
         }
     }
-    let mut membership = Membership::default();
+    let mut membership = Membership {
+        connections: Vec::with_capacity(found.len()),
+        etags: HashMap::with_capacity(found.len()),
+        targets: HashMap::with_capacity(found.len()),
+        ..Membership::default()
+    };
     // The same id listed in two sandboxes cannot be: ids are global. Keep the
     // first (sandbox order) and skip the other rather than guess. (Explicit
     // ids never get here: they were skipped above.)
-    let mut taken: HashSet<String> = HashSet::new();
-    for ((sandbox, id), (candidates, name, etag, target)) in found {
-        if !taken.insert(id.clone()) {
+    let mut taken: HashSet<&str> = HashSet::with_capacity(found.len());
+    for ((sandbox, id), (item, candidates)) in found {
+        if !taken.insert(id) {
             continue;
         }
-        let identities: HashSet<StsRequest> = candidates
-            .iter()
-            .map(|c| StsRequest::for_connection(config, c))
-            .collect();
-        if identities.len() > 1 {
+        // One rule is one identity; several must agree on theirs.
+        let agree = candidates.len() == 1
+            || candidates
+                .iter()
+                .map(|c| StsRequest::for_connection(config, c))
+                .collect::<HashSet<_>>()
+                .len()
+                == 1;
+        if !agree {
             let rules = candidates
                 .iter()
                 .filter_map(|c| match c.origin {
@@ -335,19 +337,19 @@ fn discovered_in(
                 })
                 .collect();
             membership.conflicts.push(Conflict {
-                id,
-                sandbox,
-                name,
+                id: id.to_owned(),
+                sandbox: sandbox.to_owned(),
+                name: item.name.clone(),
                 rules,
             });
             continue;
         }
         // Same identity from several rules: the first rule names it.
         if let Some(first) = candidates.into_iter().next() {
-            if let Some(target) = target {
-                membership.targets.insert(id.clone(), target);
+            if let Some(target) = &item.s3 {
+                membership.targets.insert(id.to_owned(), target.clone());
             }
-            membership.etags.insert(id, etag);
+            membership.etags.insert(id.to_owned(), item.etag.clone());
             membership.connections.push(first);
         }
     }
@@ -504,6 +506,10 @@ pub struct Streamed {
     /// daemon must be sent the membership as a config, to drop what a
     /// failed listing or an id listed twice made it add.
     pub exact: bool,
+    /// The discovered connections sent as `added` (by sandbox, then id),
+    /// each already logged as `connection discovered` when its page came:
+    /// the membership before the final one, for [`log_changes`].
+    pub announced: Membership,
 }
 
 /// What the streaming start has sent so far.
@@ -666,6 +672,10 @@ pub async fn resolve_streaming<L: Lister>(
             None => {}
         }
     }
+    // The last page's `Found` woke the daemon into this worker's LIFO slot,
+    // which the other worker cannot take: let it run before the final
+    // membership (tens of milliseconds at 10,000 connections) holds this one.
+    tokio::task::yield_now().await;
     let mut membership = resolve_listings(config, listings);
     membership.failures = failures;
     membership.etags.extend(state.etags);
@@ -674,7 +684,16 @@ pub async fn resolve_streaming<L: Lister>(
         && membership
             .discovered()
             .all(|c| state.sent.get(&c.id) == Some(c));
-    Streamed { membership, exact }
+    let mut announced: Vec<ConnectionConfig> = state.sent.into_values().collect();
+    announced.sort_by(|a, b| (&a.sandbox, &a.id).cmp(&(&b.sandbox, &b.id)));
+    Streamed {
+        membership,
+        exact,
+        announced: Membership {
+            connections: announced,
+            ..Membership::default()
+        },
+    }
 }
 
 /// One rule-list page of `sandbox`: the connections the rules find on it
@@ -688,42 +707,47 @@ fn page_found(
     items: &[ListedConnection],
     state: &std::sync::Mutex<StreamState>,
 ) -> Intake {
-    let page = BTreeMap::from([(
-        sandbox.to_owned(),
-        SandboxListing {
-            items: items.to_vec(),
-        },
-    )]);
     let Membership {
         connections,
         mut etags,
         mut targets,
         ..
-    } = discovered_in(config, explicit_ids, &page);
-    let mut state = lock(state);
+    } = discovered_in(config, explicit_ids, [(sandbox, items)]);
+    let by_id: HashMap<&str, &ListedConnection> =
+        items.iter().map(|i| (i.id.as_str(), i)).collect();
     let mut added = Vec::with_capacity(connections.len());
-    for connection in connections {
-        if state.sent.contains_key(&connection.id) {
-            // Listed again (a retried listing, or a second sandbox): the
-            // first word stands, the final membership settles the rest.
-            etags.remove(&connection.id);
-            targets.remove(&connection.id);
-            continue;
+    {
+        let mut state = lock(state);
+        for connection in connections {
+            if state.sent.contains_key(&connection.id) {
+                // Listed again (a retried listing, or a second sandbox): the
+                // first word stands, the final membership settles the rest.
+                etags.remove(&connection.id);
+                targets.remove(&connection.id);
+                continue;
+            }
+            state.sent.insert(connection.id.clone(), connection.clone());
+            if let Some(item) = by_id.get(connection.id.as_str()) {
+                state
+                    .partial
+                    .entry(sandbox.to_owned())
+                    .or_default()
+                    .push((*item).clone());
+            }
+            added.push(connection);
         }
-        state.sent.insert(connection.id.clone(), connection.clone());
-        if let Some(item) = items.iter().find(|i| i.id == connection.id) {
-            state
-                .partial
-                .entry(sandbox.to_owned())
-                .or_default()
-                .push(item.clone());
+        for item in items {
+            if usable_item(item) && explicit.get(item.id.as_str()) == Some(&sandbox) {
+                state.seed(item, &mut etags, &mut targets);
+            }
         }
-        added.push(connection);
     }
-    for item in items {
-        if usable_item(item) && explicit.get(item.id.as_str()) == Some(&sandbox) {
-            state.seed(item, &mut etags, &mut targets);
-        }
+    // Announced as the daemon gets them, page by page (the final
+    // membership's log then names only what differs from these): 10,000
+    // lines written at the end of the listing held a runtime worker for
+    // 60 ms while the first pass was running.
+    for connection in &added {
+        log_discovered(connection);
     }
     Intake::Found {
         added,
@@ -754,6 +778,10 @@ fn chunk_found(
     }
 }
 
+fn log_discovered(c: &ConnectionConfig) {
+    tracing::info!(connection = %c.id, sandbox = %c.sandbox, name = %c.name, origin = %c.origin, "connection discovered");
+}
+
 /// Logs what changed from `previous` to `next`: `connection discovered`,
 /// `connection no longer matches`, new conflicts and listing failures.
 /// Answers whether the rotated set changed.
@@ -764,7 +792,7 @@ pub fn log_changes(previous: &Membership, next: &Membership) -> bool {
         next.discovered().map(|c| (c.id.as_str(), c)).collect();
     for c in next.discovered() {
         if !before.contains_key(c.id.as_str()) {
-            tracing::info!(connection = %c.id, sandbox = %c.sandbox, name = %c.name, origin = %c.origin, "connection discovered");
+            log_discovered(c);
         }
     }
     for c in previous.discovered() {
@@ -802,8 +830,8 @@ pub fn log_changes(previous: &Membership, next: &Membership) -> bool {
 pub async fn run_discovery<L: Lister>(
     config: Config,
     lister: L,
-    mut current: Membership,
-    tx: mpsc::Sender<Membership>,
+    mut current: Arc<Membership>,
+    tx: mpsc::Sender<Arc<Membership>>,
     cancel: CancellationToken,
 ) {
     let periods = sandbox_periods(&config.discover);
@@ -842,8 +870,10 @@ pub async fn run_discovery<L: Lister>(
             next = resolve(&config, &lister, Some(&current), Some(&due)) => next,
         };
         let changed = log_changes(&current, &next);
-        current = next;
-        if changed && tx.send(current.clone()).await.is_err() {
+        // Shared, not copied: a membership of 10,000 connections takes
+        // tens of milliseconds to clone.
+        current = Arc::new(next);
+        if changed && tx.send(Arc::clone(&current)).await.is_err() {
             return;
         }
     }
@@ -1183,7 +1213,7 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         let task = tokio::spawn(run_discovery(
             config,
             Arc::clone(&lister),
-            initial,
+            Arc::new(initial),
             tx,
             cancel.clone(),
         ));
@@ -1277,6 +1307,20 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         let full = resolve(&config, &again, None, None).await;
         assert_eq!(streamed.membership, full);
         assert!(streamed.exact);
+        // Everything discovered was announced page by page: the final log
+        // has nothing left to say.
+        assert!(streamed.announced.connections.iter().eq(full.discovered()));
+        assert!(
+            !streamed.membership.differs_from(&Membership {
+                connections: config
+                    .connections
+                    .iter()
+                    .cloned()
+                    .chain(streamed.announced.connections.iter().cloned())
+                    .collect(),
+                ..Membership::default()
+            })
+        );
         let sorted = |calls: Vec<(String, Vec<PropertyFilter>)>| {
             let mut calls: Vec<String> = calls.iter().map(|c| format!("{c:?}")).collect();
             calls.sort();
@@ -1374,5 +1418,9 @@ description_tag = "rotate:aep-s3"
         assert_eq!(streamed.membership.connections, full.connections);
         assert_eq!(streamed.membership.connections[0].sandbox, "a");
         assert!(!streamed.exact);
+        // It was announced in "b"; the final log must say it changed.
+        assert_eq!(streamed.announced.connections.len(), 1);
+        assert_eq!(streamed.announced.connections[0].sandbox, "b");
+        assert!(log_changes(&streamed.announced, &streamed.membership));
     }
 }
