@@ -661,10 +661,21 @@ fn from_text(
 
 /// The file's TOML, already parsed, as the layering's first source: what
 /// `config::File::from_str` would give (it converts the same way), without
-/// parsing the text a second time (a config of 10,000 connections is 1 MB,
-/// and each parse took ~50 ms of the daemon's start).
-#[derive(Debug, Clone)]
-struct ParsedToml(config::Map<String, config::Value>);
+/// parsing the text a second time. A config of 10,000 connections is 1 MB;
+/// its second parse took ~50 ms of the daemon's start, and a copy of the
+/// table as long, so `collect` hands the table over instead of copying it:
+/// `ConfigBuilder::build` collects each source once, and a second `collect`
+/// (which nothing makes) is an error rather than an empty file.
+#[derive(Debug)]
+struct ParsedToml(std::sync::Mutex<Option<config::Map<String, config::Value>>>);
+
+impl ParsedToml {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<config::Map<String, config::Value>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 impl From<toml::Table> for ParsedToml {
     fn from(table: toml::Table) -> Self {
@@ -684,17 +695,19 @@ impl From<toml::Table> for ParsedToml {
         fn map(table: toml::Table) -> config::Map<String, config::Value> {
             table.into_iter().map(|(k, v)| (k, convert(v))).collect()
         }
-        Self(map(table))
+        Self(std::sync::Mutex::new(Some(map(table))))
     }
 }
 
 impl config::Source for ParsedToml {
     fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
-        Box::new(self.clone())
+        Box::new(Self(std::sync::Mutex::new(self.lock().clone())))
     }
 
     fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
-        Ok(self.0.clone())
+        self.lock().take().ok_or_else(|| {
+            config::ConfigError::Message("the config file's table was already collected".into())
+        })
     }
 }
 
@@ -3059,5 +3072,35 @@ description_tag = "rotate:aep-s3"
         let error = Config::load_with_env(&fifo, no_env()).unwrap_err();
         assert_eq!(error.issues.len(), 1, "{error:?}");
         assert!(error.to_string().contains("FIFO"), "{error}");
+    }
+
+    /// The layering's file source converts as `config::File` does, and hands
+    /// its table over once (the builder collects each source once).
+    #[test]
+    fn the_parsed_file_converts_like_config_file_and_is_collected_once() {
+        use config::Source;
+        let text = "a = 1\nb = 2.5\nc = true\nd = 1979-05-27T07:32:00Z\n[t]\nl = [\"x\", 3]\n";
+        let ours = ParsedToml::from(toml::from_str::<toml::Table>(text).unwrap())
+            .collect()
+            .unwrap();
+        let theirs = config::File::from_str(text, config::FileFormat::Toml)
+            .collect()
+            .unwrap();
+        assert_eq!(
+            format!("{:?}", sorted(&ours)),
+            format!("{:?}", sorted(&theirs))
+        );
+        let source = ParsedToml::from(toml::from_str::<toml::Table>(text).unwrap());
+        assert!(source.collect().is_ok());
+        assert!(source.collect().is_err(), "a second collect is refused");
+
+        fn sorted(map: &config::Map<String, config::Value>) -> Vec<(String, String)> {
+            let mut pairs: Vec<(String, String)> = map
+                .iter()
+                .map(|(k, v)| (k.clone(), format!("{v:?}")))
+                .collect();
+            pairs.sort();
+            pairs
+        }
     }
 }
