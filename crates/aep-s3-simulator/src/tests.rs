@@ -1588,13 +1588,11 @@ async fn list_filters_pages_and_orders_as_documented() {
     assert!(sim.violations().is_empty(), "{:?}", sim.violations());
 }
 
-/// Pages in creation order, both ways: newest first is the default (oldest
-/// first) order reversed, `count=true` counts the whole match on every
-/// page, and a connection created between pages comes last.
-#[tokio::test]
-async fn pages_in_creation_order_both_ways_and_count_the_whole_match() {
+/// The default simulator plus `n` S3 connections `s3-0`.. in `prod`, a
+/// client and an IMS token.
+async fn with_prod_connections(n: usize) -> (Simulator, reqwest::Client, String) {
     let mut config = config(Duration::from_secs(3600));
-    for n in 0..4 {
+    for n in 0..n {
         config.connections.push(SimConnection::s3(
             format!("s3-{n}"),
             "prod",
@@ -1604,6 +1602,15 @@ async fn pages_in_creation_order_both_ways_and_count_the_whole_match() {
     let sim = Simulator::start(config).await.unwrap();
     let http = http();
     let token = ims_token(&sim, &http).await;
+    (sim, http, token)
+}
+
+/// Pages in creation order, both ways: newest first is the default (oldest
+/// first) order reversed, `count=true` counts the whole match on every
+/// page, and a connection created between pages comes last.
+#[tokio::test]
+async fn pages_in_creation_order_both_ways_and_count_the_whole_match() {
+    let (sim, http, token) = with_prod_connections(4).await;
     let (_, all) = list(&sim, &http, &token, "prod", "limit=1000").await;
     let mut oldest_first = listed_ids(&all);
     assert_eq!(oldest_first.len(), 5, "{all}");
@@ -1666,17 +1673,7 @@ async fn pages_in_creation_order_both_ways_and_count_the_whole_match() {
 /// sandbox): it still names ids *in the sandbox asked*, and each once.
 #[tokio::test]
 async fn an_id_filter_answers_the_sandboxs_connections_each_once() {
-    let mut config = config(Duration::from_secs(3600));
-    for n in 0..3 {
-        config.connections.push(SimConnection::s3(
-            format!("s3-{n}"),
-            "prod",
-            format!("ingest-{n}"),
-        ));
-    }
-    let sim = Simulator::start(config).await.unwrap();
-    let http = http();
-    let token = ims_token(&sim, &http).await;
+    let (sim, http, token) = with_prod_connections(3).await;
     // Another sandbox's id, an unknown one and a repeated one add nothing.
     let query = format!("property=id%3D%3Ds3-2,{OTHER},nope,s3-0,s3-2&orderby=name");
     let (status, body) = list(&sim, &http, &token, "prod", &query).await;
