@@ -544,6 +544,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
     // `Done` woke the daemon into this worker's LIFO slot (the other worker
     // cannot take it from there): let it run before what follows.
     tokio::task::yield_now().await;
+    let exact = streamed.exact();
     let membership = Arc::new(streamed.membership);
     // Each discovered connection was logged as its page came.
     discovery::log_changes(&streamed.announced, &membership);
@@ -554,7 +555,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         etags = membership.etags.len(),
         "connections listed"
     );
-    if !streamed.exact && to_daemon.send(membership.apply_to(&config)).await.is_err() {
+    if !exact && to_daemon.send(membership.apply_to(&config)).await.is_err() {
         return;
     }
     discovery_supervisor(

@@ -501,15 +501,23 @@ pub struct Streamed {
     /// The membership [`resolve`] would answer for the same listings: the
     /// authority.
     pub membership: Membership,
-    /// Whether the explicit connections plus those sent as `added` are
-    /// exactly `membership.connections` (the usual case): otherwise the
-    /// daemon must be sent the membership as a config, to drop what a
-    /// failed listing or an id listed twice made it add.
-    pub exact: bool,
     /// The discovered connections sent as `added` (by sandbox, then id),
     /// each already logged as `connection discovered` when its page came:
     /// the membership before the final one, for [`log_changes`].
     pub announced: Membership,
+}
+
+impl Streamed {
+    /// Whether the explicit connections plus those sent as `added` are
+    /// exactly `membership.connections` (the usual case): otherwise the
+    /// daemon must be sent the membership as a config, to drop what a
+    /// failed listing or an id listed twice made it add. Both lists of
+    /// discovered connections are in (sandbox, id) order.
+    pub fn exact(&self) -> bool {
+        self.membership
+            .discovered()
+            .eq(self.announced.connections.iter())
+    }
 }
 
 /// What the streaming start has sent so far.
@@ -680,15 +688,10 @@ pub async fn resolve_streaming<L: Lister>(
     membership.failures = failures;
     membership.etags.extend(state.etags);
     membership.targets.extend(state.targets);
-    let exact = membership.discovered().count() == state.sent.len()
-        && membership
-            .discovered()
-            .all(|c| state.sent.get(&c.id) == Some(c));
     let mut announced: Vec<ConnectionConfig> = state.sent.into_values().collect();
     announced.sort_by(|a, b| (&a.sandbox, &a.id).cmp(&(&b.sandbox, &b.id)));
     Streamed {
         membership,
-        exact,
         announced: Membership {
             connections: announced,
             ..Membership::default()
@@ -1306,7 +1309,7 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         }
         let full = resolve(&config, &again, None, None).await;
         assert_eq!(streamed.membership, full);
-        assert!(streamed.exact);
+        assert!(streamed.exact());
         // Everything discovered was announced page by page: the final log
         // has nothing left to say.
         assert!(streamed.announced.connections.iter().eq(full.discovered()));
@@ -1353,7 +1356,7 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         let calls = lister.calls();
         assert_eq!(calls.len(), 2, "{calls:?}");
         assert_eq!(calls[1].1[0].path, "id");
-        assert!(streamed.exact, "nothing was added, nothing to correct");
+        assert!(streamed.exact(), "nothing was added, nothing to correct");
     }
 
     #[tokio::test]
@@ -1378,7 +1381,7 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         assert_eq!(added, 2 * PAGE_LIMIT as usize, "two pages were shown");
         assert_eq!(streamed.membership.failures.len(), 1);
         // What the daemon was given stays: no correcting config drops it.
-        assert!(streamed.exact);
+        assert!(streamed.exact());
         assert_eq!(
             streamed.membership.discovered().count(),
             2 * PAGE_LIMIT as usize
@@ -1417,7 +1420,7 @@ description_tag = "rotate:aep-s3"
         let full = resolve(&config, &lister, None, None).await;
         assert_eq!(streamed.membership.connections, full.connections);
         assert_eq!(streamed.membership.connections[0].sandbox, "a");
-        assert!(!streamed.exact);
+        assert!(!streamed.exact());
         // It was announced in "b"; the final log must say it changed.
         assert_eq!(streamed.announced.connections.len(), 1);
         assert_eq!(streamed.announced.connections[0].sandbox, "b");
