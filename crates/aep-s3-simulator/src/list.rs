@@ -378,9 +378,7 @@ pub(super) fn answer(
     let wanted_ids: Option<std::collections::HashSet<&str>> = query
         .filters
         .iter()
-        .find(|f| {
-            matches!(f.op, Op::Eq) && f.path.len() == 1 && f.path[0] == ("id".to_owned(), false)
-        })
+        .find(|f| matches!((f.op, f.path.as_slice()), (Op::Eq, [(name, false)]) if name == "id"))
         .map(|f| f.values.iter().map(String::as_str).collect());
     let (members, connections) = st.by_creation(sandbox);
     let candidates: Box<dyn Iterator<Item = (Key<'_>, &Conn)>> = match &wanted_ids {
