@@ -1,0 +1,258 @@
+//! The start's listing as the scheduler takes it: connections known at the
+//! start are held until a list page seeds their etag (and S3 target), the
+//! connections rules find are added page by page, and nothing is held past
+//! [`MAX_HOLD`] or its credentials' expiry.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+
+use super::Daemon;
+use crate::clock::earlier;
+use crate::config::ConnectionConfig;
+use crate::connection::{Action, Connection, Phase};
+use crate::schedule::EXPIRY_MARGIN;
+use crate::sts::StsRequest;
+
+/// How long past its due time the start's listing may hold a connection.
+/// The listing normally seeds every etag within seconds (10,000
+/// connections: under 3 s); a list API that answers slowly (each page within
+/// the request timeout, but many pages) must not keep connections from
+/// rotating, so after this those not reached yet read their own etag (a
+/// `GET` each). A connection whose credentials expire sooner is held only
+/// until [`EXPIRY_MARGIN`] before their expiry.
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// What the start's listing tells a daemon started with
+/// [`Daemon::hold_until_listed`], page by page (see
+/// [`crate::discovery::resolve_streaming`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Intake {
+    /// Listed so far: etags and S3 targets by id (explicit connections' id
+    /// chunks, or discovered ones), and connections found by rules on a
+    /// page (to add, with their etags and targets).
+    Found {
+        /// Connections the rules found on this page.
+        added: Vec<ConnectionConfig>,
+        /// Etags by connection id.
+        etags: HashMap<String, String>,
+        /// S3 targets by connection id.
+        targets: HashMap<String, crate::s3probe::S3Target>,
+    },
+    /// The start's listing is over: whatever is still held goes now (it
+    /// will `GET` its etag).
+    Done,
+}
+
+/// What is known of a connection before it is added.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Listed<'a> {
+    /// Its state file record.
+    saved: Option<&'a crate::state::PersistedConnection>,
+    /// The etag and S3 target its list item carried.
+    etag: Option<&'a str>,
+    target: Option<&'a crate::s3probe::S3Target>,
+}
+
+impl Daemon {
+    /// Etags read in bulk (list pages) before the first pass: see
+    /// [`Connection::seed_etag`].
+    pub fn seed_etags(&mut self, etags: &HashMap<String, String>) {
+        let now = self.clock.now();
+        let ids: Vec<String> = self
+            .connections
+            .keys()
+            .filter(|id| etags.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in ids {
+            let (Some(connection), Some(listed)) = (self.connections.get_mut(&id), etags.get(&id))
+            else {
+                continue;
+            };
+            let action = connection.seed_etag(listed, now, &self.policy, rand::random());
+            self.follow(&id, action);
+        }
+    }
+
+    /// S3 targets read in bulk (list pages), by connection id; seed them
+    /// before [`Self::seed_etags`] so the first job holds both.
+    pub fn seed_s3_targets(&mut self, targets: &HashMap<String, crate::s3probe::S3Target>) {
+        for (id, target) in targets {
+            if let Some(connection) = self.connections.get_mut(id) {
+                connection.seed_s3(target);
+            }
+        }
+    }
+
+    /// Starts with every connection known so far (the explicit ones)
+    /// **held**: in `/status`, telemetry and restored from the state file
+    /// as usual, but not dispatched until `intake` seeds its etag with an
+    /// [`Intake::Found`] or says [`Intake::Done`] (a closed channel counts
+    /// as `Done`: nothing is held forever). Connections a `Found` adds
+    /// start at once with the etag it carries. `READY=1` (first pass
+    /// complete) waits for `Done`: before it, most connections may not even
+    /// be known yet.
+    pub fn hold_until_listed(&mut self, intake: mpsc::UnboundedReceiver<Intake>) {
+        self.held = self.connections.keys().cloned().collect();
+        self.intake = Some(intake);
+        self.plan_hold();
+    }
+
+    /// The latest time a held connection may wait for its page: [`MAX_HOLD`]
+    /// past its due time, and never later than [`EXPIRY_MARGIN`] before its
+    /// credentials expire. `None` when it is not waiting at all.
+    fn hold_limit(&self, id: &str) -> Option<SystemTime> {
+        let connection = self.connections.get(id)?;
+        let Phase::Waiting(due) = connection.phase() else {
+            return None;
+        };
+        let by_due = crate::clock::later(due, MAX_HOLD);
+        Some(match connection.credentials_expire_at() {
+            Some(expires_at) => by_due.min(earlier(expires_at, EXPIRY_MARGIN)),
+            None => by_due,
+        })
+    }
+
+    /// Sets when the hold is looked at next (see `hold_until`).
+    fn plan_hold(&mut self) {
+        self.hold_until = self
+            .held
+            .iter()
+            .filter_map(|id| self.hold_limit(id))
+            .min()
+            .map(|at| self.clock.instant_at(at));
+    }
+
+    /// Schedules one held connection at its own due time: it reads its own
+    /// etag (a later page no longer seeds it).
+    fn release(&mut self, id: &str) {
+        self.held.remove(id);
+        if let Some(Phase::Waiting(at)) = self.connections.get(id).map(|c| c.phase()) {
+            self.follow(id, Action::WaitUntil(at));
+        }
+    }
+
+    /// Schedules every held connection at its own due time (each will GET
+    /// its etag).
+    fn release_held(&mut self) {
+        self.hold_until = None;
+        let held: Vec<String> = self.held.iter().cloned().collect();
+        for id in held {
+            self.release(&id);
+        }
+    }
+
+    /// The hold's time came: the held connections past their
+    /// [`Self::hold_limit`] go now and read their own etag (later pages
+    /// still add connections and seed the others).
+    pub(super) fn hold_expired(&mut self) {
+        // Decided on the wall clock, which `plan_hold` converts from: a
+        // connection not due to go now has a limit strictly in the future,
+        // so this never turns into a loop that fires at once.
+        let now = self.clock.now();
+        let late: Vec<String> = self
+            .held
+            .iter()
+            .filter(|id| self.hold_limit(id).is_none_or(|limit| limit <= now))
+            .cloned()
+            .collect();
+        if !late.is_empty() {
+            tracing::warn!(
+                released = late.len(),
+                still_held = self.held.len() - late.len(),
+                "the start's listing is slow; connections it has not reached read their own etag"
+            );
+        }
+        for id in late {
+            self.release(&id);
+        }
+        self.plan_hold();
+    }
+
+    /// One message of the start's listing (`None`: the channel closed).
+    pub(super) fn on_intake(&mut self, intake: Option<Intake>) {
+        let now = self.clock.now();
+        let Some(Intake::Found {
+            added,
+            etags,
+            targets,
+        }) = intake
+        else {
+            // Done, or the listing is gone: release the rest as they are
+            // (they will GET their etag), at their own due time.
+            self.intake = None;
+            self.unclaimed = std::collections::BTreeMap::new();
+            self.release_held();
+            return;
+        };
+        for config in added {
+            if self.connections.contains_key(&config.id)
+                || !(self.options.only.is_empty() || self.options.only.contains(&config.id))
+            {
+                continue;
+            }
+            let sts = StsRequest::for_connection(&self.config, &config);
+            let id = config.id.clone();
+            self.config.connections.push(config.clone());
+            let saved = self.unclaimed.remove(&id);
+            let listed = Listed {
+                saved: saved.as_ref(),
+                etag: etags.get(&id).map(String::as_str),
+                target: targets.get(&id),
+            };
+            self.add_connection(config, sts, now, listed);
+        }
+        for (id, etag) in &etags {
+            if !self.held.remove(id) {
+                continue;
+            }
+            let Some(connection) = self.connections.get_mut(id) else {
+                continue;
+            };
+            if let Some(target) = targets.get(id) {
+                connection.seed_s3(target);
+            }
+            let action = connection.seed_etag(etag, now, &self.policy, rand::random());
+            self.follow(id, action);
+        }
+    }
+
+    /// A connection the daemon did not know (a reload's, or one the start's
+    /// listing found): restored from its state file record when there is
+    /// one, seeded with what its list item said, then due.
+    pub(super) fn add_connection(
+        &mut self,
+        config: ConnectionConfig,
+        sts: StsRequest,
+        now: SystemTime,
+        listed: Listed<'_>,
+    ) {
+        let id = config.id.clone();
+        let mut connection = match listed.saved {
+            Some(saved) => Connection::restored(config, sts, saved, now, &self.policy),
+            None => Connection::new(config, sts, now),
+        };
+        if let Some(target) = listed.target {
+            connection.seed_s3(target);
+        }
+        let action = match listed.etag {
+            Some(etag) => connection.seed_etag(etag, now, &self.policy, rand::random()),
+            None => Action::WaitUntil(now),
+        };
+        self.connections.insert(id.clone(), Box::new(connection));
+        self.follow(&id, action);
+    }
+}
+
+/// The start's next listing message (`None` once: the channel closed);
+/// never once the listing is over.
+pub(super) async fn next_intake(
+    intake: &mut Option<mpsc::UnboundedReceiver<Intake>>,
+) -> Option<Intake> {
+    match intake {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,222 @@
+//! What the scheduler shows of the connections' state: systemd readiness,
+//! `STATUS=` and watchdog pings, the state file, the final report. Each is
+//! read from the connections when it is due, never kept as a copy.
+
+use std::time::{Duration, SystemTime};
+
+use super::Daemon;
+use crate::coordination::Role;
+use crate::state::StateSnapshot;
+
+/// How often the state file is written at most: every rotation marks it
+/// dirty, and a burst of rotations (the first pass over 10,000 connections)
+/// costs one write per second, not one per connection.
+const STATE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the systemd `STATUS=` line is refreshed at most.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Loop turns between two watchdog pings beyond which the loop counts as
+/// spinning (and stops feeding the watchdog) when nothing was dispatched or
+/// completed: a healthy loop turns a few times per event, never thousands of
+/// times for none.
+const SPIN_TURNS: u64 = 10_000;
+
+/// The final word on one connection, for `once` and `demo` reports.
+#[derive(Debug, Clone)]
+pub struct ConnectionReport {
+    /// Connection id.
+    pub id: String,
+    /// Label.
+    pub name: String,
+    /// Sandbox.
+    pub sandbox: String,
+    /// Successful rotations during this run.
+    pub rotations: u64,
+    /// 412s absorbed during this run.
+    pub conflicts: u64,
+    /// Failed attempts during this run.
+    pub failures: u64,
+    /// Access key id on the connection, if pushed by this daemon.
+    pub access_key_id: Option<String>,
+    /// Their expiry.
+    pub expires_at: Option<SystemTime>,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// One entry per connection, in config order.
+    pub connections: Vec<ConnectionReport>,
+    /// Turns of the scheduler loop (for the benchmark: turns per rotation).
+    pub loop_turns: u64,
+}
+
+impl Report {
+    /// True when no connection's last attempt failed.
+    pub fn all_ok(&self) -> bool {
+        self.connections.iter().all(|c| c.last_error.is_none())
+    }
+}
+
+impl Daemon {
+    /// Pings the watchdog if the loop made progress since the last ping, or
+    /// had nothing it could do; a wedged or spinning loop stops feeding it.
+    pub(super) fn watchdog(&mut self) {
+        let turns = self.turns - self.turns_at_ping;
+        self.turns_at_ping = self.turns;
+        let now = self.clock.now();
+        // A standby's due connections wait for leadership, not for the loop.
+        let overdue = self.leading && self.next_deadline().is_some_and(|at| at <= now);
+        let idle = self.jobs.is_empty() && !overdue;
+        let spinning = !self.progressed && turns > SPIN_TURNS;
+        if (self.progressed || idle) && !spinning {
+            match self.notifier.watchdog_interval() {
+                // Before READY=1 (the first pass is still going): three
+                // ping intervals more to start, asked again at each ping.
+                Some(interval) if !self.ready_sent => self
+                    .notifier
+                    .watchdog_extending_start(interval.saturating_mul(3)),
+                _ => self.notifier.watchdog(),
+            }
+        } else {
+            tracing::warn!(
+                in_flight = self.jobs.len(),
+                loop_turns = turns,
+                "scheduler made no progress since the last watchdog ping; not pinging"
+            );
+        }
+        self.progressed = false;
+    }
+
+    /// Readiness and `STATUS=` after something happened.
+    pub(super) fn after_progress(&mut self) {
+        let now = crate::clock::mono_now();
+        let standby = self
+            .leadership
+            .as_ref()
+            .is_some_and(|l| l.borrow().role == Role::Standby);
+        if !self.ready_sent && standby {
+            // A healthy standby is ready: ready to take over.
+            self.ready_sent = true;
+            self.last_status = Some(now);
+            let line = self.status_line();
+            tracing::info!(status = %line, "ready as a standby");
+            self.notifier.ready(&line);
+        } else if !self.ready_sent
+            && self.leading
+            && self.intake.is_none()
+            && self.connections.values().all(|c| c.had_outcome())
+        {
+            self.ready_sent = true;
+            self.last_status = Some(now);
+            let line = self.status_line();
+            tracing::info!(status = %line, "first pass complete");
+            self.notifier.ready(&line);
+        } else if self.ready_sent
+            && self
+                .last_status
+                .is_none_or(|at| now.duration_since(at) >= STATUS_INTERVAL)
+        {
+            self.last_status = Some(now);
+            self.notifier.status(&self.status_line());
+        }
+    }
+
+    pub(super) fn status_line(&self) -> String {
+        if let Some(line) = self.standby_line() {
+            return line;
+        }
+        let now = self.clock.now();
+        let summary = self.telemetry.summary(now);
+        let next = summary
+            .next_rotation_at
+            .map(|at| {
+                let wait = crate::clock::until(now, at);
+                format!(
+                    ", next rotation in {}",
+                    humantime::format_duration(Duration::from_secs(wait.as_secs()))
+                )
+            })
+            .unwrap_or_default();
+        let role = if self.leadership.is_some() {
+            "leader: "
+        } else {
+            ""
+        };
+        let mut line = format!(
+            "{role}{}/{} connections fresh",
+            summary.fresh, summary.total
+        );
+        for (count, label) in [(summary.failing, "failing"), (summary.expired, "expired")] {
+            if count > 0 {
+                line.push_str(&format!(", {count} {label}"));
+            }
+        }
+        line + &next
+    }
+
+    pub(super) fn next_state_write(&self) -> Option<tokio::time::Instant> {
+        if !self.state_dirty || self.state.is_none() {
+            return None;
+        }
+        Some(
+            self.last_state_write
+                .map_or_else(crate::clock::mono_now, |at| at + STATE_WRITE_INTERVAL),
+        )
+    }
+
+    pub(super) async fn write_state(&mut self) {
+        let Some(store) = self.state.clone() else {
+            return;
+        };
+        if !self.state_dirty {
+            return;
+        }
+        self.state_dirty = false;
+        self.last_state_write = Some(crate::clock::mono_now());
+        let snapshot = StateSnapshot {
+            connections: self
+                .connections
+                .iter()
+                .filter_map(|(id, c)| Some((id.clone(), c.persisted()?)))
+                .collect(),
+        };
+        let error = match tokio::task::spawn_blocking(move || store.save(&snapshot)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        tracing::warn!(error = %error, "state file not written; will retry");
+        self.state_dirty = true;
+    }
+
+    pub(super) fn report(&self) -> Report {
+        let connections = self
+            .config
+            .connections
+            .iter()
+            .filter_map(|c| self.connections.get(&c.id))
+            .map(|c| {
+                let counts = c.counts();
+                ConnectionReport {
+                    id: c.config().id.clone(),
+                    name: c.config().name.clone(),
+                    sandbox: c.config().sandbox.clone(),
+                    rotations: counts.rotations,
+                    conflicts: counts.conflicts,
+                    failures: counts.failures,
+                    access_key_id: c.pushed().map(|p| p.access_key_id.clone()),
+                    expires_at: c.pushed().map(|p| p.expires_at),
+                    last_error: c.last_error().map(str::to_owned),
+                }
+            })
+            .collect();
+        Report {
+            connections,
+            loop_turns: self.turns,
+        }
+    }
+}

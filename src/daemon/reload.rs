@@ -1,0 +1,244 @@
+//! The clients jobs run with, and reloads: a new config's clients are built
+//! off the loop, keeping every part whose settings did not change, then the
+//! config is applied as a diff of the connections.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+
+use super::{Daemon, Listed, Mode, Options};
+use crate::config::{Config, ConnectionConfig};
+use crate::connection::{Event, Policy};
+use crate::flow::FlowClient;
+use crate::ims::ImsClient;
+use crate::rotation::{JobRunner, Rotator};
+use crate::shaping::RequestGate;
+use crate::sts::{AwsSts, CredentialCache, StsRequest};
+use crate::telemetry::Telemetry;
+
+/// Builds the remote clients for `config`, keeping from `previous` (the
+/// clients of the running config `old`) every part whose settings did not
+/// change: the IMS token cache, the STS answer cache, the request gate.
+pub async fn build_rotator(
+    config: &Config,
+    options: &Options,
+    telemetry: &Arc<Telemetry>,
+    previous: Option<(&Config, &Rotator)>,
+) -> anyhow::Result<Rotator> {
+    let rotation = &config.rotation;
+    let http = crate::http::client(rotation).context("building the HTTP client")?;
+    let same_http = |old: &Config| old.rotation.request_timeout == rotation.request_timeout;
+    let gate = match previous {
+        Some((old, rotator))
+            if old.rotation.concurrency == rotation.concurrency
+                && old.rotation.max_requests_per_second == rotation.max_requests_per_second
+                && old.rotation.retry_max == rotation.retry_max =>
+        {
+            rotator.flow.gate()
+        }
+        _ => Arc::new(RequestGate::new(
+            rotation.concurrency,
+            rotation.max_requests_per_second,
+            rotation.retry_max,
+        )),
+    };
+    let ims = match previous {
+        Some((old, rotator)) if same_http(old) && same_adobe(old, config) => {
+            Arc::clone(&rotator.ims)
+        }
+        _ => Arc::new(ImsClient::new(
+            http.clone(),
+            &config.adobe,
+            Arc::clone(telemetry),
+        )),
+    };
+    let credentials = match previous {
+        Some((old, rotator))
+            if same_http(old)
+                && old.aws.region == config.aws.region
+                && old.aws.sts_endpoint == config.aws.sts_endpoint =>
+        {
+            Arc::clone(&rotator.credentials)
+        }
+        _ => {
+            let sts = AwsSts::new(
+                &config.aws,
+                &options.identity,
+                rotation.request_timeout,
+                Arc::clone(telemetry),
+            )
+            .await;
+            Arc::new(CredentialCache::new(Arc::new(sts)))
+        }
+    };
+    Ok(Rotator {
+        flow: FlowClient::new(
+            http,
+            &config.adobe,
+            gate,
+            Arc::clone(telemetry),
+            rotation.retry_min,
+        ),
+        ims,
+        credentials,
+        telemetry: Arc::clone(telemetry),
+        refresh_before: rotation.refresh_before,
+        verify: rotation.verify,
+        dry_run: options.dry_run,
+        prepush: crate::s3probe::from_config(config)?,
+        fence: options.fence.clone(),
+    })
+}
+
+fn same_adobe(a: &Config, b: &Config) -> bool {
+    use secrecy::ExposeSecret;
+    let (a, b) = (&a.adobe, &b.adobe);
+    a.client_id == b.client_id
+        && a.client_secret.expose_secret() == b.client_secret.expose_secret()
+        && a.org_id == b.org_id
+        && a.scopes == b.scopes
+        && a.ims_url == b.ims_url
+        && a.platform_url == b.platform_url
+}
+
+/// The clients jobs run with: the real ones (rebuilt on reload), or a fixed
+/// runner (tests).
+#[derive(Debug, Clone)]
+pub(super) enum Runner {
+    Real(Arc<Rotator>),
+    Fixed(Arc<dyn JobRunner>),
+}
+
+impl Runner {
+    pub(super) fn job_runner(&self) -> Arc<dyn JobRunner> {
+        match self {
+            Self::Real(rotator) => Arc::clone(rotator) as Arc<dyn JobRunner>,
+            Self::Fixed(runner) => Arc::clone(runner),
+        }
+    }
+}
+
+/// A reload whose clients are ready.
+pub(super) struct Prepared {
+    config: Config,
+    runner: Runner,
+}
+
+impl Daemon {
+    /// Builds the clients for a new config off the loop (loading AWS config
+    /// can take seconds); the result comes back through `done`.
+    pub(super) fn prepare_reload(
+        &self,
+        config: Config,
+        done: mpsc::Sender<anyhow::Result<Prepared>>,
+    ) {
+        self.notifier.reloading();
+        for (key, changed) in [
+            (
+                "[admin] listen",
+                config.admin.listen != self.config.admin.listen,
+            ),
+            ("[state] path", config.state.path != self.config.state.path),
+            (
+                "[coordination]",
+                config.coordination != self.config.coordination,
+            ),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "this setting changes only on restart; the running value stays"
+                );
+            }
+        }
+        match &self.runner {
+            Runner::Fixed(runner) => {
+                let runner = Runner::Fixed(Arc::clone(runner));
+                tokio::spawn(async move { done.send(Ok(Prepared { config, runner })).await });
+            }
+            Runner::Real(rotator) => {
+                let (old, rotator) = (self.config.clone(), Arc::clone(rotator));
+                let (options, telemetry) = (self.options.clone(), Arc::clone(&self.telemetry));
+                tokio::spawn(async move {
+                    let built =
+                        build_rotator(&config, &options, &telemetry, Some((&old, &rotator))).await;
+                    let prepared = built.map(|rotator| Prepared {
+                        config,
+                        runner: Runner::Real(Arc::new(rotator)),
+                    });
+                    done.send(prepared).await
+                });
+            }
+        }
+    }
+
+    /// Applies a validated config as a diff: new connections start now,
+    /// removed ones go once their job ends, changed ones (sandbox or STS
+    /// identity) rotate with the new settings once their job ends, unchanged
+    /// ones keep their state and schedule.
+    pub(super) fn apply_reload(&mut self, prepared: anyhow::Result<Prepared>) {
+        let Prepared { mut config, runner } = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "config reload failed, keeping the running config");
+                self.notifier.reloaded(&self.status_line());
+                return;
+            }
+        };
+        // Keys that need a restart keep their running values.
+        config.admin.listen = self.config.admin.listen;
+        config.state.path = self.config.state.path.clone();
+        config.coordination = self.config.coordination.clone();
+        let now = self.clock.now();
+        let wanted: HashMap<String, ConnectionConfig> = self
+            .selected(&config)
+            .into_iter()
+            .map(|c| (c.id.clone(), c))
+            .collect();
+        let removed: Vec<String> = self
+            .connections
+            .keys()
+            .filter(|id| !wanted.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in &removed {
+            self.event(id, Event::Removed);
+        }
+        let (mut added, mut changed) = (0usize, 0usize);
+        for connection in self.selected(&config) {
+            let sts = StsRequest::for_connection(&config, &connection);
+            let id = connection.id.clone();
+            match self.connections.get(&id) {
+                Some(current) => {
+                    if current.config().sandbox != connection.sandbox || *current.sts() != sts {
+                        changed += 1;
+                    }
+                    self.event(&id, Event::Changed(Box::new(connection), sts));
+                }
+                None => {
+                    added += 1;
+                    self.add_connection(connection, sts, now, Listed::default());
+                }
+            }
+        }
+        self.policy = Policy::new(&config.rotation, self.options.mode == Mode::Once);
+        self.telemetry
+            .set_refresh_before(config.rotation.refresh_before);
+        self.config = config;
+        self.runner = runner;
+        let in_use: HashSet<StsRequest> =
+            self.connections.values().map(|c| c.sts().clone()).collect();
+        self.runner.job_runner().retain(&in_use);
+        self.state_dirty = true;
+        tracing::info!(
+            added,
+            removed = removed.len(),
+            changed,
+            connections = self.connections.len(),
+            "config reloaded"
+        );
+        self.notifier.reloaded(&self.status_line());
+    }
+}

@@ -1,0 +1,123 @@
+//! `[coordination]` as the scheduler sees it: dispatch only while this
+//! replica leads and its fence is open, adopt the shared state of each new
+//! term, send each changed connection to the shared table.
+
+use tokio::sync::watch;
+
+use super::{Daemon, DueQueue};
+use crate::connection::Phase;
+use crate::coordination::{Leadership, Role, StateSink};
+use crate::state::StateSnapshot;
+
+impl Daemon {
+    /// Runs as one of several replicas: dispatches only while `leadership`
+    /// says this replica leads (and its fence is open), adopts the shared
+    /// state of each new term, and sends changed connections to `shared`.
+    pub fn coordinate(&mut self, leadership: watch::Receiver<Leadership>, shared: StateSink) {
+        self.leadership = Some(leadership);
+        self.leading = false;
+        self.shared = Some(shared);
+    }
+
+    /// Whether the fence (coordination) lets jobs write now.
+    pub(super) fn fence_open(&self) -> bool {
+        self.options
+            .fence
+            .as_ref()
+            .is_none_or(crate::coordination::Fence::is_open)
+    }
+
+    /// The elector changed its word: a new term adopts the shared state and
+    /// starts dispatching; anything else stops it (jobs in flight stop at
+    /// their next fence check).
+    pub(super) fn on_leadership(&mut self, open: bool) {
+        if !open {
+            // The elector has ended (shutdown): nothing more is written.
+            self.leading = false;
+            return;
+        }
+        let Some(receiver) = self.leadership.as_mut() else {
+            return;
+        };
+        let current = receiver.borrow_and_update().clone();
+        match current.role {
+            Role::Leader if current.term != self.term => {
+                self.term = current.term;
+                self.adopt(current.view.as_deref());
+                self.leading = true;
+            }
+            Role::Leader => {}
+            Role::Standby | Role::Starting => {
+                self.leading = false;
+                self.adopt(current.view.as_deref());
+            }
+        }
+        // The role shows in `STATUS=` at once.
+        self.last_status = None;
+    }
+
+    /// Takes up the shared state (see [`crate::connection::Connection::adopt`]); `None` keeps
+    /// this replica's own view.
+    fn adopt(&mut self, view: Option<&StateSnapshot>) {
+        let Some(view) = view else {
+            return;
+        };
+        let now = self.clock.now();
+        for (id, connection) in &mut self.connections {
+            connection.adopt(view.connections.get(id), now, &self.policy, rand::random());
+            self.telemetry
+                .sync(id, |status| connection.write_status(status));
+        }
+        // Every due time may have moved: the heap is rebuilt rather than
+        // grown (a standby adopts a view every half minute).
+        self.heap = DueQueue::default();
+        for (id, connection) in &self.connections {
+            if let Phase::Waiting(at) = connection.phase() {
+                self.heap.push(at, id);
+            }
+        }
+    }
+
+    /// The role as `STATUS=` shows it when this replica is not the leader.
+    pub(super) fn standby_line(&self) -> Option<String> {
+        let leadership = self.leadership.as_ref()?.borrow();
+        (leadership.role != Role::Leader).then(|| leadership.status_line())
+    }
+
+    /// Sends one changed connection to the shared state writer at once
+    /// (it batches, and writes only while this replica holds the lease):
+    /// the sooner it is in the table, the smaller the window in which a
+    /// new leader would read an older record. A connection that is gone is
+    /// deleted there; one never pushed is left alone.
+    pub(super) fn share(&self, id: &str) {
+        let Some(sink) = &self.shared else {
+            return;
+        };
+        match self.connections.get(id) {
+            None => sink.send(vec![(id.to_owned(), None)]),
+            Some(c) => {
+                if let Some(record) = c.persisted() {
+                    sink.send(vec![(id.to_owned(), Some(record))]);
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when the elector publishes (`true`), or when it has ended
+/// (`false`, once); never without coordination.
+pub(super) async fn leadership_changed(
+    leadership: &mut Option<watch::Receiver<Leadership>>,
+) -> bool {
+    match leadership {
+        Some(receiver) => {
+            let open = receiver.changed().await.is_ok();
+            if !open {
+                // Ended: later calls wait forever instead of spinning.
+                *leadership = None;
+            }
+            open
+        }
+        None => std::future::pending().await,
+    }
+}
