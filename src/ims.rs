@@ -3,6 +3,13 @@
 //! One token serves every connection. It is fetched once (single flight: the
 //! callers that arrive meanwhile wait for the same answer), reused until well
 //! before `expires_in`, and dropped when Flow Service answers 401.
+//!
+//! A failure is shared too: while IMS fails, it is asked at most once per
+//! `[rotation] retry_min` (or its `Retry-After`, up to `retry_max`), and every
+//! caller meanwhile gets that answer at once. Without this, every connection
+//! due asked IMS on its own: at 10,000 connections an outage turned into
+//! thousands of token requests a second, against a service that may be
+//! throttling exactly because it is asked too often.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +21,7 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use url::Url;
 
+use crate::backoff::{BackoffPolicy, parse_retry_after};
 use crate::config::AdobeConfig;
 use crate::telemetry::{Service, Telemetry};
 
@@ -67,6 +75,40 @@ struct Cached {
     refresh_at: Instant,
 }
 
+/// The last fetch failed: until `retry_at` callers get `error` without a
+/// request.
+#[derive(Debug)]
+struct Outage {
+    error: ImsError,
+    retry_at: Instant,
+    /// Failed fetches in a row.
+    failures: u32,
+}
+
+/// What the token lock guards.
+#[derive(Debug, Default)]
+struct Cache {
+    /// Fetches that succeeded (see [`AccessToken::generation`]).
+    generation: u64,
+    token: Option<Cached>,
+    outage: Option<Outage>,
+}
+
+/// A failed fetch, with how long IMS asked us to wait (`Retry-After`).
+struct Failed {
+    error: ImsError,
+    retry_after: Option<Duration>,
+}
+
+impl From<ImsError> for Failed {
+    fn from(error: ImsError) -> Self {
+        Self {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
 /// Fetches and caches the IMS token.
 #[derive(Debug)]
 pub struct ImsClient {
@@ -77,7 +119,9 @@ pub struct ImsClient {
     client_secret: std::sync::Mutex<SecretString>,
     client_secret_file: Option<std::path::PathBuf>,
     scopes: String,
-    cache: Mutex<(u64, Option<Cached>)>,
+    cache: Mutex<Cache>,
+    /// `[rotation] retry_min` / `retry_max`: how long a failure is shared.
+    retry: BackoffPolicy,
     telemetry: Arc<Telemetry>,
 }
 
@@ -109,8 +153,14 @@ fn refresh_margin(lifetime: Duration) -> Duration {
 }
 
 impl ImsClient {
-    /// A client for `{ims_url}/ims/token/v3`.
-    pub fn new(http: reqwest::Client, adobe: &AdobeConfig, telemetry: Arc<Telemetry>) -> Self {
+    /// A client for `{ims_url}/ims/token/v3`; while IMS fails it is asked
+    /// at most once per `retry.min` (see the module docs).
+    pub fn new(
+        http: reqwest::Client,
+        adobe: &AdobeConfig,
+        retry: BackoffPolicy,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
         let mut token_url = adobe.ims_url.clone();
         token_url.set_path("/ims/token/v3");
         crate::http::register_secret(adobe.client_secret.expose_secret());
@@ -121,60 +171,105 @@ impl ImsClient {
             client_secret: std::sync::Mutex::new(adobe.client_secret.clone()),
             client_secret_file: adobe.client_secret_file.clone(),
             scopes: adobe.scopes.join(","),
-            cache: Mutex::new((0, None)),
+            cache: Mutex::new(Cache::default()),
+            retry,
             telemetry,
         }
     }
 
     /// The current token, fetching a new one when there is none or it is due
-    /// for refresh.
+    /// for refresh. While IMS fails, the last failure is answered without a
+    /// request until its retry time.
     pub async fn token(&self) -> Result<Arc<AccessToken>, ImsError> {
-        let mut guard = self.cache.lock().await;
-        let (generation, cached) = &mut *guard;
-        if let Some(entry) = cached.as_ref()
-            && crate::clock::mono_now() < entry.refresh_at
+        let mut cache = self.cache.lock().await;
+        let now = crate::clock::mono_now();
+        if let Some(entry) = cache.token.as_ref()
+            && now < entry.refresh_at
         {
             return Ok(Arc::clone(&entry.token));
         }
-        let (value, lifetime) = match self.fetch().await {
-            // A rotated client secret: the file may already hold the new
-            // one (a Kubernetes Secret update, a new LoadCredential). Re-read
-            // it once before reporting the refusal.
-            Err(ImsError::Rejected { error, .. })
-                if error == "invalid_client" && self.reread_secret() =>
-            {
-                self.fetch().await?
-            }
-            other => other?,
+        if let Some(outage) = cache.outage.as_ref()
+            && now < outage.retry_at
+        {
+            return Err(outage.error.clone());
+        }
+        let (value, lifetime) = match self.fetch_once_more().await {
+            Ok(fetched) => fetched,
+            Err(failed) => return Err(self.failed(&mut cache, failed)),
         };
-        *generation += 1;
+        cache.generation += 1;
         let token = Arc::new(AccessToken {
             value,
-            generation: *generation,
+            generation: cache.generation,
         });
-        *cached = Some(Cached {
+        let now = crate::clock::mono_now();
+        cache.token = Some(Cached {
             token: Arc::clone(&token),
-            refresh_at: {
-                let now = crate::clock::mono_now();
-                now.checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
-                    .unwrap_or(now)
-            },
+            refresh_at: now
+                .checked_add(lifetime.saturating_sub(refresh_margin(lifetime)))
+                .unwrap_or(now),
         });
-        tracing::info!(expires_in = lifetime.as_secs(), "ims token refreshed");
+        match cache.outage.take() {
+            Some(outage) => tracing::info!(
+                expires_in = lifetime.as_secs(),
+                failed_before = outage.failures,
+                "ims token refreshed"
+            ),
+            None => tracing::info!(expires_in = lifetime.as_secs(), "ims token refreshed"),
+        }
         Ok(token)
+    }
+
+    /// One fetch, and a second one with a rotated client secret: the file
+    /// may already hold the new one (a Kubernetes Secret update, a new
+    /// `LoadCredential`). The file is re-read once before the refusal is
+    /// reported.
+    async fn fetch_once_more(&self) -> Result<(SecretString, Duration), Failed> {
+        match self.fetch().await {
+            Err(Failed {
+                error: ImsError::Rejected { error, .. },
+                ..
+            }) if error == "invalid_client" && self.reread_secret() => self.fetch().await,
+            other => other,
+        }
+    }
+
+    /// Records a failed fetch: callers get its error without a request
+    /// for `retry_min`, or for IMS's `Retry-After` up to `retry_max`.
+    fn failed(&self, cache: &mut Cache, failed: Failed) -> ImsError {
+        let wait = failed.retry_after.map_or(self.retry.min, |asked| {
+            asked.clamp(self.retry.min, self.retry.max.max(self.retry.min))
+        });
+        let failures = cache
+            .outage
+            .as_ref()
+            .map_or(1, |outage| outage.failures.saturating_add(1));
+        let now = crate::clock::mono_now();
+        tracing::warn!(
+            error = %failed.error,
+            failures,
+            retry_in = %humantime::format_duration(wait),
+            "ims token request failed"
+        );
+        cache.outage = Some(Outage {
+            error: failed.error.clone(),
+            retry_at: now.checked_add(wait).unwrap_or(now),
+            failures,
+        });
+        failed.error
     }
 
     /// Drops `token` after Flow Service refused it (401); the next
     /// [`token`](Self::token) call fetches a new one. A token that was already
     /// replaced by another caller is left alone.
     pub async fn invalidate(&self, token: &AccessToken) {
-        let mut guard = self.cache.lock().await;
-        if guard
-            .1
+        let mut cache = self.cache.lock().await;
+        if cache
+            .token
             .as_ref()
             .is_some_and(|entry| entry.token.generation == token.generation)
         {
-            guard.1 = None;
+            cache.token = None;
         }
     }
 
@@ -199,7 +294,7 @@ impl ImsClient {
         true
     }
 
-    async fn fetch(&self) -> Result<(SecretString, Duration), ImsError> {
+    async fn fetch(&self) -> Result<(SecretString, Duration), Failed> {
         let secret = self
             .client_secret
             .lock()
@@ -224,6 +319,11 @@ impl ImsClient {
             })?;
         let status = response.status();
         self.telemetry.request(Service::Ims, status.as_str());
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, crate::clock::wall_now()));
         // A 3xx is refused here (no redirect is followed: the form carries
         // the client secret), an oversized body is a transient error.
         let body = crate::http::read_body(response).await.map_err(|e| {
@@ -244,7 +344,8 @@ impl ImsClient {
             if parsed.access_token.is_empty() || parsed.expires_in == 0 {
                 return Err(ImsError::Malformed(
                     "token response has an empty access_token or expires_in".to_owned(),
-                ));
+                )
+                .into());
             }
             crate::http::register_secret(&parsed.access_token);
             return Ok((
@@ -253,7 +354,10 @@ impl ImsClient {
             ));
         }
         if status.as_u16() == 429 || status.is_server_error() {
-            return Err(ImsError::Unavailable(format!("HTTP {status}")));
+            return Err(Failed {
+                error: ImsError::Unavailable(format!("HTTP {status}")),
+                retry_after,
+            });
         }
         let detail: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
         // IMS may echo the form (client secret included) in its description.
@@ -271,7 +375,7 @@ impl ImsClient {
             "invalid_scope" => "check [adobe] scopes against the credential's product profile",
             _ => "check the [adobe] section",
         };
-        Err(ImsError::Rejected {
+        Err(Failed::from(ImsError::Rejected {
             status: status.as_u16(),
             error: if detail.error.is_empty() {
                 "unknown".to_owned()
@@ -279,7 +383,7 @@ impl ImsClient {
                 shown(&detail.error)
             },
             description: format!("{}; {advice}", shown(&detail.error_description)),
-        })
+        }))
     }
 }
 
@@ -349,6 +453,11 @@ mod tests {
         assert_eq!(token.expose(), "eyJhbGciOiJSUzI1NiJ9.secret");
     }
 
+    const RETRY: BackoffPolicy = BackoffPolicy {
+        min: Duration::from_millis(300),
+        max: Duration::from_secs(2),
+    };
+
     async fn client_with(
         secret_in_memory: &str,
         file_holds: &str,
@@ -374,7 +483,7 @@ mod tests {
             platform_url: Url::parse(&sim.platform_url()).unwrap(),
         };
         let telemetry = Arc::new(Telemetry::new(Duration::from_secs(60)));
-        let client = ImsClient::new(reqwest::Client::new(), &adobe, telemetry);
+        let client = ImsClient::new(reqwest::Client::new(), &adobe, RETRY, telemetry);
         (client, sim, dir)
     }
 
@@ -391,6 +500,124 @@ mod tests {
             matches!(&error, ImsError::Rejected { error, .. } if error == "invalid_client"),
             "{error:?}"
         );
+        assert_eq!(sim.stats().ims_tokens_issued, 0);
+    }
+
+    fn scripted(status: u16, retry_after: Option<u64>) -> aep_s3_simulator::ScriptedFault {
+        aep_s3_simulator::ScriptedFault::Status {
+            status,
+            retry_after: retry_after.map(aep_s3_simulator::RetryAfter::Seconds),
+            body: None,
+        }
+    }
+
+    /// Token requests this client sent (its `requests_total` counter).
+    fn requests_sent(client: &ImsClient) -> u64 {
+        let metrics = client.telemetry.render_metrics(crate::clock::wall_now());
+        metrics
+            .lines()
+            .filter(|line| {
+                line.starts_with("aep_s3_rotator_requests_total{")
+                    && line.contains("service=\"ims\"")
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// How long from now the shared failure is answered without a request.
+    async fn outage_left(client: &ImsClient) -> Option<Duration> {
+        let cache = client.cache.lock().await;
+        let outage = cache.outage.as_ref()?;
+        Some(
+            outage
+                .retry_at
+                .saturating_duration_since(crate::clock::mono_now()),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_failure_is_shared_until_retry_min_then_ims_is_asked_again() {
+        let (client, sim, _dir) = client_with("the-new-secret", "the-new-secret").await;
+        let client = Arc::new(client);
+        sim.script(aep_s3_simulator::SimService::Ims, scripted(503, None));
+        // Twenty callers at once: one request. Had any other asked IMS, it
+        // would have got a token (only one failure is scripted).
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let client = Arc::clone(&client);
+                tokio::spawn(async move { client.token().await })
+            })
+            .collect();
+        for caller in callers {
+            let error = caller.await.unwrap().unwrap_err();
+            assert!(
+                matches!(&error, ImsError::Unavailable(m) if m.contains("503")),
+                "{error:?}"
+            );
+        }
+        assert_eq!(sim.stats().ims_tokens_issued, 0);
+        assert_eq!(requests_sent(&client), 1);
+        // IMS is healthy again, but the failure still answers until retry_min.
+        assert!(client.token().await.is_err());
+        assert_eq!(requests_sent(&client), 1);
+        let left = outage_left(&client).await.expect("an outage is recorded");
+        assert!(left <= RETRY.min, "{left:?}");
+        tokio::time::sleep(left + Duration::from_millis(20)).await;
+        client.token().await.expect("asked again after retry_min");
+        assert_eq!(sim.stats().ims_tokens_issued, 1);
+        assert_eq!(requests_sent(&client), 2);
+        assert!(
+            outage_left(&client).await.is_none(),
+            "a success ends the outage"
+        );
+    }
+
+    #[tokio::test]
+    async fn retry_after_from_ims_is_honoured_between_retry_min_and_retry_max() {
+        let (client, sim, _dir) = client_with("the-new-secret", "the-new-secret").await;
+        for (asked, expected) in [
+            // A day is cut to retry_max: IMS recovering is noticed in time.
+            (Some(86_400), RETRY.max),
+            // Zero is raised to retry_min: no burst of requests.
+            (Some(0), RETRY.min),
+            // None: retry_min.
+            (None, RETRY.min),
+        ] {
+            sim.script(aep_s3_simulator::SimService::Ims, scripted(429, asked));
+            // Past any earlier outage, so this call asks IMS.
+            if let Some(left) = outage_left(&client).await {
+                tokio::time::sleep(left + Duration::from_millis(20)).await;
+            }
+            let error = client.token().await.unwrap_err();
+            assert!(
+                matches!(&error, ImsError::Unavailable(m) if m.contains("429")),
+                "{error:?}"
+            );
+            let left = outage_left(&client).await.unwrap();
+            assert!(
+                left <= expected && left + Duration::from_millis(500) > expected,
+                "Retry-After {asked:?}: shared for {left:?}, expected about {expected:?}"
+            );
+        }
+        assert_eq!(sim.stats().ims_tokens_issued, 0);
+        assert_eq!(requests_sent(&client), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_shared_too() {
+        let (client, sim, _dir) = client_with("the-old-secret", "the-old-secret").await;
+        assert!(matches!(
+            client.token().await,
+            Err(ImsError::Rejected { .. })
+        ));
+        assert!(matches!(
+            client.token().await,
+            Err(ImsError::Rejected { .. })
+        ));
+        // Answered from the shared failure: the secret file was not re-read
+        // and IMS saw one refused request, not two.
+        assert!(outage_left(&client).await.is_some());
+        assert_eq!(requests_sent(&client), 1);
         assert_eq!(sim.stats().ims_tokens_issued, 0);
     }
 }

@@ -344,10 +344,11 @@ async fn a_412_storm_fails_the_attempt_then_rotates_on_the_next() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ims_down_at_start_then_back_rotates_every_connection() {
-    let h = Harness::start(2, Duration::from_secs(60)).await;
+    let h = Harness::start(12, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
     h.sim.set_service_down(SimService::Ims, true);
     let config = h.write_config(QUICK, "");
+    let started = aep_s3_rotator::clock::mono_now();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(5), || !daemon
@@ -359,6 +360,16 @@ async fn ims_down_at_start_then_back_rotates_every_connection() {
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(h.sim.stats().ims_tokens_issued, 0);
+    // One outage, asked about at most once per retry_min (100 ms), however
+    // many connections are due: each of the 12 retries on its own schedule,
+    // but they share the answer (a slower machine only asks less often).
+    let asked = daemon.events("ims token request failed").len();
+    let failed = daemon.events("rotation failed, retrying").len();
+    let bound = started.elapsed().as_secs_f64() / 0.1 + 1.0;
+    assert!(
+        asked >= 1 && (asked as f64) <= bound && failed > asked,
+        "{asked} IMS requests (bound {bound:.0}), {failed} failed attempts"
+    );
     h.sim.set_service_down(SimService::Ims, false);
     all_patched(&h, &ids, 1, &daemon).await;
     assert_eq!(daemon.terminate().code(), Some(0));

@@ -9,6 +9,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use super::{Daemon, Listed, Mode, Options};
+use crate::backoff::BackoffPolicy;
 use crate::config::{Config, ConnectionConfig};
 use crate::connection::{Event, Policy};
 use crate::flow::FlowClient;
@@ -45,12 +46,21 @@ pub async fn build_rotator(
         )),
     };
     let ims = match previous {
-        Some((old, rotator)) if same_http(old) && same_adobe(old, config) => {
+        Some((old, rotator))
+            if same_http(old)
+                && same_adobe(old, config)
+                && old.rotation.retry_min == rotation.retry_min
+                && old.rotation.retry_max == rotation.retry_max =>
+        {
             Arc::clone(&rotator.ims)
         }
         _ => Arc::new(ImsClient::new(
             http.clone(),
             &config.adobe,
+            BackoffPolicy {
+                min: rotation.retry_min,
+                max: rotation.retry_max,
+            },
             Arc::clone(telemetry),
         )),
     };
