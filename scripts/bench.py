@@ -38,6 +38,7 @@ scripts/sequential_baseline.py import.
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -296,6 +297,9 @@ class Daemon:
         self._log = open(self.log_path, "wb")
         self._out = open(logs / "daemon.stdout", "wb")
         self.started = time.monotonic()
+        # The same moment on the wall clock, which the simulator's
+        # `first_pass_done_unix_ms` is on.
+        self.started_wall = time.time()
         level = ["--log-level", log_level] if log_level else []
         self.proc = subprocess.Popen(
             [str(DAEMON_BIN), "--config", str(config_path), *level, "run"],
@@ -364,6 +368,20 @@ class Daemon:
                     found = obj[field]
         return found
 
+    def first_time_of(self, message: str) -> float | None:
+        """Seconds from spawn to the first log line whose message is
+        `message` (by the line's own timestamp), if any."""
+        with open(self.log_path, errors="replace") as f:
+            for line in f:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if obj.get("message") == message and "timestamp" in obj:
+                    at = datetime.datetime.fromisoformat(obj["timestamp"].replace("Z", "+00:00"))
+                    return round(at.timestamp() - self.started_wall, 3)
+        return None
+
     def log_tail(self, lines: int = 20) -> str:
         with open(self.log_path, errors="replace") as f:
             return "".join(f.readlines()[-lines:])
@@ -372,7 +390,8 @@ class Daemon:
 def wait_first_pass(sim: Simulator, daemon: Daemon, timeout: float, poll: float = 0.05) -> dict:
     """Polls the simulator until no connection is left unrotated.
 
-    Returns {"seconds": since daemon spawn (None on timeout or daemon death),
+    Returns {"seconds": from daemon spawn to the simulator's time of the last
+    first PATCH (None on timeout or daemon death),
     "cpu": daemon CPU seconds then, "memory": VmRSS/VmHWM then, "stats": the
     simulator's figures then, "startup_cpu": daemon CPU seconds at the first
     poll that saw a Flow request (start-up, IMS and STS, before the per-
@@ -385,8 +404,14 @@ def wait_first_pass(sim: Simulator, daemon: Daemon, timeout: float, poll: float 
         now = time.monotonic()
         out["stats"] = stats
         if stats.get("connections_never_rotated") == 0:
+            # The simulator's own time of the last first PATCH, not this
+            # poll's: polls are `poll` apart, which would add up to 50 ms.
+            done_ms = stats.get("first_pass_done_unix_ms")
+            seconds = now - daemon.started
+            if done_ms is not None:
+                seconds = min(seconds, max(0.0, done_ms / 1000 - daemon.started_wall))
             out.update(
-                seconds=now - daemon.started,
+                seconds=seconds,
                 cpu=daemon.cpu(),
                 memory=daemon.memory(),
                 simulator_cpu=proc_cpu_seconds(sim.pid),
@@ -596,6 +621,11 @@ def bench_one(n: int, args, workroot: Path) -> dict:
             rc = daemon.stop()
             result["daemon_exit"] = rc
             result["log_messages"] = dict(daemon.messages().most_common(12))
+            # Where the start-up goes: loading the config and building the
+            # clients (spawn to `starting`), then IMS, the first list call,
+            # STS and the first PATCH (to the first `credentials rotated`).
+            result["spawn_to_starting_seconds"] = daemon.first_time_of("starting")
+            result["spawn_to_first_rotation_seconds"] = daemon.first_time_of("credentials rotated")
             turns = daemon.field_of("stopped", "loop_turns")
             if turns is not None:
                 result["loop_turns"] = turns

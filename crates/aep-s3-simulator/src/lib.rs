@@ -377,6 +377,11 @@ pub struct SimStats {
     pub expired_seconds: f64,
     /// Connections (existing now) that never got a successful PATCH.
     pub connections_never_rotated: u64,
+    /// Once every connection existing now has had a successful PATCH: when
+    /// the last of them got its first one (Unix milliseconds), i.e. when the
+    /// first pass over them ended. `None` while some are still waiting.
+    #[serde(default)]
+    pub first_pass_done_unix_ms: Option<u64>,
     /// S3 pre-push checks answered 200.
     #[serde(default)]
     pub s3_checks_allowed: u64,

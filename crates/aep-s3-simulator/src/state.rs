@@ -703,12 +703,18 @@ impl Shared {
         // One pass under the lock: the benchmark asks 20 times a second
         // while 10,000 connections are being rotated.
         let (mut expired, mut never_rotated) = (st.retired_expired_seconds, 0u64);
+        let mut last_first_patch: Option<SystemTime> = None;
         for c in st.connections.values() {
             expired += c.expired_seconds_at(now);
             never_rotated += u64::from(c.patches == 0);
+            last_first_patch = last_first_patch.max(c.first_patch_at);
         }
         stats.expired_seconds = expired;
         stats.connections_never_rotated = never_rotated;
+        stats.first_pass_done_unix_ms = last_first_patch
+            .filter(|_| never_rotated == 0)
+            .and_then(|at| at.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
         stats
     }
 

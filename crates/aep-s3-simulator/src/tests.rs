@@ -422,7 +422,20 @@ async fn patch_with_etag_and_sts_credentials_succeeds() {
     let stats = sim.stats();
     assert_eq!(stats.flow_patches_ok, 1);
     assert_eq!(stats.connections_never_rotated, 1);
+    assert_eq!(stats.first_pass_done_unix_ms, None, "{OTHER} still waits");
     assert_eq!(stats.violations, 0, "{:?}", sim.violations());
+    // Without the one never patched, the first pass ended with CONN's PATCH.
+    sim.delete_connection(OTHER);
+    let first_patch_ms = view
+        .first_patch_at
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    assert_eq!(
+        sim.stats().first_pass_done_unix_ms.map(u128::from),
+        Some(first_patch_ms)
+    );
 }
 
 #[tokio::test]
