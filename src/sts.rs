@@ -540,24 +540,50 @@ struct Cached {
     reuse_until: SystemTime,
 }
 
+/// What one request's slot holds: the last answer, or the last failure.
+#[derive(Debug, Default)]
+struct Slot {
+    cached: Option<Cached>,
+    failed: Option<Failed>,
+}
+
+/// A failed call, the answer to further callers until `until`, and to the
+/// next one in any case while `owed` (a call made ahead of the jobs).
+#[derive(Debug)]
+struct Failed {
+    error: StsError,
+    until: tokio::time::Instant,
+    owed: bool,
+}
+
 /// Shares STS answers between connections that ask for the same thing.
 ///
 /// One call per [`StsRequest`] and cycle: the first connection due asks STS
 /// (others asking meanwhile wait for that answer: single flight); the answer is
 /// handed out until its own refresh point to every connection that does not
 /// already hold it.
+///
+/// A failure is shared the same way, for `share_failure`: the connections
+/// that waited for a call that failed get its error rather than each asking
+/// STS again at once (a throttled STS would otherwise see one call per
+/// connection in a row). A call made ahead of the jobs
+/// ([`CredentialCache::ask_ahead`]) keeps its failure for the first job.
 #[derive(Debug)]
 pub struct CredentialCache {
     source: Arc<dyn CredentialSource>,
-    slots: Mutex<HashMap<StsRequest, Arc<tokio::sync::Mutex<Option<Cached>>>>>,
+    slots: Mutex<HashMap<StsRequest, Arc<tokio::sync::Mutex<Slot>>>>,
+    share_failure: Duration,
 }
 
 impl CredentialCache {
-    /// An empty cache in front of `source`.
-    pub fn new(source: Arc<dyn CredentialSource>) -> Self {
+    /// An empty cache in front of `source`, whose failures answer further
+    /// callers for `share_failure` (the daemon passes half of `retry_min`,
+    /// so a connection's own retry, at least `retry_min` later, asks again).
+    pub fn new(source: Arc<dyn CredentialSource>, share_failure: Duration) -> Self {
         Self {
             source,
             slots: Mutex::new(HashMap::new()),
+            share_failure,
         }
     }
 
@@ -566,28 +592,72 @@ impl CredentialCache {
     ///
     /// A cached answer is reused while `now` is before its refresh point
     /// (`expiration − refresh_before`, or half its life when it lives shorter);
-    /// otherwise STS is called.
+    /// otherwise STS is called. A failure is the answer while it is shared
+    /// (see the type's docs).
     pub async fn get(
         &self,
         request: &StsRequest,
         held: Option<&str>,
         refresh_before: Duration,
     ) -> Result<Arc<AwsCredentials>, StsError> {
+        self.answer(request, held, refresh_before, false).await
+    }
+
+    /// Asks STS for `request` ahead of the jobs that will need it (a start),
+    /// unless an answer is cached. A failure is kept for the first job that
+    /// asks, however late it comes, so it is reported as that job's own: an
+    /// early call changes when STS is asked, not what an operator sees.
+    pub async fn ask_ahead(&self, request: &StsRequest, refresh_before: Duration) {
+        // The error is the first job's to report.
+        let _ = self.answer(request, None, refresh_before, true).await;
+    }
+
+    async fn answer(
+        &self,
+        request: &StsRequest,
+        held: Option<&str>,
+        refresh_before: Duration,
+        ahead: bool,
+    ) -> Result<Arc<AwsCredentials>, StsError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(slots.entry(request.clone()).or_default())
         };
-        let mut cached = slot.lock().await;
+        let mut slot = slot.lock().await;
         let now = crate::clock::wall_now();
-        if let Some(entry) = cached.as_ref()
+        if let Some(entry) = slot.cached.as_ref()
             && now < entry.reuse_until
             && held != Some(entry.credentials.access_key_id.as_str())
         {
             return Ok(Arc::clone(&entry.credentials));
         }
-        let credentials = Arc::new(self.source.issue(request).await?);
+        if let Some(failed) = slot.failed.as_mut()
+            && (failed.owed || crate::clock::mono_now() < failed.until)
+        {
+            // Asking ahead of a failure still owed asks nothing.
+            failed.owed &= ahead;
+            return Err(failed.error.clone());
+        }
+        let issued = match self.source.issue(request).await {
+            Ok(credentials) => {
+                check_credentials(&credentials, crate::clock::wall_now()).map(|()| credentials)
+            }
+            Err(error) => Err(error),
+        };
+        let credentials = match issued {
+            Ok(credentials) => Arc::new(credentials),
+            Err(error) => {
+                let now = crate::clock::mono_now();
+                slot.failed = Some(Failed {
+                    error: error.clone(),
+                    until: now.checked_add(self.share_failure).unwrap_or(now),
+                    owed: ahead,
+                });
+                return Err(error);
+            }
+        };
+        slot.failed = None;
         let fetched = crate::clock::wall_now();
-        check_credentials(&credentials, fetched)?;
         let reuse_until = schedule::next_rotation(
             fetched,
             credentials.expiration,
@@ -596,7 +666,7 @@ impl CredentialCache {
             0.0,
         )
         .at;
-        *cached = Some(Cached {
+        slot.cached = Some(Cached {
             credentials: Arc::clone(&credentials),
             reuse_until,
         });
@@ -640,6 +710,8 @@ mod tests {
         }
     }
 
+    const SHARE: Duration = Duration::from_millis(500);
+
     fn request(role: &str) -> StsRequest {
         StsRequest {
             role_arn: Some(RoleArn::parse(role).unwrap()),
@@ -675,7 +747,7 @@ mod tests {
             calls: AtomicU32::new(0),
             lifetime: Duration::from_secs(3600),
         });
-        let cache = Arc::new(CredentialCache::new(source.clone()));
+        let cache = Arc::new(CredentialCache::new(source.clone(), SHARE));
         let refresh = Duration::from_secs(1200);
         let req = request("arn:aws:iam::123456789012:role/a");
         let tasks: Vec<_> = (0..20)
@@ -706,13 +778,104 @@ mod tests {
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
+    /// Fails its first `failures` calls (STS throttling), then issues.
+    #[derive(Debug)]
+    struct ThrottledSource {
+        calls: AtomicU32,
+        failures: u32,
+    }
+
+    impl CredentialSource for ThrottledSource {
+        fn issue<'a>(
+            &'a self,
+            _request: &'a StsRequest,
+        ) -> BoxFuture<'a, Result<AwsCredentials, StsError>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                if n < self.failures {
+                    return Err(StsError::Unavailable("Throttling: Rate exceeded".into()));
+                }
+                Ok(AwsCredentials {
+                    access_key_id: "ASIATESTAFTERTHROTTLE".into(),
+                    secret_access_key: SecretString::from(format!("secret-key-{n:032}")),
+                    session_token: SecretString::from(format!("session-token-{n:032}")),
+                    expiration: crate::clock::wall_now() + Duration::from_secs(3600),
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_answers_the_waiting_callers_then_sts_is_asked_again() {
+        let source = Arc::new(ThrottledSource {
+            calls: AtomicU32::new(0),
+            failures: 1,
+        });
+        let cache = Arc::new(CredentialCache::new(source.clone(), SHARE));
+        let refresh = Duration::from_secs(1200);
+        let req = request("arn:aws:iam::123456789012:role/a");
+        // Twenty connections due at once behind one throttled call: one
+        // call, twenty errors (not twenty calls in a row to a throttled STS).
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, req) = (Arc::clone(&cache), req.clone());
+                tokio::spawn(async move { cache.get(&req, None, refresh).await })
+            })
+            .collect();
+        for task in tasks {
+            let error = task.await.unwrap().unwrap_err();
+            assert!(error.to_string().contains("Throttling"), "{error}");
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        // Still the answer just before the window ends ...
+        tokio::time::advance(SHARE - Duration::from_millis(1)).await;
+        assert!(cache.get(&req, None, refresh).await.is_err());
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        // ... and STS is asked again once it has.
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let credentials = cache.get(&req, None, refresh).await.unwrap();
+        assert_eq!(credentials.access_key_id, "ASIATESTAFTERTHROTTLE");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        // Another identity has its own slot: not answered by this failure.
+        let other = request("arn:aws:iam::123456789012:role/b");
+        source.calls.store(0, Ordering::SeqCst);
+        assert!(cache.get(&other, None, refresh).await.is_err());
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_asked_ahead_is_the_first_jobs_however_late_it_asks() {
+        let source = Arc::new(ThrottledSource {
+            calls: AtomicU32::new(0),
+            failures: 1,
+        });
+        let cache = CredentialCache::new(source.clone(), SHARE);
+        let refresh = Duration::from_secs(1200);
+        let req = request("arn:aws:iam::123456789012:role/a");
+        cache.ask_ahead(&req, refresh).await;
+        cache.ask_ahead(&req, refresh).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        // Long after the shared window, the first job still gets the
+        // failure (and reports it); the next asks STS.
+        tokio::time::advance(SHARE * 10).await;
+        let error = cache.get(&req, None, refresh).await.unwrap_err();
+        assert!(error.to_string().contains("Throttling"), "{error}");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        cache.get(&req, None, refresh).await.unwrap();
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        // Asked ahead with an answer cached: no call.
+        cache.ask_ahead(&req, refresh).await;
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn a_holder_of_the_cached_answer_gets_a_new_one() {
         let source = Arc::new(CountingSource {
             calls: AtomicU32::new(0),
             lifetime: Duration::from_secs(3600),
         });
-        let cache = CredentialCache::new(source.clone());
+        let cache = CredentialCache::new(source.clone(), SHARE);
         let refresh = Duration::from_secs(1200);
         let req = request("arn:aws:iam::123456789012:role/a");
         let first = cache.get(&req, None, refresh).await.unwrap();
@@ -736,7 +899,7 @@ mod tests {
             calls: AtomicU32::new(0),
             lifetime: Duration::ZERO,
         });
-        let cache = CredentialCache::new(source.clone());
+        let cache = CredentialCache::new(source.clone(), SHARE);
         let error = cache
             .get(
                 &request("arn:aws:iam::123456789012:role/a"),

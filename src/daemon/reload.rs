@@ -68,7 +68,8 @@ pub async fn build_rotator(
         Some((old, rotator))
             if same_http(old)
                 && old.aws.region == config.aws.region
-                && old.aws.sts_endpoint == config.aws.sts_endpoint =>
+                && old.aws.sts_endpoint == config.aws.sts_endpoint
+                && old.rotation.retry_min == rotation.retry_min =>
         {
             Arc::clone(&rotator.credentials)
         }
@@ -80,7 +81,7 @@ pub async fn build_rotator(
                 Arc::clone(telemetry),
             )
             .await;
-            Arc::new(CredentialCache::new(Arc::new(sts)))
+            Arc::new(CredentialCache::new(Arc::new(sts), rotation.retry_min / 2))
         }
     };
     Ok(Rotator {
