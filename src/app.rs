@@ -301,9 +301,6 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );
-    if config.coordination.is_none() {
-        prefetch_credentials(&config, &rotator);
-    }
     // The daemon runs at once, its explicit connections held until the
     // start's listing seeds their etag: the first PATCHes go out while the
     // later list pages are still on their way, and no connection GETs an
@@ -354,45 +351,6 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             Exit::Failure
         }
     }
-}
-
-/// How many STS identities a start asks for ahead of the first jobs.
-const PREFETCH_IDENTITIES: usize = 4;
-
-/// A start without saved state rotates every connection at once, and the
-/// first job of each STS identity would ask STS only after IMS and the
-/// first list page answered. The first few identities (in config order,
-/// the order connections are first due) are asked for now instead, while
-/// IMS and the listing are on their way; the jobs then find the answers in
-/// the cache (single flight: still one STS call per identity), and a
-/// failure is the first job's to report as its own. With a state file the
-/// connections are mostly fresh and nothing is asked ahead.
-fn prefetch_credentials(config: &Config, rotator: &Arc<crate::rotation::Rotator>) {
-    if config.state.path.as_deref().is_some_and(Path::exists) {
-        return;
-    }
-    let mut requests: Vec<crate::sts::StsRequest> = Vec::new();
-    for connection in &config.connections {
-        let request = crate::sts::StsRequest::for_connection(config, connection);
-        if !requests.contains(&request) {
-            requests.push(request);
-            if requests.len() == PREFETCH_IDENTITIES {
-                break;
-            }
-        }
-    }
-    if requests.is_empty() {
-        return;
-    }
-    let rotator = Arc::clone(rotator);
-    tokio::spawn(async move {
-        let asked = requests.iter().map(|request| {
-            rotator
-                .credentials
-                .ask_ahead(request, rotator.refresh_before)
-        });
-        futures::future::join_all(asked).await;
-    });
 }
 
 /// `[coordination]` before the daemon starts: the table is checked (a
