@@ -547,13 +547,11 @@ struct Slot {
     failed: Option<Failed>,
 }
 
-/// A failed call, the answer to further callers until `until`, and to the
-/// next one in any case while `owed` (a call made ahead of the jobs).
+/// A failed call, the answer to further callers until `until`.
 #[derive(Debug)]
 struct Failed {
     error: StsError,
     until: tokio::time::Instant,
-    owed: bool,
 }
 
 /// Shares STS answers between connections that ask for the same thing.
@@ -566,8 +564,7 @@ struct Failed {
 /// A failure is shared the same way, for `share_failure`: the connections
 /// that waited for a call that failed get its error rather than each asking
 /// STS again at once (a throttled STS would otherwise see one call per
-/// connection in a row). A call made ahead of the jobs
-/// ([`CredentialCache::ask_ahead`]) keeps its failure for the first job.
+/// connection in a row).
 #[derive(Debug)]
 pub struct CredentialCache {
     source: Arc<dyn CredentialSource>,
@@ -600,25 +597,6 @@ impl CredentialCache {
         held: Option<&str>,
         refresh_before: Duration,
     ) -> Result<Arc<AwsCredentials>, StsError> {
-        self.answer(request, held, refresh_before, false).await
-    }
-
-    /// Asks STS for `request` ahead of the jobs that will need it (a start),
-    /// unless an answer is cached. A failure is kept for the first job that
-    /// asks, however late it comes, so it is reported as that job's own: an
-    /// early call changes when STS is asked, not what an operator sees.
-    pub async fn ask_ahead(&self, request: &StsRequest, refresh_before: Duration) {
-        // The error is the first job's to report.
-        let _ = self.answer(request, None, refresh_before, true).await;
-    }
-
-    async fn answer(
-        &self,
-        request: &StsRequest,
-        held: Option<&str>,
-        refresh_before: Duration,
-        ahead: bool,
-    ) -> Result<Arc<AwsCredentials>, StsError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(slots.entry(request.clone()).or_default())
@@ -631,11 +609,9 @@ impl CredentialCache {
         {
             return Ok(Arc::clone(&entry.credentials));
         }
-        if let Some(failed) = slot.failed.as_mut()
-            && (failed.owed || crate::clock::mono_now() < failed.until)
+        if let Some(failed) = &slot.failed
+            && crate::clock::mono_now() < failed.until
         {
-            // Asking ahead of a failure still owed asks nothing.
-            failed.owed &= ahead;
             return Err(failed.error.clone());
         }
         let issued = match self.source.issue(request).await {
@@ -651,7 +627,6 @@ impl CredentialCache {
                 slot.failed = Some(Failed {
                     error: error.clone(),
                     until: now.checked_add(self.share_failure).unwrap_or(now),
-                    owed: ahead,
                 });
                 return Err(error);
             }
@@ -842,31 +817,6 @@ mod tests {
         source.calls.store(0, Ordering::SeqCst);
         assert!(cache.get(&other, None, refresh).await.is_err());
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failure_asked_ahead_is_the_first_jobs_however_late_it_asks() {
-        let source = Arc::new(ThrottledSource {
-            calls: AtomicU32::new(0),
-            failures: 1,
-        });
-        let cache = CredentialCache::new(source.clone(), SHARE);
-        let refresh = Duration::from_secs(1200);
-        let req = request("arn:aws:iam::123456789012:role/a");
-        cache.ask_ahead(&req, refresh).await;
-        cache.ask_ahead(&req, refresh).await;
-        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
-        // Long after the shared window, the first job still gets the
-        // failure (and reports it); the next asks STS.
-        tokio::time::advance(SHARE * 10).await;
-        let error = cache.get(&req, None, refresh).await.unwrap_err();
-        assert!(error.to_string().contains("Throttling"), "{error}");
-        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
-        cache.get(&req, None, refresh).await.unwrap();
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
-        // Asked ahead with an answer cached: no call.
-        cache.ask_ahead(&req, refresh).await;
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
