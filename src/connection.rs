@@ -670,16 +670,17 @@ impl Connection {
         let give_up =
             policy.once && (self.failures_in_a_row >= ONCE_ATTEMPTS || kind == RetryKind::Slow);
         let status = error.status().unwrap_or_default();
+        let retry_in = humantime::format_duration(round_ms(until(now, plan.at)));
         if give_up {
             tracing::error!(error = %error, status = %status, attempt = self.failures_in_a_row, "rotation failed");
+        } else if error.is_shared() {
+            // One outage, one line (`ims token request failed`), not one
+            // per connection due: at 10,000 connections that was thousands
+            // of identical lines a second. Counted and shown per connection
+            // as any failure.
+            tracing::debug!(error = %error, status = %status, attempt = self.failures_in_a_row, retry_in = %retry_in, "rotation failed, retrying");
         } else {
-            tracing::warn!(
-                error = %error,
-                status = %status,
-                attempt = self.failures_in_a_row,
-                retry_in = %humantime::format_duration(round_ms(until(now, plan.at))),
-                "rotation failed, retrying"
-            );
+            tracing::warn!(error = %error, status = %status, attempt = self.failures_in_a_row, retry_in = %retry_in, "rotation failed, retrying");
         }
         if schedule::should_log_escalation(self.last_escalation_log, plan.escalation, now) {
             self.last_escalation_log = Some((plan.escalation, now));

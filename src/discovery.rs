@@ -55,6 +55,25 @@ pub enum ListError {
     Flow(#[from] FlowError),
 }
 
+impl ListError {
+    /// True when no list request was made: the IMS failure of another
+    /// request was the answer (logged once, `ims token request failed`).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Ims(e) if e.is_shared())
+    }
+}
+
+/// A failed id chunk: its connections read their own etag. At `debug` when
+/// the failure was IMS's shared answer (one line for the outage, not one
+/// per chunk).
+fn log_bulk_failure(sandbox: &str, error: &ListError) {
+    if error.is_shared() {
+        tracing::debug!(sandbox = %sandbox, error = %error, "bulk etag read failed; those connections are read one by one");
+    } else {
+        tracing::warn!(sandbox = %sandbox, error = %error, "bulk etag read failed; those connections are read one by one");
+    }
+}
+
 /// The list call, behind a trait so matching and resolving are testable
 /// without HTTP. [`FlowLister`] is the real one.
 pub trait Lister: Send + Sync {
@@ -470,11 +489,7 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
                     }
                 }
             }
-            Err(error) => tracing::warn!(
-                sandbox = %sandbox,
-                error = %error,
-                "bulk etag read failed; those connections are read one by one"
-            ),
+            Err(error) => log_bulk_failure(sandbox, &error),
         }
     }
 }
@@ -647,11 +662,7 @@ pub async fn resolve_streaming<L: Lister>(
                     .list_pages(sandbox, &[filter], limit, &mut on_page)
                     .await
                 {
-                    tracing::warn!(
-                        sandbox = %sandbox,
-                        error = %error,
-                        "bulk etag read failed; those connections are read one by one"
-                    );
+                    log_bulk_failure(sandbox, &error);
                 }
             }))
             .await;

@@ -60,12 +60,31 @@ pub enum ImsError {
     /// IMS answered 200 without a usable token: back off and retry.
     #[error("IMS answer unusable: {0}")]
     Malformed(String),
+    /// The last token request's failure, answered without a request while
+    /// IMS is being given time (see the module docs). Displays as it.
+    #[error(transparent)]
+    Shared(Box<ImsError>),
 }
 
 impl ImsError {
     /// True for errors a quick retry may cure.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Rejected { .. })
+        !matches!(self.cause(), Self::Rejected { .. })
+    }
+
+    /// What IMS answered, whether to this caller or to the request whose
+    /// answer this caller was given.
+    pub fn cause(&self) -> &ImsError {
+        match self {
+            Self::Shared(cause) => cause.cause(),
+            other => other,
+        }
+    }
+
+    /// True when this caller made no request: the failure is another
+    /// request's, already logged (`ims token request failed`).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Shared(_))
     }
 }
 
@@ -191,7 +210,7 @@ impl ImsClient {
         if let Some(outage) = cache.outage.as_ref()
             && now < outage.retry_at
         {
-            return Err(outage.error.clone());
+            return Err(ImsError::Shared(Box::new(outage.error.clone())));
         }
         let (value, lifetime) = match self.fetch_once_more().await {
             Ok(fetched) => fetched,
@@ -548,13 +567,17 @@ mod tests {
                 tokio::spawn(async move { client.token().await })
             })
             .collect();
+        let mut shared = 0;
         for caller in callers {
             let error = caller.await.unwrap().unwrap_err();
             assert!(
-                matches!(&error, ImsError::Unavailable(m) if m.contains("503")),
+                matches!(error.cause(), ImsError::Unavailable(m) if m.contains("503")),
                 "{error:?}"
             );
+            shared += usize::from(error.is_shared());
         }
+        // The one that asked reports its own answer; the others were given it.
+        assert_eq!(shared, 19);
         assert_eq!(sim.stats().ims_tokens_issued, 0);
         assert_eq!(requests_sent(&client), 1);
         // IMS is healthy again, but the failure still answers until retry_min.
@@ -610,10 +633,13 @@ mod tests {
             client.token().await,
             Err(ImsError::Rejected { .. })
         ));
-        assert!(matches!(
-            client.token().await,
-            Err(ImsError::Rejected { .. })
-        ));
+        let shared = client.token().await.unwrap_err();
+        assert!(shared.is_shared(), "{shared:?}");
+        assert!(matches!(shared.cause(), ImsError::Rejected { .. }));
+        assert!(
+            !shared.is_transient(),
+            "a shared refusal is still a refusal"
+        );
         // Answered from the shared failure: the secret file was not re-read
         // and IMS saw one refused request, not two.
         assert!(outage_left(&client).await.is_some());

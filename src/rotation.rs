@@ -187,6 +187,13 @@ impl RotationError {
         }
     }
 
+    /// True when this job made no request for this error: it was given the
+    /// failure of a request that is logged once for every connection (IMS
+    /// down or refusing), so the connection's own line is `debug`.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Ims(e) if e.is_shared())
+    }
+
     /// The HTTP status or remote error code, for the `status` log field.
     pub fn status(&self) -> Option<String> {
         match self {
@@ -197,7 +204,10 @@ impl RotationError {
             Self::Flow(FlowError::PreconditionFailed) | Self::Conflicts(_) => {
                 Some("412".to_owned())
             }
-            Self::Ims(ImsError::Rejected { status, .. }) => Some(status.to_string()),
+            Self::Ims(e) => match e.cause() {
+                ImsError::Rejected { status, .. } => Some(status.to_string()),
+                _ => None,
+            },
             Self::Sts(StsError::Rejected { code, .. }) => Some(code.clone()),
             Self::Prepush(e) => e.code().map(str::to_owned),
             _ => None,

@@ -362,13 +362,15 @@ async fn ims_down_at_start_then_back_rotates_every_connection() {
     assert_eq!(h.sim.stats().ims_tokens_issued, 0);
     // One outage, asked about at most once per retry_min (100 ms), however
     // many connections are due: each of the 12 retries on its own schedule,
-    // but they share the answer (a slower machine only asks less often).
+    // but they share the answer (a slower machine only asks less often),
+    // and one line per request says so: a connection given the shared
+    // answer logs its failure at debug, only the one that asked at warn.
     let asked = daemon.events("ims token request failed").len();
     let failed = daemon.events("rotation failed, retrying").len();
     let bound = started.elapsed().as_secs_f64() / 0.1 + 1.0;
     assert!(
-        asked >= 1 && (asked as f64) <= bound && failed > asked,
-        "{asked} IMS requests (bound {bound:.0}), {failed} failed attempts"
+        asked >= 1 && (asked as f64) <= bound && failed <= asked,
+        "{asked} IMS requests (bound {bound:.0}), {failed} failures logged at warn"
     );
     h.sim.set_service_down(SimService::Ims, false);
     all_patched(&h, &ids, 1, &daemon).await;
