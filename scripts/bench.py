@@ -5,8 +5,9 @@ For each connection count N it starts the release simulator (IMS, Flow Service
 and STS on 127.0.0.1, fixed latency per request) and the release daemon
 against it, and measures:
 
-  first pass      daemon spawn -> the simulator reports no connection left
-                  without a successful PATCH (`/_sim/stats` polled every 50 ms)
+  first pass      daemon spawn -> the last connection's first successful
+                  PATCH (the simulator's `first_pass_done_unix_ms`, read when
+                  `/_sim/stats`, polled every 50 ms, shows none left)
   floor           what a perfectly pipelined first pass would take: N PATCHes
                   x latency / concurrency, plus the list pages that carry the
                   etags (no GET is needed): with --discover (a [[discover]]
