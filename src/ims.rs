@@ -207,8 +207,11 @@ impl ImsClient {
         {
             return Ok(Arc::clone(&entry.token));
         }
+        // A connection whose credentials need replacing now asks anyway: a
+        // shared wait slows the others, it never holds one past its expiry.
         if let Some(outage) = cache.outage.as_ref()
             && now < outage.retry_at
+            && !crate::shaping::past_deadline(now)
         {
             return Err(ImsError::Shared(Box::new(outage.error.clone())));
         }
@@ -254,11 +257,19 @@ impl ImsClient {
     }
 
     /// Records a failed fetch: callers get its error without a request
-    /// for `retry_min`, or for IMS's `Retry-After` up to `retry_max`.
+    /// for `retry_min`, or for IMS's `Retry-After` up to `retry_max` and
+    /// [`SHARED_PAUSE_CAP`](crate::shaping::SHARED_PAUSE_CAP), as Flow
+    /// Service's shared pause (a connection's own retry is never sooner
+    /// than `retry_min` anyway).
     fn failed(&self, cache: &mut Cache, failed: Failed) -> ImsError {
-        let wait = failed.retry_after.map_or(self.retry.min, |asked| {
-            asked.clamp(self.retry.min, self.retry.max.max(self.retry.min))
-        });
+        let cap = self
+            .retry
+            .max
+            .min(crate::shaping::SHARED_PAUSE_CAP)
+            .max(self.retry.min);
+        let wait = failed
+            .retry_after
+            .map_or(self.retry.min, |asked| asked.max(self.retry.min).min(cap));
         let failures = cache
             .outage
             .as_ref()
@@ -481,6 +492,14 @@ mod tests {
         secret_in_memory: &str,
         file_holds: &str,
     ) -> (ImsClient, aep_s3_simulator::Simulator, tempfile::TempDir) {
+        client_retrying(secret_in_memory, file_holds, RETRY).await
+    }
+
+    async fn client_retrying(
+        secret_in_memory: &str,
+        file_holds: &str,
+        retry: BackoffPolicy,
+    ) -> (ImsClient, aep_s3_simulator::Simulator, tempfile::TempDir) {
         let sim_config = aep_s3_simulator::SimConfig::new(
             "cid",
             "the-new-secret",
@@ -502,7 +521,7 @@ mod tests {
             platform_url: Url::parse(&sim.platform_url()).unwrap(),
         };
         let telemetry = Arc::new(Telemetry::new(Duration::from_secs(60)));
-        let client = ImsClient::new(reqwest::Client::new(), &adobe, RETRY, telemetry);
+        let client = ImsClient::new(reqwest::Client::new(), &adobe, retry, telemetry);
         (client, sim, dir)
     }
 
@@ -624,6 +643,51 @@ mod tests {
         }
         assert_eq!(sim.stats().ims_tokens_issued, 0);
         assert_eq!(requests_sent(&client), 3);
+    }
+
+    #[tokio::test]
+    async fn a_long_retry_after_is_shared_for_at_most_the_shared_pause_cap() {
+        let retry = BackoffPolicy {
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(3600),
+        };
+        let (client, sim, _dir) = client_retrying("the-new-secret", "the-new-secret", retry).await;
+        sim.script(
+            aep_s3_simulator::SimService::Ims,
+            scripted(429, Some(86_400)),
+        );
+        client.token().await.unwrap_err();
+        let left = outage_left(&client).await.unwrap();
+        let cap = crate::shaping::SHARED_PAUSE_CAP;
+        assert!(
+            left <= cap && left + Duration::from_secs(1) > cap,
+            "shared for {left:?}, expected about {cap:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_at_its_deadline_asks_ims_despite_the_shared_failure() {
+        let retry = BackoffPolicy {
+            min: Duration::from_secs(1),
+            max: Duration::from_secs(3600),
+        };
+        let (client, sim, _dir) = client_retrying("the-new-secret", "the-new-secret", retry).await;
+        sim.script(aep_s3_simulator::SimService::Ims, scripted(429, Some(3600)));
+        client.token().await.unwrap_err();
+        // A job whose credentials need replacing later is given the answer ...
+        let later = crate::clock::mono_now() + Duration::from_secs(60);
+        let error = crate::shaping::start_by(Some(later), client.token())
+            .await
+            .unwrap_err();
+        assert!(error.is_shared(), "{error:?}");
+        assert_eq!(requests_sent(&client), 1);
+        // ... one whose credentials need replacing now asks IMS itself.
+        let now = crate::clock::mono_now();
+        crate::shaping::start_by(Some(now), client.token())
+            .await
+            .expect("IMS answers again");
+        assert_eq!(requests_sent(&client), 2);
+        assert_eq!(sim.stats().ims_tokens_issued, 1);
     }
 
     #[tokio::test]

@@ -34,6 +34,15 @@ pub async fn start_by<F: Future>(deadline: Option<Instant>, job: F) -> F::Output
     START_BY.scope(deadline, job).await
 }
 
+/// True when the current job (see [`start_by`]) has reached its deadline:
+/// its connection's credentials need replacing now, so no shared wait may
+/// hold it any longer. False outside a job or without a deadline.
+pub fn past_deadline(now: Instant) -> bool {
+    START_BY
+        .try_with(|deadline| deadline.is_some_and(|deadline| now >= deadline))
+        .unwrap_or(false)
+}
+
 /// The gate every Flow Service request passes.
 #[derive(Debug)]
 pub struct RequestGate {

@@ -609,8 +609,12 @@ impl CredentialCache {
         {
             return Ok(Arc::clone(&entry.credentials));
         }
+        // A connection whose credentials need replacing now asks anyway
+        // (see `shaping::past_deadline`).
+        let mono = crate::clock::mono_now();
         if let Some(failed) = &slot.failed
-            && crate::clock::mono_now() < failed.until
+            && mono < failed.until
+            && !crate::shaping::past_deadline(mono)
         {
             return Err(failed.error.clone());
         }
@@ -757,7 +761,16 @@ mod tests {
     #[derive(Debug)]
     struct ThrottledSource {
         calls: AtomicU32,
-        failures: u32,
+        /// Calls numbered below this fail.
+        fail_below: AtomicU32,
+    }
+
+    impl ThrottledSource {
+        /// Fails the next `n` calls too.
+        fn failures_left(&self, n: u32) {
+            let made = self.calls.load(Ordering::SeqCst);
+            self.fail_below.store(made + n, Ordering::SeqCst);
+        }
     }
 
     impl CredentialSource for ThrottledSource {
@@ -768,7 +781,7 @@ mod tests {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst);
                 tokio::task::yield_now().await;
-                if n < self.failures {
+                if n < self.fail_below.load(Ordering::SeqCst) {
                     return Err(StsError::Unavailable("Throttling: Rate exceeded".into()));
                 }
                 Ok(AwsCredentials {
@@ -785,7 +798,7 @@ mod tests {
     async fn a_failure_answers_the_waiting_callers_then_sts_is_asked_again() {
         let source = Arc::new(ThrottledSource {
             calls: AtomicU32::new(0),
-            failures: 1,
+            fail_below: AtomicU32::new(1),
         });
         let cache = Arc::new(CredentialCache::new(source.clone(), SHARE));
         let refresh = Duration::from_secs(1200);
@@ -812,6 +825,18 @@ mod tests {
         let credentials = cache.get(&req, None, refresh).await.unwrap();
         assert_eq!(credentials.access_key_id, "ASIATESTAFTERTHROTTLE");
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        // A connection holding that answer needs another: it fails, and is
+        // shared with the next holder ...
+        let key = credentials.access_key_id.clone();
+        source.failures_left(1);
+        assert!(cache.get(&req, Some(&key), refresh).await.is_err());
+        assert!(cache.get(&req, Some(&key), refresh).await.is_err());
+        assert_eq!(source.calls.load(Ordering::SeqCst), 3);
+        // ... but not with one whose credentials need replacing now: it asks.
+        let now = crate::clock::mono_now();
+        let asked = crate::shaping::start_by(Some(now), cache.get(&req, Some(&key), refresh)).await;
+        assert!(asked.is_ok(), "{asked:?}");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 4);
         // Another identity has its own slot: not answered by this failure.
         let other = request("arn:aws:iam::123456789012:role/b");
         source.calls.store(0, Ordering::SeqCst);
