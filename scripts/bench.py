@@ -356,31 +356,32 @@ class Daemon:
                 counts[msg if msg is not None else "<no message>"] += 1
         return counts
 
-    def field_of(self, message: str, field: str):
-        """`field` of the last log line whose message is `message`, if any."""
-        found = None
+    def log_objects(self):
+        """The daemon's JSON log lines, parsed, in order (others skipped)."""
         with open(self.log_path, errors="replace") as f:
             for line in f:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if obj.get("message") == message and field in obj:
-                    found = obj[field]
+                if isinstance(obj, dict):
+                    yield obj
+
+    def field_of(self, message: str, field: str):
+        """`field` of the last log line whose message is `message`, if any."""
+        found = None
+        for obj in self.log_objects():
+            if obj.get("message") == message and field in obj:
+                found = obj[field]
         return found
 
     def first_time_of(self, message: str) -> float | None:
         """Seconds from spawn to the first log line whose message is
         `message` (by the line's own timestamp), if any."""
-        with open(self.log_path, errors="replace") as f:
-            for line in f:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if obj.get("message") == message and "timestamp" in obj:
-                    at = datetime.datetime.fromisoformat(obj["timestamp"].replace("Z", "+00:00"))
-                    return round(at.timestamp() - self.started_wall, 3)
+        for obj in self.log_objects():
+            if obj.get("message") == message and "timestamp" in obj:
+                at = datetime.datetime.fromisoformat(obj["timestamp"].replace("Z", "+00:00"))
+                return round(at.timestamp() - self.started_wall, 3)
         return None
 
     def log_tail(self, lines: int = 20) -> str:

@@ -60,15 +60,11 @@ def main() -> int:
         finally:
             rc = daemon.stop() if daemon is not None else None
             sim.stop()
-        levels: Counter = Counter()
-        with open(daemon.log_path, errors="replace") as f:
-            for line in f:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if obj.get("level") in ("warn", "error"):
-                    levels[f'{obj["level"]}: {obj.get("message")}'] += 1
+        levels: Counter = Counter(
+            f'{obj["level"]}: {obj.get("message")}'
+            for obj in daemon.log_objects()
+            if obj.get("level") in ("warn", "error")
+        )
         result = {
             "connections": args.connections,
             "seconds": args.seconds,

@@ -488,6 +488,12 @@ mod tests {
         max: Duration::from_secs(2),
     };
 
+    /// `retry_max` at its largest (1 h).
+    const HOUR_MAX: BackoffPolicy = BackoffPolicy {
+        min: Duration::from_secs(1),
+        max: Duration::from_secs(3600),
+    };
+
     async fn client_with(
         secret_in_memory: &str,
         file_holds: &str,
@@ -647,11 +653,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_retry_after_is_shared_for_at_most_the_shared_pause_cap() {
-        let retry = BackoffPolicy {
-            min: Duration::from_secs(1),
-            max: Duration::from_secs(3600),
-        };
-        let (client, sim, _dir) = client_retrying("the-new-secret", "the-new-secret", retry).await;
+        let (client, sim, _dir) =
+            client_retrying("the-new-secret", "the-new-secret", HOUR_MAX).await;
         sim.script(
             aep_s3_simulator::SimService::Ims,
             scripted(429, Some(86_400)),
@@ -667,11 +670,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_at_its_deadline_asks_ims_despite_the_shared_failure() {
-        let retry = BackoffPolicy {
-            min: Duration::from_secs(1),
-            max: Duration::from_secs(3600),
-        };
-        let (client, sim, _dir) = client_retrying("the-new-secret", "the-new-secret", retry).await;
+        let (client, sim, _dir) =
+            client_retrying("the-new-secret", "the-new-secret", HOUR_MAX).await;
         sim.script(aep_s3_simulator::SimService::Ims, scripted(429, Some(3600)));
         client.token().await.unwrap_err();
         // A job whose credentials need replacing later is given the answer ...

@@ -669,6 +669,24 @@ mod tests {
     struct CountingSource {
         calls: AtomicU32,
         lifetime: Duration,
+        /// Calls numbered below this fail (STS throttling).
+        fail_below: AtomicU32,
+    }
+
+    impl CountingSource {
+        fn new(lifetime: Duration) -> Arc<Self> {
+            Arc::new(Self {
+                calls: AtomicU32::new(0),
+                lifetime,
+                fail_below: AtomicU32::new(0),
+            })
+        }
+
+        /// Fails the next `n` calls.
+        fn failures_left(&self, n: u32) {
+            let made = self.calls.load(Ordering::SeqCst);
+            self.fail_below.store(made + n, Ordering::SeqCst);
+        }
     }
 
     impl CredentialSource for CountingSource {
@@ -679,6 +697,9 @@ mod tests {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst);
                 tokio::task::yield_now().await;
+                if n < self.fail_below.load(Ordering::SeqCst) {
+                    return Err(StsError::Unavailable("Throttling: Rate exceeded".into()));
+                }
                 Ok(AwsCredentials {
                     access_key_id: format!("ASIATEST{n:08}"),
                     secret_access_key: SecretString::from(format!("secret-key-{n:032}")),
@@ -720,33 +741,36 @@ mod tests {
         );
     }
 
+    /// Twenty connections due at once asking for `req`, their answers.
+    async fn twenty_at_once(
+        cache: &Arc<CredentialCache>,
+        req: &StsRequest,
+        refresh: Duration,
+    ) -> Vec<Result<Arc<AwsCredentials>, StsError>> {
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, req) = (Arc::clone(cache), req.clone());
+                tokio::spawn(async move { cache.get(&req, None, refresh).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.unwrap());
+        }
+        answers
+    }
+
     #[tokio::test]
     async fn connections_sharing_a_request_share_one_call() {
-        let source = Arc::new(CountingSource {
-            calls: AtomicU32::new(0),
-            lifetime: Duration::from_secs(3600),
-        });
+        let source = CountingSource::new(Duration::from_secs(3600));
         let cache = Arc::new(CredentialCache::new(source.clone(), SHARE));
         let refresh = Duration::from_secs(1200);
         let req = request("arn:aws:iam::123456789012:role/a");
-        let tasks: Vec<_> = (0..20)
-            .map(|_| {
-                let cache = Arc::clone(&cache);
-                let req = req.clone();
-                tokio::spawn(async move {
-                    cache
-                        .get(&req, None, refresh)
-                        .await
-                        .unwrap()
-                        .access_key_id
-                        .clone()
-                })
-            })
+        let keys: Vec<String> = twenty_at_once(&cache, &req, refresh)
+            .await
+            .into_iter()
+            .map(|answer| answer.unwrap().access_key_id.clone())
             .collect();
-        let mut keys = Vec::new();
-        for task in tasks {
-            keys.push(task.await.unwrap());
-        }
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
         assert!(keys.iter().all(|k| k == &keys[0]));
         // Another role is another call.
@@ -757,62 +781,17 @@ mod tests {
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
-    /// Fails its first `failures` calls (STS throttling), then issues.
-    #[derive(Debug)]
-    struct ThrottledSource {
-        calls: AtomicU32,
-        /// Calls numbered below this fail.
-        fail_below: AtomicU32,
-    }
-
-    impl ThrottledSource {
-        /// Fails the next `n` calls too.
-        fn failures_left(&self, n: u32) {
-            let made = self.calls.load(Ordering::SeqCst);
-            self.fail_below.store(made + n, Ordering::SeqCst);
-        }
-    }
-
-    impl CredentialSource for ThrottledSource {
-        fn issue<'a>(
-            &'a self,
-            _request: &'a StsRequest,
-        ) -> BoxFuture<'a, Result<AwsCredentials, StsError>> {
-            Box::pin(async move {
-                let n = self.calls.fetch_add(1, Ordering::SeqCst);
-                tokio::task::yield_now().await;
-                if n < self.fail_below.load(Ordering::SeqCst) {
-                    return Err(StsError::Unavailable("Throttling: Rate exceeded".into()));
-                }
-                Ok(AwsCredentials {
-                    access_key_id: "ASIATESTAFTERTHROTTLE".into(),
-                    secret_access_key: SecretString::from(format!("secret-key-{n:032}")),
-                    session_token: SecretString::from(format!("session-token-{n:032}")),
-                    expiration: crate::clock::wall_now() + Duration::from_secs(3600),
-                })
-            })
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn a_failure_answers_the_waiting_callers_then_sts_is_asked_again() {
-        let source = Arc::new(ThrottledSource {
-            calls: AtomicU32::new(0),
-            fail_below: AtomicU32::new(1),
-        });
+        let source = CountingSource::new(Duration::from_secs(3600));
+        source.failures_left(1);
         let cache = Arc::new(CredentialCache::new(source.clone(), SHARE));
         let refresh = Duration::from_secs(1200);
         let req = request("arn:aws:iam::123456789012:role/a");
         // Twenty connections due at once behind one throttled call: one
         // call, twenty errors (not twenty calls in a row to a throttled STS).
-        let tasks: Vec<_> = (0..20)
-            .map(|_| {
-                let (cache, req) = (Arc::clone(&cache), req.clone());
-                tokio::spawn(async move { cache.get(&req, None, refresh).await })
-            })
-            .collect();
-        for task in tasks {
-            let error = task.await.unwrap().unwrap_err();
+        for answer in twenty_at_once(&cache, &req, refresh).await {
+            let error = answer.unwrap_err();
             assert!(error.to_string().contains("Throttling"), "{error}");
         }
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
@@ -823,7 +802,7 @@ mod tests {
         // ... and STS is asked again once it has.
         tokio::time::advance(Duration::from_millis(1)).await;
         let credentials = cache.get(&req, None, refresh).await.unwrap();
-        assert_eq!(credentials.access_key_id, "ASIATESTAFTERTHROTTLE");
+        assert_eq!(credentials.access_key_id, "ASIATEST00000001");
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
         // A connection holding that answer needs another: it fails, and is
         // shared with the next holder ...
@@ -846,10 +825,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_holder_of_the_cached_answer_gets_a_new_one() {
-        let source = Arc::new(CountingSource {
-            calls: AtomicU32::new(0),
-            lifetime: Duration::from_secs(3600),
-        });
+        let source = CountingSource::new(Duration::from_secs(3600));
         let cache = CredentialCache::new(source.clone(), SHARE);
         let refresh = Duration::from_secs(1200);
         let req = request("arn:aws:iam::123456789012:role/a");
@@ -870,10 +846,7 @@ mod tests {
 
     #[tokio::test]
     async fn credentials_that_are_already_expired_are_refused() {
-        let source = Arc::new(CountingSource {
-            calls: AtomicU32::new(0),
-            lifetime: Duration::ZERO,
-        });
+        let source = CountingSource::new(Duration::ZERO);
         let cache = CredentialCache::new(source.clone(), SHARE);
         let error = cache
             .get(
