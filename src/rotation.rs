@@ -188,10 +188,15 @@ impl RotationError {
     }
 
     /// True when this job made no request for this error: it was given the
-    /// failure of a request that is logged once for every connection (IMS
-    /// down or refusing), so the connection's own line is `debug`.
+    /// failure of a request that is logged once (IMS down or refusing, an
+    /// STS call for the same identity failing), so the connection's own
+    /// line is `debug`.
     pub fn is_shared(&self) -> bool {
-        matches!(self, Self::Ims(e) if e.is_shared())
+        match self {
+            Self::Ims(e) => e.is_shared(),
+            Self::Sts(e) => e.is_shared(),
+            _ => false,
+        }
     }
 
     /// The HTTP status or remote error code, for the `status` log field.
@@ -208,7 +213,10 @@ impl RotationError {
                 ImsError::Rejected { status, .. } => Some(status.to_string()),
                 _ => None,
             },
-            Self::Sts(StsError::Rejected { code, .. }) => Some(code.clone()),
+            Self::Sts(e) => match e.cause() {
+                StsError::Rejected { code, .. } => Some(code.clone()),
+                _ => None,
+            },
             Self::Prepush(e) => e.code().map(str::to_owned),
             _ => None,
         }

@@ -107,12 +107,31 @@ pub enum StsError {
     /// STS answered without the credentials we need: back off and retry.
     #[error("STS answer unusable: {0}")]
     Malformed(String),
+    /// Another connection's call failed with this a moment ago, and it is
+    /// the answer for a while (see [`CredentialCache`]). Displays as it.
+    #[error(transparent)]
+    Shared(Box<StsError>),
 }
 
 impl StsError {
     /// True for errors a quick retry may cure.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Malformed(_))
+        matches!(self.cause(), Self::Unavailable(_) | Self::Malformed(_))
+    }
+
+    /// What STS answered, to this caller or to the call whose answer this
+    /// caller was given.
+    pub fn cause(&self) -> &StsError {
+        match self {
+            Self::Shared(cause) => cause.cause(),
+            other => other,
+        }
+    }
+
+    /// True when this caller made no call: the failure is another
+    /// connection's, already logged by it.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Shared(_))
     }
 }
 
@@ -238,7 +257,7 @@ impl AwsSts {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let sts_error = classify_sdk_error(&error);
-        let status = match &sts_error {
+        let status = match sts_error.cause() {
             StsError::Rejected { code, .. } => code.as_str(),
             StsError::Unavailable(_) => match &error {
                 SdkError::ServiceError(e) => e.err().code().unwrap_or("error"),
@@ -247,7 +266,8 @@ impl AwsSts {
                 _ => "connect",
             },
             StsError::NoCredentials(_) => "no_credentials",
-            StsError::Malformed(_) => "malformed",
+            // `cause` never is Shared; a classified SDK error never was.
+            StsError::Malformed(_) | StsError::Shared(_) => "malformed",
         };
         self.telemetry.request(Service::Sts, status);
         sts_error
@@ -616,7 +636,7 @@ impl CredentialCache {
             && mono < failed.until
             && !crate::shaping::past_deadline(mono)
         {
-            return Err(failed.error.clone());
+            return Err(StsError::Shared(Box::new(failed.error.clone())));
         }
         let issued = match self.source.issue(request).await {
             Ok(credentials) => {
@@ -790,10 +810,15 @@ mod tests {
         let req = request("arn:aws:iam::123456789012:role/a");
         // Twenty connections due at once behind one throttled call: one
         // call, twenty errors (not twenty calls in a row to a throttled STS).
+        let mut shared = 0;
         for answer in twenty_at_once(&cache, &req, refresh).await {
             let error = answer.unwrap_err();
             assert!(error.to_string().contains("Throttling"), "{error}");
+            assert!(error.is_transient(), "{error}");
+            shared += usize::from(error.is_shared());
         }
+        // The one that called reports its own failure; the others were given it.
+        assert_eq!(shared, 19);
         assert_eq!(source.calls.load(Ordering::SeqCst), 1);
         // Still the answer just before the window ends ...
         tokio::time::advance(SHARE - Duration::from_millis(1)).await;
@@ -808,8 +833,20 @@ mod tests {
         // shared with the next holder ...
         let key = credentials.access_key_id.clone();
         source.failures_left(1);
-        assert!(cache.get(&req, Some(&key), refresh).await.is_err());
-        assert!(cache.get(&req, Some(&key), refresh).await.is_err());
+        assert!(
+            !cache
+                .get(&req, Some(&key), refresh)
+                .await
+                .unwrap_err()
+                .is_shared()
+        );
+        assert!(
+            cache
+                .get(&req, Some(&key), refresh)
+                .await
+                .unwrap_err()
+                .is_shared()
+        );
         assert_eq!(source.calls.load(Ordering::SeqCst), 3);
         // ... but not with one whose credentials need replacing now: it asks.
         let now = crate::clock::mono_now();

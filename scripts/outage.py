@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""What an IMS outage costs: token requests, log lines and CPU (docs/PERFORMANCE.md).
+"""What an IMS (or STS) outage costs: requests, log lines and CPU (docs/PERFORMANCE.md).
 
 Starts the release simulator with --connections connections (20 ms latency)
-and the release daemon against it with IMS on a closed loopback port, the
-default retry_min/retry_max (1s/2m), for --seconds, then SIGTERMs it and
-prints, as one JSON line:
+and the release daemon against it with IMS (--service sts: STS) on a closed
+loopback port, the default retry_min/retry_max (1s/2m), for --seconds, then
+SIGTERMs it and prints, as one JSON line:
 
   ims_requests      token requests the daemon made (its `ims token request
-                    failed` lines: one per request that failed)
+                    failed` lines: one per request that failed; IMS only)
   warn_lines        log lines at warn or above, by message (the daemon runs
                     at info: a connection given the shared IMS answer logs
                     its failure at debug, which is not counted)
@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the shared harness)
 
 #: Nothing listens here (the discard port; loopback, so plain http is allowed).
-CLOSED_IMS = "http://127.0.0.1:9"
+CLOSED = "http://127.0.0.1:9"
+#: The config key of each service's URL.
+URL_KEY = {"ims": "ims_url", "sts": "sts_endpoint"}
 
 
 def main() -> int:
@@ -40,6 +42,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=10_000)
     p.add_argument("--sandboxes", type=int, default=4)
     p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--service", choices=sorted(URL_KEY), default="ims", help="the service that is down")
     args = p.parse_args()
     bench.ensure_binaries()
     with tempfile.TemporaryDirectory(prefix="aep-ims-outage-") as tmp:
@@ -48,9 +51,10 @@ def main() -> int:
         daemon = None
         try:
             text = sim.config_path.read_text()
-            text, found = re.subn(r'(?m)^ims_url = .*$', f'ims_url = "{CLOSED_IMS}"', text)
+            key = URL_KEY[args.service]
+            text, found = re.subn(rf"(?m)^{key} = .*$", f'{key} = "{CLOSED}"', text)
             if found != 1:
-                raise SystemExit("the simulator's config has no single ims_url line")
+                raise SystemExit(f"the simulator's config has no single {key} line")
             # The daemon's defaults, not the simulator's quick retries.
             text = re.sub(r"(?m)^retry_(min|max) = .*\n", "", text)
             sim.config_path.write_text(text)
@@ -66,6 +70,7 @@ def main() -> int:
             if obj.get("level") in ("warn", "error")
         )
         result = {
+            "service": args.service,
             "connections": args.connections,
             "seconds": args.seconds,
             "ims_requests": levels.get("warn: ims token request failed", 0),
