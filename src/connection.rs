@@ -674,10 +674,11 @@ impl Connection {
         if give_up {
             tracing::error!(error = %error, status = %status, attempt = self.failures_in_a_row, "rotation failed");
         } else if error.is_shared() {
-            // One outage, one line (`ims token request failed`), not one
-            // per connection due: at 10,000 connections that was thousands
-            // of identical lines a second. Counted and shown per connection
-            // as any failure.
+            // Another request's failure (IMS down, or an STS call for the
+            // same identity), logged at `warn` where it was made: one line
+            // per request, not one per connection given its answer (at
+            // 10,000 connections, thousands of identical lines a second).
+            // Counted and shown per connection as any failure.
             tracing::debug!(error = %error, status = %status, attempt = self.failures_in_a_row, retry_in = %retry_in, "rotation failed, retrying");
         } else {
             tracing::warn!(error = %error, status = %status, attempt = self.failures_in_a_row, retry_in = %retry_in, "rotation failed, retrying");

@@ -5,11 +5,12 @@
 //! before `expires_in`, and dropped when Flow Service answers 401.
 //!
 //! A failure is shared too: while IMS fails, it is asked at most once per
-//! `[rotation] retry_min` (or its `Retry-After`, up to `retry_max`), and every
-//! caller meanwhile gets that answer at once. Without this, every connection
-//! due asked IMS on its own: at 10,000 connections an outage turned into
-//! thousands of token requests a second, against a service that may be
-//! throttling exactly because it is asked too often.
+//! `[rotation] retry_min` (or its `Retry-After`, up to `retry_max` and 30 s),
+//! and every caller meanwhile gets that answer at once ([`ImsError::Shared`]),
+//! except a job whose credentials need replacing now. Without this, every
+//! connection due asked IMS on its own: at 10,000 connections an outage
+//! turned into thousands of token requests a second, against a service that
+//! may be throttling exactly because it is asked too often.
 
 use std::sync::Arc;
 use std::time::Duration;
