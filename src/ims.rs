@@ -211,8 +211,7 @@ impl ImsClient {
         // A connection whose credentials need replacing now asks anyway: a
         // shared wait slows the others, it never holds one past its expiry.
         if let Some(outage) = cache.outage.as_ref()
-            && now < outage.retry_at
-            && !crate::shaping::past_deadline(now)
+            && now < crate::shaping::shared_until(outage.retry_at)
         {
             return Err(ImsError::Shared(Box::new(outage.error.clone())));
         }

@@ -34,13 +34,15 @@ pub async fn start_by<F: Future>(deadline: Option<Instant>, job: F) -> F::Output
     START_BY.scope(deadline, job).await
 }
 
-/// True when the current job (see [`start_by`]) has reached its deadline:
-/// its connection's credentials need replacing now, so no shared wait may
-/// hold it any longer. False outside a job or without a deadline.
-pub fn past_deadline(now: Instant) -> bool {
-    START_BY
-        .try_with(|deadline| deadline.is_some_and(|deadline| now >= deadline))
-        .unwrap_or(false)
+/// Until when a shared wait that lasts until `until` (a 429's pause,
+/// another caller's IMS or STS failure) may hold the current job: never
+/// past its deadline (see [`start_by`]), when its connection's credentials
+/// need replacing. `until` itself outside a job or without a deadline.
+pub fn shared_until(until: Instant) -> Instant {
+    match START_BY.try_with(|deadline| *deadline) {
+        Ok(Some(deadline)) => until.min(deadline),
+        _ => until,
+    }
 }
 
 /// The gate every Flow Service request passes.
@@ -82,13 +84,12 @@ impl RequestGate {
     /// Waits for the shared pause to end, then for the rate limiter, then for a
     /// free slot. Cancellation-safe: dropping the future gives everything back.
     pub async fn enter(&self) -> Pass {
-        let deadline = START_BY.try_with(|d| *d).ok().flatten();
         loop {
             let pause = *self.paused_until.lock().unwrap_or_else(|e| e.into_inner());
             let now = crate::clock::mono_now();
             match pause {
                 Some(until) if until > now => {
-                    let until = deadline.map_or(until, |d| until.min(d));
+                    let until = shared_until(until);
                     if until <= now {
                         break; // this connection cannot wait any longer
                     }

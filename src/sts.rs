@@ -630,11 +630,9 @@ impl CredentialCache {
             return Ok(Arc::clone(&entry.credentials));
         }
         // A connection whose credentials need replacing now asks anyway
-        // (see `shaping::past_deadline`).
-        let mono = crate::clock::mono_now();
+        // (see `shaping::shared_until`).
         if let Some(failed) = &slot.failed
-            && mono < failed.until
-            && !crate::shaping::past_deadline(mono)
+            && crate::clock::mono_now() < crate::shaping::shared_until(failed.until)
         {
             return Err(StsError::Shared(Box::new(failed.error.clone())));
         }
