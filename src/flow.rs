@@ -271,12 +271,13 @@ impl FlowClient {
         Ok(headers)
     }
 
-    /// Sends one request through the gate; answers the status, headers and body.
+    /// Sends one request through the gate; answers the status, the
+    /// `Retry-After` (the one header an error needs) and the body.
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
         url: &Url,
-    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), FlowError> {
+    ) -> Result<(StatusCode, Option<HeaderValue>, bytes::Bytes), FlowError> {
         let _pass = self.gate.enter().await;
         let response = request.send().await.map_err(|e| {
             self.telemetry.request(Service::Flow, error_class(&e));
@@ -284,13 +285,13 @@ impl FlowClient {
         })?;
         let status = response.status();
         self.telemetry.request(Service::Flow, status.as_str());
-        let headers = response.headers().clone();
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
         // A 3xx is refused (a redirected PATCH would carry the new secret key
         // and session token elsewhere); an oversized body is transient.
         let body = crate::http::read_body(response)
             .await
             .map_err(|e| FlowError::Unavailable(format!("answer from {url}: {e}")))?;
-        Ok((status, headers, body))
+        Ok((status, retry_after, body))
     }
 
     /// `GET /connections/{id}` (or `.../test`): the body of a 2xx answer.
@@ -306,9 +307,9 @@ impl FlowClient {
             .http
             .get(url.clone())
             .headers(self.headers(sandbox, token)?);
-        let (status, headers, body) = self.send(request, &url).await?;
+        let (status, retry_after, body) = self.send(request, &url).await?;
         if !status.is_success() {
-            return Err(self.error_for(status, &headers, &body, id, sandbox, &[]));
+            return Err(self.error_for(status, retry_after.as_ref(), &body, id, sandbox, &[]));
         }
         Ok(body)
     }
@@ -375,9 +376,9 @@ impl FlowClient {
                 .http
                 .get(page_url.clone())
                 .headers(self.headers(sandbox, token)?);
-            let (status, headers, body) = self.send(request, &page_url).await?;
+            let (status, retry_after, body) = self.send(request, &page_url).await?;
             if !status.is_success() {
-                return Err(self.error_for(status, &headers, &body, "", sandbox, &[]));
+                return Err(self.error_for(status, retry_after.as_ref(), &body, "", sandbox, &[]));
             }
             let page = parse_list_page(&body)?;
             let before = out.len();
@@ -463,9 +464,16 @@ impl FlowClient {
             .request(Method::PATCH, url.clone())
             .headers(headers)
             .body(body);
-        let (status, headers, answer) = self.send(request, &url).await?;
+        let (status, retry_after, answer) = self.send(request, &url).await?;
         if !status.is_success() {
-            return Err(self.error_for(status, &headers, &answer, id, sandbox, &[secret, session]));
+            return Err(self.error_for(
+                status,
+                retry_after.as_ref(),
+                &answer,
+                id,
+                sandbox,
+                &[secret, session],
+            ));
         }
         let parsed: PatchAnswer =
             serde_json::from_slice(&answer).unwrap_or(PatchAnswer { etag: None });
@@ -501,9 +509,16 @@ impl FlowClient {
             .post(url.clone())
             .headers(headers)
             .body(body.to_string());
-        let (status, headers, answer) = self.send(request, &url).await?;
+        let (status, retry_after, answer) = self.send(request, &url).await?;
         if !status.is_success() {
-            return Err(self.error_for(status, &headers, &answer, "", sandbox, &[secret, session]));
+            return Err(self.error_for(
+                status,
+                retry_after.as_ref(),
+                &answer,
+                "",
+                sandbox,
+                &[secret, session],
+            ));
         }
         parse_created(&answer)
     }
@@ -529,7 +544,7 @@ impl FlowClient {
     fn error_for(
         &self,
         status: StatusCode,
-        headers: &HeaderMap,
+        retry_after: Option<&HeaderValue>,
         body: &[u8],
         id: &str,
         sandbox: &str,
@@ -544,8 +559,7 @@ impl FlowClient {
             401 => FlowError::Unauthorized(detail),
             412 => FlowError::PreconditionFailed,
             code @ (429 | 503) => {
-                let retry_after = headers
-                    .get(RETRY_AFTER)
+                let retry_after = retry_after
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, crate::clock::wall_now()));
                 self.gate.pause(retry_after.unwrap_or(self.default_pause));
