@@ -1,0 +1,269 @@
+//! The CPU cost of one Flow Service round trip on this machine, without the
+//! daemon: the floor under `scripts/bench.py`'s "CPU per rotation".
+//!
+//! Run through `python3 scripts/bench.py --http-floor` (which starts the
+//! simulator and gives this its config and an AWS identity), or by hand:
+//! `cargo run --release --example http_floor -- CONFIG [CONCURRENCY]` with
+//! the AWS default chain able to call the config's STS.
+//!
+//! It takes an IMS token and one set of STS credentials, then for every
+//! connection of the config reads its etag (`GET /connections/{id}`) and
+//! PATCHes the three credentials with `If-Match`, `CONCURRENCY` connections
+//! at a time (default 32), twice over:
+//!
+//! - `bare`: `reqwest` alone, the headers and bodies the daemon sends, the
+//!   etag taken from the answer with `serde_json::Value`;
+//! - `flow_client`: the same through the daemon's `FlowClient` (request
+//!   gate, telemetry, capped body reads, answer checks).
+//!
+//! and prints one JSON line: per phase the requests made, their statuses,
+//! the process's CPU seconds (utime + stime from `/proc/self/stat`) and CPU
+//! milliseconds per request. Nothing of the scheduler, state or logging runs.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aep_s3_rotator::backoff::BackoffPolicy;
+use aep_s3_rotator::config::Config;
+use aep_s3_rotator::flow::{CREDENTIAL_PATHS, FlowClient};
+use aep_s3_rotator::ims::{AccessToken, ImsClient};
+use aep_s3_rotator::shaping::RequestGate;
+use aep_s3_rotator::sts::{AwsCredentials, AwsSts, CredentialSource, SourceIdentity, StsRequest};
+use aep_s3_rotator::telemetry::Telemetry;
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use secrecy::ExposeSecret;
+
+/// Clock ticks per second of `/proc/self/stat` (`getconf CLK_TCK`, 100 on
+/// every Linux this runs on).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// This process's user + system CPU seconds.
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> anyhow::Result<f64> {
+        let field = fields.get(i).context("short /proc/self/stat")?;
+        Ok(field.parse::<f64>()? / TICKS_PER_SECOND)
+    };
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 after ")".
+    Ok(tick(11)? + tick(12)?)
+}
+
+/// What one phase did.
+#[derive(Debug, Default, serde::Serialize)]
+struct Phase {
+    requests: u64,
+    statuses: BTreeMap<u16, u64>,
+    cpu_seconds: f64,
+    wall_seconds: f64,
+    cpu_ms_per_request: f64,
+}
+
+impl Phase {
+    fn finish(mut self, cpu: f64, wall: Duration) -> Self {
+        self.cpu_seconds = cpu;
+        self.wall_seconds = wall.as_secs_f64();
+        if self.requests > 0 {
+            self.cpu_ms_per_request = cpu * 1000.0 / self.requests as f64;
+        }
+        self
+    }
+}
+
+/// The connections' ids and sandboxes.
+fn targets(config: &Config) -> Vec<(String, String)> {
+    config
+        .connections
+        .iter()
+        .map(|c| (c.id.clone(), c.sandbox.clone()))
+        .collect()
+}
+
+/// `GET` then `PATCH` of one connection with `reqwest` alone; answers the
+/// two statuses.
+async fn bare_one(
+    http: &reqwest::Client,
+    config: &Config,
+    token: &AccessToken,
+    credentials: &AwsCredentials,
+    (id, sandbox): &(String, String),
+) -> anyhow::Result<[u16; 2]> {
+    let url = format!(
+        "{}/data/foundation/flowservice/connections/{id}",
+        config.adobe.platform_url.as_str().trim_end_matches('/')
+    );
+    let headers = |request: reqwest::RequestBuilder| {
+        request
+            .bearer_auth(token.expose())
+            .header("x-api-key", &config.adobe.client_id)
+            .header("x-gw-ims-org-id", &config.adobe.org_id)
+            .header("x-sandbox-name", sandbox)
+    };
+    let read = headers(http.get(&url)).send().await?;
+    let read_status = read.status().as_u16();
+    let body: serde_json::Value = serde_json::from_slice(&read.bytes().await?)?;
+    let Some(etag) = body["items"][0]["etag"].as_str() else {
+        bail!("no items[0].etag in the answer for {id} (HTTP {read_status})");
+    };
+    let values = [
+        credentials.access_key_id.as_str(),
+        credentials.secret_access_key.expose_secret(),
+        credentials.session_token.expose_secret(),
+    ];
+    let patch: Vec<serde_json::Value> = CREDENTIAL_PATHS
+        .into_iter()
+        .zip(values)
+        .map(|(path, value)| serde_json::json!({"op": "replace", "path": path, "value": value}))
+        .collect();
+    let written = headers(http.patch(&url))
+        .header(reqwest::header::IF_MATCH, etag)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&patch)?)
+        .send()
+        .await?;
+    let patch_status = written.status().as_u16();
+    written.bytes().await?;
+    Ok([read_status, patch_status])
+}
+
+/// The same through the daemon's `FlowClient`.
+async fn flow_one(
+    flow: &FlowClient,
+    token: &AccessToken,
+    credentials: &AwsCredentials,
+    (id, sandbox): &(String, String),
+) -> anyhow::Result<[u16; 2]> {
+    let remote = flow.get_connection(id, sandbox, token).await?;
+    flow.patch_credentials(id, sandbox, &remote.etag, credentials, token)
+        .await?;
+    Ok([200, 200])
+}
+
+/// Runs `one` over every target, `concurrency` at a time, and measures it.
+async fn phase<'a, F, Fut>(
+    targets: &'a [(String, String)],
+    concurrency: usize,
+    one: F,
+) -> anyhow::Result<Phase>
+where
+    F: Fn(&'a (String, String)) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<[u16; 2]>>,
+{
+    let started = aep_s3_rotator::clock::mono_now();
+    let cpu_before = cpu_seconds()?;
+    let mut results = futures::stream::iter(targets)
+        .map(one)
+        .buffer_unordered(concurrency);
+    let mut phase = Phase::default();
+    while let Some(result) = results.next().await {
+        for status in result? {
+            phase.requests += 1;
+            *phase.statuses.entry(status).or_default() += 1;
+        }
+    }
+    let cpu = cpu_seconds()? - cpu_before;
+    Ok(phase.finish(cpu, started.elapsed()))
+}
+
+async fn run(path: PathBuf, concurrency: NonZeroUsize) -> anyhow::Result<serde_json::Value> {
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(first) = config.connections.first() else {
+        bail!("{} has no [[connections]]", path.display());
+    };
+    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let http = aep_s3_rotator::http::client(&config.rotation)?;
+    let retry = BackoffPolicy {
+        min: config.rotation.retry_min,
+        max: config.rotation.retry_max,
+    };
+    let ims = ImsClient::new(http.clone(), &config.adobe, retry, Arc::clone(&telemetry));
+    let token = ims.token().await.context("IMS token")?;
+    let sts = AwsSts::new(
+        &config.aws,
+        &SourceIdentity::DefaultChain,
+        config.rotation.request_timeout,
+        Arc::clone(&telemetry),
+    )
+    .await;
+    let credentials = sts
+        .issue(&StsRequest::for_connection(&config, first))
+        .await
+        .context("STS credentials")?;
+    let targets = targets(&config);
+
+    let bare = phase(&targets, concurrency.get(), |target| {
+        bare_one(&http, &config, &token, &credentials, target)
+    })
+    .await?;
+    let gate = Arc::new(RequestGate::new(
+        concurrency,
+        config.rotation.max_requests_per_second,
+        config.rotation.retry_max,
+    ));
+    let flow = FlowClient::new(
+        http.clone(),
+        &config.adobe,
+        gate,
+        Arc::clone(&telemetry),
+        config.rotation.retry_min,
+    );
+    let flow_client = phase(&targets, concurrency.get(), |target| {
+        flow_one(&flow, &token, &credentials, target)
+    })
+    .await?;
+    Ok(serde_json::json!({
+        "connections": targets.len(),
+        "concurrency": concurrency,
+        "bare": bare,
+        "flow_client": flow_client,
+    }))
+}
+
+fn main() -> std::process::ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    let Some(path) = args.next().map(PathBuf::from) else {
+        eprintln!("usage: http_floor CONFIG [CONCURRENCY]");
+        return std::process::ExitCode::from(2);
+    };
+    let concurrency = match args
+        .next()
+        .map(|a| a.to_string_lossy().parse::<NonZeroUsize>())
+    {
+        None => NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN),
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            eprintln!("http_floor: CONCURRENCY must be a positive integer");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // The daemon's runtime: multi-threaded, one worker per core.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("http_floor: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(path, concurrency)) {
+        Ok(report) => {
+            println!("{report}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("http_floor: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
