@@ -432,6 +432,44 @@ async fn sts_throttling_is_retried_then_rotated() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn sts_down_at_start_is_one_problem_then_every_connection_rotates() {
+    // 40 connections on one role: without the shared failure each would
+    // call STS on its own backoff (~4 calls each in the first second, 160
+    // in all); with it, at most one call per half retry_min (50 ms).
+    let h = Harness::start(40, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    h.sim.set_service_down(SimService::Sts, true);
+    let config = h.write_config(QUICK, "");
+    let started = aep_s3_rotator::clock::mono_now();
+    let mut daemon = h.spawn(&config, &["run"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || !daemon
+            .events("rotation failed, retrying")
+            .is_empty())
+        .await,
+        "stderr:\n{}",
+        daemon.stderr_text()
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // At info, only the connection whose STS call failed logs it (warn);
+    // the ones given that answer log theirs at debug: one line per call.
+    let calls = daemon.events("rotation failed, retrying").len();
+    let bound = started.elapsed().as_secs_f64() / 0.05 + 1.0;
+    assert!(
+        calls >= 1 && (calls as f64) <= bound,
+        "{calls} failed STS calls logged (bound {bound:.0})"
+    );
+    h.sim.set_service_down(SimService::Sts, false);
+    all_patched(&h, &ids, 1, &daemon).await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    for event in daemon.events("rotation failed, retrying") {
+        assert_eq!(event["level"], "warn", "{event}");
+        assert!(error_of(&event).contains("STS unavailable"), "{event}");
+    }
+    assert_clean(&h);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn sts_access_denied_and_validation_errors_fail_once_with_advice() {
     for (code, advice) in [
         ("AccessDenied", "trust policy"),
