@@ -889,6 +889,8 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
         .and_then(|next| next.href);
     let next = match href {
         None | Some(Value::Null) => None,
+        // An empty link is no link: some servers keep the key on the last page.
+        Some(Value::String(href)) if href.trim().is_empty() => None,
         Some(Value::String(href)) => Some(continuation_token(&href)?),
         Some(_) => {
             return Err(FlowError::Malformed(
@@ -1058,8 +1060,19 @@ mod tests {
         assert!(page.items[0].is_rotatable_s3());
         assert_eq!(page.items[0].etag, "\"e1\"");
         assert!(!page.items[1].is_rotatable_s3());
-        let last = parse_list_page(br#"{"items": [], "_links": {}}"#).unwrap();
-        assert_eq!(last.next, None);
+        for last in [
+            r#"{"items": [], "_links": {}}"#,
+            r#"{"items": [], "_links": {"next": null}}"#,
+            r#"{"items": [], "_links": {"next": {"href": null}}}"#,
+            r#"{"items": [], "_links": {"next": {"href": ""}}}"#,
+            r#"{"items": []}"#,
+        ] {
+            assert_eq!(
+                parse_list_page(last.as_bytes()).unwrap().next,
+                None,
+                "{last}"
+            );
+        }
         for bad in [
             r#"{"items": {}}"#,
             "[]",
