@@ -342,14 +342,16 @@ async fn a_412_storm_fails_the_attempt_then_rotates_on_the_next() {
 
 // 6. IMS ----------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread")]
-async fn ims_down_at_start_then_back_rotates_every_connection() {
-    let h = Harness::start(12, Duration::from_secs(60)).await;
-    let ids = h.connection_ids();
-    h.sim.set_service_down(SimService::Ims, true);
+/// Starts the daemon (`run`, [`QUICK`]) with `service` down, waits for its
+/// first failed rotation and one second more; answers it and when it started.
+async fn run_with_service_down(
+    h: &Harness,
+    service: SimService,
+) -> (DaemonProcess, tokio::time::Instant) {
+    h.sim.set_service_down(service, true);
     let config = h.write_config(QUICK, "");
     let started = aep_s3_rotator::clock::mono_now();
-    let mut daemon = h.spawn(&config, &["run"]);
+    let daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(5), || !daemon
             .events("rotation failed, retrying")
@@ -359,6 +361,14 @@ async fn ims_down_at_start_then_back_rotates_every_connection() {
         daemon.stderr_text()
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    (daemon, started)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ims_down_at_start_then_back_rotates_every_connection() {
+    let h = Harness::start(12, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    let (mut daemon, started) = run_with_service_down(&h, SimService::Ims).await;
     assert_eq!(h.sim.stats().ims_tokens_issued, 0);
     // One outage, asked about at most once per retry_min (100 ms), however
     // many connections are due: each of the 12 retries on its own schedule,
@@ -438,19 +448,7 @@ async fn sts_down_at_start_is_one_problem_then_every_connection_rotates() {
     // in all); with it, at most one call per half retry_min (50 ms).
     let h = Harness::start(40, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
-    h.sim.set_service_down(SimService::Sts, true);
-    let config = h.write_config(QUICK, "");
-    let started = aep_s3_rotator::clock::mono_now();
-    let mut daemon = h.spawn(&config, &["run"]);
-    assert!(
-        wait_until(Duration::from_secs(5), || !daemon
-            .events("rotation failed, retrying")
-            .is_empty())
-        .await,
-        "stderr:\n{}",
-        daemon.stderr_text()
-    );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (mut daemon, started) = run_with_service_down(&h, SimService::Sts).await;
     // At info, only the connection whose STS call failed logs it (warn);
     // the ones given that answer log theirs at debug: one line per call.
     let calls = daemon.events("rotation failed, retrying").len();
