@@ -148,7 +148,42 @@ pub struct ImsClient {
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
+    #[serde(deserialize_with = "lifetime_seconds")]
     expires_in: u64,
+}
+
+/// `expires_in` as whole seconds, read leniently: RFC 6749 says a number of
+/// seconds, and servers write it as an integer, a fraction or a string of
+/// either. A value that is not a positive, finite number of seconds reads
+/// as 0 (refused by the caller); anything huge saturates, and is capped
+/// later at [`MAX_TOKEN_LIFETIME`].
+fn lifetime_seconds<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct Seconds;
+    impl serde::de::Visitor<'_> for Seconds {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a number of seconds")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<u64, E> {
+            Ok(u64::try_from(v).unwrap_or(0))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<u64, E> {
+            Ok(whole(v))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<u64, E> {
+            let v = v.trim();
+            Ok(v.parse::<u64>()
+                .unwrap_or_else(|_| v.parse::<f64>().map_or(0, whole)))
+        }
+    }
+    /// `as` saturates (infinity is u64::MAX); NaN and negatives read as 0.
+    fn whole(v: f64) -> u64 {
+        if v > 0.0 { v as u64 } else { 0 }
+    }
+    deserializer.deserialize_any(Seconds)
 }
 
 #[derive(Deserialize, Default)]
@@ -373,7 +408,7 @@ impl ImsClient {
             })?;
             if parsed.access_token.is_empty() || parsed.expires_in == 0 {
                 return Err(ImsError::Malformed(
-                    "token response has an empty access_token or expires_in".to_owned(),
+                    "token response has an empty access_token or no positive expires_in".to_owned(),
                 )
                 .into());
             }
@@ -471,6 +506,37 @@ mod tests {
             refresh_margin(Duration::from_secs(100)),
             Duration::from_secs(50)
         );
+    }
+
+    #[test]
+    fn expires_in_is_read_as_whole_seconds_whatever_its_json_type() {
+        let read = |v: &str| {
+            serde_json::from_str::<TokenResponse>(&format!(
+                r#"{{"access_token": "t", "token_type": "bearer", "expires_in": {v}}}"#
+            ))
+            .map(|r| r.expires_in)
+        };
+        for (json, seconds) in [
+            ("86399", 86_399),
+            ("86399.9", 86_399),
+            ("\"86399\"", 86_399),
+            ("\" 3600.5 \"", 3600),
+            ("18446744073709551615", u64::MAX),
+            ("1e300", u64::MAX),
+            ("\"1e400\"", u64::MAX),
+            // Not a positive number of seconds: 0, which the caller refuses.
+            ("0", 0),
+            ("-5", 0),
+            ("-1.5", 0),
+            ("0.4", 0),
+            ("\"soon\"", 0),
+            ("\"NaN\"", 0),
+        ] {
+            assert_eq!(read(json).unwrap(), seconds, "{json}");
+        }
+        for wrong in ["null", "true", "[]", "{}"] {
+            assert!(read(wrong).is_err(), "{wrong}");
+        }
     }
 
     #[test]
