@@ -28,9 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConnectionConfig, DiscoverRule, Origin};
 use crate::daemon::Intake;
-use crate::flow::{
-    ACCESS_KEY_AUTH_SPEC, FlowError, ListedConnection, PropertyFilter, S3_CONNECTION_SPEC_ID,
-};
+use crate::flow::{FlowError, ListedConnection, PropertyFilter};
 use crate::ims::ImsError;
 use crate::rotation::Rotator;
 use crate::s3probe::S3Target;
@@ -243,9 +241,7 @@ impl Membership {
 
 /// Whether `rule` rotates connection `c`, listed in `sandbox`.
 pub fn matches(rule: &DiscoverRule, sandbox: &str, c: &ListedConnection) -> bool {
-    c.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
-        && c.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
-        && c.state.as_deref() == Some("enabled")
+    c.is_rotatable_s3()
         && rule.sandboxes.iter().any(|s| s == sandbox)
         && rule
             .name
@@ -437,10 +433,6 @@ pub async fn resolve<L: Lister>(
 /// Fills in the etags of explicit connections: from the rule listings when
 /// they hold them, else by id in chunks.
 async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut Membership) {
-    let usable = |item: &ListedConnection| {
-        item.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
-            && item.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
-    };
     let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for connection in &config.connections {
         let listed = membership
@@ -448,7 +440,7 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
             .get(&connection.sandbox)
             .and_then(|l| l.items.iter().find(|i| i.id == connection.id));
         match listed {
-            Some(item) if usable(item) => {
+            Some(item) if item.is_s3_access_key() => {
                 membership
                     .etags
                     .insert(connection.id.clone(), item.etag.clone());
@@ -480,7 +472,7 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
     for ((sandbox, chunk), answer) in chunks.into_iter().zip(answers) {
         match answer {
             Ok(items) => {
-                for item in items.iter().filter(|i| usable(i)) {
+                for item in items.iter().filter(|i| i.is_s3_access_key()) {
                     if chunk.contains(&item.id.as_str()) {
                         membership.etags.insert(item.id.clone(), item.etag.clone());
                         if let Some(target) = &item.s3 {
@@ -492,13 +484,6 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
             Err(error) => log_bulk_failure(sandbox, &error),
         }
     }
-}
-
-/// Whether a listed item is an S3 `Access Key` connection: only then is its
-/// etag (and S3 target) worth seeding.
-fn usable_item(item: &ListedConnection) -> bool {
-    item.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
-        && item.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
 }
 
 /// Id chunks of the streaming start in flight at once. The request gate
@@ -641,7 +626,7 @@ pub async fn resolve_streaming<L: Lister>(
                     lock(state_ref).partial.remove(*sandbox);
                     let carried: HashSet<&str> = items
                         .iter()
-                        .filter(|i| usable_item(i))
+                        .filter(|i| i.is_s3_access_key())
                         .map(|i| i.id.as_str())
                         .collect();
                     missing.retain(|id| !carried.contains(id));
@@ -751,7 +736,7 @@ fn page_found(
             added.push(connection);
         }
         for item in items {
-            if usable_item(item) && explicit.get(item.id.as_str()) == Some(&sandbox) {
+            if item.is_s3_access_key() && explicit.get(item.id.as_str()) == Some(&sandbox) {
                 state.seed(item, &mut etags, &mut targets);
             }
         }
@@ -781,7 +766,7 @@ fn chunk_found(
     let mut targets = HashMap::new();
     let mut state = lock(state);
     for item in items {
-        if usable_item(item) && chunk.contains(&item.id.as_str()) {
+        if item.is_s3_access_key() && chunk.contains(&item.id.as_str()) {
             state.seed(item, &mut etags, &mut targets);
         }
     }
@@ -898,6 +883,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::flow::{ACCESS_KEY_AUTH_SPEC, S3_CONNECTION_SPEC_ID};
 
     const ROLE_A: &str = "arn:aws:iam::123456789012:role/a";
     const ROLE_B: &str = "arn:aws:iam::123456789012:role/b";

@@ -114,13 +114,33 @@ pub struct ListedConnection {
 }
 
 impl ListedConnection {
-    /// An enabled S3 connection with the `Access Key` auth spec: the only
-    /// kind that holds temporary credentials this daemon can rotate.
-    pub fn is_rotatable_s3(&self) -> bool {
-        self.connection_spec_id.as_deref() == Some(S3_CONNECTION_SPEC_ID)
-            && self.auth_spec.as_deref() == Some(ACCESS_KEY_AUTH_SPEC)
-            && self.state.as_deref() == Some("enabled")
+    /// An S3 connection with the `Access Key` auth spec: the only kind that
+    /// holds temporary credentials this daemon can rotate.
+    pub fn is_s3_access_key(&self) -> bool {
+        is_s3_spec(self.connection_spec_id.as_deref())
+            && is_access_key_auth(self.auth_spec.as_deref())
     }
+
+    /// [`Self::is_s3_access_key`], and enabled (what a rule may rotate).
+    pub fn is_rotatable_s3(&self) -> bool {
+        self.is_s3_access_key()
+            && self
+                .state
+                .as_deref()
+                .is_some_and(|state| state.trim().eq_ignore_ascii_case("enabled"))
+    }
+}
+
+/// Whether `spec` is the Amazon S3 connection spec id (a UUID: compared
+/// without regard to case or surrounding space).
+pub fn is_s3_spec(spec: Option<&str>) -> bool {
+    spec.is_some_and(|spec| spec.trim().eq_ignore_ascii_case(S3_CONNECTION_SPEC_ID))
+}
+
+/// Whether `auth` names the `Access Key` auth spec (without regard to case
+/// or surrounding space).
+pub fn is_access_key_auth(auth: Option<&str>) -> bool {
+    auth.is_some_and(|auth| auth.trim().eq_ignore_ascii_case(ACCESS_KEY_AUTH_SPEC))
 }
 
 /// One `property=PATH==V1,V2` filter of `GET /connections`: the property at
@@ -610,21 +630,17 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
             crate::http::bounded(etag, 80)
         )));
     }
-    let spec = item
-        .pointer("/connectionSpec/id")
-        .and_then(Value::as_str)
-        .unwrap_or("(none)");
-    if spec != S3_CONNECTION_SPEC_ID {
+    let spec = item.pointer("/connectionSpec/id").and_then(Value::as_str);
+    if !is_s3_spec(spec) {
+        let spec = spec.unwrap_or("(none)");
         return Err(FlowError::Unsuitable(format!(
             "its connection spec is {}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id",
             crate::http::bounded(spec, 80)
         )));
     }
-    let auth = item
-        .pointer("/auth/specName")
-        .and_then(Value::as_str)
-        .unwrap_or("(none)");
-    if auth != ACCESS_KEY_AUTH_SPEC {
+    let auth = item.pointer("/auth/specName").and_then(Value::as_str);
+    if !is_access_key_auth(auth) {
+        let auth = auth.unwrap_or("(none)");
         return Err(FlowError::Unsuitable(format!(
             "its auth spec is \"{}\", not \"Access Key\"; only access-key connections hold temporary credentials",
             crate::http::bounded(auth, 80)
@@ -1024,6 +1040,41 @@ mod tests {
             matches!(err, FlowError::Unsuitable(ref m) if m.contains("IAMRole Based")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn spec_auth_and_state_are_compared_without_regard_to_case() {
+        let upper = S3_CONNECTION_SPEC_ID.to_ascii_uppercase();
+        for (spec, auth) in [
+            (upper.as_str(), "access key"),
+            (S3_CONNECTION_SPEC_ID, " ACCESS KEY "),
+        ] {
+            parse_connection(item(spec, auth).as_bytes()).unwrap();
+        }
+        let listed = |spec: &str, auth: &str, state: Option<&str>| ListedConnection {
+            id: "a".to_owned(),
+            etag: "\"e\"".to_owned(),
+            name: None,
+            description: None,
+            auth_spec: Some(auth.to_owned()),
+            state: state.map(str::to_owned),
+            connection_spec_id: Some(spec.to_owned()),
+            s3: None,
+        };
+        assert!(listed(&upper, "Access key", Some("Enabled")).is_rotatable_s3());
+        assert!(listed(S3_CONNECTION_SPEC_ID, "Access Key", Some("ENABLED")).is_rotatable_s3());
+        for (spec, auth, state) in [
+            (S3_CONNECTION_SPEC_ID, "Access Key", Some("disabled")),
+            (S3_CONNECTION_SPEC_ID, "Access Key", None),
+            (S3_CONNECTION_SPEC_ID, "Access Keys", Some("enabled")),
+            ("ecadc60c", "Access Key", Some("enabled")),
+        ] {
+            assert!(
+                !listed(spec, auth, state).is_rotatable_s3(),
+                "{spec} {auth} {state:?}"
+            );
+        }
+        assert!(listed(S3_CONNECTION_SPEC_ID, "Access Key", None).is_s3_access_key());
     }
 
     #[test]
