@@ -11,7 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, IF_MATCH, RETRY_AFTER};
+use reqwest::header::{
+    AUTHORIZATION, CONTENT_TYPE, ETAG, HeaderMap, HeaderValue, IF_MATCH, RETRY_AFTER,
+};
 use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
@@ -201,6 +203,14 @@ struct ListWrapper {
     items: Vec<Value>,
 }
 
+/// What [`FlowClient::send`] keeps of an answer.
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<HeaderValue>,
+    etag: Option<HeaderValue>,
+    body: bytes::Bytes,
+}
+
 #[derive(Deserialize)]
 struct PatchAnswer {
     etag: Option<String>,
@@ -292,12 +302,9 @@ impl FlowClient {
     }
 
     /// Sends one request through the gate; answers the status, the
-    /// `Retry-After` (the one header an error needs) and the body.
-    async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-        url: &Url,
-    ) -> Result<(StatusCode, Option<HeaderValue>, bytes::Bytes), FlowError> {
+    /// headers used (`Retry-After` for an error, `ETag` for a PATCH whose
+    /// body names none) and the body.
+    async fn send(&self, request: reqwest::RequestBuilder, url: &Url) -> Result<Answer, FlowError> {
         let _pass = self.gate.enter().await;
         let response = request.send().await.map_err(|e| {
             self.telemetry.request(Service::Flow, error_class(&e));
@@ -306,12 +313,18 @@ impl FlowClient {
         let status = response.status();
         self.telemetry.request(Service::Flow, status.as_str());
         let retry_after = response.headers().get(RETRY_AFTER).cloned();
+        let etag = response.headers().get(ETAG).cloned();
         // A 3xx is refused (a redirected PATCH would carry the new secret key
         // and session token elsewhere); an oversized body is transient.
         let body = crate::http::read_body(response)
             .await
             .map_err(|e| FlowError::Unavailable(format!("answer from {url}: {e}")))?;
-        Ok((status, retry_after, body))
+        Ok(Answer {
+            status,
+            retry_after,
+            etag,
+            body,
+        })
     }
 
     /// `GET /connections/{id}` (or `.../test`): the body of a 2xx answer.
@@ -327,7 +340,12 @@ impl FlowClient {
             .http
             .get(url.clone())
             .headers(self.headers(sandbox, token)?);
-        let (status, retry_after, body) = self.send(request, &url).await?;
+        let Answer {
+            status,
+            retry_after,
+            body,
+            ..
+        } = self.send(request, &url).await?;
         if !status.is_success() {
             return Err(self.error_for(status, retry_after.as_ref(), &body, id, sandbox, &[]));
         }
@@ -396,7 +414,12 @@ impl FlowClient {
                 .http
                 .get(page_url.clone())
                 .headers(self.headers(sandbox, token)?);
-            let (status, retry_after, body) = self.send(request, &page_url).await?;
+            let Answer {
+                status,
+                retry_after,
+                body,
+                ..
+            } = self.send(request, &page_url).await?;
             if !status.is_success() {
                 return Err(self.error_for(status, retry_after.as_ref(), &body, "", sandbox, &[]));
             }
@@ -484,7 +507,12 @@ impl FlowClient {
             .request(Method::PATCH, url.clone())
             .headers(headers)
             .body(body);
-        let (status, retry_after, answer) = self.send(request, &url).await?;
+        let Answer {
+            status,
+            retry_after,
+            etag: etag_header,
+            body: answer,
+        } = self.send(request, &url).await?;
         if !status.is_success() {
             return Err(self.error_for(
                 status,
@@ -497,8 +525,19 @@ impl FlowClient {
         }
         let parsed: PatchAnswer =
             serde_json::from_slice(&answer).unwrap_or(PatchAnswer { etag: None });
-        // An etag that cannot be sent back is dropped: the next job re-reads.
-        Ok(parsed.etag.filter(|etag| is_valid_etag(etag)))
+        // The body's etag (Flow Service's documented answer), else an `ETag`
+        // header (a 204, or a body without one). One that cannot be sent
+        // back is dropped: the next job then re-reads.
+        let header = || {
+            etag_header
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Ok(parsed
+            .etag
+            .filter(|etag| is_valid_etag(etag))
+            .or_else(|| header().filter(|etag| is_valid_etag(etag))))
     }
 
     /// `POST /connections`: creates an S3 base connection with the `Access
@@ -529,7 +568,12 @@ impl FlowClient {
             .post(url.clone())
             .headers(headers)
             .body(body.to_string());
-        let (status, retry_after, answer) = self.send(request, &url).await?;
+        let Answer {
+            status,
+            retry_after,
+            body: answer,
+            ..
+        } = self.send(request, &url).await?;
         if !status.is_success() {
             return Err(self.error_for(
                 status,

@@ -103,3 +103,24 @@ async fn an_ims_expires_in_of_u64_max_neither_panics_nor_wedges() {
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_no_panic(&daemon);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_answered_204_with_an_etag_header_needs_no_get_next_time() {
+    let h = Harness::start(2, Duration::from_secs(12)).await;
+    let ids = h.connection_ids();
+    // The first PATCH of each is applied but answered `204 No Content`, its
+    // new etag only in an `ETag` header (not Flow Service's documented
+    // body): the next rotation can PATCH with it, without reading first.
+    for id in &ids {
+        h.sim.script_for(id, ScriptedFault::EtagInHeader);
+    }
+    let config = h.write_config(FAST, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    let rotated = rotated_at_least(&h, &ids, 2, Duration::from_secs(30)).await;
+    assert!(rotated, "stderr:\n{}", daemon.stderr_text());
+    let stats = h.sim.stats();
+    assert_eq!(stats.flow_gets, 0, "{stats:?}");
+    assert_eq!(stats.violations, 0, "{stats:?}");
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_no_panic(&daemon);
+}

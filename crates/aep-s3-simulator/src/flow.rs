@@ -153,6 +153,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &ConnCtl, request: Request) -> Respons
     };
     let mut churn = plan.churn;
     let mut invalid_etag = false;
+    let mut etag_in_header = false;
     let delay = match plan.script {
         Some(ScriptedFault::Redirect { location }) => {
             return shared.finish(connection, wire::redirect(&location));
@@ -190,6 +191,10 @@ async fn serve(shared: &Arc<Shared>, ctl: &ConnCtl, request: Request) -> Respons
         }
         Some(ScriptedFault::InvalidEtag) => {
             invalid_etag = true;
+            None
+        }
+        Some(ScriptedFault::EtagInHeader) => {
+            etag_in_header = true;
             None
         }
         Some(ScriptedFault::Reset) => return shared.reset(ctl, connection),
@@ -253,6 +258,9 @@ async fn serve(shared: &Arc<Shared>, ctl: &ConnCtl, request: Request) -> Respons
     if invalid_etag && response.status().is_success() {
         response = with_invalid_etag(response).await;
     }
+    if etag_in_header && response.status().is_success() {
+        response = with_etag_in_header(response).await;
+    }
     if churn
         && kind == RequestKind::FlowGet
         && response.status().is_success()
@@ -279,6 +287,26 @@ async fn with_invalid_etag(response: Response) -> Response {
     response
         .headers_mut()
         .remove(axum::http::header::CONTENT_LENGTH);
+    response
+}
+
+/// The same successful answer as `204 No Content`, its body's `etag` moved
+/// to an `ETag` header.
+async fn with_etag_in_header(response: Response) -> Response {
+    let Ok(bytes) = to_bytes(response.into_body(), MAX_BODY).await else {
+        return wire::json(500, &json!({"title": "simulator: unreadable answer"}));
+    };
+    let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    let mut response =
+        axum::response::IntoResponse::into_response(axum::http::StatusCode::NO_CONTENT);
+    if let Some(etag) = value["etag"]
+        .as_str()
+        .and_then(|etag| axum::http::HeaderValue::from_str(etag).ok())
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::ETAG, etag);
+    }
     response
 }
 

@@ -109,7 +109,8 @@ async fn handle(
             ScriptedFault::EtagChurn
             | ScriptedFault::ShortCredentials(_)
             | ScriptedFault::PartialCredentials { .. }
-            | ScriptedFault::InvalidEtag,
+            | ScriptedFault::InvalidEtag
+            | ScriptedFault::EtagInHeader,
         )
         | None => {}
     }

@@ -285,6 +285,10 @@ pub enum ScriptedFault {
     /// that is not a valid HTTP header value (it carries a control
     /// character).
     InvalidEtag,
+    /// Flow `PATCH` (or `POST`) only: apply it, but answer `204 No Content`
+    /// with the new etag in an `ETag` header instead of Flow Service's
+    /// documented `{"id", "etag"}` body.
+    EtagInHeader,
     /// An arbitrary answer (malformed JSON, empty items, missing etag ...).
     Raw {
         /// HTTP status.

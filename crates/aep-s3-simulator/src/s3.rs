@@ -113,7 +113,8 @@ async fn handle(
             | ScriptedFault::PartialCredentials { .. }
             | ScriptedFault::EchoSecrets
             | ScriptedFault::HostileText { .. }
-            | ScriptedFault::InvalidEtag,
+            | ScriptedFault::InvalidEtag
+            | ScriptedFault::EtagInHeader,
         )
         | None => {}
     }

@@ -405,6 +405,7 @@ fn take_matching(queue: &mut VecDeque<ScriptedFault>, kind: RequestKind) -> Opti
             kind == RequestKind::Sts
         }
         ScriptedFault::InvalidEtag => kind == RequestKind::FlowGet,
+        ScriptedFault::EtagInHeader => kind == RequestKind::FlowOther,
         _ => true,
     })?;
     queue.remove(position)

@@ -116,7 +116,10 @@ async fn handle(
             return without_fields(response, omit_secret, omit_token).await;
         }
         // Never taken for STS (see `take_matching`).
-        Some(ScriptedFault::EtagChurn | ScriptedFault::InvalidEtag) | None => {
+        Some(
+            ScriptedFault::EtagChurn | ScriptedFault::InvalidEtag | ScriptedFault::EtagInHeader,
+        )
+        | None => {
             if plan.random == RandomFault::Throttle {
                 return shared.sts_error(400, "Throttling", "Rate exceeded");
             }
