@@ -14,7 +14,11 @@
 //! - `bare`: `reqwest` alone, the headers and bodies the daemon sends, the
 //!   etag taken from the answer with `serde_json::Value`;
 //! - `flow_client`: the same through the daemon's `FlowClient` (request
-//!   gate, telemetry, capped body reads, answer checks).
+//!   gate, telemetry, capped body reads, answer checks);
+//! - `hyper_conn`: hyper's HTTP/1 client alone (`client::conn::http1`), one
+//!   kept-alive connection per concurrent worker, no pool, no URL parsing:
+//!   what a request costs below reqwest (plain HTTP only, as the simulator
+//!   speaks).
 //!
 //! and prints one JSON line: per phase the requests made, their statuses,
 //! the process's CPU seconds (utime + stime from `/proc/self/stat`) and CPU
@@ -174,6 +178,103 @@ where
     Ok(phase.finish(cpu, started.elapsed()))
 }
 
+/// `GET` then `PATCH` of every target over `concurrency` kept-alive
+/// connections driven by hyper's HTTP/1 client directly: each worker owns
+/// one connection and takes the next target from a shared counter.
+async fn hyper_phase(
+    config: &Config,
+    token: &AccessToken,
+    credentials: &AwsCredentials,
+    targets: &[(String, String)],
+    concurrency: usize,
+) -> anyhow::Result<Phase> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::Request;
+    use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, IF_MATCH};
+
+    let base = &config.adobe.platform_url;
+    let host = base.host_str().context("platform_url has no host")?;
+    let port = base
+        .port_or_known_default()
+        .context("platform_url has no port")?;
+    if base.scheme() != "http" {
+        bail!("the hyper phase speaks plain HTTP only; {base} is not");
+    }
+    let authority = format!("{host}:{port}");
+    let prefix = base.path().trim_end_matches('/').to_owned();
+    let bearer = format!("Bearer {}", token.expose());
+    let values = [
+        credentials.access_key_id.as_str(),
+        credentials.secret_access_key.expose_secret(),
+        credentials.session_token.expose_secret(),
+    ];
+    let patch: Vec<serde_json::Value> = CREDENTIAL_PATHS
+        .into_iter()
+        .zip(values)
+        .map(|(path, value)| serde_json::json!({"op": "replace", "path": path, "value": value}))
+        .collect();
+    let patch = bytes::Bytes::from(serde_json::to_vec(&patch)?);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+
+    let started = aep_s3_rotator::clock::mono_now();
+    let cpu_before = cpu_seconds()?;
+    let worker = || async {
+        let stream = tokio::net::TcpStream::connect(&authority).await?;
+        stream.set_nodelay(true)?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut statuses: Vec<u16> = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some((id, sandbox)) = targets.get(i) else {
+                return anyhow::Ok(statuses);
+            };
+            let path = format!("{prefix}/data/foundation/flowservice/connections/{id}");
+            let request = |method: &str| {
+                Request::builder()
+                    .method(method)
+                    .uri(path.as_str())
+                    .header(HOST, authority.as_str())
+                    .header(AUTHORIZATION, bearer.as_str())
+                    .header("x-api-key", config.adobe.client_id.as_str())
+                    .header("x-gw-ims-org-id", config.adobe.org_id.as_str())
+                    .header("x-sandbox-name", sandbox.as_str())
+            };
+            send.ready().await?;
+            let read = send
+                .send_request(request("GET").body(Full::new(bytes::Bytes::new()))?)
+                .await?;
+            statuses.push(read.status().as_u16());
+            let body = read.into_body().collect().await?.to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body)?;
+            let Some(etag) = body["items"][0]["etag"].as_str() else {
+                bail!("no items[0].etag in the answer for {id}");
+            };
+            send.ready().await?;
+            let written = send
+                .send_request(
+                    request("PATCH")
+                        .header(IF_MATCH, etag)
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(Full::new(patch.clone()))?,
+                )
+                .await?;
+            statuses.push(written.status().as_u16());
+            written.into_body().collect().await?;
+        }
+    };
+    let mut phase = Phase::default();
+    for result in futures::future::join_all((0..concurrency).map(|_| worker())).await {
+        for status in result? {
+            phase.requests += 1;
+            *phase.statuses.entry(status).or_default() += 1;
+        }
+    }
+    let cpu = cpu_seconds()? - cpu_before;
+    Ok(phase.finish(cpu, started.elapsed()))
+}
+
 async fn run(path: PathBuf, concurrency: NonZeroUsize) -> anyhow::Result<serde_json::Value> {
     let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(first) = config.connections.first() else {
@@ -220,11 +321,14 @@ async fn run(path: PathBuf, concurrency: NonZeroUsize) -> anyhow::Result<serde_j
         flow_one(&flow, &token, &credentials, target)
     })
     .await?;
+    let hyper_conn =
+        hyper_phase(&config, &token, &credentials, &targets, concurrency.get()).await?;
     Ok(serde_json::json!({
         "connections": targets.len(),
         "concurrency": concurrency,
         "bare": bare,
         "flow_client": flow_client,
+        "hyper_conn": hyper_conn,
     }))
 }
 

@@ -9,7 +9,7 @@ alone ("bare"), then through the daemon's FlowClient ("flow_client"). Prints
 its JSON line, with the simulator's own CPU per request beside it:
 
   <phase>.cpu_ms_per_request   the client process's utime+stime per request
-  simulator_cpu_ms_per_request the simulator's, over both phases
+  simulator_cpu_ms_per_request the simulator's, over all three phases
 
 Compare with bench.py's `cpu_ms_per_rotation` (the whole daemon: scheduler,
 logging, state, ~1.01 requests per rotation).
@@ -66,13 +66,14 @@ def main() -> int:
     if done.returncode != 0:
         sys.exit(f"http_floor failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    requests = sum(result[phase]["requests"] for phase in ("bare", "flow_client"))
+    phases = ("bare", "flow_client", "hyper_conn")
+    requests = sum(result[phase]["requests"] for phase in phases)
     result["latency"] = args.latency
     result["example_sha256"] = bench.binary_id(EXAMPLE_BIN)
     result["simulator_cpu_seconds"] = round(sim_cpu, 2)
-    # Includes the one IMS and STS call: negligible over 2 × 2N requests.
+    # Includes the one IMS and STS call: negligible over 3 × 2N requests.
     result["simulator_cpu_ms_per_request"] = round(sim_cpu * 1000 / max(requests, 1), 4)
-    for phase in ("bare", "flow_client"):
+    for phase in phases:
         r = result[phase]
         bench.log(
             f"{phase}: {r['requests']} requests {r['statuses']}, "
