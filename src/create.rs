@@ -22,7 +22,9 @@ use crate::flow::{
     ACCESS_KEY_AUTH_SPEC, ListedConnection, NewConnection, S3_CONNECTION_SPEC_ID, create_body,
 };
 use crate::s3probe::S3Target;
-use crate::sts::{AwsCredentials, AwsSts, CredentialSource, SourceIdentity, StsRequest};
+use crate::sts::{
+    AwsCredentials, AwsSts, CredentialSource, SourceIdentity, StsRequest, accept_credentials,
+};
 use crate::telemetry::Telemetry;
 
 /// What replaces a secret in the `--dry-run` request.
@@ -327,7 +329,12 @@ pub async fn run(config: &Config, args: &CreateArgs) -> Exit {
         Arc::clone(&telemetry),
     )
     .await;
-    let credentials = match sts.issue(&request).await {
+    // Checked as a rotation's are: never create a connection holding
+    // credentials that are dead on arrival.
+    let issued = sts.issue(&request).await;
+    let credentials = match issued
+        .and_then(|credentials| accept_credentials(credentials, &request, crate::clock::wall_now()))
+    {
         Ok(credentials) => credentials,
         Err(error) => {
             tracing::error!(

@@ -553,6 +553,37 @@ pub fn check_credentials(credentials: &AwsCredentials, now: SystemTime) -> Resul
     Ok(())
 }
 
+/// Takes what STS issued for `request` at `now`. An `Expiration` later than
+/// the `DurationSeconds` asked for (plus [`EXPIRATION_SKEW`]) is believed
+/// only up to that duration, with a warning: STS never grants more than it
+/// is asked for, so the answer comes from a host clock behind STS's or from
+/// a misbehaving endpoint, and the credentials are valid now either way;
+/// refusing them would leave the connection to expire, believing them
+/// would put off its next rotation. Then [`check_credentials`].
+pub fn accept_credentials(
+    mut credentials: AwsCredentials,
+    request: &StsRequest,
+    now: SystemTime,
+) -> Result<AwsCredentials, StsError> {
+    let asked = now.checked_add(request.duration.saturating_add(EXPIRATION_SKEW));
+    if asked.is_some_and(|asked| credentials.expiration > asked) {
+        let claimed = credentials
+            .expiration
+            .duration_since(now)
+            .unwrap_or_default();
+        tracing::warn!(
+            access_key_id = %credentials.access_key_id,
+            role = %request.describe(),
+            claimed_lifetime_seconds = claimed.as_secs(),
+            session_duration_seconds = request.duration.as_secs(),
+            "STS credentials claim a longer life than was asked for; treated as expiring at the end of the session duration (check the clock of this host and [aws] sts_endpoint)"
+        );
+        credentials.expiration = now.checked_add(request.duration).unwrap_or(now);
+    }
+    check_credentials(&credentials, now)?;
+    Ok(credentials)
+}
+
 /// A cached STS answer and until when it is handed to further connections.
 #[derive(Debug)]
 struct Cached {
@@ -637,9 +668,7 @@ impl CredentialCache {
             return Err(StsError::Shared(Box::new(failed.error.clone())));
         }
         let issued = match self.source.issue(request).await {
-            Ok(credentials) => {
-                check_credentials(&credentials, crate::clock::wall_now()).map(|()| credentials)
-            }
+            Ok(credentials) => accept_credentials(credentials, request, crate::clock::wall_now()),
             Err(error) => Err(error),
         };
         let credentials = match issued {
@@ -966,5 +995,41 @@ mod tests {
                 "{what}: {text}"
             );
         }
+    }
+
+    #[test]
+    fn an_expiration_past_the_session_asked_for_is_believed_only_that_far() {
+        let now = crate::clock::wall_now();
+        let request = StsRequest {
+            role_arn: None,
+            external_id: None,
+            session_name: "aep-s3-rotator".to_owned(),
+            session_policy: None,
+            policy_arns: Vec::new(),
+            duration: Duration::from_secs(3600),
+        };
+        let key = "ASIAABCDEFGHIJKLMNOP";
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY";
+        let token = "IQoJb3JpZ2luX2VjEXAMPLEsessiontoken0123456789";
+        let ten_years = now + Duration::from_secs(10 * 365 * 86_400);
+        for claimed in [ten_years, now + Duration::from_secs(2 * 3600)] {
+            let accepted =
+                accept_credentials(creds(key, secret, token, claimed), &request, now).unwrap();
+            assert_eq!(accepted.expiration, now + Duration::from_secs(3600));
+        }
+        // As asked (or a little more, clock skew): believed as given.
+        for given in [
+            now + Duration::from_secs(3600),
+            now + Duration::from_secs(3600 + 240),
+            now + Duration::from_secs(900),
+        ] {
+            let accepted =
+                accept_credentials(creds(key, secret, token, given), &request, now).unwrap();
+            assert_eq!(accepted.expiration, given);
+        }
+        // Dead on arrival is still refused.
+        let past = now - Duration::from_secs(60);
+        let error = accept_credentials(creds(key, secret, token, past), &request, now).unwrap_err();
+        assert!(error.to_string().contains("already past"), "{error}");
     }
 }

@@ -536,6 +536,36 @@ async fn short_credentials_warn_and_are_replaced_before_they_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn credentials_claiming_ten_years_are_pushed_and_scheduled_by_the_session_asked_for() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    // A host clock years behind STS's (or a broken endpoint): the
+    // credentials work now, so they are pushed; their next rotation comes
+    // from the 15 minutes asked for, not from the ten years claimed.
+    h.sim.script(
+        SimService::Sts,
+        ScriptedFault::ShortCredentials(Duration::from_secs(10 * 365 * 86_400)),
+    );
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    assert_patches(&h, &ids, 1);
+    let warned = daemon.events(
+        "STS credentials claim a longer life than was asked for; treated as expiring at the end of the session duration (check the clock of this host and [aws] sts_endpoint)",
+    );
+    assert_eq!(warned.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert_eq!(warned[0]["level"], "warn");
+    assert_eq!(warned[0]["session_duration_seconds"], 900);
+    let rotated = daemon.events("credentials rotated");
+    let expires_at = rotated[0]["expires_at"].as_str().unwrap();
+    let expires_at = humantime::parse_rfc3339(expires_at).unwrap();
+    let left = expires_at
+        .duration_since(aep_s3_rotator::clock::wall_now())
+        .unwrap_or_default();
+    assert!(left <= Duration::from_secs(900), "expires_at {left:?} away");
+    assert_clean(&h);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn credentials_that_come_back_already_expired_are_never_pushed() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
