@@ -487,11 +487,15 @@ pub const MIN_USABLE_LIFETIME: Duration = Duration::from_secs(1);
 /// user: 36 h); an `Expiration` further away is not from STS.
 pub const MAX_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(36 * 60 * 60);
 
+/// The longest session token pushed. AWS documents no maximum; real ones
+/// are a few KiB. A quarter of the STS answer cap ([`crate::http::MAX_BODY`]).
+const MAX_SESSION_TOKEN: usize = 256 * 1024;
+
 /// Clock skew tolerated on top of [`MAX_CREDENTIAL_LIFETIME`].
 const EXPIRATION_SKEW: Duration = Duration::from_secs(5 * 60);
 
 /// Whether an STS answer can be pushed: a plausible access key id (16..=128
-/// upper-case letters and digits), a secret key and a session token that are
+/// letters, digits and underscores), a secret key and a session token that are
 /// non-empty visible ASCII of plausible length, and an `Expiration` after
 /// [`MIN_USABLE_LIFETIME`] from `now` and within 36 h. Anything else would
 /// overwrite working credentials with useless ones: a malformed answer (back
@@ -499,13 +503,13 @@ const EXPIRATION_SKEW: Duration = Duration::from_secs(5 * 60);
 pub fn check_credentials(credentials: &AwsCredentials, now: SystemTime) -> Result<(), StsError> {
     use secrecy::ExposeSecret;
     let key = &credentials.access_key_id;
+    // STS's documented shape: 16-128 characters of `[\w]` (real ones are
+    // upper-case letters and digits, `ASIA...`).
     if !(16..=128).contains(&key.len())
-        || !key
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
     {
         return Err(StsError::Malformed(format!(
-            "the access key id {} is not 16-128 upper-case letters and digits; nothing pushed",
+            "the access key id {} is not 16-128 letters, digits and underscores; nothing pushed",
             crate::http::bounded(key, 40)
         )));
     }
@@ -513,13 +517,18 @@ pub fn check_credentials(credentials: &AwsCredentials, now: SystemTime) -> Resul
         range.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
     };
     // AWS secret keys are 40 characters; session tokens hundreds to a few
-    // thousand. The bounds are wide, but an empty or one-word value is out.
+    // thousand, and AWS asks clients to assume no maximum (session policies
+    // and tags make them longer). The bounds are wide, but an empty or
+    // one-word value is out.
     if !visible(credentials.secret_access_key.expose_secret(), 16..=1024) {
         return Err(StsError::Malformed(format!(
             "the SecretAccessKey of {key} is missing, empty or implausible; nothing pushed"
         )));
     }
-    if !visible(credentials.session_token.expose_secret(), 16..=16 * 1024) {
+    if !visible(
+        credentials.session_token.expose_secret(),
+        16..=MAX_SESSION_TOKEN,
+    ) {
         return Err(StsError::Malformed(format!(
             "the SessionToken of {key} is missing, empty or implausible; nothing pushed"
         )));
@@ -941,12 +950,30 @@ mod tests {
         let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY";
         let token = "IQoJb3JpZ2luX2VjEXAMPLEsessiontoken0123456789";
         check_credentials(&creds(key, secret, token, hour), now).unwrap();
+        // STS's documented shapes, however unusual: `[\w]{16,128}` keys and
+        // session tokens of any plausible length.
+        for (key, token) in [
+            ("asia_lower_case_key_0123", token.to_owned()),
+            (key, "IQoJ".repeat(5_000)),
+        ] {
+            check_credentials(&creds(key, secret, &token, hour), now).unwrap();
+        }
         let cases = [
             ("empty key", creds("", secret, token, hour), "access key id"),
             (
-                "lower-case key",
+                "key with a dash",
                 creds("asia-not-a-key-at-all", secret, token, hour),
                 "access key id",
+            ),
+            (
+                "short key",
+                creds("ASIA123", secret, token, hour),
+                "access key id",
+            ),
+            (
+                "huge token",
+                creds(key, secret, &"T".repeat(MAX_SESSION_TOKEN + 1), hour),
+                "SessionToken",
             ),
             (
                 "empty secret",
