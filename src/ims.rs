@@ -145,6 +145,17 @@ pub struct ImsClient {
     telemetry: Arc<Telemetry>,
 }
 
+/// The longest access token taken. IMS tokens are JWTs of 1–2 KiB; a
+/// header much longer than this is refused by most servers anyway.
+const MAX_TOKEN_LEN: usize = 64 * 1024;
+
+/// Whether `token` can go in `Authorization: Bearer ...` as is: visible
+/// ASCII (a JWT's base64url and dots; no space, no control character), at
+/// most [`MAX_TOKEN_LEN`] bytes.
+fn is_sendable_token(token: &str) -> bool {
+    token.len() <= MAX_TOKEN_LEN && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 #[derive(Deserialize)]
 struct TokenResponse {
     access_token: String,
@@ -412,6 +423,16 @@ impl ImsClient {
                 )
                 .into());
             }
+            // Checked here, not at its first use: a token no request can
+            // carry would be cached for its whole lifetime and fail every
+            // Flow call until then.
+            if !is_sendable_token(&parsed.access_token) {
+                return Err(ImsError::Malformed(format!(
+                    "token response has an access_token that cannot be sent in an Authorization header (over {} bytes, or not visible ASCII)",
+                    MAX_TOKEN_LEN
+                ))
+                .into());
+            }
             crate::http::register_secret(&parsed.access_token);
             return Ok((
                 SecretString::from(parsed.access_token),
@@ -536,6 +557,23 @@ mod tests {
         }
         for wrong in ["null", "true", "[]", "{}"] {
             assert!(read(wrong).is_err(), "{wrong}");
+        }
+    }
+
+    #[test]
+    fn only_tokens_an_authorization_header_can_carry_are_taken() {
+        assert!(is_sendable_token(
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln-_"
+        ));
+        assert!(is_sendable_token(&"a".repeat(MAX_TOKEN_LEN)));
+        for bad in [
+            "eyJ\nInjected: header",
+            "two words",
+            "tab\there",
+            "caf\u{e9}",
+            &"a".repeat(MAX_TOKEN_LEN + 1),
+        ] {
+            assert!(!is_sendable_token(bad), "{bad:?}");
         }
     }
 

@@ -392,6 +392,31 @@ async fn ims_down_at_start_then_back_rotates_every_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_ims_token_no_header_can_carry_is_refused_not_cached() {
+    let h = Harness::start(2, Duration::from_secs(60)).await;
+    let ids = h.connection_ids();
+    // A 200 whose token holds a control character: cached, it would fail
+    // every Flow request for its 24 h; refused, the next request gets a
+    // good one.
+    h.sim.script(
+        SimService::Ims,
+        raw(r#"{"access_token": "eyJhbGci\u0001OiJSUzI1NiJ9", "token_type": "bearer", "expires_in": 86399}"#),
+    );
+    let config = h.write_config(QUICK, "");
+    let daemon = once(&h, &config, 0);
+    assert_patches(&h, &ids, 1);
+    let refused = daemon.events("ims token request failed");
+    assert_eq!(refused.len(), 1, "stderr:\n{}", daemon.stderr_text());
+    assert!(
+        error_of(&refused[0]).contains("cannot be sent in an Authorization header"),
+        "{}",
+        refused[0]
+    );
+    assert_eq!(h.sim.stats().ims_tokens_issued, 1);
+    assert_clean(&h);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_refused_client_secret_fails_once_with_advice() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
     std::fs::write(
