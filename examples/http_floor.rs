@@ -92,6 +92,21 @@ fn targets(config: &Config) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The PATCH body the daemon sends, built per request as the daemon does.
+fn patch_body(credentials: &AwsCredentials) -> anyhow::Result<Vec<u8>> {
+    let values = [
+        credentials.access_key_id.as_str(),
+        credentials.secret_access_key.expose_secret(),
+        credentials.session_token.expose_secret(),
+    ];
+    let patch: Vec<serde_json::Value> = CREDENTIAL_PATHS
+        .into_iter()
+        .zip(values)
+        .map(|(path, value)| serde_json::json!({"op": "replace", "path": path, "value": value}))
+        .collect();
+    Ok(serde_json::to_vec(&patch)?)
+}
+
 /// `GET` then `PATCH` of one connection with `reqwest` alone; answers the
 /// two statuses.
 async fn bare_one(
@@ -118,20 +133,10 @@ async fn bare_one(
     let Some(etag) = body["items"][0]["etag"].as_str() else {
         bail!("no items[0].etag in the answer for {id} (HTTP {read_status})");
     };
-    let values = [
-        credentials.access_key_id.as_str(),
-        credentials.secret_access_key.expose_secret(),
-        credentials.session_token.expose_secret(),
-    ];
-    let patch: Vec<serde_json::Value> = CREDENTIAL_PATHS
-        .into_iter()
-        .zip(values)
-        .map(|(path, value)| serde_json::json!({"op": "replace", "path": path, "value": value}))
-        .collect();
     let written = headers(http.patch(&url))
         .header(reqwest::header::IF_MATCH, etag)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(&patch)?)
+        .body(patch_body(credentials)?)
         .send()
         .await?;
     let patch_status = written.status().as_u16();
@@ -203,17 +208,6 @@ async fn hyper_phase(
     let authority = format!("{host}:{port}");
     let prefix = base.path().trim_end_matches('/').to_owned();
     let bearer = format!("Bearer {}", token.expose());
-    let values = [
-        credentials.access_key_id.as_str(),
-        credentials.secret_access_key.expose_secret(),
-        credentials.session_token.expose_secret(),
-    ];
-    let patch: Vec<serde_json::Value> = CREDENTIAL_PATHS
-        .into_iter()
-        .zip(values)
-        .map(|(path, value)| serde_json::json!({"op": "replace", "path": path, "value": value}))
-        .collect();
-    let patch = bytes::Bytes::from(serde_json::to_vec(&patch)?);
     let next = std::sync::atomic::AtomicUsize::new(0);
 
     let started = aep_s3_rotator::clock::mono_now();
@@ -257,7 +251,7 @@ async fn hyper_phase(
                     request("PATCH")
                         .header(IF_MATCH, etag)
                         .header(CONTENT_TYPE, "application/json")
-                        .body(Full::new(patch.clone()))?,
+                        .body(Full::new(bytes::Bytes::from(patch_body(credentials)?)))?,
                 )
                 .await?;
             statuses.push(written.status().as_u16());
