@@ -22,9 +22,7 @@ use crate::flow::{
     ACCESS_KEY_AUTH_SPEC, ListedConnection, NewConnection, S3_CONNECTION_SPEC_ID, create_body,
 };
 use crate::s3probe::S3Target;
-use crate::sts::{
-    AwsCredentials, AwsSts, CredentialSource, SourceIdentity, StsRequest, accept_credentials,
-};
+use crate::sts::{AwsCredentials, SourceIdentity, StsRequest};
 use crate::telemetry::Telemetry;
 
 /// What replaces a secret in the `--dry-run` request.
@@ -320,20 +318,14 @@ pub async fn run(config: &Config, args: &CreateArgs) -> Exit {
             return Exit::Failure;
         }
     };
-    // STS, exactly as a rotation of the new connection would ask.
+    // STS, exactly as a rotation of the new connection would ask, through
+    // the same cache: its answer is checked as a rotation's (never create
+    // a connection holding credentials that are dead on arrival).
     let request = StsRequest::for_connection(config, &synthetic_connection(&plan));
-    let sts = AwsSts::new(
-        &config.aws,
-        &SourceIdentity::DefaultChain,
-        config.rotation.request_timeout,
-        Arc::clone(&telemetry),
-    )
-    .await;
-    // Checked as a rotation's are: never create a connection holding
-    // credentials that are dead on arrival.
-    let issued = sts.issue(&request).await;
-    let credentials = match issued
-        .and_then(|credentials| accept_credentials(credentials, &request, crate::clock::wall_now()))
+    let credentials = match rotator
+        .credentials
+        .get(&request, None, rotator.refresh_before)
+        .await
     {
         Ok(credentials) => credentials,
         Err(error) => {

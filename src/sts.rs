@@ -569,7 +569,7 @@ pub fn check_credentials(credentials: &AwsCredentials, now: SystemTime) -> Resul
 /// a misbehaving endpoint, and the credentials are valid now either way;
 /// refusing them would leave the connection to expire, believing them
 /// would put off its next rotation. Then [`check_credentials`].
-pub fn accept_credentials(
+fn accept_credentials(
     mut credentials: AwsCredentials,
     request: &StsRequest,
     now: SystemTime,

@@ -253,6 +253,39 @@ async fn credentials_that_cannot_list_the_bucket_are_refused_before_the_post() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn credentials_dead_on_arrival_are_refused_before_the_post() {
+    let h = harness().await;
+    // STS answers credentials that expire as they are issued: checked as a
+    // rotation's, they never reach a new connection.
+    h.sim.script(
+        SimService::Sts,
+        ScriptedFault::ShortCredentials(Duration::ZERO),
+    );
+    let config = h.write_config(FAST_ROTATION, "");
+    let (code, stdout, stderr) = run(
+        &h,
+        &config,
+        &[
+            "create",
+            "--sandbox",
+            "prod",
+            "--name",
+            "n",
+            "--bucket",
+            BUCKET,
+        ],
+    );
+    assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stderr.contains("nothing was created") && stderr.contains("already past"),
+        "{stderr}"
+    );
+    assert!(created(&h).is_empty());
+    assert_eq!(h.sim.stats().s3_checks_allowed, 0);
+    assert_no_secret(&format!("{stdout}{stderr}"), &h.secrets());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dry_run_prints_the_request_redacted_and_sends_nothing() {
     let h = harness().await;
     let config = h.write_config(FAST_ROTATION, "");
