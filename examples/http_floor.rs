@@ -1,15 +1,16 @@
 //! The CPU cost of one Flow Service round trip on this machine, without the
 //! daemon: the floor under `scripts/bench.py`'s "CPU per rotation".
 //!
-//! Run through `python3 scripts/bench.py --http-floor` (which starts the
-//! simulator and gives this its config and an AWS identity), or by hand:
+//! Run through `python3 scripts/http_floor.py` (which starts the simulator
+//! and gives this its config and an AWS identity), or by hand:
 //! `cargo run --release --example http_floor -- CONFIG [CONCURRENCY]` with
 //! the AWS default chain able to call the config's STS.
 //!
-//! It takes an IMS token and one set of STS credentials, then for every
-//! connection of the config reads its etag (`GET /connections/{id}`) and
-//! PATCHes the three credentials with `If-Match`, `CONCURRENCY` connections
-//! at a time (default 32), twice over:
+//! It takes an IMS token and one set of STS credentials through the
+//! daemon's own clients, then for every connection of the config reads its
+//! etag (`GET /connections/{id}`) and PATCHes the three credentials with
+//! `If-Match`, `CONCURRENCY` connections at a time (default 32), three
+//! times over:
 //!
 //! - `bare`: `reqwest` alone, the headers and bodies the daemon sends, the
 //!   etag taken from the answer with `serde_json::Value`;
@@ -30,12 +31,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aep_s3_rotator::backoff::BackoffPolicy;
 use aep_s3_rotator::config::Config;
+use aep_s3_rotator::daemon::{Mode, Options, build_rotator};
 use aep_s3_rotator::flow::{CREDENTIAL_PATHS, FlowClient};
-use aep_s3_rotator::ims::{AccessToken, ImsClient};
-use aep_s3_rotator::shaping::RequestGate;
-use aep_s3_rotator::sts::{AwsCredentials, AwsSts, CredentialSource, SourceIdentity, StsRequest};
+use aep_s3_rotator::ims::AccessToken;
+use aep_s3_rotator::sts::{AwsCredentials, SourceIdentity, StsRequest};
 use aep_s3_rotator::telemetry::Telemetry;
 use anyhow::{Context, bail};
 use futures::StreamExt;
@@ -270,49 +270,38 @@ async fn hyper_phase(
 }
 
 async fn run(path: PathBuf, concurrency: NonZeroUsize) -> anyhow::Result<serde_json::Value> {
-    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The FlowClient phase's request gate lets this many through at once.
+    config.rotation.concurrency = concurrency;
     let Some(first) = config.connections.first() else {
         bail!("{} has no [[connections]]", path.display());
     };
+    // The daemon's own clients (IMS, STS cache, Flow), as `run` builds them.
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
-    let http = aep_s3_rotator::http::client(&config.rotation)?;
-    let retry = BackoffPolicy {
-        min: config.rotation.retry_min,
-        max: config.rotation.retry_max,
+    let options = Options {
+        mode: Mode::Once,
+        dry_run: false,
+        only: Vec::new(),
+        identity: SourceIdentity::DefaultChain,
+        fence: None,
     };
-    let ims = ImsClient::new(http.clone(), &config.adobe, retry, Arc::clone(&telemetry));
-    let token = ims.token().await.context("IMS token")?;
-    let sts = AwsSts::new(
-        &config.aws,
-        &SourceIdentity::DefaultChain,
-        config.rotation.request_timeout,
-        Arc::clone(&telemetry),
-    )
-    .await;
-    let credentials = sts
-        .issue(&StsRequest::for_connection(&config, first))
+    let rotator = build_rotator(&config, &options, &telemetry, None).await?;
+    let token = rotator.ims.token().await.context("IMS token")?;
+    let request = StsRequest::for_connection(&config, first);
+    let credentials = rotator
+        .credentials
+        .get(&request, None, rotator.refresh_before)
         .await
         .context("STS credentials")?;
+    let http = aep_s3_rotator::http::client(&config.rotation)?;
     let targets = targets(&config);
 
     let bare = phase(&targets, concurrency.get(), |target| {
         bare_one(&http, &config, &token, &credentials, target)
     })
     .await?;
-    let gate = Arc::new(RequestGate::new(
-        concurrency,
-        config.rotation.max_requests_per_second,
-        config.rotation.retry_max,
-    ));
-    let flow = FlowClient::new(
-        http.clone(),
-        &config.adobe,
-        gate,
-        Arc::clone(&telemetry),
-        config.rotation.retry_min,
-    );
     let flow_client = phase(&targets, concurrency.get(), |target| {
-        flow_one(&flow, &token, &credentials, target)
+        flow_one(&rotator.flow, &token, &credentials, target)
     })
     .await?;
     let hyper_conn =
