@@ -17,7 +17,9 @@ against it, and measures:
                   call, per sandbox) / concurrency x latency, since they are
                   listed side by side
   Flow requests   per connection on the first pass (1 PATCH + pages / N)
-  CPU/rotation    daemon utime+stime (/proc/PID/stat) at the first full pass / N
+  CPU/rotation    daemon utime+stime (/proc/PID/stat) at the first full pass / N,
+                  also split into user and system time, with the context
+                  switches of its threads per rotation
   peak RSS        VmHWM (/proc/PID/status) after the idle window
   idle CPU        daemon CPU over --idle-seconds after the first pass, per minute
   STS calls       AssumeRole + GetSessionToken served (one shared role here)
@@ -58,7 +60,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_BIN = ROOT / "target" / "release" / "aep-s3-simulator"
-DAEMON_BIN = ROOT / "target" / "release" / "aep-s3-rotator"
+# AEP_S3_ROTATOR_BENCH_DAEMON: another build of the daemon (a profiling
+# build with symbols, say), run exactly as the release one would be.
+DAEMON_BIN = Path(os.environ.get("AEP_S3_ROTATOR_BENCH_DAEMON") or ROOT / "target" / "release" / "aep-s3-rotator")
 MIB = 1024 * 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -164,6 +168,31 @@ def proc_cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state); utime is field 14, stime field 15.
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds: user code against kernel
+    work (syscalls, wake-ups, TCP on loopback)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of a process's live threads
+    (a thread that has exited is not counted: the daemon's workers live
+    as long as it does)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                        total += int(rest)
+        except FileNotFoundError:
+            pass  # the thread ended between listdir and open
+    return total
 
 
 def proc_memory_kib(pid: int) -> dict[str, int]:
@@ -415,6 +444,8 @@ def wait_first_pass(sim: Simulator, daemon: Daemon, timeout: float, poll: float 
             out.update(
                 seconds=seconds,
                 cpu=daemon.cpu(),
+                cpu_split=proc_cpu_split(daemon.pid),
+                context_switches=proc_context_switches(daemon.pid),
                 memory=daemon.memory(),
                 simulator_cpu=proc_cpu_seconds(sim.pid),
             )
@@ -585,6 +616,12 @@ def bench_one(n: int, args, workroot: Path) -> dict:
         result["ratio_to_floor"] = round(first / floor, 3) if floor else None
         result["cpu_first_pass_seconds"] = round(cpu, 3)
         result["cpu_ms_per_rotation"] = round(cpu * 1000 / n, 4)
+        # Where it goes: user code against the kernel's share (syscalls,
+        # wake-ups, loopback TCP), and how often a thread slept and woke.
+        user, system = fp["cpu_split"]
+        result["cpu_user_ms_per_rotation"] = round(user * 1000 / n, 4)
+        result["cpu_system_ms_per_rotation"] = round(system * 1000 / n, 4)
+        result["context_switches_per_rotation"] = round(fp["context_switches"] / n, 2)
         # Without process start-up, config, IMS and STS: the per-connection cost.
         # /proc CPU counts in clock ticks (10 ms), so this means little at small N.
         if fp["startup_cpu"] is not None:
