@@ -1096,11 +1096,17 @@ mod tests {
             wait_of(c.apply(Event::JobDone(throttled(7)), t(6000), &policy(), 0.5)),
             t(6007)
         );
-        // An hour, nothing pushed yet (expiry unknown): the cap.
+        // An hour, with 20 minutes left when the rotation is due: the cap.
+        let mut c = holding(t(0), t(5400));
+        dispatch(&mut c, t(4200));
+        let at = wait_of(c.apply(Event::JobDone(throttled(3600)), t(4200), &policy(), 0.5));
+        assert_eq!(at, t(4200) + RETRY_AFTER_CAP);
+        // An hour, nothing pushed yet (expiry unknown, the credentials there
+        // may be dead): retry_max.
         let mut c = fresh(t(0));
         dispatch(&mut c, t(0));
         let at = wait_of(c.apply(Event::JobDone(throttled(3600)), t(0), &policy(), 0.5));
-        assert_eq!(at, t(0) + RETRY_AFTER_CAP);
+        assert_eq!(at, t(120));
         // An hour with five minutes left: pulled in well before expiry.
         let mut c = holding(t(0), t(600));
         dispatch(&mut c, t(300));

@@ -16,12 +16,22 @@ pub const MIN_ROTATION_GAP: Duration = Duration::from_secs(1);
 /// enough to stay on an operator's screen, rarely enough not to flood it.
 pub const ESCALATION_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
-/// The longest `Retry-After` honoured for one connection. Longer hints (a
-/// quota reset a day away is a legal answer) are cut to this: longer than any
-/// throttle window Adobe documents, short enough that a connection whose
-/// expiry is unknown (nothing pushed yet) is tried again within the quarter
-/// hour. A connection whose expiry *is* known never waits past it anyway.
+/// The longest `Retry-After` honoured for one connection whose credentials'
+/// expiry is known. Longer hints (a quota reset a day away is a legal
+/// answer) are cut to this: longer than any throttle window Adobe documents.
+/// Such a connection never waits into its last [`EXPIRY_MARGIN`] anyway.
+///
+/// A connection whose expiry is unknown (nothing pushed by this daemon, no
+/// state) may hold credentials that are already dead: they are what the
+/// daemon was started to replace. Its `Retry-After` is cut further, to
+/// `retry_max` (the cadence at which even a refused connection is tried),
+/// but never below [`UNKNOWN_EXPIRY_RETRY_AFTER_FLOOR`].
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(15 * 60);
+
+/// A `Retry-After` up to this long is honoured whole even by a connection
+/// whose expiry is unknown, however small `retry_max` is: a short throttle
+/// window is the remote's to set.
+pub const UNKNOWN_EXPIRY_RETRY_AFTER_FLOOR: Duration = Duration::from_secs(60);
 
 /// How long before the credentials on a connection expire a retry must come
 /// at the latest: a PATCH takes a round trip or two, and AEP reads the
@@ -121,7 +131,16 @@ pub fn plan_retry(
 ) -> RetryPlan {
     let wait = match kind {
         RetryKind::Backoff => policy.delay(attempt, unit),
-        RetryKind::After(hint) => hint.min(RETRY_AFTER_CAP).max(policy.min),
+        RetryKind::After(hint) => {
+            let cap = match on_connection_expires {
+                Some(_) => RETRY_AFTER_CAP,
+                None => policy
+                    .max
+                    .max(UNKNOWN_EXPIRY_RETRY_AFTER_FLOOR)
+                    .min(RETRY_AFTER_CAP),
+            };
+            hint.min(cap).max(policy.min)
+        }
         RetryKind::Slow => policy.max.max(policy.min),
     };
     let Some(expires_at) = on_connection_expires else {
@@ -253,6 +272,37 @@ mod tests {
         );
         let plan = plan_retry(&POLICY, t(0), 0, RetryKind::After(S(0)), None, 0.3);
         assert_eq!(plan.at, t(1));
+    }
+
+    #[test]
+    fn a_long_retry_after_is_cut_to_retry_max_while_the_expiry_is_unknown() {
+        // Expiry known and far: the hint is honoured up to the cap.
+        let hour = RetryKind::After(S(3600));
+        let plan = plan_retry(&POLICY, t(0), 0, hour, Some(t(7200)), 0.3);
+        assert_eq!(plan.at, t(0) + RETRY_AFTER_CAP);
+        // Nothing pushed yet: the connection may hold dead credentials, so
+        // it is tried again at the slow cadence, not a quarter hour later.
+        let plan = plan_retry(&POLICY, t(0), 0, hour, None, 0.3);
+        assert_eq!(plan.at, t(120));
+        // A hint shorter than retry_max stands either way.
+        let plan = plan_retry(&POLICY, t(0), 0, RetryKind::After(S(90)), None, 0.3);
+        assert_eq!(plan.at, t(90));
+        // A retry_max below a minute does not cut a hint of up to a minute.
+        let short = BackoffPolicy {
+            min: S(1),
+            max: S(2),
+        };
+        let plan = plan_retry(&short, t(0), 0, RetryKind::After(S(45)), None, 0.3);
+        assert_eq!(plan.at, t(45));
+        let plan = plan_retry(&short, t(0), 0, hour, None, 0.3);
+        assert_eq!(plan.at, t(0) + UNKNOWN_EXPIRY_RETRY_AFTER_FLOOR);
+        // A retry_max above the cap does not lift it.
+        let long = BackoffPolicy {
+            min: S(1),
+            max: S(3600),
+        };
+        let plan = plan_retry(&long, t(0), 0, hour, None, 0.3);
+        assert_eq!(plan.at, t(0) + RETRY_AFTER_CAP);
     }
 
     #[test]
