@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_sts::config::http::HttpResponse;
 use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use futures::future::BoxFuture;
@@ -372,15 +373,41 @@ where
         )),
         other => {
             let text = crate::http::remote_text(&DisplayErrorContext(other).to_string());
-            if text.contains("credentials") && text.contains("provider")
-                || text.contains("no credentials")
-            {
+            let chain_failed = match credentials_error(other) {
+                // A provider that is slow (IMDS, ECS, a credential_process)
+                // may answer next time: transient.
+                Some(CredentialsError::ProviderTimedOut(_)) => false,
+                // No source at all, a broken profile, or a provider that
+                // refused (IMDS with tokens disabled, a failing
+                // credential_process): the operator must act.
+                Some(_) => true,
+                None => {
+                    text.contains("credentials") && text.contains("provider")
+                        || text.contains("no credentials")
+                }
+            };
+            if chain_failed {
                 StsError::NoCredentials(text)
             } else {
                 StsError::Unavailable(text)
             }
         }
     }
+}
+
+/// The default chain's own error, wherever the SDK wrapped it (a dispatch
+/// failure's connector error carries it as its source).
+fn credentials_error<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a CredentialsError> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<CredentialsError>() {
+            return Some(found);
+        }
+        current = error.source();
+    }
+    None
 }
 
 /// An STS answer that is not an AWS error document, by its HTTP status: a
@@ -720,6 +747,41 @@ mod tests {
     use super::*;
     use secrecy::ExposeSecret;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// How the SDK hands over a failure of the default credential chain: a
+    /// dispatch failure whose connector error carries it.
+    fn chain_failure(error: CredentialsError) -> StsError {
+        use aws_sdk_sts::error::ConnectorError;
+        use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+        let error: SdkError<AssumeRoleError, HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::other(Box::new(error), None));
+        classify_sdk_error(&error)
+    }
+
+    #[test]
+    fn a_credential_chain_that_fails_is_named_as_such_whatever_its_text() {
+        // IMDS reachable but refusing its token (IMDSv2 blocked, a proxy):
+        // the text says neither "provider" nor "no credentials".
+        let refused = chain_failure(CredentialsError::provider_error(
+            "failed to load IMDS session token: request forbidden",
+        ));
+        assert!(matches!(refused, StsError::NoCredentials(_)), "{refused:?}");
+        assert!(!refused.is_transient());
+        assert!(
+            refused
+                .to_string()
+                .starts_with("no AWS credentials found by the default chain"),
+            "{refused}"
+        );
+        let none = chain_failure(CredentialsError::not_loaded("no providers in chain"));
+        assert!(matches!(none, StsError::NoCredentials(_)), "{none:?}");
+        let broken = chain_failure(CredentialsError::invalid_configuration("bad profile"));
+        assert!(matches!(broken, StsError::NoCredentials(_)), "{broken:?}");
+        // A slow provider may answer next time: backed off, not the slow cadence.
+        let slow = chain_failure(CredentialsError::provider_timed_out(Duration::from_secs(5)));
+        assert!(matches!(slow, StsError::Unavailable(_)), "{slow:?}");
+        assert!(slow.is_transient());
+    }
 
     #[derive(Debug)]
     struct CountingSource {
