@@ -56,6 +56,19 @@ fn is_ours(target: &str) -> bool {
     target == "aep_s3_rotator" || target.starts_with("aep_s3_rotator::")
 }
 
+/// The most verbose level shown for another crate's event. The SDK's region
+/// lookup warns, with a dump of IMDS's answer, on every host that is not an
+/// EC2 instance; the daemon says in one line of its own which region it
+/// uses (`no AWS region configured, using STS in us-east-1`), so only its
+/// errors show.
+fn third_party_level(target: &str) -> Level {
+    if target.starts_with("aws_config::imds::region") {
+        Level::ERROR
+    } else {
+        Level::INFO
+    }
+}
+
 /// Installs the global subscriber. `filter` is a tracing filter (`--log-level`,
 /// else `RUST_LOG`, else `info`).
 pub fn init(format: LogFormat, filter: Option<&str>) -> Result<(), LogFilterError> {
@@ -73,7 +86,9 @@ pub fn init(format: LogFormat, filter: Option<&str>) -> Result<(), LogFilterErro
             filter: directives.clone(),
             reason: e.to_string(),
         })?;
-    let cap_third_party = filter_fn(|meta| is_ours(meta.target()) || *meta.level() <= Level::INFO);
+    let cap_third_party = filter_fn(|meta| {
+        is_ours(meta.target()) || *meta.level() <= third_party_level(meta.target())
+    });
     let registry = tracing_subscriber::registry().with(env_filter);
     match format {
         LogFormat::Json => registry
@@ -341,5 +356,11 @@ mod tests {
         assert!(is_ours("aep_s3_rotator::daemon"));
         assert!(!is_ours("aep_s3_rotator_evil"));
         assert!(!is_ours("aws_sigv4::http_request"));
+        assert_eq!(third_party_level("aws_sigv4::http_request"), Level::INFO);
+        assert_eq!(third_party_level("aws_config::imds::region"), Level::ERROR);
+        assert_eq!(
+            third_party_level("aws_config::meta::credentials::chain"),
+            Level::INFO
+        );
     }
 }
