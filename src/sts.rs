@@ -373,24 +373,31 @@ where
         )),
         other => {
             let text = crate::http::remote_text(&DisplayErrorContext(other).to_string());
-            let chain_failed = match credentials_error(other) {
-                // A provider that is slow (IMDS, ECS, a credential_process)
-                // may answer next time: transient.
-                Some(CredentialsError::ProviderTimedOut(_)) => false,
-                // No source at all, a broken profile, or a provider that
-                // refused (IMDS with tokens disabled, a failing
-                // credential_process): the operator must act.
-                Some(_) => true,
-                None => {
-                    text.contains("credentials") && text.contains("provider")
-                        || text.contains("no credentials")
-                }
-            };
-            if chain_failed {
+            if is_credential_chain_failure(other, &text) {
                 StsError::NoCredentials(text)
             } else {
                 StsError::Unavailable(text)
             }
+        }
+    }
+}
+
+/// True when an AWS SDK call failed because the default credential chain
+/// gave no identity: no source at all, a broken profile, or a provider that
+/// refused (IMDS with tokens blocked, a failing `credential_process`). The
+/// operator must act. A provider that timed out may answer next time: not
+/// this. `text` is the error's display, read when the SDK kept no typed
+/// error.
+pub(crate) fn is_credential_chain_failure(
+    error: &(dyn std::error::Error + 'static),
+    text: &str,
+) -> bool {
+    match credentials_error(error) {
+        Some(CredentialsError::ProviderTimedOut(_)) => false,
+        Some(_) => true,
+        None => {
+            text.contains("credentials") && text.contains("provider")
+                || text.contains("no credentials")
         }
     }
 }

@@ -503,9 +503,7 @@ where
             let text = crate::http::remote_text(
                 &aws_smithy_types::error::display::DisplayErrorContext(other).to_string(),
             );
-            if text.contains("credentials") && text.contains("provider")
-                || text.contains("no credentials")
-            {
+            if crate::sts::is_credential_chain_failure(other, &text) {
                 StoreError::Credentials {
                     code: "NoCredentials".to_owned(),
                     detail: "the AWS default credential chain found no credentials".to_owned(),
