@@ -988,3 +988,58 @@ async fn a_slow_first_pass_asks_systemd_for_more_start_time_until_ready() {
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Builds the clients for `text` the way a reload does, from the running
+/// `previous` ones when given. The region is set so that no AWS lookup
+/// leaves the process.
+async fn rotator_for(text: &str, previous: Option<(&Config, &Rotator)>) -> (Config, Rotator) {
+    let text = text.replace("[aws]\n", "[aws]\nregion = \"eu-west-1\"\n");
+    let config = Config::from_toml_str(&text, Vec::new()).unwrap();
+    let options = Options {
+        mode: Mode::Run,
+        dry_run: false,
+        only: Vec::new(),
+        identity: crate::sts::SourceIdentity::DefaultChain,
+        fence: None,
+    };
+    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let rotator = build_rotator(&config, &options, &telemetry, previous)
+        .await
+        .unwrap();
+    (config, rotator)
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_ims_token_sts_cache_and_gate_whose_settings_did_not_change() {
+    let (base, old) = rotator_for(&config_text(2, 4, "a"), None).await;
+    let kept = |new: &Rotator| {
+        (
+            Arc::ptr_eq(&new.ims, &old.ims),
+            Arc::ptr_eq(&new.credentials, &old.credentials),
+            Arc::ptr_eq(&new.flow.gate(), &old.flow.gate()),
+        )
+    };
+    // Another connection and another role: connection settings only, so
+    // the token, the STS answers (keyed by role) and a 429's pause stay.
+    let (_, new) = rotator_for(&config_text(3, 4, "b"), Some((&base, &old))).await;
+    assert_eq!(kept(&new), (true, true, true));
+    // Another Adobe client: a new token, the rest kept.
+    let other_client =
+        config_text(2, 4, "a").replace("client_id = \"cid\"", "client_id = \"cid2\"");
+    let (_, new) = rotator_for(&other_client, Some((&base, &old))).await;
+    assert_eq!(kept(&new), (false, true, true));
+    // Another concurrency: a new gate, the rest kept.
+    let (_, new) = rotator_for(&config_text(2, 8, "a"), Some((&base, &old))).await;
+    assert_eq!(kept(&new), (true, true, false));
+    // Another request timeout: a new HTTP client, so new IMS and STS
+    // clients; the gate does not depend on it.
+    let slower = config_text(2, 4, "a").replace(
+        "concurrency = 4",
+        "concurrency = 4\nrequest_timeout = \"45s\"",
+    );
+    let (_, new) = rotator_for(&slower, Some((&base, &old))).await;
+    assert_eq!(kept(&new), (false, false, true));
+    // No previous clients (the start): all new.
+    let (_, new) = rotator_for(&config_text(2, 4, "a"), None).await;
+    assert_eq!(kept(&new), (false, false, false));
+}
