@@ -356,6 +356,12 @@ impl Connection {
         self.phase
     }
 
+    /// Whether its last attempt failed, so that what it waits for is a
+    /// retry (the scheduler dispatches due rotations before due retries).
+    pub fn is_retrying(&self) -> bool {
+        self.failures_in_a_row > 0
+    }
+
     /// Whether a job of it has ended in this process (or it is finished).
     pub fn had_outcome(&self) -> bool {
         self.had_outcome || self.phase == Phase::Finished

@@ -9,6 +9,9 @@
 //!
 //! - The deadline branch is armed only when a dispatch can happen, so a
 //!   backlog larger than the dispatch limit does not spin the loop.
+//! - Of the connections due at once, rotations go before retries: many
+//!   connections whose requests hang until the timeout cannot queue the
+//!   healthy ones' rotations behind their retries ([`DueQueue`]).
 //! - Every job is spawned in a `JoinSet` keyed by task id: its result, or its
 //!   panic, always maps back to its connection, which is rescheduled.
 //! - A reload is a diff ([`Event::Changed`] / [`Event::Removed`] / new
@@ -57,7 +60,15 @@ pub use reload::build_rotator;
 use reload::{Prepared, Runner};
 use replicas::leadership_changed;
 
-/// The deadline heap: (due time, insertion number, id), earliest first.
+/// The deadline heaps: (due time, insertion number, id), earliest first,
+/// one for rotations and one for retries of connections whose last attempt
+/// failed.
+///
+/// Of the connections due at once, rotations go first: a retry's attempt
+/// may hold its dispatch slot and request permit for a whole
+/// `request_timeout` (a remote that hangs), so when many connections fail
+/// that way, due time alone would queue every healthy rotation behind them.
+/// Retries take every slot no rotation is due for.
 ///
 /// Connections due at the same time (a whole first pass is) come out in the
 /// order they were queued: the insertion number settles every tie, so the
@@ -65,24 +76,54 @@ use replicas::leadership_changed;
 /// the heap's main cost).
 #[derive(Debug, Default)]
 struct DueQueue {
-    heap: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
+    rotations: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
+    retries: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
     queued: u64,
 }
 
 impl DueQueue {
-    fn push(&mut self, at: SystemTime, id: &str) {
+    fn push(&mut self, at: SystemTime, id: &str, retry: bool) {
         self.queued = self.queued.wrapping_add(1);
-        self.heap.push(Reverse((at, self.queued, id.to_owned())));
+        let heap = if retry {
+            &mut self.retries
+        } else {
+            &mut self.rotations
+        };
+        heap.push(Reverse((at, self.queued, id.to_owned())));
     }
 
-    fn peek(&self) -> Option<(SystemTime, &str)> {
-        self.heap
-            .peek()
-            .map(|Reverse((at, _, id))| (*at, id.as_str()))
+    /// Drops stale entries (`current` says which are not) from both tops.
+    fn clean(&mut self, current: impl Fn(SystemTime, &str) -> bool) {
+        for heap in [&mut self.rotations, &mut self.retries] {
+            while let Some(Reverse((at, _, id))) = heap.peek() {
+                if current(*at, id) {
+                    break;
+                }
+                heap.pop();
+            }
+        }
     }
 
-    fn pop(&mut self) -> Option<String> {
-        self.heap.pop().map(|Reverse((_, _, id))| id)
+    /// The earliest due time of either heap.
+    fn earliest(&self) -> Option<SystemTime> {
+        let top = |heap: &BinaryHeap<Reverse<(SystemTime, u64, String)>>| {
+            heap.peek().map(|Reverse((at, _, _))| *at)
+        };
+        match (top(&self.rotations), top(&self.retries)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The next connection to dispatch at `now`: a due rotation, else a due
+    /// retry.
+    fn pop_due(&mut self, now: SystemTime) -> Option<String> {
+        for heap in [&mut self.rotations, &mut self.retries] {
+            if heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+                return heap.pop().map(|Reverse((_, _, id))| id);
+            }
+        }
+        None
     }
 }
 
@@ -397,17 +438,13 @@ impl Daemon {
 
     /// The earliest current due time; drops stale heap items on the way.
     fn next_deadline(&mut self) -> Option<SystemTime> {
-        while let Some((at, id)) = self.heap.peek() {
-            let current = self
-                .connections
+        let connections = &self.connections;
+        self.heap.clean(|at, id| {
+            connections
                 .get(id)
-                .is_some_and(|c| c.phase() == Phase::Waiting(at));
-            if current {
-                return Some(at);
-            }
-            self.heap.pop();
-        }
-        None
+                .is_some_and(|c| c.phase() == Phase::Waiting(at))
+        });
+        self.heap.earliest()
     }
 
     fn dispatch_due(&mut self) {
@@ -426,7 +463,7 @@ impl Daemon {
                 Some(at) if at <= now => {}
                 _ => break,
             }
-            let Some(id) = self.heap.pop() else {
+            let Some(id) = self.heap.pop_due(now) else {
                 break;
             };
             self.event(&id, Event::Due);
@@ -460,7 +497,10 @@ impl Daemon {
     fn follow(&mut self, id: &str, action: Action) {
         match action {
             Action::Dispatch(job) => self.spawn(*job),
-            Action::WaitUntil(at) => self.heap.push(at, id),
+            Action::WaitUntil(at) => {
+                let retry = self.connections.get(id).is_some_and(|c| c.is_retrying());
+                self.heap.push(at, id, retry);
+            }
             Action::AwaitJob | Action::Finished => {}
             Action::Drop => {
                 self.connections.remove(id);

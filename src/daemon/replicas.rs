@@ -73,7 +73,7 @@ impl Daemon {
         self.heap = DueQueue::default();
         for (id, connection) in &self.connections {
             if let Phase::Waiting(at) = connection.phase() {
-                self.heap.push(at, id);
+                self.heap.push(at, id, connection.is_retrying());
             }
         }
     }

@@ -647,13 +647,38 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
 fn due_queue_serves_earliest_first_and_ties_in_queue_order() {
     let mut queue = DueQueue::default();
     // Ids in reverse order: a tie must not fall back to comparing them.
-    queue.push(t0() + S(5), "a");
-    queue.push(t0(), "z");
-    queue.push(t0(), "m");
-    queue.push(t0(), "b");
-    assert_eq!(queue.peek(), Some((t0(), "z")));
-    let order: Vec<String> = std::iter::from_fn(|| queue.pop()).collect();
-    assert_eq!(order, ["z", "m", "b", "a"]);
+    queue.push(t0() + S(5), "a", false);
+    queue.push(t0(), "z", false);
+    queue.push(t0(), "m", false);
+    queue.push(t0(), "b", false);
+    assert_eq!(queue.earliest(), Some(t0()));
+    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(t0())).collect();
+    assert_eq!(order, ["z", "m", "b"], "only what is due");
+    assert_eq!(queue.earliest(), Some(t0() + S(5)));
+    assert_eq!(queue.pop_due(t0() + S(5)).as_deref(), Some("a"));
+    assert_eq!(queue.earliest(), None);
+}
+
+#[test]
+fn due_queue_serves_due_rotations_before_due_retries() {
+    let mut queue = DueQueue::default();
+    queue.push(t0(), "retry-early", true);
+    queue.push(t0() + S(10), "rotation", false);
+    queue.push(t0() + S(20), "retry-late", true);
+    // Only the retry is due: it goes.
+    assert_eq!(queue.earliest(), Some(t0()));
+    assert_eq!(queue.pop_due(t0() + S(5)).as_deref(), Some("retry-early"));
+    // Both due: the rotation first, though the retry was queued earlier.
+    queue.push(t0(), "retry-overdue", true);
+    let now = t0() + S(30);
+    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(now)).collect();
+    assert_eq!(order, ["rotation", "retry-overdue", "retry-late"]);
+    // Stale entries are dropped from both tops.
+    queue.push(t0(), "gone", false);
+    queue.push(t0(), "gone-too", true);
+    queue.push(t0() + S(1), "kept", true);
+    queue.clean(|_, id| id == "kept");
+    assert_eq!(queue.earliest(), Some(t0() + S(1)));
 }
 
 /// A running scheduler over `connections` connections whose connections
@@ -1042,4 +1067,49 @@ async fn a_reload_keeps_the_ims_token_sts_cache_and_gate_whose_settings_did_not_
     // No previous clients (the start): all new.
     let (_, new) = rotator_for(&config_text(2, 4, "a"), None).await;
     assert_eq!(kept(&new), (false, false, false));
+}
+
+#[tokio::test(start_paused = true)]
+async fn connections_that_hang_then_fail_never_hold_back_the_others_rotations() {
+    let clock = Clock::tokio_at(t0());
+    // c0..c39 hang for 30 s and fail every time (a remote that times out);
+    // c40 and c41 are healthy. One request at a time: 4 dispatch slots.
+    let runner = Scripted::new(clock, |job, now| {
+        let n: usize = job.id.trim_start_matches('c').parse().unwrap();
+        if n < 40 {
+            let failed = JobResult::Failed {
+                error: RotationError::Flow(FlowError::Unavailable("timed out".into())),
+                etag: None,
+                conflicts: 0,
+                s3: None,
+            };
+            (S(30), failed)
+        } else {
+            (S(1), rotated(now, S(3600)))
+        }
+    });
+    run_for(
+        scheduler(
+            config(42, 1),
+            Mode::Run,
+            clock,
+            Arc::clone(&runner),
+            Notifier::default(),
+        ),
+        S(3 * 3600),
+    )
+    .await;
+    for id in ["c40", "c41"] {
+        let starts = runner.starts(id);
+        assert!(starts.len() >= 5, "{id}: {starts:?}");
+        // Due 40 min after each success (1 h credentials, 20 min ahead);
+        // started at the first free slot, at most one hanging attempt
+        // (30 s) later, not behind every retry that fell due before it.
+        for pair in starts.windows(2) {
+            let gap = pair[1].duration_since(pair[0]).unwrap();
+            assert!(gap <= S(40 * 60 + 31), "{id} waited {gap:?}");
+        }
+    }
+    // The hanging ones are still tried, on every slot left over.
+    assert!(runner.starts("c0").len() >= 20, "{:?}", runner.starts("c0"));
 }
