@@ -170,6 +170,26 @@ async fn run_for(daemon: Daemon, length: Duration) -> Report {
     task.await.unwrap().unwrap()
 }
 
+/// `run` over `config` with `runner`, for `length` of paused time.
+async fn run_with(
+    config: Config,
+    clock: Clock,
+    runner: &Arc<Scripted>,
+    length: Duration,
+) -> Report {
+    run_for(
+        scheduler(
+            config,
+            Mode::Run,
+            clock,
+            Arc::clone(runner),
+            Notifier::default(),
+        ),
+        length,
+    )
+    .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_hour_long_retry_after_on_one_connection_delays_no_other() {
     let clock = Clock::tokio_at(t0());
@@ -192,17 +212,7 @@ async fn an_hour_long_retry_after_on_one_connection_delays_no_other() {
             (S(1), rotated(now, S(3600)))
         }
     });
-    let report = run_for(
-        scheduler(
-            config(5, 8),
-            Mode::Run,
-            clock,
-            Arc::clone(&runner),
-            Notifier::default(),
-        ),
-        S(3 * 3600),
-    )
-    .await;
+    let report = run_with(config(5, 8), clock, &runner, S(3 * 3600)).await;
     for id in ["c1", "c2", "c3", "c4"] {
         let starts = runner.starts(id);
         // Rotated at 0 and then every 40 min (1 h credentials, 20 min ahead).
@@ -239,17 +249,7 @@ async fn a_panicking_job_is_rescheduled_and_wedges_nothing() {
         assert!(job.id != "c0", "scripted panic in the job of c0");
         (S(1), rotated(now, S(3600)))
     });
-    let report = run_for(
-        scheduler(
-            config(3, 1),
-            Mode::Run,
-            clock,
-            Arc::clone(&runner),
-            Notifier::default(),
-        ),
-        S(3600),
-    )
-    .await;
+    let report = run_with(config(3, 1), clock, &runner, S(3600)).await;
     assert!(
         runner.starts("c0").len() >= 5,
         "c0 must be retried: {:?}",
@@ -1088,17 +1088,7 @@ async fn connections_that_hang_then_fail_never_hold_back_the_others_rotations() 
             (S(1), rotated(now, S(3600)))
         }
     });
-    run_for(
-        scheduler(
-            config(42, 1),
-            Mode::Run,
-            clock,
-            Arc::clone(&runner),
-            Notifier::default(),
-        ),
-        S(3 * 3600),
-    )
-    .await;
+    run_with(config(42, 1), clock, &runner, S(3 * 3600)).await;
     for id in ["c40", "c41"] {
         let starts = runner.starts(id);
         assert!(starts.len() >= 5, "{id}: {starts:?}");
