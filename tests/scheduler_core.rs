@@ -124,3 +124,66 @@ async fn a_patch_answered_204_with_an_etag_header_needs_no_get_next_time() {
     assert_eq!(daemon.terminate().code(), Some(0));
     assert_no_panic(&daemon);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_whose_requests_hang_never_starve_the_healthy_ones() {
+    // 20 s credentials; 16 of 18 connections get answers only after the
+    // client has given up (3 s against a 1 s timeout), on every request.
+    let h = Harness::start(18, Duration::from_secs(20)).await;
+    let ids = h.connection_ids();
+    let (healthy, hanging) = ids.split_at(2);
+    for id in hanging {
+        for _ in 0..200 {
+            h.sim
+                .script_for(id, ScriptedFault::Delay(Duration::from_secs(3)));
+        }
+    }
+    // One Flow request at a time (4 jobs in flight), rotated 10 s before
+    // expiry. The hanging connections always have retries overdue: served
+    // by due time alone, a healthy rotation waited behind ~12 of them (a
+    // second each) and its credentials ran out.
+    let config = h.write_config(
+        r#"session_duration = "15m"
+refresh_before = "10s"
+jitter = "100ms"
+concurrency = 1
+retry_min = "100ms"
+retry_max = "1s"
+request_timeout = "1s"
+prepush_check = false
+shutdown_grace = "3s""#,
+        "",
+    );
+    let mut daemon = h.spawn(&config, &["run"]);
+    // The first pass is all first attempts, hanging ones included (about
+    // 16 s); what is measured is the steady state after it.
+    let started = rotated_at_least(&h, healthy, 2, Duration::from_secs(60)).await;
+    assert!(
+        started,
+        "no second rotation; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let expired_before = h.sim.stats().expired_seconds;
+    let rotated = rotated_at_least(&h, healthy, 5, Duration::from_secs(60)).await;
+    assert!(
+        rotated,
+        "the healthy connections were held up behind the hanging ones' retries: {:?}; stderr:\n{}",
+        healthy
+            .iter()
+            .map(|id| h.sim.connection(id))
+            .collect::<Vec<_>>(),
+        daemon.stderr_text()
+    );
+    // Three more cycles without a moment of expired credentials on a
+    // connection the daemon pushed to (only the healthy ones ever are).
+    let stats = h.sim.stats();
+    assert_eq!(stats.expired_seconds, expired_before, "{stats:?}");
+    for id in hanging {
+        assert_eq!(h.sim.connection(id).unwrap().patches, 0, "{id}");
+    }
+    // The hanging ones were still tried, again and again.
+    let failed = daemon.events("rotation failed, retrying");
+    assert!(failed.len() >= 32, "{} retries", failed.len());
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert_no_panic(&daemon);
+}
