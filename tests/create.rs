@@ -12,6 +12,27 @@ use common::{FAST_ROTATION, Harness, assert_no_secret};
 
 const BUCKET: &str = "created-bucket-1";
 
+/// `create` of a connection named `n` on [`BUCKET`] in `prod`: the plain
+/// invocation the tests vary.
+const CREATE: [&str; 7] = [
+    "create",
+    "--sandbox",
+    "prod",
+    "--name",
+    "n",
+    "--bucket",
+    BUCKET,
+];
+
+/// [`CREATE`] followed by `extra`.
+fn create_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    CREATE
+        .iter()
+        .copied()
+        .chain(extra.iter().copied())
+        .collect()
+}
+
 /// One pre-existing connection (a config needs one) and a bucket that exists
 /// in S3 before any connection names it.
 async fn harness() -> Harness {
@@ -136,15 +157,6 @@ async fn a_matching_discover_rule_is_named_instead_of_a_block() {
 async fn bad_flags_exit_78_naming_the_flag_and_create_nothing() {
     let h = harness().await;
     let config = h.write_config(FAST_ROTATION, "");
-    let base = [
-        "create",
-        "--sandbox",
-        "prod",
-        "--name",
-        "n",
-        "--bucket",
-        BUCKET,
-    ];
     let cases: [(&[&str], &str); 7] = [
         (&["--bucket", "Bad_Bucket"], "--bucket"),
         (&["--bucket", "10.0.0.1"], "--bucket"),
@@ -156,7 +168,7 @@ async fn bad_flags_exit_78_naming_the_flag_and_create_nothing() {
     ];
     for (extra, flag) in cases {
         // The bad value replaces the good one (clap refuses a flag twice).
-        let mut args: Vec<&str> = base.to_vec();
+        let mut args = create_args(&[]);
         match args.iter().position(|a| *a == extra[0]) {
             Some(at) => args[at + 1] = extra[1],
             None => args.extend_from_slice(extra),
@@ -177,15 +189,7 @@ async fn bad_flags_exit_78_naming_the_flag_and_create_nothing() {
 async fn a_refused_post_exits_1_with_the_remotes_detail() {
     let h = harness().await;
     let config = h.write_config(FAST_ROTATION, "");
-    let args = [
-        "create",
-        "--sandbox",
-        "prod",
-        "--name",
-        "n",
-        "--bucket",
-        BUCKET,
-    ];
+    let args = CREATE;
     h.sim.script(
         SimService::Flow,
         ScriptedFault::Status {
@@ -262,19 +266,7 @@ async fn credentials_dead_on_arrival_are_refused_before_the_post() {
         ScriptedFault::ShortCredentials(Duration::ZERO),
     );
     let config = h.write_config(FAST_ROTATION, "");
-    let (code, stdout, stderr) = run(
-        &h,
-        &config,
-        &[
-            "create",
-            "--sandbox",
-            "prod",
-            "--name",
-            "n",
-            "--bucket",
-            BUCKET,
-        ],
-    );
+    let (code, stdout, stderr) = run(&h, &config, &CREATE);
     assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(
         stderr.contains("nothing was created") && stderr.contains("already past"),
@@ -294,18 +286,7 @@ async fn dry_run_prints_the_request_redacted_and_sends_nothing() {
     let (code, stdout, stderr) = run(
         &h,
         &config,
-        &[
-            "create",
-            "--sandbox",
-            "prod",
-            "--name",
-            "n",
-            "--bucket",
-            BUCKET,
-            "--service-url",
-            &s3,
-            "--dry-run",
-        ],
+        &create_args(&["--service-url", &s3, "--dry-run"]),
     );
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("[redacted]"), "{stdout}");
