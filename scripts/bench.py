@@ -162,20 +162,18 @@ def set_rotation(config_text: str, **settings) -> str:
     return out
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[0] is field 3 (state); utime is field 14, stime field 15.
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def proc_cpu_split(pid: int) -> tuple[float, float]:
     """(utime, stime) of a process, in seconds: user code against kernel
     work (syscalls, wake-ups, TCP on loopback)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime is field 14, stime field 15.
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    return sum(proc_cpu_split(pid))
 
 
 def proc_context_switches(pid: int) -> int:
