@@ -1020,15 +1020,8 @@ async fn a_slow_first_pass_asks_systemd_for_more_start_time_until_ready() {
 async fn rotator_for(text: &str, previous: Option<(&Config, &Rotator)>) -> (Config, Rotator) {
     let text = text.replace("[aws]\n", "[aws]\nregion = \"eu-west-1\"\n");
     let config = Config::from_toml_str(&text, Vec::new()).unwrap();
-    let options = Options {
-        mode: Mode::Run,
-        dry_run: false,
-        only: Vec::new(),
-        identity: crate::sts::SourceIdentity::DefaultChain,
-        fence: None,
-    };
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
-    let rotator = build_rotator(&config, &options, &telemetry, previous)
+    let rotator = build_rotator(&config, &options(Mode::Run), &telemetry, previous)
         .await
         .unwrap();
     (config, rotator)
