@@ -72,9 +72,21 @@ def role(name, bucket):
                 "Statement": [
                     {
                         "Effect": "Allow",
+                        # What AWS checks for both of the pre-push check's
+                        # requests (ListObjectsV2 and HeadBucket): s3:ListBucket.
                         "Action": "s3:ListBucket",
                         "Resource": f"arn:aws:s3:::{bucket}",
-                    }
+                    },
+                    {
+                        "Effect": "Allow",
+                        # What moto checks on top: it names the action after the
+                        # API call (s3:ListObjectsV2 since moto 5.2.6,
+                        # s3:HeadBucket), not after the IAM action AWS
+                        # documents. Granted separately so that a moto upgrade
+                        # cannot change what the statement above proves.
+                        "Action": ["s3:ListObjectsV2", "s3:HeadBucket"],
+                        "Resource": f"arn:aws:s3:::{bucket}",
+                    },
                 ],
             }
         ),
