@@ -922,9 +922,9 @@ async fn check(config: Config, path: &Path) -> Exit {
                     lines.warn("sts", &format!("{}: credentials live shorter than refresh_before; lower refresh_before or raise the role's maximum session duration", request.describe()));
                 }
             }
-            Err(StsError::NoCredentials(detail)) => lines.fail(
+            Err(StsError::NoCredentials(reason)) => lines.fail(
                 "sts",
-                &format!("{}: no AWS credentials found by the default chain; give the daemon an identity (AWS_* env, profile, IRSA web identity, ECS or an instance role): {detail}", request.describe()),
+                &format!("{}: no AWS credentials found by the default chain; give the daemon an identity (AWS_* env, profile, IRSA web identity, ECS or an instance role); last: {reason}", request.describe()),
             ),
             Err(error) => lines.fail("sts", &format!("{}: {error}", request.describe())),
         }

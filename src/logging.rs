@@ -61,8 +61,13 @@ fn is_ours(target: &str) -> bool {
 /// EC2 instance; the daemon says in one line of its own which region it
 /// uses (`no AWS region configured, using STS in us-east-1`), so only its
 /// errors show.
+///
+/// The same for the rest of `aws_config`, the default credential chain
+/// above all: each provider that fails warns with a dump of its error (1,000
+/// characters of HTTP headers from IMDS); the daemon's own line says that
+/// the chain gave no identity, with the last provider's reason.
 fn third_party_level(target: &str) -> Level {
-    if target.starts_with("aws_config::imds::region") {
+    if target.starts_with("aws_config::") {
         Level::ERROR
     } else {
         Level::INFO
@@ -360,7 +365,11 @@ mod tests {
         assert_eq!(third_party_level("aws_config::imds::region"), Level::ERROR);
         assert_eq!(
             third_party_level("aws_config::meta::credentials::chain"),
-            Level::INFO
+            Level::ERROR
+        );
+        assert_eq!(
+            third_party_level("aws_config::profile::credentials"),
+            Level::ERROR
         );
     }
 }

@@ -102,7 +102,7 @@ pub enum StsError {
     /// The default credential chain found no source identity: set one up
     /// (env, profile, web identity, ECS, IMDS); retried on the slow cadence.
     #[error(
-        "no AWS credentials found by the default chain (env, profile, web identity, ECS, IMDS): {0}"
+        "no AWS credentials found by the default chain (env, profile, web identity, ECS, IMDS; last: {0})"
     )]
     NoCredentials(String),
     /// STS answered without the credentials we need: back off and retry.
@@ -374,7 +374,7 @@ where
         other => {
             let text = crate::http::remote_text(&DisplayErrorContext(other).to_string());
             if is_credential_chain_failure(other, &text) {
-                StsError::NoCredentials(text)
+                StsError::NoCredentials(chain_reason(other))
             } else {
                 StsError::Unavailable(text)
             }
@@ -401,6 +401,41 @@ pub(crate) fn is_credential_chain_failure(
         }
     }
 }
+
+/// Why the default chain gave no identity, in one short sentence: the
+/// innermost error of the chain whose text is a sentence rather than a
+/// debug dump (the SDK's outer errors print `ProviderError(ProviderError {
+/// source: ...` with every HTTP header of IMDS's answer). At most
+/// [`CHAIN_REASON_MAX`] characters, escaped like any remote text.
+pub(crate) fn chain_reason(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut reason = None;
+    let mut current = Some(error);
+    while let Some(error) = current {
+        let text = error.to_string();
+        // A dump ends a sentence at its first " (" or "{"; keep the sentence.
+        let sentence = text
+            .split(" (")
+            .next()
+            .unwrap_or_default()
+            .split('{')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .trim_end_matches(':')
+            .to_owned();
+        if !sentence.is_empty() && !sentence.contains("dispatch failure") && sentence != "other" {
+            reason = Some(sentence);
+        }
+        current = error.source();
+    }
+    crate::http::bounded(
+        reason.as_deref().unwrap_or("the chain gave no reason"),
+        CHAIN_REASON_MAX,
+    )
+}
+
+/// Room for the reason a provider gives; the daemon's own advice comes first.
+const CHAIN_REASON_MAX: usize = 160;
 
 /// The default chain's own error, wherever the SDK wrapped it (a dispatch
 /// failure's connector error carries it as its source).
@@ -779,6 +814,14 @@ mod tests {
                 .to_string()
                 .starts_with("no AWS credentials found by the default chain"),
             "{refused}"
+        );
+        // The reason is the provider's sentence, not the SDK's debug dump.
+        let StsError::NoCredentials(reason) = &refused else {
+            unreachable!()
+        };
+        assert_eq!(
+            reason,
+            "failed to load IMDS session token: request forbidden"
         );
         let none = chain_failure(CredentialsError::not_loaded("no providers in chain"));
         assert!(matches!(none, StsError::NoCredentials(_)), "{none:?}");

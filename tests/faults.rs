@@ -901,3 +901,46 @@ async fn check_reports_missing_aws_credentials() {
     assert!(line_with(&report, "ok    ims").len() == 1, "{report}");
     assert_eq!(h.sim.stats().sts_assume_role, 0);
 }
+
+/// A chain whose provider fails loudly (a profile whose `credential_process`
+/// exits 1): the SDK warns with a dump of its error for every provider that
+/// fails; at the default level none of that shows, and the daemon's own line
+/// comes first, short, with the provider's reason as one sentence.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_without_aws_credentials_says_so_in_one_short_line() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let config = h.write_config(QUICK, "");
+    let aws_config = h.dir.path().join("aws-config");
+    std::fs::write(&aws_config, "[default]\ncredential_process = /bin/false\n").unwrap();
+    let mut command = clean_command(binary());
+    command
+        .env("AWS_CONFIG_FILE", &aws_config)
+        .env("AEP_S3_ROTATOR_LOG_FORMAT", "text")
+        .arg("--config")
+        .arg(&config)
+        .arg("check");
+    let mut daemon = DaemonProcess::spawn(command);
+    let status = daemon.wait(Duration::from_secs(30));
+    let report = daemon.stdout_text();
+    let stderr = daemon.stderr_text();
+    assert_eq!(status.code(), Some(1), "{report}");
+    assert!(
+        !stderr.contains("aws_config"),
+        "the SDK's chain warnings show at the default level:\n{stderr}"
+    );
+    let sts = line_with(&report, "FAIL  sts");
+    assert_eq!(sts.len(), 1, "{report}");
+    let line = sts[0];
+    assert!(
+        line.contains(
+            ": no AWS credentials found by the default chain; give the daemon an identity"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("; last: "), "{line}");
+    assert!(
+        line.len() < 400 && !line.contains('{') && !line.contains("more bytes"),
+        "not one short line ({} bytes): {line}",
+        line.len()
+    );
+}

@@ -506,7 +506,10 @@ where
             if crate::sts::is_credential_chain_failure(other, &text) {
                 StoreError::Credentials {
                     code: "NoCredentials".to_owned(),
-                    detail: "the AWS default credential chain found no credentials".to_owned(),
+                    detail: format!(
+                        "the AWS default credential chain found no credentials (last: {})",
+                        crate::sts::chain_reason(other)
+                    ),
                 }
             } else {
                 StoreError::Unavailable(text)
