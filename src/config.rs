@@ -464,8 +464,9 @@ impl std::error::Error for ConfigError {}
 
 /// Environment variables starting with this override `[section] key`.
 const ENV_PREFIX: &str = "AEP_S3_ROTATOR__";
-/// What the advice in messages points at.
-const EXAMPLE: &str = "config/example.toml";
+/// What the advice in messages points at: the source tree's example, and
+/// where the Debian package installs it (a host has no source tree).
+const EXAMPLE: &str = "the example config (config/example.toml; /usr/share/doc/aep-s3-rotator/example.toml when installed)";
 
 impl Config {
     /// Reads the TOML file at `path`, layered with `AEP_S3_ROTATOR__SECTION__KEY`
@@ -576,6 +577,15 @@ fn from_text(
         .get("adobe")
         .and_then(toml::Value::as_table)
         .is_some_and(|adobe| adobe.contains_key("client_secret"));
+    // The keys of the plain tables ([rotation], [aws], ...: a few dozen),
+    // kept to tell later whether a key an unknown one resembles was set.
+    let table_keys: BTreeMap<String, Vec<String>> = table
+        .iter()
+        .filter_map(|(name, value)| {
+            let keys = value.as_table()?.keys().cloned().collect();
+            Some((name.clone(), keys))
+        })
+        .collect();
     let layered = config::Config::builder()
         .add_source(ParsedToml::from(table))
         .add_source(
@@ -614,12 +624,29 @@ fn from_text(
     };
     unknown.sort();
     unknown.dedup();
+    // Keys an unknown one was probably meant to be: the checker's complaints
+    // about them come from their defaults, not from anything the operator
+    // wrote, and are left out (one typo, one message).
+    let mut meant = Vec::new();
     for path in unknown {
-        let message = with_env_origin(
-            &env_names,
-            &path,
-            format!("unknown key; check the spelling against {EXAMPLE}"),
-        );
+        let advice = match suggest_key(&path) {
+            Suggestion::Key(key) => {
+                let advice = format!("unknown key; did you mean {key}?");
+                let set = match key.split_once('.') {
+                    Some((table, name)) => table_keys
+                        .get(table)
+                        .is_some_and(|keys| keys.iter().any(|k| k == name)),
+                    None => table_keys.contains_key(&key),
+                };
+                if !set && !env_names.contains_key(&key) {
+                    meant.push(key);
+                }
+                advice
+            }
+            Suggestion::Keys(keys) => format!("unknown key; this table takes {keys}"),
+            Suggestion::None => format!("unknown key; check the spelling against {EXAMPLE}"),
+        };
+        let message = with_env_origin(&env_names, &path, advice);
         issues.push(ConfigIssue::new(path, message));
     }
     let raw = match raw {
@@ -648,6 +675,10 @@ fn from_text(
             file.display()
         ));
     }
+    let derived_from_a_default = |issue: &ConfigIssue| meant.contains(&issue.path);
+    checker
+        .issues
+        .retain(|issue| !derived_from_a_default(issue));
     match config {
         Ok(mut config) if checker.issues.is_empty() => {
             config.warnings = checker.warnings;
@@ -764,6 +795,85 @@ fn ignored_path(path: &serde_ignored::Path<'_>) -> String {
         | Path::NewtypeStruct { parent }
         | Path::NewtypeVariant { parent } => ignored_path(parent),
     }
+}
+
+/// What an unknown key was probably meant to be.
+#[derive(Debug, PartialEq)]
+enum Suggestion {
+    /// The full path of a known key a small edit away (`rotation.refresh_before`).
+    Key(String),
+    /// No close key: the keys the table takes, comma-separated.
+    Keys(String),
+    /// The table itself is unknown (or the key is not in a table we know).
+    None,
+}
+
+/// Finds the known key an unknown `path` (`rotation.refesh_before`,
+/// `connections[2].nmae`) is closest to, by edit distance: at most a third of
+/// the key's length, and at least 1. The known keys are the raw structs'
+/// own field names (read from serde), so a new key is suggested without a
+/// list to keep.
+fn suggest_key(path: &str) -> Suggestion {
+    let (table, key) = match path.rsplit_once('.') {
+        Some((table, key)) => (table, key),
+        None => ("", path),
+    };
+    // `connections[2]` → `connections`: every item of a list takes the same keys.
+    let table_name = table.split('[').next().unwrap_or_default();
+    let known: &[&str] = match table_name {
+        "" => field_names::<RawConfig>(),
+        "adobe" => field_names::<RawAdobe>(),
+        "aws" => field_names::<RawAws>(),
+        "rotation" => field_names::<RawRotation>(),
+        "connections" => field_names::<RawConnection>(),
+        "discover" => field_names::<RawDiscover>(),
+        "admin" => field_names::<RawAdmin>(),
+        "state" => field_names::<RawState>(),
+        "coordination" => field_names::<RawCoordination>(),
+        _ => return Suggestion::None,
+    };
+    let limit = (key.chars().count() / 3).max(1);
+    let closest = known
+        .iter()
+        .map(|candidate| (strsim::damerau_levenshtein(key, candidate), *candidate))
+        .filter(|(distance, _)| *distance <= limit)
+        .min();
+    match closest {
+        Some((_, candidate)) if table.is_empty() => Suggestion::Key(candidate.to_owned()),
+        Some((_, candidate)) => Suggestion::Key(format!("{table}.{candidate}")),
+        None if known.is_empty() => Suggestion::None,
+        None => Suggestion::Keys(known.join(", ")),
+    }
+}
+
+/// The field names serde's derive gives a struct: a deserializer that
+/// records the `fields` argument of `deserialize_struct` and stops there.
+fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Probe<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("fields recorded"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+            enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    // The probe always errs, by design: only the recorded names matter.
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
 }
 
 /// The message for a type error serde had to stop at (a section that is not
@@ -2303,7 +2413,8 @@ sandbox = "dev"
             ("unknown top-level key", format!("{g}\n[bogus]\nx = 1\n"), "bogus", "unknown key"),
             ("unknown top-level scalar", format!("verbose = true\n{g}"), "verbose", "unknown key"),
             ("unknown key in a section", replace(g, "[aws]\n", "[aws]\nrole = \"x\"\n"), "aws.role", "unknown key"),
-            ("unknown key in a connection", replace(g, "sandbox = \"dev\"", "sandbox = \"dev\"\nsandbx = \"dev\""), "connections[1].sandbx", "spelling"),
+            ("unknown key in a connection", replace(g, "sandbox = \"dev\"", "sandbox = \"dev\"\nsandbx = \"dev\""), "connections[1].sandbx", "did you mean connections[1].sandbox?"),
+            ("unknown key, nothing close", replace(g, "[aws]\n", "[aws]\ncolour = \"x\"\n"), "aws.colour", "this table takes region, sts_endpoint"),
             ("bad duration", replace(g, "session_duration = \"1h\"", "session_duration = \"an hour\""), "rotation.session_duration", "not a duration"),
             ("duration without quotes", replace(g, "refresh_before = \"20m\"", "refresh_before = 1200"), "rotation.refresh_before", "not a duration"),
             ("duration too short", replace(g, "session_duration = \"1h\"", "session_duration = \"5m\""), "rotation.session_duration", "15m..12h"),
@@ -2394,7 +2505,7 @@ sandbox = "dev"
             ran += 1;
         }
         assert_eq!(ran, cases.len());
-        assert_eq!(ran, 81, "update this count when adding cases");
+        assert_eq!(ran, 82, "update this count when adding cases");
     }
 
     #[test]
@@ -2442,6 +2553,40 @@ sandbox = "dev"
                 "rotation.session_duration",
                 "rotation.verify",
             ],
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn one_misspelt_key_is_one_message_with_a_suggestion() {
+        let fx = Fixture::new();
+        // The typo leaves refresh_before at its default (20m), longer than
+        // the 15m session: that follows from the typo, not from the file.
+        let text = fx.good().replace(
+            "[rotation]\n",
+            "[rotation]\nsession_duration = \"15m\"\nrefesh_before = \"5m\"\n",
+        );
+        let text = text
+            .replacen("session_duration = \"1h\"\n", "", 1)
+            .replacen("refresh_before = \"20m\"\n", "", 1);
+        let found = issues(&text, no_env());
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].path, "rotation.refesh_before");
+        assert_eq!(
+            found[0].message,
+            "unknown key; did you mean rotation.refresh_before?"
+        );
+        // A key that is set keeps its own problems beside the typo's.
+        let both = text.replace("[rotation]\n", "[rotation]\nrefresh_before = \"30m\"\n");
+        let found = issues(&both, no_env());
+        assert_eq!(found.len(), 2, "{found:?}");
+        // A misspelt table is suggested too.
+        let table = fx.good().replace("[rotation]\n", "[rotaton]\n");
+        let found = issues(&table, no_env());
+        assert!(
+            found
+                .iter()
+                .any(|i| i.path == "rotaton" && i.message.contains("did you mean rotation?")),
             "{found:?}"
         );
     }
