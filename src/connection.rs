@@ -693,6 +693,21 @@ impl Connection {
             self.last_escalation_log = Some((plan.escalation, now));
             escalate(plan.escalation, on_connection);
         }
+        // Refused since the first attempt: no expiry to escalate on, so the
+        // count a connection that once worked would take stands in for it.
+        if !give_up
+            && on_connection.is_none()
+            && self.last_success.is_none()
+            && kind == RetryKind::Slow
+            && self.failures_in_a_row
+                >= schedule::refusals_before_escalation(&policy.backoff, policy.refresh_before)
+        {
+            tracing::error!(
+                error = %error,
+                attempt = self.failures_in_a_row,
+                "refused since the first attempt; the credentials on the connection are not this daemon's and may have expired: fix the cause"
+            );
+        }
         (!give_up).then_some(plan.at)
     }
 
@@ -900,6 +915,84 @@ mod tests {
             expires_at,
             last_success_at: Some(t(0)),
         }
+    }
+
+    /// The levels and messages of the events `f` logs.
+    fn logged(f: impl FnOnce()) -> Vec<(tracing::Level, String)> {
+        use std::sync::{Arc, Mutex};
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Default)]
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        struct Record(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                let mut message = Message::default();
+                event.record(&mut message);
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((*event.metadata().level(), message.0));
+            }
+        }
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::registry().with(Record(Arc::clone(&events)));
+        tracing::subscriber::with_default(subscriber, f);
+        events.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn refused_since_the_first_attempt_escalates_to_error_like_a_connection_that_once_worked() {
+        let refused = || {
+            failed(RotationError::Flow(FlowError::Rejected {
+                status: 404,
+                detail: "no such connection in this sandbox".to_owned(),
+            }))
+        };
+        let threshold =
+            schedule::refusals_before_escalation(&policy().backoff, policy().refresh_before);
+        assert_eq!(threshold, 10);
+        let errors_per_attempt = |c: &mut Connection, start: SystemTime| {
+            let mut now = start;
+            (1..=threshold + 2)
+                .map(|_| {
+                    dispatch(c, now);
+                    let mut next = now;
+                    let events = logged(|| {
+                        next = wait_of(c.apply(Event::JobDone(refused()), now, &policy(), 0.5));
+                    });
+                    now = next;
+                    events
+                        .iter()
+                        .filter(|(level, _)| *level == tracing::Level::ERROR)
+                        .count()
+                })
+                .collect::<Vec<_>>()
+        };
+        // Never worked: warn up to the threshold, then error on each attempt.
+        let mut never = fresh(t(0));
+        let errors = errors_per_attempt(&mut never, t(0));
+        let first_error = errors.iter().position(|&n| n > 0).map(|i| i + 1);
+        // Once worked, refused from its rotation time on: the same count.
+        let mut once = holding(t(0), t(3600));
+        let once_errors = errors_per_attempt(&mut once, t(3600 - 1200));
+        let once_first = once_errors.iter().position(|&n| n > 0).map(|i| i + 1);
+        assert_eq!(once_first, Some(threshold as usize), "{once_errors:?}");
+        assert_eq!(first_error, once_first, "{errors:?}");
+        assert!(
+            errors[threshold as usize..].iter().all(|&n| n == 1),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -175,6 +175,25 @@ pub fn plan_retry(
     }
 }
 
+/// How many refusals in a row a connection whose credentials this daemon
+/// knows would take to reach [`Escalation::ExpiresBeforeRetry`]: its first
+/// attempt comes `refresh_before` ahead of expiry, each refusal waits the
+/// slow cadence (`retry_max`), and it escalates on the refusal whose wait
+/// would run into the last [`EXPIRY_MARGIN`]. A connection refused since its
+/// first attempt (a wrong sandbox, a deleted connection: 404 forever) has no
+/// known expiry to escalate on, and the operator hears of it at `error` after
+/// the same count. At least 1; at most 1,000 (a retry_max of a millisecond).
+pub fn refusals_before_escalation(policy: &BackoffPolicy, refresh_before: Duration) -> u32 {
+    let wait = policy.max.max(policy.min);
+    let mut left = refresh_before;
+    let mut refusals = 1;
+    while refusals < 1_000 && wait < left.saturating_sub(EXPIRY_MARGIN.min(left / 2)) {
+        left -= wait;
+        refusals += 1;
+    }
+    refusals
+}
+
 /// Whether an escalation should be logged now, given the last one logged for
 /// the connection and when: at most once per [`ESCALATION_LOG_INTERVAL`], but
 /// at once when it changes kind (credentials that just expired are news).
@@ -333,6 +352,50 @@ mod tests {
                 escalation: Escalation::Expired { ago: S(60) }
             }
         );
+    }
+
+    #[test]
+    fn refusals_before_escalation_match_a_connection_that_once_worked() {
+        let policy = BackoffPolicy {
+            min: S(1),
+            max: S(120),
+        };
+        // Walk a known-expiry connection through refusals from
+        // refresh_before ahead of its expiry, as plan_retry sees it.
+        let walk = |refresh_before: Duration| {
+            let expires = t(10_000);
+            let mut now = expires - refresh_before;
+            let mut refusals = 0;
+            loop {
+                refusals += 1;
+                let plan = plan_retry(
+                    &policy,
+                    now,
+                    refusals - 1,
+                    RetryKind::Slow,
+                    Some(expires),
+                    0.5,
+                );
+                if plan.escalation != Escalation::None {
+                    return refusals;
+                }
+                now = plan.at;
+            }
+        };
+        for refresh_before in [S(60), S(300), S(1_200), S(3_600)] {
+            assert_eq!(
+                refusals_before_escalation(&policy, refresh_before),
+                walk(refresh_before),
+                "refresh_before {refresh_before:?}"
+            );
+        }
+        assert_eq!(refusals_before_escalation(&policy, S(1_200)), 10);
+        assert_eq!(refusals_before_escalation(&policy, S(1)), 1);
+        let tiny = BackoffPolicy {
+            min: Duration::from_millis(1),
+            max: Duration::from_millis(1),
+        };
+        assert_eq!(refusals_before_escalation(&tiny, S(43_200)), 1_000);
     }
 
     #[test]
