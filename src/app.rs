@@ -49,7 +49,15 @@ pub async fn main(cli: Cli) -> Exit {
     if let Command::Demo(args) = command {
         return demo(args).await;
     }
-    let config = match load_config(&cli.config) {
+    // `status` needs only [admin] listen, nothing else of the config.
+    if let Command::Status = command {
+        return status(&cli.config).await;
+    }
+    let loaded = match command {
+        Command::Check => load_config(&cli.config, Config::load_for_check),
+        _ => load_config(&cli.config, Config::load),
+    };
+    let config = match loaded {
         Ok(config) => config,
         Err(exit) => return exit,
     };
@@ -64,7 +72,7 @@ pub async fn main(cli: Cli) -> Exit {
         Command::Run(args) => run(config, &cli.config, args.dry_run).await,
         Command::Once(args) => once(config, args).await,
         Command::Check => check(config, &cli.config).await,
-        Command::Status => status(&config).await,
+        Command::Status => Exit::Usage,
         Command::Demo(_) => Exit::Usage,
         Command::Create(args) => crate::create::run(&config, &args).await,
         Command::Coordination(crate::cli::CoordinationCommand::Init) => {
@@ -109,8 +117,11 @@ fn ca_roots() -> Result<(), Exit> {
 }
 
 /// Loads and validates the config; logs every problem with its key path.
-fn load_config(path: &Path) -> Result<Config, Exit> {
-    match Config::load(path) {
+fn load_config(
+    path: &Path,
+    load: impl FnOnce(&Path) -> Result<Config, ConfigError>,
+) -> Result<Config, Exit> {
+    match load(path) {
         Ok(config) => {
             for warning in &config.warnings {
                 tracing::warn!("{warning}");
@@ -629,7 +640,7 @@ async fn discovery_supervisor(
 
 async fn once(config: Config, args: OnceArgs) -> Exit {
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
-    let options = Options {
+    let mut options = Options {
         mode: Mode::Once,
         dry_run: args.dry_run,
         only: args.connections.clone(),
@@ -638,7 +649,7 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
     };
     // Without rules a wrong --connection is known before any request.
     if config.discover.is_empty()
-        && let Err(exit) = known_connections(&config, &args.connections)
+        && let Err(exit) = chosen_connections(&config, &args.connections)
     {
         return exit;
     }
@@ -654,9 +665,10 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
     else {
         return Exit::Failure;
     };
-    if let Err(exit) = known_connections(&config, &args.connections) {
-        return exit;
-    }
+    options.only = match chosen_connections(&config, &args.connections) {
+        Ok(ids) => ids,
+        Err(exit) => return exit,
+    };
     let cancel = CancellationToken::new();
     // SIGTERM/SIGINT stop `once` too; it never reloads.
     if let Err(error) = crate::shutdown::listen(cancel.clone()) {
@@ -683,21 +695,50 @@ async fn once(config: Config, args: OnceArgs) -> Exit {
     }
 }
 
-/// `once --connection ID`: every id must be a configured (or discovered) one.
-fn known_connections(config: &Config, ids: &[String]) -> Result<(), Exit> {
-    let known: BTreeSet<&str> = config.connections.iter().map(|c| c.id.as_str()).collect();
-    let unknown: Vec<&str> = ids
-        .iter()
-        .map(String::as_str)
-        .filter(|id| !known.contains(id))
-        .collect();
-    if unknown.is_empty() {
-        return Ok(());
+/// `once --connection ID|NAME`: the ids of the connections chosen, each
+/// argument a configured (or discovered) id or a name that only one of them
+/// has (names are what logs and reports show; AEP does not keep them unique).
+fn chosen_connections(config: &Config, chosen: &[String]) -> Result<Vec<String>, Exit> {
+    let mut ids = Vec::with_capacity(chosen.len());
+    let mut problems = Vec::new();
+    for wanted in chosen {
+        if config.connections.iter().any(|c| &c.id == wanted) {
+            ids.push(wanted.clone());
+            continue;
+        }
+        let named: Vec<&str> = config
+            .connections
+            .iter()
+            .filter(|c| &c.name == wanted)
+            .map(|c| c.id.as_str())
+            .collect();
+        match named.as_slice() {
+            [id] => ids.push((*id).to_owned()),
+            [] => problems.push(format!(
+                "{} is neither the id nor the name of a connection",
+                crate::http::bounded(wanted, 200)
+            )),
+            many => problems.push(format!(
+                "{} names {} connections ({}); give the id instead",
+                crate::http::bounded(wanted, 200),
+                many.len(),
+                many.join(", ")
+            )),
+        }
     }
+    if problems.is_empty() {
+        return Ok(ids);
+    }
+    let mut known: Vec<String> = config
+        .connections
+        .iter()
+        .map(|c| format!("{} ({})", c.id, c.name))
+        .collect();
+    known.sort();
     eprintln!(
-        "aep-s3-rotator: --connection {} is not in the config; known ids: {}",
-        unknown.join(", "),
-        known.into_iter().collect::<Vec<_>>().join(", ")
+        "aep-s3-rotator: --connection {}; known: {}",
+        problems.join("; "),
+        known.join(", ")
     );
     Err(Exit::Usage)
 }
@@ -728,15 +769,33 @@ pub fn once_report(report: &Report, dry_run: bool) -> String {
         .filter(|c| c.last_error.is_some())
         .count();
     out.push_str(&format!(
-        "{} connections, {} ok, {failed} failed\n",
-        report.connections.len(),
+        "{}, {} ok, {failed} failed\n",
+        plural(report.connections.len(), "connection"),
         report.connections.len() - failed
     ));
     out
 }
 
-async fn status(config: &Config) -> Exit {
-    let Some(addr) = config.admin.listen else {
+/// `1 connection`, `2 connections`; `sandbox` → `sandboxes`.
+pub fn plural(n: usize, noun: &str) -> String {
+    match (n, noun.ends_with('x')) {
+        (1, _) => format!("{n} {noun}"),
+        (_, true) => format!("{n} {noun}es"),
+        (_, false) => format!("{n} {noun}s"),
+    }
+}
+
+async fn status(path: &Path) -> Exit {
+    let admin = match crate::config::load_admin(path) {
+        Ok(admin) => admin,
+        Err(error) => {
+            for issue in &error.issues {
+                eprintln!("aep-s3-rotator: {}: {issue}", path.display());
+            }
+            return Exit::Config;
+        }
+    };
+    let Some(addr) = admin.listen else {
         eprintln!(
             "aep-s3-rotator: status reads the running daemon's admin endpoint, but the config has no [admin] listen; add one (e.g. listen = \"127.0.0.1:9464\") and restart the daemon"
         );
@@ -765,13 +824,13 @@ async fn check(config: Config, path: &Path) -> Exit {
     lines.ok(
         "config",
         &format!(
-            "{}: {} connections in {} sandboxes{}",
+            "{}: {} in {}{}",
             path.display(),
-            config.connections.len(),
-            sandboxes.len(),
+            plural(config.connections.len(), "connection"),
+            plural(sandboxes.len(), "sandbox"),
             match config.discover.len() {
                 0 => String::new(),
-                n => format!(", {n} discover rules"),
+                n => format!(", {}", plural(n, "discover rule")),
             }
         ),
     );
@@ -787,10 +846,7 @@ async fn check(config: Config, path: &Path) -> Exit {
         Ok(roots) => lines.ok("ca", &roots.describe()),
         Err(error) => {
             lines.fail("ca", &error.to_string());
-            lines.text.push_str(&format!(
-                "{} checks, {} failed\n",
-                lines.total, lines.failed
-            ));
+            lines.summary();
             print!("{}", lines.text);
             return Exit::Config;
         }
@@ -818,21 +874,30 @@ async fn check(config: Config, path: &Path) -> Exit {
             return Exit::Failure;
         }
     };
-    // IMS.
-    let token = match rotator.ims.token().await {
-        Ok(token) => {
-            lines.ok(
-                "ims",
-                &format!(
-                    "token obtained from {} for client {}",
-                    config.adobe.ims_url, config.adobe.client_id
-                ),
-            );
-            Some(token)
-        }
-        Err(error) => {
-            lines.fail("ims", &error.to_string());
-            None
+    // IMS; skipped where the secret exists only inside the service.
+    let deferred = config.adobe.client_secret_deferred;
+    let token = if deferred {
+        lines.skip(
+            "ims",
+            "the client secret is a systemd credential (see the warning above)",
+        );
+        None
+    } else {
+        match rotator.ims.token().await {
+            Ok(token) => {
+                lines.ok(
+                    "ims",
+                    &format!(
+                        "token obtained from {} for client {}",
+                        config.adobe.ims_url, config.adobe.client_id
+                    ),
+                );
+                Some(token)
+            }
+            Err(error) => {
+                lines.fail("ims", &error.to_string());
+                None
+            }
         }
     };
     // Flow Service, each connection; its S3 parameters for the pre-push check.
@@ -840,7 +905,11 @@ async fn check(config: Config, path: &Path) -> Exit {
     for connection in &config.connections {
         let label = format!("{} ({})", connection.name, connection.sandbox);
         let Some(token) = &token else {
-            lines.fail("connection", &format!("{label}: not checked, no IMS token"));
+            lines.fail_or_skip(
+                deferred,
+                "connection",
+                &format!("{label}: not checked, no IMS token"),
+            );
             continue;
         };
         match rotator
@@ -863,7 +932,7 @@ async fn check(config: Config, path: &Path) -> Exit {
     let config = if config.discover.is_empty() {
         config
     } else if token.is_none() {
-        lines.fail("discover", "rules not checked, no IMS token");
+        lines.fail_or_skip(deferred, "discover", "rules not checked, no IMS token");
         config
     } else {
         let lister = crate::discovery::FlowLister::new(Arc::clone(&rotator));
@@ -931,10 +1000,7 @@ async fn check(config: Config, path: &Path) -> Exit {
     }
     // The pre-push S3 check, as a rotation would run it, per connection.
     prepush_lines(&config, &rotator, &targets, &issued, &mut lines).await;
-    lines.text.push_str(&format!(
-        "{} checks, {} failed\n",
-        lines.total, lines.failed
-    ));
+    lines.summary();
     print!("{}", lines.text);
     if lines.failed == 0 {
         Exit::Ok
@@ -965,7 +1031,8 @@ async fn prepush_lines(
         let (Some(target), Some(Some(credentials))) =
             (targets.get(&connection.id), issued.get(&request))
         else {
-            lines.fail(
+            lines.fail_or_skip(
+                config.adobe.client_secret_deferred,
                 "s3",
                 &format!("{label}: not checked (no connection or no credentials above)"),
             );
@@ -1061,6 +1128,7 @@ struct CheckReport {
     text: String,
     total: usize,
     failed: usize,
+    skipped: usize,
 }
 
 impl CheckReport {
@@ -1083,5 +1151,29 @@ impl CheckReport {
         self.total += 1;
         self.failed += 1;
         self.line("FAIL", what, detail);
+    }
+    /// A check that could not run here for a reason already given (the
+    /// client secret exists only inside the service): not a failure.
+    fn skip(&mut self, what: &str, detail: &str) {
+        self.skipped += 1;
+        self.line("skip", what, detail);
+    }
+    fn fail_or_skip(&mut self, skip: bool, what: &str, detail: &str) {
+        if skip {
+            self.skip(what, detail);
+        } else {
+            self.fail(what, detail);
+        }
+    }
+    /// `N checks, N failed[, N skipped]`.
+    fn summary(&mut self) {
+        let skipped = match self.skipped {
+            0 => String::new(),
+            n => format!(", {n} skipped"),
+        };
+        self.text.push_str(&format!(
+            "{} checks, {} failed{skipped}\n",
+            self.total, self.failed
+        ));
     }
 }

@@ -76,6 +76,11 @@ pub struct AdobeConfig {
     /// `client_secret_file`, when the secret came from it: watched for
     /// changes, and re-read once when IMS answers `invalid_client`.
     pub client_secret_file: Option<PathBuf>,
+    /// `check` outside the service: `client_secret_file` is a systemd
+    /// credential (`/run/credentials/UNIT/NAME`), which exists only inside
+    /// the running unit, so `client_secret` is empty and every check that
+    /// needs it is skipped. Always false for the daemon itself.
+    pub client_secret_deferred: bool,
     /// Sent as `x-gw-ims-org-id`.
     pub org_id: String,
     /// Joined with `,` in the token request.
@@ -472,6 +477,17 @@ impl Config {
     /// Reads the TOML file at `path`, layered with `AEP_S3_ROTATOR__SECTION__KEY`
     /// variables from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_as(path, Scope::Daemon)
+    }
+
+    /// [`Config::load`] for `check`, run by an operator outside the service:
+    /// a `client_secret_file` that is a systemd credential of a unit this
+    /// process is not ([`AdobeConfig::client_secret_deferred`]) is no error.
+    pub fn load_for_check(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_as(path, Scope::Check)
+    }
+
+    fn load_as(path: &Path, scope: Scope) -> Result<Config, ConfigError> {
         let mut env = Vec::new();
         let mut issues = Vec::new();
         for (name, value) in std::env::vars_os() {
@@ -487,7 +503,11 @@ impl Config {
                 )),
             }
         }
-        load_file(path, env, issues)
+        let loading = Loading {
+            scope,
+            credentials_directory: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        };
+        load_file(path, env, issues, &loading)
     }
 
     /// Same as [`Config::load`], with the environment given explicitly
@@ -497,7 +517,12 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        load_file(path, env.into_iter().collect(), Vec::new())
+        load_file(
+            path,
+            env.into_iter().collect(),
+            Vec::new(),
+            &Loading::default(),
+        )
     }
 
     /// Same, from TOML text. Relative paths in it (`client_secret_file`,
@@ -506,14 +531,98 @@ impl Config {
         toml: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        from_text(toml, "config", None, env.into_iter().collect(), Vec::new())
+        from_text(
+            toml,
+            "config",
+            None,
+            env.into_iter().collect(),
+            Vec::new(),
+            &Loading::default(),
+        )
     }
+}
+
+/// Who loads the config, and so what a missing systemd credential means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Scope {
+    /// The daemon (and every command but `check`): everything must be there.
+    #[default]
+    Daemon,
+    /// `check`, usually run by an operator outside the service.
+    Check,
+}
+
+/// How a load goes: its scope, and `$CREDENTIALS_DIRECTORY` (systemd's
+/// credentials of the unit this process runs in, if any).
+#[derive(Debug, Default)]
+struct Loading {
+    scope: Scope,
+    credentials_directory: Option<PathBuf>,
+}
+
+/// `[admin]` alone, for `status`: it only needs the address of the running
+/// daemon's admin endpoint, not the secret or anything else the daemon
+/// checks (an operator runs it outside the service, where a systemd
+/// credential does not exist). `AEP_S3_ROTATOR__ADMIN__LISTEN` overrides the file.
+pub fn load_admin(path: &Path) -> Result<AdminConfig, ConfigError> {
+    const PATH: &str = "admin.listen";
+    let fail = |path: &str, message: String| ConfigError {
+        issues: vec![ConfigIssue::new(path, message)],
+    };
+    let from_env = std::env::var(format!("{ENV_PREFIX}ADMIN__LISTEN"))
+        .ok()
+        .filter(|v| !v.is_empty());
+    let listen = match from_env {
+        Some(value) => Some(value),
+        None => {
+            let origin = path.display().to_string();
+            let text = crate::fsguard::read_to_string(path, crate::fsguard::MAX_CONFIG_FILE)
+                .map_err(|e| {
+                    fail(
+                        &origin,
+                        format!(
+                            "cannot be read ({e}); pass --config PATH or set AEP_S3_ROTATOR_CONFIG"
+                        ),
+                    )
+                })?;
+            let table = toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError {
+                issues: vec![toml_issue(&origin, &text, &e)],
+            })?;
+            match table.get("admin").and_then(|a| a.get("listen")) {
+                None => None,
+                Some(toml::Value::String(listen)) => Some(listen.clone()),
+                Some(_) => return Err(fail(PATH, "wrong type: expected a string".to_owned())),
+            }
+        }
+    };
+    let listen = match listen {
+        None => None,
+        Some(text) => Some(parse_listen(&text).map_err(|message| fail(PATH, message))?),
+    };
+    Ok(AdminConfig { listen })
+}
+
+/// `/run/credentials/UNIT/NAME` → (`UNIT`, `NAME`): a credential systemd
+/// hands to the unit (`LoadCredential=`), in a directory that exists only
+/// while the unit runs and only for it.
+fn systemd_credential(file: &str) -> Option<(&str, &str)> {
+    let rest = file.strip_prefix("/run/credentials/")?;
+    let (unit, name) = rest.split_once('/')?;
+    (!unit.is_empty() && !name.is_empty() && !name.contains('/')).then_some((unit, name))
+}
+
+/// `[admin] listen`: an IP address and port.
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse::<SocketAddr>().map_err(|_| {
+        format!("not a socket address: {text:?} (use e.g. \"127.0.0.1:9464\"; host names are not accepted)")
+    })
 }
 
 fn load_file(
     path: &Path,
     env: Vec<(String, String)>,
     issues: Vec<ConfigIssue>,
+    loading: &Loading,
 ) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
     let text = match crate::fsguard::read_to_string(path, crate::fsguard::MAX_CONFIG_FILE) {
@@ -531,7 +640,7 @@ fn load_file(
             return Err(ConfigError { issues: all });
         }
     };
-    from_text(&text, &origin, Some(path), env, issues)
+    from_text(&text, &origin, Some(path), env, issues, loading)
 }
 
 /// The key an environment variable overrides, as the `config` crate sees it:
@@ -551,6 +660,7 @@ fn from_text(
     file: Option<&Path>,
     env: Vec<(String, String)>,
     mut issues: Vec<ConfigIssue>,
+    loading: &Loading,
 ) -> Result<Config, ConfigError> {
     // Our own parse first: its error is reported by position, without the
     // source line that `toml`'s Display would quote (it may be a secret).
@@ -664,6 +774,9 @@ fn from_text(
         issues,
         warnings: Vec::new(),
         env_names: &env_names,
+        loading,
+        secret_deferred: false,
+        secret_file_read: None,
     };
     let config = checker.config(raw);
     if let Some(file) = file
@@ -1194,6 +1307,12 @@ struct Checker<'e> {
     warnings: Vec<String>,
     /// Key (`adobe.client_secret`) → the environment variable that set it.
     env_names: &'e BTreeMap<String, String>,
+    loading: &'e Loading,
+    /// See [`AdobeConfig::client_secret_deferred`].
+    secret_deferred: bool,
+    /// Where the secret was read when that is not `client_secret_file`
+    /// itself (the credential found in `$CREDENTIALS_DIRECTORY`).
+    secret_file_read: Option<PathBuf>,
 }
 
 impl Checker<'_> {
@@ -1521,6 +1640,7 @@ impl Checker<'_> {
             _ => None,
         };
         let client_secret = self.client_secret(raw.client_secret, raw.client_secret_file);
+        let client_secret_file = self.secret_file_read.take().or(client_secret_file);
         let scopes = self.scopes(raw.scopes);
         let ims_url = self.url_or("adobe.ims_url", raw.ims_url, DEFAULT_IMS_URL);
         let platform_url =
@@ -1529,6 +1649,7 @@ impl Checker<'_> {
             client_id: client_id?,
             client_secret: client_secret?,
             client_secret_file,
+            client_secret_deferred: self.secret_deferred,
             org_id: org_id?,
             scopes: scopes?,
             ims_url: ims_url?,
@@ -1595,8 +1716,43 @@ impl Checker<'_> {
                 "is empty; give the path of a file holding the client secret",
             ));
         }
-        let mut text = match crate::fsguard::read(Path::new(file), crate::fsguard::MAX_SECRET_FILE)
+        let credential = systemd_credential(file);
+        let mut read = crate::fsguard::read(Path::new(file), crate::fsguard::MAX_SECRET_FILE);
+        if let (Err(error), Some((unit, name))) = (&read, credential)
+            && error.kind() == std::io::ErrorKind::NotFound
         {
+            // Under another unit (`systemd-run -p LoadCredential=... check`,
+            // a template instance) the same credential is in this
+            // process's own credentials directory.
+            if let Some(dir) = &self.loading.credentials_directory {
+                let here = dir.join(name);
+                read = crate::fsguard::read(&here, crate::fsguard::MAX_SECRET_FILE);
+                if read.is_ok() {
+                    self.secret_file_read = Some(here);
+                }
+            }
+            if read.is_err() && self.loading.scope == Scope::Check {
+                self.secret_deferred = true;
+                self.warnings.push(format!(
+                    "{path} {file} is a systemd credential, present only inside the running {unit}; \
+                     the checks that need the client secret are skipped. To run them too: \
+                     systemd-run --pipe --wait --quiet -p LoadCredential={name}:SOURCE aep-s3-rotator --config CONFIG check \
+                     (SOURCE: the file the unit's LoadCredential= names)"
+                ));
+                return Ok(SecretString::from(String::new()));
+            }
+            if read.is_err() {
+                return Err(self.report(
+                    path,
+                    format!(
+                        "cannot read {file}: it is a systemd credential, which exists only inside the running {unit} \
+                         (LoadCredential=); start the daemon through that unit (systemctl start {unit}), \
+                         or point client_secret_file at a file the daemon's user can read"
+                    ),
+                ));
+            }
+        }
+        let mut text = match read {
             Ok(bytes) => {
                 match String::from_utf8(bytes) {
                     Ok(text) => text,
@@ -2157,9 +2313,7 @@ impl Checker<'_> {
         const PATH: &str = "admin.listen";
         let listen = match self.string(PATH, raw.listen)? {
             None => None,
-            Some(s) => Some(s.trim().parse::<SocketAddr>().map_err(|_| {
-                self.report(PATH, format!("not a socket address: {s:?} (use e.g. \"127.0.0.1:9464\"; host names are not accepted)"))
-            })?),
+            Some(s) => Some(parse_listen(&s).map_err(|message| self.report(PATH, message))?),
         };
         Ok(AdminConfig { listen })
     }

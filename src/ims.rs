@@ -625,6 +625,7 @@ mod tests {
             client_id: "cid".into(),
             client_secret: SecretString::from(secret_in_memory.to_owned()),
             client_secret_file: Some(file),
+            client_secret_deferred: false,
             org_id: "0123456789ABCDEF01234567@AdobeOrg".into(),
             scopes: vec!["openid".into()],
             ims_url: Url::parse(&sim.ims_url()).unwrap(),

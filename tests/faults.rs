@@ -944,3 +944,76 @@ async fn check_without_aws_credentials_says_so_in_one_short_line() {
         line.len()
     );
 }
+
+/// The documented systemd setup: `client_secret_file` points into
+/// `/run/credentials/UNIT/`, which exists only inside the running unit.
+/// `check` by an operator outside it validates everything else and skips
+/// (not fails) what needs the secret; under another unit that holds the
+/// credential (`systemd-run -p LoadCredential=...`, `$CREDENTIALS_DIRECTORY`)
+/// it checks IMS too; `status` needs only `[admin] listen`; the daemon
+/// itself refuses to start without the secret, saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_systemd_credential_outside_its_unit_is_skipped_by_check_and_ignored_by_status() {
+    let h = Harness::start(1, Duration::from_secs(60)).await;
+    let config = h.write_config(QUICK, "[admin]\nlisten = \"127.0.0.1:9\"\n");
+    let credential = "/run/credentials/aep-s3-rotator-test.service/client-secret";
+    let text = std::fs::read_to_string(&config).unwrap();
+    let secret_file = h.dir.path().join("client-secret").display().to_string();
+    std::fs::write(&config, text.replace(&secret_file, credential)).unwrap();
+
+    let mut outside = h.spawn(&config, &["check"]);
+    let status = outside.wait(Duration::from_secs(20));
+    let report = outside.stdout_text();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{report}\n{}",
+        outside.stderr_text()
+    );
+    assert_eq!(line_with(&report, "skip  ims").len(), 1, "{report}");
+    assert!(
+        line_with(&report, "warn  config")
+            .iter()
+            .any(|l| l.contains("systemd credential") && l.contains("systemd-run")),
+        "{report}"
+    );
+    assert_eq!(line_with(&report, "ok    sts").len(), 1, "{report}");
+    assert!(report.contains(" 0 failed, "), "{report}");
+    assert_eq!(
+        h.sim.stats().ims_tokens_issued,
+        0,
+        "an IMS request with no secret"
+    );
+
+    // Inside a unit that holds the credential under the same name.
+    let mut command = clean_command(binary());
+    command
+        .env("AWS_ACCESS_KEY_ID", SOURCE_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", SOURCE_SECRET)
+        .env("CREDENTIALS_DIRECTORY", h.dir.path())
+        .arg("--config")
+        .arg(&config)
+        .arg("check");
+    let mut inside = DaemonProcess::spawn(command);
+    let status = inside.wait(Duration::from_secs(20));
+    let report = inside.stdout_text();
+    assert_eq!(status.code(), Some(0), "{report}\n{}", inside.stderr_text());
+    assert_eq!(line_with(&report, "ok    ims").len(), 1, "{report}");
+    assert_eq!(line_with(&report, "skip").len(), 0, "{report}");
+
+    // `status` reads [admin] listen only: nothing listens there, exit 1, not 78.
+    let mut status_command = h.spawn(&config, &["status"]);
+    let code = status_command.wait(Duration::from_secs(20)).code();
+    assert_eq!(code, Some(1), "{}", status_command.stderr_text());
+
+    // The daemon cannot run without its secret: exit 78, the reason named.
+    let mut run = h.spawn(&config, &["run"]);
+    assert_eq!(run.wait(Duration::from_secs(20)).code(), Some(78));
+    let stderr = run.stderr_text();
+    assert!(
+        stderr.contains("adobe.client_secret_file")
+            && stderr.contains("systemd credential")
+            && stderr.contains("systemctl start aep-s3-rotator-test.service"),
+        "{stderr}"
+    );
+}
