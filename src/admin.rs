@@ -602,8 +602,12 @@ pub fn render_status_table(entries: &[StatusEntry], now: SystemTime) -> String {
         "NEXT ROTATION IN",
         "LAST ERROR",
     ];
-    let rows: Vec<[String; 8]> = entries
-        .iter()
+    // By name, then sandbox, then id: the order an operator scans for a
+    // connection in (the endpoint answers in its own order).
+    let mut sorted: Vec<&StatusEntry> = entries.iter().collect();
+    sorted.sort_by(|a, b| (&a.name, &a.sandbox, &a.id).cmp(&(&b.name, &b.sandbox, &b.id)));
+    let rows: Vec<[String; 8]> = sorted
+        .into_iter()
         .map(|e| {
             // Everything here came over the wire from the admin endpoint:
             // escape control characters and bound each cell.
@@ -1065,7 +1069,8 @@ mod tests {
         b.expires_at = at(-12);
         b.last_error = Some("line one\nline two".into());
         b.origin = "discover[1]".into();
-        let table = render_status_table(&[a, b], now);
+        // Given out of order, shown sorted by name.
+        let table = render_status_table(&[b, a], now);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(
             lines[0],

@@ -118,6 +118,11 @@ pub struct DemoArgs {
     /// How long to run, e.g. `25s` [default: until Ctrl-C].
     #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
     pub run_for: Option<Duration>,
+    /// Shadows the global `--config` so that `demo --help` does not offer
+    /// it: the demo writes a config of its own and reads none (a global
+    /// argument is not propagated to a subcommand that defines its id).
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

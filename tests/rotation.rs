@@ -306,7 +306,19 @@ async fn once_exits_0_when_all_rotate_and_1_when_one_fails() {
         "stderr:\n{}",
         only.stderr_text()
     );
-    assert!(only.stdout_text().contains("1 connections, 1 ok, 0 failed"));
+    assert!(only.stdout_text().contains("1 connection, 1 ok, 0 failed"));
+
+    // ... or to the connection a name names (what logs and reports show).
+    let mut by_name = h.spawn(&config, &["once", "--connection", "conn-1"]);
+    assert_eq!(
+        by_name.wait(Duration::from_secs(30)).code(),
+        Some(0),
+        "stderr:\n{}",
+        by_name.stderr_text()
+    );
+    let report = by_name.stdout_text();
+    assert!(report.contains("ok    conn-1 (dev)"), "{report}");
+    assert!(report.contains("1 connection, 1 ok, 0 failed"), "{report}");
 
     let mut unknown = h.spawn(&config, &["once", "--connection", "no-such-id"]);
     assert_eq!(unknown.wait(Duration::from_secs(30)).code(), Some(2));
