@@ -1177,3 +1177,51 @@ impl CheckReport {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(connections: &[(&str, &str, &str)]) -> Config {
+        let mut text = String::from(
+            "[adobe]\nclient_id = \"cid\"\nclient_secret = \"s\"\norg_id = \"0123456789ABCDEF01234567@AdobeOrg\"\n\
+             [aws]\nrole_arn = \"arn:aws:iam::123456789012:role/aep\"\n",
+        );
+        for (id, sandbox, name) in connections {
+            text.push_str(&format!(
+                "[[connections]]\nid = \"{id}\"\nsandbox = \"{sandbox}\"\nname = \"{name}\"\n"
+            ));
+        }
+        Config::from_toml_str(&text, Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn once_chooses_connections_by_id_or_by_a_name_only_one_has() {
+        // Names are unique within a sandbox only.
+        let config = config(&[
+            ("c-1", "prod", "sales"),
+            ("c-2", "prod", "clicks"),
+            ("c-3", "dev", "clicks"),
+        ]);
+        let chosen = |args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            chosen_connections(&config, &args)
+        };
+        assert_eq!(
+            chosen(&["c-2", "sales"]).ok(),
+            Some(vec!["c-2".to_owned(), "c-1".to_owned()])
+        );
+        // An id wins over a name; a shared name and an unknown one are refused.
+        assert!(chosen(&["clicks"]).is_err());
+        assert!(chosen(&["nothing"]).is_err());
+        assert_eq!(chosen(&[]).ok(), Some(Vec::new()));
+    }
+
+    #[test]
+    fn counts_are_pluralised() {
+        assert_eq!(plural(1, "connection"), "1 connection");
+        assert_eq!(plural(0, "connection"), "0 connections");
+        assert_eq!(plural(2, "sandbox"), "2 sandboxes");
+        assert_eq!(plural(1, "discover rule"), "1 discover rule");
+    }
+}
