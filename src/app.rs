@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{Cli, Command, OnceArgs, RunArgs};
 use crate::clock::rfc3339;
 use crate::config::{Config, ConfigError};
-use crate::daemon::{Daemon, Intake, Mode, Options, Report, build_rotator};
+use crate::daemon::{Daemon, Intake, Mode, Options, Reload, Report, build_rotator};
 use crate::discovery::{self, FlowLister, Membership};
 use crate::notify::Notifier;
 use crate::sts::{CredentialSource, SourceIdentity, StsError, StsRequest};
@@ -525,7 +525,7 @@ struct StartListing {
     rotator: Arc<crate::rotation::Rotator>,
     intake: mpsc::UnboundedSender<Intake>,
     reloads: mpsc::Receiver<Config>,
-    to_daemon: mpsc::Sender<Config>,
+    to_daemon: mpsc::Sender<Reload>,
 }
 
 /// `run`'s start: resolves the rules and reads etags in bulk, feeding the
@@ -566,7 +566,11 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         etags = membership.etags.len(),
         "connections listed"
     );
-    if !exact && to_daemon.send(membership.apply_to(&config)).await.is_err() {
+    let reload = Reload {
+        config: membership.apply_to(&config),
+        rotator: Some(Arc::clone(&rotator)),
+    };
+    if !exact && to_daemon.send(reload).await.is_err() {
         return;
     }
     discovery_supervisor(
@@ -586,7 +590,7 @@ async fn discovery_supervisor(
     mut rotator: Arc<crate::rotation::Rotator>,
     mut membership: Arc<Membership>,
     mut hups: mpsc::Receiver<Config>,
-    to_daemon: mpsc::Sender<Config>,
+    to_daemon: mpsc::Sender<Reload>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -605,18 +609,25 @@ async fn discovery_supervisor(
                 Some(next) = found.recv() => {
                     membership = next;
                     telemetry.set_discovery_conflicts(membership.conflicts.len());
-                    if to_daemon.send(membership.apply_to(&base)).await.is_err() {
+                    let reload = Reload { config: membership.apply_to(&base), rotator: Some(Arc::clone(&rotator)) };
+                    if to_daemon.send(reload).await.is_err() {
                         return;
                     }
                 }
                 Some(config) = hups.recv() => {
                     round.cancel();
-                    // Clients whose settings did not change are kept (IMS
-                    // token, request gate): the same rule as the daemon's.
-                    if let Ok(fresh) =
-                        build_rotator(&config, &options, &telemetry, Some((&base, &rotator))).await
-                    {
-                        rotator = Arc::new(fresh);
+                    // The one place a reload builds clients: the daemon
+                    // rotates with the ones sent along below, so listing and
+                    // rotation share one request gate and one IMS token.
+                    // Clients whose settings did not change are kept.
+                    match build_rotator(&config, &options, &telemetry, Some((&base, &rotator))).await {
+                        Ok(fresh) => rotator = Arc::new(fresh),
+                        Err(error) => {
+                            // The running config stays, for listing and
+                            // rotation alike; listing starts a new round.
+                            tracing::error!(error = %format!("{error:#}"), "config reload failed, keeping the running config");
+                            break;
+                        }
                     }
                     base = config;
                     let next = if base.discover.is_empty() {
@@ -628,7 +639,8 @@ async fn discovery_supervisor(
                     discovery::log_changes(&membership, &next);
                     membership = Arc::new(next);
                     telemetry.set_discovery_conflicts(membership.conflicts.len());
-                    if to_daemon.send(membership.apply_to(&base)).await.is_err() {
+                    let reload = Reload { config: membership.apply_to(&base), rotator: Some(Arc::clone(&rotator)) };
+                    if to_daemon.send(reload).await.is_err() {
                         return;
                     }
                     break;

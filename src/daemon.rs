@@ -56,8 +56,8 @@ mod replicas;
 pub use intake::{Intake, MAX_HOLD};
 use intake::{Listed, next_intake};
 pub use observe::{ConnectionReport, Report};
-pub use reload::build_rotator;
 use reload::{Prepared, Runner};
+pub use reload::{Reload, build_rotator};
 use replicas::leadership_changed;
 
 /// The deadline heaps: (due time, insertion number, id), earliest first,
@@ -362,7 +362,7 @@ impl Daemon {
     pub async fn run(
         mut self,
         cancel: CancellationToken,
-        mut reloads: mpsc::Receiver<Config>,
+        mut reloads: mpsc::Receiver<Reload>,
     ) -> anyhow::Result<Report> {
         let watchdog = self.notifier.watchdog_interval();
         let mut watchdog_tick =
@@ -408,7 +408,7 @@ impl Daemon {
                     self.hold_expired();
                 }
                 reload = reloads.recv(), if reloads_open => match reload {
-                    Some(config) => self.prepare_reload(config, prepared_tx.clone()),
+                    Some(reload) => self.prepare_reload(reload, prepared_tx.clone()),
                     None => reloads_open = false,
                 },
                 () = tokio::time::sleep_until(self.clock.instant_at(next_due.unwrap_or(SystemTime::UNIX_EPOCH))), if next_due.is_some() => {}

@@ -386,3 +386,82 @@ async fn systemd_notify_ready_status_and_watchdog() {
     assert!(stopping, "STOPPING=1 not sent");
     assert_eq!(daemon.wait(Duration::from_secs(15)).code(), Some(0));
 }
+
+/// One set of clients after a reload: discovery's listing and the rotations
+/// share one request gate and one IMS token. A SIGHUP lowers concurrency
+/// from 4 to 2 and changes `[adobe]` while discovery lists every second and
+/// rotations keep every slot busy; from then on the simulator never sees
+/// more than 2 Flow Service requests at once, and one IMS token is issued
+/// for the new `[adobe]`, not one per set of clients.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_gives_listing_and_rotation_one_request_gate_and_one_ims_token() {
+    const RULE: &str = r#"
+[[discover]]
+sandboxes = ["prod", "dev"]
+description_tag = "rotate:aep-s3"
+every = "1s"
+"#;
+    // 40 connections whose credentials live 4 s, rotated 2 s ahead: about
+    // 20 rotations a second, each PATCH 200 ms at the simulator, so there
+    // is always more work than the gate lets through.
+    let h = Harness::start_with(40, Duration::from_secs(4), |sim| {
+        for c in &mut sim.connections {
+            c.description = "rotate:aep-s3".to_owned();
+        }
+        sim.faults.latency = Duration::from_millis(200);
+    })
+    .await;
+    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let mut daemon = h.spawn(&config, &["run"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || !daemon
+            .events("ready")
+            .is_empty()
+            || h.sim.stats().flow_patches_ok >= 40)
+        .await,
+        "no first pass; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let rotation = FAST_ROTATION.replace("concurrency = 4", "concurrency = 2");
+    let edited = h.write_config_with_connections(&rotation, RULE, &[]);
+    let text = std::fs::read_to_string(&edited).unwrap();
+    let text = text.replace(
+        "[adobe]\n",
+        "[adobe]\nscopes = [\"openid\", \"AdobeID\", \"read_organizations\"]\n",
+    );
+    std::fs::write(&edited, text).unwrap();
+    let tokens_before = h.sim.stats().ims_tokens_issued;
+    daemon.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || !daemon
+            .events("config reloaded")
+            .is_empty())
+        .await,
+        "no reload; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    // Jobs dispatched before the reload finish with the clients they
+    // started with, those waiting at the old gate included: measure from
+    // when they are done.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    h.sim.reset_max_in_flight();
+    let patches = h.sim.stats().flow_patches_ok;
+    let lists = h.sim.stats().flow_lists;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stats = h.sim.stats();
+    assert!(
+        stats.flow_patches_ok > patches + 10 && stats.flow_lists > lists,
+        "rotation and listing did not both go on: {stats:?}"
+    );
+    assert!(
+        stats.max_in_flight <= 2,
+        "{} Flow Service requests at once under concurrency = 2",
+        stats.max_in_flight
+    );
+    assert_eq!(
+        stats.ims_tokens_issued - tokens_before,
+        1,
+        "one IMS token for the new [adobe], shared by listing and rotation"
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

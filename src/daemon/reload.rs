@@ -105,13 +105,28 @@ pub async fn build_rotator(
 
 fn same_adobe(a: &Config, b: &Config) -> bool {
     use secrecy::ExposeSecret;
-    let (a, b) = (&a.adobe, &b.adobe);
-    a.client_id == b.client_id
-        && a.client_secret.expose_secret() == b.client_secret.expose_secret()
-        && a.org_id == b.org_id
-        && a.scopes == b.scopes
-        && a.ims_url == b.ims_url
-        && a.platform_url == b.platform_url
+    // Destructured without `..`: a field added to AdobeConfig does not
+    // compile until it is decided here whether it needs a new IMS client
+    // (`client_secret_file` was once forgotten: the kept client then re-read
+    // the old file after `invalid_client`).
+    let crate::config::AdobeConfig {
+        client_id,
+        client_secret,
+        client_secret_file,
+        client_secret_deferred: _,
+        org_id,
+        scopes,
+        ims_url,
+        platform_url,
+    } = &a.adobe;
+    let b = &b.adobe;
+    *client_id == b.client_id
+        && client_secret.expose_secret() == b.client_secret.expose_secret()
+        && *client_secret_file == b.client_secret_file
+        && *org_id == b.org_id
+        && *scopes == b.scopes
+        && *ims_url == b.ims_url
+        && *platform_url == b.platform_url
 }
 
 /// The clients jobs run with: the real ones (rebuilt on reload), or a fixed
@@ -131,6 +146,28 @@ impl Runner {
     }
 }
 
+/// A new config for the running daemon: after a SIGHUP, or a re-listing
+/// that changed the set of connections.
+#[derive(Debug)]
+pub struct Reload {
+    /// The config, its connections the resolved set.
+    pub config: Config,
+    /// The clients built for it by whoever sent it (`run`'s discovery
+    /// supervisor, which lists with them): rotation then shares its request
+    /// gate and IMS token instead of building a second set. `None` (tests,
+    /// fixed runners): the daemon builds them itself.
+    pub rotator: Option<Arc<Rotator>>,
+}
+
+impl From<Config> for Reload {
+    fn from(config: Config) -> Self {
+        Self {
+            config,
+            rotator: None,
+        }
+    }
+}
+
 /// A reload whose clients are ready.
 pub(super) struct Prepared {
     config: Config,
@@ -142,9 +179,13 @@ impl Daemon {
     /// can take seconds); the result comes back through `done`.
     pub(super) fn prepare_reload(
         &self,
-        config: Config,
+        reload: Reload,
         done: mpsc::Sender<anyhow::Result<Prepared>>,
     ) {
+        let Reload {
+            config,
+            rotator: built,
+        } = reload;
         self.notifier.reloading();
         for (key, changed) in [
             (
@@ -167,6 +208,10 @@ impl Daemon {
         match &self.runner {
             Runner::Fixed(runner) => {
                 let runner = Runner::Fixed(Arc::clone(runner));
+                tokio::spawn(async move { done.send(Ok(Prepared { config, runner })).await });
+            }
+            Runner::Real(_) if built.is_some() => {
+                let runner = built.map_or_else(|| self.runner.clone(), Runner::Real);
                 tokio::spawn(async move { done.send(Ok(Prepared { config, runner })).await });
             }
             Runner::Real(rotator) => {

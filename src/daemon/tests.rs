@@ -510,7 +510,7 @@ async fn a_reload_that_changes_the_role_waits_for_the_slow_patch() {
     let (reload_tx, reloads) = mpsc::channel(1);
     let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
     tokio::time::sleep(S(5)).await;
-    reload_tx.send(new).await.unwrap();
+    reload_tx.send(new.into()).await.unwrap();
     tokio::time::sleep(S(60)).await;
     cancel.cancel();
     task.await.unwrap().unwrap();
@@ -1046,6 +1046,25 @@ async fn a_reload_keeps_the_ims_token_sts_cache_and_gate_whose_settings_did_not_
         config_text(2, 4, "a").replace("client_id = \"cid\"", "client_id = \"cid2\"");
     let (_, new) = rotator_for(&other_client, Some((&base, &old))).await;
     assert_eq!(kept(&new), (false, true, true));
+    // Another client_secret_file holding the same secret: a new IMS client,
+    // which re-reads the new file (not the old one) after `invalid_client`.
+    let dir = tempfile::tempdir().unwrap();
+    let with_file = |name: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, "not-a-real-secret").unwrap();
+        config_text(2, 4, "a").replace(
+            "client_secret = \"not-a-real-secret\"",
+            &format!("client_secret_file = \"{}\"", file.display()),
+        )
+    };
+    let (file_base, file_old) = rotator_for(&with_file("one"), None).await;
+    let (_, moved) = rotator_for(&with_file("two"), Some((&file_base, &file_old))).await;
+    assert!(
+        !Arc::ptr_eq(&moved.ims, &file_old.ims),
+        "the IMS client kept the old secret file"
+    );
+    let (_, same) = rotator_for(&with_file("one"), Some((&file_base, &file_old))).await;
+    assert!(Arc::ptr_eq(&same.ims, &file_old.ims));
     // Another concurrency: a new gate, the rest kept.
     let (_, new) = rotator_for(&config_text(2, 8, "a"), Some((&base, &old))).await;
     assert_eq!(kept(&new), (true, true, false));

@@ -855,6 +855,12 @@ impl Simulator {
         self.shared.revoke_tokens();
     }
 
+    /// Restarts [`SimStats::max_in_flight`] from the Flow requests in
+    /// flight now.
+    pub fn reset_max_in_flight(&self) {
+        self.shared.reset_max_in_flight();
+    }
+
     /// Current figures.
     pub fn stats(&self) -> SimStats {
         self.shared.stats()

@@ -572,6 +572,13 @@ impl Shared {
         self.shutdown.cancel();
     }
 
+    /// Starts the peak of Flow requests in flight again from those in
+    /// flight now: a test measures a limit from a moment on.
+    pub fn reset_max_in_flight(&self) {
+        self.max_in_flight
+            .store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// Counts one Flow request in flight until the guard is dropped.
     pub fn enter_flow(&self) -> InFlight<'_> {
         let now = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
