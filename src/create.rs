@@ -14,10 +14,10 @@ use std::sync::Arc;
 use serde_json::Value;
 use url::Url;
 
-use crate::app::Exit;
 use crate::cli::CreateArgs;
 use crate::config::{Config, ConnectionConfig, Origin, RoleArn};
 use crate::daemon::{Mode, Options, build_rotator};
+use crate::exit::Exit;
 use crate::flow::{
     ACCESS_KEY_AUTH_SPEC, ListedConnection, NewConnection, S3_CONNECTION_SPEC_ID, create_body,
 };

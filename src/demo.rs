@@ -10,10 +10,10 @@ use secrecy::SecretString;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Exit;
 use crate::cli::DemoArgs;
 use crate::config::Config;
 use crate::daemon::{Daemon, Mode, Options, Report};
+use crate::exit::Exit;
 use crate::notify::Notifier;
 use crate::sts::SourceIdentity;
 use crate::telemetry::Telemetry;

@@ -47,6 +47,7 @@ pub mod app;
 pub mod backoff;
 pub mod cli;
 pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod coordination;
@@ -55,6 +56,7 @@ pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
+pub mod exit;
 pub mod flow;
 pub mod fsguard;
 pub mod http;

@@ -3,8 +3,9 @@
 
 use std::process::ExitCode;
 
-use aep_s3_rotator::app::{self, Exit};
 use aep_s3_rotator::cli::Cli;
+use aep_s3_rotator::commands;
+use aep_s3_rotator::exit::Exit;
 use aep_s3_rotator::logging::{self, LogFormat};
 use clap::Parser;
 
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
     // On a worker, not on this thread: the scheduler then wakes on the
     // worker that finished a job instead of across threads (a futex wake
     // per rotation), and its own work balances over the workers.
-    let app = runtime.spawn(app::main(cli));
+    let app = runtime.spawn(commands::main(cli));
     let exit = runtime.block_on(app).unwrap_or_else(|error| {
         eprintln!("aep-s3-rotator: internal error: {error}");
         Exit::Failure

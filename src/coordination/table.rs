@@ -18,9 +18,9 @@ use aws_sdk_dynamodb::types::{
 
 use super::dynamo::{DynamoStore, classify};
 use super::{Store, StoreError};
-use crate::app::Exit;
 use crate::clock::mono_now;
 use crate::config::Config;
+use crate::exit::Exit;
 use crate::sts::SourceIdentity;
 
 /// The probe item [`verify`] aims its writes at. Every write carries a
