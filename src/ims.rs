@@ -39,6 +39,16 @@ impl AccessToken {
     pub fn expose(&self) -> &str {
         self.value.expose_secret()
     }
+
+    /// A token as a fetch numbered `generation` would give it (tests of
+    /// code that holds tokens, with no IMS).
+    #[cfg(test)]
+    pub(crate) fn for_tests(value: &str, generation: u64) -> Self {
+        Self {
+            value: SecretString::from(value.to_owned()),
+            generation,
+        }
+    }
 }
 
 /// Why no token could be had, by what the caller does next.

@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use futures::future::BoxFuture;
+
 use crate::flow::{FlowClient, FlowError, RemoteConnection};
 use crate::ims::{AccessToken, ImsClient, ImsError};
 use crate::s3probe::{ProbeError, S3Probe, S3Target};
@@ -253,6 +255,101 @@ impl JobRunner for Rotator {
     }
 }
 
+/// The Flow Service calls a rotation makes: [`FlowClient`] in production,
+/// a scripted peer in this module's tests.
+pub trait FlowApi: Send + Sync + std::fmt::Debug {
+    /// `GET /connections/{id}`: the etag and the S3 parameters.
+    fn get_connection<'a>(
+        &'a self,
+        id: &'a str,
+        sandbox: &'a str,
+        token: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<RemoteConnection, FlowError>>;
+    /// `PATCH /connections/{id}` with `If-Match`: the new etag, if answered.
+    fn patch_credentials<'a>(
+        &'a self,
+        id: &'a str,
+        sandbox: &'a str,
+        etag: &'a str,
+        credentials: &'a AwsCredentials,
+        token: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<Option<String>, FlowError>>;
+    /// `GET /connections/{id}/test`: whether Flow Service reaches S3.
+    fn test_connection<'a>(
+        &'a self,
+        id: &'a str,
+        sandbox: &'a str,
+        token: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<bool, FlowError>>;
+}
+
+impl FlowApi for FlowClient {
+    fn get_connection<'a>(
+        &'a self,
+        id: &'a str,
+        sandbox: &'a str,
+        token: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<RemoteConnection, FlowError>> {
+        Box::pin(FlowClient::get_connection(self, id, sandbox, token))
+    }
+    fn patch_credentials<'a>(
+        &'a self,
+        id: &'a str,
+        sandbox: &'a str,
+        etag: &'a str,
+        credentials: &'a AwsCredentials,
+        token: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<Option<String>, FlowError>> {
+        Box::pin(FlowClient::patch_credentials(
+            self,
+            id,
+            sandbox,
+            etag,
+            credentials,
+            token,
+        ))
+    }
+    fn test_connection<'a>(
+        &'a self,
+        id: &'a str,
+        sandbox: &'a str,
+        token: &'a AccessToken,
+    ) -> BoxFuture<'a, Result<bool, FlowError>> {
+        Box::pin(FlowClient::test_connection(self, id, sandbox, token))
+    }
+}
+
+/// Where a rotation gets its IMS token: [`ImsClient`] in production.
+pub trait TokenSource: Send + Sync + std::fmt::Debug {
+    /// The current token (fetched when there is none or it is due).
+    fn token(&self) -> BoxFuture<'_, Result<Arc<AccessToken>, ImsError>>;
+    /// Drops `token` after Flow Service refused it (401).
+    fn invalidate<'a>(&'a self, token: &'a AccessToken) -> BoxFuture<'a, ()>;
+}
+
+impl TokenSource for ImsClient {
+    fn token(&self) -> BoxFuture<'_, Result<Arc<AccessToken>, ImsError>> {
+        Box::pin(ImsClient::token(self))
+    }
+    fn invalidate<'a>(&'a self, token: &'a AccessToken) -> BoxFuture<'a, ()> {
+        Box::pin(ImsClient::invalidate(self, token))
+    }
+}
+
+/// One job's view of what it works with: the remotes behind their traits,
+/// the settings. Borrowed from a [`Rotator`] for the job's length.
+struct Rotation<'a> {
+    flow: &'a dyn FlowApi,
+    ims: &'a dyn TokenSource,
+    credentials: &'a CredentialCache,
+    prepush: Option<&'a dyn S3Probe>,
+    fence: Option<&'a crate::coordination::Fence>,
+    telemetry: &'a Telemetry,
+    refresh_before: Duration,
+    verify: bool,
+    dry_run: bool,
+}
+
 /// The job's working state: what it learnt survives a failure.
 struct Progress {
     etag: Option<String>,
@@ -272,6 +369,24 @@ impl Rotator {
     /// Runs one job to its end. Stops before the PATCH once `cancel` fires;
     /// a PATCH already sent is let finish.
     pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> JobResult {
+        let rotation = Rotation {
+            flow: &self.flow,
+            ims: &*self.ims,
+            credentials: &self.credentials,
+            prepush: self.prepush.as_deref(),
+            fence: self.fence.as_ref(),
+            telemetry: &self.telemetry,
+            refresh_before: self.refresh_before,
+            verify: self.verify,
+            dry_run: self.dry_run,
+        };
+        rotation.run(job, cancel).await
+    }
+}
+
+impl Rotation<'_> {
+    /// See [`Rotator::run`].
+    async fn run(&self, job: &Job, cancel: &CancellationToken) -> JobResult {
         let mut progress = Progress {
             // A cached etag that cannot be sent (a corrupt state file, an
             // older version that kept anything) is dropped: the job re-reads.
@@ -565,5 +680,425 @@ impl Rotator {
             ),
             Err(error) => tracing::warn!(error = %error, "connection test could not run"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The job over scripted remotes, on paused time: no socket anywhere.
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use secrecy::SecretString;
+
+    /// A Flow Service that answers from scripts and records every call.
+    #[derive(Debug, Default)]
+    struct ScriptedFlow {
+        gets: Mutex<VecDeque<Result<RemoteConnection, FlowError>>>,
+        patches: Mutex<VecDeque<Result<Option<String>, FlowError>>>,
+        tests: Mutex<VecDeque<Result<bool, FlowError>>>,
+        /// `get:ETAG-less`, `patch:<etag>:<token>`, `test`: in order.
+        calls: Mutex<Vec<String>>,
+        /// Closed after the next GET (the lease lost between GET and PATCH).
+        close_after_get: Mutex<Option<crate::coordination::Fence>>,
+    }
+
+    impl ScriptedFlow {
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    fn remote(etag: &str) -> RemoteConnection {
+        RemoteConnection {
+            etag: etag.to_owned(),
+            name: Some("sales".to_owned()),
+            s3: Some(S3Target {
+                bucket: "sales-bucket".to_owned(),
+                folder: Some("landing".to_owned()),
+                service_url: None,
+            }),
+        }
+    }
+
+    impl FlowApi for ScriptedFlow {
+        fn get_connection<'a>(
+            &'a self,
+            _id: &'a str,
+            _sandbox: &'a str,
+            _token: &'a AccessToken,
+        ) -> BoxFuture<'a, Result<RemoteConnection, FlowError>> {
+            self.calls.lock().unwrap().push("get".to_owned());
+            if let Some(fence) = self.close_after_get.lock().unwrap().take() {
+                fence.close();
+            }
+            let answer = self
+                .gets
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("an unscripted GET");
+            Box::pin(async move { answer })
+        }
+        fn patch_credentials<'a>(
+            &'a self,
+            _id: &'a str,
+            _sandbox: &'a str,
+            etag: &'a str,
+            _credentials: &'a AwsCredentials,
+            token: &'a AccessToken,
+        ) -> BoxFuture<'a, Result<Option<String>, FlowError>> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("patch:{etag}:{}", token.expose()));
+            let answer = self
+                .patches
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("an unscripted PATCH");
+            Box::pin(async move { answer })
+        }
+        fn test_connection<'a>(
+            &'a self,
+            _id: &'a str,
+            _sandbox: &'a str,
+            _token: &'a AccessToken,
+        ) -> BoxFuture<'a, Result<bool, FlowError>> {
+            self.calls.lock().unwrap().push("test".to_owned());
+            let answer = self
+                .tests
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("an unscripted test");
+            Box::pin(async move { answer })
+        }
+    }
+
+    /// IMS: token N for the Nth fetch; counts invalidations.
+    #[derive(Debug, Default)]
+    struct CountingIms {
+        fetched: AtomicU64,
+        invalidated: AtomicU64,
+        current: Mutex<Option<Arc<AccessToken>>>,
+    }
+
+    impl TokenSource for CountingIms {
+        fn token(&self) -> BoxFuture<'_, Result<Arc<AccessToken>, ImsError>> {
+            let mut current = self.current.lock().unwrap();
+            let token = current
+                .get_or_insert_with(|| {
+                    let n = self.fetched.fetch_add(1, Ordering::Relaxed) + 1;
+                    Arc::new(AccessToken::for_tests(&format!("token-{n}"), n))
+                })
+                .clone();
+            Box::pin(async move { Ok(token) })
+        }
+        fn invalidate<'a>(&'a self, _token: &'a AccessToken) -> BoxFuture<'a, ()> {
+            self.invalidated.fetch_add(1, Ordering::Relaxed);
+            *self.current.lock().unwrap() = None;
+            Box::pin(async {})
+        }
+    }
+
+    /// STS: a new key pair per call, an hour long.
+    #[derive(Debug, Default)]
+    struct Sts(AtomicU64);
+
+    impl crate::sts::CredentialSource for Sts {
+        fn issue<'a>(
+            &'a self,
+            _request: &'a StsRequest,
+        ) -> BoxFuture<'a, Result<AwsCredentials, StsError>> {
+            let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+            Box::pin(async move {
+                Ok(AwsCredentials {
+                    access_key_id: format!("ASIATESTKEY{n:09}"),
+                    secret_access_key: SecretString::from(format!("wJalrXUtnFEMIK7MDENGbPxRfiCY{n:012}")),
+                    session_token: SecretString::from(format!("IQoJb3JpZ2luX2VjE{}{n:08}", "A".repeat(300))),
+                    expiration: crate::clock::wall_now() + Duration::from_secs(3600),
+                })
+            })
+        }
+    }
+
+    /// The S3 check: allows, or denies every time.
+    #[derive(Debug)]
+    struct Probe {
+        deny: bool,
+        checks: AtomicU64,
+    }
+
+    impl S3Probe for Probe {
+        fn check<'a>(
+            &'a self,
+            target: &'a S3Target,
+            _credentials: &'a AwsCredentials,
+        ) -> BoxFuture<'a, Result<crate::s3probe::Allowed, ProbeError>> {
+            self.checks.fetch_add(1, Ordering::Relaxed);
+            let outcome = if self.deny {
+                Err(ProbeError::Denied {
+                    code: "AccessDenied".to_owned(),
+                    message: "Access Denied".to_owned(),
+                    status: 403,
+                    operation: "ListObjectsV2",
+                    target: target.describe(),
+                })
+            } else {
+                Ok(crate::s3probe::Allowed {
+                    operation: "ListObjectsV2",
+                    region: "us-east-1".to_owned(),
+                    attempts: 1,
+                })
+            };
+            Box::pin(async move { outcome })
+        }
+    }
+
+    struct World {
+        flow: ScriptedFlow,
+        ims: CountingIms,
+        credentials: CredentialCache,
+        probe: Probe,
+        fence: Option<crate::coordination::Fence>,
+        telemetry: Telemetry,
+        verify: bool,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                flow: ScriptedFlow::default(),
+                ims: CountingIms::default(),
+                credentials: CredentialCache::new(Arc::new(Sts::default()), Duration::from_secs(1)),
+                probe: Probe {
+                    deny: false,
+                    checks: AtomicU64::new(0),
+                },
+                fence: None,
+                telemetry: Telemetry::new(Duration::from_secs(1200)),
+                verify: false,
+            }
+        }
+
+        async fn run(&self, job: &Job) -> JobResult {
+            let rotation = Rotation {
+                flow: &self.flow,
+                ims: &self.ims,
+                credentials: &self.credentials,
+                prepush: Some(&self.probe),
+                fence: self.fence.as_ref(),
+                telemetry: &self.telemetry,
+                refresh_before: Duration::from_secs(1200),
+                verify: self.verify,
+                dry_run: false,
+            };
+            rotation.run(job, &CancellationToken::new()).await
+        }
+    }
+
+    /// A job for a connection whose etag and bucket are not known yet.
+    fn job() -> Job {
+        Job {
+            id: "c1".to_owned(),
+            sandbox: "prod".to_owned(),
+            sts: StsRequest {
+                role_arn: None,
+                external_id: None,
+                session_name: "aep".to_owned(),
+                session_policy: None,
+                policy_arns: Vec::new(),
+                duration: Duration::from_secs(3600),
+            },
+            known_etag: None,
+            held: None,
+            resume_if_etag: None,
+            s3: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_412_re_reads_the_connection_and_patches_with_the_new_etag() {
+        let world = World::new();
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .extend([Ok(remote("\"e1\"")), Ok(remote("\"e2\""))]);
+        world.flow.patches.lock().unwrap().extend([
+            Err(FlowError::PreconditionFailed),
+            Ok(Some("\"e3\"".to_owned())),
+        ]);
+        let result = world.run(&job()).await;
+        let JobResult::Rotated {
+            etag, conflicts, ..
+        } = result
+        else {
+            panic!("not rotated: {result:?}");
+        };
+        assert_eq!((etag.as_deref(), conflicts), (Some("\"e3\""), 1));
+        assert_eq!(
+            world.flow.calls(),
+            ["get", "patch:\"e1\":token-1", "get", "patch:\"e2\":token-1"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_412_on_every_patch_ends_in_a_conflict_failure_not_a_loop() {
+        let world = World::new();
+        let n = MAX_CONFLICTS_PER_JOB as usize + 1;
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .extend((0..n).map(|i| Ok(remote(&format!("\"e{i}\"")))));
+        world
+            .flow
+            .patches
+            .lock()
+            .unwrap()
+            .extend((0..n).map(|_| Err(FlowError::PreconditionFailed)));
+        let result = world.run(&job()).await;
+        assert!(
+            matches!(result, JobResult::Failed { error: RotationError::Conflicts(c), etag: None, .. } if c == MAX_CONFLICTS_PER_JOB + 1),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pre_push_denial_pushes_nothing() {
+        let mut world = World::new();
+        world.probe.deny = true;
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        let JobResult::Failed { error, etag, .. } = result else {
+            panic!("pushed: {result:?}");
+        };
+        assert!(
+            matches!(error, RotationError::Prepush(ProbeError::Denied { .. })),
+            "{error:?}"
+        );
+        assert_eq!(error.retry_kind(), RetryKind::Slow);
+        // The etag read stays known: the next attempt needs no GET for it.
+        assert_eq!(etag.as_deref(), Some("\"e1\""));
+        assert_eq!(world.flow.calls(), ["get"], "no PATCH after a denial");
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fence_lost_between_get_and_patch_stops_before_the_patch() {
+        let mut world = World::new();
+        let fence = crate::coordination::Fence::new();
+        fence.open_until(crate::clock::mono_now() + Duration::from_secs(60));
+        *world.flow.close_after_get.lock().unwrap() = Some(fence.clone());
+        world.fence = Some(fence);
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        assert!(
+            matches!(
+                result,
+                JobResult::Failed {
+                    error: RotationError::NotLeader,
+                    ..
+                }
+            ),
+            "{result:?}"
+        );
+        assert_eq!(
+            world.flow.calls(),
+            ["get"],
+            "a PATCH after the lease was lost"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_verification_is_logged_and_counted_but_the_rotation_stands() {
+        let mut world = World::new();
+        world.verify = true;
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        world
+            .flow
+            .patches
+            .lock()
+            .unwrap()
+            .push_back(Ok(Some("\"e2\"".to_owned())));
+        world.flow.tests.lock().unwrap().push_back(Ok(false));
+        let result = world.run(&job()).await;
+        assert!(matches!(result, JobResult::Rotated { .. }), "{result:?}");
+        assert_eq!(world.flow.calls(), ["get", "patch:\"e1\":token-1", "test"]);
+        let metrics = world.telemetry.render_metrics(crate::clock::wall_now());
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.contains("verif") && l.contains("fail") && l.ends_with(" 1")),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_401_fetches_a_new_token_once_and_patches_with_it() {
+        let world = World::new();
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        world.flow.patches.lock().unwrap().extend([
+            Err(FlowError::Unauthorized("token revoked".to_owned())),
+            Ok(Some("\"e2\"".to_owned())),
+        ]);
+        let result = world.run(&job()).await;
+        assert!(matches!(result, JobResult::Rotated { .. }), "{result:?}");
+        assert_eq!(
+            world.flow.calls(),
+            ["get", "patch:\"e1\":token-1", "patch:\"e1\":token-2"]
+        );
+        assert_eq!(world.ims.invalidated.load(Ordering::Relaxed), 1);
+        // A second 401 in the same job is a failure, not another token.
+        let world = World::new();
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        world.flow.patches.lock().unwrap().extend([
+            Err(FlowError::Unauthorized("no".to_owned())),
+            Err(FlowError::Unauthorized("still no".to_owned())),
+        ]);
+        let result = world.run(&job()).await;
+        assert!(
+            matches!(
+                result,
+                JobResult::Failed {
+                    error: RotationError::Flow(FlowError::Unauthorized(_)),
+                    ..
+                }
+            ),
+            "{result:?}"
+        );
+        assert_eq!(world.ims.fetched.load(Ordering::Relaxed), 2);
     }
 }
