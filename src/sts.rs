@@ -699,6 +699,9 @@ pub struct CredentialCache {
     source: Arc<dyn CredentialSource>,
     slots: Mutex<HashMap<StsRequest, Arc<tokio::sync::Mutex<Slot>>>>,
     share_failure: Duration,
+    /// The wall clock that reuse and expiry are judged by (tokio's, anchored,
+    /// in tests on paused time).
+    clock: crate::clock::Clock,
 }
 
 impl CredentialCache {
@@ -710,7 +713,14 @@ impl CredentialCache {
             source,
             slots: Mutex::new(HashMap::new()),
             share_failure,
+            clock: crate::clock::Clock::system(),
         }
+    }
+
+    /// The same cache judging time by `clock`.
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Credentials for `request` that the caller does not already hold
@@ -731,7 +741,7 @@ impl CredentialCache {
             Arc::clone(slots.entry(request.clone()).or_default())
         };
         let mut slot = slot.lock().await;
-        let now = crate::clock::wall_now();
+        let now = self.clock.now();
         if let Some(entry) = slot.cached.as_ref()
             && now < entry.reuse_until
             && held != Some(entry.credentials.access_key_id.as_str())
@@ -746,7 +756,7 @@ impl CredentialCache {
             return Err(StsError::Shared(Box::new(failed.error.clone())));
         }
         let issued = match self.source.issue(request).await {
-            Ok(credentials) => accept_credentials(credentials, request, crate::clock::wall_now()),
+            Ok(credentials) => accept_credentials(credentials, request, self.clock.now()),
             Err(error) => Err(error),
         };
         let credentials = match issued {
@@ -761,7 +771,7 @@ impl CredentialCache {
             }
         };
         slot.failed = None;
-        let fetched = crate::clock::wall_now();
+        let fetched = self.clock.now();
         let reuse_until = schedule::next_rotation(
             fetched,
             credentials.expiration,
@@ -1026,6 +1036,58 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(third.access_key_id, second.access_key_id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Issues an hour-long answer by `clock`, counting calls.
+    #[derive(Debug)]
+    struct ClockedSource {
+        clock: crate::clock::Clock,
+        calls: AtomicU32,
+    }
+
+    impl CredentialSource for ClockedSource {
+        fn issue<'a>(
+            &'a self,
+            _request: &'a StsRequest,
+        ) -> BoxFuture<'a, Result<AwsCredentials, StsError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let expiration = self.clock.now() + Duration::from_secs(3600);
+            Box::pin(async move {
+                Ok(AwsCredentials {
+                    access_key_id: format!("ASIATEST{n:08}"),
+                    secret_access_key: SecretString::from(format!("secret-key-{n:032}")),
+                    session_token: SecretString::from(format!("session-token-{n:032}")),
+                    expiration,
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_is_reused_until_its_refresh_point_by_the_cache_clock() {
+        // A wall-clock anchor far from now: only the injected clock moves.
+        let clock = crate::clock::Clock::tokio_at(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+        );
+        let source = Arc::new(ClockedSource {
+            clock,
+            calls: AtomicU32::new(0),
+        });
+        let cache = CredentialCache::new(source.clone(), SHARE).with_clock(clock);
+        let (req, refresh) = (
+            request("arn:aws:iam::123456789012:role/a"),
+            Duration::from_secs(1200),
+        );
+        let first = cache.get(&req, None, refresh).await.unwrap();
+        // 39 minutes on: before the refresh point (60 − 20), reused.
+        tokio::time::advance(Duration::from_secs(39 * 60)).await;
+        let again = cache.get(&req, None, refresh).await.unwrap();
+        assert_eq!(again.access_key_id, first.access_key_id);
+        // 41 minutes on: past it, STS is asked again.
+        tokio::time::advance(Duration::from_secs(2 * 60)).await;
+        let fresh = cache.get(&req, None, refresh).await.unwrap();
+        assert_ne!(fresh.access_key_id, first.access_key_id);
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
