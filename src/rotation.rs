@@ -818,8 +818,13 @@ mod tests {
             Box::pin(async move {
                 Ok(AwsCredentials {
                     access_key_id: format!("ASIATESTKEY{n:09}"),
-                    secret_access_key: SecretString::from(format!("wJalrXUtnFEMIK7MDENGbPxRfiCY{n:012}")),
-                    session_token: SecretString::from(format!("IQoJb3JpZ2luX2VjE{}{n:08}", "A".repeat(300))),
+                    secret_access_key: SecretString::from(format!(
+                        "wJalrXUtnFEMIK7MDENGbPxRfiCY{n:012}"
+                    )),
+                    session_token: SecretString::from(format!(
+                        "IQoJb3JpZ2luX2VjE{}{n:08}",
+                        "A".repeat(300)
+                    )),
                     expiration: crate::clock::wall_now() + Duration::from_secs(3600),
                 })
             })
