@@ -58,6 +58,7 @@ pub mod discovery;
 pub mod flow;
 pub mod fsguard;
 pub mod http;
+pub mod ident;
 pub mod ims;
 pub mod lenient;
 pub mod logging;
