@@ -97,6 +97,12 @@ pub struct AwsConfig {
     /// Endpoint of the pre-push S3 check for connections without a
     /// `serviceUrl`; `None` = `AWS_ENDPOINT_URL_S3`, else AWS's regional endpoint.
     pub s3_endpoint: Option<Url>,
+    /// Further destinations the pre-push S3 check may send a connection's
+    /// new credentials to when its `serviceUrl` names them (a VPC endpoint,
+    /// an S3-compatible store). Without them a `serviceUrl` must be an AWS
+    /// S3 endpoint of the configured region's partition, or `s3_endpoint`
+    /// (docs/SECURITY.md, issue 26).
+    pub s3_endpoints: Vec<Url>,
     /// Default role; `None` (and none on a connection) = `GetSessionToken`.
     pub role_arn: Option<RoleArn>,
     /// Default `ExternalId` for `AssumeRole`.
@@ -930,6 +936,7 @@ struct RawAws {
     region: Option<Raw>,
     sts_endpoint: Option<Raw>,
     s3_endpoint: Option<Raw>,
+    s3_endpoints: Option<Raw>,
     role_arn: Option<Raw>,
     external_id: Option<Raw>,
     session_name: Option<Raw>,
@@ -1270,6 +1277,24 @@ impl Checker<'_> {
         }
     }
 
+    /// A list of [`Self::url`]s (absent = empty), each checked under
+    /// `path[i]`.
+    fn url_list(&mut self, path: &str, raw: Option<Raw>) -> Checked<Vec<Url>> {
+        let Some(items) = self.string_list(path, raw)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut bad = false;
+        for (i, item) in items.into_iter().enumerate() {
+            match self.url(&format!("{path}[{i}]"), Some(Raw::Str(item))) {
+                Ok(Some(url)) => out.push(url),
+                Ok(None) => {}
+                Err(Reported) => bad = true,
+            }
+        }
+        if bad { Err(Reported) } else { Ok(out) }
+    }
+
     /// An `https` URL, or `http` to a loopback host (tests, the simulator, a
     /// local proxy).
     fn url(&mut self, path: &str, raw: Option<Raw>) -> Checked<Option<Url>> {
@@ -1564,6 +1589,7 @@ impl Checker<'_> {
             });
         let sts_endpoint = self.url("aws.sts_endpoint", raw.sts_endpoint);
         let s3_endpoint = self.url("aws.s3_endpoint", raw.s3_endpoint);
+        let s3_endpoints = self.url_list("aws.s3_endpoints", raw.s3_endpoints);
         let role_arn = self.role_arn("aws.role_arn", raw.role_arn);
         let external_id = self.external_id("aws.external_id", raw.external_id);
         let session_name = self.session_name("aws.session_name", raw.session_name);
@@ -1571,6 +1597,7 @@ impl Checker<'_> {
             region: region?,
             sts_endpoint: sts_endpoint?,
             s3_endpoint: s3_endpoint?,
+            s3_endpoints: s3_endpoints?,
             role_arn: role_arn?,
             external_id: external_id?,
             session_name: session_name?.unwrap_or_else(|| DEFAULT_SESSION_NAME.to_owned()),
