@@ -262,6 +262,7 @@ async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
                     listener,
                     Arc::clone(&telemetry),
                     cancel.clone(),
+                    crate::admin::reserved_descriptors(&config),
                 ));
             }
             Err(error) => {
