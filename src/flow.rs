@@ -1028,8 +1028,8 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
 
 /// The most bytes of a listed description that are kept: it is only
 /// searched for a rule's `description_tag` (never shown), and a tag is a
-/// word near the start; 2 KiB keeps a listing's memory bounded.
-pub const MAX_LISTED_DESCRIPTION: usize = 2048;
+/// word near the start; 1 KiB keeps a listing's memory bounded.
+pub const MAX_LISTED_DESCRIPTION: usize = 1024;
 /// The most bytes kept of a listed `state`, `auth.specName` or
 /// `connectionSpec.id`: only compared with short known values.
 const MAX_LISTED_WORD: usize = 64;
@@ -1047,9 +1047,10 @@ const MAX_LISTED_URL: usize = 2048;
 pub const MAX_LISTED_ITEMS: usize = 20_000;
 /// The bytes one listing may keep (the strings of its items, see
 /// [`ListedConnection::footprint`]): 10,000 real items are about 1.5 MiB;
-/// 8 MiB leaves room for long names and descriptions and keeps a sandbox
-/// listing, alive or as its last known set, well inside a small container.
-pub const MAX_LISTED_BYTES: usize = 8 << 20;
+/// 4 MiB leaves room for long names and descriptions and keeps a sandbox
+/// listing, alive or as its last known set, well inside a small container
+/// (sandboxes list side by side).
+pub const MAX_LISTED_BYTES: usize = 4 << 20;
 /// The bytes of answers one listing may read (kept or not): 200 full pages.
 /// A padded or endless listing fails here instead of reading 1,000 MiB.
 pub const MAX_LISTING_READ: usize = 200 << 20;
