@@ -62,7 +62,9 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 /// Discovery rules over both sandboxes, re-listing every `every`.
 fn rule(name: &str, every: &str) -> String {
-    format!("[[discover]]\nsandboxes = [\"prod\", \"dev\"]\nname = \"{name}\"\nevery = \"{every}\"\n")
+    format!(
+        "[[discover]]\nsandboxes = [\"prod\", \"dev\"]\nname = \"{name}\"\nevery = \"{every}\"\n"
+    )
 }
 
 // 2 and 7. Listed names: bounded, escaped in every sink; alike names keep
@@ -127,7 +129,11 @@ async fn listed_names_reach_no_sink_raw_and_alike_names_keep_their_own_series() 
         .lines()
         .filter(|l| l.starts_with("aep_s3_rotator_credentials_expiry_timestamp_seconds{"))
         .collect();
-    assert_eq!(expiries.len(), 3, "one series per connection: {expiries:#?}");
+    assert_eq!(
+        expiries.len(),
+        3,
+        "one series per connection: {expiries:#?}"
+    );
     for id in [&ids[0], &ids[2]] {
         assert!(
             expiries.iter().any(|l| l.contains(&format!("dup ({id})"))),
@@ -144,7 +150,8 @@ async fn a_service_url_elsewhere_gets_no_request_and_no_token() {
     let id = h.connection_ids()[0].clone();
     // Another loopback port (an internal service), not a URL of the config.
     let trap = SecretTrap::start().await.unwrap();
-    h.sim.set_connection_param(&id, "serviceUrl", Some(&trap.url()));
+    h.sim
+        .set_connection_param(&id, "serviceUrl", Some(&trap.url()));
     let config = h.write_config(FAST_ROTATION, "");
     let mut daemon = h.spawn(&config, &["once"]);
     let code = daemon.wait(Duration::from_secs(30)).code();
@@ -226,11 +233,8 @@ async fn endless_flow() -> (String, Arc<AtomicU64>) {
 async fn an_endless_padded_listing_keeps_memory_bounded() {
     let h = Harness::start(0, Duration::from_secs(3600)).await;
     let (flow, pages) = endless_flow().await;
-    let config = h.write_config_with_connections(
-        FAST_ROTATION,
-        &rule("matches-nothing-*", "2s"),
-        &[],
-    );
+    let config =
+        h.write_config_with_connections(FAST_ROTATION, &rule("matches-nothing-*", "2s"), &[]);
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace(&h.sim.platform_url(), &flow);
@@ -256,5 +260,8 @@ async fn an_endless_padded_listing_keeps_memory_bounded() {
     assert!(served > 40, "the listing ran: {served} pages");
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
     let stderr = daemon.stderr_text();
-    assert!(stderr.contains("last known listing stays"), "{stderr:.4000}");
+    assert!(
+        stderr.contains("last known listing stays"),
+        "{stderr:.4000}"
+    );
 }
