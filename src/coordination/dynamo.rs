@@ -588,8 +588,40 @@ mod tests {
         far.insert("expires_at".to_owned(), n(u64::MAX));
         let (_, record) = state_from_item(&far).unwrap();
         assert!(record.expires_at <= UNIX_EPOCH + crate::clock::HORIZON);
-        let mut bad_etag = good;
+        let mut bad_etag = good.clone();
         bad_etag.insert("etag".to_owned(), s("\"a\r\nb\""));
         assert!(state_from_item(&bad_etag).is_none());
+        // Issue 26 #3 and #6: ids `..` and 3,000 characters, and an access
+        // key id of 300 KB with control characters, were believed.
+        for (key, value) in [
+            ("sk", "..".to_owned()),
+            ("sk", "x".repeat(3000)),
+            (
+                "access_key_id",
+                format!("ASIA\u{1b}[2J{}", "A".repeat(300_000)),
+            ),
+        ] {
+            let mut bad = good.clone();
+            bad.insert(key.to_owned(), s(&value));
+            assert!(
+                state_from_item(&bad).is_none(),
+                "{key} of {} bytes",
+                value.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_lease_holder_is_shown_bounded_and_escaped() {
+        // Issue 26 #2: the holder reached the text-mode standby line raw.
+        let rec = lease_from_item(&item(&[
+            (
+                "holder",
+                s(&format!("evil\n\u{1b}]0;t\u{7}{}", "h".repeat(10_000))),
+            ),
+            ("rvn", s("1")),
+        ]));
+        assert!(!rec.holder.chars().any(char::is_control), "{}", rec.holder);
+        assert!(rec.holder.len() < 200, "{}", rec.holder.len());
     }
 }
