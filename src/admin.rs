@@ -121,15 +121,19 @@ pub fn router(telemetry: Arc<Telemetry>) -> Router {
 ///
 /// On cancel it stops accepting, lets requests in flight finish (they answer
 /// from memory, so at once) and returns `Ok`.
+///
+/// `reserved`: the descriptors kept for the rest of the daemon
+/// ([`reserved_descriptors`]).
 pub async fn serve(
     listener: TcpListener,
     telemetry: Arc<Telemetry>,
     cancel: CancellationToken,
+    reserved: u64,
 ) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, "admin endpoint listening");
     }
-    let cap = connection_cap(open_file_limit());
+    let cap = connection_cap(open_file_limit(), reserved);
     tracing::debug!(max_connections = cap, "admin endpoint connection cap");
     serve_bounded(listener, telemetry, cancel, cap).await
 }
@@ -155,11 +159,46 @@ async fn serve_bounded(
 /// file descriptor the rotation path may need.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-/// Descriptors kept for everything but the admin endpoint: the runtime
-/// (epoll, eventfds, signal pipe), stdio, the listener, the state file and
-/// its temp file, and the rotation path's sockets (IMS, STS, Flow Service
-/// pools at the configured concurrency, plus DNS).
-pub const RESERVED_DESCRIPTORS: u64 = 40;
+/// Descriptors kept for everything but the admin endpoint and the
+/// per-rotation sockets: the runtime (epoll, eventfds, signal pipe), stdio,
+/// the listener, the state file and its temp file, the config watcher, IMS,
+/// DNS, and the discovery listings (through the Flow pool, behind the gate).
+pub const BASE_RESERVED_DESCRIPTORS: u64 = 32;
+
+/// Descriptors per rotation slot (`[rotation] concurrency`): the Flow
+/// Service and STS connections a job holds or leaves pooled.
+pub const DESCRIPTORS_PER_SLOT: u64 = 2;
+
+/// Further descriptors per slot with the pre-push S3 check: its own client,
+/// whose pool may keep a connection to the bucket's first endpoint and one
+/// to the region a redirect named. Left out of the reserve, an idle flood of
+/// the admin port made 89 rotations fail with `EMFILE` at `nofile` 256 and
+/// `concurrency = 48` (issue 26).
+pub const S3_CHECK_DESCRIPTORS_PER_SLOT: u64 = 2;
+
+/// Descriptors of the DynamoDB clients with `[coordination]` (lease and
+/// state, a pooled connection or two each).
+pub const COORDINATION_DESCRIPTORS: u64 = 8;
+
+/// The descriptors kept for everything but the admin endpoint under
+/// `config`: derived from what the rotation path may hold open at once.
+pub fn reserved_descriptors(config: &crate::config::Config) -> u64 {
+    let slots = u64::try_from(config.rotation.concurrency.get()).unwrap_or(u64::MAX);
+    let per_slot = DESCRIPTORS_PER_SLOT
+        + if config.rotation.prepush_check {
+            S3_CHECK_DESCRIPTORS_PER_SLOT
+        } else {
+            0
+        };
+    let coordination = if config.coordination.is_some() {
+        COORDINATION_DESCRIPTORS
+    } else {
+        0
+    };
+    BASE_RESERVED_DESCRIPTORS
+        .saturating_add(slots.saturating_mul(per_slot))
+        .saturating_add(coordination)
+}
 
 /// A connection that has sent nothing for this long is closed: headers of
 /// a real request arrive at once, and a scraper that keeps a connection
@@ -183,10 +222,10 @@ pub fn open_file_limit() -> Option<u64> {
 }
 
 /// How many admin connections may be open at once under a descriptor limit:
-/// what is left after [`RESERVED_DESCRIPTORS`], at most
+/// what is left after `reserved` ([`reserved_descriptors`]), at most
 /// [`MAX_ADMIN_CONNECTIONS`], at least one.
-pub fn connection_cap(open_file_limit: Option<u64>) -> usize {
-    let left = open_file_limit.map_or(u64::MAX, |n| n.saturating_sub(RESERVED_DESCRIPTORS));
+pub fn connection_cap(open_file_limit: Option<u64>, reserved: u64) -> usize {
+    let left = open_file_limit.map_or(u64::MAX, |n| n.saturating_sub(reserved));
     usize::try_from(left)
         .unwrap_or(usize::MAX)
         .clamp(1, MAX_ADMIN_CONNECTIONS)
@@ -735,7 +774,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        let handle = tokio::spawn(serve(listener, telemetry, cancel.clone()));
+        let handle = tokio::spawn(serve(
+            listener,
+            telemetry,
+            cancel.clone(),
+            BASE_RESERVED_DESCRIPTORS,
+        ));
         (addr, cancel, handle)
     }
 
@@ -959,7 +1003,12 @@ mod tests {
         let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cancel = CancellationToken::new();
-        let handle = tokio::spawn(serve(listener, board(), cancel.clone()));
+        let handle = tokio::spawn(serve(
+            listener,
+            board(),
+            cancel.clone(),
+            BASE_RESERVED_DESCRIPTORS,
+        ));
         let table = status_report(SocketAddr::from(([0, 0, 0, 0], port)))
             .await
             .unwrap();
@@ -1105,11 +1154,40 @@ mod tests {
     }
 
     #[test]
+    fn the_reserve_follows_concurrency_and_the_s3_check() {
+        // Issue 26 #8: the reserve ignored the S3 check's sockets, so at
+        // nofile 256 and concurrency 48 an idle admin flood starved rotations.
+        let config = |rotation: &str| {
+            crate::config::Config::from_toml_str(
+                &format!(
+                    "[adobe]\nclient_id = \"cid\"\nclient_secret = \"not-a-real-secret\"\norg_id = \"0123456789ABCDEF01234567@AdobeOrg\"\n[[connections]]\nid = \"c\"\nsandbox = \"prod\"\n[rotation]\n{rotation}\n"
+                ),
+                Vec::new(),
+            )
+            .unwrap()
+        };
+        let checked = reserved_descriptors(&config("concurrency = 48\nprepush_check = true"));
+        let unchecked = reserved_descriptors(&config("concurrency = 48\nprepush_check = false"));
+        let small = reserved_descriptors(&config("concurrency = 2\nprepush_check = true"));
+        assert!(
+            checked > unchecked && unchecked > small,
+            "{checked} {unchecked} {small}"
+        );
+        // Every slot's Flow, STS and two S3 sockets are kept from admin.
+        assert!(checked >= 48 * 4, "{checked}");
+        let cap = connection_cap(Some(256), checked) as u64;
+        assert!(
+            cap + checked <= 256 || cap == 1,
+            "cap {cap} + reserve {checked}"
+        );
+    }
+
+    #[test]
     fn the_connection_cap_keeps_descriptors_in_reserve() {
-        assert_eq!(connection_cap(None), MAX_ADMIN_CONNECTIONS);
-        assert_eq!(connection_cap(Some(1024)), MAX_ADMIN_CONNECTIONS);
-        assert_eq!(connection_cap(Some(64)), 64 - RESERVED_DESCRIPTORS as usize);
-        assert_eq!(connection_cap(Some(10)), 1);
+        assert_eq!(connection_cap(None, 40), MAX_ADMIN_CONNECTIONS);
+        assert_eq!(connection_cap(Some(1024), 40), MAX_ADMIN_CONNECTIONS);
+        assert_eq!(connection_cap(Some(64), 40), 64 - 40);
+        assert_eq!(connection_cap(Some(10), 40), 1);
         let limits = open_file_limit();
         assert!(limits.is_none_or(|n| n > 0));
     }

@@ -54,6 +54,9 @@ pub struct Policy {
     pub backoff: BackoffPolicy,
     /// `once`: each connection rotates once (a few quick retries), then is finished.
     pub once: bool,
+    /// `[rotation] session_duration`: the longest credentials this daemon
+    /// asks for, so the furthest a saved or shared expiry can truthfully lie.
+    pub session_duration: Duration,
 }
 
 impl Policy {
@@ -67,7 +70,21 @@ impl Policy {
                 max: rotation.retry_max,
             },
             once,
+            session_duration: rotation.session_duration,
         }
+    }
+
+    /// The expiry of a state-file or shared record as far as it can be
+    /// believed (issue 26): no later than one session from now, nor one
+    /// session (plus clock skew) after the rotation that wrote it. A record
+    /// saying more was not written under this config, and believing it
+    /// stopped rotation for up to 36 h while `/status` said "fresh".
+    pub fn believable_expiry(&self, saved: &PersistedConnection, now: SystemTime) -> SystemTime {
+        let by_now = later(now, self.session_duration);
+        let by_success = saved.last_success_at.map_or(by_now, |at| {
+            later(at, self.session_duration.saturating_add(RESTORE_SKEW))
+        });
+        saved.expires_at.min(by_now).min(by_success)
     }
 }
 
@@ -172,6 +189,9 @@ pub struct Connection {
     /// to it to be kept ([`Self::restored`] then rotates at once): nothing
     /// may make that first rotation wait past it.
     restored_expiry: Option<SystemTime>,
+    /// The last etag a list page showed, and when: a shared record written
+    /// before then with another etag is stale ([`Self::adopt`]).
+    listed_etag: Option<(String, SystemTime)>,
 }
 
 impl Connection {
@@ -194,6 +214,7 @@ impl Connection {
             last_short_warning: None,
             job_span: None,
             restored_expiry: None,
+            listed_etag: None,
             counts: Counts::default(),
             last_error: None,
         }
@@ -226,11 +247,12 @@ impl Connection {
         if saved.sandbox != connection.config.sandbox || policy.once {
             return connection;
         }
-        connection.restored_expiry = Some(saved.expires_at);
-        if until(now, saved.expires_at) > policy.refresh_before {
+        let expires_at = policy.believable_expiry(saved, now);
+        connection.restored_expiry = Some(expires_at);
+        if until(now, expires_at) > policy.refresh_before {
             connection.pushed = Some(Pushed {
                 access_key_id: saved.access_key_id.clone(),
-                expires_at: saved.expires_at,
+                expires_at,
             });
             connection.resume_etag = Some(saved.etag.clone());
             connection.etag = Some(saved.etag.clone());
@@ -263,15 +285,35 @@ impl Connection {
                     .last_success_at
                     .is_none_or(|at| at <= later(now, RESTORE_SKEW))
         });
-        if let Some(saved) = usable
+        // A record whose etag differs from one listed after its rotation
+        // describes a connection someone has changed since: not believed
+        // (issue 26), so the connection rotates rather than trust it.
+        // "After" with a margin: the record's time is rounded down to the
+        // second and written by another host's clock, and a listing taken
+        // while the leader was rotating may show the etag before its PATCH.
+        let usable = usable.filter(|saved| match &self.listed_etag {
+            Some((etag, seen_at))
+                if *etag != saved.etag
+                    && saved
+                        .last_success_at
+                        .is_none_or(|at| later(at, RESTORE_SKEW) < *seen_at) =>
+            {
+                let _span = self.span().entered();
+                tracing::warn!("shared state's etag differs from the listed one; not adopting it");
+                false
+            }
+            _ => true,
+        });
+        let believed = usable.map(|saved| policy.believable_expiry(saved, now));
+        if let (Some(saved), Some(expires_at)) = (usable, believed)
             && self
                 .pushed
                 .as_ref()
-                .is_none_or(|own| own.expires_at <= saved.expires_at)
+                .is_none_or(|own| own.expires_at <= expires_at)
         {
             self.pushed = Some(Pushed {
                 access_key_id: saved.access_key_id.clone(),
-                expires_at: saved.expires_at,
+                expires_at,
             });
             self.etag = Some(saved.etag.clone());
             self.last_success = saved.last_success_at.or(self.last_success);
@@ -307,6 +349,7 @@ impl Connection {
         policy: &Policy,
         draw: f64,
     ) -> Action {
+        self.listed_etag = Some((listed.to_owned(), now));
         if self.phase == Phase::InFlight {
             return Action::AwaitJob;
         }
@@ -829,6 +872,7 @@ mod tests {
                 max: S(120),
             },
             once: false,
+            session_duration: S(3600),
         }
     }
 
@@ -1039,6 +1083,59 @@ mod tests {
         }
         let mut c = fresh(t(0));
         assert_eq!(wait_of(c.adopt(None, t(10), &policy(), 0.5)), t(10));
+    }
+
+    #[test]
+    fn saved_and_shared_expiries_are_clamped_to_one_session() {
+        // Issue 26 #6: 35 h ahead under a 1 h session stopped rotation for
+        // 35 h while /status said "fresh".
+        let far = t(35 * 3600);
+        let record = PersistedConnection {
+            last_success_at: Some(t(0)),
+            ..shared("ASIAFAR", far)
+        };
+        let restored = Connection::restored(config("c1"), sts("a"), &record, t(10), &policy());
+        assert!(
+            restored.credentials_expire_at().unwrap() <= t(3600 + 300),
+            "{:?}",
+            restored.credentials_expire_at()
+        );
+        let mut c = fresh(t(0));
+        let at = wait_of(c.adopt(Some(&record), t(10), &policy(), 0.5));
+        assert!(
+            at <= t(3600 + 300 - 1200),
+            "adopted and scheduled at {at:?}"
+        );
+        assert!(c.pushed().unwrap().expires_at <= t(3600 + 300));
+    }
+
+    #[test]
+    fn a_shared_record_whose_etag_differs_from_a_later_listing_is_not_adopted() {
+        // Issue 26 #6: adopt sent no request although the listing showed
+        // that the connection had changed since the record was written.
+        let mut c = fresh(t(0));
+        c.seed_etag("\"changed-by-someone\"", t(900), &policy(), 0.5);
+        let record = shared("ASIASHARED", t(3600));
+        assert_eq!(
+            wait_of(c.adopt(Some(&record), t(910), &policy(), 0.5)),
+            t(910)
+        );
+        assert!(c.pushed().is_none());
+        // The same etag as listed: adopted as before.
+        let mut c = fresh(t(0));
+        c.seed_etag("\"shared\"", t(900), &policy(), 0.5);
+        assert_eq!(
+            wait_of(c.adopt(Some(&record), t(910), &policy(), 0.5)),
+            t(3600 - 1200)
+        );
+        // A listing taken about when the record's rotation happened (the
+        // leader's PATCH racing a standby's start) proves nothing.
+        let mut c = fresh(t(0));
+        c.seed_etag("\"before-the-patch\"", t(5), &policy(), 0.5);
+        assert_eq!(
+            wait_of(c.adopt(Some(&record), t(10), &policy(), 0.5)),
+            t(3600 - 1200)
+        );
     }
 
     #[test]

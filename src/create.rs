@@ -425,9 +425,17 @@ pub async fn run(config: &Config, args: &CreateArgs) -> Exit {
         plan.new.name,
         plan.sandbox,
         created.id,
-        created.etag,
+        created
+            .etag
+            .as_deref()
+            .unwrap_or("(none in the answer; the daemon reads it with GET)"),
         credentials.access_key_id,
-        next_steps(config, &plan, &created.id, &created.etag)
+        next_steps(
+            config,
+            &plan,
+            &created.id,
+            created.etag.as_deref().unwrap_or("")
+        )
     );
     Exit::Ok
 }

@@ -250,11 +250,34 @@ pub fn matches(rule: &DiscoverRule, sandbox: &str, c: &ListedConnection) -> bool
         && rule.description_tag.as_ref().is_none_or(|tag| {
             c.description
                 .as_deref()
-                .is_some_and(|d| d.contains(tag.as_str()))
+                .is_some_and(|d| has_tag(d, tag))
         })
         // A rule without conditions never validates; this keeps the promise
         // even for a rule built by hand.
         && (rule.name.is_some() || rule.description_tag.is_some())
+}
+
+/// Whether `description` carries `tag` as a whole word: an occurrence
+/// bounded on both sides by the text's ends, whitespace or punctuation that
+/// separates words (`, ; ( ) [ ] { } < > " ' |`, or a sentence's final `.`).
+/// A substring test let `do-not-rotate:aep-s3` match `rotate:aep-s3` (issue 26).
+pub fn has_tag(description: &str, tag: &str) -> bool {
+    fn separates(c: char) -> bool {
+        c.is_whitespace() || ",;()[]{}<>\"'|".contains(c)
+    }
+    if tag.is_empty() {
+        return false;
+    }
+    description.match_indices(tag).any(|(at, _)| {
+        let before = description[..at].chars().next_back();
+        let after = &description[at + tag.len()..];
+        let after_ok = match after.chars().next() {
+            None => true,
+            Some('.') => after[1..].chars().next().is_none_or(separates),
+            Some(c) => separates(c),
+        };
+        before.is_none_or(separates) && after_ok
+    })
 }
 
 /// Every sandbox a rule names, with the shortest `every` among those rules.
@@ -401,10 +424,13 @@ pub async fn resolve<L: Lister>(
     // Sandboxes are listed side by side (pages within one are sequential by
     // nature); the request gate still bounds what is in flight.
     let filters = [PropertyFilter::s3()];
+    // A full resolve (start, reload) is waited for: bounded in time as the
+    // streaming start is. A periodic re-list is not (nobody waits for it).
+    let budget = due.is_none().then(|| start_listing_budget(config));
     let answers = futures::future::join_all(
         to_list
             .iter()
-            .map(|sandbox| lister.list(sandbox, &filters, PAGE_LIMIT)),
+            .map(|sandbox| within(budget, lister.list(sandbox, &filters, PAGE_LIMIT))),
     )
     .await;
     for (sandbox, answer) in to_list.into_iter().zip(answers) {
@@ -466,7 +492,9 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
     let answers = futures::future::join_all(chunks.iter().map(|(sandbox, chunk)| {
         let filter = PropertyFilter::ids(chunk.iter().copied());
         let limit = u32::try_from(chunk.len()).unwrap_or(PAGE_LIMIT);
-        async move { lister.list(sandbox, &[filter], limit).await }
+        // Only a full resolve reads them, and it is waited for: bounded.
+        let budget = Some(start_listing_budget(config));
+        async move { within(budget, lister.list(sandbox, &[filter], limit)).await }
     }))
     .await;
     for ((sandbox, chunk), answer) in chunks.into_iter().zip(answers) {
@@ -494,6 +522,47 @@ async fn explicit_etags<L: Lister>(config: &Config, lister: &L, membership: &mut
 /// rotations use them (a chunk seeds 80 in about one round trip plus the
 /// queue ahead of it; 32 slots rotate about 32 per round trip).
 const STREAM_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// How many request timeouts the start's listing of one sandbox may take
+/// (its pages and id chunks together) before it counts as failed: `READY=1`
+/// waits for it, and an endless but progressing listing delayed it by up to
+/// 1,000 request timeouts (issue 26). Four let a real listing of 10,000
+/// connections (100 pages of ~0.1 s) finish many times over.
+pub const START_LISTING_TIMEOUTS: u32 = 4;
+
+/// The least the start's listing of one sandbox is given, whatever the
+/// request timeout: a listing of a large sandbox under a short timeout
+/// still finishes.
+pub const MIN_START_LISTING: Duration = Duration::from_secs(30);
+
+/// How long the start's listing of one sandbox may take: see
+/// [`START_LISTING_TIMEOUTS`]. Past it the sandbox's listing failed (the
+/// pages that arrived are kept) and the periodic re-list takes over.
+pub fn start_listing_budget(config: &Config) -> Duration {
+    config
+        .rotation
+        .request_timeout
+        .saturating_mul(START_LISTING_TIMEOUTS)
+        .max(MIN_START_LISTING)
+}
+
+/// `listing`, failed when it takes longer than `budget` (if any).
+async fn within<T>(
+    budget: Option<Duration>,
+    listing: impl Future<Output = Result<T, ListError>>,
+) -> Result<T, ListError> {
+    let Some(budget) = budget else {
+        return listing.await;
+    };
+    tokio::time::timeout(budget, listing)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ListError::Flow(FlowError::Unavailable(format!(
+                "the listing took longer than {}; the periodic re-list continues it",
+                humantime::format_duration(budget)
+            ))))
+        })
+}
 
 /// What [`resolve_streaming`] answers.
 #[derive(Debug, Clone)]
@@ -601,9 +670,10 @@ pub async fn resolve_streaming<L: Lister>(
     // Sandboxes side by side, as `resolve` lists them; within one sandbox
     // its id chunks wait for its rule listing (they are only for the ids
     // that listing did not carry). The request gate bounds what is in flight.
+    let budget = start_listing_budget(config);
     let answers = futures::future::join_all(by_sandbox.iter().map(|(sandbox, ids)| {
         let with_rules = rule_sandboxes.contains(*sandbox);
-        async move {
+        let work = async move {
             let mut missing: Vec<&str> = ids.clone();
             let listing = if with_rules {
                 let mut on_page = |items: &[ListedConnection]| {
@@ -652,6 +722,19 @@ pub async fn resolve_streaming<L: Lister>(
             }))
             .await;
             listing
+        };
+        async move {
+            match tokio::time::timeout(budget, work).await {
+                Ok(listing) => listing,
+                Err(_) => {
+                    let error = FlowError::Unavailable(format!(
+                        "the start's listing took longer than {}; the periodic re-list continues it",
+                        humantime::format_duration(budget)
+                    ));
+                    tracing::warn!(sandbox = %sandbox, error = %error, "listing cut short");
+                    with_rules.then_some(Err(ListError::Flow(error)))
+                }
+            }
         }
     }))
     .await;
@@ -1110,6 +1193,84 @@ role_arn = "arn:aws:iam::123456789012:role/b"
         assert_eq!(m.conflicts[0].rules, [0, 1]);
         assert_eq!(m.etags.get("one").unwrap(), "\"etag-one\"");
         assert!(!m.etags.contains_key("both"));
+    }
+
+    /// A listing that never ends but always progresses: a page of one new
+    /// item every second.
+    struct EndlessLister;
+
+    impl Lister for EndlessLister {
+        async fn list(
+            &self,
+            _sandbox: &str,
+            _filters: &[PropertyFilter],
+            _limit: u32,
+        ) -> Result<Vec<ListedConnection>, ListError> {
+            std::future::pending().await
+        }
+
+        async fn list_pages(
+            &self,
+            _sandbox: &str,
+            _filters: &[PropertyFilter],
+            _limit: u32,
+            on_page: &mut (dyn FnMut(&[ListedConnection]) + Send),
+        ) -> Result<Vec<ListedConnection>, ListError> {
+            for n in 0u64.. {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                on_page(&[item(&format!("p{n}"), "n", "rotate:aep-s3")]);
+            }
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_start_listing_is_bounded_in_time() {
+        // Issue 26 #10: an endless but progressing listing held READY for
+        // up to 1,000 request timeouts.
+        let config = config(
+            TAG_RULE,
+            "[[connections]]\nid = \"e\"\nsandbox = \"prod\"\n",
+        );
+        let budget = start_listing_budget(&config);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let started = crate::clock::mono_now();
+        let streamed = tokio::time::timeout(
+            Duration::from_secs(8 * 3600),
+            resolve_streaming(&config, &EndlessLister, &tx),
+        )
+        .await
+        .expect("the start's listing ends");
+        assert!(
+            started.elapsed() <= budget + Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(streamed.membership.failures.len(), 1);
+        // What the pages brought stays (the daemon has it).
+        assert!(streamed.membership.discovered().count() >= 25);
+        assert!(matches!(rx.try_recv(), Ok(Intake::Found { .. })));
+    }
+
+    #[test]
+    fn description_tags_match_whole_words_only() {
+        // Issue 26 #10: a substring test let `do-not-rotate:aep-s3` match.
+        let config = config(TAG_RULE, "");
+        let rule = &config.discover[0];
+        for (description, expected) in [
+            ("rotate:aep-s3", true),
+            ("team sales; rotate:aep-s3, owner x", true),
+            ("(rotate:aep-s3)", true),
+            ("ends the sentence rotate:aep-s3.", true),
+            ("do-not-rotate:aep-s3", false),
+            ("rotate:aep-s3-old", false),
+            ("xrotate:aep-s3", false),
+            ("rotate:aep-s3.v2", false),
+            ("", false),
+        ] {
+            let c = item("i", "n", description);
+            assert_eq!(matches(rule, "prod", &c), expected, "{description:?}");
+        }
     }
 
     #[tokio::test]

@@ -116,6 +116,22 @@ pub struct ListedConnection {
 }
 
 impl ListedConnection {
+    /// The bytes its strings hold: what a listing keeps of it.
+    pub fn footprint(&self) -> usize {
+        let opt = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+        self.id.len()
+            + self.etag.len()
+            + opt(&self.name)
+            + opt(&self.description)
+            + opt(&self.auth_spec)
+            + opt(&self.state)
+            + opt(&self.connection_spec_id)
+            + self
+                .s3
+                .as_ref()
+                .map_or(0, |t| t.bucket.len() + opt(&t.folder) + opt(&t.service_url))
+    }
+
     /// An S3 connection with the `Access Key` auth spec: the only kind that
     /// holds temporary credentials this daemon can rotate.
     pub fn is_s3_access_key(&self) -> bool {
@@ -259,6 +275,22 @@ impl FlowClient {
         Arc::clone(&self.gate)
     }
 
+    /// Refuses an id that cannot name one connection in a URL path (`.`
+    /// and `..` would address the collection itself): the last guard, for
+    /// ids from any door.
+    fn check_id(id: &str) -> Result<(), FlowError> {
+        match crate::ident::connection_id_problem(id) {
+            None => Ok(()),
+            Some(problem) => Err(FlowError::Rejected {
+                status: 0,
+                detail: format!(
+                    "{} is not a base connection id ({problem}); nothing was sent",
+                    crate::http::bounded(id, 80)
+                ),
+            }),
+        }
+    }
+
     fn url(&self, id: &str, test: bool) -> Url {
         let mut url = self.base.clone();
         if let Ok(mut segments) = url.path_segments_mut() {
@@ -335,6 +367,7 @@ impl FlowClient {
         token: &AccessToken,
         test: bool,
     ) -> Result<bytes::Bytes, FlowError> {
+        Self::check_id(id)?;
         let url = self.url(id, test);
         let request = self
             .http
@@ -398,6 +431,9 @@ impl FlowClient {
         let mut ids = std::collections::HashSet::new();
         let mut seen_tokens = std::collections::HashSet::new();
         let mut continuation: Option<String> = None;
+        // What the listing read and what it keeps (see MAX_LISTING_READ,
+        // MAX_LISTED_BYTES).
+        let (mut read, mut kept) = (0usize, 0usize);
         for _page in 0..MAX_LIST_PAGES {
             let mut page_url = url.clone();
             {
@@ -423,12 +459,27 @@ impl FlowClient {
             if !status.is_success() {
                 return Err(self.error_for(status, retry_after.as_ref(), &body, "", sandbox, &[]));
             }
+            read = read.saturating_add(body.len());
+            if read > MAX_LISTING_READ {
+                return Err(FlowError::Malformed(format!(
+                    "listing sandbox {sandbox:?} read more than {} MiB of answers; the server is padding or looping, the last known listing stays",
+                    MAX_LISTING_READ >> 20
+                )));
+            }
             let page = parse_list_page(&body)?;
+            drop(body);
             let before = out.len();
             for item in page.items {
                 if ids.insert(item.id.clone()) {
+                    kept = kept.saturating_add(item.footprint());
                     out.push(item);
                 }
+            }
+            if out.len() > MAX_LISTED_ITEMS || kept > MAX_LISTED_BYTES {
+                return Err(FlowError::Malformed(format!(
+                    "listing sandbox {sandbox:?} holds more than {MAX_LISTED_ITEMS} connections or {} MiB; narrow the rule (the last known listing stays)",
+                    MAX_LISTED_BYTES >> 20
+                )));
             }
             on_page(out.get(before..).unwrap_or_default());
             match page.next {
@@ -436,7 +487,8 @@ impl FlowClient {
                 Some(next) => {
                     if !seen_tokens.insert(next.clone()) {
                         return Err(FlowError::Malformed(format!(
-                            "listing sandbox {sandbox:?} returned continuation token {next:?} twice; the server is looping"
+                            "listing sandbox {sandbox:?} returned continuation token {} twice; the server is looping",
+                            crate::http::bounded(&next, 80)
                         )));
                     }
                     continuation = Some(next);
@@ -470,6 +522,7 @@ impl FlowClient {
         credentials: &AwsCredentials,
         token: &AccessToken,
     ) -> Result<Option<String>, FlowError> {
+        Self::check_id(id)?;
         let url = self.url(id, false);
         let secret = credentials.secret_access_key.expose_secret();
         let session = credentials.session_token.expose_secret();
@@ -571,8 +624,8 @@ impl FlowClient {
         let Answer {
             status,
             retry_after,
+            etag: etag_header,
             body: answer,
-            ..
         } = self.send(request, &url).await?;
         if !status.is_success() {
             return Err(self.error_for(
@@ -584,7 +637,7 @@ impl FlowClient {
                 &[secret, session],
             ));
         }
-        parse_created(&answer)
+        parse_created(&answer, etag_header.as_ref().and_then(|v| v.to_str().ok()))
     }
 
     /// `GET /connections/{id}/test`: whether Flow Service can reach S3 with the
@@ -695,7 +748,7 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         name: item
             .get("name")
             .and_then(Value::as_str)
-            .map(|name| crate::http::bounded(name, 200)),
+            .map(crate::ident::remote_name),
         s3: s3_target(&item),
     })
 }
@@ -752,8 +805,10 @@ pub struct NewConnection {
 pub struct CreatedConnection {
     /// The new base connection id.
     pub id: String,
-    /// Its etag, with literal quotes, for the first `If-Match`.
-    pub etag: String,
+    /// Its etag, with literal quotes, for the first `If-Match`: the body's
+    /// `etag`, else the `ETag` header; `None` when neither is usable (the
+    /// connection exists all the same; the daemon reads it with `GET`).
+    pub etag: Option<String>,
 }
 
 /// The `POST /connections` body of the S3 tutorial: the three credentials,
@@ -793,8 +848,14 @@ pub fn create_body(new: &NewConnection, credentials: &AwsCredentials) -> Value {
 }
 
 /// Reads `{"id", "etag"}` of a `POST /connections` answer, checked: an id
-/// that can go in a path, an etag that can go back in `If-Match`.
-pub fn parse_created(body: &[u8]) -> Result<CreatedConnection, FlowError> {
+/// that can go in a path, an etag that can go back in `If-Match` (from the
+/// body, else `etag_header`). A 2xx with a usable id means created: a
+/// missing etag is not a failure (a script that retried `create` on it
+/// would make a second connection).
+pub fn parse_created(
+    body: &[u8],
+    etag_header: Option<&str>,
+) -> Result<CreatedConnection, FlowError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         FlowError::Malformed(crate::http::remote_text(&format!(
             "create answer is not JSON: {e}"
@@ -803,12 +864,7 @@ pub fn parse_created(body: &[u8]) -> Result<CreatedConnection, FlowError> {
     let id = value
         .get("id")
         .and_then(Value::as_str)
-        .filter(|id| {
-            !id.is_empty()
-                && id.len() <= 200
-                && !id.contains(['/', '?', '#', '%'])
-                && !id.chars().any(|c| c.is_control() || c.is_whitespace())
-        })
+        .filter(|id| crate::ident::is_connection_id(id))
         .ok_or_else(|| {
             FlowError::Malformed(
                 "create answer has no usable \"id\"; look for the connection in the Platform UI before creating it again".to_owned(),
@@ -818,14 +874,11 @@ pub fn parse_created(body: &[u8]) -> Result<CreatedConnection, FlowError> {
         .get("etag")
         .and_then(Value::as_str)
         .filter(|etag| is_valid_etag(etag))
-        .ok_or_else(|| {
-            FlowError::Malformed(format!(
-                "create answer for connection {id} has no usable \"etag\"; the daemon will read it with GET"
-            ))
-        })?;
+        .or_else(|| etag_header.filter(|etag| is_valid_etag(etag)))
+        .map(str::to_owned);
     Ok(CreatedConnection {
         id: id.to_owned(),
-        etag: etag.to_owned(),
+        etag,
     })
 }
 
@@ -915,12 +968,11 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
             tracing::debug!("list item that is not an object skipped");
             continue;
         };
-        let id = item.id.0.filter(|id| {
-            !id.is_empty()
-                && !id.contains(['/', '?', '#', '%'])
-                && !id.chars().any(char::is_control)
-        });
-        let etag = item.etag.0.filter(|etag| !etag.is_empty());
+        // Only what matching and the job need is kept, each part checked or
+        // bounded (issue 26): a page is 1 MiB, a listing up to
+        // `MAX_LISTED_ITEMS` of these.
+        let id = item.id.0.filter(|id| crate::ident::is_connection_id(id));
+        let etag = item.etag.0.filter(|etag| is_valid_etag(etag));
         let (Some(id), Some(etag)) = (id, etag) else {
             tracing::debug!("list item without a usable id or etag skipped");
             continue;
@@ -929,17 +981,30 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
         out.push(ListedConnection {
             id,
             etag,
-            name: item.name.0,
-            description: item.description.0,
-            auth_spec: auth.spec_name.0,
-            state: item.state.0,
-            connection_spec_id: item.connection_spec.0.and_then(|spec| spec.id.0),
+            name: item.name.0.as_deref().map(crate::ident::remote_name),
+            description: item.description.0.map(|d| cut(d, MAX_LISTED_DESCRIPTION)),
+            auth_spec: auth.spec_name.0.map(|s| cut(s, MAX_LISTED_WORD)),
+            state: item.state.0.map(|s| cut(s, MAX_LISTED_WORD)),
+            connection_spec_id: item
+                .connection_spec
+                .0
+                .and_then(|spec| spec.id.0)
+                .map(|s| cut(s, MAX_LISTED_WORD)),
             s3: auth.params.0.and_then(|params| {
-                s3_target_of(
-                    params.bucket_name.0.as_deref(),
-                    params.folder_path.0.as_deref(),
-                    params.service_url.0.as_deref(),
-                )
+                let fits =
+                    |v: &Option<String>, max: usize| v.as_ref().is_none_or(|v| v.len() <= max);
+                // A target that cannot be real is not kept: the job GETs.
+                (fits(&params.bucket_name.0, MAX_LISTED_BUCKET)
+                    && fits(&params.folder_path.0, MAX_LISTED_FOLDER)
+                    && fits(&params.service_url.0, MAX_LISTED_URL))
+                .then(|| {
+                    s3_target_of(
+                        params.bucket_name.0.as_deref(),
+                        params.folder_path.0.as_deref(),
+                        params.service_url.0.as_deref(),
+                    )
+                })
+                .flatten()
             }),
         });
     }
@@ -961,20 +1026,73 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
     Ok(ListPage { items: out, next })
 }
 
+/// The most bytes of a listed description that are kept: it is only
+/// searched for a rule's `description_tag` (never shown), and a tag is a
+/// word near the start; 1 KiB keeps a listing's memory bounded.
+pub const MAX_LISTED_DESCRIPTION: usize = 1024;
+/// The most bytes kept of a listed `state`, `auth.specName` or
+/// `connectionSpec.id`: only compared with short known values.
+const MAX_LISTED_WORD: usize = 64;
+/// S3's longest bucket name (legacy us-east-1 names).
+const MAX_LISTED_BUCKET: usize = 255;
+/// S3's longest key is 1,024 bytes; a folder is a prefix of one.
+const MAX_LISTED_FOLDER: usize = 1024;
+/// A `serviceUrl` is a host and a scheme; 2 KiB is far beyond any real one.
+const MAX_LISTED_URL: usize = 2048;
+
+/// The connections one listing may keep: 20,000 is twice the largest
+/// deployment this daemon is built for (10,000 connections); more means a
+/// server looping or padding. Beyond it the listing fails and the
+/// sandbox keeps its last known set.
+pub const MAX_LISTED_ITEMS: usize = 20_000;
+/// The bytes one listing may keep (the strings of its items, see
+/// [`ListedConnection::footprint`]): 10,000 real items are about 1.5 MiB;
+/// 4 MiB leaves room for long names and descriptions and keeps a sandbox
+/// listing, alive or as its last known set, well inside a small container
+/// (sandboxes list side by side).
+pub const MAX_LISTED_BYTES: usize = 4 << 20;
+/// The bytes of answers one listing may read (kept or not): 200 full pages.
+/// A padded or endless listing fails here instead of reading 1,000 MiB.
+pub const MAX_LISTING_READ: usize = 200 << 20;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.shrink_to_fit();
+    }
+    text
+}
+
+/// The longest continuation token followed: every token of a listing is
+/// remembered (to catch a loop), so its size is bounded; real ones are a
+/// few hundred bytes.
+const MAX_CONTINUATION_TOKEN: usize = 4096;
+
 /// The `continuationToken` query parameter of a next-page href (relative,
 /// like `/connections?continuationToken=...`, or absolute).
 fn continuation_token(href: &str) -> Result<String, FlowError> {
     let base = Url::parse("http://flowservice.invalid/")
         .map_err(|e| FlowError::Malformed(format!("cannot build a base URL: {e}")))?;
-    let url = base
-        .join(href)
-        .map_err(|e| FlowError::Malformed(format!("next-page href {href:?} is not a URL: {e}")))?;
+    let url = base.join(href).map_err(|e| {
+        FlowError::Malformed(format!(
+            "next-page href {} is not a URL: {e}",
+            crate::http::bounded(href, 80)
+        ))
+    })?;
     url.query_pairs()
         .find(|(k, _)| k == "continuationToken")
         .map(|(_, v)| v.into_owned())
-        .filter(|v| !v.is_empty())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_CONTINUATION_TOKEN)
         .ok_or_else(|| {
-            FlowError::Malformed(format!("next-page href {href:?} has no continuationToken"))
+            FlowError::Malformed(format!(
+                "next-page href {} has no usable continuationToken",
+                crate::http::bounded(href, 80)
+            ))
         })
 }
 
@@ -1135,6 +1253,47 @@ mod tests {
     }
 
     #[test]
+    fn listed_items_keep_only_bounded_checked_parts() {
+        // Issue 26 #1, #2, #3: ids `.`/`..` and of 3,000 characters were
+        // kept; names and descriptions were kept whole and raw.
+        let huge = "p".repeat(300_000);
+        let body = serde_json::json!({"items": [
+            {"id": ".", "etag": "\"e\""},
+            {"id": "..", "etag": "\"e\""},
+            {"id": "x".repeat(3000), "etag": "\"e\""},
+            {"id": "ok", "etag": "bad\netag"},
+            {"id": "kept", "etag": "\"e\"",
+             "name": format!("n\n{{\"message\":\"credentials rotated\"}}\u{1b}]0;t\u{7}{huge}"),
+             "description": format!("rotate:aep-s3 {huge}"),
+             "state": huge.clone(),
+             "auth": {"specName": "Access Key", "params": {"bucketName": huge.clone()}}}
+        ]})
+        .to_string();
+        let page = parse_list_page(body.as_bytes()).unwrap();
+        assert_eq!(
+            page.items.len(),
+            1,
+            "{:?}",
+            page.items.iter().map(|i| i.id.len()).collect::<Vec<_>>()
+        );
+        let item = &page.items[0];
+        let name = item.name.as_deref().unwrap();
+        assert!(!name.chars().any(char::is_control), "{name}");
+        assert!(name.len() < 300, "{}", name.len());
+        assert!(
+            item.description
+                .as_deref()
+                .unwrap()
+                .starts_with("rotate:aep-s3 ")
+        );
+        assert!(item.footprint() < 4096, "{}", item.footprint());
+        assert_eq!(
+            item.s3, None,
+            "a bucket name no bucket can have is not kept"
+        );
+    }
+
+    #[test]
     fn list_pages_parse_leniently_and_keep_what_is_used() {
         let body = json!({
             "items": [
@@ -1224,22 +1383,39 @@ mod tests {
 
     #[test]
     fn created_answers_are_checked() {
-        let ok = parse_created(br#"{"id": "69f188b6", "etag": "\"6802064a-0000\""}"#).unwrap();
+        let ok =
+            parse_created(br#"{"id": "69f188b6", "etag": "\"6802064a-0000\""}"#, None).unwrap();
         assert_eq!(ok.id, "69f188b6");
-        assert_eq!(ok.etag, "\"6802064a-0000\"");
+        assert_eq!(ok.etag.as_deref(), Some("\"6802064a-0000\""));
         for bad in [
             "nope",
             "{}",
             r#"{"id": "", "etag": "\"e\""}"#,
             r#"{"id": "a/../b", "etag": "\"e\""}"#,
-            r#"{"id": "a"}"#,
-            r#"{"id": "a", "etag": "bad\netag"}"#,
+            r#"{"id": "..", "etag": "\"e\""}"#,
+            r#"{"id": "a\u001b[2J", "etag": "\"e\""}"#,
         ] {
             assert!(
-                matches!(parse_created(bad.as_bytes()), Err(FlowError::Malformed(_))),
+                matches!(
+                    parse_created(bad.as_bytes(), None),
+                    Err(FlowError::Malformed(_))
+                ),
                 "{bad}"
             );
         }
+        let long = format!(r#"{{"id": "{}"}}"#, "x".repeat(3000));
+        assert!(parse_created(long.as_bytes(), None).is_err());
+    }
+
+    #[test]
+    fn a_created_answer_with_an_id_is_created_whatever_its_etag() {
+        // Issue 26 #5: a 201 with an id but no body etag was a failure.
+        let header = parse_created(br#"{"id": "a"}"#, Some("\"h\"")).unwrap();
+        assert_eq!(header.etag.as_deref(), Some("\"h\""));
+        let none = parse_created(br#"{"id": "a"}"#, None).unwrap();
+        assert_eq!((none.id.as_str(), none.etag), ("a", None));
+        let bad = parse_created(br#"{"id": "a", "etag": "bad\netag"}"#, None).unwrap();
+        assert_eq!(bad.etag, None);
     }
 
     #[test]

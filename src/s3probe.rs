@@ -212,6 +212,9 @@ pub struct ProbeSettings {
     pub denial_retry_delays: Vec<Duration>,
     /// Timeout of each request.
     pub timeout: Duration,
+    /// Where a connection's `serviceUrl` may send the check besides AWS S3
+    /// endpoints of the region's partition ([`crate::s3dest`]).
+    pub destinations: crate::s3dest::Destinations,
 }
 
 /// The real probe: SigV4-signed requests over reqwest.
@@ -252,7 +255,7 @@ fn valid_bucket(bucket: &str) -> bool {
 /// The region in an S3 host name: `s3.eu-west-1.amazonaws.com`,
 /// `s3-eu-west-1.amazonaws.com`, `s3.dualstack.eu-west-1.amazonaws.com`,
 /// `bucket.s3.eu-west-1.amazonaws.com`; `s3.amazonaws.com` is us-east-1.
-fn region_of_host(host: &str) -> Option<String> {
+pub(crate) fn region_of_host(host: &str) -> Option<String> {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     let rest = host
         .strip_suffix(".amazonaws.com")
@@ -293,30 +296,6 @@ fn encode_query_value(value: &str) -> String {
         }
     }
     out
-}
-
-/// The text of the first `<tag>...</tag>` in an XML document, unescaped, cut
-/// to 300 characters of printable text.
-fn xml_text(body: &str, tag: &str) -> Option<String> {
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    let start = body.find(&open)? + open.len();
-    let len = body.get(start..)?.find(&close)?;
-    let raw = body.get(start..start + len)?;
-    let text = raw
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&");
-    Some(
-        text.chars()
-            .filter(|c| !c.is_control())
-            .take(300)
-            .collect::<String>()
-            .trim()
-            .to_owned(),
-    )
 }
 
 /// Codes that mean "these credentials may not list this bucket".
@@ -402,7 +381,16 @@ impl HttpProbe {
             .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
             .filter(|r| valid_region(r))
             .unwrap_or_else(|| "us-east-1".to_owned());
+        let config_urls = [&config.adobe.ims_url, &config.adobe.platform_url]
+            .into_iter()
+            .chain(config.aws.sts_endpoint.as_ref());
+        let destinations = crate::s3dest::Destinations::new(
+            &region,
+            endpoint.iter().chain(&config.aws.s3_endpoints),
+            config_urls,
+        );
         Self::new(ProbeSettings {
+            destinations,
             endpoint,
             region,
             denial_retry_delays: DENIAL_RETRY_DELAYS.to_vec(),
@@ -413,14 +401,21 @@ impl HttpProbe {
     /// The first route for `target`.
     fn route(&self, target: &S3Target) -> Result<Route, ProbeError> {
         if let Some(service_url) = &target.service_url {
+            // Remote text: shown bounded and escaped only.
+            let shown = crate::http::bounded(service_url, 120);
             let mut url = Url::parse(service_url).map_err(|e| {
                 ProbeError::Unusable(format!(
-                    "the connection's serviceUrl {service_url:?} is not a URL ({e}); fix it in Experience Platform or set [rotation] prepush_check = false"
+                    "the connection's serviceUrl {shown} is not a URL ({e}); fix it in Experience Platform or set [rotation] prepush_check = false"
                 ))
             })?;
             if !usable_endpoint(&url) {
                 return Err(ProbeError::Unusable(format!(
-                    "the connection's serviceUrl {service_url:?} is not an https URL (plain http only to loopback hosts); the check does not send credentials there"
+                    "the connection's serviceUrl {shown} is not an https URL (plain http only to loopback hosts); the check does not send credentials there"
+                )));
+            }
+            if let Some(why) = self.settings.destinations.refusal(&url) {
+                return Err(ProbeError::Unusable(format!(
+                    "the connection's serviceUrl {shown} is not used: {why}; nothing was sent there"
                 )));
             }
             let host = url.host_str().unwrap_or_default().to_owned();
@@ -504,8 +499,8 @@ impl HttpProbe {
     ) -> Step {
         if !valid_bucket(&target.bucket) {
             return Step::Failed(ProbeError::Unusable(format!(
-                "the connection's bucketName {:?} is not an S3 bucket name",
-                target.bucket
+                "the connection's bucketName {} is not an S3 bucket name",
+                crate::http::bounded(&target.bucket, 80)
             )));
         }
         let prefix = target.prefix();
@@ -692,15 +687,20 @@ fn classify(
     let status = answer.status;
     let body = &answer.body;
     if status.is_success() {
-        // A 200 from something that is not S3 (a proxy's page) proves nothing.
-        if operation == "HeadBucket" || body.contains("<ListBucketResult") {
+        // A 200 from something that is not S3 (a proxy's page, a body that
+        // merely contains `<ListBucketResult`) proves nothing: the document
+        // must be a listing of this bucket.
+        if operation == "HeadBucket"
+            || crate::s3xml::listed_bucket(body).is_some_and(|name| name == target.bucket)
+        {
             return Step::Allowed;
         }
         return Step::Failed(ProbeError::Unavailable(format!(
-            "{operation} answered {status} without a ListBucketResult; is the endpoint S3?"
+            "{operation} answered {status} without a ListBucketResult of the bucket; is the endpoint S3?"
         )));
     }
-    let code = xml_text(body, "Code").unwrap_or_else(|| {
+    let doc = crate::s3xml::error_doc(body);
+    let code = doc.code.clone().unwrap_or_else(|| {
         // HEAD answers carry no body: the status says it.
         match status.as_u16() {
             301 => "PermanentRedirect",
@@ -715,8 +715,8 @@ fn classify(
         answer
             .bucket_region
             .clone()
-            .or_else(|| xml_text(body, "Region"))
-            .or_else(|| xml_text(body, "Endpoint").and_then(|e| region_of_host(&e)))
+            .or_else(|| doc.region.clone())
+            .or_else(|| doc.endpoint.as_deref().and_then(region_of_host))
     };
     if matches!(status.as_u16(), 301 | 307)
         || code == "PermanentRedirect"
@@ -729,11 +729,14 @@ fn classify(
         credentials.secret_access_key.expose_secret(),
         credentials.session_token.expose_secret(),
     ];
-    let message = scrub(
-        &xml_text(body, "Message").unwrap_or_else(|| "no message".to_owned()),
+    // Scrubbed before it is cut (a cut first kept the first 300 characters
+    // of an echoed session token), escaped, bounded: the one form of remote
+    // text every sink shows.
+    let message = crate::http::remote_text_with(
+        doc.message.as_deref().unwrap_or("no message"),
         &secrets,
+        crate::http::MAX_REMOTE_TEXT,
     );
-    let code = scrub(&code, &secrets);
     if status.is_server_error()
         || TRANSIENT_CODES.contains(&code.as_str())
         || status.as_u16() == 429
@@ -771,16 +774,6 @@ fn classify(
         "{operation} on {} answered {code} ({status}): {message}{advice}",
         target.describe()
     )))
-}
-
-/// Removes secret values an answer may echo back.
-fn scrub(text: &str, secrets: &[&str]) -> String {
-    secrets
-        .iter()
-        .filter(|secret| !secret.is_empty())
-        .fold(text.to_owned(), |acc, secret| {
-            acc.replace(secret, "[redacted]")
-        })
 }
 
 #[cfg(test)]
@@ -869,10 +862,24 @@ mod tests {
             step(answer(
                 200,
                 None,
-                "<ListBucketResult><KeyCount>0</KeyCount></ListBucketResult>"
+                "<ListBucketResult><Name>sales-bucket</Name><KeyCount>0</KeyCount></ListBucketResult>"
             )),
             Step::Allowed
         ));
+        // Issue 26 #10: a 200 that merely contains the root's name, or
+        // lists another bucket, proves nothing.
+        for body in [
+            "<html>welcome <ListBucketResult</html>",
+            "<ListBucketResult><Name>other-bucket</Name></ListBucketResult>",
+        ] {
+            assert!(
+                matches!(
+                    step(answer(200, None, body)),
+                    Step::Failed(ProbeError::Unavailable(_))
+                ),
+                "{body}"
+            );
+        }
         assert!(matches!(
             step(answer(200, None, "<html>captive portal</html>")),
             Step::Failed(ProbeError::Unavailable(_))
@@ -937,6 +944,30 @@ mod tests {
     }
 
     #[test]
+    fn a_token_echoed_across_the_cut_leaks_no_prefix() {
+        // Issue 26 #4: the message was cut to 300 characters, then
+        // scrubbed, so a token starting just before the cut kept its prefix.
+        let creds = credentials();
+        let body = error_xml("AccessDenied", "").replace(
+            "m &amp; m",
+            &format!(
+                "{}x-amz-security-token:probe-session-token-never-shown",
+                "p".repeat(255)
+            ),
+        );
+        let Step::Failed(error) = classify(
+            &answer(403, None, &body),
+            "ListObjectsV2",
+            &target(Some("a")),
+            &creds,
+        ) else {
+            panic!("not a failure");
+        };
+        let text = error.to_string();
+        assert!(!text.contains("probe-sess"), "{text}");
+    }
+
+    #[test]
     fn echoed_credentials_are_scrubbed_from_messages() {
         let creds = credentials();
         let body = error_xml("SignatureDoesNotMatch", "").replace(
@@ -981,8 +1012,10 @@ mod tests {
     }
 
     fn probe(endpoint: Option<&str>) -> HttpProbe {
+        let endpoint = endpoint.map(|e| Url::parse(e).unwrap());
         HttpProbe::new(ProbeSettings {
-            endpoint: endpoint.map(|e| Url::parse(e).unwrap()),
+            destinations: crate::s3dest::Destinations::new("us-east-1", endpoint.iter(), []),
+            endpoint,
             region: "us-east-1".into(),
             denial_retry_delays: vec![],
             timeout: Duration::from_secs(1),

@@ -203,6 +203,19 @@ impl StateStore {
                 .connections
                 .into_iter()
                 .filter_map(|(id, c)| {
+                    // A record with an id, etag or access key id this daemon
+                    // could not have written is not believed (issue 26): that
+                    // connection rotates now; the others are kept.
+                    if !crate::ident::is_connection_id(&id)
+                        || !crate::flow::is_valid_etag(&c.etag)
+                        || !crate::ident::is_access_key_id(&c.access_key_id)
+                    {
+                        tracing::warn!(
+                            connection = %crate::http::bounded(&id, 80),
+                            "state file record has an id, etag or access key id of the wrong shape; ignoring it"
+                        );
+                        return None;
+                    }
                     // A time no clock can hold is a corrupt record: that
                     // connection rotates now; the others are kept.
                     let times = from_unix(c.expires_at).zip(match c.last_success_at {
@@ -368,6 +381,41 @@ mod tests {
         let loaded = StateStore::new(path).load().unwrap();
         assert_eq!(loaded.connections.len(), 1, "{loaded:?}");
         assert!(loaded.connections.contains_key("good"));
+    }
+
+    #[test]
+    fn records_of_the_wrong_shape_drop_only_that_record() {
+        // Issue 26 #3 and #6: an id `..`, an overlong id, an access key id
+        // of 300 KB with control characters were believed and served.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let record = |key: &str| {
+            format!(
+                r#"{{"sandbox":"prod","etag":"\"e\"","access_key_id":{},"expires_at":1700003600}}"#,
+                serde_json::to_string(key).unwrap()
+            )
+        };
+        let huge = format!("ASIA\u{1b}[2J{}", "A".repeat(300_000));
+        let text = format!(
+            r#"{{"version":1,"connections":{{"good":{},"..":{},"{}":{},"key":{}}}}}"#,
+            record("ASIAGOOD"),
+            record("ASIADOTS"),
+            "x".repeat(3000),
+            record("ASIALONG"),
+            record(&huge),
+        );
+        std::fs::write(&path, text).unwrap();
+        let loaded = StateStore::new(path).load().unwrap();
+        assert_eq!(
+            loaded.connections.keys().collect::<Vec<_>>(),
+            ["good"],
+            "{:?}",
+            loaded
+                .connections
+                .keys()
+                .map(|k| k.len())
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -288,6 +288,28 @@ struct StateLabels {
     state: &'static str,
 }
 
+/// The `connection` label of each connection (by id): its name, or, when
+/// another connection of the same sandbox has the same name (names are not
+/// unique in AEP), `name (id)`, so that every connection has its own series
+/// and an expiring one cannot hide behind another's (issue 26).
+fn connection_labels(connections: &HashMap<String, ConnectionStatus>) -> HashMap<&str, String> {
+    let mut seen: HashMap<(&str, &str), usize> = HashMap::with_capacity(connections.len());
+    for status in connections.values() {
+        *seen.entry((&status.name, &status.sandbox)).or_default() += 1;
+    }
+    connections
+        .iter()
+        .map(|(id, status)| {
+            let label = if seen.get(&(status.name.as_str(), status.sandbox.as_str())) > Some(&1) {
+                format!("{} ({id})", status.name)
+            } else {
+                status.name.clone()
+            };
+            (id.as_str(), label)
+        })
+        .collect()
+}
+
 /// A unix-seconds gauge.
 type TimestampGauge = Gauge<f64, AtomicU64>;
 
@@ -609,9 +631,10 @@ impl Telemetry {
                     })
                     .set(0);
             }
-            for status in board.connections.values() {
+            let label_of = connection_labels(&board.connections);
+            for (id, status) in &board.connections {
                 let labels = ConnectionLabels {
-                    connection: status.name.clone(),
+                    connection: label_of.get(id.as_str()).cloned().unwrap_or_default(),
                     sandbox: status.sandbox.clone(),
                 };
                 connections
@@ -620,7 +643,7 @@ impl Telemetry {
                     })
                     .inc();
                 info.get_or_create(&InfoLabels {
-                    connection: status.name.clone(),
+                    connection: labels.connection.clone(),
                     sandbox: status.sandbox.clone(),
                     origin: status.origin.to_string(),
                 })
@@ -651,7 +674,7 @@ impl Telemetry {
             for (id, counts) in &board.counts {
                 let labels = match board.connections.get(id) {
                     Some(status) => ConnectionLabels {
-                        connection: status.name.clone(),
+                        connection: label_of.get(id.as_str()).cloned().unwrap_or_default(),
                         sandbox: status.sandbox.clone(),
                     },
                     None => ConnectionLabels {
@@ -1071,6 +1094,43 @@ mod tests {
         let snapshot = telemetry.snapshot();
         assert_eq!(snapshot.len(), 1);
         assert_eq!(snapshot[0].next_rotation_at, Some(t(NOW)));
+    }
+
+    #[test]
+    fn connections_with_the_same_name_have_their_own_series() {
+        // Issue 26 #7: two discovered connections named alike shared one
+        // expiry series, so an expiring one could hide behind the other.
+        let telemetry = Telemetry::new(REFRESH);
+        for (id, expires) in [("c-1", NOW + 60), ("c-2", NOW + 3600), ("c-3", NOW + 3600)] {
+            let mut s = status(id);
+            s.name = if id == "c-3" {
+                "other".into()
+            } else {
+                "ingest".into()
+            };
+            s.sandbox = "prod".into();
+            s.expires_at = Some(t(expires));
+            telemetry.upsert(s);
+        }
+        let text = telemetry.render_metrics(t(NOW));
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("aep_s3_rotator_credentials_expiry_timestamp_seconds{"))
+            .collect();
+        assert_eq!(series.len(), 3, "{text}");
+        let expiry = |label: &str| {
+            value(
+                &text,
+                "aep_s3_rotator_credentials_expiry_timestamp_seconds",
+                &[("connection", label), ("sandbox", "prod")],
+            )
+        };
+        assert!(expiry("ingest (c-1)").is_some(), "{text}");
+        assert!(expiry("ingest (c-2)").is_some(), "{text}");
+        assert!(
+            expiry("other").is_some(),
+            "a unique name stays as it is: {text}"
+        );
     }
 
     #[test]

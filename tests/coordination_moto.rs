@@ -99,6 +99,7 @@ fn aws() -> AwsConfig {
         region: Some("us-east-1".to_owned()),
         sts_endpoint: None,
         s3_endpoint: None,
+        s3_endpoints: Vec::new(),
         role_arn: None,
         external_id: None,
         session_name: "aep-s3-rotator".to_owned(),

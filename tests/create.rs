@@ -292,3 +292,33 @@ async fn dry_run_prints_the_request_redacted_and_sends_nothing() {
     assert_eq!(h.sim.stats().flow_requests, 0);
     assert_no_secret(&format!("{stdout}{stderr}"), &h.secrets());
 }
+
+/// Issue 26 #5 and #2: a 201 with a usable id but no etag means created
+/// (exit 0, the id printed: a script retrying on exit 1 made a second
+/// connection); an id that cannot be a connection id is refused, never
+/// printed raw.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_201_with_an_id_and_no_etag_is_created_and_a_hostile_id_is_refused() {
+    let h = harness().await;
+    let config = h.write_config(FAST_ROTATION, "");
+    let answer = |body: &str| ScriptedFault::Status {
+        status: 201,
+        retry_after: None,
+        body: Some(body.to_owned()),
+    };
+    h.sim
+        .script(SimService::Flow, answer(r#"{"id":"6a1d-created-no-etag"}"#));
+    let (code, stdout, stderr) = run(&h, &config, &CREATE);
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(line_value(&stdout, "id:"), "6a1d-created-no-etag");
+    assert!(line_value(&stdout, "etag:").contains("GET"), "{stdout}");
+
+    for id in ["..", "a\u{1b}]0;pwned\u{7}b"] {
+        let body = serde_json::json!({ "id": id, "etag": "\"e\"" }).to_string();
+        h.sim.script(SimService::Flow, answer(&body));
+        let (code, stdout, stderr) = run(&h, &config, &CREATE);
+        assert_eq!(code, 1, "{id:?}: stdout:\n{stdout}\nstderr:\n{stderr}");
+        assert!(stderr.contains("no usable"), "{stderr}");
+        assert!(!format!("{stdout}{stderr}").contains('\u{1b}'), "{stderr}");
+    }
+}

@@ -367,8 +367,10 @@ async fn a_denial_on_a_stale_cached_bucket_reads_the_connection_again() {
 // --- The probe itself, with short waits ---------------------------------
 
 fn settings(endpoint: &str, delays: usize) -> ProbeSettings {
+    let endpoint = url::Url::parse(endpoint).unwrap();
     ProbeSettings {
-        endpoint: Some(url::Url::parse(endpoint).unwrap()),
+        destinations: aep_s3_rotator::s3dest::Destinations::new("us-east-1", [&endpoint], []),
+        endpoint: Some(endpoint),
         region: "us-east-1".into(),
         denial_retry_delays: vec![Duration::from_millis(20); delays],
         timeout: Duration::from_secs(2),

@@ -150,6 +150,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
                     listener,
                     Arc::clone(&telemetry),
                     cancel.clone(),
+                    crate::admin::reserved_descriptors(&config),
                 ));
             }
             Err(error) => {

@@ -298,6 +298,24 @@ impl Checker<'_> {
         }
     }
 
+    /// A list of [`Self::url`]s (absent = empty), each checked under
+    /// `path[i]`.
+    pub(super) fn url_list(&mut self, path: &str, raw: Option<Raw>) -> Checked<Vec<Url>> {
+        let Some(items) = self.string_list(path, raw)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut bad = false;
+        for (i, item) in items.into_iter().enumerate() {
+            match self.url(&format!("{path}[{i}]"), Some(Raw::Str(item))) {
+                Ok(Some(url)) => out.push(url),
+                Ok(None) => {}
+                Err(Reported) => bad = true,
+            }
+        }
+        if bad { Err(Reported) } else { Ok(out) }
+    }
+
     /// An `https` URL, or `http` to a loopback host (tests, the simulator, a
     /// local proxy).
     pub(super) fn url(&mut self, path: &str, raw: Option<Raw>) -> Checked<Option<Url>> {

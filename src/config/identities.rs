@@ -63,8 +63,8 @@ impl Checker<'_> {
         let id = self
             .header_text(&key("id"), raw.id, "give the base connection id (from the Sources UI or GET /connections)")
             .and_then(|id| {
-                if id.contains(['/', '?', '#', '%']) {
-                    return Err(self.report(key("id"), format!("{id:?} cannot be a base connection id (it would break the request URL); copy the id from the Sources UI")));
+                if let Some(problem) = crate::ident::connection_id_problem(&id) {
+                    return Err(self.report(key("id"), format!("{:?} cannot be a base connection id ({problem}); copy the id from the Sources UI", crate::http::bounded(&id, 80))));
                 }
                 if let Some(first) = first_index.get(&id) {
                     return Err(self.report(key("id"), format!("duplicate id {id:?}: connections[{first}] has it already; list each base connection once")));

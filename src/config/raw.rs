@@ -130,6 +130,7 @@ pub(super) struct RawAws {
     pub(super) region: Option<Raw>,
     pub(super) sts_endpoint: Option<Raw>,
     pub(super) s3_endpoint: Option<Raw>,
+    pub(super) s3_endpoints: Option<Raw>,
     pub(super) role_arn: Option<Raw>,
     pub(super) external_id: Option<Raw>,
     pub(super) session_name: Option<Raw>,

@@ -223,6 +223,7 @@ impl Checker<'_> {
             });
         let sts_endpoint = self.url("aws.sts_endpoint", raw.sts_endpoint);
         let s3_endpoint = self.url("aws.s3_endpoint", raw.s3_endpoint);
+        let s3_endpoints = self.url_list("aws.s3_endpoints", raw.s3_endpoints);
         let role_arn = self.role_arn("aws.role_arn", raw.role_arn);
         let external_id = self.external_id("aws.external_id", raw.external_id);
         let session_name = self.session_name("aws.session_name", raw.session_name);
@@ -230,6 +231,7 @@ impl Checker<'_> {
             region: region?,
             sts_endpoint: sts_endpoint?,
             s3_endpoint: s3_endpoint?,
+            s3_endpoints: s3_endpoints?,
             role_arn: role_arn?,
             external_id: external_id?,
             session_name: session_name?.unwrap_or_else(|| DEFAULT_SESSION_NAME.to_owned()),

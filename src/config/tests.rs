@@ -147,6 +147,7 @@ fn every_bad_input_names_its_key() {
         ("verify not a boolean", replace(g, "[rotation]\n", "[rotation]\nverify = \"maybe\"\n"), "rotation.verify", "true or false"),
         ("prepush_check not a boolean", replace(g, "[rotation]\n", "[rotation]\nprepush_check = \"yes\"\n"), "rotation.prepush_check", "true or false"),
         ("plain http to a remote S3", replace(g, "[aws]\n", "[aws]\ns3_endpoint = \"http://s3.example.com\"\n"), "aws.s3_endpoint", "loopback"),
+        ("plain http to a remote S3 in s3_endpoints", replace(g, "[aws]\n", "[aws]\ns3_endpoints = [\"https://minio.example.com\", \"http://s3.example.com\"]\n"), "aws.s3_endpoints[1]", "loopback"),
         ("bad role ARN", replace(g, "arn:aws:iam::123456789012:role/aep", "arn:aws:s3:::bucket"), "aws.role_arn", "not an IAM role ARN"),
         ("role ARN with a short account", replace(g, "arn:aws:iam::123456789012:role/aep", "arn:aws:iam::1234:role/aep"), "aws.role_arn", "12 digits"),
         ("bad connection role ARN", replace(g, "sandbox = \"prod\"", "sandbox = \"prod\"\nrole_arn = \"aep-role\""), "connections[0].role_arn", "not an IAM role ARN"),
@@ -154,6 +155,9 @@ fn every_bad_input_names_its_key() {
         ("empty connection id", replace(g, "id = \"c-1\"", "id = \"\""), "connections[0].id", "empty"),
         ("missing connection id", replace(g, "id = \"c-1\"\n", ""), "connections[0].id", "missing"),
         ("connection id with a slash", replace(g, "id = \"c-1\"", "id = \"c/1\""), "connections[0].id", "URL"),
+        ("connection id dot-dot", replace(g, "id = \"c-1\"", "id = \"..\""), "connections[0].id", "relative path segment"),
+        ("connection id dot", replace(g, "id = \"c-1\"", "id = \".\""), "connections[0].id", "relative path segment"),
+        ("overlong connection id", replace(g, "id = \"c-1\"", &format!("id = \"{}\"", "x".repeat(3000))), "connections[0].id", "longer than 128"),
         ("empty sandbox", replace(g, "sandbox = \"dev\"", "sandbox = \"\""), "connections[1].sandbox", "empty"),
         ("upper-case sandbox", replace(g, "sandbox = \"dev\"", "sandbox = \"Dev\""), "connections[1].sandbox", "lower-case"),
         ("bad URL", replace(g, "[adobe]\n", "[adobe]\nims_url = \"not a url\"\n"), "adobe.ims_url", "not a URL"),
@@ -214,7 +218,7 @@ fn every_bad_input_names_its_key() {
         ran += 1;
     }
     assert_eq!(ran, cases.len());
-    assert_eq!(ran, 82, "update this count when adding cases");
+    assert_eq!(ran, 86, "update this count when adding cases");
 }
 
 #[test]

@@ -76,6 +76,12 @@ pub struct AwsConfig {
     /// Endpoint of the pre-push S3 check for connections without a
     /// `serviceUrl`; `None` = `AWS_ENDPOINT_URL_S3`, else AWS's regional endpoint.
     pub s3_endpoint: Option<Url>,
+    /// Further destinations the pre-push S3 check may send a connection's
+    /// new credentials to when its `serviceUrl` names them (a VPC endpoint,
+    /// an S3-compatible store). Without them a `serviceUrl` must be an AWS
+    /// S3 endpoint of the configured region's partition, or `s3_endpoint`
+    /// (docs/SECURITY.md, issue 26).
+    pub s3_endpoints: Vec<Url>,
     /// Default role; `None` (and none on a connection) = `GetSessionToken`.
     pub role_arn: Option<RoleArn>,
     /// Default `ExternalId` for `AssumeRole`.

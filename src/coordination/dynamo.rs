@@ -44,8 +44,6 @@ const MAX_BODY: u64 = 4 * 1024 * 1024;
 const MAX_RECORD_LEASE: Duration = Duration::from_secs(10 * 60);
 /// And the shortest one honoured: no standby steals within a blink.
 const MIN_RECORD_LEASE: Duration = Duration::from_secs(1);
-/// Connection ids are UUIDs; anything much longer is not one of ours.
-const MAX_ID_CHARS: usize = 256;
 
 /// The table behind the [`Store`] trait.
 #[derive(Debug, Clone)]
@@ -357,8 +355,10 @@ fn number(item: &HashMap<String, AttributeValue>, key: &str) -> Option<u64> {
 /// understand still holds it until it stops renewing); a missing or absurd
 /// duration becomes the clamp.
 fn lease_from_item(item: &HashMap<String, AttributeValue>) -> LeaseRecord {
+    // Shown in `/status` headers and the standby line: the one bounded,
+    // escaped form of remote text (issue 26), never the raw item.
     let holder = text(item, "holder")
-        .map(|h| h.chars().take(128).collect::<String>())
+        .map(|h| crate::http::bounded(h, 128))
         .unwrap_or_else(|| "(unreadable holder)".to_owned());
     let rvn = text(item, "rvn")
         .map(str::to_owned)
@@ -379,7 +379,7 @@ fn state_from_item(
         return None;
     }
     let id = text(item, "sk")?;
-    if id.is_empty() || id.chars().count() > MAX_ID_CHARS {
+    if !crate::ident::is_connection_id(id) {
         return None;
     }
     let seconds = |key: &str| {
@@ -395,7 +395,9 @@ fn state_from_item(
         PersistedConnection {
             sandbox: text(item, "sandbox")?.to_owned(),
             etag: etag.to_owned(),
-            access_key_id: text(item, "access_key_id")?.to_owned(),
+            access_key_id: text(item, "access_key_id")
+                .filter(|key| crate::ident::is_access_key_id(key))?
+                .to_owned(),
             expires_at: seconds("expires_at")?,
             last_success_at: seconds("last_success_at"),
         },
@@ -589,8 +591,40 @@ mod tests {
         far.insert("expires_at".to_owned(), n(u64::MAX));
         let (_, record) = state_from_item(&far).unwrap();
         assert!(record.expires_at <= UNIX_EPOCH + crate::clock::HORIZON);
-        let mut bad_etag = good;
+        let mut bad_etag = good.clone();
         bad_etag.insert("etag".to_owned(), s("\"a\r\nb\""));
         assert!(state_from_item(&bad_etag).is_none());
+        // Issue 26 #3 and #6: ids `..` and 3,000 characters, and an access
+        // key id of 300 KB with control characters, were believed.
+        for (key, value) in [
+            ("sk", "..".to_owned()),
+            ("sk", "x".repeat(3000)),
+            (
+                "access_key_id",
+                format!("ASIA\u{1b}[2J{}", "A".repeat(300_000)),
+            ),
+        ] {
+            let mut bad = good.clone();
+            bad.insert(key.to_owned(), s(&value));
+            assert!(
+                state_from_item(&bad).is_none(),
+                "{key} of {} bytes",
+                value.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_lease_holder_is_shown_bounded_and_escaped() {
+        // Issue 26 #2: the holder reached the text-mode standby line raw.
+        let rec = lease_from_item(&item(&[
+            (
+                "holder",
+                s(&format!("evil\n\u{1b}]0;t\u{7}{}", "h".repeat(10_000))),
+            ),
+            ("rvn", s("1")),
+        ]));
+        assert!(!rec.holder.chars().any(char::is_control), "{}", rec.holder);
+        assert!(rec.holder.len() < 200, "{}", rec.holder.len());
     }
 }

@@ -418,7 +418,11 @@ impl Elector {
                 now
             }
         };
-        if now.duration_since(since) >= record.lease {
+        // The item's own duration, but never longer than ours: replicas of
+        // one table share one config, and a stale or hostile item saying 10
+        // minutes delayed takeover past refresh_before (issue 26).
+        let lease = record.lease.min(self.lease);
+        if now.duration_since(since) >= lease {
             tracing::info!(
                 previous = %record.holder,
                 unchanged_for = %humantime::format_duration(crate::clock::round_ms(now.duration_since(since))),
@@ -430,7 +434,7 @@ impl Elector {
         }
         self.enter_standby(Some(record.holder), "");
         self.refresh_view().await;
-        (now + self.renew_every).min(since + record.lease)
+        (now + self.renew_every).min(since + lease)
     }
 
     /// Publishes `Standby` (logging `standing by` when it is news).

@@ -234,6 +234,21 @@ async fn a_standby_takes_over_a_dead_leader_only_after_a_full_lease() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stale_item_claiming_a_long_lease_waits_no_longer_than_ours() {
+    // Issue 26 #10: an item saying 10 minutes (the read clamp) delayed
+    // takeover by 10 minutes whatever the configured lease.
+    let table = Arc::new(Table::default());
+    *table.lease.lock().unwrap() = Some(LeaseRecord {
+        holder: "gone".to_owned(),
+        rvn: "stale".to_owned(),
+        lease: Duration::from_secs(600),
+    });
+    let b = replica(&table, "b");
+    let took = run_until(&[&b], LEASE * 3, || role(&b) == Role::Leader).await;
+    assert!(took <= LEASE + RENEW + STEP, "takeover after {took:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_leader_that_cannot_renew_stops_writing_before_a_standby_starts() {
     let table = Arc::new(Table::default());
     let a = replica(&table, "a");
