@@ -32,11 +32,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aep_s3_rotator::config::Config;
-use aep_s3_rotator::daemon::{Mode, Options, build_rotator};
-use aep_s3_rotator::flow::{CREDENTIAL_PATHS, FlowClient};
-use aep_s3_rotator::ims::AccessToken;
-use aep_s3_rotator::sts::{AwsCredentials, SourceIdentity, StsRequest};
-use aep_s3_rotator::telemetry::Telemetry;
+use aep_s3_rotator::observe::telemetry::Telemetry;
+use aep_s3_rotator::remote::flow::{CREDENTIAL_PATHS, FlowClient};
+use aep_s3_rotator::remote::ims::AccessToken;
+use aep_s3_rotator::remote::sts::{AwsCredentials, SourceIdentity, StsRequest};
+use aep_s3_rotator::scheduler::{Mode, Options, build_rotator};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use secrecy::ExposeSecret;
@@ -293,7 +293,7 @@ async fn run(path: PathBuf, concurrency: NonZeroUsize) -> anyhow::Result<serde_j
         .get(&request, None, rotator.refresh_before)
         .await
         .context("STS credentials")?;
-    let http = aep_s3_rotator::http::client(&config.rotation)?;
+    let http = aep_s3_rotator::remote::http::client(&config.rotation)?;
     let targets = targets(&config);
 
     let bare = phase(&targets, concurrency.get(), |target| {

@@ -12,18 +12,18 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
-use crate::daemon::{Daemon, Options, build_rotator};
 use crate::discovery::{self, FlowLister, Membership};
 use crate::exit::Exit;
-use crate::sts::SourceIdentity;
-use crate::telemetry::Telemetry;
+use crate::observe::telemetry::Telemetry;
+use crate::remote::sts::SourceIdentity;
+use crate::scheduler::{Daemon, Options, build_rotator};
 
-/// The CA roots for every HTTPS client (see [`crate::tls`]): logged once at
+/// The CA roots for every HTTPS client (see [`crate::remote::tls`]): logged once at
 /// start; an operator-named store without certificates stops the start with
 /// one message (exit 78: systemd does not restart into the same failure).
 pub(crate) fn ca_roots() -> Result<(), Exit> {
-    match crate::tls::roots() {
-        Ok(roots) if matches!(roots.source(), crate::tls::CaSource::Builtin { .. }) => {
+    match crate::remote::tls::roots() {
+        Ok(roots) if matches!(roots.source(), crate::remote::tls::CaSource::Builtin { .. }) => {
             tracing::warn!(roots = roots.len(), "CA roots: {}", roots.describe());
             Ok(())
         }

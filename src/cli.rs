@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::logging::LogFormat;
+use crate::observe::logging::LogFormat;
 
 /// Where the config file is looked for when neither `--config` nor
 /// `$AEP_S3_ROTATOR_CONFIG` says.

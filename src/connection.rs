@@ -16,14 +16,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::backoff::BackoffPolicy;
 use crate::clock::{later, rfc3339, round_ms, until};
 use crate::config::{ConnectionConfig, RotationConfig};
+use crate::coordination::local::PersistedConnection;
+use crate::observe::telemetry::{ConnectionStatus, Outcome};
+use crate::policy::backoff::BackoffPolicy;
+use crate::policy::schedule::{self, Escalation, RetryKind};
+use crate::remote::sts::StsRequest;
 use crate::rotation::{Job, JobResult, RotationError};
-use crate::schedule::{self, Escalation, RetryKind};
-use crate::state::PersistedConnection;
-use crate::sts::StsRequest;
-use crate::telemetry::{ConnectionStatus, Outcome};
 
 /// Attempts per connection in `once` mode: enough to ride out a throttle or
 /// a dropped connection, few enough that `once` finishes promptly.
@@ -177,7 +177,7 @@ pub struct Connection {
     removed: bool,
     /// The bucket, folder and endpoint the pre-push check probes, learnt
     /// from the connection's GET and kept with the etag.
-    s3: Option<crate::s3probe::S3Target>,
+    s3: Option<crate::remote::s3probe::S3Target>,
     last_escalation_log: Option<(Escalation, SystemTime)>,
     last_short_warning: Option<SystemTime>,
     counts: Counts,
@@ -378,7 +378,7 @@ impl Connection {
     /// list item as the etag, before the first job: its pre-push check then
     /// needs no `GET`. A target learnt from a job is never overwritten, and a
     /// running job is left alone (its result carries what it read).
-    pub fn seed_s3(&mut self, listed: &crate::s3probe::S3Target) {
+    pub fn seed_s3(&mut self, listed: &crate::remote::s3probe::S3Target) {
         if self.phase != Phase::InFlight && self.s3.is_none() {
             self.s3 = Some(listed.clone());
         }
@@ -851,9 +851,9 @@ fn escalate(escalation: Escalation, expires_at: Option<SystemTime>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flow::FlowError;
-    use crate::schedule::{EXPIRY_MARGIN, RETRY_AFTER_CAP};
-    use crate::sts::StsError;
+    use crate::policy::schedule::{EXPIRY_MARGIN, RETRY_AFTER_CAP};
+    use crate::remote::flow::FlowError;
+    use crate::remote::sts::StsError;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 

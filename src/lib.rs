@@ -42,37 +42,20 @@
 //! the default-on `demo` feature, the engine of `demo`. A build with
 //! `--no-default-features` has no simulator code in it.
 
-pub mod admin;
 pub mod app;
-pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod coordination;
-pub mod create;
-pub mod daemon;
-#[cfg(feature = "demo")]
-pub mod demo;
 pub mod discovery;
 pub mod exit;
-pub mod flow;
 pub mod fsguard;
-pub mod http;
 pub mod ident;
-pub mod ims;
-pub mod lenient;
-pub mod logging;
-pub mod notify;
+pub mod observe;
+pub mod policy;
+pub mod remote;
 pub mod rotation;
-pub mod s3dest;
-pub mod s3probe;
-pub mod s3xml;
-pub mod schedule;
-pub mod shaping;
+pub mod scheduler;
 pub mod shutdown;
-pub mod state;
-pub mod sts;
-pub mod telemetry;
-pub mod tls;

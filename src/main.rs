@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use aep_s3_rotator::cli::Cli;
 use aep_s3_rotator::commands;
 use aep_s3_rotator::exit::Exit;
-use aep_s3_rotator::logging::{self, LogFormat};
+use aep_s3_rotator::observe::logging::{self, LogFormat};
 use clap::Parser;
 
 fn main() -> ExitCode {

@@ -1,6 +1,6 @@
 //! One rotation of one connection: IMS token → (GET for the etag and the S3
 //! target when they are not known) → STS credentials → pre-push S3 check
-//! with the new credentials ([`crate::s3probe`]; not pushed unless it passes)
+//! with the new credentials ([`crate::remote::s3probe`]; not pushed unless it passes)
 //! → PATCH with `If-Match`; a 412 re-reads the
 //! connection and PATCHes again at once (bounded), a 401 fetches a new IMS
 //! token and retries once. Retry *timing* is not decided here: the job reports
@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use futures::future::BoxFuture;
 
-use crate::flow::{FlowClient, FlowError, RemoteConnection};
-use crate::ims::{AccessToken, ImsClient, ImsError};
-use crate::s3probe::{ProbeError, S3Probe, S3Target};
-use crate::schedule::RetryKind;
-use crate::sts::{AwsCredentials, CredentialCache, StsError, StsRequest};
-use crate::telemetry::Telemetry;
+use crate::observe::telemetry::Telemetry;
+use crate::policy::schedule::RetryKind;
+use crate::remote::flow::{FlowClient, FlowError, RemoteConnection};
+use crate::remote::ims::{AccessToken, ImsClient, ImsError};
+use crate::remote::s3probe::{ProbeError, S3Probe, S3Target};
+use crate::remote::sts::{AwsCredentials, CredentialCache, StsError, StsRequest};
 
 /// How many 412s in a row one job absorbs (re-GET + PATCH at once) before it
 /// reports a failure and backs off: a writer that changes the connection this
@@ -393,7 +393,7 @@ impl Rotation<'_> {
             etag: job
                 .known_etag
                 .clone()
-                .filter(|etag| crate::flow::is_valid_etag(etag)),
+                .filter(|etag| crate::remote::flow::is_valid_etag(etag)),
             s3: job.s3.clone(),
             checked: None,
             target_read: false,
@@ -809,7 +809,7 @@ mod tests {
     #[derive(Debug, Default)]
     struct Sts(AtomicU64);
 
-    impl crate::sts::CredentialSource for Sts {
+    impl crate::remote::sts::CredentialSource for Sts {
         fn issue<'a>(
             &'a self,
             _request: &'a StsRequest,
@@ -843,7 +843,7 @@ mod tests {
             &'a self,
             target: &'a S3Target,
             _credentials: &'a AwsCredentials,
-        ) -> BoxFuture<'a, Result<crate::s3probe::Allowed, ProbeError>> {
+        ) -> BoxFuture<'a, Result<crate::remote::s3probe::Allowed, ProbeError>> {
             self.checks.fetch_add(1, Ordering::Relaxed);
             let outcome = if self.deny {
                 Err(ProbeError::Denied {
@@ -854,7 +854,7 @@ mod tests {
                     target: target.describe(),
                 })
             } else {
-                Ok(crate::s3probe::Allowed {
+                Ok(crate::remote::s3probe::Allowed {
                     operation: "ListObjectsV2",
                     region: "us-east-1".to_owned(),
                     attempts: 1,

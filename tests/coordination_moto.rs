@@ -24,13 +24,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aep_s3_rotator::config::{AwsConfig, CoordinationConfig};
 use aep_s3_rotator::coordination::dynamo::{BATCH_LIMIT, DynamoStore};
+use aep_s3_rotator::coordination::local::PersistedConnection;
 use aep_s3_rotator::coordination::table::{self, InitOutcome};
 use aep_s3_rotator::coordination::{
     Elector, Expect, LeaseRecord, Role, StateWriter, Store, StoreError,
 };
-use aep_s3_rotator::state::PersistedConnection;
-use aep_s3_rotator::sts::SourceIdentity;
-use aep_s3_rotator::telemetry::Telemetry;
+use aep_s3_rotator::observe::telemetry::Telemetry;
+use aep_s3_rotator::remote::sts::SourceIdentity;
 use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
 use tokio_util::sync::CancellationToken;

@@ -12,8 +12,8 @@ mod common;
 
 use std::time::{Duration, SystemTime};
 
-use aep_s3_rotator::s3probe::{HttpProbe, ProbeError, ProbeSettings, S3Probe, S3Target};
-use aep_s3_rotator::sts::AwsCredentials;
+use aep_s3_rotator::remote::s3probe::{HttpProbe, ProbeError, ProbeSettings, S3Probe, S3Target};
+use aep_s3_rotator::remote::sts::AwsCredentials;
 use aep_s3_simulator::{ScriptedFault, SimEvent, SimService};
 use common::*;
 
@@ -369,7 +369,11 @@ async fn a_denial_on_a_stale_cached_bucket_reads_the_connection_again() {
 fn settings(endpoint: &str, delays: usize) -> ProbeSettings {
     let endpoint = url::Url::parse(endpoint).unwrap();
     ProbeSettings {
-        destinations: aep_s3_rotator::s3dest::Destinations::new("us-east-1", [&endpoint], []),
+        destinations: aep_s3_rotator::remote::s3dest::Destinations::new(
+            "us-east-1",
+            [&endpoint],
+            [],
+        ),
         endpoint: Some(endpoint),
         region: "us-east-1".into(),
         denial_retry_delays: vec![Duration::from_millis(20); delays],

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use super::once::plural;
 use crate::config::Config;
-use crate::daemon::{Mode, Options, build_rotator};
 use crate::exit::Exit;
-use crate::sts::{CredentialSource, SourceIdentity, StsError, StsRequest};
-use crate::telemetry::Telemetry;
+use crate::observe::telemetry::Telemetry;
+use crate::remote::sts::{CredentialSource, SourceIdentity, StsError, StsRequest};
+use crate::scheduler::{Mode, Options, build_rotator};
 
 /// `check`: one line per check on stdout, nothing changed anywhere.
 pub(crate) async fn check(config: Config, path: &Path) -> Exit {
@@ -38,9 +38,9 @@ pub(crate) async fn check(config: Config, path: &Path) -> Exit {
         lines.warn("config", warning);
     }
     // The trust store every HTTPS check below depends on: its own line.
-    match crate::tls::roots() {
+    match crate::remote::tls::roots() {
         // The built-in set works, but the operator should know it is in use.
-        Ok(roots) if matches!(roots.source(), crate::tls::CaSource::Builtin { .. }) => {
+        Ok(roots) if matches!(roots.source(), crate::remote::tls::CaSource::Builtin { .. }) => {
             lines.warn("ca", &roots.describe());
         }
         Ok(roots) => lines.ok("ca", &roots.describe()),
@@ -159,7 +159,7 @@ pub(crate) async fn check(config: Config, path: &Path) -> Exit {
         membership.apply_to(&config)
     };
     // STS, once per distinct request.
-    let source = crate::sts::AwsSts::new(
+    let source = crate::remote::sts::AwsSts::new(
         &config.aws,
         &SourceIdentity::DefaultChain,
         config.rotation.request_timeout,
@@ -214,8 +214,8 @@ pub(crate) async fn check(config: Config, path: &Path) -> Exit {
 async fn prepush_lines(
     config: &Config,
     rotator: &crate::rotation::Rotator,
-    targets: &std::collections::HashMap<String, Option<crate::s3probe::S3Target>>,
-    issued: &std::collections::HashMap<StsRequest, Option<crate::sts::AwsCredentials>>,
+    targets: &std::collections::HashMap<String, Option<crate::remote::s3probe::S3Target>>,
+    issued: &std::collections::HashMap<StsRequest, Option<crate::remote::sts::AwsCredentials>>,
     lines: &mut CheckReport,
 ) {
     let Some(probe) = &rotator.prepush else {

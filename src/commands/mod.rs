@@ -8,6 +8,9 @@ use crate::config::Config;
 use crate::exit::Exit;
 
 pub mod check;
+pub mod create;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod once;
 pub mod run;
 pub mod status;
@@ -43,7 +46,7 @@ pub async fn main(cli: Cli) -> Exit {
         Command::Check => check::check(config, &cli.config).await,
         Command::Status => Exit::Usage,
         Command::Demo(_) => Exit::Usage,
-        Command::Create(args) => crate::create::run(&config, &args).await,
+        Command::Create(args) => crate::commands::create::run(&config, &args).await,
         Command::Coordination(crate::cli::CoordinationCommand::Init) => {
             crate::coordination::table::init_command(&config).await
         }
@@ -52,7 +55,7 @@ pub async fn main(cli: Cli) -> Exit {
 
 #[cfg(feature = "demo")]
 async fn demo(args: crate::cli::DemoArgs) -> Exit {
-    crate::demo::run(args).await
+    crate::commands::demo::run(args).await
 }
 
 /// A build without the `demo` feature carries no simulator: say so plainly.

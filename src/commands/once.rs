@@ -10,11 +10,11 @@ use crate::app::start_membership;
 use crate::cli::OnceArgs;
 use crate::clock::rfc3339;
 use crate::config::Config;
-use crate::daemon::{Daemon, Mode, Options, Report};
 use crate::exit::Exit;
-use crate::notify::Notifier;
-use crate::sts::SourceIdentity;
-use crate::telemetry::Telemetry;
+use crate::observe::notify::Notifier;
+use crate::observe::telemetry::Telemetry;
+use crate::remote::sts::SourceIdentity;
+use crate::scheduler::{Daemon, Mode, Options, Report};
 
 pub(crate) async fn once(config: Config, args: OnceArgs) -> Exit {
     let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
@@ -94,11 +94,11 @@ pub(crate) fn chosen_connections(config: &Config, chosen: &[String]) -> Result<V
             [id] => ids.push((*id).to_owned()),
             [] => problems.push(format!(
                 "{} is neither the id nor the name of a connection",
-                crate::http::bounded(wanted, 200)
+                crate::remote::http::bounded(wanted, 200)
             )),
             many => problems.push(format!(
                 "{} names {} connections ({}); give the id instead",
-                crate::http::bounded(wanted, 200),
+                crate::remote::http::bounded(wanted, 200),
                 many.len(),
                 many.join(", ")
             )),

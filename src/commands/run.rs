@@ -12,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{log_config_error, start_coordination};
 use crate::config::Config;
-use crate::daemon::{Daemon, Intake, Mode, Options, Reload, build_rotator};
 use crate::discovery::{self, FlowLister, Membership};
 use crate::exit::Exit;
-use crate::notify::Notifier;
-use crate::sts::SourceIdentity;
-use crate::telemetry::Telemetry;
+use crate::observe::notify::Notifier;
+use crate::observe::telemetry::Telemetry;
+use crate::remote::sts::SourceIdentity;
+use crate::scheduler::{Daemon, Intake, Mode, Options, Reload, build_rotator};
 
 /// How long the watched files must stay quiet before a change is reloaded:
 /// editors and Kubernetes write in several steps (temp file, rename, symlink
@@ -146,11 +146,11 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             Ok(listener) => {
                 // admin::serve logs "admin endpoint listening" with the
                 // address actually bound (the one that matters for port 0).
-                tokio::spawn(crate::admin::serve(
+                tokio::spawn(crate::observe::admin::serve(
                     listener,
                     Arc::clone(&telemetry),
                     cancel.clone(),
-                    crate::admin::reserved_descriptors(&config),
+                    crate::observe::admin::reserved_descriptors(&config),
                 ));
             }
             Err(error) => {

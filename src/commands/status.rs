@@ -21,7 +21,7 @@ pub(crate) async fn status(path: &Path) -> Exit {
         );
         return Exit::Config;
     };
-    match crate::admin::status_report(addr).await {
+    match crate::observe::admin::status_report(addr).await {
         Ok(table) => {
             print!("{table}");
             Exit::Ok

@@ -24,8 +24,8 @@ use futures::future::BoxFuture;
 
 use super::{Expect, LeaseRecord, Store, StoreError};
 use crate::config::{AwsConfig, CoordinationConfig};
-use crate::state::{PersistedConnection, StateSnapshot};
-use crate::sts::SourceIdentity;
+use crate::coordination::local::{PersistedConnection, StateSnapshot};
+use crate::remote::sts::SourceIdentity;
 
 /// The partition of the lease item.
 const LEASE_PK: &str = "lease";
@@ -67,7 +67,7 @@ pub async fn clients(
     identity: &SourceIdentity,
     request_timeout: Duration,
 ) -> (Client, Client) {
-    let shared = crate::sts::sdk_config(aws, coordination.endpoint.as_ref(), identity)
+    let shared = crate::remote::sts::sdk_config(aws, coordination.endpoint.as_ref(), identity)
         .load()
         .await;
     let build = |timeout: Duration| {
@@ -77,7 +77,7 @@ pub async fn clients(
                     .operation_attempt_timeout(timeout)
                     .build(),
             )
-            .interceptor(crate::sts::BodyLimit {
+            .interceptor(crate::remote::sts::BodyLimit {
                 cap: MAX_BODY,
                 service: "DynamoDB",
             });
@@ -358,7 +358,7 @@ fn lease_from_item(item: &HashMap<String, AttributeValue>) -> LeaseRecord {
     // Shown in `/status` headers and the standby line: the one bounded,
     // escaped form of remote text (issue 26), never the raw item.
     let holder = text(item, "holder")
-        .map(|h| crate::http::bounded(h, 128))
+        .map(|h| crate::remote::http::bounded(h, 128))
         .unwrap_or_else(|| "(unreadable holder)".to_owned());
     let rvn = text(item, "rvn")
         .map(str::to_owned)
@@ -387,7 +387,7 @@ fn state_from_item(
             .map(|s| UNIX_EPOCH + Duration::from_secs(s.min(crate::clock::HORIZON.as_secs())))
     };
     let etag = text(item, "etag")?;
-    if !crate::flow::is_valid_etag(etag) {
+    if !crate::remote::flow::is_valid_etag(etag) {
         return None;
     }
     Some((
@@ -459,7 +459,7 @@ where
                 Some(code) => (code, err.message().unwrap_or("")),
                 None => xml_error(service.raw()).unwrap_or(("", "")),
             };
-            let message = crate::http::remote_text(message);
+            let message = crate::remote::http::remote_text(message);
             match code {
                 "ConditionalCheckFailedException" => StoreError::Conflict,
                 "ResourceNotFoundException" => StoreError::NoTable {
@@ -502,15 +502,15 @@ where
         other => {
             // Dispatch and construction failures: the chain says whether
             // the credential chain found nothing (the common case).
-            let text = crate::http::remote_text(
+            let text = crate::remote::http::remote_text(
                 &aws_smithy_types::error::display::DisplayErrorContext(other).to_string(),
             );
-            if crate::sts::is_credential_chain_failure(other, &text) {
+            if crate::remote::sts::is_credential_chain_failure(other, &text) {
                 StoreError::Credentials {
                     code: "NoCredentials".to_owned(),
                     detail: format!(
                         "the AWS default credential chain found no credentials (last: {})",
-                        crate::sts::chain_reason(other)
+                        crate::remote::sts::chain_reason(other)
                     ),
                 }
             } else {

@@ -28,6 +28,7 @@
 //! and metrics show what the leader did.
 
 pub mod dynamo;
+pub mod local;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -40,8 +41,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::mono_now;
-use crate::state::{PersistedConnection, StateSnapshot};
-use crate::telemetry::Telemetry;
+use crate::coordination::local::{PersistedConnection, StateSnapshot};
+use crate::observe::telemetry::Telemetry;
 
 /// How often a standby re-reads the shared state for its own view
 /// (`/status`, metrics). One `Query` per half minute per standby costs

@@ -21,7 +21,7 @@ use super::{Store, StoreError};
 use crate::clock::mono_now;
 use crate::config::Config;
 use crate::exit::Exit;
-use crate::sts::SourceIdentity;
+use crate::remote::sts::SourceIdentity;
 
 /// The probe item [`verify`] aims its writes at. Every write carries a
 /// condition that can never hold, so it is never created; the daemon
@@ -226,7 +226,7 @@ fn check_schema(table: &str, description: &TableDescription) -> Result<(), InitE
             let name = k.attribute_name();
             (
                 k.key_type().as_str().to_owned(),
-                crate::http::bounded(name, 64),
+                crate::remote::http::bounded(name, 64),
                 type_of(name),
             )
         })
@@ -382,7 +382,7 @@ pub async fn verify(store: &DynamoStore) -> Result<String, StoreError> {
         // Remote text: one line, escaped, bounded.
         Some(record) => format!(
             "lease held by {}",
-            crate::http::bounded(&record.holder, 128)
+            crate::remote::http::bounded(&record.holder, 128)
         ),
         None => "lease free (no replica holds it)".to_owned(),
     };

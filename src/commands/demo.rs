@@ -12,11 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
 use crate::config::Config;
-use crate::daemon::{Daemon, Mode, Options, Report};
 use crate::exit::Exit;
-use crate::notify::Notifier;
-use crate::sts::SourceIdentity;
-use crate::telemetry::Telemetry;
+use crate::observe::notify::Notifier;
+use crate::observe::telemetry::Telemetry;
+use crate::remote::sts::SourceIdentity;
+use crate::scheduler::{Daemon, Mode, Options, Report};
 use aep_s3_simulator::{
     RetryAfter, ScriptedFault, SimConfig, SimConnection, SimService, SimStats, Simulator,
 };

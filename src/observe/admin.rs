@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::telemetry::{
+use crate::observe::telemetry::{
     ConnectionState, ConnectionStatus, METRICS_CONTENT_TYPE, NotReady, Telemetry, compact_duration,
 };
 
@@ -568,7 +568,7 @@ pub async fn status_report(addr: SocketAddr) -> Result<String, String> {
         ));
     }
     let role_line = role_line(response.headers());
-    let body = crate::http::read_capped(response, STATUS_MAX_BODY)
+    let body = crate::remote::http::read_capped(response, STATUS_MAX_BODY)
         .await
         .map_err(|e| format!("cannot read the answer of {url}: {e}"))?;
     let entries: Vec<StatusEntry> = serde_json::from_slice(&body).map_err(|e| {
@@ -584,7 +584,7 @@ fn role_line(headers: &header::HeaderMap) -> String {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .map(|v| crate::http::bounded(v, 128))
+            .map(|v| crate::remote::http::bounded(v, 128))
     };
     match (text(ROLE_HEADER), text(LEADER_HEADER)) {
         (Some(role), Some(leader)) => format!("role: {role} (leader: {leader})\n"),
@@ -651,24 +651,24 @@ pub fn render_status_table(entries: &[StatusEntry], now: SystemTime) -> String {
             // Everything here came over the wire from the admin endpoint:
             // escape control characters and bound each cell.
             [
-                crate::http::bounded(&e.name, 100),
-                crate::http::bounded(&e.sandbox, 100),
+                crate::remote::http::bounded(&e.name, 100),
+                crate::remote::http::bounded(&e.sandbox, 100),
                 if e.origin.is_empty() {
                     "-".to_owned()
                 } else {
-                    crate::http::bounded(&e.origin, 40)
+                    crate::remote::http::bounded(&e.origin, 40)
                 },
                 e.state.to_string(),
                 e.access_key_id
                     .as_deref()
-                    .map_or_else(|| "-".to_owned(), |k| crate::http::bounded(k, 128)),
+                    .map_or_else(|| "-".to_owned(), |k| crate::remote::http::bounded(k, 128)),
                 relative(e.expires_at.as_deref(), now, |ago| {
                     format!("expired {ago} ago")
                 }),
                 relative(e.next_rotation_at.as_deref(), now, |ago| format!("-{ago}")),
                 e.last_error
                     .as_deref()
-                    .map(|text| crate::http::remote_text(&one_line(text)))
+                    .map(|text| crate::remote::http::remote_text(&one_line(text)))
                     .unwrap_or_else(|| "-".to_owned()),
             ]
         })
@@ -712,7 +712,7 @@ fn relative(time: Option<&str>, now: SystemTime, past: impl Fn(String) -> String
     };
     let Ok(time) = humantime::parse_rfc3339_weak(text) else {
         // Shown as given rather than hidden: the daemon is newer than we are.
-        return crate::http::bounded(text, 40);
+        return crate::remote::http::bounded(text, 40);
     };
     match time.duration_since(now) {
         Ok(left) => compact_duration(left),
@@ -728,7 +728,7 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::telemetry::{Outcome, Service};
+    use crate::observe::telemetry::{Outcome, Service};
     use std::time::UNIX_EPOCH;
 
     const REFRESH: Duration = Duration::from_secs(20 * 60);

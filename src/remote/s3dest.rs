@@ -63,7 +63,7 @@ impl Destinations {
         }
         let host = url.host_str().unwrap_or_default();
         let aws = url.scheme() == "https"
-            && crate::s3probe::region_of_host(host)
+            && crate::remote::s3probe::region_of_host(host)
                 .is_some_and(|region| partition_of(host, &region) == partition(&self.region));
         if aws {
             None

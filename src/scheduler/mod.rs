@@ -39,14 +39,14 @@ use tracing::Instrument;
 use crate::clock::{Clock, earlier};
 use crate::config::{Config, ConnectionConfig};
 use crate::connection::{self, Action, Connection, Event, Phase, Policy};
+use crate::coordination::local::{StateSnapshot, StateStore};
 use crate::coordination::{Leadership, StateSink};
-use crate::notify::Notifier;
+use crate::observe::notify::Notifier;
+use crate::observe::telemetry::Telemetry;
+use crate::policy::schedule::EXPIRY_MARGIN;
+use crate::remote::shaping;
+use crate::remote::sts::{SourceIdentity, StsRequest};
 use crate::rotation::{Job, JobResult, JobRunner, RotationError, Rotator};
-use crate::schedule::EXPIRY_MARGIN;
-use crate::shaping;
-use crate::state::{StateSnapshot, StateStore};
-use crate::sts::{SourceIdentity, StsRequest};
-use crate::telemetry::Telemetry;
 
 mod intake;
 mod observe;
@@ -201,7 +201,7 @@ pub struct Daemon {
     /// State file records of no configured connection: a connection the
     /// start's listing adds is restored from them. Dropped when the listing
     /// is over (a later reload adds connections as new, as it always did).
-    unclaimed: std::collections::BTreeMap<String, crate::state::PersistedConnection>,
+    unclaimed: std::collections::BTreeMap<String, crate::coordination::local::PersistedConnection>,
 }
 
 impl std::fmt::Debug for Daemon {

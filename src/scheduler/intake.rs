@@ -12,8 +12,8 @@ use super::Daemon;
 use crate::clock::earlier;
 use crate::config::ConnectionConfig;
 use crate::connection::{Action, Connection, Phase};
-use crate::schedule::EXPIRY_MARGIN;
-use crate::sts::StsRequest;
+use crate::policy::schedule::EXPIRY_MARGIN;
+use crate::remote::sts::StsRequest;
 
 /// How long past its due time the start's listing may hold a connection.
 /// The listing normally seeds every etag within seconds (10,000
@@ -38,7 +38,7 @@ pub enum Intake {
         /// Etags by connection id.
         etags: HashMap<String, String>,
         /// S3 targets by connection id.
-        targets: HashMap<String, crate::s3probe::S3Target>,
+        targets: HashMap<String, crate::remote::s3probe::S3Target>,
     },
     /// The start's listing is over: whatever is still held goes now (it
     /// will `GET` its etag).
@@ -49,10 +49,10 @@ pub enum Intake {
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Listed<'a> {
     /// Its state file record.
-    saved: Option<&'a crate::state::PersistedConnection>,
+    saved: Option<&'a crate::coordination::local::PersistedConnection>,
     /// The etag and S3 target its list item carried.
     etag: Option<&'a str>,
-    target: Option<&'a crate::s3probe::S3Target>,
+    target: Option<&'a crate::remote::s3probe::S3Target>,
 }
 
 impl Daemon {
@@ -78,7 +78,7 @@ impl Daemon {
 
     /// S3 targets read in bulk (list pages), by connection id; seed them
     /// before [`Self::seed_etags`] so the first job holds both.
-    pub fn seed_s3_targets(&mut self, targets: &HashMap<String, crate::s3probe::S3Target>) {
+    pub fn seed_s3_targets(&mut self, targets: &HashMap<String, crate::remote::s3probe::S3Target>) {
         for (id, target) in targets {
             if let Some(connection) = self.connections.get_mut(id) {
                 connection.seed_s3(target);

@@ -16,14 +16,14 @@ use url::Url;
 
 use crate::cli::CreateArgs;
 use crate::config::{Config, ConnectionConfig, Origin, RoleArn};
-use crate::daemon::{Mode, Options, build_rotator};
 use crate::exit::Exit;
-use crate::flow::{
+use crate::observe::telemetry::Telemetry;
+use crate::remote::flow::{
     ACCESS_KEY_AUTH_SPEC, ListedConnection, NewConnection, S3_CONNECTION_SPEC_ID, create_body,
 };
-use crate::s3probe::S3Target;
-use crate::sts::{AwsCredentials, SourceIdentity, StsRequest};
-use crate::telemetry::Telemetry;
+use crate::remote::s3probe::S3Target;
+use crate::remote::sts::{AwsCredentials, SourceIdentity, StsRequest};
+use crate::scheduler::{Mode, Options, build_rotator};
 
 /// What replaces a secret in the `--dry-run` request.
 const REDACTED: &str = "[redacted]";
@@ -246,7 +246,7 @@ pub fn next_steps(config: &Config, plan: &CreatePlan, id: &str, etag: &str) -> S
         auth_spec: Some(ACCESS_KEY_AUTH_SPEC.to_owned()),
         state: Some("enabled".to_owned()),
         connection_spec_id: Some(S3_CONNECTION_SPEC_ID.to_owned()),
-        s3: Some(crate::s3probe::S3Target {
+        s3: Some(crate::remote::s3probe::S3Target {
             bucket: plan.new.bucket.clone(),
             folder: plan.new.folder.clone(),
             service_url: plan.new.service_url.clone(),
@@ -397,7 +397,8 @@ pub async fn run(config: &Config, args: &CreateArgs) -> Exit {
             // A POST is not idempotent: after a lost answer the connection
             // may exist, and running `create` again would make a second one.
             let advice = match error {
-                crate::flow::FlowError::Unavailable(_) | crate::flow::FlowError::Malformed(_) => {
+                crate::remote::flow::FlowError::Unavailable(_)
+                | crate::remote::flow::FlowError::Malformed(_) => {
                     format!(
                         "; the connection may have been created all the same: look for {:?} in sandbox {:?} before running create again",
                         plan.new.name, plan.sandbox

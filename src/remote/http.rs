@@ -69,7 +69,7 @@ pub fn client(rotation: &RotationConfig) -> Result<reqwest::Client, reqwest::Err
         .connect_timeout(rotation.request_timeout.min(Duration::from_secs(10)))
         // Certificates are always verified (there is deliberately no
         // switch), against the one root set chosen in `tls`.
-        .tls_certs_only(crate::tls::reqwest_roots())
+        .tls_certs_only(crate::remote::tls::reqwest_roots())
         .build()
 }
 

@@ -6,8 +6,8 @@ use tokio::sync::watch;
 
 use super::{Daemon, DueQueue};
 use crate::connection::Phase;
+use crate::coordination::local::StateSnapshot;
 use crate::coordination::{Leadership, Role, StateSink};
-use crate::state::StateSnapshot;
 
 impl Daemon {
     /// Runs as one of several replicas: dispatches only while `leadership`

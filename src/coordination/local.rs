@@ -207,11 +207,11 @@ impl StateStore {
                     // could not have written is not believed (issue 26): that
                     // connection rotates now; the others are kept.
                     if !crate::ident::is_connection_id(&id)
-                        || !crate::flow::is_valid_etag(&c.etag)
+                        || !crate::remote::flow::is_valid_etag(&c.etag)
                         || !crate::ident::is_access_key_id(&c.access_key_id)
                     {
                         tracing::warn!(
-                            connection = %crate::http::bounded(&id, 80),
+                            connection = %crate::remote::http::bounded(&id, 80),
                             "state file record has an id, etag or access key id of the wrong shape; ignoring it"
                         );
                         return None;

@@ -358,7 +358,7 @@ mod tests {
     #[test]
     fn third_party_crates_are_capped_at_info() {
         assert!(is_ours("aep_s3_rotator"));
-        assert!(is_ours("aep_s3_rotator::daemon"));
+        assert!(is_ours("aep_s3_rotator::scheduler"));
         assert!(!is_ours("aep_s3_rotator_evil"));
         assert!(!is_ours("aws_sigv4::http_request"));
         assert_eq!(third_party_level("aws_sigv4::http_request"), Level::INFO);

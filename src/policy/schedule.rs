@@ -3,8 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::backoff::BackoffPolicy;
 use crate::clock::later;
+use crate::policy::backoff::BackoffPolicy;
 
 /// The soonest a rotation is scheduled after the previous one. One second is
 /// what SPEC.md asks for short-lived credentials; it also stops a broken clock

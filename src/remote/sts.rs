@@ -19,8 +19,8 @@ use futures::future::BoxFuture;
 use secrecy::SecretString;
 
 use crate::config::{AwsConfig, Config, ConnectionConfig, RoleArn};
-use crate::schedule;
-use crate::telemetry::{Service, Telemetry};
+use crate::observe::telemetry::{Service, Telemetry};
+use crate::policy::schedule;
 
 /// Everything that decides which credentials STS hands out. Connections whose
 /// requests are equal share one STS call per cycle.
@@ -191,7 +191,7 @@ impl AwsSts {
             .load()
             .await;
         let mut builder = aws_sdk_sts::config::Builder::from(&shared).interceptor(BodyLimit {
-            cap: crate::http::MAX_BODY as u64,
+            cap: crate::remote::http::MAX_BODY as u64,
             service: "STS",
         });
         if shared.region().is_none() {
@@ -276,7 +276,7 @@ impl AwsSts {
 }
 
 /// The AWS SDK settings every client of ours starts from (STS, DynamoDB):
-/// the CA roots [`crate::tls`] chose (for the service and the credential
+/// the CA roots [`crate::remote::tls`] chose (for the service and the credential
 /// chain), the SDK's retries off (our loops retry, log and count every
 /// attempt), the region of `[aws] region` (else the default chain's), an
 /// explicit endpoint if given (else the SDK honours `AWS_ENDPOINT_URL_*`),
@@ -288,7 +288,7 @@ pub(crate) fn sdk_config(
     identity: &SourceIdentity,
 ) -> aws_config::ConfigLoader {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(crate::tls::aws_http_client())
+        .http_client(crate::remote::tls::aws_http_client())
         .retry_config(RetryConfig::disabled());
     if let Some(region) = &aws.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
@@ -302,7 +302,7 @@ pub(crate) fn sdk_config(
     } = identity
     {
         use secrecy::ExposeSecret;
-        crate::http::register_secret(secret_access_key.expose_secret());
+        crate::remote::http::register_secret(secret_access_key.expose_secret());
         loader = loader.credentials_provider(aws_credential_types::Credentials::new(
             access_key_id.clone(),
             secret_access_key.expose_secret().to_owned(),
@@ -337,8 +337,8 @@ where
                 // empty 503, a redirect): keep the HTTP status.
                 return classify_http(service.raw());
             };
-            let code = crate::http::bounded(code, 64);
-            let message = crate::http::remote_text(err.message().unwrap_or("no message"));
+            let code = crate::remote::http::bounded(code, 64);
+            let message = crate::remote::http::remote_text(err.message().unwrap_or("no message"));
             if TRANSIENT_CODES.contains(&code.as_str()) {
                 return StsError::Unavailable(format!("{code}: {message}"));
             }
@@ -369,10 +369,10 @@ where
         SdkError::ResponseError(response) => StsError::Malformed(format!(
             "HTTP {}: the answer could not be parsed ({})",
             response.raw().status().as_u16(),
-            crate::http::remote_text(&DisplayErrorContext(error).to_string())
+            crate::remote::http::remote_text(&DisplayErrorContext(error).to_string())
         )),
         other => {
-            let text = crate::http::remote_text(&DisplayErrorContext(other).to_string());
+            let text = crate::remote::http::remote_text(&DisplayErrorContext(other).to_string());
             if is_credential_chain_failure(other, &text) {
                 StsError::NoCredentials(chain_reason(other))
             } else {
@@ -428,7 +428,7 @@ pub(crate) fn chain_reason(error: &(dyn std::error::Error + 'static)) -> String 
         }
         current = error.source();
     }
-    crate::http::bounded(
+    crate::remote::http::bounded(
         reason.as_deref().unwrap_or("the chain gave no reason"),
         CHAIN_REASON_MAX,
     )
@@ -462,12 +462,15 @@ fn classify_http(raw: &HttpResponse) -> StsError {
         .bytes()
         .map(|b| String::from_utf8_lossy(b).into_owned())
         .filter(|b| !b.trim().is_empty())
-        .map_or_else(|| "empty body".to_owned(), |b| crate::http::remote_text(&b));
+        .map_or_else(
+            || "empty body".to_owned(),
+            |b| crate::remote::http::remote_text(&b),
+        );
     match status {
         300..=399 => {
             let location = raw.headers().get("location").map_or_else(
                 || "(no Location)".to_owned(),
-                |l| crate::http::bounded(l, 200),
+                |l| crate::remote::http::bounded(l, 200),
             );
             StsError::Rejected {
                 code: format!("HTTP {status}"),
@@ -557,7 +560,7 @@ pub const MIN_USABLE_LIFETIME: Duration = Duration::from_secs(1);
 pub const MAX_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(36 * 60 * 60);
 
 /// The longest session token pushed. AWS documents no maximum; real ones
-/// are a few KiB. A quarter of the STS answer cap ([`crate::http::MAX_BODY`]).
+/// are a few KiB. A quarter of the STS answer cap ([`crate::remote::http::MAX_BODY`]).
 const MAX_SESSION_TOKEN: usize = 256 * 1024;
 
 /// Clock skew tolerated on top of [`MAX_CREDENTIAL_LIFETIME`].
@@ -579,7 +582,7 @@ pub fn check_credentials(credentials: &AwsCredentials, now: SystemTime) -> Resul
     {
         return Err(StsError::Malformed(format!(
             "the access key id {} is not 16-128 letters, digits and underscores; nothing pushed",
-            crate::http::bounded(key, 40)
+            crate::remote::http::bounded(key, 40)
         )));
     }
     let visible = |s: &str, range: std::ops::RangeInclusive<usize>| {
@@ -626,8 +629,8 @@ pub fn check_credentials(credentials: &AwsCredentials, now: SystemTime) -> Resul
             "STS returned credentials {key} that expire more than 36h from now, longer than STS issues; check the clock of this host and [aws] sts_endpoint"
         )));
     }
-    crate::http::register_secret(credentials.secret_access_key.expose_secret());
-    crate::http::register_secret(credentials.session_token.expose_secret());
+    crate::remote::http::register_secret(credentials.secret_access_key.expose_secret());
+    crate::remote::http::register_secret(credentials.session_token.expose_secret());
     Ok(())
 }
 
@@ -751,7 +754,7 @@ impl CredentialCache {
         // A connection whose credentials need replacing now asks anyway
         // (see `shaping::shared_until`).
         if let Some(failed) = &slot.failed
-            && crate::clock::mono_now() < crate::shaping::shared_until(failed.until)
+            && crate::clock::mono_now() < crate::remote::shaping::shared_until(failed.until)
         {
             return Err(StsError::Shared(Box::new(failed.error.clone())));
         }
@@ -1008,7 +1011,8 @@ mod tests {
         assert_eq!(source.calls.load(Ordering::SeqCst), 3);
         // ... but not with one whose credentials need replacing now: it asks.
         let now = crate::clock::mono_now();
-        let asked = crate::shaping::start_by(Some(now), cache.get(&req, Some(&key), refresh)).await;
+        let asked =
+            crate::remote::shaping::start_by(Some(now), cache.get(&req, Some(&key), refresh)).await;
         assert!(asked.is_ok(), "{asked:?}");
         assert_eq!(source.calls.load(Ordering::SeqCst), 4);
         // Another identity has its own slot: not answered by this failure.

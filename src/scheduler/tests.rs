@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::flow::FlowError;
+use crate::remote::flow::FlowError;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
@@ -347,7 +347,7 @@ async fn ready_only_after_a_real_first_pass_even_with_state() {
     for i in 0..2 {
         snapshot.connections.insert(
             format!("c{i}"),
-            crate::state::PersistedConnection {
+            crate::coordination::local::PersistedConnection {
                 sandbox: "prod".into(),
                 etag: "\"e\"".into(),
                 access_key_id: "ASIASAVED".into(),
@@ -594,7 +594,7 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
     let mut view = StateSnapshot::default();
     view.connections.insert(
         "c0".into(),
-        crate::state::PersistedConnection {
+        crate::coordination::local::PersistedConnection {
             sandbox: "prod".into(),
             etag: "\"shared\"".into(),
             access_key_id: "ASIASHARED".into(),
@@ -837,7 +837,7 @@ async fn a_connection_found_by_a_page_starts_with_its_etag_or_its_saved_state() 
     let mut snapshot = StateSnapshot::default();
     snapshot.connections.insert(
         "c3".to_owned(),
-        crate::state::PersistedConnection {
+        crate::coordination::local::PersistedConnection {
             sandbox: "prod".into(),
             etag: "\"left\"".into(),
             access_key_id: "ASIASAVED".into(),
@@ -937,7 +937,7 @@ async fn a_held_connection_never_waits_into_its_credentials_expiry() {
     for (id, expires_in) in [("c0", S(40)), ("c1", S(3600))] {
         snapshot.connections.insert(
             id.to_owned(),
-            crate::state::PersistedConnection {
+            crate::coordination::local::PersistedConnection {
                 sandbox: "prod".into(),
                 etag: "\"e\"".into(),
                 access_key_id: "ASIASAVED".into(),

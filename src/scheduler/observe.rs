@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use super::Daemon;
 use crate::coordination::Role;
-use crate::state::StateSnapshot;
+use crate::coordination::local::StateSnapshot;
 
 /// How often the state file is written at most: every rotation marks it
 /// dirty, and a burst of rotations (the first pass over 10,000 connections)

@@ -27,12 +27,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConnectionConfig, DiscoverRule, Origin};
-use crate::daemon::Intake;
-use crate::flow::{FlowError, ListedConnection, PropertyFilter};
-use crate::ims::ImsError;
+use crate::remote::flow::{FlowError, ListedConnection, PropertyFilter};
+use crate::remote::ims::ImsError;
+use crate::remote::s3probe::S3Target;
+use crate::remote::sts::StsRequest;
 use crate::rotation::Rotator;
-use crate::s3probe::S3Target;
-use crate::sts::StsRequest;
+use crate::scheduler::Intake;
 
 /// Items per list page. Adobe documents `limit` but no maximum; 100 keeps a
 /// page small (~100 KB) while 10,000 connections cost 100 pages (1 %).
@@ -966,7 +966,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::flow::{ACCESS_KEY_AUTH_SPEC, S3_CONNECTION_SPEC_ID};
+    use crate::remote::flow::{ACCESS_KEY_AUTH_SPEC, S3_CONNECTION_SPEC_ID};
 
     const ROLE_A: &str = "arn:aws:iam::123456789012:role/a";
     const ROLE_B: &str = "arn:aws:iam::123456789012:role/b";

@@ -20,13 +20,13 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use url::Url;
 
-use crate::backoff::parse_retry_after;
 use crate::config::AdobeConfig;
-use crate::ims::{AccessToken, describe_reqwest_error, error_class};
-use crate::s3probe::S3Target;
-use crate::shaping::RequestGate;
-use crate::sts::AwsCredentials;
-use crate::telemetry::{Service, Telemetry};
+use crate::observe::telemetry::{Service, Telemetry};
+use crate::policy::backoff::parse_retry_after;
+use crate::remote::ims::{AccessToken, describe_reqwest_error, error_class};
+use crate::remote::s3probe::S3Target;
+use crate::remote::shaping::RequestGate;
+use crate::remote::sts::AwsCredentials;
 
 /// The Flow Service connection spec of Amazon S3.
 pub const S3_CONNECTION_SPEC_ID: &str = "ecadc60c-7455-4d87-84dc-2a0e293d997b";
@@ -285,7 +285,7 @@ impl FlowClient {
                 status: 0,
                 detail: format!(
                     "{} is not a base connection id ({problem}); nothing was sent",
-                    crate::http::bounded(id, 80)
+                    crate::remote::http::bounded(id, 80)
                 ),
             }),
         }
@@ -348,7 +348,7 @@ impl FlowClient {
         let etag = response.headers().get(ETAG).cloned();
         // A 3xx is refused (a redirected PATCH would carry the new secret key
         // and session token elsewhere); an oversized body is transient.
-        let body = crate::http::read_body(response)
+        let body = crate::remote::http::read_body(response)
             .await
             .map_err(|e| FlowError::Unavailable(format!("answer from {url}: {e}")))?;
         Ok(Answer {
@@ -488,7 +488,7 @@ impl FlowClient {
                     if !seen_tokens.insert(next.clone()) {
                         return Err(FlowError::Malformed(format!(
                             "listing sandbox {sandbox:?} returned continuation token {} twice; the server is looping",
-                            crate::http::bounded(&next, 80)
+                            crate::remote::http::bounded(&next, 80)
                         )));
                     }
                     continuation = Some(next);
@@ -551,7 +551,7 @@ impl FlowClient {
             HeaderValue::try_from(etag).map_err(|_| {
                 FlowError::Malformed(format!(
                     "etag {} is not a valid header value; it is dropped and the connection re-read",
-                    crate::http::bounded(etag, 80)
+                    crate::remote::http::bounded(etag, 80)
                 ))
             })?,
         );
@@ -652,7 +652,7 @@ impl FlowClient {
         serde_json::from_slice::<TestAnswer>(&body)
             .map(|answer| answer.result)
             .map_err(|e| {
-                FlowError::Malformed(crate::http::remote_text(&format!(
+                FlowError::Malformed(crate::remote::http::remote_text(&format!(
                     "test answer is not {{\"result\": bool}}: {e}"
                 )))
             })
@@ -667,10 +667,10 @@ impl FlowClient {
         sandbox: &str,
         secrets: &[&str],
     ) -> FlowError {
-        let detail = crate::http::remote_text_with(
+        let detail = crate::remote::http::remote_text_with(
             &remote_detail(body),
             secrets,
-            crate::http::MAX_REMOTE_TEXT,
+            crate::remote::http::MAX_REMOTE_TEXT,
         );
         match status.as_u16() {
             401 => FlowError::Unauthorized(detail),
@@ -708,7 +708,7 @@ impl FlowClient {
 pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
     let wrapper: ListWrapper = serde_json::from_slice(body).map_err(|e| {
         // serde's message may quote a value from the body: scrub and bound it.
-        FlowError::Malformed(crate::http::remote_text(&format!(
+        FlowError::Malformed(crate::remote::http::remote_text(&format!(
             "GET answer is not {{\"items\": [...]}} JSON: {e}"
         )))
     })?;
@@ -724,7 +724,7 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
     if !is_valid_etag(etag) {
         return Err(FlowError::Malformed(format!(
             "GET answer has an etag that is not a valid header value ({}); it is not kept",
-            crate::http::bounded(etag, 80)
+            crate::remote::http::bounded(etag, 80)
         )));
     }
     let spec = item.pointer("/connectionSpec/id").and_then(Value::as_str);
@@ -732,7 +732,7 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         let spec = spec.unwrap_or("(none)");
         return Err(FlowError::Unsuitable(format!(
             "its connection spec is {}, not Amazon S3 ({S3_CONNECTION_SPEC_ID}); check the id",
-            crate::http::bounded(spec, 80)
+            crate::remote::http::bounded(spec, 80)
         )));
     }
     let auth = item.pointer("/auth/specName").and_then(Value::as_str);
@@ -740,7 +740,7 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         let auth = auth.unwrap_or("(none)");
         return Err(FlowError::Unsuitable(format!(
             "its auth spec is \"{}\", not \"Access Key\"; only access-key connections hold temporary credentials",
-            crate::http::bounded(auth, 80)
+            crate::remote::http::bounded(auth, 80)
         )));
     }
     Ok(RemoteConnection {
@@ -857,7 +857,7 @@ pub fn parse_created(
     etag_header: Option<&str>,
 ) -> Result<CreatedConnection, FlowError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
-        FlowError::Malformed(crate::http::remote_text(&format!(
+        FlowError::Malformed(crate::remote::http::remote_text(&format!(
             "create answer is not JSON: {e}"
         )))
     })?;
@@ -897,7 +897,7 @@ pub struct ListPage {
 /// checks what is used. Typed, not through `serde_json::Value`: only the
 /// fields used are built.
 pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
-    use crate::lenient::{Array, Object, Text};
+    use crate::remote::lenient::{Array, Object, Text};
 
     #[derive(Deserialize, Default)]
     #[serde(default)]
@@ -1081,7 +1081,7 @@ fn continuation_token(href: &str) -> Result<String, FlowError> {
     let url = base.join(href).map_err(|e| {
         FlowError::Malformed(format!(
             "next-page href {} is not a URL: {e}",
-            crate::http::bounded(href, 80)
+            crate::remote::http::bounded(href, 80)
         ))
     })?;
     url.query_pairs()
@@ -1091,7 +1091,7 @@ fn continuation_token(href: &str) -> Result<String, FlowError> {
         .ok_or_else(|| {
             FlowError::Malformed(format!(
                 "next-page href {} has no usable continuationToken",
-                crate::http::bounded(href, 80)
+                crate::remote::http::bounded(href, 80)
             ))
         })
 }
@@ -1444,7 +1444,11 @@ mod tests {
     #[test]
     fn echoed_secrets_are_scrubbed() {
         assert_eq!(
-            crate::http::remote_text_with("bad value s3cr3t-value!", &["s3cr3t-value", ""], 300),
+            crate::remote::http::remote_text_with(
+                "bad value s3cr3t-value!",
+                &["s3cr3t-value", ""],
+                300
+            ),
             "bad value [redacted]!"
         );
     }

@@ -22,9 +22,9 @@ use serde::Deserialize;
 use tokio::sync::Mutex;
 use url::Url;
 
-use crate::backoff::{BackoffPolicy, parse_retry_after};
 use crate::config::AdobeConfig;
-use crate::telemetry::{Service, Telemetry};
+use crate::observe::telemetry::{Service, Telemetry};
+use crate::policy::backoff::{BackoffPolicy, parse_retry_after};
 
 /// An IMS access token. `Debug` redacts it.
 #[derive(Debug)]
@@ -239,7 +239,7 @@ impl ImsClient {
     ) -> Self {
         let mut token_url = adobe.ims_url.clone();
         token_url.set_path("/ims/token/v3");
-        crate::http::register_secret(adobe.client_secret.expose_secret());
+        crate::remote::http::register_secret(adobe.client_secret.expose_secret());
         Self {
             http,
             token_url,
@@ -267,7 +267,7 @@ impl ImsClient {
         // A connection whose credentials need replacing now asks anyway: a
         // shared wait slows the others, it never holds one past its expiry.
         if let Some(outage) = cache.outage.as_ref()
-            && now < crate::shaping::shared_until(outage.retry_at)
+            && now < crate::remote::shaping::shared_until(outage.retry_at)
         {
             return Err(ImsError::Shared(Box::new(outage.error.clone())));
         }
@@ -314,14 +314,14 @@ impl ImsClient {
 
     /// Records a failed fetch: callers get its error without a request
     /// for `retry_min`, or for IMS's `Retry-After` up to `retry_max` and
-    /// [`SHARED_PAUSE_CAP`](crate::shaping::SHARED_PAUSE_CAP), as Flow
+    /// [`SHARED_PAUSE_CAP`](crate::remote::shaping::SHARED_PAUSE_CAP), as Flow
     /// Service's shared pause (a connection's own retry is never sooner
     /// than `retry_min` anyway).
     fn failed(&self, cache: &mut Cache, failed: Failed) -> ImsError {
         let cap = self
             .retry
             .max
-            .min(crate::shaping::SHARED_PAUSE_CAP)
+            .min(crate::remote::shaping::SHARED_PAUSE_CAP)
             .max(self.retry.min);
         let wait = failed
             .retry_after
@@ -374,7 +374,7 @@ impl ImsClient {
         if fresh.is_empty() || fresh == current.expose_secret() {
             return false;
         }
-        crate::http::register_secret(fresh);
+        crate::remote::http::register_secret(fresh);
         *current = SecretString::from(fresh.to_owned());
         tracing::info!(path = %path.display(), "IMS refused the client secret; the secret file holds a new one, retrying with it");
         true
@@ -412,19 +412,21 @@ impl ImsClient {
             .and_then(|v| parse_retry_after(v, crate::clock::wall_now()));
         // A 3xx is refused here (no redirect is followed: the form carries
         // the client secret), an oversized body is a transient error.
-        let body = crate::http::read_body(response).await.map_err(|e| {
-            ImsError::Unavailable(format!(
-                "reading the token response from {}: {e}",
-                self.token_url
-            ))
-        })?;
+        let body = crate::remote::http::read_body(response)
+            .await
+            .map_err(|e| {
+                ImsError::Unavailable(format!(
+                    "reading the token response from {}: {e}",
+                    self.token_url
+                ))
+            })?;
         if status.is_success() {
             let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
                 // serde's message may quote the value: scrub and bound it.
-                ImsError::Malformed(crate::http::remote_text_with(
+                ImsError::Malformed(crate::remote::http::remote_text_with(
                     &format!("token response is not the expected JSON: {e}"),
                     &[secret.expose_secret()],
-                    crate::http::MAX_REMOTE_TEXT,
+                    crate::remote::http::MAX_REMOTE_TEXT,
                 ))
             })?;
             if parsed.access_token.is_empty() || parsed.expires_in == 0 {
@@ -443,7 +445,7 @@ impl ImsClient {
                 ))
                 .into());
             }
-            crate::http::register_secret(&parsed.access_token);
+            crate::remote::http::register_secret(&parsed.access_token);
             return Ok((
                 SecretString::from(parsed.access_token),
                 crate::clock::capped(parsed.expires_in, MAX_TOKEN_LIFETIME),
@@ -458,10 +460,10 @@ impl ImsClient {
         let detail: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
         // IMS may echo the form (client secret included) in its description.
         let shown = |text: &str| {
-            crate::http::remote_text_with(
+            crate::remote::http::remote_text_with(
                 text,
                 &[secret.expose_secret()],
-                crate::http::MAX_REMOTE_TEXT,
+                crate::remote::http::MAX_REMOTE_TEXT,
             )
         };
         let advice = match detail.error.as_str() {
@@ -516,7 +518,7 @@ pub fn describe_reqwest_error(error: &reqwest::Error, url: &Url) -> String {
     } else {
         format!("{what}: {} ({root})", url.as_str())
     };
-    crate::http::bounded(&line, 2 * crate::http::MAX_REMOTE_TEXT)
+    crate::remote::http::bounded(&line, 2 * crate::remote::http::MAX_REMOTE_TEXT)
 }
 
 #[cfg(test)]
@@ -776,7 +778,7 @@ mod tests {
         );
         client.token().await.unwrap_err();
         let left = outage_left(&client).await.unwrap();
-        let cap = crate::shaping::SHARED_PAUSE_CAP;
+        let cap = crate::remote::shaping::SHARED_PAUSE_CAP;
         assert!(
             left <= cap && left + Duration::from_secs(1) > cap,
             "shared for {left:?}, expected about {cap:?}"
@@ -791,14 +793,14 @@ mod tests {
         client.token().await.unwrap_err();
         // A job whose credentials need replacing later is given the answer ...
         let later = crate::clock::mono_now() + Duration::from_secs(60);
-        let error = crate::shaping::start_by(Some(later), client.token())
+        let error = crate::remote::shaping::start_by(Some(later), client.token())
             .await
             .unwrap_err();
         assert!(error.is_shared(), "{error:?}");
         assert_eq!(requests_sent(&client), 1);
         // ... one whose credentials need replacing now asks IMS itself.
         let now = crate::clock::mono_now();
-        crate::shaping::start_by(Some(now), client.token())
+        crate::remote::shaping::start_by(Some(now), client.token())
             .await
             .expect("IMS answers again");
         assert_eq!(requests_sent(&client), 2);

@@ -9,15 +9,15 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use super::{Daemon, Listed, Mode, Options};
-use crate::backoff::BackoffPolicy;
 use crate::config::{Config, ConnectionConfig};
 use crate::connection::{Event, Policy};
-use crate::flow::FlowClient;
-use crate::ims::ImsClient;
+use crate::observe::telemetry::Telemetry;
+use crate::policy::backoff::BackoffPolicy;
+use crate::remote::flow::FlowClient;
+use crate::remote::ims::ImsClient;
+use crate::remote::shaping::RequestGate;
+use crate::remote::sts::{AwsSts, CredentialCache, StsRequest};
 use crate::rotation::{JobRunner, Rotator};
-use crate::shaping::RequestGate;
-use crate::sts::{AwsSts, CredentialCache, StsRequest};
-use crate::telemetry::Telemetry;
 
 /// Builds the remote clients for `config`, keeping from `previous` (the
 /// clients of the running config `old`) every part whose settings did not
@@ -29,7 +29,7 @@ pub async fn build_rotator(
     previous: Option<(&Config, &Rotator)>,
 ) -> anyhow::Result<Rotator> {
     let rotation = &config.rotation;
-    let http = crate::http::client(rotation).context("building the HTTP client")?;
+    let http = crate::remote::http::client(rotation).context("building the HTTP client")?;
     let same_http = |old: &Config| old.rotation.request_timeout == rotation.request_timeout;
     let gate = match previous {
         Some((old, rotator))
@@ -98,7 +98,7 @@ pub async fn build_rotator(
         refresh_before: rotation.refresh_before,
         verify: rotation.verify,
         dry_run: options.dry_run,
-        prepush: crate::s3probe::from_config(config)?,
+        prepush: crate::remote::s3probe::from_config(config)?,
         fence: options.fence.clone(),
     })
 }

@@ -58,8 +58,8 @@ use secrecy::ExposeSecret;
 use url::Url;
 
 use crate::config::{Config, is_loopback};
-use crate::ims::describe_reqwest_error;
-use crate::sts::AwsCredentials;
+use crate::remote::ims::describe_reqwest_error;
+use crate::remote::sts::AwsCredentials;
 
 /// The environment variable that overrides the S3 endpoint, as the AWS SDKs
 /// name it (the STS client honours `AWS_ENDPOINT_URL_STS` the same way).
@@ -213,8 +213,8 @@ pub struct ProbeSettings {
     /// Timeout of each request.
     pub timeout: Duration,
     /// Where a connection's `serviceUrl` may send the check besides AWS S3
-    /// endpoints of the region's partition ([`crate::s3dest`]).
-    pub destinations: crate::s3dest::Destinations,
+    /// endpoints of the region's partition ([`crate::remote::s3dest`]).
+    pub destinations: crate::remote::s3dest::Destinations,
 }
 
 /// The real probe: SigV4-signed requests over reqwest.
@@ -384,7 +384,7 @@ impl HttpProbe {
         let config_urls = [&config.adobe.ims_url, &config.adobe.platform_url]
             .into_iter()
             .chain(config.aws.sts_endpoint.as_ref());
-        let destinations = crate::s3dest::Destinations::new(
+        let destinations = crate::remote::s3dest::Destinations::new(
             &region,
             endpoint.iter().chain(&config.aws.s3_endpoints),
             config_urls,
@@ -402,7 +402,7 @@ impl HttpProbe {
     fn route(&self, target: &S3Target) -> Result<Route, ProbeError> {
         if let Some(service_url) = &target.service_url {
             // Remote text: shown bounded and escaped only.
-            let shown = crate::http::bounded(service_url, 120);
+            let shown = crate::remote::http::bounded(service_url, 120);
             let mut url = Url::parse(service_url).map_err(|e| {
                 ProbeError::Unusable(format!(
                     "the connection's serviceUrl {shown} is not a URL ({e}); fix it in Experience Platform or set [rotation] prepush_check = false"
@@ -500,7 +500,7 @@ impl HttpProbe {
         if !valid_bucket(&target.bucket) {
             return Step::Failed(ProbeError::Unusable(format!(
                 "the connection's bucketName {} is not an S3 bucket name",
-                crate::http::bounded(&target.bucket, 80)
+                crate::remote::http::bounded(&target.bucket, 80)
             )));
         }
         let prefix = target.prefix();
@@ -691,7 +691,7 @@ fn classify(
         // merely contains `<ListBucketResult`) proves nothing: the document
         // must be a listing of this bucket.
         if operation == "HeadBucket"
-            || crate::s3xml::listed_bucket(body).is_some_and(|name| name == target.bucket)
+            || crate::remote::s3xml::listed_bucket(body).is_some_and(|name| name == target.bucket)
         {
             return Step::Allowed;
         }
@@ -699,7 +699,7 @@ fn classify(
             "{operation} answered {status} without a ListBucketResult of the bucket; is the endpoint S3?"
         )));
     }
-    let doc = crate::s3xml::error_doc(body);
+    let doc = crate::remote::s3xml::error_doc(body);
     let code = doc.code.clone().unwrap_or_else(|| {
         // HEAD answers carry no body: the status says it.
         match status.as_u16() {
@@ -732,10 +732,10 @@ fn classify(
     // Scrubbed before it is cut (a cut first kept the first 300 characters
     // of an echoed session token), escaped, bounded: the one form of remote
     // text every sink shows.
-    let message = crate::http::remote_text_with(
+    let message = crate::remote::http::remote_text_with(
         doc.message.as_deref().unwrap_or("no message"),
         &secrets,
-        crate::http::MAX_REMOTE_TEXT,
+        crate::remote::http::MAX_REMOTE_TEXT,
     );
     if status.is_server_error()
         || TRANSIENT_CODES.contains(&code.as_str())
@@ -1014,7 +1014,11 @@ mod tests {
     fn probe(endpoint: Option<&str>) -> HttpProbe {
         let endpoint = endpoint.map(|e| Url::parse(e).unwrap());
         HttpProbe::new(ProbeSettings {
-            destinations: crate::s3dest::Destinations::new("us-east-1", endpoint.iter(), []),
+            destinations: crate::remote::s3dest::Destinations::new(
+                "us-east-1",
+                endpoint.iter(),
+                [],
+            ),
             endpoint,
             region: "us-east-1".into(),
             denial_retry_delays: vec![],
