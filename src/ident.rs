@@ -1,5 +1,5 @@
 //! The shapes of what enters from outside and is then kept, printed or put
-//! in a URL: connection ids, access key ids and the display names of
+//! in a URL or a header: connection ids, access key ids, etags and the display names of
 //! connections (issue 26, docs/SECURITY.md).
 //!
 //! One check per kind, used wherever that kind enters (the config, a list
@@ -60,6 +60,16 @@ pub fn is_access_key_id(key: &str) -> bool {
 /// [`MAX_NAME_CHARS`] characters.
 pub fn remote_name(name: &str) -> String {
     crate::remote::http::bounded(name, MAX_NAME_CHARS)
+}
+
+/// Whether `etag` can go back in `If-Match` as received: a non-empty, visible
+/// ASCII header value of sane length (Flow Service etags are ~40 characters).
+pub fn is_valid_etag(etag: &str) -> bool {
+    const MAX_ETAG: usize = 256;
+    !etag.is_empty()
+        && etag.len() <= MAX_ETAG
+        && etag.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && reqwest::header::HeaderValue::from_str(etag).is_ok()
 }
 
 #[cfg(test)]

@@ -393,7 +393,7 @@ impl Rotation<'_> {
             etag: job
                 .known_etag
                 .clone()
-                .filter(|etag| crate::remote::flow::is_valid_etag(etag)),
+                .filter(|etag| crate::ident::is_valid_etag(etag)),
             s3: job.s3.clone(),
             checked: None,
             target_read: false,

@@ -387,7 +387,7 @@ fn state_from_item(
             .map(|s| UNIX_EPOCH + Duration::from_secs(s.min(crate::clock::HORIZON.as_secs())))
     };
     let etag = text(item, "etag")?;
-    if !crate::remote::flow::is_valid_etag(etag) {
+    if !crate::ident::is_valid_etag(etag) {
         return None;
     }
     Some((

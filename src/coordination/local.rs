@@ -207,7 +207,7 @@ impl StateStore {
                     // could not have written is not believed (issue 26): that
                     // connection rotates now; the others are kept.
                     if !crate::ident::is_connection_id(&id)
-                        || !crate::remote::flow::is_valid_etag(&c.etag)
+                        || !crate::ident::is_valid_etag(&c.etag)
                         || !crate::ident::is_access_key_id(&c.access_key_id)
                     {
                         tracing::warn!(

@@ -358,7 +358,7 @@ pub struct Telemetry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoleView {
     /// Leader, standby or starting.
-    pub role: crate::coordination::Role,
+    pub role: crate::coordination::leadership::Role,
     /// The lease holder as last seen.
     pub leader: Option<String>,
     /// The coordination table's last failure, while it lasts.
@@ -400,7 +400,7 @@ impl Telemetry {
     }
 
     /// Records this replica's role (coordination on).
-    pub fn set_leadership(&self, leadership: &crate::coordination::Leadership) {
+    pub fn set_leadership(&self, leadership: &crate::coordination::leadership::Leadership) {
         let view = RoleView {
             role: leadership.role,
             leader: leadership.leader.clone(),
@@ -782,10 +782,9 @@ impl Telemetry {
         // Without coordination the process is the only writer: leader = 1,
         // so `sum(aep_s3_rotator_leader) == 1` holds for every deployment.
         let leader = Gauge::<i64>::default();
-        leader.set(i64::from(
-            self.role()
-                .is_none_or(|v| v.role == crate::coordination::Role::Leader),
-        ));
+        leader.set(i64::from(self.role().is_none_or(|v| {
+            v.role == crate::coordination::leadership::Role::Leader
+        })));
         registry.register(
             "leader",
             "1 while this replica holds the coordination lease (or runs without coordination), else 0",

@@ -589,8 +589,8 @@ impl FlowClient {
         };
         Ok(parsed
             .etag
-            .filter(|etag| is_valid_etag(etag))
-            .or_else(|| header().filter(|etag| is_valid_etag(etag))))
+            .filter(|etag| crate::ident::is_valid_etag(etag))
+            .or_else(|| header().filter(|etag| crate::ident::is_valid_etag(etag))))
     }
 
     /// `POST /connections`: creates an S3 base connection with the `Access
@@ -721,7 +721,7 @@ pub fn parse_connection(body: &[u8]) -> Result<RemoteConnection, FlowError> {
         .filter(|etag| !etag.is_empty())
         .ok_or_else(|| FlowError::Malformed("GET answer has no etag".to_owned()))?;
     // It goes back in `If-Match`: one that cannot be sent is never kept.
-    if !is_valid_etag(etag) {
+    if !crate::ident::is_valid_etag(etag) {
         return Err(FlowError::Malformed(format!(
             "GET answer has an etag that is not a valid header value ({}); it is not kept",
             crate::remote::http::bounded(etag, 80)
@@ -873,8 +873,8 @@ pub fn parse_created(
     let etag = value
         .get("etag")
         .and_then(Value::as_str)
-        .filter(|etag| is_valid_etag(etag))
-        .or_else(|| etag_header.filter(|etag| is_valid_etag(etag)))
+        .filter(|etag| crate::ident::is_valid_etag(etag))
+        .or_else(|| etag_header.filter(|etag| crate::ident::is_valid_etag(etag)))
         .map(str::to_owned);
     Ok(CreatedConnection {
         id: id.to_owned(),
@@ -972,7 +972,7 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
         // bounded (issue 26): a page is 1 MiB, a listing up to
         // `MAX_LISTED_ITEMS` of these.
         let id = item.id.0.filter(|id| crate::ident::is_connection_id(id));
-        let etag = item.etag.0.filter(|etag| is_valid_etag(etag));
+        let etag = item.etag.0.filter(|etag| crate::ident::is_valid_etag(etag));
         let (Some(id), Some(etag)) = (id, etag) else {
             tracing::debug!("list item without a usable id or etag skipped");
             continue;
@@ -1094,16 +1094,6 @@ fn continuation_token(href: &str) -> Result<String, FlowError> {
                 crate::remote::http::bounded(href, 80)
             ))
         })
-}
-
-/// Whether `etag` can go back in `If-Match` as received: a non-empty, visible
-/// ASCII header value of sane length (Flow Service etags are ~40 characters).
-pub fn is_valid_etag(etag: &str) -> bool {
-    const MAX_ETAG: usize = 256;
-    !etag.is_empty()
-        && etag.len() <= MAX_ETAG
-        && etag.bytes().all(|b| (0x20..0x7f).contains(&b))
-        && HeaderValue::from_str(etag).is_ok()
 }
 
 /// The most useful line of an error body: Flow Service's `detailed-message`
