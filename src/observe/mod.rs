@@ -8,4 +8,5 @@
 pub mod admin;
 pub mod logging;
 pub mod notify;
+pub mod status;
 pub mod telemetry;
