@@ -516,9 +516,9 @@ def _extrapolate(result: dict, n: int) -> dict:
 
 #: The description every connection carries in --discover runs, and the rule's tag.
 DISCOVER_TAG = "rotate:aep-s3"
-#: The daemon's list page size (src/discovery.rs PAGE_LIMIT).
+#: The daemon's list page size (src/discovery/mod.rs PAGE_LIMIT).
 PAGE_LIMIT = 100
-#: Explicit ids per list-by-id call (src/discovery.rs ID_CHUNK).
+#: Explicit ids per list-by-id call (src/discovery/mod.rs ID_CHUNK).
 ID_CHUNK = 80
 
 

@@ -3,40 +3,62 @@
 //! Keeps Adobe Experience Platform (AEP) Flow Service S3 *base connections*
 //! supplied with fresh, temporary AWS credentials.
 //!
+//! ## The tree, top to bottom
+//!
+//! ```text
+//!   main.rs          parse the command line, set up logging, map the result to an exit code
+//!   commands/        one file per command: run · once · check · status · create · demo
+//!   app.rs           the wiring every command shares: CA roots, the config as loaded,
+//!                    the clients with the start's membership, [coordination] around a daemon
+//!   scheduler/       the loop: deadline heaps, a dispatch limit, jobs keyed by task,
+//!                    reloads (one set of clients, built by run's discovery supervisor)
+//!   discovery/       [[discover]] rules over listings (rules.rs is pure), the streamed start
+//!   coordination/    the DynamoDB lease (leadership.rs: the role), the shared state,
+//!                    the local state file (local.rs)
+//!   rotation.rs      one job over traits (FlowApi, TokenSource, S3Probe, the STS cache):
+//!                    token → etag → credentials → S3 pre-push check → PATCH, 412 → re-read
+//!   connection/      one state per connection; apply(event, now, policy, draw) → Action
+//!   policy/          pure: when the next rotation is due, how long a retry waits
+//!   observe/         what operators see: status board and metrics, admin endpoint,
+//!                    systemd notify, log formats
+//!   remote/          the clients and their one HTTP policy: ims, sts, flow (+ wire), s3probe,
+//!                    shaping (the request gate), http (caps, scrubbing), tls
+//!   config/          types · raw · load · check (+ sections, identities): every problem with its key path
+//!   ident.rs · exit.rs · clock.rs · fsguard.rs · shutdown.rs · cli.rs   small shared nouns and seams
+//! ```
+//!
 //! ## Data flow
 //!
 //! ```text
-//!   config ──► Config (validated)
+//!   config ──► Config (validated) ──► app: clients built once (IMS token cache, STS
+//!   credential cache, Flow client, S3 probe, request gate), rebuilt on reload only
+//!   where their settings changed
 //!                 │
-//!   sts ──────────┼──► CredentialCache (one STS call per identity and cycle)
-//!                 │            │
-//!   ims ──────────┼──► TokenCache (one IMS token, single flight)
-//!                 │            │
-//!                 ▼            ▼
-//!   daemon (the loop: a deadline heap, a dispatch limit, a JoinSet keyed by task)
-//!                 │ Event::Due / JobDone / Changed / Removed / Shutdown
 //!                 ▼
-//!   connection (one state per connection; apply(event, now, policy, draw) → Action)
-//!                 │   uses schedule / backoff (pure policy: next rotation, retry wait, escalation)
-//!                 │ Action::Dispatch(job)
-//!                 ▼
-//!   rotation (one job, behind the JobRunner trait: token → etag → credentials → S3 pre-push check → PATCH, 412 → re-GET)
-//!                 │ JobResult, back to connection::apply
-//!                 ▼
-//!   views of the connection state: telemetry (status + metrics) ─► admin (HTTP),
-//!   notify (systemd), state (file), the `once` report
+//!   scheduler (owns every Connection) ── Event::Due / JobDone / Changed / Removed ──►
+//!   connection::apply (uses policy) ── Action::Dispatch(job) ──► rotation (remote traits)
+//!                 ▲                                                   │
+//!                 └──────────────────── JobResult ◄───────────────────┘
 //!
-//!   coordination (optional, `[coordination]`): an elector holds a lease item
-//!   in DynamoDB; its Leadership gates the daemon's dispatch, its Fence is
-//!   checked by every job before each GET and PATCH, and the leader's
-//!   connection state is shared in the same table (a view of `connection`).
+//!   views of the connection state: observe (status board, metrics, admin HTTP,
+//!   systemd notify), the state file (coordination/local), the `once` report
+//!
+//!   coordination (optional, `[coordination]`): an elector holds a lease item in
+//!   DynamoDB; its Leadership gates the scheduler's dispatch, its Fence is checked
+//!   by every job before each GET and PATCH, and the leader's connection state is
+//!   shared in the same table.
 //! ```
+//!
+//! Layers: `commands` → `app` → `scheduler`, `discovery`, `coordination` →
+//! `rotation` → `connection`, `policy` → `remote` → `config`, `ident`,
+//! `clock`. No module imports one above it, and there is no import circle
+//! (`python3 ../shared/tools/house.py`). Known exceptions, as of now: the
+//! remote clients count their requests in `observe::telemetry`, and
+//! coordination writes the role into it.
 //!
 //! Time is read through [`clock`]: the scheduler runs on a `Clock`, so tests
 //! drive it with paused tokio time; every remote number is clamped there.
 //!
-//! The binary (`src/main.rs`) only parses the command line, sets up logging,
-//! loads the configuration and maps the result of [`app`] to an exit code.
 //! The strict loopback simulator of the three remote APIs lives in its own
 //! crate (`crates/aep-s3-simulator`): a dev-dependency of the tests and, behind
 //! the default-on `demo` feature, the engine of `demo`. A build with
