@@ -59,7 +59,7 @@ pub fn is_access_key_id(key: &str) -> bool {
 /// sink shows: secrets scrubbed, control characters escaped, at most
 /// [`MAX_NAME_CHARS`] characters.
 pub fn remote_name(name: &str) -> String {
-    crate::remote::http::bounded(name, MAX_NAME_CHARS)
+    crate::scrub::bounded(name, MAX_NAME_CHARS)
 }
 
 /// Whether `etag` can go back in `If-Match` as received: a non-empty, visible

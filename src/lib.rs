@@ -24,7 +24,8 @@
 //!   remote/          the clients and their one HTTP policy: ims, sts, flow (+ wire), s3probe,
 //!                    shaping (the request gate), http (caps, scrubbing), tls
 //!   config/          types · raw · load · check (+ sections, identities): every problem with its key path
-//!   ident.rs · exit.rs · clock.rs · fsguard.rs · shutdown.rs · cli.rs   small shared nouns and seams
+//!   ident.rs · scrub.rs · exit.rs · clock.rs · fsguard.rs · shutdown.rs · cli.rs
+//!                    small shared nouns and seams (ids' shapes, safe remote text, exit codes, time)
 //! ```
 //!
 //! ## Data flow
@@ -50,8 +51,8 @@
 //! ```
 //!
 //! Layers: `commands` → `app` → `scheduler`, `discovery`, `coordination` →
-//! `rotation` → `connection`, `policy` → `remote` → `config`, `ident`,
-//! `clock`. No module imports one above it, and there is no import circle
+//! `rotation` → `connection`, `policy` → `remote` → `config` → `ident`,
+//! `scrub`, `clock`, `fsguard` (which import no module of the crate). No module imports one above it, and there is no import circle
 //! (`python3 ../shared/tools/house.py`). Known exceptions, as of now: the
 //! remote clients count their requests in `observe::telemetry`, and
 //! coordination writes the role into it.
@@ -80,4 +81,5 @@ pub mod policy;
 pub mod remote;
 pub mod rotation;
 pub mod scheduler;
+pub mod scrub;
 pub mod shutdown;

@@ -64,7 +64,7 @@ impl Checker<'_> {
             .header_text(&key("id"), raw.id, "give the base connection id (from the Sources UI or GET /connections)")
             .and_then(|id| {
                 if let Some(problem) = crate::ident::connection_id_problem(&id) {
-                    return Err(self.report(key("id"), format!("{:?} cannot be a base connection id ({problem}); copy the id from the Sources UI", crate::remote::http::bounded(&id, 80))));
+                    return Err(self.report(key("id"), format!("{:?} cannot be a base connection id ({problem}); copy the id from the Sources UI", crate::scrub::bounded(&id, 80))));
                 }
                 if let Some(first) = first_index.get(&id) {
                     return Err(self.report(key("id"), format!("duplicate id {id:?}: connections[{first}] has it already; list each base connection once")));
