@@ -52,10 +52,11 @@
 //!
 //! Layers: `commands` → `app` → `scheduler`, `discovery`, `coordination` →
 //! `rotation` → `connection`, `policy` → `remote` → `config` → `ident`,
-//! `scrub`, `clock`, `fsguard` (which import no module of the crate). No module imports one above it, and there is no import circle
-//! (`python3 ../shared/tools/house.py`). Known exceptions, as of now: the
-//! remote clients count their requests in `observe::telemetry`, and
-//! coordination writes the role into it.
+//! `scrub`, `clock`, `fsguard` (which import no module of the crate). No
+//! module imports one above it, and there is no import circle (`python3
+//! ../shared/tools/house.py`). Known exceptions, as of now: the remote
+//! clients count their requests in `observe::telemetry`, and coordination
+//! writes the role into it.
 //!
 //! Time is read through [`clock`]: the scheduler runs on a `Clock`, so tests
 //! drive it with paused tokio time; every remote number is clamped there.
