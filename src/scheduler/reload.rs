@@ -3,7 +3,12 @@
 //! config is applied as a diff of the connections.
 
 use std::collections::{HashMap, HashSet};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
 
 use anyhow::Context;
 use tokio::sync::mpsc;
@@ -30,30 +35,22 @@ pub async fn build_rotator(
 ) -> anyhow::Result<Rotator> {
     let rotation = &config.rotation;
     let http = crate::remote::http::client(rotation).context("building the HTTP client")?;
-    let same_http = |old: &Config| old.rotation.request_timeout == rotation.request_timeout;
-    let gate = match previous {
-        Some((old, rotator))
-            if old.rotation.concurrency == rotation.concurrency
-                && old.rotation.max_requests_per_second == rotation.max_requests_per_second
-                && old.rotation.retry_max == rotation.retry_max =>
-        {
-            rotator.flow.gate()
-        }
+    let kept = previous.map(|(old, rotator)| {
+        (
+            ClientSettings::of(old).kept(&ClientSettings::of(config)),
+            rotator,
+        )
+    });
+    let gate = match kept {
+        Some((kept, rotator)) if kept.gate => rotator.flow.gate(),
         _ => Arc::new(RequestGate::new(
             rotation.concurrency,
             rotation.max_requests_per_second,
             rotation.retry_max,
         )),
     };
-    let ims = match previous {
-        Some((old, rotator))
-            if same_http(old)
-                && same_adobe(old, config)
-                && old.rotation.retry_min == rotation.retry_min
-                && old.rotation.retry_max == rotation.retry_max =>
-        {
-            Arc::clone(&rotator.ims)
-        }
+    let ims = match kept {
+        Some((kept, rotator)) if kept.ims => Arc::clone(&rotator.ims),
         _ => Arc::new(ImsClient::new(
             http.clone(),
             &config.adobe,
@@ -64,15 +61,8 @@ pub async fn build_rotator(
             Arc::clone(telemetry),
         )),
     };
-    let credentials = match previous {
-        Some((old, rotator))
-            if same_http(old)
-                && old.aws.region == config.aws.region
-                && old.aws.sts_endpoint == config.aws.sts_endpoint
-                && old.rotation.retry_min == rotation.retry_min =>
-        {
-            Arc::clone(&rotator.credentials)
-        }
+    let credentials = match kept {
+        Some((kept, rotator)) if kept.sts => Arc::clone(&rotator.credentials),
         _ => {
             let sts = AwsSts::new(
                 &config.aws,
@@ -103,30 +93,105 @@ pub async fn build_rotator(
     })
 }
 
-fn same_adobe(a: &Config, b: &Config) -> bool {
-    use secrecy::ExposeSecret;
-    // Destructured without `..`: a field added to AdobeConfig does not
-    // compile until it is decided here whether it needs a new IMS client
-    // (`client_secret_file` was once forgotten: the kept client then re-read
-    // the old file after `invalid_client`).
-    let crate::config::AdobeConfig {
-        client_id,
-        client_secret,
-        client_secret_file,
-        client_secret_deferred: _,
-        org_id,
-        scopes,
-        ims_url,
-        platform_url,
-    } = &a.adobe;
-    let b = &b.adobe;
-    *client_id == b.client_id
-        && client_secret.expose_secret() == b.client_secret.expose_secret()
-        && *client_secret_file == b.client_secret_file
-        && *org_id == b.org_id
-        && *scopes == b.scopes
-        && *ims_url == b.ims_url
-        && *platform_url == b.platform_url
+/// What each long-lived client is built from, read off the config types by
+/// destructuring them without `..`: a field added to `[adobe]`, `[aws]` or
+/// `[rotation]` does not compile until it is placed here (with the clients
+/// it concerns, or `_` for none). `client_secret_file` was once left out of
+/// a hand-kept list: the kept IMS client then re-read the old file after
+/// `invalid_client`.
+#[derive(PartialEq)]
+struct ClientSettings<'a> {
+    /// Timeouts of the one HTTP client IMS and STS are built on.
+    http: Duration,
+    /// The request gate: concurrency, rate, the cap of a 429's pause.
+    gate: (NonZeroUsize, Option<NonZeroU32>, Duration),
+    /// The IMS client: the credential and where it is sent, its retry pace.
+    ims: (
+        &'a str,
+        &'a str,
+        &'a Option<PathBuf>,
+        &'a str,
+        &'a [String],
+        &'a Url,
+        Duration,
+        Duration,
+    ),
+    /// The STS client: region and endpoint, and the failure-sharing window.
+    sts: (&'a Option<String>, &'a Option<Url>, Duration),
+}
+
+/// Which clients a reload keeps.
+#[derive(Debug, Clone, Copy)]
+struct Kept {
+    gate: bool,
+    ims: bool,
+    sts: bool,
+}
+
+impl<'a> ClientSettings<'a> {
+    fn of(config: &'a Config) -> Self {
+        use secrecy::ExposeSecret;
+        let crate::config::AdobeConfig {
+            client_id,
+            client_secret,
+            client_secret_file,
+            client_secret_deferred: _,
+            org_id,
+            scopes,
+            ims_url,
+            // Flow Service's address: the Flow client is rebuilt every time.
+            platform_url: _,
+        } = &config.adobe;
+        let crate::config::AwsConfig {
+            region,
+            sts_endpoint,
+            // The S3 check and the STS request: rebuilt or read per job.
+            s3_endpoint: _,
+            s3_endpoints: _,
+            role_arn: _,
+            external_id: _,
+            session_name: _,
+        } = &config.aws;
+        let crate::config::RotationConfig {
+            concurrency,
+            max_requests_per_second,
+            retry_min,
+            retry_max,
+            request_timeout,
+            // Read by the scheduler and the jobs, not by a client.
+            session_duration: _,
+            refresh_before: _,
+            jitter: _,
+            verify: _,
+            prepush_check: _,
+            shutdown_grace: _,
+        } = &config.rotation;
+        Self {
+            http: *request_timeout,
+            gate: (*concurrency, *max_requests_per_second, *retry_max),
+            ims: (
+                client_id,
+                client_secret.expose_secret(),
+                client_secret_file,
+                org_id,
+                scopes,
+                ims_url,
+                *retry_min,
+                *retry_max,
+            ),
+            sts: (region, sts_endpoint, *retry_min),
+        }
+    }
+
+    /// The clients `next` can keep from `self`'s.
+    fn kept(&self, next: &Self) -> Kept {
+        let http = self.http == next.http;
+        Kept {
+            gate: self.gate == next.gate,
+            ims: http && self.ims == next.ims,
+            sts: http && self.sts == next.sts,
+        }
+    }
 }
 
 /// The clients jobs run with: the real ones (rebuilt on reload), or a fixed
