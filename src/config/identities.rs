@@ -92,43 +92,28 @@ impl Checker<'_> {
                 }
             });
         let name = self.optional_text(&key("name"), raw.name);
-        let role_arn = self.role_arn(&key("role_arn"), raw.role_arn);
-        let external_given = present(&raw.external_id);
-        let session_name_given = present(&raw.session_name);
-        let external_id = self.external_id(&key("external_id"), raw.external_id);
-        let session_name = self.session_name(&key("session_name"), raw.session_name);
-        let policy_given = present(&raw.session_policy);
-        let arns_given = present(&raw.policy_arns);
-        let session_policy = self.session_policy(&key("session_policy"), raw.session_policy);
-        let policy_arns = self.policy_arns(&key("policy_arns"), raw.policy_arns);
-
-        if !has_role && (policy_given || arns_given) {
-            let which = if policy_given {
-                "session_policy"
-            } else {
-                "policy_arns"
-            };
-            self.report(
-                key(which),
-                "needs a role: with no role_arn here or in [aws], GetSessionToken is used, and it takes no policy; set role_arn or remove the policy",
-            );
-        }
-        if !has_role && (external_given || session_name_given) {
-            self.warnings.push(format!(
-                "{} and session_name are ignored: with no role_arn here or in [aws], GetSessionToken is used",
-                key("external_id")
-            ));
-        }
+        let identity = self.identity(
+            &key,
+            has_role,
+            RawIdentity {
+                role_arn: raw.role_arn,
+                external_id: raw.external_id,
+                session_name: raw.session_name,
+                session_policy: raw.session_policy,
+                policy_arns: raw.policy_arns,
+            },
+        );
         let id = id?;
+        let identity = identity?;
         Ok(ConnectionConfig {
             name: name?.unwrap_or_else(|| id.clone()),
             id,
             sandbox: sandbox?,
-            role_arn: role_arn?,
-            external_id: external_id?,
-            session_name: session_name?,
-            session_policy: session_policy?,
-            policy_arns: policy_arns?,
+            role_arn: identity.role_arn,
+            external_id: identity.external_id,
+            session_name: identity.session_name,
+            session_policy: identity.session_policy,
+            policy_arns: identity.policy_arns,
             origin: Origin::Explicit,
         })
     }
@@ -217,24 +202,17 @@ impl Checker<'_> {
                 "has no condition besides the sandboxes, so it would rotate every S3 connection there; add name = \"glob\" and/or description_tag = \"text\"",
             );
         }
-        let role_arn = self.role_arn(&key("role_arn"), raw.role_arn);
-        let external_id = self.external_id(&key("external_id"), raw.external_id);
-        let session_name = self.session_name(&key("session_name"), raw.session_name);
-        let policy_given = present(&raw.session_policy);
-        let arns_given = present(&raw.policy_arns);
-        let session_policy = self.session_policy(&key("session_policy"), raw.session_policy);
-        let policy_arns = self.policy_arns(&key("policy_arns"), raw.policy_arns);
-        if !has_role && (policy_given || arns_given) {
-            let which = if policy_given {
-                "session_policy"
-            } else {
-                "policy_arns"
-            };
-            self.report(
-                key(which),
-                "needs a role: with no role_arn here or in [aws], GetSessionToken is used, and it takes no policy; set role_arn or remove the policy",
-            );
-        }
+        let identity = self.identity(
+            &key,
+            has_role,
+            RawIdentity {
+                role_arn: raw.role_arn,
+                external_id: raw.external_id,
+                session_name: raw.session_name,
+                session_policy: raw.session_policy,
+                policy_arns: raw.policy_arns,
+            },
+        );
         let every = match self.duration(&key("every"), raw.every, DEFAULT_DISCOVER_EVERY) {
             Ok(every) if (MIN_DISCOVER_EVERY..=MAX_DISCOVER_EVERY).contains(&every) => Ok(every),
             Ok(every) => Err(self.report(
@@ -249,17 +227,63 @@ impl Checker<'_> {
         if !has_condition {
             return Err(Reported);
         }
+        let identity = identity?;
         Ok(DiscoverRule {
             index: i,
             sandboxes: sandboxes?,
             name: name?,
             description_tag: description_tag?,
+            role_arn: identity.role_arn,
+            external_id: identity.external_id,
+            session_name: identity.session_name,
+            session_policy: identity.session_policy,
+            policy_arns: identity.policy_arns,
+            every: every?,
+        })
+    }
+
+    /// The STS identity a `[[connections]]` table and a `[[discover]]` rule
+    /// both carry, checked one way for both: each field's shape, a policy
+    /// only with a role, and a warning for what GetSessionToken ignores.
+    /// `has_role`: a role here or in `[aws]`.
+    fn identity(
+        &mut self,
+        key: &dyn Fn(&str) -> String,
+        has_role: bool,
+        raw: RawIdentity,
+    ) -> Checked<Identity> {
+        let external_given = present(&raw.external_id);
+        let session_name_given = present(&raw.session_name);
+        let policy_given = present(&raw.session_policy);
+        let arns_given = present(&raw.policy_arns);
+        let role_arn = self.role_arn(&key("role_arn"), raw.role_arn);
+        let external_id = self.external_id(&key("external_id"), raw.external_id);
+        let session_name = self.session_name(&key("session_name"), raw.session_name);
+        let session_policy = self.session_policy(&key("session_policy"), raw.session_policy);
+        let policy_arns = self.policy_arns(&key("policy_arns"), raw.policy_arns);
+        if !has_role && (policy_given || arns_given) {
+            let which = if policy_given {
+                "session_policy"
+            } else {
+                "policy_arns"
+            };
+            self.report(
+                key(which),
+                "needs a role: with no role_arn here or in [aws], GetSessionToken is used, and it takes no policy; set role_arn or remove the policy",
+            );
+        }
+        if !has_role && (external_given || session_name_given) {
+            self.warnings.push(format!(
+                "{} and session_name are ignored: with no role_arn here or in [aws], GetSessionToken is used",
+                key("external_id")
+            ));
+        }
+        Ok(Identity {
             role_arn: role_arn?,
             external_id: external_id?,
             session_name: session_name?,
             session_policy: session_policy?,
             policy_arns: policy_arns?,
-            every: every?,
         })
     }
 
@@ -309,4 +333,23 @@ impl Checker<'_> {
         }
         if bad { Err(Reported) } else { Ok(arns) }
     }
+}
+
+/// The raw STS identity fields of a `[[connections]]` table or a
+/// `[[discover]]` rule.
+pub(super) struct RawIdentity {
+    role_arn: Option<Raw>,
+    external_id: Option<Raw>,
+    session_name: Option<Raw>,
+    session_policy: Option<Raw>,
+    policy_arns: Option<Raw>,
+}
+
+/// The checked STS identity fields.
+pub(super) struct Identity {
+    role_arn: Option<RoleArn>,
+    external_id: Option<String>,
+    session_name: Option<String>,
+    session_policy: Option<String>,
+    policy_arns: Vec<String>,
 }

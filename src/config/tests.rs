@@ -961,3 +961,41 @@ fn the_parsed_file_converts_like_config_file_and_is_collected_once() {
         pairs
     }
 }
+
+#[test]
+fn connections_and_rules_check_their_sts_identity_alike() {
+    let fx = Fixture::new();
+    // No role anywhere: GetSessionToken, which takes no policy and ignores
+    // external_id; a connection and a rule are told the same.
+    let text = fx
+        .good()
+        .replace("role_arn = \"arn:aws:iam::123456789012:role/aep\"\n", "")
+        .replace(
+            "sandbox = \"dev\"",
+            "sandbox = \"dev\"\nexternal_id = \"ext-1\"\nsession_policy = \"{}\"",
+        )
+        + "\n[[discover]]\nsandboxes = [\"prod\"]\nname = \"x-*\"\nexternal_id = \"ext-2\"\nsession_policy = \"{}\"\n";
+    let found = issues(&text, no_env());
+    let mut paths: Vec<&str> = found.iter().map(|i| i.path.as_str()).collect();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        [
+            "connections[1].session_policy",
+            "discover[0].session_policy"
+        ],
+        "{found:?}"
+    );
+    let warned = Config::from_toml_str(&text.replace("session_policy = \"{}\"", ""), Vec::new())
+        .unwrap()
+        .warnings;
+    assert!(
+        warned
+            .iter()
+            .any(|w| w.starts_with("connections[1].external_id and session_name are ignored"))
+            && warned
+                .iter()
+                .any(|w| w.starts_with("discover[0].external_id and session_name are ignored")),
+        "{warned:?}"
+    );
+}
