@@ -2,11 +2,12 @@
 //!
 //! - **journal**: when stderr is connected to the journal (systemd sets
 //!   `JOURNAL_STREAM` to its device and inode), every event is sent to
-//!   journald natively: `PRIORITY` from the level, `MESSAGE` the plain
-//!   message, every field its own journal field (`CONNECTION_ID`,
-//!   `CONNECTION_NAME`, `SANDBOX`, `ACCESS_KEY_ID`, `ERROR`, ...), so
-//!   `journalctl -p warning` and `journalctl CONNECTION_NAME=...` work. See
-//!   [`journal_fields`].
+//!   journald natively: `PRIORITY` from the level, `MESSAGE` plain text
+//!   that says which connection (`bucket-1 (prod): rotation failed,
+//!   retrying error=...`), the bare message as `EVENT`, every field its own
+//!   journal field (`CONNECTION_ID`, `CONNECTION_NAME`, `SANDBOX`,
+//!   `ACCESS_KEY_ID`, `ERROR`, ...), so `journalctl -p warning` and
+//!   `journalctl CONNECTION_NAME=...` work. See [`journal_fields`].
 //! - **text**: on a terminal, one short line for people: local time, level,
 //!   the connection as `name (sandbox)`, the message, a few `key=value`
 //!   ([`terminal_line`]). Colour only on a terminal and without `NO_COLOR`.
@@ -303,7 +304,8 @@ impl Journal {
 
 impl PairsOut for Journal {
     fn write(&self, meta: &Metadata<'_>, pairs: &Pairs) {
-        let fields = journal_fields(*meta.level(), meta.target(), pairs);
+        let now = jiff::ZonedDateTime::now();
+        let fields = journal_fields(&now, *meta.level(), meta.target(), pairs);
         if self
             .socket
             .send_to(&encode_journal(&fields), &self.path)
@@ -312,7 +314,6 @@ impl PairsOut for Journal {
             // Too large for a datagram (journald's limit is far above any
             // line this daemon writes) or journald gone: keep the line on
             // stderr, which systemd also stores, rather than lose it.
-            let now = jiff::ZonedDateTime::now();
             let line = terminal_line(&now, *meta.level(), meta.target(), pairs, false, true);
             let _ = std::io::stderr().write_all(line.as_bytes());
         }
@@ -333,6 +334,7 @@ fn journal_priority(level: Level) -> &'static str {
 /// stored with a `FIELD_` prefix so it cannot forge them.
 const JOURNAL_RESERVED: &[&str] = &[
     "MESSAGE",
+    "EVENT",
     "MESSAGE_ID",
     "PRIORITY",
     "CODE_FILE",
@@ -360,7 +362,6 @@ const JOURNAL_RESERVED: &[&str] = &[
 /// characters.
 fn journal_name(field: &str) -> String {
     match field {
-        "message" => return "MESSAGE".to_owned(),
         "connection" => return "CONNECTION_ID".to_owned(),
         "name" => return "CONNECTION_NAME".to_owned(),
         _ => {}
@@ -385,22 +386,30 @@ fn journal_name(field: &str) -> String {
     name
 }
 
-/// The journal entry of an event: `MESSAGE`, `PRIORITY`,
-/// `SYSLOG_IDENTIFIER`, every span and event field ([`journal_name`]), and
-/// `TARGET` for another crate's event (as `target` in JSON).
-pub fn journal_fields(level: Level, target: &str, pairs: &Pairs) -> Vec<(String, String)> {
-    let message = pairs
-        .iter()
-        .find(|(name, _)| *name == "message")
-        .map(|(_, value)| value.clone())
-        .unwrap_or_default();
+/// The journal entry of an event: `MESSAGE` (the line a person reads in
+/// `journalctl -u`: [`describe`], times in `now`'s zone), `PRIORITY`,
+/// `SYSLOG_IDENTIFIER`, every span and event field ([`journal_name`]) with
+/// the bare message as `EVENT` (`journalctl EVENT="credentials rotated"`),
+/// and `TARGET` for another crate's event (as `target` in JSON).
+pub fn journal_fields(
+    now: &jiff::ZonedDateTime,
+    level: Level,
+    target: &str,
+    pairs: &Pairs,
+) -> Vec<(String, String)> {
+    let mut message = String::with_capacity(160);
+    describe(&mut message, now, target, pairs, false, false);
     let mut fields = vec![
         ("MESSAGE".to_owned(), message),
         ("PRIORITY".to_owned(), journal_priority(level).to_owned()),
         ("SYSLOG_IDENTIFIER".to_owned(), SYSLOG_IDENTIFIER.to_owned()),
     ];
-    for (name, value) in pairs.iter().filter(|(name, _)| *name != "message") {
-        fields.push((journal_name(name), value.clone()));
+    for (name, value) in pairs {
+        let name = match *name {
+            "message" => "EVENT".to_owned(),
+            other => journal_name(other),
+        };
+        fields.push((name, value.clone()));
     }
     if !is_ours(target) {
         fields.push(("TARGET".to_owned(), target.to_owned()));
@@ -479,12 +488,6 @@ pub fn terminal_line(
     colour: bool,
     show_ids: bool,
 ) -> String {
-    let get = |name: &str| {
-        pairs
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
-    };
     let mut line = String::with_capacity(160);
     line.push_str(&now.strftime("%H:%M:%S").to_string());
     line.push(' ');
@@ -503,6 +506,29 @@ pub fn terminal_line(
         line.push_str(label);
     }
     line.push(' ');
+    describe(&mut line, now, target, pairs, colour, show_ids);
+    line.push('\n');
+    line
+}
+
+/// The words of a line after its time and level: `bucket-1 (prod):
+/// credentials rotated key=ASIA... expires=21:14:03`. Both the terminal line
+/// and the journal's `MESSAGE` (`journalctl -u` shows nothing else, and a
+/// bare `rotation failed, retrying` would not say which connection).
+fn describe(
+    line: &mut String,
+    now: &jiff::ZonedDateTime,
+    target: &str,
+    pairs: &Pairs,
+    colour: bool,
+    show_ids: bool,
+) {
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    };
     let id = get("connection");
     let mut shown: Vec<&str> = vec!["message"];
     if let Some(name) = get("name") {
@@ -545,8 +571,6 @@ pub fn terminal_line(
         line.push_str(" target=");
         line.push_str(target);
     }
-    line.push('\n');
-    line
 }
 
 /// An RFC 3339 time (`2026-11-23T16:04:05Z`) in `now`'s zone: the time of
@@ -860,11 +884,19 @@ mod tests {
         assert_eq!(events.len(), 3);
         let entries: Vec<Vec<(String, String)>> = events
             .iter()
-            .map(|(level, target, pairs)| journal_fields(*level, target, pairs))
+            .map(|(level, target, pairs)| {
+                journal_fields(&at("2026-11-23T15:00:00Z"), *level, target, pairs)
+            })
             .collect();
 
         let rotated = &entries[0];
-        assert_eq!(field(rotated, "MESSAGE"), Some("credentials rotated"));
+        assert_eq!(
+            field(rotated, "MESSAGE"),
+            Some(
+                "sales-bucket (prod): credentials rotated key=ASIAIOSFODNN7EXAMPLE expires=16:04:05"
+            )
+        );
+        assert_eq!(field(rotated, "EVENT"), Some("credentials rotated"));
         assert_eq!(field(rotated, "PRIORITY"), Some("6"));
         assert_eq!(field(rotated, "SYSLOG_IDENTIFIER"), Some("aep-s3-rotator"));
         assert_eq!(
@@ -902,7 +934,10 @@ mod tests {
         assert_eq!(field(failed, "CONNECTION_NAME"), Some("sales-bucket"));
 
         assert_eq!(field(&entries[2], "PRIORITY"), Some("3"));
-        assert_eq!(field(&entries[2], "MESSAGE"), Some("credentials expired"));
+        assert_eq!(
+            field(&entries[2], "MESSAGE"),
+            Some("sales-bucket (prod): credentials expired attempt=2")
+        );
     }
 
     #[test]
@@ -920,7 +955,13 @@ mod tests {
         assert_eq!(journal_name("9lives"), "LIVES");
         assert_eq!(journal_name("__"), "FIELD");
         assert_eq!(journal_name(&"x".repeat(100)).len(), 64);
-        let third_party = journal_fields(Level::INFO, "hyper::client", &Pairs::new());
+        assert_eq!(journal_name("event"), "FIELD_EVENT");
+        let third_party = journal_fields(
+            &at("2026-11-23T15:00:00Z"),
+            Level::INFO,
+            "hyper::client",
+            &Pairs::new(),
+        );
         assert_eq!(field(&third_party, "TARGET"), Some("hyper::client"));
     }
 
