@@ -535,10 +535,10 @@ fn describe(
         if colour {
             line.push_str("\x1b[1m");
         }
-        line.push_str(name);
+        push_plain(line, name);
         if let Some(sandbox) = get("sandbox") {
             line.push_str(" (");
-            line.push_str(sandbox);
+            push_plain(line, sandbox);
             line.push(')');
             shown.push("sandbox");
         }
@@ -551,7 +551,7 @@ fn describe(
             shown.push("connection");
         }
     }
-    line.push_str(get("message").unwrap_or_default());
+    push_plain(line, get("message").unwrap_or_default());
     for (field, value) in pairs.iter().filter(|(n, _)| !shown.contains(n)) {
         let label = TERMINAL_LABELS
             .iter()
@@ -561,8 +561,18 @@ fn describe(
         line.push_str(label);
         line.push('=');
         let value = local_time(now, value).unwrap_or_else(|| value.clone());
-        if value.is_empty() || value.contains(|c: char| c.is_whitespace() || c == '=' || c == '"') {
-            line.push_str(&format!("{value:?}"));
+        if value.is_empty()
+            || value.contains(|c: char| c.is_whitespace() || c == '=' || c == '"' || c.is_control())
+        {
+            line.push('"');
+            for c in value.chars() {
+                match c {
+                    '"' => line.push_str("\\\""),
+                    c if c.is_control() => line.extend(c.escape_debug()),
+                    c => line.push(c),
+                }
+            }
+            line.push('"');
         } else {
             line.push_str(&value);
         }
@@ -570,6 +580,20 @@ fn describe(
     if !is_ours(target) {
         line.push_str(" target=");
         line.push_str(target);
+    }
+}
+
+/// Appends `text` with its control characters escaped (`\n`, `\u{1b}`):
+/// remote text in a message must not start a line of its own or drive the
+/// terminal. Backslashes stay as they are, so text the daemon has already
+/// escaped reads the same as in JSON.
+fn push_plain(line: &mut String, text: &str) {
+    for c in text.chars() {
+        if c.is_control() {
+            line.extend(c.escape_debug());
+        } else {
+            line.push(c);
+        }
     }
 }
 
@@ -1087,6 +1111,24 @@ mod tests {
             false,
         );
         assert_eq!(line, "08:00:00 ERROR rotation task failed connection=c-1\n");
+        // Remote text cannot start a line or drive the terminal; text the
+        // daemon escaped already (a literal backslash) reads as it is.
+        let line = terminal_line(
+            &now,
+            Level::WARN,
+            "aep_s3_rotator",
+            &pairs(&[
+                ("message", "refused\n{\"level\":\"INFO\"}"),
+                ("error", "a\u{1b}[2J\rb \\n \"q\""),
+            ]),
+            false,
+            false,
+        );
+        assert_eq!(
+            line,
+            "08:00:00 WARN  refused\\n{\"level\":\"INFO\"} error=\"a\\u{1b}[2J\\rb \\n \\\"q\\\"\"\n"
+        );
+        assert_eq!(line.lines().count(), 1);
     }
 
     #[test]
