@@ -13,8 +13,18 @@
 # (the default 127.0.0.1 is unreachable from outside the container) and
 # [state] path = "/var/lib/aep-s3-rotator/state.json" on a mounted volume.
 #
-# Not built in CI (no container engine there); keep the two stages in step
-# with Cargo.toml by hand.
+# Not built in CI (no container engine there); scripts/smoke-container builds
+# and runs it for real with podman. Keep the stages in step with Cargo.toml by
+# hand.
+#
+# Where pulling is impossible (an air-gapped host), two build arguments swap
+# the pulled images for local ones, as scripts/smoke-container does:
+#
+#   RUNTIME_IMAGE=localhost/aep-s3-rotator-runtime:bookworm   a base made with
+#       mmdebstrap (Debian 12: libc, libgcc, CA certificates, user 65532, no shell)
+#   BINARY=prebuilt   take target/docker/aep-s3-rotator, built on a Debian 12
+#       host with `cargo build --release --locked --no-default-features`,
+#       instead of compiling in the rust image (which is then never pulled)
 #
 # The image is the production build: `--no-default-features` leaves out the
 # `demo` command and with it the simulator crate (crates/aep-s3-simulator),
@@ -24,6 +34,8 @@
 # linked against is the one it runs with.
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+# Which stage provides /out: `builder` (compile here) or `prebuilt`.
+ARG BINARY=builder
 
 FROM ${RUST_IMAGE} AS builder
 WORKDIR /build
@@ -67,6 +79,17 @@ RUN cargo build --release --locked --no-default-features --bin aep-s3-rotator \
     && install -D -m 0755 target/release/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator \
     && install -d -m 0700 /out/var/lib/aep-s3-rotator
 
+# A binary built outside (BINARY=prebuilt), laid out as the builder's /out.
+# .dockerignore lets this one file of target/ into the context. WORKDIR makes
+# the empty state directory without a shell (before the COPY: buildah
+# creates a WORKDIR only when a later step writes to the stage).
+FROM scratch AS prebuilt
+WORKDIR /out/var/lib/aep-s3-rotator
+COPY target/docker/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator
+
+# The stage named by BINARY; the other one is never built (nor its base pulled).
+FROM ${BINARY} AS binary
+
 # Runtime: glibc, libgcc, CA certificates and tzdata; no shell, no package
 # manager. ":nonroot" runs as uid/gid 65532. The daemon reads the image's CA
 # store at start (`check` prints it as its `ca` line); on a base without one
@@ -77,8 +100,8 @@ LABEL org.opencontainers.image.title="aep-s3-rotator" \
       org.opencontainers.image.description="Keeps Adobe Experience Platform S3 base connections supplied with fresh, temporary AWS credentials" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-COPY --from=builder /out/usr/local/bin/aep-s3-rotator /usr/local/bin/aep-s3-rotator
-COPY --from=builder --chown=65532:65532 /out/var/lib/aep-s3-rotator /var/lib/aep-s3-rotator
+COPY --from=binary /out/usr/local/bin/aep-s3-rotator /usr/local/bin/aep-s3-rotator
+COPY --from=binary --chown=65532:65532 /out/var/lib/aep-s3-rotator /var/lib/aep-s3-rotator
 
 USER nonroot
 

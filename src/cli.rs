@@ -1,11 +1,23 @@
 //! The command line, as SPEC.md defines it.
+//!
+//! This file is also compiled by `build.rs` (the man page and the shell
+//! completions are generated from it), so it depends on nothing but `clap`,
+//! `humantime` and `std`: no `crate::` imports.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::observe::logging::LogFormat;
+/// The log line format (`--log-format`); `crate::observe::logging` says what each
+/// looks like and which is chosen when none is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable.
+    Text,
+}
 
 /// Where the config file is looked for when neither `--config` nor
 /// `$AEP_S3_ROTATOR_CONFIG` says.
@@ -19,7 +31,8 @@ pub struct Cli {
     /// Config file.
     #[arg(long, global = true, env = "AEP_S3_ROTATOR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
-    /// Log line format [default: json when stderr is not a terminal, else text].
+    /// Log line format [default: native journal fields when stderr is the journal, text on a
+    /// terminal, else json].
     #[arg(long, global = true, env = "AEP_S3_ROTATOR_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// A tracing filter, e.g. `info` or `aep_s3_rotator=debug` [default: $RUST_LOG, else info].

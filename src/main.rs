@@ -6,14 +6,13 @@ use std::process::ExitCode;
 use aep_s3_rotator::cli::Cli;
 use aep_s3_rotator::commands;
 use aep_s3_rotator::exit::Exit;
-use aep_s3_rotator::observe::logging::{self, LogFormat};
+use aep_s3_rotator::observe::logging;
 use clap::Parser;
 
 fn main() -> ExitCode {
     // Usage errors exit 2 here (clap's convention, and SPEC.md's).
     let cli = Cli::parse();
-    let format = cli.log_format.unwrap_or_else(LogFormat::detect);
-    if let Err(error) = logging::init(format, cli.log_level.as_deref()) {
+    if let Err(error) = logging::init(cli.log_format, cli.log_level.as_deref()) {
         eprintln!("aep-s3-rotator: {error}");
         return ExitCode::from(Exit::Usage.code());
     }
