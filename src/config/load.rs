@@ -9,7 +9,7 @@ use super::*;
 pub(super) const ENV_PREFIX: &str = "AEP_S3_ROTATOR__";
 /// What the advice in messages points at: the source tree's example, and
 /// where the Debian package installs it (a host has no source tree).
-pub(super) const EXAMPLE: &str = "the example config (config/example.toml; /usr/share/doc/aep-s3-rotator/example.toml when installed)";
+pub(super) const EXAMPLE: &str = "the example config (config/example.toml; /usr/share/doc/aep-s3-rotator/examples/config.toml when installed)";
 
 impl Config {
     /// Reads the TOML file at `path`, layered with `AEP_S3_ROTATOR__SECTION__KEY`
