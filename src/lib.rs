@@ -24,7 +24,7 @@
 //!   remote/          the clients and their one HTTP policy: ims, sts, flow (+ wire), s3probe,
 //!                    shaping (the request gate), http (caps, scrubbing), tls
 //!   config/          types · raw · load · check (+ sections, identities): every problem with its key path
-//!   ident.rs · scrub.rs · exit.rs · clock.rs · fsguard.rs · shutdown.rs · cli.rs
+//!   ident.rs · scrub.rs · counters.rs · exit.rs · clock.rs · fsguard.rs · shutdown.rs · cli.rs
 //!                    small shared nouns and seams (ids' shapes, safe remote text, exit codes, time)
 //! ```
 //!
@@ -54,9 +54,10 @@
 //! `rotation` → `connection`, `policy` → `remote` → `config` → `ident`,
 //! `scrub`, `clock`, `fsguard` (which import no module of the crate). No
 //! module imports one above it, and there is no import circle (`python3
-//! ../shared/tools/house.py`). Known exceptions, as of now: the remote
-//! clients count their requests in `observe::telemetry`, and coordination
-//! writes the role into it.
+//! ../shared/tools/house.py`). The remote clients count their requests in
+//! [`counters`], a leaf that `observe` registers in its metrics. Known
+//! exception, as of now: coordination writes the role into
+//! `observe::telemetry` (it should publish, and the views read).
 //!
 //! Time is read through [`clock`]: the scheduler runs on a `Clock`, so tests
 //! drive it with paused tokio time; every remote number is clamped there.
@@ -73,6 +74,7 @@ pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod coordination;
+pub mod counters;
 pub mod discovery;
 pub mod exit;
 pub mod fsguard;

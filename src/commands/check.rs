@@ -163,7 +163,7 @@ pub(crate) async fn check(config: Config, path: &Path) -> Exit {
         &config.aws,
         &SourceIdentity::DefaultChain,
         config.rotation.request_timeout,
-        telemetry,
+        telemetry.requests(),
     )
     .await;
     let mut issued = std::collections::HashMap::new();

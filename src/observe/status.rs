@@ -5,27 +5,7 @@
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime};
 
-/// A remote service, for `aep_s3_rotator_requests_total{service}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Service {
-    /// Adobe IMS token endpoint.
-    Ims,
-    /// AWS STS.
-    Sts,
-    /// Flow Service.
-    Flow,
-}
-
-impl Service {
-    /// The `service` label value: `ims`, `sts` or `flow`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Service::Ims => "ims",
-            Service::Sts => "sts",
-            Service::Flow => "flow",
-        }
-    }
-}
+pub use crate::counters::Service;
 
 /// How one rotation attempt ended, for `aep_s3_rotator_rotations_total{outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

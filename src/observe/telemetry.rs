@@ -91,12 +91,6 @@ struct VerificationLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    service: &'static str,
-    status: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InfoLabels {
     connection: String,
     sandbox: String,
@@ -172,7 +166,7 @@ pub struct Telemetry {
     board: Mutex<Board>,
     /// `requests_total` is not tied to a connection, so it lives in a
     /// long-lived family (lock-free increments) registered on each render.
-    requests: Family<RequestLabels, Counter>,
+    requests: crate::counters::Requests,
     /// `prepush_checks_total{result}`: process-wide, like `requests`.
     prepush_checks: Family<PrepushLabels, Counter>,
     /// `discovery_listings_total{sandbox,outcome}`: one per listing (all its pages).
@@ -213,7 +207,7 @@ impl Telemetry {
                 counts: HashMap::new(),
                 refresh_before,
             }),
-            requests: Family::default(),
+            requests: crate::counters::Requests::default(),
             prepush_checks: {
                 // Every result at zero from the start, so alerts on
                 // `increase(...{result="denied"})` work before the first one.
@@ -295,15 +289,14 @@ impl Telemetry {
         self.board().refresh_before
     }
 
-    /// Counts one HTTP/API exchange; `status` is the HTTP status code ("200", "412")
-    /// or a short error class ("timeout", "connect", "Throttling").
+    /// Counts one HTTP/API exchange (see [`crate::counters::Requests`]).
     pub fn request(&self, service: Service, status: &str) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                service: service.as_str(),
-                status: status.to_owned(),
-            })
-            .inc();
+        self.requests.count(service, status);
+    }
+
+    /// The request counters, for the remote clients to count into.
+    pub fn requests(&self) -> crate::counters::Requests {
+        self.requests.clone()
     }
 
     /// Counts one rotation attempt of connection `id`.
@@ -583,7 +576,7 @@ impl Telemetry {
         registry.register(
             "requests",
             "Requests to remote services, by HTTP status or error class",
-            Described(self.requests.clone()),
+            Described(self.requests.family()),
         );
         registry.register(
             "prepush_checks",

@@ -23,7 +23,7 @@ use tokio::sync::Mutex;
 use url::Url;
 
 use crate::config::AdobeConfig;
-use crate::observe::telemetry::{Service, Telemetry};
+use crate::counters::{Requests, Service};
 use crate::policy::backoff::{BackoffPolicy, parse_retry_after};
 
 /// An IMS access token. `Debug` redacts it.
@@ -152,7 +152,7 @@ pub struct ImsClient {
     cache: Mutex<Cache>,
     /// `[rotation] retry_min` / `retry_max`: how long a failure is shared.
     retry: BackoffPolicy,
-    telemetry: Arc<Telemetry>,
+    requests: Requests,
 }
 
 /// The longest access token taken. IMS tokens are JWTs of 1–2 KiB; a
@@ -235,7 +235,7 @@ impl ImsClient {
         http: reqwest::Client,
         adobe: &AdobeConfig,
         retry: BackoffPolicy,
-        telemetry: Arc<Telemetry>,
+        requests: Requests,
     ) -> Self {
         let mut token_url = adobe.ims_url.clone();
         token_url.set_path("/ims/token/v3");
@@ -249,7 +249,7 @@ impl ImsClient {
             scopes: adobe.scopes.join(","),
             cache: Mutex::new(Cache::default()),
             retry,
-            telemetry,
+            requests,
         }
     }
 
@@ -400,11 +400,11 @@ impl ImsClient {
             .send()
             .await
             .map_err(|e| {
-                self.telemetry.request(Service::Ims, error_class(&e));
+                self.requests.count(Service::Ims, error_class(&e));
                 ImsError::Unavailable(describe_reqwest_error(&e, &self.token_url))
             })?;
         let status = response.status();
-        self.telemetry.request(Service::Ims, status.as_str());
+        self.requests.count(Service::Ims, status.as_str());
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
@@ -643,8 +643,7 @@ mod tests {
             ims_url: Url::parse(&sim.ims_url()).unwrap(),
             platform_url: Url::parse(&sim.platform_url()).unwrap(),
         };
-        let telemetry = Arc::new(Telemetry::new(Duration::from_secs(60)));
-        let client = ImsClient::new(reqwest::Client::new(), &adobe, retry, telemetry);
+        let client = ImsClient::new(reqwest::Client::new(), &adobe, retry, Requests::default());
         (client, sim, dir)
     }
 
@@ -674,7 +673,10 @@ mod tests {
 
     /// Token requests this client sent (its `requests_total` counter).
     fn requests_sent(client: &ImsClient) -> u64 {
-        let metrics = client.telemetry.render_metrics(crate::clock::wall_now());
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("aep_s3_rotator_requests", "", client.requests.family());
+        let mut metrics = String::new();
+        prometheus_client::encoding::text::encode(&mut metrics, &registry).unwrap();
         metrics
             .lines()
             .filter(|line| {

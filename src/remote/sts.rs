@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use secrecy::SecretString;
 
 use crate::config::{AwsConfig, Config, ConnectionConfig, RoleArn};
-use crate::observe::telemetry::{Service, Telemetry};
+use crate::counters::{Requests, Service};
 use crate::policy::schedule;
 
 /// Everything that decides which credentials STS hands out. Connections whose
@@ -167,7 +167,7 @@ const FALLBACK_REGION: &str = "us-east-1";
 #[derive(Debug, Clone)]
 pub struct AwsSts {
     client: aws_sdk_sts::Client,
-    telemetry: Arc<Telemetry>,
+    requests: Requests,
 }
 
 impl AwsSts {
@@ -180,7 +180,7 @@ impl AwsSts {
         aws: &AwsConfig,
         identity: &SourceIdentity,
         timeout: Duration,
-        telemetry: Arc<Telemetry>,
+        requests: Requests,
     ) -> Self {
         let shared = sdk_config(aws, aws.sts_endpoint.as_ref(), identity)
             .timeout_config(
@@ -203,7 +203,7 @@ impl AwsSts {
         }
         Self {
             client: aws_sdk_sts::Client::from_conf(builder.build()),
-            telemetry,
+            requests,
         }
     }
 
@@ -240,7 +240,7 @@ impl AwsSts {
                 output.credentials
             }
         };
-        self.telemetry.request(Service::Sts, "200");
+        self.requests.count(Service::Sts, "200");
         let credentials = credentials
             .ok_or_else(|| StsError::Malformed("response has no Credentials".to_owned()))?;
         let expiration = SystemTime::try_from(*credentials.expiration())
@@ -270,7 +270,7 @@ impl AwsSts {
             // `cause` never is Shared; a classified SDK error never was.
             StsError::Malformed(_) | StsError::Shared(_) => "malformed",
         };
-        self.telemetry.request(Service::Sts, status);
+        self.requests.count(Service::Sts, status);
         sts_error
     }
 }

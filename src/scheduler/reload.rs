@@ -58,7 +58,7 @@ pub async fn build_rotator(
                 min: rotation.retry_min,
                 max: rotation.retry_max,
             },
-            Arc::clone(telemetry),
+            telemetry.requests(),
         )),
     };
     let credentials = match kept {
@@ -68,7 +68,7 @@ pub async fn build_rotator(
                 &config.aws,
                 &options.identity,
                 rotation.request_timeout,
-                Arc::clone(telemetry),
+                telemetry.requests(),
             )
             .await;
             Arc::new(CredentialCache::new(Arc::new(sts), rotation.retry_min / 2))
@@ -79,7 +79,7 @@ pub async fn build_rotator(
             http,
             &config.adobe,
             gate,
-            Arc::clone(telemetry),
+            telemetry.requests(),
             rotation.retry_min,
         ),
         ims,

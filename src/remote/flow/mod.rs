@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use url::Url;
 
 use crate::config::AdobeConfig;
-use crate::observe::telemetry::{Service, Telemetry};
+use crate::counters::{Requests, Service};
 use crate::policy::backoff::parse_retry_after;
 use crate::remote::ims::{AccessToken, describe_reqwest_error, error_class};
 use crate::remote::s3probe::S3Target;
@@ -251,7 +251,7 @@ pub struct FlowClient {
     client_id: String,
     org_id: String,
     gate: Arc<RequestGate>,
-    telemetry: Arc<Telemetry>,
+    requests: Requests,
     /// How long everyone pauses after a 429 that carried no `Retry-After`.
     default_pause: Duration,
 }
@@ -262,7 +262,7 @@ impl FlowClient {
         http: reqwest::Client,
         adobe: &AdobeConfig,
         gate: Arc<RequestGate>,
-        telemetry: Arc<Telemetry>,
+        requests: Requests,
         default_pause: Duration,
     ) -> Self {
         Self {
@@ -271,7 +271,7 @@ impl FlowClient {
             client_id: adobe.client_id.clone(),
             org_id: adobe.org_id.clone(),
             gate,
-            telemetry,
+            requests,
             default_pause,
         }
     }
@@ -345,11 +345,11 @@ impl FlowClient {
     async fn send(&self, request: reqwest::RequestBuilder, url: &Url) -> Result<Answer, FlowError> {
         let _pass = self.gate.enter().await;
         let response = request.send().await.map_err(|e| {
-            self.telemetry.request(Service::Flow, error_class(&e));
+            self.requests.count(Service::Flow, error_class(&e));
             FlowError::Unavailable(describe_reqwest_error(&e, url))
         })?;
         let status = response.status();
-        self.telemetry.request(Service::Flow, status.as_str());
+        self.requests.count(Service::Flow, status.as_str());
         let retry_after = response.headers().get(RETRY_AFTER).cloned();
         let etag = response.headers().get(ETAG).cloned();
         // A 3xx is refused (a redirected PATCH would carry the new secret key
