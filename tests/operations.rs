@@ -465,3 +465,59 @@ every = "1s"
     );
     assert_eq!(daemon.terminate().code(), Some(0));
 }
+
+/// A reload that changes only `client_secret_file` (to a file holding the
+/// same secret) gives the daemon an IMS client that reads the new file: when
+/// the secret is later rotated in that file and IMS refuses the old one, the
+/// next IMS request uses the new secret and rotation goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_reload_to_another_secret_file_ims_reads_that_file() {
+    let h = Harness::start(2, Duration::from_secs(6)).await;
+    let ids = h.connection_ids();
+    let config = h.write_config(FAST_ROTATION, "");
+    let mut daemon = h.spawn(&config, &["run"]);
+    let patched = |h: &Harness| -> u64 {
+        ids.iter()
+            .map(|id| h.sim.connection(id).map_or(0, |c| c.patches))
+            .sum()
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || patched(&h) >= 2).await,
+        "no first pass; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    // The same secret, in another file; only the path changes.
+    let old_file = h.dir.path().join("client-secret");
+    let new_file = h.dir.path().join("client-secret-rotated");
+    std::fs::copy(&old_file, &new_file).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &old_file.display().to_string(),
+        &new_file.display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    daemon.signal("HUP");
+    assert!(
+        wait_until(Duration::from_secs(10), || !daemon
+            .events("config reloaded")
+            .is_empty())
+        .await,
+        "no reload; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    // The secret is rotated: IMS accepts only the new one, which is in the
+    // new file alone; every token issued so far is revoked.
+    let rotated = "rotated-client-secret-0002-abcdefghijkl";
+    std::fs::write(&new_file, rotated).unwrap();
+    h.sim.set_client_secret(rotated);
+    h.sim.revoke_tokens();
+    let before = patched(&h);
+    assert!(
+        wait_until(Duration::from_secs(20), || patched(&h) >= before + 2).await,
+        "rotation stopped after the secret was rotated in the new file; stderr:\n{}",
+        daemon.stderr_text()
+    );
+    let mut secrets = h.secrets();
+    secrets.push(rotated.to_owned());
+    assert_no_secret(&daemon.stderr_text(), &secrets);
+    assert_eq!(daemon.terminate().code(), Some(0));
+}

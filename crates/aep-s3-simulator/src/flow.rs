@@ -390,7 +390,7 @@ impl Shared {
                     .is_some_and(|q| contains_bytes(q.as_bytes(), secret))
         };
         if self
-            .clients
+            .clients()
             .iter()
             .any(|(_, secret)| leaks(secret.as_bytes()))
         {

@@ -253,7 +253,7 @@ impl Shared {
             );
         };
         if !self
-            .clients
+            .clients()
             .iter()
             .any(|(id, secret)| id == client_id && secret == client_secret)
         {

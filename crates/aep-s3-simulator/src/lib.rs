@@ -855,6 +855,12 @@ impl Simulator {
         self.shared.revoke_tokens();
     }
 
+    /// Rotates the IMS client secret: from now on only `secret` is accepted
+    /// for [`SimConfig::client_id`].
+    pub fn set_client_secret(&self, secret: &str) {
+        self.shared.set_client_secret(secret);
+    }
+
     /// Restarts [`SimStats::max_in_flight`] from the Flow requests in
     /// flight now.
     pub fn reset_max_in_flight(&self) {

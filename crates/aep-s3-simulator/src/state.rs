@@ -465,7 +465,9 @@ pub(super) struct Shared {
     pub client_id: String,
     /// Every IMS client accepted, `(id, secret)`: `SimConfig::client_id` first, then
     /// `SimConfig::extra_clients`.
-    pub clients: Vec<(String, String)>,
+    /// A lock only so that a test can rotate the primary client's secret
+    /// ([`Shared::set_client_secret`]); read on every token request.
+    clients: std::sync::RwLock<Vec<(String, String)>>,
     /// IMS org (`x-gw-ims-org-id`).
     pub org_id: String,
     /// Lifetime of STS credentials.
@@ -528,7 +530,7 @@ impl Shared {
         let mut clients = vec![(config.client_id.clone(), config.client_secret.clone())];
         clients.extend(config.extra_clients);
         Self {
-            clients,
+            clients: std::sync::RwLock::new(clients),
             client_id: config.client_id,
             org_id: config.org_id,
             credential_lifetime: config.credential_lifetime,
@@ -577,6 +579,26 @@ impl Shared {
     pub fn reset_max_in_flight(&self) {
         self.max_in_flight
             .store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Every IMS client accepted now, `(id, secret)`.
+    pub fn clients(&self) -> Vec<(String, String)> {
+        self.clients
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The primary client's secret is rotated (as in the Adobe Developer
+    /// Console): from now on only `secret` is accepted for it.
+    pub fn set_client_secret(&self, secret: &str) {
+        let mut clients = self
+            .clients
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(primary) = clients.first_mut() {
+            primary.1 = secret.to_owned();
+        }
     }
 
     /// Counts one Flow request in flight until the guard is dropped.
@@ -764,7 +786,7 @@ impl Shared {
     pub fn issued_secrets(&self) -> Vec<String> {
         let st = self.lock();
         let mut secrets = Vec::with_capacity(1 + st.tokens.len() + 2 * st.issuances.len());
-        secrets.extend(self.clients.iter().map(|(_, secret)| secret.clone()));
+        secrets.extend(self.clients().into_iter().map(|(_, secret)| secret));
         secrets.extend(st.tokens.keys().cloned());
         for issuance in st.issuances.values() {
             secrets.push(issuance.secret.clone());
