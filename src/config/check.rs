@@ -2,7 +2,6 @@
 //! (strings, durations, URLs, ARNs, session names); every problem is
 //! recorded with its key path and checking carries on.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Shows up in CloudTrail as who assumed the role.

@@ -2,7 +2,6 @@
 //! identity settings both carry (role, external id, session name and
 //! policies).
 
-#[allow(unused_imports)]
 use super::*;
 
 impl Checker<'_> {

@@ -2,7 +2,6 @@
 //! serde's and toml's errors into issues with key paths; suggestions for
 //! misspelt keys; `[admin]` alone for `status`.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Environment variables starting with this override `[section] key`.

@@ -1,7 +1,6 @@
 //! The permissive raw shape serde reads: every leaf a [`Raw`] value of any
 //! type, every table's keys known (unknown ones are reported, not fatal).
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A value as written, whatever its type. Typing happens in validation, so

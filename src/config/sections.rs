@@ -1,7 +1,6 @@
 //! The checker's sections: `[adobe]` (and the client secret), `[aws]`,
 //! `[rotation]`, `[admin]`, `[coordination]`, `[state]`.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl Checker<'_> {

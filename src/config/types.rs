@@ -1,6 +1,5 @@
 //! The validated configuration: every value here has been checked.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// The default IMS host (North America; IMS is global behind it).

@@ -2,7 +2,6 @@
 //! state file after a restart, adopted from the leader's shared state, and
 //! seeded with the etag and S3 target a listing brought.
 
-#[allow(unused_imports)]
 use super::*;
 
 impl Connection {

@@ -2,7 +2,6 @@
 //! matches (pure functions of the listings and the config), and the
 //! resulting membership with its conflicts.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// A connection that two or more rules would rotate with different STS

@@ -2,7 +2,6 @@
 //! a list page, a created connection) read leniently and checked, the
 //! bodies it is sent, and the useful line of an error answer.
 
-#[allow(unused_imports)]
 use super::*;
 
 /// Reads `items[0]` of a `GET /connections/{id}` answer and checks it is an S3
