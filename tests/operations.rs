@@ -431,15 +431,7 @@ every = "1s"
     );
     std::fs::write(&edited, text).unwrap();
     let tokens_before = h.sim.stats().ims_tokens_issued;
-    daemon.signal("HUP");
-    assert!(
-        wait_until(Duration::from_secs(10), || !daemon
-            .events("config reloaded")
-            .is_empty())
-        .await,
-        "no reload; stderr:\n{}",
-        daemon.stderr_text()
-    );
+    daemon.reload().await;
     // Jobs dispatched before the reload finish with the clients they
     // started with, those waiting at the old gate included: measure from
     // when they are done.
@@ -495,15 +487,7 @@ async fn after_a_reload_to_another_secret_file_ims_reads_that_file() {
         &new_file.display().to_string(),
     );
     std::fs::write(&config, text).unwrap();
-    daemon.signal("HUP");
-    assert!(
-        wait_until(Duration::from_secs(10), || !daemon
-            .events("config reloaded")
-            .is_empty())
-        .await,
-        "no reload; stderr:\n{}",
-        daemon.stderr_text()
-    );
+    daemon.reload().await;
     // The secret is rotated: IMS accepts only the new one, which is in the
     // new file alone; every token issued so far is revoked.
     let rotated = "rotated-client-secret-0002-abcdefghijkl";

@@ -270,6 +270,20 @@ impl DaemonProcess {
             .collect()
     }
 
+    /// Sends SIGHUP and waits up to 10 s for `config reloaded` (panics,
+    /// with stderr, if it does not come).
+    pub async fn reload(&self) {
+        self.signal("HUP");
+        assert!(
+            wait_until(Duration::from_secs(10), || !self
+                .events("config reloaded")
+                .is_empty())
+            .await,
+            "no reload; stderr:\n{}",
+            self.stderr_text()
+        );
+    }
+
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")
     }
