@@ -270,16 +270,16 @@ impl Daemon {
                 );
             }
         }
-        match &self.runner {
-            Runner::Fixed(runner) => {
+        match (&self.runner, built) {
+            (Runner::Fixed(runner), _) => {
                 let runner = Runner::Fixed(Arc::clone(runner));
                 tokio::spawn(async move { done.send(Ok(Prepared { config, runner })).await });
             }
-            Runner::Real(_) if built.is_some() => {
-                let runner = built.map_or_else(|| self.runner.clone(), Runner::Real);
+            (Runner::Real(_), Some(built)) => {
+                let runner = Runner::Real(built);
                 tokio::spawn(async move { done.send(Ok(Prepared { config, runner })).await });
             }
-            Runner::Real(rotator) => {
+            (Runner::Real(rotator), None) => {
                 let (old, rotator) = (self.config.clone(), Arc::clone(rotator));
                 let (options, telemetry) = (self.options.clone(), Arc::clone(&self.telemetry));
                 tokio::spawn(async move {
