@@ -277,7 +277,7 @@ async fn run(path: PathBuf, concurrency: NonZeroUsize) -> anyhow::Result<serde_j
         bail!("{} has no [[connections]]", path.display());
     };
     // The daemon's own clients (IMS, STS cache, Flow), as `run` builds them.
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     let options = Options {
         mode: Mode::Once,
         dry_run: false,

@@ -141,6 +141,21 @@ pub(crate) async fn start_coordination(
 }
 
 impl Coordination {
+    /// Forwards every word of the elector to `tx` (the views' copy of the
+    /// role), until the elector ends.
+    pub(crate) fn publish_role_to(&self, tx: tokio::sync::watch::Sender<crate::coordination::Leadership>) {
+        let mut from = self.leadership.clone();
+        tokio::spawn(async move {
+            loop {
+                let current = from.borrow_and_update().clone();
+                tx.send_replace(current);
+                if from.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Hands the daemon its leadership and sink; starts the elector, the
     /// state writer and the standby's token check.
     pub(crate) fn attach(

@@ -86,6 +86,9 @@ pub enum JobResult {
         conflicts: u32,
         /// The connection's S3 parameters, if known.
         s3: Option<S3Target>,
+        /// `[rotation] verify`: whether Flow Service's connection test
+        /// passed (`None`: not asked, or it could not run).
+        verified: Option<bool>,
     },
     /// `--dry-run`: these would have been pushed.
     WouldRotate {
@@ -470,21 +473,23 @@ impl Rotation<'_> {
             {
                 Ok(new_etag) => {
                     progress.etag = new_etag.clone();
-                    if self.verify {
-                        self.verify(job, progress).await;
-                    }
+                    let verified = if self.verify {
+                        self.verify(job, progress).await
+                    } else {
+                        None
+                    };
                     return Ok(JobResult::Rotated {
                         access_key_id: credentials.access_key_id.clone(),
                         expires_at: credentials.expiration,
                         etag: new_etag,
                         conflicts: progress.conflicts,
                         s3: progress.s3.clone(),
+                        verified,
                     });
                 }
                 Err(FlowError::PreconditionFailed) => {
                     progress.conflicts += 1;
                     progress.etag = None;
-                    self.telemetry.etag_conflict(&job.id);
                     if progress.conflicts > MAX_CONFLICTS_PER_JOB {
                         return Err(RotationError::Conflicts(progress.conflicts));
                     }
@@ -660,8 +665,9 @@ impl Rotation<'_> {
     }
 
     /// `[rotation] verify`: asks Flow Service to test the new credentials
-    /// against S3 and logs the answer; never fails the rotation.
-    async fn verify(&self, job: &Job, progress: &mut Progress) {
+    /// against S3 and logs the answer; never fails the rotation. Answers
+    /// whether the test passed (`None`: it could not run).
+    async fn verify(&self, job: &Job, progress: &mut Progress) -> Option<bool> {
         let result = match self.token(progress).await {
             Ok(token) => self
                 .flow
@@ -670,16 +676,14 @@ impl Rotation<'_> {
                 .map_err(RotationError::from),
             Err(e) => Err(e),
         };
-        if let Ok(passed) = result {
-            self.telemetry.verification(&job.id, passed);
-        }
-        match result {
+        match &result {
             Ok(true) => tracing::info!("connection test passed"),
             Ok(false) => tracing::warn!(
                 "connection test failed: Flow Service cannot reach S3 with the new credentials; check the role's S3 permissions"
             ),
             Err(error) => tracing::warn!(error = %error, "connection test could not run"),
         }
+        result.ok()
     }
 }
 
@@ -885,7 +889,7 @@ mod tests {
                     checks: AtomicU64::new(0),
                 },
                 fence: None,
-                telemetry: Telemetry::new(Duration::from_secs(1200)),
+                telemetry: Telemetry::new(),
                 verify: false,
             }
         }
@@ -1050,15 +1054,18 @@ mod tests {
             .push_back(Ok(Some("\"e2\"".to_owned())));
         world.flow.tests.lock().unwrap().push_back(Ok(false));
         let result = world.run(&job()).await;
-        assert!(matches!(result, JobResult::Rotated { .. }), "{result:?}");
-        assert_eq!(world.flow.calls(), ["get", "patch:\"e1\":token-1", "test"]);
-        let metrics = world.telemetry.render_metrics(crate::clock::wall_now());
+        // Counted by the connection, from the result.
         assert!(
-            metrics
-                .lines()
-                .any(|l| l.contains("verif") && l.contains("fail") && l.ends_with(" 1")),
-            "{metrics}"
+            matches!(
+                result,
+                JobResult::Rotated {
+                    verified: Some(false),
+                    ..
+                }
+            ),
+            "{result:?}"
         );
+        assert_eq!(world.flow.calls(), ["get", "patch:\"e1\":token-1", "test"]);
     }
 
     #[tokio::test(start_paused = true)]

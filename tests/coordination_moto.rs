@@ -729,7 +729,7 @@ async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
     let mut replicas: Vec<Replica> = Vec::new();
     for name in ["replica-a", "replica-b"] {
         let store: Arc<dyn Store> = Arc::new(store(&moto, admin.table()).await);
-        let telemetry = Arc::new(Telemetry::new(Duration::from_secs(20 * 60)));
+        let telemetry = Arc::new(Telemetry::new());
         let (elector, rx, fence) = Elector::new(
             Arc::clone(&store),
             name.to_owned(),

@@ -58,7 +58,7 @@ pub(crate) async fn check(config: Config, path: &Path) -> Exit {
         Some(Err(message)) => lines.fail("coordination", &message),
         None => {}
     }
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     let options = Options {
         mode: Mode::Once,
         dry_run: true,

@@ -303,7 +303,7 @@ pub async fn run(config: &Config, args: &CreateArgs) -> Exit {
             return Exit::Config;
         }
     };
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     let options = Options {
         mode: Mode::Once,
         dry_run: args.dry_run,

@@ -111,7 +111,7 @@ pub async fn run(args: DemoArgs) -> Exit {
         },
         fence: None,
     };
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     let daemon = match Daemon::new(config, options, telemetry, Notifier::default()).await {
         Ok(daemon) => daemon,
         Err(error) => {
@@ -131,7 +131,7 @@ pub async fn run(args: DemoArgs) -> Exit {
     let violations = simulator.violations();
     simulator.stop();
     print!("{}", summary(&report, &stats, &violations));
-    let all_rotated = report.connections.iter().all(|c| c.rotations > 0);
+    let all_rotated = report.connections.iter().all(|c| c.counters.successes > 0);
     if violations.is_empty() && all_rotated {
         Exit::Ok
     } else {
@@ -204,9 +204,9 @@ fn summary(report: &Report, stats: &SimStats, violations: &[String]) -> String {
             "{:<12} {:<8} {:>9} {:>9} {:>8}  {:<20} {:>10}\n",
             c.name,
             c.sandbox,
-            c.rotations,
-            c.conflicts,
-            c.failures,
+            c.counters.successes,
+            c.counters.etag_conflicts,
+            c.counters.failures,
             c.access_key_id.as_deref().unwrap_or("-"),
             expires_in
         ));

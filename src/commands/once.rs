@@ -17,7 +17,7 @@ use crate::remote::sts::SourceIdentity;
 use crate::scheduler::{Daemon, Mode, Options, Report};
 
 pub(crate) async fn once(config: Config, args: OnceArgs) -> Exit {
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     let mut options = Options {
         mode: Mode::Once,
         dry_run: args.dry_run,

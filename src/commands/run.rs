@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{log_config_error, start_coordination};
@@ -15,7 +15,9 @@ use crate::config::Config;
 use crate::discovery::{self, FlowLister, Membership};
 use crate::exit::Exit;
 use crate::observe::notify::Notifier;
+use crate::observe::status::snapshot_channel;
 use crate::observe::telemetry::Telemetry;
+use crate::observe::views::Views;
 use crate::remote::sts::SourceIdentity;
 use crate::scheduler::{Daemon, Intake, Mode, Options, Reload, build_rotator};
 
@@ -132,7 +134,19 @@ fn watch_files(
 }
 
 pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
+    // What the views read: the scheduler's snapshots, and with
+    // `[coordination]` the role ("starting" until the elector says more).
+    let (snapshots_tx, snapshots) = snapshot_channel(config.rotation.refresh_before);
+    let role = config
+        .coordination
+        .as_ref()
+        .map(|_| watch::channel(crate::coordination::Leadership::starting()));
+    let views = Views {
+        telemetry: Arc::clone(&telemetry),
+        snapshots,
+        leadership: role.as_ref().map(|(_, rx)| rx.clone()),
+    };
     let cancel = CancellationToken::new();
     let reloads = match reload_channel(path, config.adobe.client_secret_file.as_deref(), &cancel) {
         Ok(rx) => rx,
@@ -148,7 +162,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
                 // address actually bound (the one that matters for port 0).
                 tokio::spawn(crate::observe::admin::serve(
                     listener,
-                    Arc::clone(&telemetry),
+                    views,
                     cancel.clone(),
                     crate::observe::admin::reserved_descriptors(&config),
                 ));
@@ -176,6 +190,9 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         None => None,
     };
     options.fence = coordination.as_ref().map(|c| c.fence.clone());
+    if let (Some(started), Some((role_tx, _))) = (&coordination, role) {
+        started.publish_role_to(role_tx);
+    }
     let rotator = match build_rotator(&config, &options, &telemetry, None).await {
         Ok(rotator) => Arc::new(rotator),
         Err(error) => {
@@ -224,6 +241,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         Notifier::from_env(),
         Arc::clone(&rotator),
     );
+    daemon.publish_to(snapshots_tx);
     daemon.hold_until_listed(intake);
     let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     let result = daemon.run(cancel, daemon_reloads).await;

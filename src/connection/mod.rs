@@ -10,16 +10,21 @@
 //! unit test below with injected time. (It does log: the messages operators
 //! rely on are part of the behaviour.)
 //!
-//! Every other view of a connection (telemetry and `/status`, `/readyz`, the
-//! state file, the `once` report) is derived from this one state by
-//! [`Connection::status`], [`Connection::persisted`] and its counts (the report).
+//! The connection owns its numbers too (rotations, failures, 412s,
+//! verifications: [`Counters`], counted from its jobs' results). Every other
+//! view of it (`/status`, `/readyz`, `/metrics`, `STATUS=`, the state file,
+//! the `once` report) is derived from one outward struct,
+//! [`ConnectionStatus`], which [`Connection::view`] holds, rebuilt by
+//! [`Connection::refresh_view`] after each change and published by the
+//! scheduler in its snapshots.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::{later, rfc3339, round_ms, until};
 use crate::config::{ConnectionConfig, RotationConfig};
 use crate::coordination::local::PersistedConnection;
-use crate::observe::telemetry::{ConnectionStatus, Outcome};
+use crate::observe::status::{ConnectionStatus, Counters, Outcome};
 use crate::policy::backoff::BackoffPolicy;
 use crate::policy::schedule::{self, Escalation, RetryKind};
 use crate::remote::sts::StsRequest;
@@ -143,17 +148,6 @@ pub enum Action {
     Drop,
 }
 
-/// Totals for this run, for the `once` and `demo` reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
-    /// Successful rotations.
-    pub rotations: u64,
-    /// 412s absorbed.
-    pub conflicts: u64,
-    /// Failed attempts.
-    pub failures: u64,
-}
-
 /// A settings change that waits for the in-flight job.
 #[derive(Debug)]
 struct PendingChange {
@@ -185,7 +179,7 @@ pub struct Connection {
     s3: Option<crate::remote::s3probe::S3Target>,
     last_escalation_log: Option<(Escalation, SystemTime)>,
     last_short_warning: Option<SystemTime>,
-    counts: Counts,
+    counters: Counters,
     last_error: Option<String>,
     /// The span of the job in flight ([`Self::job_span`]): its result is
     /// logged in the same span instead of a second one per rotation.
@@ -197,12 +191,14 @@ pub struct Connection {
     /// The last etag a list page showed, and when: a shared record written
     /// before then with another etag is stale ([`Self::adopt`]).
     listed_etag: Option<(String, SystemTime)>,
+    /// The outward view as of the last [`Self::refresh_view`].
+    view: Arc<ConnectionStatus>,
 }
 
 impl Connection {
     /// A connection nothing is known about: due at once.
     pub fn new(config: ConnectionConfig, sts: StsRequest, now: SystemTime) -> Self {
-        Self {
+        let mut connection = Self {
             config,
             sts,
             phase: Phase::Waiting(now),
@@ -220,9 +216,12 @@ impl Connection {
             job_span: None,
             restored_expiry: None,
             listed_etag: None,
-            counts: Counts::default(),
+            counters: Counters::default(),
             last_error: None,
-        }
+            view: Arc::default(),
+        };
+        connection.refresh_view();
+        connection
     }
 
     /// Its settings.
@@ -270,9 +269,9 @@ impl Connection {
         self.etag.as_deref()
     }
 
-    /// Totals for this run.
-    pub fn counts(&self) -> Counts {
-        self.counts
+    /// Its numbers since this process started.
+    pub fn counters(&self) -> Counters {
+        self.counters
     }
 
     /// The last error, if the last attempt failed.
@@ -451,14 +450,20 @@ impl Connection {
                 expires_at,
                 etag,
                 conflicts,
+                verified,
                 ..
             } => {
                 self.etag = etag;
                 self.failures_in_a_row = 0;
                 self.last_success = Some(now);
                 self.last_error = None;
-                self.counts.rotations += 1;
-                self.counts.conflicts += u64::from(conflicts);
+                self.counters.successes += 1;
+                self.counters.etag_conflicts += u64::from(conflicts);
+                match verified {
+                    Some(true) => self.counters.verifications_passed += 1,
+                    Some(false) => self.counters.verifications_failed += 1,
+                    None => {}
+                }
                 let next = self.next_rotation(now, expires_at, policy, draw);
                 tracing::info!(
                     access_key_id = %access_key_id,
@@ -549,8 +554,8 @@ impl Connection {
         // The job's view of the etag wins: `None` after a refused or
         // malformed etag, so a bad one is never reused.
         self.etag = etag;
-        self.counts.conflicts += u64::from(conflicts);
-        self.counts.failures += 1;
+        self.counters.etag_conflicts += u64::from(conflicts);
+        self.counters.failures += 1;
         self.last_error = Some(error.to_string());
         let attempt = self.failures_in_a_row;
         self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
@@ -620,30 +625,49 @@ impl Connection {
         next.at
     }
 
-    /// The view operators see (telemetry, `/status`, `/readyz`).
+    /// The outward view as of the last [`Self::refresh_view`] (what the
+    /// scheduler publishes).
+    pub fn view(&self) -> &Arc<ConnectionStatus> {
+        &self.view
+    }
+
+    /// Rebuilds [`Self::view`] from the state: in place when no snapshot
+    /// holds the previous one (its strings reused), else as a new `Arc`.
+    pub fn refresh_view(&mut self) {
+        // A shared placeholder while the view is out: no allocation.
+        static PLACEHOLDER: std::sync::LazyLock<Arc<ConnectionStatus>> =
+            std::sync::LazyLock::new(Arc::default);
+        let mut view = std::mem::replace(&mut self.view, Arc::clone(&PLACEHOLDER));
+        self.fill(Arc::make_mut(&mut view));
+        self.view = view;
+    }
+
+    /// The view as of now (what [`Self::refresh_view`] would publish).
     pub fn status(&self) -> ConnectionStatus {
         let mut status = ConnectionStatus::default();
-        self.write_status(&mut status);
+        self.fill(&mut status);
         status
     }
 
-    /// [`Self::status`] written over `status`, reusing its strings.
-    pub fn write_status(&self, status: &mut ConnectionStatus) {
-        status.id.clone_from(&self.config.id);
-        status.name.clone_from(&self.config.name);
-        status.sandbox.clone_from(&self.config.sandbox);
-        match (&mut status.access_key_id, &self.pushed) {
+    /// Writes the view over `view`, reusing its strings.
+    fn fill(&self, view: &mut ConnectionStatus) {
+        view.id.clone_from(&self.config.id);
+        view.name.clone_from(&self.config.name);
+        view.sandbox.clone_from(&self.config.sandbox);
+        match (&mut view.access_key_id, &self.pushed) {
             (Some(held), Some(pushed)) => held.clone_from(&pushed.access_key_id),
             (slot, pushed) => *slot = pushed.as_ref().map(|p| p.access_key_id.clone()),
         }
-        status.expires_at = self.pushed.as_ref().map(|p| p.expires_at);
-        status.next_rotation_at = match self.phase {
+        view.expires_at = self.pushed.as_ref().map(|p| p.expires_at);
+        view.next_rotation_at = match self.phase {
             Phase::Waiting(at) => Some(at),
             Phase::InFlight | Phase::Finished => None,
         };
-        status.last_success_at = self.last_success;
-        status.last_error.clone_from(&self.last_error);
-        status.origin = self.config.origin;
+        view.last_success_at = self.last_success;
+        view.last_error.clone_from(&self.last_error);
+        view.origin = self.config.origin;
+        view.counters = self.counters;
+        view.etag.clone_from(&self.etag);
     }
 
     /// What the state file keeps (nothing until this daemon pushed and knows the etag).

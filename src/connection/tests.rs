@@ -69,6 +69,7 @@ fn rotated(key: &str, expires_at: SystemTime) -> JobResult {
         etag: Some("\"e2\"".to_owned()),
         conflicts: 0,
         s3: None,
+        verified: None,
     }
 }
 
@@ -316,7 +317,7 @@ fn standing_down_is_no_failure_and_forgets_a_refused_etag() {
     );
     let at = wait_of(c.apply(Event::JobDone(result), t(1), &policy(), 0.5));
     assert_eq!(at, t(1), "due again for whoever leads next");
-    assert_eq!(c.counts().failures, 0);
+    assert_eq!(c.counters().failures, 0);
     assert_eq!(c.last_error(), None);
     assert_eq!(c.etag(), None, "after a 412 the next leader re-reads");
 }
@@ -360,7 +361,7 @@ fn success_schedules_from_the_sts_expiry() {
     assert_eq!(at, t(2400), "expiry − refresh_before");
     assert_eq!(c.pushed().unwrap().access_key_id, "ASIA1");
     assert_eq!(c.etag(), Some("\"e2\""));
-    assert_eq!(c.counts().rotations, 1);
+    assert_eq!(c.counters().successes, 1);
     // The next job skips the GET and names the key it replaces.
     let job = dispatch(&mut c, t(2400));
     assert_eq!(job.known_etag.as_deref(), Some("\"e2\""));
@@ -404,7 +405,7 @@ fn transient_failures_back_off_exponentially_within_retry_max() {
         now = at;
     }
     assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 120, 120, 120]);
-    assert_eq!(c.counts().failures, 10);
+    assert_eq!(c.counters().failures, 10);
     assert!(c.last_error().unwrap().contains("502"));
 }
 
@@ -668,7 +669,7 @@ fn shutdown_finishes_idle_connections_and_waits_for_jobs() {
         Action::Finished
     ));
     assert_eq!(
-        busy.counts().failures,
+        busy.counters().failures,
         0,
         "a cancelled job is not a failure"
     );

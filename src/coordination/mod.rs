@@ -255,7 +255,6 @@ impl Elector {
     ) -> (Self, watch::Receiver<Leadership>, Fence) {
         let (tx, rx) = watch::channel(Leadership::starting());
         let fence = Fence::new();
-        telemetry.set_leadership(&Leadership::starting());
         let elector = Self {
             store,
             me,
@@ -301,7 +300,6 @@ impl Elector {
 
     fn publish(&self, edit: impl FnOnce(&mut Leadership)) {
         self.tx.send_modify(edit);
-        self.telemetry.set_leadership(&self.tx.borrow());
     }
 
     /// The leader's right to write ends `renew_every` before the lease

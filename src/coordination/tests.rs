@@ -137,7 +137,7 @@ struct Replica {
 
 fn replica(table: &Arc<Table>, name: &str) -> Replica {
     let view = View::new(table);
-    let telemetry = Arc::new(Telemetry::new(Duration::from_secs(1200)));
+    let telemetry = Arc::new(Telemetry::new());
     let (elector, rx, fence) = Elector::new(
         Arc::clone(&view) as Arc<dyn Store>,
         name.to_owned(),

@@ -1,8 +1,9 @@
 //! Admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`, `/status`) and the
 //! client behind `aep-s3-rotator status`.
 //!
-//! Every handler reads the [`Telemetry`] board under its lock for a copy and
-//! answers from that copy; nothing here can slow the scheduler down.
+//! Every handler answers from the scheduler's latest snapshot (an `Arc`
+//! taken from a `watch`), never from a lock the scheduler holds: nothing
+//! here can slow the scheduler down.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -18,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::observe::telemetry::{
-    ConnectionState, ConnectionStatus, METRICS_CONTENT_TYPE, NotReady, Telemetry, compact_duration,
-};
+use crate::observe::metrics::{METRICS_CONTENT_TYPE, Metrics};
+use crate::observe::status::{ConnectionState, ConnectionStatus, NotReady, compact_duration};
+use crate::observe::views::Views;
 
 /// How long `status` waits for the daemon: it answers from memory, so
 /// anything slower than this means it is wedged or unreachable.
@@ -107,14 +108,23 @@ pub const ROLE_HEADER: &str = "x-aep-s3-rotator-role";
 /// See [`ROLE_HEADER`].
 pub const LEADER_HEADER: &str = "x-aep-s3-rotator-leader";
 
-/// The admin routes over `telemetry`, without a listener (for embedding and tests).
-pub fn router(telemetry: Arc<Telemetry>) -> Router {
+/// What the handlers read: the views, and the metrics registry over them
+/// (built once).
+#[derive(Debug, Clone)]
+struct Admin {
+    views: Views,
+    metrics: Arc<Metrics>,
+}
+
+/// The admin routes over `views`, without a listener (for embedding and tests).
+pub fn router(views: Views) -> Router {
+    let metrics = Arc::new(Metrics::new(views.clone()));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_handler))
         .route("/status", get(status))
-        .with_state(telemetry)
+        .with_state(Admin { views, metrics })
 }
 
 /// Serves `/healthz`, `/readyz`, `/metrics`, `/status` until `cancel`.
@@ -126,7 +136,7 @@ pub fn router(telemetry: Arc<Telemetry>) -> Router {
 /// ([`reserved_descriptors`]).
 pub async fn serve(
     listener: TcpListener,
-    telemetry: Arc<Telemetry>,
+    views: Views,
     cancel: CancellationToken,
     reserved: u64,
 ) -> std::io::Result<()> {
@@ -135,17 +145,17 @@ pub async fn serve(
     }
     let cap = connection_cap(open_file_limit(), reserved);
     tracing::debug!(max_connections = cap, "admin endpoint connection cap");
-    serve_bounded(listener, telemetry, cancel, cap).await
+    serve_bounded(listener, views, cancel, cap).await
 }
 
 /// [`serve`] with an explicit connection cap.
 async fn serve_bounded(
     listener: TcpListener,
-    telemetry: Arc<Telemetry>,
+    views: Views,
     cancel: CancellationToken,
     cap: usize,
 ) -> std::io::Result<()> {
-    axum::serve(BoundedListener::new(listener, cap), router(telemetry))
+    axum::serve(BoundedListener::new(listener, cap), router(views))
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
 }
@@ -464,9 +474,9 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> Response {
+async fn readyz(State(admin): State<Admin>) -> Response {
     use crate::coordination::Role;
-    let role = telemetry.role();
+    let role = admin.views.role();
     let mut body = Readiness {
         ready: false,
         not_ready: Vec::new(),
@@ -483,7 +493,7 @@ async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> Response {
         Some(view) if view.role == Role::Starting => {
             body.reason = Some("the coordination lease has not been read yet".to_owned());
         }
-        _ => match telemetry.readiness(crate::clock::wall_now()) {
+        _ => match admin.views.snapshot().readiness(crate::clock::wall_now()) {
             Ok(()) => body.ready = true,
             Err(not_ready) => body.not_ready = not_ready,
         },
@@ -496,24 +506,24 @@ async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> Response {
+async fn metrics_handler(State(admin): State<Admin>) -> Response {
     (
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
-        telemetry.render_metrics(crate::clock::wall_now()),
+        admin.metrics.render(),
     )
         .into_response()
 }
 
-async fn status(State(telemetry): State<Arc<Telemetry>>) -> Response {
+async fn status(State(admin): State<Admin>) -> Response {
     let now = crate::clock::wall_now();
-    let refresh_before = telemetry.refresh_before();
-    let entries: Vec<StatusEntry> = telemetry
-        .snapshot()
-        .iter()
-        .map(|s| StatusEntry::from_status(s, now, refresh_before))
+    let snapshot = admin.views.snapshot();
+    let entries: Vec<StatusEntry> = snapshot
+        .by_id()
+        .into_iter()
+        .map(|s| StatusEntry::from_status(s, now, snapshot.refresh_before))
         .collect();
     let mut response = Json(entries).into_response();
-    if let Some(view) = telemetry.role() {
+    if let Some(view) = admin.views.role() {
         let headers = response.headers_mut();
         headers.insert(
             ROLE_HEADER,
@@ -728,15 +738,16 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::telemetry::{Outcome, Service};
+    use crate::observe::telemetry::Service;
     use std::time::UNIX_EPOCH;
 
     const REFRESH: Duration = Duration::from_secs(20 * 60);
 
-    fn board() -> Arc<Telemetry> {
+    /// Views over two connections (one fresh, one expired) and one request.
+    fn board() -> Views {
         let now = crate::clock::wall_now();
-        let telemetry = Arc::new(Telemetry::new(REFRESH));
-        telemetry.upsert(ConnectionStatus {
+        let telemetry = Arc::new(crate::observe::telemetry::Telemetry::new());
+        let mut fresh = ConnectionStatus {
             id: "id-fresh".into(),
             name: "sales-bucket".into(),
             sandbox: "prod".into(),
@@ -746,8 +757,10 @@ mod tests {
             last_success_at: Some(now - Duration::from_secs(60)),
             last_error: None,
             origin: crate::config::Origin::Explicit,
-        });
-        telemetry.upsert(ConnectionStatus {
+            ..ConnectionStatus::default()
+        };
+        fresh.counters.successes = 1;
+        let mut expired = ConnectionStatus {
             id: "id-expired".into(),
             name: "old-bucket".into(),
             sandbox: "dev".into(),
@@ -757,15 +770,32 @@ mod tests {
             last_success_at: None,
             last_error: Some("403 Forbidden: no access".into()),
             origin: crate::config::Origin::Explicit,
-        });
-        telemetry.rotation("id-fresh", Outcome::Success);
-        telemetry.rotation("id-expired", Outcome::Failure);
+            ..ConnectionStatus::default()
+        };
+        expired.counters.failures = 1;
         telemetry.request(Service::Flow, "403");
-        telemetry
+        views(telemetry, vec![fresh, expired])
+    }
+
+    /// Views over `connections` (no coordination).
+    fn views(
+        telemetry: Arc<crate::observe::telemetry::Telemetry>,
+        connections: Vec<ConnectionStatus>,
+    ) -> Views {
+        let (publish, snapshots) = crate::observe::status::snapshot_channel(REFRESH);
+        publish.send_replace(Arc::new(crate::observe::status::Snapshot {
+            connections: connections.into_iter().map(Arc::new).collect(),
+            refresh_before: REFRESH,
+        }));
+        Views {
+            telemetry,
+            snapshots,
+            leadership: None,
+        }
     }
 
     async fn start(
-        telemetry: Arc<Telemetry>,
+        views: Views,
     ) -> (
         SocketAddr,
         CancellationToken,
@@ -776,7 +806,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(serve(
             listener,
-            telemetry,
+            views,
             cancel.clone(),
             BASE_RESERVED_DESCRIPTORS,
         ));
@@ -877,8 +907,8 @@ mod tests {
 
     #[tokio::test]
     async fn ready_when_every_connection_is_valid_or_none() {
-        let telemetry = Arc::new(Telemetry::new(REFRESH));
-        let (addr, cancel, handle) = start(Arc::clone(&telemetry)).await;
+        let telemetry = Arc::new(crate::observe::telemetry::Telemetry::new());
+        let (addr, cancel, handle) = start(views(telemetry, Vec::new())).await;
         let url = format!("http://{addr}/readyz");
         let r = reqwest::get(&url).await.unwrap();
         assert_eq!(r.status(), 200);
@@ -903,10 +933,11 @@ mod tests {
     async fn a_healthy_standby_is_ready_and_says_whose_lease_it_is() {
         use crate::coordination::{Leadership, Role};
         // board() holds an expired connection: a leader would not be ready.
-        let telemetry = board();
+        let mut views = board();
         let mut leadership = Leadership::starting();
-        telemetry.set_leadership(&leadership);
-        let (addr, cancel, handle) = start(Arc::clone(&telemetry)).await;
+        let (elector, receiver) = tokio::sync::watch::channel(leadership.clone());
+        views.leadership = Some(receiver);
+        let (addr, cancel, handle) = start(views).await;
         let readyz = || async {
             let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
             (r.status().as_u16(), r.json::<Readiness>().await.unwrap())
@@ -916,7 +947,7 @@ mod tests {
 
         leadership.role = Role::Standby;
         leadership.leader = Some("replica-1".into());
-        telemetry.set_leadership(&leadership);
+        elector.send_replace(leadership.clone());
         let (code, body) = readyz().await;
         assert_eq!(code, 200, "{body:?}");
         assert_eq!(body.role.as_deref(), Some("standby"));
@@ -932,7 +963,7 @@ mod tests {
 
         // A standby that cannot reach the table could not take over.
         leadership.trouble = Some("DynamoDB unavailable: timed out".into());
-        telemetry.set_leadership(&leadership);
+        elector.send_replace(leadership.clone());
         let (code, body) = readyz().await;
         assert_eq!(code, 503);
         assert!(body.reason.unwrap().contains("timed out"));
@@ -940,7 +971,7 @@ mod tests {
         // The leader is ready by its connections, like a single instance.
         leadership.role = Role::Leader;
         leadership.trouble = None;
-        telemetry.set_leadership(&leadership);
+        elector.send_replace(leadership.clone());
         let (code, body) = readyz().await;
         assert_eq!((code, body.role.as_deref()), (503, Some("leader")));
         assert!(!body.not_ready.is_empty());

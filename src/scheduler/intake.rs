@@ -87,7 +87,7 @@ impl Daemon {
     }
 
     /// Starts with every connection known so far (the explicit ones)
-    /// **held**: in `/status`, telemetry and restored from the state file
+    /// **held**: in `/status`, the metrics and restored from the state file
     /// as usual, but not dispatched until `intake` seeds its etag with an
     /// [`Intake::Found`] or says [`Intake::Done`] (a closed channel counts
     /// as `Done`: nothing is held forever). Connections a `Found` adds

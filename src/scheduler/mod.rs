@@ -5,7 +5,9 @@
 //! dispatch limit at once), and feeds every job's result back to
 //! [`Connection::apply`], which decides the next step. The rules live there;
 //! this module only moves events and actions between the connections, the
-//! job set, the clock and the observers (telemetry, systemd, the state file).
+//! job set and the clock, and publishes what changed: a snapshot of the
+//! connections' views after each loop turn that changed any (`publish`:
+//! every view reads it, and the state file is written from it off the loop).
 //!
 //! - The deadline branch is armed only when a dispatch can happen, so a
 //!   backlog larger than the dispatch limit does not spin the loop.
@@ -23,8 +25,8 @@
 //! `intake` (the start's listing: held connections, connections found page
 //! by page), `reload` (the clients, and a reload as a diff), `replicas`
 //! (`[coordination]`: leadership, adoption, the shared table) and
-//! `observe` (readiness, `STATUS=`, the watchdog, the state file, the
-//! report).
+//! `observe` (readiness, `STATUS=`, the watchdog, the report) and
+//! `publish` (the snapshots, the state file's writer).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -42,6 +44,7 @@ use crate::connection::{self, Action, Connection, Event, Phase, Policy};
 use crate::coordination::local::{StateSnapshot, StateStore};
 use crate::coordination::{Leadership, StateSink};
 use crate::observe::notify::Notifier;
+use crate::observe::status::Snapshot;
 use crate::observe::telemetry::Telemetry;
 use crate::policy::schedule::EXPIRY_MARGIN;
 use crate::remote::shaping;
@@ -50,12 +53,14 @@ use crate::rotation::{Job, JobResult, JobRunner, RotationError, Rotator};
 
 mod intake;
 mod observe;
+mod publish;
 mod reload;
 mod replicas;
 
 pub use intake::{Intake, MAX_HOLD};
 use intake::{Listed, next_intake};
-pub use observe::{ConnectionReport, Report};
+pub use observe::Report;
+use publish::Publisher;
 use reload::{Prepared, Runner};
 pub use reload::{Reload, build_rotator};
 use replicas::leadership_changed;
@@ -174,8 +179,10 @@ pub struct Daemon {
     /// Dropped jobs are cancelled before their PATCH when shutdown starts.
     job_cancel: CancellationToken,
     ready_sent: bool,
-    state_dirty: bool,
-    last_state_write: Option<tokio::time::Instant>,
+    /// The snapshots every view reads.
+    publisher: Publisher,
+    /// What the state file held at the start.
+    loaded: StateSnapshot,
     last_status: Option<tokio::time::Instant>,
     /// Work dispatched or completed since the last watchdog ping.
     progressed: bool,
@@ -296,8 +303,8 @@ impl Daemon {
             tasks: HashMap::new(),
             job_cancel: CancellationToken::new(),
             ready_sent: false,
-            state_dirty: false,
-            last_state_write: None,
+            publisher: Publisher::new(watch::channel(Arc::new(Snapshot::default())).0),
+            loaded: StateSnapshot::default(),
             last_status: None,
             progressed: false,
             turns: 0,
@@ -323,10 +330,17 @@ impl Daemon {
             daemon.connections.insert(id.clone(), Box::new(connection));
             daemon.follow(&id, Action::WaitUntil(now));
         }
-        let mut unclaimed = persisted.connections;
+        let mut unclaimed = persisted.connections.clone();
         unclaimed.retain(|id, _| !daemon.connections.contains_key(id));
         daemon.unclaimed = unclaimed;
+        daemon.loaded = persisted;
         daemon
+    }
+
+    /// Publishes the snapshots on `tx` (the views hold its receivers);
+    /// without this they go nowhere.
+    pub fn publish_to(&mut self, tx: watch::Sender<Arc<Snapshot>>) {
+        self.publisher = Publisher::new(tx);
     }
 
     /// The connections of `config` this run is about (`once --connection`).
@@ -370,6 +384,15 @@ impl Daemon {
         watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (prepared_tx, mut prepared) = mpsc::channel::<anyhow::Result<Prepared>>(4);
         let mut reloads_open = true;
+        let stop_writing = CancellationToken::new();
+        let state_writer = self.state.clone().map(|store| {
+            tokio::spawn(publish::write_state_file(
+                store,
+                self.publisher.subscribe(),
+                std::mem::take(&mut self.loaded),
+                stop_writing.clone(),
+            ))
+        });
         if self.intake.is_none() {
             // Without a streamed start nothing claims these records.
             self.unclaimed = std::collections::BTreeMap::new();
@@ -387,6 +410,7 @@ impl Daemon {
                 break;
             }
             self.after_progress();
+            self.publish(false);
             // Armed only when a dispatch could happen: with every slot busy,
             // an overdue deadline would otherwise fire on every turn.
             let next_due = if self.leading && self.jobs.len() < self.dispatch_limit() {
@@ -394,7 +418,7 @@ impl Daemon {
             } else {
                 None
             };
-            let next_state_write = self.next_state_write();
+            let next_publish = self.publisher.due();
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -412,18 +436,29 @@ impl Daemon {
                     None => reloads_open = false,
                 },
                 () = tokio::time::sleep_until(self.clock.instant_at(next_due.unwrap_or(SystemTime::UNIX_EPOCH))), if next_due.is_some() => {}
-                () = tokio::time::sleep_until(next_state_write.unwrap_or_else(crate::clock::mono_now)), if next_state_write.is_some() => {
-                    self.write_state().await;
-                }
+                () = tokio::time::sleep_until(next_publish.unwrap_or_else(crate::clock::mono_now)), if next_publish.is_some() => {}
                 _ = watchdog_tick.tick(), if watchdog.is_some() => self.watchdog(),
             }
         }
         if cancel.is_cancelled() {
             self.shutdown().await;
-        } else {
-            self.write_state().await;
+        }
+        self.publish(true);
+        stop_writing.cancel();
+        if let Some(writer) = state_writer {
+            // Its last write is of the final snapshot.
+            let _ = writer.await;
         }
         Ok(self.report())
+    }
+
+    /// Publishes the connections' views if a snapshot is due (or `force`).
+    fn publish(&mut self, force: bool) {
+        self.publisher.publish(
+            force,
+            self.connections.values().map(|c| c.view()),
+            self.config.rotation.refresh_before,
+        );
     }
 
     /// Jobs in flight at most. Jobs beyond `concurrency` only wait in the
@@ -486,9 +521,7 @@ impl Daemon {
             _ => None,
         };
         let action = connection.apply(event, now, &self.policy, rand::random());
-        if let Some(outcome) = outcome {
-            self.telemetry.rotation(id, outcome);
-            self.state_dirty = true;
+        if outcome.is_some() {
             self.share(id);
         }
         self.follow(id, action);
@@ -504,15 +537,14 @@ impl Daemon {
             Action::AwaitJob | Action::Finished => {}
             Action::Drop => {
                 self.connections.remove(id);
-                self.telemetry.remove(id);
-                self.state_dirty = true;
+                self.publisher.changed();
                 self.share(id);
                 return;
             }
         }
-        if let Some(connection) = self.connections.get(id) {
-            self.telemetry
-                .sync(id, |status| connection.write_status(status));
+        if let Some(connection) = self.connections.get_mut(id) {
+            connection.refresh_view();
+            self.publisher.changed();
         }
     }
 
@@ -600,8 +632,6 @@ impl Daemon {
             tracing::warn!(abandoned = self.jobs.len(), grace = %humantime::format_duration(grace), "requests still in flight after the grace period, abandoning them");
             self.jobs.abort_all();
         }
-        self.state_dirty = true;
-        self.write_state().await;
     }
 }
 

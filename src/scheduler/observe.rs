@@ -1,17 +1,12 @@
-//! What the scheduler shows of the connections' state: systemd readiness,
-//! `STATUS=` and watchdog pings, the state file, the final report. Each is
-//! read from the connections when it is due, never kept as a copy.
+//! What the scheduler tells systemd (readiness, `STATUS=`, watchdog pings)
+//! and the final report of a run. Each is read from the connections' views
+//! when it is due, never kept as a copy.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::Daemon;
 use crate::coordination::Role;
-use crate::coordination::local::StateSnapshot;
-
-/// How often the state file is written at most: every rotation marks it
-/// dirty, and a burst of rotations (the first pass over 10,000 connections)
-/// costs one write per second, not one per connection.
-const STATE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
+use crate::observe::status::{ConnectionStatus, Summary};
 
 /// How often the systemd `STATUS=` line is refreshed at most.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -22,34 +17,11 @@ const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// times for none.
 const SPIN_TURNS: u64 = 10_000;
 
-/// The final word on one connection, for `once` and `demo` reports.
-#[derive(Debug, Clone)]
-pub struct ConnectionReport {
-    /// Connection id.
-    pub id: String,
-    /// Label.
-    pub name: String,
-    /// Sandbox.
-    pub sandbox: String,
-    /// Successful rotations during this run.
-    pub rotations: u64,
-    /// 412s absorbed during this run.
-    pub conflicts: u64,
-    /// Failed attempts during this run.
-    pub failures: u64,
-    /// Access key id on the connection, if pushed by this daemon.
-    pub access_key_id: Option<String>,
-    /// Their expiry.
-    pub expires_at: Option<SystemTime>,
-    /// The last error, if the last attempt failed.
-    pub last_error: Option<String>,
-}
-
 /// What a finished run reports.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     /// One entry per connection, in config order.
-    pub connections: Vec<ConnectionReport>,
+    pub connections: Vec<ConnectionStatus>,
     /// Turns of the scheduler loop (for the benchmark: turns per rotation).
     pub loop_turns: u64,
 }
@@ -130,7 +102,11 @@ impl Daemon {
             return line;
         }
         let now = self.clock.now();
-        let summary = self.telemetry.summary(now);
+        let summary = Summary::of(
+            self.connections.values().map(|c| c.view().as_ref()),
+            self.config.rotation.refresh_before,
+            now,
+        );
         let next = summary
             .next_rotation_at
             .map(|at| {
@@ -158,61 +134,13 @@ impl Daemon {
         line + &next
     }
 
-    pub(super) fn next_state_write(&self) -> Option<tokio::time::Instant> {
-        if !self.state_dirty || self.state.is_none() {
-            return None;
-        }
-        Some(
-            self.last_state_write
-                .map_or_else(crate::clock::mono_now, |at| at + STATE_WRITE_INTERVAL),
-        )
-    }
-
-    pub(super) async fn write_state(&mut self) {
-        let Some(store) = self.state.clone() else {
-            return;
-        };
-        if !self.state_dirty {
-            return;
-        }
-        self.state_dirty = false;
-        self.last_state_write = Some(crate::clock::mono_now());
-        let snapshot = StateSnapshot {
-            connections: self
-                .connections
-                .iter()
-                .filter_map(|(id, c)| Some((id.clone(), c.persisted()?)))
-                .collect(),
-        };
-        let error = match tokio::task::spawn_blocking(move || store.save(&snapshot)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => error.to_string(),
-            Err(error) => error.to_string(),
-        };
-        tracing::warn!(error = %error, "state file not written; will retry");
-        self.state_dirty = true;
-    }
-
     pub(super) fn report(&self) -> Report {
         let connections = self
             .config
             .connections
             .iter()
             .filter_map(|c| self.connections.get(&c.id))
-            .map(|c| {
-                let counts = c.counts();
-                ConnectionReport {
-                    id: c.config().id.clone(),
-                    name: c.config().name.clone(),
-                    sandbox: c.config().sandbox.clone(),
-                    rotations: counts.rotations,
-                    conflicts: counts.conflicts,
-                    failures: counts.failures,
-                    access_key_id: c.pushed().map(|p| p.access_key_id.clone()),
-                    expires_at: c.pushed().map(|p| p.expires_at),
-                    last_error: c.last_error().map(str::to_owned),
-                }
-            })
+            .map(|c| c.view().as_ref().clone())
             .collect();
         Report {
             connections,

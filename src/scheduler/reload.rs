@@ -345,14 +345,13 @@ impl Daemon {
             }
         }
         self.policy = Policy::new(&config.rotation, self.options.mode == Mode::Once);
-        self.telemetry
-            .set_refresh_before(config.rotation.refresh_before);
         self.config = config;
         self.runner = runner;
         let in_use: HashSet<StsRequest> =
             self.connections.values().map(|c| c.sts().clone()).collect();
         self.runner.job_runner().retain(&in_use);
-        self.state_dirty = true;
+        // `refresh_before` may have changed what every view says.
+        self.publisher.changed();
         tracing::info!(
             added,
             removed = removed.len(),

@@ -65,9 +65,9 @@ impl Daemon {
         let now = self.clock.now();
         for (id, connection) in &mut self.connections {
             connection.adopt(view.connections.get(id), now, &self.policy, rand::random());
-            self.telemetry
-                .sync(id, |status| connection.write_status(status));
+            connection.refresh_view();
         }
+        self.publisher.changed();
         // Every due time may have moved: the heap is rebuilt rather than
         // grown (a standby adopts a view every half minute).
         self.heap = DueQueue::default();

@@ -136,6 +136,7 @@ fn rotated(now: SystemTime, life: Duration) -> JobResult {
         etag: Some("\"e\"".to_owned()),
         conflicts: 0,
         s3: None,
+        verified: None,
     }
 }
 
@@ -156,7 +157,7 @@ fn scheduler(
     runner: Arc<Scripted>,
     notifier: Notifier,
 ) -> Daemon {
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     Daemon::with_job_runner(config, options(mode), telemetry, notifier, clock, runner)
 }
 
@@ -279,7 +280,7 @@ async fn a_backlog_larger_than_the_dispatch_limit_does_not_spin() {
         Notifier::default(),
     );
     let report = daemon.run(CancellationToken::new(), reloads).await.unwrap();
-    let rotations: u64 = report.connections.iter().map(|c| c.rotations).sum();
+    let rotations: u64 = report.connections.iter().map(|c| c.counters.successes).sum();
     assert_eq!(rotations, 200);
     // A few turns per job (dispatch, completion); a spinning loop turns
     // thousands of times per job.
@@ -551,7 +552,7 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
     let mut options = options(Mode::Run);
     options.fence = Some(fence.clone());
     let config = config(3, 4);
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     let mut daemon = Daemon::with_job_runner(
         config,
         options,
@@ -1020,7 +1021,7 @@ async fn a_slow_first_pass_asks_systemd_for_more_start_time_until_ready() {
 async fn rotator_for(text: &str, previous: Option<(&Config, &Rotator)>) -> (Config, Rotator) {
     let text = text.replace("[aws]\n", "[aws]\nregion = \"eu-west-1\"\n");
     let config = Config::from_toml_str(&text, Vec::new()).unwrap();
-    let telemetry = Arc::new(Telemetry::new(config.rotation.refresh_before));
+    let telemetry = Arc::new(Telemetry::new());
     let rotator = build_rotator(&config, &options(Mode::Run), &telemetry, previous)
         .await
         .unwrap();
