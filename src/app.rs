@@ -143,7 +143,10 @@ pub(crate) async fn start_coordination(
 impl Coordination {
     /// Forwards every word of the elector to `tx` (the views' copy of the
     /// role), until the elector ends.
-    pub(crate) fn publish_role_to(&self, tx: tokio::sync::watch::Sender<crate::coordination::Leadership>) {
+    pub(crate) fn publish_role_to(
+        &self,
+        tx: tokio::sync::watch::Sender<crate::coordination::Leadership>,
+    ) {
         let mut from = self.leadership.clone();
         tokio::spawn(async move {
             loop {

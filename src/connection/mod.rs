@@ -131,6 +131,22 @@ pub enum Event {
     Removed,
     /// The daemon is stopping.
     Shutdown,
+    /// Its state file record (a restart; sent to a new connection).
+    Restored(Box<PersistedConnection>),
+    /// The leader's shared record of it (`[coordination]`: a new term, or a
+    /// standby's view; `None`: the table has none).
+    Adopt(Option<Box<PersistedConnection>>),
+    /// What a list page said of it: its etag and S3 target.
+    Listed {
+        /// Its etag (ends a hold).
+        etag: Option<String>,
+        /// Its bucket, folder and endpoint.
+        s3: Option<Box<crate::remote::s3probe::S3Target>>,
+    },
+    /// Wait for the start's listing to bring its etag before dispatching.
+    Hold,
+    /// Stop waiting for the listing (it is over, or late for this one).
+    Release,
 }
 
 /// What the scheduler must do next for the connection.
@@ -142,6 +158,8 @@ pub enum Action {
     WaitUntil(SystemTime),
     /// Nothing until its job ends.
     AwaitJob,
+    /// Held: nothing until the listing seeds it or releases it.
+    AwaitListing,
     /// No further work.
     Finished,
     /// Forget the connection (removed, and no job of it runs any more).
@@ -193,6 +211,9 @@ pub struct Connection {
     listed_etag: Option<(String, SystemTime)>,
     /// The outward view as of the last [`Self::refresh_view`].
     view: Arc<ConnectionStatus>,
+    /// Held until the start's listing brings its etag: due times pass
+    /// without a dispatch ([`Event::Hold`]).
+    held: bool,
 }
 
 impl Connection {
@@ -219,6 +240,7 @@ impl Connection {
             counters: Counters::default(),
             last_error: None,
             view: Arc::default(),
+            held: false,
         };
         connection.refresh_view();
         connection
@@ -243,6 +265,11 @@ impl Connection {
     /// retry (the scheduler dispatches due rotations before due retries).
     pub fn is_retrying(&self) -> bool {
         self.failures_in_a_row > 0
+    }
+
+    /// Whether it waits for the start's listing ([`Event::Hold`]).
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 
     /// Whether a job of it has ended in this process (or it is finished).
@@ -320,6 +347,19 @@ impl Connection {
                     Action::Finished
                 }
             }
+            Event::Restored(saved) => self.on_restored(&saved, now, policy),
+            Event::Adopt(shared) => self.on_adopt(shared.as_deref(), now, policy, draw),
+            Event::Listed { etag, s3 } => {
+                self.on_listed(etag.as_deref(), s3.as_deref(), now, policy, draw)
+            }
+            Event::Hold => {
+                self.held = true;
+                self.current_action()
+            }
+            Event::Release => {
+                self.held = false;
+                self.current_action()
+            }
         }
     }
 
@@ -329,6 +369,8 @@ impl Connection {
             Phase::Finished => Action::Finished,
             // A stale wake-up (the connection was rescheduled meanwhile).
             Phase::Waiting(at) if at > now => Action::WaitUntil(at),
+            // Its page is on the way: releasing it schedules it again.
+            Phase::Waiting(_) if self.held => Action::AwaitListing,
             Phase::Waiting(_) => {
                 self.phase = Phase::InFlight;
                 Action::Dispatch(Box::new(Job {
@@ -383,6 +425,7 @@ impl Connection {
 
     fn current_action(&self) -> Action {
         match self.phase {
+            Phase::Waiting(_) if self.held => Action::AwaitListing,
             Phase::Waiting(at) => Action::WaitUntil(at),
             Phase::InFlight => Action::AwaitJob,
             Phase::Finished => Action::Finished,

@@ -1,22 +1,25 @@
 //! How a connection learns what it did not do itself: restored from the
-//! state file after a restart, adopted from the leader's shared state, and
-//! seeded with the etag and S3 target a listing brought.
+//! state file after a restart ([`Event::Restored`]), adopted from the
+//! leader's shared state ([`Event::Adopt`]), seeded with the etag and S3
+//! target a listing brought ([`Event::Listed`]), and held until that
+//! listing comes ([`Event::Hold`], [`Event::Release`]). Each is an event
+//! through [`Connection::apply`], the one door.
 
 use super::*;
 
 impl Connection {
-    /// A connection remembered from the state file. When its credentials
-    /// are still good for longer than `refresh_before` (and it is not `once`),
-    /// the first job only checks that its etag is unchanged. A record with
-    /// times this daemon could not have written is ignored (rotate now).
-    pub fn restored(
-        config: ConnectionConfig,
-        sts: StsRequest,
+    /// A new connection remembered from the state file. When its
+    /// credentials are still good for longer than `refresh_before` (and it
+    /// is not `once`), the first job only checks that its etag is unchanged.
+    /// A record with times this daemon could not have written is ignored
+    /// (rotate now).
+    pub(super) fn on_restored(
+        &mut self,
         saved: &PersistedConnection,
         now: SystemTime,
         policy: &Policy,
-    ) -> Self {
-        let mut connection = Self::new(config, sts, now);
+    ) -> Action {
+        let connection = self;
         let absurd = saved.expires_at > later(now, MAX_CREDENTIAL_LIFETIME)
             || saved
                 .last_success_at
@@ -26,11 +29,11 @@ impl Connection {
                 connection = %connection.config.id,
                 "state file record has impossible times; ignoring it, rotating now"
             );
-            return connection;
+            return connection.current_action();
         }
         connection.last_success = saved.last_success_at;
         if saved.sandbox != connection.config.sandbox || policy.once {
-            return connection;
+            return connection.current_action();
         }
         let expires_at = policy.believable_expiry(saved, now);
         connection.restored_expiry = Some(expires_at);
@@ -42,7 +45,7 @@ impl Connection {
             connection.resume_etag = Some(saved.etag.clone());
             connection.etag = Some(saved.etag.clone());
         }
-        connection
+        connection.current_action()
     }
 
     /// Takes up the shared state another replica wrote (coordination: on
@@ -53,7 +56,7 @@ impl Connection {
     /// PATCH's `If-Match` catches any change meanwhile), otherwise it is due
     /// now. A record with impossible times, or from another sandbox, is
     /// ignored. A connection with a job in flight is left alone.
-    pub fn adopt(
+    pub(super) fn on_adopt(
         &mut self,
         shared: Option<&PersistedConnection>,
         now: SystemTime,
@@ -119,7 +122,29 @@ impl Connection {
             None => now,
         };
         self.phase = Phase::Waiting(next);
-        Action::WaitUntil(next)
+        self.current_action()
+    }
+
+    /// What a list page said: the S3 target first, then the etag (which
+    /// also ends a hold).
+    pub(super) fn on_listed(
+        &mut self,
+        etag: Option<&str>,
+        s3: Option<&crate::remote::s3probe::S3Target>,
+        now: SystemTime,
+        policy: &Policy,
+        draw: f64,
+    ) -> Action {
+        if let Some(target) = s3 {
+            self.seed_s3(target);
+        }
+        match etag {
+            Some(etag) => {
+                self.held = false;
+                self.seed_etag(etag, now, policy, draw)
+            }
+            None => self.current_action(),
+        }
     }
 
     /// An etag read in bulk (a list page) before the first job. A new
@@ -127,13 +152,7 @@ impl Connection {
     /// we left proves the connection unchanged without any request (it is
     /// then scheduled from its saved expiry), and a different one makes it
     /// rotate at once with the listed etag.
-    pub fn seed_etag(
-        &mut self,
-        listed: &str,
-        now: SystemTime,
-        policy: &Policy,
-        draw: f64,
-    ) -> Action {
+    fn seed_etag(&mut self, listed: &str, now: SystemTime, policy: &Policy, draw: f64) -> Action {
         self.listed_etag = Some((listed.to_owned(), now));
         if self.phase == Phase::InFlight {
             return Action::AwaitJob;
@@ -163,7 +182,7 @@ impl Connection {
     /// list item as the etag, before the first job: its pre-push check then
     /// needs no `GET`. A target learnt from a job is never overwritten, and a
     /// running job is left alone (its result carries what it read).
-    pub fn seed_s3(&mut self, listed: &crate::remote::s3probe::S3Target) {
+    fn seed_s3(&mut self, listed: &crate::remote::s3probe::S3Target) {
         if self.phase != Phase::InFlight && self.s3.is_none() {
             self.s3 = Some(listed.clone());
         }

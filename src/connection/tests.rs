@@ -62,6 +62,50 @@ fn dispatch(c: &mut Connection, now: SystemTime) -> Job {
     }
 }
 
+/// A new connection told its state file record, as the scheduler does.
+fn restored(
+    config: ConnectionConfig,
+    sts: StsRequest,
+    saved: &PersistedConnection,
+    now: SystemTime,
+    policy: &Policy,
+) -> Connection {
+    let mut c = Connection::new(config, sts, now);
+    c.apply(Event::Restored(Box::new(saved.clone())), now, policy, 0.5);
+    c
+}
+
+/// The leader's shared record, as the scheduler sends it.
+fn adopt(
+    c: &mut Connection,
+    shared: Option<&PersistedConnection>,
+    now: SystemTime,
+    policy: &Policy,
+    draw: f64,
+) -> Action {
+    c.apply(
+        Event::Adopt(shared.cloned().map(Box::new)),
+        now,
+        policy,
+        draw,
+    )
+}
+
+/// A list page's etag, as the scheduler sends it.
+fn seed_etag(
+    c: &mut Connection,
+    etag: &str,
+    now: SystemTime,
+    policy: &Policy,
+    draw: f64,
+) -> Action {
+    let event = Event::Listed {
+        etag: Some(etag.to_owned()),
+        s3: None,
+    };
+    c.apply(event, now, policy, draw)
+}
+
 fn rotated(key: &str, expires_at: SystemTime) -> JobResult {
     JobResult::Rotated {
         access_key_id: key.to_owned(),
@@ -193,7 +237,13 @@ fn refused_since_the_first_attempt_escalates_to_error_like_a_connection_that_onc
 #[test]
 fn adopting_fresh_shared_state_schedules_from_its_expiry_without_a_request() {
     let mut c = fresh(t(0));
-    let at = wait_of(c.adopt(Some(&shared("ASIASHARED", t(3600))), t(10), &policy(), 0.5));
+    let at = wait_of(adopt(
+        &mut c,
+        Some(&shared("ASIASHARED", t(3600))),
+        t(10),
+        &policy(),
+        0.5,
+    ));
     assert_eq!(at, t(3600 - 1200));
     assert_eq!(c.pushed().unwrap().access_key_id, "ASIASHARED");
     assert_eq!(c.etag(), Some("\"shared\""));
@@ -206,7 +256,13 @@ fn adopting_fresh_shared_state_schedules_from_its_expiry_without_a_request() {
 #[test]
 fn adopting_keeps_whichever_credentials_expire_later() {
     let mut c = holding(t(0), t(7200));
-    let at = wait_of(c.adopt(Some(&shared("ASIAOLDER", t(3600))), t(10), &policy(), 0.5));
+    let at = wait_of(adopt(
+        &mut c,
+        Some(&shared("ASIAOLDER", t(3600))),
+        t(10),
+        &policy(),
+        0.5,
+    ));
     assert_eq!(
         c.pushed().unwrap().expires_at,
         t(7200),
@@ -227,13 +283,13 @@ fn adopting_stale_absurd_or_foreign_records_rotates_now() {
     ] {
         let mut c = fresh(t(0));
         assert_eq!(
-            wait_of(c.adopt(Some(&record), t(10), &policy(), 0.5)),
+            wait_of(adopt(&mut c, Some(&record), t(10), &policy(), 0.5)),
             t(10),
             "{record:?}"
         );
     }
     let mut c = fresh(t(0));
-    assert_eq!(wait_of(c.adopt(None, t(10), &policy(), 0.5)), t(10));
+    assert_eq!(wait_of(adopt(&mut c, None, t(10), &policy(), 0.5)), t(10));
 }
 
 #[test]
@@ -245,14 +301,14 @@ fn saved_and_shared_expiries_are_clamped_to_one_session() {
         last_success_at: Some(t(0)),
         ..shared("ASIAFAR", far)
     };
-    let restored = Connection::restored(config("c1"), sts("a"), &record, t(10), &policy());
+    let restored = restored(config("c1"), sts("a"), &record, t(10), &policy());
     assert!(
         restored.credentials_expire_at().unwrap() <= t(3600 + 300),
         "{:?}",
         restored.credentials_expire_at()
     );
     let mut c = fresh(t(0));
-    let at = wait_of(c.adopt(Some(&record), t(10), &policy(), 0.5));
+    let at = wait_of(adopt(&mut c, Some(&record), t(10), &policy(), 0.5));
     assert!(
         at <= t(3600 + 300 - 1200),
         "adopted and scheduled at {at:?}"
@@ -265,26 +321,26 @@ fn a_shared_record_whose_etag_differs_from_a_later_listing_is_not_adopted() {
     // Issue 26 #6: adopt sent no request although the listing showed
     // that the connection had changed since the record was written.
     let mut c = fresh(t(0));
-    c.seed_etag("\"changed-by-someone\"", t(900), &policy(), 0.5);
+    seed_etag(&mut c, "\"changed-by-someone\"", t(900), &policy(), 0.5);
     let record = shared("ASIASHARED", t(3600));
     assert_eq!(
-        wait_of(c.adopt(Some(&record), t(910), &policy(), 0.5)),
+        wait_of(adopt(&mut c, Some(&record), t(910), &policy(), 0.5)),
         t(910)
     );
     assert!(c.pushed().is_none());
     // The same etag as listed: adopted as before.
     let mut c = fresh(t(0));
-    c.seed_etag("\"shared\"", t(900), &policy(), 0.5);
+    seed_etag(&mut c, "\"shared\"", t(900), &policy(), 0.5);
     assert_eq!(
-        wait_of(c.adopt(Some(&record), t(910), &policy(), 0.5)),
+        wait_of(adopt(&mut c, Some(&record), t(910), &policy(), 0.5)),
         t(3600 - 1200)
     );
     // A listing taken about when the record's rotation happened (the
     // leader's PATCH racing a standby's start) proves nothing.
     let mut c = fresh(t(0));
-    c.seed_etag("\"before-the-patch\"", t(5), &policy(), 0.5);
+    seed_etag(&mut c, "\"before-the-patch\"", t(5), &policy(), 0.5);
     assert_eq!(
-        wait_of(c.adopt(Some(&record), t(10), &policy(), 0.5)),
+        wait_of(adopt(&mut c, Some(&record), t(10), &policy(), 0.5)),
         t(3600 - 1200)
     );
 }
@@ -294,7 +350,13 @@ fn adopting_leaves_a_running_job_alone() {
     let mut c = fresh(t(0));
     dispatch(&mut c, t(0));
     assert!(matches!(
-        c.adopt(Some(&shared("ASIASHARED", t(3600))), t(1), &policy(), 0.5),
+        adopt(
+            &mut c,
+            Some(&shared("ASIASHARED", t(3600))),
+            t(1),
+            &policy(),
+            0.5
+        ),
         Action::AwaitJob
     ));
     assert!(c.pushed().is_none());
@@ -543,7 +605,7 @@ fn saved(expires_at: SystemTime) -> PersistedConnection {
 
 #[test]
 fn restart_with_good_credentials_only_checks_the_etag() {
-    let mut c = Connection::restored(config("c1"), sts("a"), &saved(t(3600)), t(60), &policy());
+    let mut c = restored(config("c1"), sts("a"), &saved(t(3600)), t(60), &policy());
     assert!(!c.had_outcome(), "a restored record is not a first pass");
     let job = dispatch(&mut c, t(60));
     assert_eq!(job.resume_if_etag.as_deref(), Some("\"e9\""));
@@ -563,16 +625,15 @@ fn restart_with_good_credentials_only_checks_the_etag() {
 
 #[test]
 fn restart_near_expiry_or_with_absurd_times_rotates_now() {
-    let near = Connection::restored(config("c1"), sts("a"), &saved(t(1000)), t(0), &policy());
+    let near = restored(config("c1"), sts("a"), &saved(t(1000)), t(0), &policy());
     assert!(near.pushed().is_none());
     let ten_years = t(0) + S(10 * 365 * 86_400);
-    let mut absurd =
-        Connection::restored(config("c1"), sts("a"), &saved(ten_years), t(0), &policy());
+    let mut absurd = restored(config("c1"), sts("a"), &saved(ten_years), t(0), &policy());
     assert!(absurd.pushed().is_none());
     assert_eq!(dispatch(&mut absurd, t(0)).resume_if_etag, None);
     let mut future_success = saved(t(3600));
     future_success.last_success_at = Some(t(86_400));
-    let c = Connection::restored(config("c1"), sts("a"), &future_success, t(0), &policy());
+    let c = restored(config("c1"), sts("a"), &future_success, t(0), &policy());
     assert!(c.pushed().is_none());
 }
 

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::metrics::{METRICS_CONTENT_TYPE, Metrics};
-use crate::observe::status::{ConnectionState, ConnectionStatus, NotReady, compact_duration};
+use crate::observe::status::{NotReady, StatusEntry, compact_duration};
 use crate::observe::views::Views;
 
 /// How long `status` waits for the daemon: it answers from memory, so
@@ -30,58 +30,6 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest `/status` answer `status` reads: ~400 bytes per connection, so
 /// 16 MiB is 40 000 connections, and a hostile endpoint costs at most that.
 const STATUS_MAX_BODY: usize = 16 << 20;
-
-/// One connection in `GET /status` (and what `aep-s3-rotator status` reads).
-/// Times are RFC 3339 (`2024-05-01T12:00:00Z`) or null. Holds no secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusEntry {
-    /// Base connection id.
-    pub id: String,
-    /// Label used in logs and metrics (defaults to the id).
-    pub name: String,
-    /// Sandbox name.
-    pub sandbox: String,
-    /// Derived state at the time of the request.
-    pub state: ConnectionState,
-    /// Access key id of the credentials this daemon pushed (not secret).
-    pub access_key_id: Option<String>,
-    /// When those credentials expire.
-    pub expires_at: Option<String>,
-    /// When the next rotation or retry is due.
-    pub next_rotation_at: Option<String>,
-    /// Last successful rotation.
-    pub last_success_at: Option<String>,
-    /// Last error, if the last attempt failed.
-    pub last_error: Option<String>,
-    /// How the connection was configured: `explicit` (`[[connections]]`) or
-    /// `discover[N]` (the Nth `[[discover]]` rule). Empty from a daemon too
-    /// old to say.
-    #[serde(default)]
-    pub origin: String,
-}
-
-impl StatusEntry {
-    /// The entry for `status` as seen at `now` with `refresh_before`.
-    pub fn from_status(
-        status: &ConnectionStatus,
-        now: SystemTime,
-        refresh_before: Duration,
-    ) -> Self {
-        let rfc3339 = |t: Option<SystemTime>| t.map(crate::clock::rfc3339);
-        Self {
-            id: status.id.clone(),
-            name: status.name.clone(),
-            sandbox: status.sandbox.clone(),
-            state: status.state(now, refresh_before),
-            access_key_id: status.access_key_id.clone(),
-            expires_at: rfc3339(status.expires_at),
-            next_rotation_at: rfc3339(status.next_rotation_at),
-            last_success_at: rfc3339(status.last_success_at),
-            last_error: status.last_error.clone(),
-            origin: status.origin.to_string(),
-        }
-    }
-}
 
 /// Body of `GET /readyz`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -738,6 +686,7 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::observe::status::{ConnectionState, ConnectionStatus};
     use crate::observe::telemetry::Service;
     use std::time::UNIX_EPOCH;
 

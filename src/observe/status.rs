@@ -182,6 +182,58 @@ pub struct NotReady {
     pub reason: String,
 }
 
+/// One connection in `GET /status` (and what `aep-s3-rotator status` reads).
+/// Times are RFC 3339 (`2024-05-01T12:00:00Z`) or null. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusEntry {
+    /// Base connection id.
+    pub id: String,
+    /// Label used in logs and metrics (defaults to the id).
+    pub name: String,
+    /// Sandbox name.
+    pub sandbox: String,
+    /// Derived state at the time of the request.
+    pub state: ConnectionState,
+    /// Access key id of the credentials this daemon pushed (not secret).
+    pub access_key_id: Option<String>,
+    /// When those credentials expire.
+    pub expires_at: Option<String>,
+    /// When the next rotation or retry is due.
+    pub next_rotation_at: Option<String>,
+    /// Last successful rotation.
+    pub last_success_at: Option<String>,
+    /// Last error, if the last attempt failed.
+    pub last_error: Option<String>,
+    /// How the connection was configured: `explicit` (`[[connections]]`) or
+    /// `discover[N]` (the Nth `[[discover]]` rule). Empty from a daemon too
+    /// old to say.
+    #[serde(default)]
+    pub origin: String,
+}
+
+impl StatusEntry {
+    /// The entry for `status` as seen at `now` with `refresh_before`.
+    pub fn from_status(
+        status: &ConnectionStatus,
+        now: SystemTime,
+        refresh_before: Duration,
+    ) -> Self {
+        let rfc3339 = |t: Option<SystemTime>| t.map(crate::clock::rfc3339);
+        Self {
+            id: status.id.clone(),
+            name: status.name.clone(),
+            sandbox: status.sandbox.clone(),
+            state: status.state(now, refresh_before),
+            access_key_id: status.access_key_id.clone(),
+            expires_at: rfc3339(status.expires_at),
+            next_rotation_at: rfc3339(status.next_rotation_at),
+            last_success_at: rfc3339(status.last_success_at),
+            last_error: status.last_error.clone(),
+            origin: status.origin.to_string(),
+        }
+    }
+}
+
 /// The connections as the scheduler last published them: immutable, shared
 /// by every reader (`Arc`), replaced as a whole after each loop turn that
 /// changed something. Readers never lock anything the scheduler writes.
@@ -227,9 +279,7 @@ impl Snapshot {
                     None => "no credentials pushed yet".to_owned(),
                     Some(expires_at) if expires_at <= now => format!(
                         "credentials expired {} ago",
-                        compact_duration(
-                            now.duration_since(expires_at).unwrap_or_default()
-                        )
+                        compact_duration(now.duration_since(expires_at).unwrap_or_default())
                     ),
                     Some(_) => return None,
                 };
@@ -415,7 +465,9 @@ mod tests {
         expired.expires_at = Some(t(NOW - 42));
         expired.last_error = Some("403 Forbidden".into());
 
-        let not_ready = snapshot([pending, ok, expired]).readiness(t(NOW)).unwrap_err();
+        let not_ready = snapshot([pending, ok, expired])
+            .readiness(t(NOW))
+            .unwrap_err();
         assert_eq!(
             not_ready,
             vec![

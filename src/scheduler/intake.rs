@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use super::Daemon;
 use crate::clock::earlier;
 use crate::config::ConnectionConfig;
-use crate::connection::{Action, Connection, Phase};
+use crate::connection::{Action, Connection, Event, Phase};
 use crate::policy::schedule::EXPIRY_MARGIN;
 use crate::remote::sts::StsRequest;
 
@@ -56,23 +56,17 @@ pub(super) struct Listed<'a> {
 }
 
 impl Daemon {
-    /// Etags read in bulk (list pages) before the first pass: see
-    /// [`Connection::seed_etag`].
+    /// Etags read in bulk (list pages) before the first pass: each goes to
+    /// its connection as [`Event::Listed`].
     pub fn seed_etags(&mut self, etags: &HashMap<String, String>) {
-        let now = self.clock.now();
-        let ids: Vec<String> = self
-            .connections
-            .keys()
-            .filter(|id| etags.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in ids {
-            let (Some(connection), Some(listed)) = (self.connections.get_mut(&id), etags.get(&id))
-            else {
-                continue;
-            };
-            let action = connection.seed_etag(listed, now, &self.policy, rand::random());
-            self.follow(&id, action);
+        for (id, etag) in etags {
+            self.event(
+                id,
+                Event::Listed {
+                    etag: Some(etag.clone()),
+                    s3: None,
+                },
+            );
         }
     }
 
@@ -80,9 +74,13 @@ impl Daemon {
     /// before [`Self::seed_etags`] so the first job holds both.
     pub fn seed_s3_targets(&mut self, targets: &HashMap<String, crate::remote::s3probe::S3Target>) {
         for (id, target) in targets {
-            if let Some(connection) = self.connections.get_mut(id) {
-                connection.seed_s3(target);
-            }
+            self.event(
+                id,
+                Event::Listed {
+                    etag: None,
+                    s3: Some(Box::new(target.clone())),
+                },
+            );
         }
     }
 
@@ -95,9 +93,21 @@ impl Daemon {
     /// complete) waits for `Done`: before it, most connections may not even
     /// be known yet.
     pub fn hold_until_listed(&mut self, intake: mpsc::UnboundedReceiver<Intake>) {
-        self.held = self.connections.keys().cloned().collect();
+        let ids: Vec<String> = self.connections.keys().cloned().collect();
+        for id in &ids {
+            self.event(id, Event::Hold);
+        }
         self.intake = Some(intake);
         self.plan_hold();
+    }
+
+    /// The connections held now.
+    fn held(&self) -> Vec<String> {
+        self.connections
+            .iter()
+            .filter(|(_, c)| c.is_held())
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The latest time a held connection may wait for its page: [`MAX_HOLD`]
@@ -108,6 +118,9 @@ impl Daemon {
         let Phase::Waiting(due) = connection.phase() else {
             return None;
         };
+        if !connection.is_held() {
+            return None;
+        }
         let by_due = crate::clock::later(due, MAX_HOLD);
         Some(match connection.credentials_expire_at() {
             Some(expires_at) => by_due.min(earlier(expires_at, EXPIRY_MARGIN)),
@@ -118,8 +131,8 @@ impl Daemon {
     /// Sets when the hold is looked at next (see `hold_until`).
     fn plan_hold(&mut self) {
         self.hold_until = self
-            .held
-            .iter()
+            .connections
+            .keys()
             .filter_map(|id| self.hold_limit(id))
             .min()
             .map(|at| self.clock.instant_at(at));
@@ -128,18 +141,14 @@ impl Daemon {
     /// Schedules one held connection at its own due time: it reads its own
     /// etag (a later page no longer seeds it).
     fn release(&mut self, id: &str) {
-        self.held.remove(id);
-        if let Some(Phase::Waiting(at)) = self.connections.get(id).map(|c| c.phase()) {
-            self.follow(id, Action::WaitUntil(at));
-        }
+        self.event(id, Event::Release);
     }
 
     /// Schedules every held connection at its own due time (each will GET
     /// its etag).
     fn release_held(&mut self) {
         self.hold_until = None;
-        let held: Vec<String> = self.held.iter().cloned().collect();
-        for id in held {
+        for id in self.held() {
             self.release(&id);
         }
     }
@@ -152,8 +161,8 @@ impl Daemon {
         // connection not due to go now has a limit strictly in the future,
         // so this never turns into a loop that fires at once.
         let now = self.clock.now();
-        let late: Vec<String> = self
-            .held
+        let held = self.held();
+        let late: Vec<String> = held
             .iter()
             .filter(|id| self.hold_limit(id).is_none_or(|limit| limit <= now))
             .cloned()
@@ -161,7 +170,7 @@ impl Daemon {
         if !late.is_empty() {
             tracing::warn!(
                 released = late.len(),
-                still_held = self.held.len() - late.len(),
+                still_held = held.len() - late.len(),
                 "the start's listing is slow; connections it has not reached read their own etag"
             );
         }
@@ -204,18 +213,18 @@ impl Daemon {
             };
             self.add_connection(config, sts, now, listed);
         }
-        for (id, etag) in &etags {
-            if !self.held.remove(id) {
+        for (id, etag) in etags {
+            if !self.connections.get(&id).is_some_and(|c| c.is_held()) {
                 continue;
             }
-            let Some(connection) = self.connections.get_mut(id) else {
-                continue;
-            };
-            if let Some(target) = targets.get(id) {
-                connection.seed_s3(target);
-            }
-            let action = connection.seed_etag(etag, now, &self.policy, rand::random());
-            self.follow(id, action);
+            let s3 = targets.get(&id).cloned().map(Box::new);
+            self.event(
+                &id,
+                Event::Listed {
+                    etag: Some(etag),
+                    s3,
+                },
+            );
         }
     }
 
@@ -230,19 +239,27 @@ impl Daemon {
         listed: Listed<'_>,
     ) {
         let id = config.id.clone();
-        let mut connection = match listed.saved {
-            Some(saved) => Connection::restored(config, sts, saved, now, &self.policy),
-            None => Connection::new(config, sts, now),
-        };
-        if let Some(target) = listed.target {
-            connection.seed_s3(target);
+        self.connections
+            .insert(id.clone(), Box::new(Connection::new(config, sts, now)));
+        let mut told = false;
+        if let Some(saved) = listed.saved {
+            self.event(&id, Event::Restored(Box::new(saved.clone())));
+            told = true;
         }
-        let action = match listed.etag {
-            Some(etag) => connection.seed_etag(etag, now, &self.policy, rand::random()),
-            None => Action::WaitUntil(now),
-        };
-        self.connections.insert(id.clone(), Box::new(connection));
-        self.follow(&id, action);
+        if listed.etag.is_some() || listed.target.is_some() {
+            self.event(
+                &id,
+                Event::Listed {
+                    etag: listed.etag.map(str::to_owned),
+                    s3: listed.target.cloned().map(Box::new),
+                },
+            );
+            told = true;
+        }
+        if !told {
+            // A new connection is due at once.
+            self.follow(&id, Action::WaitUntil(now));
+        }
     }
 }
 

@@ -29,7 +29,7 @@
 //! `publish` (the snapshots, the state file's writer).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -197,9 +197,6 @@ pub struct Daemon {
     term: u64,
     /// Where changed connections' shared state goes (coordination on).
     shared: Option<StateSink>,
-    /// Connections known but not scheduled until the start's listing seeds
-    /// their etag (or ends): see [`Self::hold_until_listed`].
-    held: HashSet<String>,
     /// The start's listing, page by page, until it is done.
     intake: Option<mpsc::UnboundedReceiver<Intake>>,
     /// When the hold is looked at next: the earliest time a held
@@ -313,7 +310,6 @@ impl Daemon {
             leading: true,
             term: 0,
             shared: None,
-            held: HashSet::new(),
             intake: None,
             hold_until: None,
             unclaimed: std::collections::BTreeMap::new(),
@@ -323,12 +319,13 @@ impl Daemon {
         for config in daemon.selected(&daemon.config) {
             let sts = StsRequest::for_connection(&daemon.config, &config);
             let id = config.id.clone();
-            let connection = match persisted.connections.get(&id) {
-                Some(saved) => Connection::restored(config, sts, saved, now, &daemon.policy),
-                None => Connection::new(config, sts, now),
-            };
-            daemon.connections.insert(id.clone(), Box::new(connection));
-            daemon.follow(&id, Action::WaitUntil(now));
+            daemon
+                .connections
+                .insert(id.clone(), Box::new(Connection::new(config, sts, now)));
+            match persisted.connections.get(&id) {
+                Some(saved) => daemon.event(&id, Event::Restored(Box::new(saved.clone()))),
+                None => daemon.follow(&id, Action::WaitUntil(now)),
+            }
         }
         let mut unclaimed = persisted.connections.clone();
         unclaimed.retain(|id, _| !daemon.connections.contains_key(id));
@@ -508,11 +505,6 @@ impl Daemon {
     /// Sends one event to one connection and carries out what it answers.
     fn event(&mut self, id: &str, event: Event) {
         let now = self.clock.now();
-        if matches!(event, Event::Due) && self.held.contains(id) {
-            // Held until the start's listing seeds it: its wake-up is
-            // dropped, and releasing it schedules it again.
-            return;
-        }
         let Some(connection) = self.connections.get_mut(id) else {
             return;
         };
@@ -534,7 +526,7 @@ impl Daemon {
                 let retry = self.connections.get(id).is_some_and(|c| c.is_retrying());
                 self.heap.push(at, id, retry);
             }
-            Action::AwaitJob | Action::Finished => {}
+            Action::AwaitJob | Action::AwaitListing | Action::Finished => {}
             Action::Drop => {
                 self.connections.remove(id);
                 self.publisher.changed();

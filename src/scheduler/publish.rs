@@ -5,9 +5,11 @@
 //!
 //! A snapshot is a vector of the connections' own `Arc`ed views
 //! ([`crate::connection::Connection::view`]): publishing copies pointers,
-//! not connections. During a burst (a first pass over 10,000 connections)
-//! a snapshot is published at most every [`PUBLISH_INTERVAL`]; after a
-//! quiet spell the first change is published at the end of its turn.
+//! not connections, but still one per connection. So that this stays a
+//! small share of the loop's work, snapshots follow each other at least
+//! [`PUBLISH_COST`] per connection apart (never more than
+//! [`MAX_PUBLISH_INTERVAL`]): with a few connections every changing turn is
+//! published at its end; during a first pass over 10,000, ten a second.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::coordination::local::{PersistedConnection, StateSnapshot, StateStore};
 use crate::observe::status::{ConnectionStatus, Snapshot, Snapshots};
 
-/// How often a snapshot is published at most while connections change.
-const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+/// The least time between two snapshots, per connection they hold.
+const PUBLISH_COST: Duration = Duration::from_micros(10);
+
+/// The most time between a change and its snapshot.
+const MAX_PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often the state file is written at most: a burst of rotations (the
 /// first pass over 10,000 connections) costs one write per second, not one
@@ -33,7 +38,8 @@ pub(super) struct Publisher {
     tx: watch::Sender<Arc<Snapshot>>,
     /// A connection changed since the last snapshot.
     dirty: bool,
-    last: Option<Instant>,
+    /// The last snapshot: when, and how long until the next may follow.
+    last: Option<(Instant, Duration)>,
 }
 
 impl Publisher {
@@ -56,14 +62,14 @@ impl Publisher {
         if !self.dirty {
             return None;
         }
-        Some(
-            self.last
-                .map_or_else(crate::clock::mono_now, |at| at + PUBLISH_INTERVAL),
-        )
+        Some(match self.last {
+            Some((at, interval)) => at + interval,
+            None => crate::clock::mono_now(),
+        })
     }
 
-    /// Publishes the connections' views if a snapshot is due now (or
-    /// `force`, and anything changed).
+    /// Publishes the connections' views if anything changed and a snapshot
+    /// is due now (or `force`).
     pub(super) fn publish<'a>(
         &mut self,
         force: bool,
@@ -71,11 +77,15 @@ impl Publisher {
         refresh_before: Duration,
     ) {
         let now = crate::clock::mono_now();
-        if !self.due().is_some_and(|at| force || at <= now) {
+        let early = self.last.is_some_and(|(at, interval)| now < at + interval);
+        if !self.dirty || (early && !force) {
             return;
         }
+        let interval = PUBLISH_COST
+            .saturating_mul(u32::try_from(views.len()).unwrap_or(u32::MAX))
+            .min(MAX_PUBLISH_INTERVAL);
         self.dirty = false;
-        self.last = Some(now);
+        self.last = Some((now, interval));
         self.tx.send_replace(Arc::new(Snapshot {
             connections: views.cloned().collect(),
             refresh_before,

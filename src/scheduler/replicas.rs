@@ -5,7 +5,7 @@
 use tokio::sync::watch;
 
 use super::{Daemon, DueQueue};
-use crate::connection::Phase;
+use crate::connection::{Event, Phase};
 use crate::coordination::local::StateSnapshot;
 use crate::coordination::{Leadership, Role, StateSink};
 
@@ -64,7 +64,8 @@ impl Daemon {
         };
         let now = self.clock.now();
         for (id, connection) in &mut self.connections {
-            connection.adopt(view.connections.get(id), now, &self.policy, rand::random());
+            let shared = view.connections.get(id).cloned().map(Box::new);
+            connection.apply(Event::Adopt(shared), now, &self.policy, rand::random());
             connection.refresh_view();
         }
         self.publisher.changed();
@@ -72,7 +73,9 @@ impl Daemon {
         // grown (a standby adopts a view every half minute).
         self.heap = DueQueue::default();
         for (id, connection) in &self.connections {
-            if let Phase::Waiting(at) = connection.phase() {
+            if let Phase::Waiting(at) = connection.phase()
+                && !connection.is_held()
+            {
                 self.heap.push(at, id, connection.is_retrying());
             }
         }

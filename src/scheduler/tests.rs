@@ -280,7 +280,11 @@ async fn a_backlog_larger_than_the_dispatch_limit_does_not_spin() {
         Notifier::default(),
     );
     let report = daemon.run(CancellationToken::new(), reloads).await.unwrap();
-    let rotations: u64 = report.connections.iter().map(|c| c.counters.successes).sum();
+    let rotations: u64 = report
+        .connections
+        .iter()
+        .map(|c| c.counters.successes)
+        .sum();
     assert_eq!(rotations, 200);
     // A few turns per job (dispatch, completion); a spinning loop turns
     // thousands of times per job.
@@ -289,6 +293,61 @@ async fn a_backlog_larger_than_the_dispatch_limit_does_not_spin() {
         "{} loop turns for {rotations} rotations",
         report.loop_turns
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_views_see_each_rotation_in_a_snapshot_and_an_idle_loop_does_not_turn() {
+    let clock = Clock::tokio_at(t0());
+    let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
+    let mut daemon = scheduler(
+        config(3, 8),
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        Notifier::default(),
+    );
+    let (tx, mut snapshots) = crate::observe::status::snapshot_channel(S(1200));
+    daemon.publish_to(tx);
+    let cancel = CancellationToken::new();
+    let (_reloads_tx, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    // Before the first job ends: every connection, nothing pushed yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = snapshots.borrow_and_update().clone();
+    assert_eq!(first.connections.len(), 3);
+    assert!(first.connections.iter().all(|c| c.access_key_id.is_none()));
+    // Once the jobs ended (1 s), each view carries its push and its count.
+    tokio::time::sleep(S(1)).await;
+    let rotated = snapshots.borrow_and_update().clone();
+    for status in &rotated.connections {
+        assert_eq!(
+            status.access_key_id.as_deref(),
+            Some("ASIATEST"),
+            "{status:?}"
+        );
+        assert_eq!(status.counters.successes, 1, "{status:?}");
+        assert!(status.next_rotation_at.is_some(), "{status:?}");
+    }
+    // Three hours: five rotations each, and the loop only turns for them
+    // (a publish timer that kept firing would turn it endlessly).
+    tokio::time::sleep(S(3 * 3600)).await;
+    cancel.cancel();
+    let report = task.await.unwrap().unwrap();
+    let rotations: u64 = report
+        .connections
+        .iter()
+        .map(|c| c.counters.successes)
+        .sum();
+    assert_eq!(rotations, 15);
+    assert!(
+        report.loop_turns <= 10 * rotations,
+        "{} loop turns for {rotations} rotations",
+        report.loop_turns
+    );
+    // The last snapshot says what the report says.
+    let last = snapshots.borrow().clone();
+    let published: u64 = last.connections.iter().map(|c| c.counters.successes).sum();
+    assert_eq!(published, rotations);
 }
 
 /// A datagram socket standing in for systemd's `$NOTIFY_SOCKET`.
