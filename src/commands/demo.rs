@@ -11,12 +11,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::exit::Exit;
 use crate::observe::notify::Notifier;
 use crate::observe::telemetry::Telemetry;
 use crate::remote::sts::SourceIdentity;
-use crate::scheduler::{Daemon, Mode, Options, Report};
+use crate::scheduler::{Daemon, Mode, Options, Parts, Report, Runner, build_rotator};
 use aep_s3_simulator::{
     RetryAfter, ScriptedFault, SimConfig, SimConnection, SimService, SimStats, Simulator,
 };
@@ -112,13 +113,22 @@ pub async fn run(args: DemoArgs) -> Exit {
         fence: None,
     };
     let telemetry = Arc::new(Telemetry::new());
-    let daemon = match Daemon::new(config, options, telemetry, Notifier::default()).await {
-        Ok(daemon) => daemon,
+    let rotator = match build_rotator(&config, &options, &telemetry, None).await {
+        Ok(rotator) => Arc::new(rotator),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), "cannot start");
             return Exit::Failure;
         }
     };
+    let daemon = Daemon::new(Parts {
+        config,
+        options,
+        telemetry,
+        notifier: Notifier::default(),
+        clock: Clock::system(),
+        runner: Runner::Real(rotator),
+        snapshots: None,
+    });
     let (_no_reloads, reloads) = mpsc::channel(1);
     let report = match daemon.run(cancel, reloads).await {
         Ok(report) => report,

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{log_config_error, start_coordination};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::discovery::{self, FlowLister, Membership};
 use crate::exit::Exit;
@@ -19,7 +20,7 @@ use crate::observe::status::snapshot_channel;
 use crate::observe::telemetry::Telemetry;
 use crate::observe::views::Views;
 use crate::remote::sts::SourceIdentity;
-use crate::scheduler::{Daemon, Intake, Mode, Options, Reload, build_rotator};
+use crate::scheduler::{Daemon, Intake, Mode, Options, Parts, Reload, Runner, build_rotator};
 
 /// How long the watched files must stay quiet before a change is reloaded:
 /// editors and Kubernetes write in several steps (temp file, rename, symlink
@@ -234,14 +235,15 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     // no other worker may steal from: without this yield the listing would
     // not start before the daemon is built.
     tokio::task::yield_now().await;
-    let mut daemon = Daemon::with_rotator(
+    let mut daemon = Daemon::new(Parts {
         config,
         options,
         telemetry,
-        Notifier::from_env(),
-        Arc::clone(&rotator),
-    );
-    daemon.publish_to(snapshots_tx);
+        notifier: Notifier::from_env(),
+        clock: Clock::system(),
+        runner: Runner::Real(Arc::clone(&rotator)),
+        snapshots: Some(snapshots_tx),
+    });
     daemon.hold_until_listed(intake);
     let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     let result = daemon.run(cancel, daemon_reloads).await;

@@ -49,7 +49,7 @@ use crate::observe::telemetry::Telemetry;
 use crate::policy::schedule::EXPIRY_MARGIN;
 use crate::remote::shaping;
 use crate::remote::sts::{SourceIdentity, StsRequest};
-use crate::rotation::{Job, JobResult, JobRunner, RotationError, Rotator};
+use crate::rotation::{Job, JobResult, RotationError};
 
 mod intake;
 mod observe;
@@ -61,8 +61,8 @@ pub use intake::{Intake, MAX_HOLD};
 use intake::{Listed, next_intake};
 pub use observe::Report;
 use publish::Publisher;
-use reload::{Prepared, Runner};
-pub use reload::{Reload, build_rotator};
+use reload::Prepared;
+pub use reload::{Reload, Runner, build_rotator};
 use replicas::leadership_changed;
 
 /// The deadline heaps: (due time, insertion number, id), earliest first,
@@ -158,6 +158,24 @@ pub struct Options {
     pub fence: Option<crate::coordination::Fence>,
 }
 
+/// What a scheduler is made of: the argument of [`Daemon::new`].
+pub struct Parts {
+    /// The config; its connections are the ones to rotate.
+    pub config: Config,
+    /// What the command line adds.
+    pub options: Options,
+    /// Process-wide counters (the clients built on a reload count into them).
+    pub telemetry: Arc<Telemetry>,
+    /// systemd's notify socket, if any.
+    pub notifier: Notifier,
+    /// Its time: the system's, or paused tokio time in tests.
+    pub clock: Clock,
+    /// What runs the jobs: the real clients, or a scripted runner.
+    pub runner: Runner,
+    /// Where its snapshots go (the views hold the receivers; `None`: nowhere).
+    pub snapshots: Option<watch::Sender<Arc<Snapshot>>>,
+}
+
 /// The scheduler.
 pub struct Daemon {
     config: Config,
@@ -218,61 +236,23 @@ impl std::fmt::Debug for Daemon {
 }
 
 impl Daemon {
-    /// Prepares the scheduler: builds the clients, reads the state file,
-    /// registers every connection with `telemetry`. Nothing is sent yet.
-    pub async fn new(
-        config: Config,
-        options: Options,
-        telemetry: Arc<Telemetry>,
-        notifier: Notifier,
-    ) -> anyhow::Result<Self> {
-        let rotator = build_rotator(&config, &options, &telemetry, None).await?;
-        Ok(Self::with_runner(
-            config,
-            options,
-            telemetry,
-            notifier,
-            Clock::system(),
-            Runner::Real(Arc::new(rotator)),
-        ))
-    }
-
-    /// A scheduler on clients already built (shared with discovery).
-    pub fn with_rotator(
-        config: Config,
-        options: Options,
-        telemetry: Arc<Telemetry>,
-        notifier: Notifier,
-        rotator: Arc<Rotator>,
-    ) -> Self {
-        Self::with_runner(
-            config,
-            options,
-            telemetry,
-            notifier,
-            Clock::system(),
-            Runner::Real(rotator),
-        )
-    }
-
-    /// A scheduler whose jobs run on `runner` and whose time is `clock`:
-    /// the seam that lets tests drive the loop with paused time and no sockets.
-    pub fn with_job_runner(
-        config: Config,
-        options: Options,
-        telemetry: Arc<Telemetry>,
-        notifier: Notifier,
-        clock: Clock,
-        runner: Arc<dyn JobRunner>,
-    ) -> Self {
-        Self::with_runner(
+    /// The scheduler made of `parts`: reads the state file and takes in
+    /// every configured connection. Nothing is sent yet.
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
             config,
             options,
             telemetry,
             notifier,
             clock,
-            Runner::Fixed(runner),
-        )
+            runner,
+            snapshots,
+        } = parts;
+        let mut daemon = Self::with_runner(config, options, telemetry, notifier, clock, runner);
+        if let Some(tx) = snapshots {
+            daemon.publisher = Publisher::new(tx);
+        }
+        daemon
     }
 
     fn with_runner(
@@ -332,12 +312,6 @@ impl Daemon {
         daemon.unclaimed = unclaimed;
         daemon.loaded = persisted;
         daemon
-    }
-
-    /// Publishes the snapshots on `tx` (the views hold its receivers);
-    /// without this they go nowhere.
-    pub fn publish_to(&mut self, tx: watch::Sender<Arc<Snapshot>>) {
-        self.publisher = Publisher::new(tx);
     }
 
     /// The connections of `config` this run is about (`once --connection`).

@@ -194,11 +194,13 @@ impl<'a> ClientSettings<'a> {
     }
 }
 
-/// The clients jobs run with: the real ones (rebuilt on reload), or a fixed
-/// runner (tests).
+/// What runs a scheduler's jobs: the real clients (rebuilt on reload where
+/// their settings change), or a fixed runner (tests).
 #[derive(Debug, Clone)]
-pub(super) enum Runner {
+pub enum Runner {
+    /// The real clients; a reload rebuilds what its settings change.
     Real(Arc<Rotator>),
+    /// A fixed runner (tests: scripted jobs on paused time); reloads keep it.
     Fixed(Arc<dyn JobRunner>),
 }
 

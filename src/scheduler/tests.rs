@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::remote::flow::FlowError;
+use crate::rotation::{JobRunner, Rotator};
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 
@@ -157,8 +158,15 @@ fn scheduler(
     runner: Arc<Scripted>,
     notifier: Notifier,
 ) -> Daemon {
-    let telemetry = Arc::new(Telemetry::new());
-    Daemon::with_job_runner(config, options(mode), telemetry, notifier, clock, runner)
+    Daemon::new(Parts {
+        config,
+        options: options(mode),
+        telemetry: Arc::new(Telemetry::new()),
+        notifier,
+        clock,
+        runner: Runner::Fixed(runner),
+        snapshots: None,
+    })
 }
 
 /// Runs `daemon` for `length` of paused time, then stops it.
@@ -299,15 +307,16 @@ async fn a_backlog_larger_than_the_dispatch_limit_does_not_spin() {
 async fn the_views_see_each_rotation_in_a_snapshot_and_an_idle_loop_does_not_turn() {
     let clock = Clock::tokio_at(t0());
     let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
-    let mut daemon = scheduler(
-        config(3, 8),
-        Mode::Run,
-        clock,
-        Arc::clone(&runner),
-        Notifier::default(),
-    );
     let (tx, mut snapshots) = crate::observe::status::snapshot_channel(S(1200));
-    daemon.publish_to(tx);
+    let daemon = Daemon::new(Parts {
+        config: config(3, 8),
+        options: options(Mode::Run),
+        telemetry: Arc::new(Telemetry::new()),
+        notifier: Notifier::default(),
+        clock,
+        runner: Runner::Fixed(Arc::clone(&runner) as Arc<dyn JobRunner>),
+        snapshots: Some(tx),
+    });
     let cancel = CancellationToken::new();
     let (_reloads_tx, reloads) = mpsc::channel(1);
     let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
@@ -611,15 +620,15 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
     let mut options = options(Mode::Run);
     options.fence = Some(fence.clone());
     let config = config(3, 4);
-    let telemetry = Arc::new(Telemetry::new());
-    let mut daemon = Daemon::with_job_runner(
+    let mut daemon = Daemon::new(Parts {
         config,
         options,
-        telemetry,
-        systemd.notifier(None),
+        telemetry: Arc::new(Telemetry::new()),
+        notifier: systemd.notifier(None),
         clock,
-        Arc::clone(&runner) as Arc<dyn JobRunner>,
-    );
+        runner: Runner::Fixed(Arc::clone(&runner) as Arc<dyn JobRunner>),
+        snapshots: None,
+    });
     let (leadership_tx, leadership) = watch::channel(Leadership::starting());
     let (sink, mut written) = StateSink::channel();
     daemon.coordinate(leadership, sink);
