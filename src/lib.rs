@@ -10,17 +10,20 @@
 //!   commands/        one file per command: run · once · check · status · create · demo
 //!   app.rs           the wiring every command shares: CA roots, the config as loaded,
 //!                    the clients with the start's membership, [coordination] around a daemon
-//!   scheduler/       the loop: deadline heaps, a dispatch limit, jobs keyed by task,
-//!                    reloads (one set of clients, built by run's discovery supervisor)
+//!   scheduler/       the loop: deadline heaps (queue), a dispatch limit, jobs keyed by task;
+//!                    readiness (pure: READY/STATUS/WATCHDOG), publish (snapshots out, the
+//!                    state file written off the loop), reloads as a diff, intake, replicas
 //!   discovery/       [[discover]] rules over listings (rules.rs is pure), the streamed start
 //!   coordination/    the DynamoDB lease (leadership.rs: the role), the shared state,
 //!                    the local state file (local.rs)
 //!   rotation.rs      one job over traits (FlowApi, TokenSource, S3Probe, the STS cache):
 //!                    token → etag → credentials → S3 pre-push check → PATCH, 412 → re-read
-//!   connection/      one state per connection; apply(event, now, policy, draw) → Action
+//!   connection/      one state per connection, its numbers included; apply(event, now,
+//!                    policy, draw) → Action is the only door (restore, adopt, listing: events)
 //!   policy/          pure: when the next rotation is due, how long a retry waits
-//!   observe/         what operators see: status board and metrics, admin endpoint,
-//!                    systemd notify, log formats
+//!   observe/         what operators see: the snapshot and its words (status), what the
+//!                    views read (views), process-wide counters (telemetry), the metrics
+//!                    collector, admin endpoint, systemd notify, log formats
 //!   remote/          the clients and their one HTTP policy: ims, sts, flow (+ wire), s3probe,
 //!                    shaping (the request gate), http (caps, scrubbing), tls
 //!   config/          types · raw · load · check (+ sections, identities): every problem with its key path
@@ -41,8 +44,9 @@
 //!                 ▲                                                   │
 //!                 └──────────────────── JobResult ◄───────────────────┘
 //!
-//!   views of the connection state: observe (status board, metrics, admin HTTP,
-//!   systemd notify), the state file (coordination/local), the `once` report
+//!   after each turn that changed a connection, the scheduler publishes a Snapshot
+//!   (the connections' Arc'd views, on a watch): /status, /readyz, /metrics, the
+//!   state file's writer read it; STATUS= and the `once` report read the same views
 //!
 //!   coordination (optional, `[coordination]`): an elector holds a lease item in
 //!   DynamoDB; its Leadership gates the scheduler's dispatch, its Fence is checked
@@ -55,9 +59,8 @@
 //! `scrub`, `clock`, `fsguard` (which import no module of the crate). No
 //! module imports one above it, and there is no import circle (`python3
 //! ../shared/tools/house.py`). The remote clients count their requests in
-//! [`counters`], a leaf that `observe` registers in its metrics. Known
-//! exception, as of now: coordination writes the role into
-//! `observe::telemetry` (it should publish, and the views read).
+//! [`counters`], a leaf that `observe` registers in its metrics. The role
+//! is published by coordination on a `watch`, which the views read.
 //!
 //! Time is read through [`clock`]: the scheduler runs on a `Clock`, so tests
 //! drive it with paused tokio time; every remote number is clamped there.

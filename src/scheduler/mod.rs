@@ -25,11 +25,11 @@
 //! `intake` (the start's listing: held connections, connections found page
 //! by page), `reload` (the clients, and a reload as a diff), `replicas`
 //! (`[coordination]`: leadership, adoption, the shared table) and
-//! `observe` (readiness, `STATUS=`, the watchdog, the report) and
+//! `observe` and `readiness` (`READY=1`, `STATUS=`, the watchdog: decided
+//! by a pure struct, carried out here; the report) and
 //! `publish` (the snapshots, the state file's writer).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -54,6 +54,8 @@ use crate::rotation::{Job, JobResult, RotationError};
 mod intake;
 mod observe;
 mod publish;
+mod queue;
+mod readiness;
 mod reload;
 mod replicas;
 
@@ -61,76 +63,11 @@ pub use intake::{Intake, MAX_HOLD};
 use intake::{Listed, next_intake};
 pub use observe::Report;
 use publish::Publisher;
+use queue::DueQueue;
+use readiness::Readiness;
 use reload::Prepared;
 pub use reload::{Reload, Runner, build_rotator};
 use replicas::leadership_changed;
-
-/// The deadline heaps: (due time, insertion number, id), earliest first,
-/// one for rotations and one for retries of connections whose last attempt
-/// failed.
-///
-/// Of the connections due at once, rotations go first: a retry's attempt
-/// may hold its dispatch slot and request permit for a whole
-/// `request_timeout` (a remote that hangs), so when many connections fail
-/// that way, due time alone would queue every healthy rotation behind them.
-/// Retries take every slot no rotation is due for.
-///
-/// Connections due at the same time (a whole first pass is) come out in the
-/// order they were queued: the insertion number settles every tie, so the
-/// heap never compares ids (10,000 equal due times made string comparison
-/// the heap's main cost).
-#[derive(Debug, Default)]
-struct DueQueue {
-    rotations: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
-    retries: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
-    queued: u64,
-}
-
-impl DueQueue {
-    fn push(&mut self, at: SystemTime, id: &str, retry: bool) {
-        self.queued = self.queued.wrapping_add(1);
-        let heap = if retry {
-            &mut self.retries
-        } else {
-            &mut self.rotations
-        };
-        heap.push(Reverse((at, self.queued, id.to_owned())));
-    }
-
-    /// Drops stale entries (`current` says which are not) from both tops.
-    fn clean(&mut self, current: impl Fn(SystemTime, &str) -> bool) {
-        for heap in [&mut self.rotations, &mut self.retries] {
-            while let Some(Reverse((at, _, id))) = heap.peek() {
-                if current(*at, id) {
-                    break;
-                }
-                heap.pop();
-            }
-        }
-    }
-
-    /// The earliest due time of either heap.
-    fn earliest(&self) -> Option<SystemTime> {
-        let top = |heap: &BinaryHeap<Reverse<(SystemTime, u64, String)>>| {
-            heap.peek().map(|Reverse((at, _, _))| *at)
-        };
-        match (top(&self.rotations), top(&self.retries)) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// The next connection to dispatch at `now`: a due rotation, else a due
-    /// retry.
-    fn pop_due(&mut self, now: SystemTime) -> Option<String> {
-        for heap in [&mut self.rotations, &mut self.retries] {
-            if heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
-                return heap.pop().map(|Reverse((_, _, id))| id);
-            }
-        }
-        None
-    }
-}
 
 /// How the daemon runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,16 +133,12 @@ pub struct Daemon {
     tasks: HashMap<tokio::task::Id, String>,
     /// Dropped jobs are cancelled before their PATCH when shutdown starts.
     job_cancel: CancellationToken,
-    ready_sent: bool,
+    /// READY, STATUS and WATCHDOG, decided.
+    readiness: Readiness,
     /// The snapshots every view reads.
     publisher: Publisher,
     /// What the state file held at the start.
     loaded: StateSnapshot,
-    last_status: Option<tokio::time::Instant>,
-    /// Work dispatched or completed since the last watchdog ping.
-    progressed: bool,
-    turns: u64,
-    turns_at_ping: u64,
     /// `[coordination]`: the elector's word (`None`: the only writer).
     leadership: Option<watch::Receiver<Leadership>>,
     /// Whether this replica may dispatch: always without coordination;
@@ -279,13 +212,9 @@ impl Daemon {
             jobs: JoinSet::new(),
             tasks: HashMap::new(),
             job_cancel: CancellationToken::new(),
-            ready_sent: false,
+            readiness: Readiness::default(),
             publisher: Publisher::new(watch::channel(Arc::new(Snapshot::default())).0),
             loaded: StateSnapshot::default(),
-            last_status: None,
-            progressed: false,
-            turns: 0,
-            turns_at_ping: 0,
             leadership: None,
             leading: true,
             term: 0,
@@ -369,7 +298,7 @@ impl Daemon {
             self.unclaimed = std::collections::BTreeMap::new();
         }
         loop {
-            self.turns += 1;
+            self.readiness.turn();
             self.dispatch_due();
             if self.options.mode == Mode::Once
                 && self.jobs.is_empty()
@@ -518,7 +447,7 @@ impl Daemon {
         let Some(connection) = self.connections.get_mut(&job.id) else {
             return;
         };
-        self.progressed = true;
+        self.readiness.progressed();
         // A shared pause (another connection's 429) never holds this job
         // past the point where its own credentials need replacing.
         let start_by = connection
@@ -541,7 +470,7 @@ impl Daemon {
         &mut self,
         joined: Result<(tokio::task::Id, (String, JobResult)), tokio::task::JoinError>,
     ) {
-        self.progressed = true;
+        self.readiness.progressed();
         match joined {
             Ok((task, (id, result))) => {
                 self.tasks.remove(&task);

@@ -1,21 +1,13 @@
-//! What the scheduler tells systemd (readiness, `STATUS=`, watchdog pings)
-//! and the final report of a run. Each is read from the connections' views
-//! when it is due, never kept as a copy.
+//! What the scheduler tells systemd (readiness, `STATUS=`, watchdog pings,
+//! as [`super::readiness`] decides) and the final report of a run. Each is
+//! read from the connections' views when it is due, never kept as a copy.
 
 use std::time::Duration;
 
 use super::Daemon;
+use super::readiness::{Facts, Ping, Say};
 use crate::coordination::Role;
 use crate::observe::status::{ConnectionStatus, Summary};
-
-/// How often the systemd `STATUS=` line is refreshed at most.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Loop turns between two watchdog pings beyond which the loop counts as
-/// spinning (and stops feeding the watchdog) when nothing was dispatched or
-/// completed: a healthy loop turns a few times per event, never thousands of
-/// times for none.
-const SPIN_TURNS: u64 = 10_000;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Default)]
@@ -34,66 +26,61 @@ impl Report {
 }
 
 impl Daemon {
-    /// Pings the watchdog if the loop made progress since the last ping, or
-    /// had nothing it could do; a wedged or spinning loop stops feeding it.
+    /// A watchdog tick: pings if the loop made progress since the last
+    /// one, or had nothing it could do; a wedged or spinning loop stops
+    /// feeding it.
     pub(super) fn watchdog(&mut self) {
-        let turns = self.turns - self.turns_at_ping;
-        self.turns_at_ping = self.turns;
         let now = self.clock.now();
         // A standby's due connections wait for leadership, not for the loop.
         let overdue = self.leading && self.next_deadline().is_some_and(|at| at <= now);
         let idle = self.jobs.is_empty() && !overdue;
-        let spinning = !self.progressed && turns > SPIN_TURNS;
-        if (self.progressed || idle) && !spinning {
-            match self.notifier.watchdog_interval() {
-                // Before READY=1 (the first pass is still going): three
-                // ping intervals more to start, asked again at each ping.
-                Some(interval) if !self.ready_sent => self
+        match self.readiness.tick(idle) {
+            Ping::Alive => self.notifier.watchdog(),
+            // Before READY=1 (the first pass is still going): three ping
+            // intervals more to start, asked again at each ping.
+            Ping::ExtendStart => match self.notifier.watchdog_interval() {
+                Some(interval) => self
                     .notifier
                     .watchdog_extending_start(interval.saturating_mul(3)),
-                _ => self.notifier.watchdog(),
-            }
-        } else {
-            tracing::warn!(
+                None => self.notifier.watchdog(),
+            },
+            Ping::Withhold { turns } => tracing::warn!(
                 in_flight = self.jobs.len(),
                 loop_turns = turns,
                 "scheduler made no progress since the last watchdog ping; not pinging"
-            );
+            ),
         }
-        self.progressed = false;
     }
 
-    /// Readiness and `STATUS=` after something happened.
+    /// Readiness and `STATUS=` after a turn.
     pub(super) fn after_progress(&mut self) {
-        let now = crate::clock::mono_now();
-        let standby = self
-            .leadership
-            .as_ref()
-            .is_some_and(|l| l.borrow().role == Role::Standby);
-        if !self.ready_sent && standby {
-            // A healthy standby is ready: ready to take over.
-            self.ready_sent = true;
-            self.last_status = Some(now);
-            let line = self.status_line();
-            tracing::info!(status = %line, "ready as a standby");
-            self.notifier.ready(&line);
-        } else if !self.ready_sent
-            && self.leading
-            && self.intake.is_none()
-            && self.connections.values().all(|c| c.had_outcome())
-        {
-            self.ready_sent = true;
-            self.last_status = Some(now);
-            let line = self.status_line();
-            tracing::info!(status = %line, "first pass complete");
-            self.notifier.ready(&line);
-        } else if self.ready_sent
-            && self
-                .last_status
-                .is_none_or(|at| now.duration_since(at) >= STATUS_INTERVAL)
-        {
-            self.last_status = Some(now);
-            self.notifier.status(&self.status_line());
+        let facts = if self.readiness.ready_sent() {
+            Facts::default()
+        } else {
+            Facts {
+                standby: self
+                    .leadership
+                    .as_ref()
+                    .is_some_and(|l| l.borrow().role == Role::Standby),
+                first_pass_done: self.leading
+                    && self.intake.is_none()
+                    && self.connections.values().all(|c| c.had_outcome()),
+            }
+        };
+        match self.readiness.after_turn(facts, crate::clock::mono_now()) {
+            Say::Nothing => {}
+            Say::ReadyAsStandby => {
+                // A healthy standby is ready: ready to take over.
+                let line = self.status_line();
+                tracing::info!(status = %line, "ready as a standby");
+                self.notifier.ready(&line);
+            }
+            Say::Ready => {
+                let line = self.status_line();
+                tracing::info!(status = %line, "first pass complete");
+                self.notifier.ready(&line);
+            }
+            Say::Status => self.notifier.status(&self.status_line()),
         }
     }
 
@@ -144,7 +131,7 @@ impl Daemon {
             .collect();
         Report {
             connections,
-            loop_turns: self.turns,
+            loop_turns: self.readiness.turns(),
         }
     }
 }

@@ -53,7 +53,7 @@ impl Daemon {
             }
         }
         // The role shows in `STATUS=` at once.
-        self.last_status = None;
+        self.readiness.status_now();
     }
 
     /// Takes up the shared state (see [`crate::connection::Connection::adopt`]); `None` keeps
