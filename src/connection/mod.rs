@@ -190,7 +190,8 @@ pub struct Connection {
     /// Whether any job of this connection has ended in this process (the
     /// first pass, for `READY=1`).
     had_outcome: bool,
-    pending: Option<PendingChange>,
+    /// Boxed: rare, and as large as the rest of the connection.
+    pending: Option<Box<PendingChange>>,
     removed: bool,
     /// The bucket, folder and endpoint the pre-push check probes, learnt
     /// from the connection's GET and kept with the etag.
@@ -399,7 +400,7 @@ impl Connection {
             // Never two jobs for one connection: the old job's result is
             // applied first (it tells which key is on the connection), then
             // the connection rotates with the new settings.
-            self.pending = Some(PendingChange { config, sts });
+            self.pending = Some(Box::new(PendingChange { config, sts }));
             return Action::AwaitJob;
         }
         self.take_change(PendingChange { config, sts }, now)
@@ -465,7 +466,7 @@ impl Connection {
         }
         if let Some(change) = self.pending.take() {
             self.phase = Phase::Waiting(now);
-            return self.take_change(change, now);
+            return self.take_change(*change, now);
         }
         match next {
             Some(at) => {

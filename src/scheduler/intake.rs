@@ -204,7 +204,6 @@ impl Daemon {
             }
             let sts = StsRequest::for_connection(&self.config, &config);
             let id = config.id.clone();
-            self.config.connections.push(config.clone());
             let saved = self.unclaimed.remove(&id);
             let listed = Listed {
                 saved: saved.as_ref(),
@@ -239,6 +238,7 @@ impl Daemon {
         listed: Listed<'_>,
     ) {
         let id = config.id.clone();
+        self.order.push(id.clone());
         self.connections
             .insert(id.clone(), Box::new(Connection::new(config, sts, now)));
         let mut told = false;

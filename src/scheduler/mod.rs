@@ -115,6 +115,8 @@ pub struct Parts {
 
 /// The scheduler.
 pub struct Daemon {
+    /// The config in force, without its connections (each [`Connection`]
+    /// holds its own).
     config: Config,
     options: Options,
     policy: Policy,
@@ -123,6 +125,8 @@ pub struct Daemon {
     telemetry: Arc<Telemetry>,
     notifier: Notifier,
     state: Option<StateStore>,
+    /// Ids in the order they were added (the report's order).
+    order: Vec<String>,
     /// Boxed: a `Connection` is about 1 KB, and a discovery start adds
     /// 10,000 page by page, so each growth of the map moved all of them.
     connections: HashMap<String, Box<Connection>>,
@@ -189,7 +193,7 @@ impl Daemon {
     }
 
     fn with_runner(
-        config: Config,
+        mut config: Config,
         options: Options,
         telemetry: Arc<Telemetry>,
         notifier: Notifier,
@@ -197,6 +201,9 @@ impl Daemon {
         runner: Runner,
     ) -> Self {
         let policy = Policy::new(&config.rotation, options.mode == Mode::Once);
+        // Each connection keeps its own settings: the daemon's config keeps
+        // none (a second copy of 10,000 entries).
+        let connections = std::mem::take(&mut config.connections);
         let state = config.state.path.clone().map(StateStore::new);
         let mut daemon = Self {
             config,
@@ -207,6 +214,7 @@ impl Daemon {
             telemetry,
             notifier,
             state,
+            order: Vec::new(),
             connections: HashMap::new(),
             heap: DueQueue::default(),
             jobs: JoinSet::new(),
@@ -225,9 +233,10 @@ impl Daemon {
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
-        for config in daemon.selected(&daemon.config) {
+        for config in daemon.selected(connections) {
             let sts = StsRequest::for_connection(&daemon.config, &config);
             let id = config.id.clone();
+            daemon.order.push(id.clone());
             daemon
                 .connections
                 .insert(id.clone(), Box::new(Connection::new(config, sts, now)));
@@ -243,13 +252,11 @@ impl Daemon {
         daemon
     }
 
-    /// The connections of `config` this run is about (`once --connection`).
-    fn selected(&self, config: &Config) -> Vec<ConnectionConfig> {
-        config
-            .connections
-            .iter()
+    /// The connections of a config this run is about (`once --connection`).
+    fn selected(&self, connections: Vec<ConnectionConfig>) -> Vec<ConnectionConfig> {
+        connections
+            .into_iter()
             .filter(|c| self.options.only.is_empty() || self.options.only.contains(&c.id))
-            .cloned()
             .collect()
     }
 
@@ -432,6 +439,7 @@ impl Daemon {
             Action::AwaitJob | Action::AwaitListing | Action::Finished => {}
             Action::Drop => {
                 self.connections.remove(id);
+                self.order.retain(|known| known != id);
                 self.publisher.changed();
                 self.share(id);
                 return;

@@ -123,10 +123,9 @@ impl Daemon {
 
     pub(super) fn report(&self) -> Report {
         let connections = self
-            .config
-            .connections
+            .order
             .iter()
-            .filter_map(|c| self.connections.get(&c.id))
+            .filter_map(|id| self.connections.get(id))
             .map(|c| c.view().as_ref().clone())
             .collect();
         Report {

@@ -2,7 +2,7 @@
 //! off the loop, keeping every part whose settings did not change, then the
 //! config is applied as a diff of the connections.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -315,22 +315,20 @@ impl Daemon {
         config.state.path = self.config.state.path.clone();
         config.coordination = self.config.coordination.clone();
         let now = self.clock.now();
-        let wanted: HashMap<String, ConnectionConfig> = self
-            .selected(&config)
-            .into_iter()
-            .map(|c| (c.id.clone(), c))
-            .collect();
+        let wanted: Vec<ConnectionConfig> = self.selected(std::mem::take(&mut config.connections));
+        let wanted_ids: HashSet<&str> = wanted.iter().map(|c| c.id.as_str()).collect();
         let removed: Vec<String> = self
             .connections
             .keys()
-            .filter(|id| !wanted.contains_key(*id))
+            .filter(|id| !wanted_ids.contains(id.as_str()))
             .cloned()
             .collect();
         for id in &removed {
             self.event(id, Event::Removed);
         }
         let (mut added, mut changed) = (0usize, 0usize);
-        for connection in self.selected(&config) {
+        drop(wanted_ids);
+        for connection in wanted {
             let sts = StsRequest::for_connection(&config, &connection);
             let id = connection.id.clone();
             match self.connections.get(&id) {
