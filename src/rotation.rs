@@ -69,6 +69,10 @@ pub struct Job {
     /// The connection's S3 parameters, learnt with the etag; when unknown
     /// (and the pre-push check is on) the job GETs the connection.
     pub s3: Option<S3Target>,
+    /// A `rotate` request: push credentials STS issued at or after this
+    /// time, never cached ones from before it
+    /// ([`CredentialCache::get_fresh`]). `None` for a scheduled rotation.
+    pub fresh_since: Option<SystemTime>,
 }
 
 /// How a job ended.
@@ -431,10 +435,18 @@ impl Rotation<'_> {
             }
             progress.etag = Some(remote.etag);
         }
-        let credentials = self
-            .credentials
-            .get(&job.sts, job.held.as_deref(), self.refresh_before)
-            .await?;
+        let credentials = match job.fresh_since {
+            Some(since) => {
+                self.credentials
+                    .get_fresh(&job.sts, since, self.refresh_before)
+                    .await?
+            }
+            None => {
+                self.credentials
+                    .get(&job.sts, job.held.as_deref(), self.refresh_before)
+                    .await?
+            }
+        };
         self.prepush_check(job, progress, &credentials, cancel)
             .await?;
         if self.dry_run {
@@ -923,6 +935,7 @@ mod tests {
             held: None,
             resume_if_etag: None,
             s3: None,
+            fresh_since: None,
         }
     }
 
