@@ -124,6 +124,13 @@ pub enum Event {
     Changed(Box<ConnectionConfig>, StsRequest),
     /// A reload removed it.
     Removed,
+    /// An operator asked for new credentials now (`rotate`): the next job
+    /// runs at once (after the one in flight, if any) and pushes
+    /// credentials STS issued at or after `since`.
+    RotateNow {
+        /// When the request arrived; the job's credentials are no older.
+        since: SystemTime,
+    },
     /// The daemon is stopping.
     Shutdown,
 }
@@ -197,6 +204,9 @@ pub struct Connection {
     /// The last etag a list page showed, and when: a shared record written
     /// before then with another etag is stale ([`Self::adopt`]).
     listed_etag: Option<(String, SystemTime)>,
+    /// A `rotate` request not yet dispatched: its job pushes credentials
+    /// issued at or after this time ([`Event::RotateNow`]).
+    rotate_now: Option<SystemTime>,
 }
 
 impl Connection {
@@ -220,6 +230,7 @@ impl Connection {
             job_span: None,
             restored_expiry: None,
             listed_etag: None,
+            rotate_now: None,
             counts: Counts::default(),
             last_error: None,
         }
@@ -305,6 +316,7 @@ impl Connection {
             Event::Due => self.on_due(now),
             Event::JobDone(result) => self.on_job_done(result, now, policy, draw),
             Event::Changed(config, sts) => self.on_changed(*config, sts, now),
+            Event::RotateNow { since } => self.on_rotate_now(since, now),
             Event::Removed => {
                 self.removed = true;
                 if self.phase == Phase::InFlight {
@@ -332,17 +344,44 @@ impl Connection {
             Phase::Waiting(at) if at > now => Action::WaitUntil(at),
             Phase::Waiting(_) => {
                 self.phase = Phase::InFlight;
+                let fresh_since = self.rotate_now.take();
+                // A requested rotation pushes whatever the connection
+                // holds: "unchanged since restart" is no answer to it.
+                let resume_if_etag = self.resume_etag.take().filter(|_| fresh_since.is_none());
                 Action::Dispatch(Box::new(Job {
                     id: self.config.id.clone(),
                     sandbox: self.config.sandbox.clone(),
                     sts: self.sts.clone(),
                     known_etag: self.etag.clone(),
                     held: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
-                    resume_if_etag: self.resume_etag.take(),
+                    resume_if_etag,
                     s3: self.s3.clone(),
+                    fresh_since,
                 }))
             }
         }
+    }
+
+    /// A `rotate` request: due now, or right after the job in flight
+    /// (never two jobs for one connection). Requests that meet before the
+    /// job starts are served by one job, with the latest `since`.
+    fn on_rotate_now(&mut self, since: SystemTime, now: SystemTime) -> Action {
+        if self.removed || self.phase == Phase::Finished {
+            return self.current_action();
+        }
+        self.rotate_now = Some(self.rotate_now.map_or(since, |at| at.max(since)));
+        match self.phase {
+            Phase::Waiting(_) => {
+                self.phase = Phase::Waiting(now);
+                Action::WaitUntil(now)
+            }
+            Phase::InFlight | Phase::Finished => self.current_action(),
+        }
+    }
+
+    /// Whether a `rotate` request waits for this connection's next job.
+    pub fn rotate_requested(&self) -> bool {
+        self.rotate_now.is_some()
     }
 
     fn on_changed(&mut self, config: ConnectionConfig, sts: StsRequest, now: SystemTime) -> Action {
@@ -426,6 +465,11 @@ impl Connection {
             return self.take_change(change, now);
         }
         match next {
+            // A `rotate` request came while this job ran: its own job now.
+            Some(_) if self.rotate_now.is_some() => {
+                self.phase = Phase::Waiting(now);
+                Action::WaitUntil(now)
+            }
             Some(at) => {
                 self.phase = Phase::Waiting(at);
                 Action::WaitUntil(at)
