@@ -177,6 +177,8 @@ pub struct Telemetry {
     role: Mutex<Option<RoleView>>,
     /// `leader_changes_total`: this replica became or stopped being the leader.
     leader_changes: Counter,
+    /// `rotate_requests_total{result}`: process-wide, like `requests`.
+    rotate_requests: crate::counters::RotateRequests,
 }
 
 /// This replica's role, as `/readyz`, `/status` and `leader` show it.
@@ -221,7 +223,13 @@ impl Telemetry {
             discovery_conflicts: Gauge::default(),
             role: Mutex::new(None),
             leader_changes: Counter::default(),
+            rotate_requests: crate::counters::RotateRequests::default(),
         }
+    }
+
+    /// The `rotate` request counter (`crate::control` counts into it).
+    pub fn rotate_requests(&self) -> &crate::counters::RotateRequests {
+        &self.rotate_requests
     }
 
     /// Records this replica's role (coordination on).
@@ -613,6 +621,11 @@ impl Telemetry {
             "leader",
             "1 while this replica holds the coordination lease (or runs without coordination), else 0",
             leader,
+        );
+        registry.register(
+            "rotate_requests",
+            "Requests of `aep-s3-rotator rotate` answered, by result (pushed, failed, rejected, denied)",
+            Described(self.rotate_requests.family()),
         );
         registry.register(
             "leader_changes",
