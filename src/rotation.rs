@@ -435,18 +435,16 @@ impl Rotation<'_> {
             }
             progress.etag = Some(remote.etag);
         }
-        let credentials = match job.fresh_since {
-            Some(since) => {
-                self.credentials
-                    .get_fresh(&job.sts, since, self.refresh_before)
-                    .await?
-            }
-            None => {
-                self.credentials
-                    .get(&job.sts, job.held.as_deref(), self.refresh_before)
-                    .await?
-            }
-        };
+        // A `rotate` request's job: credentials issued since the request.
+        let credentials = self
+            .credentials
+            .get_fresh(
+                &job.sts,
+                job.held.as_deref(),
+                self.refresh_before,
+                job.fresh_since,
+            )
+            .await?;
         self.prepush_check(job, progress, &credentials, cancel)
             .await?;
         if self.dry_run {

@@ -1085,7 +1085,8 @@ mod tests {
                     || name == "aep_s3_rotator_connection_info"
                     || name == "aep_s3_rotator_discovery_conflicts"
                     || name == "aep_s3_rotator_leader"
-                    || name == "aep_s3_rotator_leader_changes_total",
+                    || name == "aep_s3_rotator_leader_changes_total"
+                    || name == "aep_s3_rotator_rotate_requests_total",
                 "unexpected series {name}"
             );
         }

@@ -670,9 +670,7 @@ fn accept_credentials(
 struct Cached {
     credentials: Arc<AwsCredentials>,
     reuse_until: SystemTime,
-    /// When STS was asked for them (by the cache's clock): an answer to a
-    /// call sent before a `rotate` request is not fresh enough for it
-    /// ([`CredentialCache::get_fresh`]).
+    /// When STS was asked for them ([`CredentialCache::get_fresh`]).
     asked: SystemTime,
 }
 
@@ -688,7 +686,7 @@ struct Slot {
 struct Failed {
     error: StsError,
     until: tokio::time::Instant,
-    /// When the call failed (by the cache's clock), for [`CredentialCache::get_fresh`].
+    /// When the call was made ([`CredentialCache::get_fresh`]).
     at: SystemTime,
 }
 
@@ -745,27 +743,13 @@ impl CredentialCache {
         held: Option<&str>,
         refresh_before: Duration,
     ) -> Result<Arc<AwsCredentials>, StsError> {
-        self.get_issued_since(request, held, refresh_before, None)
-            .await
+        self.get_fresh(request, held, refresh_before, None).await
     }
 
-    /// Credentials for `request` issued by STS at or after `since` (a
-    /// `rotate` request: the operator wants keys that did not exist before
-    /// it, e.g. after revoking the role's sessions). A cached answer older
-    /// than `since`, and a shared failure from before it, are passed over;
-    /// one issued since then is still shared, so `rotate --all` costs one
-    /// STS call per identity, not one per connection.
+    /// [`Self::get`], passing over answers (and shared failures) from
+    /// before `since`: a `rotate` request wants keys that did not exist
+    /// before it; one call per identity still serves the whole request.
     pub async fn get_fresh(
-        &self,
-        request: &StsRequest,
-        since: SystemTime,
-        refresh_before: Duration,
-    ) -> Result<Arc<AwsCredentials>, StsError> {
-        self.get_issued_since(request, None, refresh_before, Some(since))
-            .await
-    }
-
-    async fn get_issued_since(
         &self,
         request: &StsRequest,
         held: Option<&str>,
@@ -1151,11 +1135,17 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         let since = clock.now();
         // Cached before the request: passed over, STS is asked.
-        let fresh = cache.get_fresh(&req, since, refresh).await.unwrap();
+        let fresh = cache
+            .get_fresh(&req, None, refresh, Some(since))
+            .await
+            .unwrap();
         assert_ne!(fresh.access_key_id, cached.access_key_id);
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
         // Other connections of the same request share that one call ...
-        let again = cache.get_fresh(&req, since, refresh).await.unwrap();
+        let again = cache
+            .get_fresh(&req, None, refresh, Some(since))
+            .await
+            .unwrap();
         assert_eq!(again.access_key_id, fresh.access_key_id);
         // ... and so do scheduled rotations.
         let scheduled = cache.get(&req, None, refresh).await.unwrap();
@@ -1185,7 +1175,12 @@ mod tests {
                 .is_shared()
         );
         let since = clock.now();
-        assert!(cache.get_fresh(&req, since, refresh).await.is_ok());
+        assert!(
+            cache
+                .get_fresh(&req, None, refresh, Some(since))
+                .await
+                .is_ok()
+        );
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
