@@ -77,13 +77,15 @@ COPY . .
 # state then dies with the container).
 RUN cargo build --release --locked --no-default-features --bin aep-s3-rotator \
     && install -D -m 0755 target/release/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator \
-    && install -d -m 0700 /out/var/lib/aep-s3-rotator
+    && install -d -m 0700 /out/var/lib/aep-s3-rotator \
+    && install -d -m 0700 /out/run/aep-s3-rotator
 
 # A binary built outside (BINARY=prebuilt), laid out as the builder's /out.
 # .dockerignore lets this one file of target/ into the context. WORKDIR makes
 # the empty state directory without a shell (before the COPY: buildah
 # creates a WORKDIR only when a later step writes to the stage).
 FROM scratch AS prebuilt
+WORKDIR /out/run/aep-s3-rotator
 WORKDIR /out/var/lib/aep-s3-rotator
 COPY target/docker/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator
 
@@ -102,6 +104,11 @@ LABEL org.opencontainers.image.title="aep-s3-rotator" \
 
 COPY --from=binary /out/usr/local/bin/aep-s3-rotator /usr/local/bin/aep-s3-rotator
 COPY --from=binary --chown=65532:65532 /out/var/lib/aep-s3-rotator /var/lib/aep-s3-rotator
+# The control socket's directory (/run/aep-s3-rotator/control.sock, the
+# default): `kubectl exec POD -- aep-s3-rotator rotate --all` runs as this
+# user and finds it there, with no shell. Mount an emptyDir here when the
+# root filesystem is read-only.
+COPY --from=binary --chown=65532:65532 /out/run/aep-s3-rotator /run/aep-s3-rotator
 
 USER nonroot
 

@@ -73,6 +73,19 @@ pub(crate) struct Coordination {
     pub(crate) fence: crate::coordination::Fence,
     writer: crate::coordination::StateWriter,
     sink: crate::coordination::StateSink,
+    /// The table itself, for `rotate` requests a standby forwards (`crate::control::forward`).
+    pub(crate) table: crate::coordination::dynamo::DynamoStore,
+    /// This replica's holder name.
+    pub(crate) holder: String,
+}
+
+impl Coordination {
+    /// This replica's role as the elector publishes it.
+    pub(crate) fn leadership(
+        &self,
+    ) -> tokio::sync::watch::Receiver<crate::coordination::Leadership> {
+        self.leadership.clone()
+    }
 }
 
 /// The coordination tasks while the daemon runs.
@@ -118,6 +131,7 @@ pub(crate) async fn start_coordination(
             tracing::warn!(table = %settings.table, table_error = %error, "coordination table not reachable yet; standing by until it is");
         }
     }
+    let table = store.clone();
     let store: Arc<dyn Store> = Arc::new(store);
     let holder = settings
         .holder
@@ -130,13 +144,15 @@ pub(crate) async fn start_coordination(
         settings.renew_every,
         Arc::clone(telemetry),
     );
-    let (writer, sink) = StateWriter::new(store, fence.clone(), holder);
+    let (writer, sink) = StateWriter::new(store, fence.clone(), holder.clone());
     Ok(Coordination {
         elector,
         leadership,
         fence,
         writer,
         sink,
+        table,
+        holder,
     })
 }
 

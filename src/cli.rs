@@ -58,6 +58,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Create a new S3 base connection holding fresh temporary credentials, ready to be rotated.
     Create(CreateArgs),
+    /// Ask the running daemon to mint fresh credentials and push them now (e.g. after a leak).
+    Rotate(RotateArgs),
     /// Set up the DynamoDB table that replicas share (`[coordination]`).
     #[command(subcommand)]
     Coordination(CoordinationCommand),
@@ -90,6 +92,34 @@ pub struct OnceArgs {
     /// Only this connection id (repeatable).
     #[arg(long = "connection", value_name = "ID")]
     pub connections: Vec<String>,
+}
+
+/// `rotate`: talks to the running daemon over its control socket
+/// (`[admin] control_socket`); run it as root or as the daemon's user.
+/// Exits 0 when every connection was pushed, 1 when any was not (or the
+/// daemon cannot be reached), 2 when a name is not one the daemon rotates.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["all", "connections", "sandboxes"])))]
+pub struct RotateArgs {
+    /// Every connection the daemon rotates.
+    #[arg(long, conflicts_with_all = ["connections", "sandboxes"])]
+    pub all: bool,
+    /// This connection: its id, or a name only one connection has (repeatable).
+    #[arg(long = "connection", value_name = "ID")]
+    pub connections: Vec<String>,
+    /// Every connection in this sandbox (repeatable).
+    #[arg(long = "sandbox", value_name = "NAME")]
+    pub sandboxes: Vec<String>,
+    /// Why, for the daemon's log (an incident number, "leaked key").
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    pub reason: String,
+    /// How long to wait for the connections' results, e.g. `5m`.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// The daemon's control socket [default: `[admin] control_socket` of the config, else
+    /// $RUNTIME_DIRECTORY/control.sock, else /run/aep-s3-rotator/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 /// `create`

@@ -58,3 +58,44 @@ impl Requests {
         self.0.clone()
     }
 }
+
+/// The results of `aep_s3_rotator_rotate_requests_total{result}`: every
+/// connection pushed; some refused or not finished in time; the request
+/// itself refused (malformed, unknown ids, not leader and no forwarding);
+/// the client's user may not ask.
+pub const ROTATE_RESULTS: [&str; 4] = ["pushed", "failed", "rejected", "denied"];
+
+/// `aep_s3_rotator_rotate_requests_total{result}`: `rotate` requests this
+/// process answered (`crate::control`). Cheap to clone, like [`Requests`].
+#[derive(Debug, Clone)]
+pub struct RotateRequests(Family<RotateLabels, Counter>);
+
+/// The labels of [`RotateRequests`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotateLabels {
+    result: &'static str,
+}
+
+impl Default for RotateRequests {
+    /// Every result at zero from the start, so an alert on
+    /// `increase(...{result="denied"}[1h]) > 0` works before the first one.
+    fn default() -> Self {
+        let family = Family::<RotateLabels, Counter>::default();
+        for result in ROTATE_RESULTS {
+            family.get_or_create(&RotateLabels { result }).inc_by(0);
+        }
+        Self(family)
+    }
+}
+
+impl RotateRequests {
+    /// Counts one request; `result` is one of [`ROTATE_RESULTS`].
+    pub fn count(&self, result: &'static str) {
+        self.0.get_or_create(&RotateLabels { result }).inc();
+    }
+
+    /// The family, for registering in a metrics registry.
+    pub fn family(&self) -> Family<RotateLabels, Counter> {
+        self.0.clone()
+    }
+}

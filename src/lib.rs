@@ -7,7 +7,9 @@
 //!
 //! ```text
 //!   main.rs          parse the command line, set up logging, map the result to an exit code
-//!   commands/        one file per command: run · once · check · status · create · demo
+//!   commands/        one file per command: run · once · check · status · create · demo · rotate
+//!   control/         the control socket `rotate` talks to (peer check, framing), and the
+//!                    standby's way to the leader through the coordination table
 //!   app.rs           the wiring every command shares: CA roots, the config as loaded,
 //!                    the clients with the start's membership, [coordination] around a daemon
 //!   scheduler/       the loop: deadline heaps (queue), a dispatch limit, jobs keyed by task;
@@ -76,6 +78,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod coordination;
 pub mod counters;
 pub mod discovery;

@@ -69,6 +69,10 @@ pub struct Job {
     /// The connection's S3 parameters, learnt with the etag; when unknown
     /// (and the pre-push check is on) the job GETs the connection.
     pub s3: Option<S3Target>,
+    /// A `rotate` request: push credentials STS issued at or after this
+    /// time, never cached ones from before it
+    /// ([`CredentialCache::get_fresh`]). `None` for a scheduled rotation.
+    pub fresh_since: Option<SystemTime>,
 }
 
 /// How a job ended.
@@ -434,9 +438,15 @@ impl Rotation<'_> {
             }
             progress.etag = Some(remote.etag);
         }
+        // A `rotate` request's job: credentials issued since the request.
         let credentials = self
             .credentials
-            .get(&job.sts, job.held.as_deref(), self.refresh_before)
+            .get_fresh(
+                &job.sts,
+                job.held.as_deref(),
+                self.refresh_before,
+                job.fresh_since,
+            )
             .await?;
         self.prepush_check(job, progress, &credentials, cancel)
             .await?;
@@ -927,6 +937,7 @@ mod tests {
             held: None,
             resume_if_etag: None,
             s3: None,
+            fresh_since: None,
         }
     }
 

@@ -1,5 +1,5 @@
 //! The commands of the binary, one module each (`run`, `once`, `check`,
-//! `status`, `create`, `demo`), and [`main`], which picks one. Each wires
+//! `status`, `create`, `demo`, `rotate`), and [`main`], which picks one. Each wires
 //! what it needs from [`crate::app`] and the layers below; nothing below
 //! imports a command.
 
@@ -12,6 +12,7 @@ pub mod create;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod once;
+pub mod rotate;
 pub mod run;
 pub mod status;
 
@@ -24,6 +25,10 @@ pub async fn main(cli: Cli) -> Exit {
     // `status` needs only [admin] listen, nothing else of the config.
     if let Command::Status = command {
         return status::status(&cli.config).await;
+    }
+    // `rotate` needs only [admin] control_socket (it runs outside the service).
+    if let Command::Rotate(args) = command {
+        return rotate::rotate(&cli.config, &args).await;
     }
     let loaded = match command {
         Command::Check => crate::app::load_config(&cli.config, Config::load_for_check),
@@ -44,7 +49,7 @@ pub async fn main(cli: Cli) -> Exit {
         Command::Run(args) => run::run(config, &cli.config, args.dry_run).await,
         Command::Once(args) => once::once(config, args).await,
         Command::Check => check::check(config, &cli.config).await,
-        Command::Status => Exit::Usage,
+        Command::Status | Command::Rotate(_) => Exit::Usage,
         Command::Demo(_) => Exit::Usage,
         Command::Create(args) => crate::commands::create::run(&config, &args).await,
         Command::Coordination(crate::cli::CoordinationCommand::Init) => {

@@ -174,6 +174,13 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             }
         }
     }
+    let control_socket = match crate::control::bind_for(&config.admin.control_socket).await {
+        Ok(server) => server,
+        Err(error) => {
+            tracing::error!(error = %error, "cannot serve [admin] control_socket");
+            return Exit::Failure;
+        }
+    };
     let mut options = Options {
         mode: Mode::Run,
         dry_run,
@@ -235,6 +242,8 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     // no other worker may steal from: without this yield the listing would
     // not start before the daemon is built.
     tokio::task::yield_now().await;
+    let rotate_requests = telemetry.rotate_requests().clone();
+    let forward_poll = config.coordination.as_ref().map(|c| c.renew_every);
     let mut daemon = Daemon::new(Parts {
         config,
         options,
@@ -245,10 +254,22 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         snapshots: Some(snapshots_tx),
     });
     daemon.hold_until_listed(intake);
+    let control = serve_control(
+        &mut daemon,
+        control_socket,
+        coordination.as_ref(),
+        forward_poll,
+        rotate_requests,
+        &cancel,
+    );
     let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     let result = daemon.run(cancel, daemon_reloads).await;
     if let Some(running) = coordination {
         running.stop().await;
+    }
+    // The socket file goes with the server.
+    if let Some(control) = control {
+        let _ = control.await;
     }
     match result {
         Ok(report) => {
@@ -260,6 +281,52 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             Exit::Failure
         }
     }
+}
+
+/// `rotate` requests: from the control socket (if any), and with
+/// `[coordination]` from standbys through the table (taken up while this
+/// replica leads, whether or not it has a socket of its own).
+fn serve_control(
+    daemon: &mut Daemon,
+    server: Option<crate::control::ControlServer>,
+    coordination: Option<&crate::app::Coordination>,
+    forward_poll: Option<Duration>,
+    rotate_requests: crate::counters::RotateRequests,
+    cancel: &CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use crate::control::{Control, Forward, forward};
+    // The loop takes one request per turn; a few queued are plenty.
+    let (requests, rx) = mpsc::channel(8);
+    daemon.serve_rotate_requests(rx);
+    let mut forwarder: Option<Arc<dyn Forward>> = None;
+    if let Some(c) = coordination {
+        // Every lease renewal period, within bounds: a standby's request is
+        // taken up about as fast as a takeover would be noticed.
+        let poll = forward_poll
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(250), Duration::from_secs(2));
+        tokio::spawn(forward::serve_forwarded(
+            c.table.clone(),
+            c.holder.clone(),
+            c.leadership(),
+            requests.clone(),
+            rotate_requests.clone(),
+            poll,
+            cancel.clone(),
+        ));
+        forwarder = Some(Arc::new(forward::TableForward::new(
+            c.table.clone(),
+            c.holder.clone(),
+        )));
+    }
+    let server = server?;
+    let control = Control {
+        requests,
+        rotate_requests,
+        replica: coordination.map(|c| c.holder.clone()),
+        forward: forwarder,
+    };
+    Some(tokio::spawn(server.serve(control, cancel.clone())))
 }
 
 /// What the start's listing task needs.

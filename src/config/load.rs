@@ -136,7 +136,45 @@ pub fn load_admin(path: &Path) -> Result<AdminConfig, ConfigError> {
         None => None,
         Some(text) => Some(parse_listen(&text).map_err(|message| fail(PATH, message))?),
     };
-    Ok(AdminConfig { listen })
+    Ok(AdminConfig {
+        listen,
+        control_socket: ControlSocket::Default,
+    })
+}
+
+/// `[admin] control_socket` alone, for `rotate`: like [`load_admin`], it
+/// runs outside the service (as root on a VM, under `kubectl exec` in a
+/// container). `AEP_S3_ROTATOR__ADMIN__CONTROL_SOCKET` overrides the file;
+/// a config file that does not exist means the default socket.
+pub fn load_control_socket(path: &Path) -> Result<ControlSocket, ConfigError> {
+    const PATH: &str = "admin.control_socket";
+    let fail = |path: &str, message: String| ConfigError {
+        issues: vec![ConfigIssue::new(path, message)],
+    };
+    if let Ok(value) = std::env::var(format!("{ENV_PREFIX}ADMIN__CONTROL_SOCKET")) {
+        return ControlSocket::parse(&value).map_err(|message| fail(PATH, message));
+    }
+    let origin = path.display().to_string();
+    let text = match crate::fsguard::read_to_string(path, crate::fsguard::MAX_CONFIG_FILE) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ControlSocket::Default),
+        Err(e) => {
+            return Err(fail(
+                &origin,
+                format!("cannot be read ({e}); pass --config PATH, or --socket PATH"),
+            ));
+        }
+    };
+    let table = toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError {
+        issues: vec![toml_issue(&origin, &text, &e)],
+    })?;
+    match table.get("admin").and_then(|a| a.get("control_socket")) {
+        None => Ok(ControlSocket::Default),
+        Some(toml::Value::String(text)) => {
+            ControlSocket::parse(text).map_err(|message| fail(PATH, message))
+        }
+        Some(_) => Err(fail(PATH, "wrong type: expected a string".to_owned())),
+    }
 }
 
 /// `/run/credentials/UNIT/NAME` → (`UNIT`, `NAME`): a credential systemd

@@ -41,7 +41,7 @@ mod tests;
 
 pub(crate) use check::is_loopback;
 use check::*;
-pub use load::load_admin;
 use load::*;
+pub use load::{load_admin, load_control_socket};
 use raw::*;
 pub use types::*;

@@ -182,6 +182,7 @@ pub(super) struct RawDiscover {
 #[serde(default, expecting = "an [admin] table")]
 pub(super) struct RawAdmin {
     pub(super) listen: Option<Raw>,
+    pub(super) control_socket: Option<Raw>,
 }
 
 #[derive(Deserialize, Default)]

@@ -413,7 +413,15 @@ impl Checker<'_> {
             None => None,
             Some(s) => Some(parse_listen(&s).map_err(|message| self.report(PATH, message))?),
         };
-        Ok(AdminConfig { listen })
+        const SOCKET: &str = "admin.control_socket";
+        let control_socket = match self.string(SOCKET, raw.control_socket)? {
+            None => ControlSocket::Default,
+            Some(s) => ControlSocket::parse(&s).map_err(|message| self.report(SOCKET, message))?,
+        };
+        Ok(AdminConfig {
+            listen,
+            control_socket,
+        })
     }
 
     pub(super) fn coordination(

@@ -257,6 +257,50 @@ impl PartialEq for NameGlob {
 pub struct AdminConfig {
     /// Where `/healthz`, `/readyz`, `/metrics` and `/status` are served; `None` = nowhere.
     pub listen: Option<SocketAddr>,
+    /// `control_socket`: where the daemon takes `rotate` requests.
+    pub control_socket: ControlSocket,
+}
+
+/// `[admin] control_socket`: the Unix socket `rotate` talks to (never the
+/// admin HTTP listener, which has no authentication).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// Not set: `$RUNTIME_DIRECTORY/control.sock` under systemd, else
+    /// `/run/aep-s3-rotator/control.sock` (see `crate::control`).
+    #[default]
+    Default,
+    /// `control_socket = ""`: no control socket; `rotate` cannot reach the daemon.
+    Off,
+    /// This path.
+    At(PathBuf),
+}
+
+/// The longest socket path: `sun_path` holds 108 bytes with its NUL.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+impl ControlSocket {
+    /// Parses the key's value; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Ok(Self::Off);
+        }
+        let path = Path::new(text);
+        if !path.is_absolute() {
+            return Err(format!(
+                "{text:?} is not an absolute path (use e.g. \"/run/aep-s3-rotator/control.sock\", or \"\" for none)"
+            ));
+        }
+        if text.len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "is {} bytes long; a Unix socket path may have at most {MAX_SOCKET_PATH}",
+                text.len()
+            ));
+        }
+        if text.chars().any(char::is_control) {
+            return Err("contains control characters".to_owned());
+        }
+        Ok(Self::At(path.to_owned()))
+    }
 }
 
 /// `[state]`

@@ -129,6 +129,13 @@ pub enum Event {
     Changed(Box<ConnectionConfig>, StsRequest),
     /// A reload removed it.
     Removed,
+    /// An operator asked for new credentials now (`rotate`): the next job
+    /// runs at once (after the one in flight, if any) and pushes
+    /// credentials STS issued at or after `since`.
+    RotateNow {
+        /// When the request arrived; the job's credentials are no older.
+        since: SystemTime,
+    },
     /// The daemon is stopping.
     Shutdown,
     /// Its state file record (a restart; sent to a new connection).
@@ -215,6 +222,9 @@ pub struct Connection {
     /// Held until the start's listing brings its etag: due times pass
     /// without a dispatch ([`Event::Hold`]).
     held: bool,
+    /// A `rotate` request not yet dispatched: its job pushes credentials
+    /// issued at or after this time ([`Event::RotateNow`]).
+    rotate_now: Option<SystemTime>,
 }
 
 impl Connection {
@@ -238,6 +248,7 @@ impl Connection {
             job_span: None,
             restored_expiry: None,
             listed_etag: None,
+            rotate_now: None,
             counters: Counters::default(),
             last_error: None,
             view: Arc::default(),
@@ -332,6 +343,7 @@ impl Connection {
             Event::Due => self.on_due(now),
             Event::JobDone(result) => self.on_job_done(result, now, policy, draw),
             Event::Changed(config, sts) => self.on_changed(*config, sts, now),
+            Event::RotateNow { since } => self.on_rotate_now(since, now),
             Event::Removed => {
                 self.removed = true;
                 if self.phase == Phase::InFlight {
@@ -374,17 +386,44 @@ impl Connection {
             Phase::Waiting(_) if self.held => Action::AwaitListing,
             Phase::Waiting(_) => {
                 self.phase = Phase::InFlight;
+                let fresh_since = self.rotate_now.take();
+                // A requested rotation pushes whatever the connection
+                // holds: "unchanged since restart" is no answer to it.
+                let resume_if_etag = self.resume_etag.take().filter(|_| fresh_since.is_none());
                 Action::Dispatch(Box::new(Job {
                     id: self.config.id.clone(),
                     sandbox: self.config.sandbox.clone(),
                     sts: self.sts.clone(),
                     known_etag: self.etag.clone(),
                     held: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
-                    resume_if_etag: self.resume_etag.take(),
+                    resume_if_etag,
                     s3: self.s3.clone(),
+                    fresh_since,
                 }))
             }
         }
+    }
+
+    /// A `rotate` request: due now, or right after the job in flight
+    /// (never two jobs for one connection). Requests that meet before the
+    /// job starts are served by one job, with the latest `since`.
+    fn on_rotate_now(&mut self, since: SystemTime, now: SystemTime) -> Action {
+        if self.removed || self.phase == Phase::Finished {
+            return self.current_action();
+        }
+        self.rotate_now = Some(self.rotate_now.map_or(since, |at| at.max(since)));
+        match self.phase {
+            Phase::Waiting(_) => {
+                self.phase = Phase::Waiting(now);
+                Action::WaitUntil(now)
+            }
+            Phase::InFlight | Phase::Finished => self.current_action(),
+        }
+    }
+
+    /// Whether a `rotate` request waits for this connection's next job.
+    pub fn rotate_requested(&self) -> bool {
+        self.rotate_now.is_some()
     }
 
     fn on_changed(&mut self, config: ConnectionConfig, sts: StsRequest, now: SystemTime) -> Action {
@@ -469,6 +508,11 @@ impl Connection {
             return self.take_change(*change, now);
         }
         match next {
+            // A `rotate` request came while this job ran: its own job now.
+            Some(_) if self.rotate_now.is_some() => {
+                self.phase = Phase::Waiting(now);
+                Action::WaitUntil(now)
+            }
             Some(at) => {
                 self.phase = Phase::Waiting(at);
                 Action::WaitUntil(at)

@@ -748,3 +748,130 @@ fn status_and_state_file_are_views_of_the_one_state() {
     assert_eq!(record.expires_at, t(3600));
     assert!(fresh(t(0)).persisted().is_none());
 }
+
+#[test]
+fn a_rotate_request_makes_an_idle_connection_due_at_once_with_fresh_credentials() {
+    // Rotated at 0, next due at 40 min: the request at 5 min moves it to now.
+    let mut c = holding(t(0), t(3600));
+    let asked = t(300);
+    assert_eq!(
+        wait_of(c.apply(Event::RotateNow { since: asked }, asked, &policy(), 0.0)),
+        asked
+    );
+    assert!(c.rotate_requested());
+    let job = dispatch(&mut c, asked);
+    assert_eq!(job.fresh_since, Some(asked));
+    // The held key is sent as always (the cache ignores it for a fresh job).
+    assert_eq!(job.held.as_deref(), Some("ASIAOLD"));
+    assert!(!c.rotate_requested());
+    // Done: back on the ordinary schedule, from the new expiry.
+    let next = wait_of(c.apply(
+        Event::JobDone(rotated("ASIANEW", t(300 + 3600))),
+        t(301),
+        &policy(),
+        0.0,
+    ));
+    assert_eq!(next, t(300 + 3600 - 1200));
+    assert_eq!(c.pushed().unwrap().access_key_id, "ASIANEW");
+    // The next scheduled job is an ordinary one.
+    assert_eq!(dispatch(&mut c, next).fresh_since, None);
+}
+
+#[test]
+fn a_rotate_request_during_a_job_runs_right_after_it_never_beside_it() {
+    let mut c = fresh(t(0));
+    let running = dispatch(&mut c, t(0));
+    assert_eq!(running.fresh_since, None);
+    // Asked while the scheduled job is in flight: no second job.
+    assert!(matches!(
+        c.apply(Event::RotateNow { since: t(1) }, t(1), &policy(), 0.0),
+        Action::AwaitJob
+    ));
+    assert!(matches!(
+        c.apply(Event::Due, t(1), &policy(), 0.0),
+        Action::AwaitJob
+    ));
+    // The scheduled job ends: the requested one is due at once, not in 40 min.
+    assert_eq!(
+        wait_of(c.apply(
+            Event::JobDone(rotated("ASIAOLD", t(3600))),
+            t(2),
+            &policy(),
+            0.0
+        )),
+        t(2)
+    );
+    let job = dispatch(&mut c, t(2));
+    assert_eq!(job.fresh_since, Some(t(1)));
+}
+
+#[test]
+fn requests_that_meet_before_the_job_starts_share_it_with_the_latest_time() {
+    let mut c = holding(t(0), t(3600));
+    c.apply(Event::RotateNow { since: t(10) }, t(10), &policy(), 0.0);
+    c.apply(Event::RotateNow { since: t(12) }, t(12), &policy(), 0.0);
+    c.apply(Event::RotateNow { since: t(11) }, t(12), &policy(), 0.0);
+    assert_eq!(dispatch(&mut c, t(12)).fresh_since, Some(t(12)));
+}
+
+#[test]
+fn a_requested_job_after_a_restart_pushes_even_if_the_connection_is_unchanged() {
+    let saved = PersistedConnection {
+        sandbox: "prod".to_owned(),
+        etag: "\"kept\"".to_owned(),
+        access_key_id: "ASIAKEPT".to_owned(),
+        expires_at: t(3600),
+        last_success_at: Some(t(0)),
+    };
+    // Restored with a resume check pending: its first job would only
+    // re-push if the etag changed.
+    let mut c = restored(config("c1"), sts("a"), &saved, t(60), &policy());
+    c.apply(Event::RotateNow { since: t(60) }, t(60), &policy(), 0.0);
+    let job = dispatch(&mut c, t(60));
+    assert_eq!(job.resume_if_etag, None);
+    assert_eq!(job.fresh_since, Some(t(60)));
+}
+
+#[test]
+fn a_failed_requested_job_retries_on_the_ordinary_cadence() {
+    let mut c = holding(t(0), t(3600));
+    c.apply(Event::RotateNow { since: t(5) }, t(5), &policy(), 0.0);
+    dispatch(&mut c, t(5));
+    let retry = wait_of(c.apply(
+        Event::JobDone(failed(RotationError::Flow(FlowError::Unavailable(
+            "503".into(),
+        )))),
+        t(6),
+        &policy(),
+        0.5,
+    ));
+    assert!(retry > t(6) && retry <= t(6 + 120), "{retry:?}");
+    assert!(!c.rotate_requested());
+    assert_eq!(dispatch(&mut c, retry).fresh_since, None);
+}
+
+#[test]
+fn a_rotate_request_after_shutdown_or_removal_starts_nothing() {
+    let mut stopped = holding(t(0), t(3600));
+    stopped.apply(Event::Shutdown, t(1), &policy(), 0.0);
+    assert!(matches!(
+        stopped.apply(Event::RotateNow { since: t(2) }, t(2), &policy(), 0.0),
+        Action::Finished
+    ));
+    let mut leaving = fresh(t(0));
+    dispatch(&mut leaving, t(0));
+    leaving.apply(Event::Removed, t(1), &policy(), 0.0);
+    assert!(matches!(
+        leaving.apply(Event::RotateNow { since: t(2) }, t(2), &policy(), 0.0),
+        Action::AwaitJob
+    ));
+    assert!(matches!(
+        leaving.apply(
+            Event::JobDone(rotated("ASIAX", t(3600))),
+            t(3),
+            &policy(),
+            0.0
+        ),
+        Action::Drop
+    ));
+}

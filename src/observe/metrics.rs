@@ -220,6 +220,12 @@ impl Collector for Exposition {
         )?;
         family(
             &mut encoder,
+            "rotate_requests",
+            "Requests of `aep-s3-rotator rotate` answered, by result (pushed, failed, rejected, denied)",
+            &telemetry.rotate_requests.family(),
+        )?;
+        family(
+            &mut encoder,
             "leader_changes",
             "Times this replica became or stopped being the leader",
             &telemetry.leader_changes,

@@ -40,6 +40,8 @@ pub struct Telemetry {
     pub(super) discovery_conflicts: Gauge,
     /// `leader_changes_total`: this replica became or stopped being the leader.
     pub(super) leader_changes: Counter,
+    /// `rotate_requests_total{result}`: `rotate` requests answered.
+    pub(super) rotate_requests: crate::counters::RotateRequests,
 }
 
 impl Default for Telemetry {
@@ -65,7 +67,13 @@ impl Telemetry {
             listings: Family::default(),
             discovery_conflicts: Gauge::default(),
             leader_changes: Counter::default(),
+            rotate_requests: crate::counters::RotateRequests::default(),
         }
+    }
+
+    /// The `rotate` request counter (`crate::control` counts into it).
+    pub fn rotate_requests(&self) -> &crate::counters::RotateRequests {
+        &self.rotate_requests
     }
 
     /// Counts one change of this replica's leadership (gained or lost).

@@ -670,6 +670,8 @@ fn accept_credentials(
 struct Cached {
     credentials: Arc<AwsCredentials>,
     reuse_until: SystemTime,
+    /// When STS was asked for them ([`CredentialCache::get_fresh`]).
+    asked: SystemTime,
 }
 
 /// What one request's slot holds: the last answer, or the last failure.
@@ -684,6 +686,8 @@ struct Slot {
 struct Failed {
     error: StsError,
     until: tokio::time::Instant,
+    /// When the call was made ([`CredentialCache::get_fresh`]).
+    at: SystemTime,
 }
 
 /// Shares STS answers between connections that ask for the same thing.
@@ -739,6 +743,19 @@ impl CredentialCache {
         held: Option<&str>,
         refresh_before: Duration,
     ) -> Result<Arc<AwsCredentials>, StsError> {
+        self.get_fresh(request, held, refresh_before, None).await
+    }
+
+    /// [`Self::get`], passing over answers (and shared failures) from
+    /// before `since`: a `rotate` request wants keys that did not exist
+    /// before it; one call per identity still serves the whole request.
+    pub async fn get_fresh(
+        &self,
+        request: &StsRequest,
+        held: Option<&str>,
+        refresh_before: Duration,
+        since: Option<SystemTime>,
+    ) -> Result<Arc<AwsCredentials>, StsError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(slots.entry(request.clone()).or_default())
@@ -748,6 +765,7 @@ impl CredentialCache {
         if let Some(entry) = slot.cached.as_ref()
             && now < entry.reuse_until
             && held != Some(entry.credentials.access_key_id.as_str())
+            && since.is_none_or(|since| entry.asked >= since)
         {
             return Ok(Arc::clone(&entry.credentials));
         }
@@ -755,9 +773,11 @@ impl CredentialCache {
         // (see `shaping::shared_until`).
         if let Some(failed) = &slot.failed
             && crate::clock::mono_now() < crate::remote::shaping::shared_until(failed.until)
+            && since.is_none_or(|since| failed.at >= since)
         {
             return Err(StsError::Shared(Box::new(failed.error.clone())));
         }
+        let asked = self.clock.now();
         let issued = match self.source.issue(request).await {
             Ok(credentials) => accept_credentials(credentials, request, self.clock.now()),
             Err(error) => Err(error),
@@ -769,6 +789,7 @@ impl CredentialCache {
                 slot.failed = Some(Failed {
                     error: error.clone(),
                     until: now.checked_add(self.share_failure).unwrap_or(now),
+                    at: asked,
                 });
                 return Err(error);
             }
@@ -786,6 +807,7 @@ impl CredentialCache {
         slot.cached = Some(Cached {
             credentials: Arc::clone(&credentials),
             reuse_until,
+            asked,
         });
         Ok(credentials)
     }
@@ -1092,6 +1114,73 @@ mod tests {
         tokio::time::advance(Duration::from_secs(2 * 60)).await;
         let fresh = cache.get(&req, None, refresh).await.unwrap();
         assert_ne!(fresh.access_key_id, first.access_key_id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_request_mints_once_then_shares_what_it_minted() {
+        let clock = crate::clock::Clock::tokio_at(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
+        );
+        let source = Arc::new(ClockedSource {
+            clock,
+            calls: AtomicU32::new(0),
+        });
+        let cache = CredentialCache::new(source.clone(), SHARE).with_clock(clock);
+        let (req, refresh) = (
+            request("arn:aws:iam::123456789012:role/a"),
+            Duration::from_secs(1200),
+        );
+        let cached = cache.get(&req, None, refresh).await.unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let since = clock.now();
+        // Cached before the request: passed over, STS is asked.
+        let fresh = cache
+            .get_fresh(&req, None, refresh, Some(since))
+            .await
+            .unwrap();
+        assert_ne!(fresh.access_key_id, cached.access_key_id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        // Other connections of the same request share that one call ...
+        let again = cache
+            .get_fresh(&req, None, refresh, Some(since))
+            .await
+            .unwrap();
+        assert_eq!(again.access_key_id, fresh.access_key_id);
+        // ... and so do scheduled rotations.
+        let scheduled = cache.get(&req, None, refresh).await.unwrap();
+        assert_eq!(scheduled.access_key_id, fresh.access_key_id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_from_before_a_fresh_request_is_not_its_answer() {
+        let source = CountingSource::new(Duration::from_secs(3600));
+        // Anchored at the wall clock: the source's expiries are by it.
+        let clock = crate::clock::Clock::tokio_at(crate::clock::wall_now());
+        let cache = CredentialCache::new(source.clone(), SHARE).with_clock(clock);
+        let (req, refresh) = (
+            request("arn:aws:iam::123456789012:role/a"),
+            Duration::from_secs(1200),
+        );
+        source.failures_left(1);
+        assert!(cache.get(&req, None, refresh).await.is_err());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        // Still shared with a scheduled rotation, not with the request.
+        assert!(
+            cache
+                .get(&req, None, refresh)
+                .await
+                .unwrap_err()
+                .is_shared()
+        );
+        let since = clock.now();
+        assert!(
+            cache
+                .get_fresh(&req, None, refresh, Some(since))
+                .await
+                .is_ok()
+        );
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 

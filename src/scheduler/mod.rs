@@ -58,6 +58,7 @@ mod queue;
 mod readiness;
 mod reload;
 mod replicas;
+mod rotate_now;
 
 pub use intake::{Intake, MAX_HOLD};
 use intake::{Listed, next_intake};
@@ -68,6 +69,7 @@ use readiness::Readiness;
 use reload::Prepared;
 pub use reload::{Reload, Runner, build_rotator};
 use replicas::leadership_changed;
+pub use rotate_now::{Pending, RotateOutcome, RotateRefusal, RotateRequest, Selection};
 
 /// How the daemon runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +163,10 @@ pub struct Daemon {
     /// start's listing adds is restored from them. Dropped when the listing
     /// is over (a later reload adds connections as new, as it always did).
     unclaimed: std::collections::BTreeMap<String, crate::coordination::local::PersistedConnection>,
+    /// `rotate` requests (`crate::control`), while someone can send them.
+    requests: Option<mpsc::Receiver<RotateRequest>>,
+    /// Who waits for which connection's requested job.
+    waiters: rotate_now::Waiters,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -230,6 +236,8 @@ impl Daemon {
             intake: None,
             hold_until: None,
             unclaimed: std::collections::BTreeMap::new(),
+            requests: None,
+            waiters: rotate_now::Waiters::default(),
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
@@ -335,6 +343,7 @@ impl Daemon {
                 Some(prepared) = prepared.recv() => self.apply_reload(prepared),
                 open = leadership_changed(&mut self.leadership) => self.on_leadership(open),
                 intake = next_intake(&mut self.intake) => self.on_intake(intake),
+                request = rotate_now::next_request(&mut self.requests) => self.on_rotate_request(request),
                 () = tokio::time::sleep_until(self.hold_until.unwrap_or_else(crate::clock::mono_now)), if self.hold_until.is_some() => {
                     self.hold_expired();
                 }
@@ -419,7 +428,10 @@ impl Daemon {
             return;
         };
         let outcome = match &event {
-            Event::JobDone(result) => connection::outcome_of(result),
+            Event::JobDone(result) => {
+                self.waiters.finished(id, result);
+                connection::outcome_of(result)
+            }
             _ => None,
         };
         let action = connection.apply(event, now, &self.policy, rand::random());
@@ -438,6 +450,7 @@ impl Daemon {
             }
             Action::AwaitJob | Action::AwaitListing | Action::Finished => {}
             Action::Drop => {
+                self.waiters.dropped(id);
                 self.connections.remove(id);
                 self.order.retain(|known| known != id);
                 self.publisher.changed();
@@ -456,6 +469,9 @@ impl Daemon {
             return;
         };
         self.readiness.progressed();
+        if job.fresh_since.is_some() {
+            self.waiters.started(&job.id);
+        }
         // A shared pause (another connection's 429) never holds this job
         // past the point where its own credentials need replacing.
         let start_by = connection

@@ -245,7 +245,8 @@ impl Cluster {
                     .unwrap();
             }
             let extra = format!(
-                "[admin]\nlisten = \"127.0.0.1:0\"\n\n[coordination]\nbackend = \"dynamodb\"\ntable = \"{TABLE}\"\nlease = \"{}\"\nrenew_every = \"{}\"\nholder = \"{name}\"\nendpoint = \"{}\"\n",
+                "[admin]\nlisten = \"127.0.0.1:0\"\ncontrol_socket = \"{}\"\n\n[coordination]\nbackend = \"dynamodb\"\ntable = \"{TABLE}\"\nlease = \"{}\"\nrenew_every = \"{}\"\nholder = \"{name}\"\nendpoint = \"{}\"\n",
+                h.dir.path().join(format!("{name}.sock")).display(),
                 human(timings.lease),
                 human(timings.renew_every),
                 proxy.url(),

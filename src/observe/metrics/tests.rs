@@ -286,7 +286,8 @@ fn metrics_carry_labels_and_values() {
                 || name == "aep_s3_rotator_connection_info"
                 || name == "aep_s3_rotator_discovery_conflicts"
                 || name == "aep_s3_rotator_leader"
-                || name == "aep_s3_rotator_leader_changes_total",
+                || name == "aep_s3_rotator_leader_changes_total"
+                || name == "aep_s3_rotator_rotate_requests_total",
             "unexpected series {name}"
         );
     }

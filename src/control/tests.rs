@@ -1,0 +1,187 @@
+//! The control socket on a temp dir: binding (stale, live, foreign files),
+//! permissions, framing and limits, with a stand-in for the scheduler loop.
+
+use std::time::SystemTime;
+
+use tokio::io::AsyncWriteExt;
+
+use super::*;
+use crate::scheduler::RotateOutcome;
+
+#[test]
+fn the_default_is_the_runtime_directory_else_the_fixed_path() {
+    assert_eq!(default_path(None), PathBuf::from(DEFAULT_SOCKET));
+    assert_eq!(
+        default_path(Some("/run/aep-s3-rotator-acme".into())),
+        PathBuf::from("/run/aep-s3-rotator-acme/control.sock")
+    );
+    // systemd lists several directories with colons: the first one.
+    assert_eq!(
+        default_path(Some("/run/a:/run/b".into())),
+        PathBuf::from("/run/a/control.sock")
+    );
+    assert_eq!(default_path(Some("".into())), PathBuf::from(DEFAULT_SOCKET));
+    assert_eq!(socket_path(&ControlSocket::Off), None);
+    assert_eq!(
+        socket_path(&ControlSocket::At("/x/y.sock".into())),
+        Some(PathBuf::from("/x/y.sock"))
+    );
+}
+
+#[tokio::test]
+async fn binding_replaces_a_stale_socket_but_never_a_live_one_or_another_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    // A socket file nobody answers on (its daemon died).
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let server = ControlServer::bind(&path).await.unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second daemon on the same path is refused while the first lives.
+    assert!(matches!(
+        ControlServer::bind(&path).await,
+        Err(BindError::InUse(_))
+    ));
+    drop(server);
+    assert!(!path.exists(), "the socket file goes with the server");
+    std::fs::write(&path, "not a socket").unwrap();
+    assert!(matches!(
+        ControlServer::bind(&path).await,
+        Err(BindError::NotASocket(_))
+    ));
+    assert!(matches!(
+        ControlServer::bind(&dir.path().join("missing/control.sock")).await,
+        Err(BindError::NoDirectory(_))
+    ));
+}
+
+/// A stand-in scheduler: every named connection is pushed at once.
+fn fake_loop() -> mpsc::Sender<RotateRequest> {
+    let (tx, mut rx) = mpsc::channel::<RotateRequest>(4);
+    tokio::spawn(async move {
+        while let Some(request) = rx.recv().await {
+            let ids = match request.selection {
+                Selection::All => vec!["c1".to_owned(), "c2".to_owned()],
+                Selection::Only { connections, .. } => connections,
+            };
+            let pending = ids
+                .into_iter()
+                .map(|id| {
+                    let (done, outcome) = oneshot::channel();
+                    let _ = done.send(RotateOutcome::Pushed {
+                        access_key_id: format!("ASIA{}", id.to_uppercase()),
+                        expires_at: SystemTime::UNIX_EPOCH,
+                    });
+                    Pending {
+                        id,
+                        sandbox: "prod".to_owned(),
+                        name: "n".to_owned(),
+                        outcome,
+                    }
+                })
+                .collect();
+            let _ = request.reply.send(Ok(pending));
+        }
+    });
+    tx
+}
+
+async fn serving() -> (
+    tempfile::TempDir,
+    PathBuf,
+    RotateRequests,
+    CancellationToken,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    let server = ControlServer::bind(&path).await.unwrap();
+    let counter = RotateRequests::default();
+    let control = Control {
+        requests: fake_loop(),
+        rotate_requests: counter.clone(),
+        replica: None,
+        forward: None,
+    };
+    let cancel = CancellationToken::new();
+    tokio::spawn(server.serve(control, cancel.clone()));
+    (dir, path, counter, cancel)
+}
+
+async fn send(path: &Path, bytes: &[u8]) -> String {
+    let mut stream = UnixStream::connect(path).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+#[tokio::test]
+async fn a_request_line_gets_one_answer_line_per_connection() {
+    let (_dir, path, _, cancel) = serving().await;
+    let answer = send(
+        &path,
+        b"{\"version\":1,\"all\":true,\"reason\":\"leak\",\"timeout_ms\":5000}\n",
+    )
+    .await;
+    assert!(
+        answer.ends_with('\n') && answer.lines().count() == 1,
+        "{answer}"
+    );
+    let answer: WireAnswer = serde_json::from_str(&answer).unwrap();
+    let WireResult::Done { connections, .. } = answer.result else {
+        panic!("{answer:?}");
+    };
+    let keys: Vec<_> = connections
+        .iter()
+        .map(|c| c.access_key_id.clone().unwrap())
+        .collect();
+    assert_eq!(keys, ["ASIAC1", "ASIAC2"]);
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn malformed_oversized_and_silent_clients_are_refused() {
+    let (_dir, path, counter, cancel) = serving().await;
+    for bad in [
+        &b"not json\n"[..],
+        b"{\"version\":1,\"all\":true,\"timeout_ms\":1,\"extra\":1}\n",
+        b"{\"version\":1,\"connections\":[\"a/../b\\u0007\"],\"timeout_ms\":1}\n",
+    ] {
+        let answer: WireAnswer = serde_json::from_str(&send(&path, bad).await).unwrap();
+        assert!(
+            matches!(answer.result, WireResult::Refused { .. }),
+            "{answer:?}"
+        );
+    }
+    // Longer than the cap: refused without reading it all.
+    let mut huge = vec![b'x'; wire::MAX_REQUEST + 10];
+    huge.push(b'\n');
+    let (mut reader, mut writer) = UnixStream::connect(&path).await.unwrap().into_split();
+    // Written beside the read: the daemon stops reading at the cap.
+    let sent = tokio::spawn(async move { writer.write_all(&huge).await });
+    let mut answer = String::new();
+    let read = reader.read_to_string(&mut answer).await;
+    assert!(answer.contains("longer than"), "{read:?} {answer}");
+    let _ = sent.await;
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("rotate_requests", "", counter.family());
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains("rotate_requests_total{result=\"rejected\"} 4"),
+        "{text}"
+    );
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_sends_nothing_is_dropped_after_the_read_timeout() {
+    let (_dir, path, _, cancel) = serving().await;
+    let mut stream = UnixStream::connect(&path).await.unwrap();
+    stream.write_all(b"{\"version\":1,").await.unwrap();
+    let mut answer = String::new();
+    // Paused time: the five seconds pass at once.
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.contains("no complete request line"), "{answer}");
+    cancel.cancel();
+}
