@@ -14,14 +14,12 @@ use aep_s3_simulator::{RetryAfter, ScriptedFault};
 use common::*;
 
 /// 12 s credentials rotated 4 s before expiry: several cycles in a test.
-const FAST: &str = r#"session_duration = "15m"
-refresh_before = "4s"
-jitter = "100ms"
-concurrency = 4
-retry_min = "100ms"
-retry_max = "1s"
-request_timeout = "2s"
-shutdown_grace = "3s""#;
+fn fast() -> Rotation {
+    Rotation::fast()
+        .refresh_before("4s")
+        .jitter("100ms")
+        .retry_max("1s")
+}
 
 /// Every connection in `ids` has at least `n` successful PATCHes within `within`.
 async fn rotated_at_least(h: &Harness, ids: &[String], n: u64, within: Duration) -> bool {
@@ -51,7 +49,7 @@ async fn an_hour_long_retry_after_on_one_connection_freezes_no_other() {
             body: None,
         },
     );
-    let config = h.write_config(FAST, "");
+    let config = h.config().rotation(fast()).write();
     let mut daemon = h.spawn(&config, &["run"]);
     // The others rotate on schedule, cycle after cycle (12 s credentials:
     // three rotations take about 20 s); the frozen daemon never rotated them.
@@ -88,7 +86,7 @@ async fn an_ims_expires_in_of_u64_max_neither_panics_nor_wedges() {
     })
     .await;
     let ids = h.connection_ids();
-    let config = h.write_config(FAST, "");
+    let config = h.config().rotation(fast()).write();
     let mut daemon = h.spawn(&config, &["run"]);
     let rotated = rotated_at_least(&h, &ids, 3, Duration::from_secs(40)).await;
     assert!(
@@ -114,7 +112,7 @@ async fn a_patch_answered_204_with_an_etag_header_needs_no_get_next_time() {
     for id in &ids {
         h.sim.script_for(id, ScriptedFault::EtagInHeader);
     }
-    let config = h.write_config(FAST, "");
+    let config = h.config().rotation(fast()).write();
     let mut daemon = h.spawn(&config, &["run"]);
     let rotated = rotated_at_least(&h, &ids, 2, Duration::from_secs(30)).await;
     assert!(rotated, "stderr:\n{}", daemon.stderr_text());
@@ -142,18 +140,18 @@ async fn connections_whose_requests_hang_never_starve_the_healthy_ones() {
     // expiry. The hanging connections always have retries overdue: served
     // by due time alone, a healthy rotation waited behind ~12 of them (a
     // second each) and its credentials ran out.
-    let config = h.write_config(
-        r#"session_duration = "15m"
-refresh_before = "10s"
-jitter = "100ms"
-concurrency = 1
-retry_min = "100ms"
-retry_max = "1s"
-request_timeout = "1s"
-prepush_check = false
-shutdown_grace = "3s""#,
-        "",
-    );
+    let config = h
+        .config()
+        .rotation(
+            Rotation::fast()
+                .refresh_before("10s")
+                .jitter("100ms")
+                .concurrency(1)
+                .retry_max("1s")
+                .request_timeout("1s")
+                .prepush_check(false),
+        )
+        .write();
     let mut daemon = h.spawn(&config, &["run"]);
     // The first pass is all first attempts, hanging ones included (about
     // 16 s); what is measured is the steady state after it.
