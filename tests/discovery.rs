@@ -101,10 +101,10 @@ async fn a_rule_picks_up_new_connections_and_never_touches_the_rest() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn renamed_or_untagged_connections_are_dropped() {
-    // Credentials of 5 s with refresh_before 2 s: each connection is
-    // PATCHed every ~3 s while it is a member.
+    // Credentials of 3 s with refresh_before 2 s: each connection is
+    // PATCHed about every second while it is a member.
     let h = harness(
-        Duration::from_secs(5),
+        Duration::from_secs(3),
         vec![
             tagged("renamed", "prod", "ingest-a"),
             tagged("untagged", "prod", "ingest-b"),
@@ -159,8 +159,9 @@ async fn renamed_or_untagged_connections_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_or_throttled_list_drops_nothing() {
+    // Credentials of 3 s: the members rotate about every second.
     let h = harness(
-        Duration::from_secs(5),
+        Duration::from_secs(3),
         vec![
             tagged("one", "prod", "ingest-1"),
             tagged("two", "prod", "ingest-2"),

@@ -69,7 +69,7 @@ async fn assert_no_repush(c: &Cluster, ids: &[String], before: &[u64]) {
 /// lease. Before the stop, one writer only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_leader_is_replaced_and_never_writes_again() {
-    let c = Cluster::start(3, Duration::from_secs(8), 3, Timings::FAST).await;
+    let c = Cluster::start(3, Duration::from_secs(6), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
     // Every connection pushed at least once, then one more rotation each,
@@ -108,7 +108,7 @@ async fn a_stopped_leader_is_replaced_and_never_writes_again() {
     let previous = became["previous"].clone();
     assert_eq!(previous, first.as_str(), "{previous}");
 
-    // The new leader writes (connections are due every ~4 s).
+    // The new leader writes (connections are due every ~2 s).
     assert!(
         wait_until(PATIENCE, || !c
             .h
@@ -293,7 +293,7 @@ async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
 /// it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_replica_writes_while_dynamodb_is_down_and_rotation_resumes() {
-    let c = Cluster::start(3, Duration::from_secs(8), 3, Timings::FAST).await;
+    let c = Cluster::start(3, Duration::from_secs(6), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
     c.wait_patched(1, PATIENCE).await;
@@ -302,7 +302,7 @@ async fn no_replica_writes_while_dynamodb_is_down_and_rotation_resumes() {
     c.proxy.down();
     // Down until the leader has stood down, a standby would have taken over
     // an unrenewed lease (a lease and a look later), and every connection
-    // is overdue by the credentials the simulator holds (8 s, refreshed
+    // is overdue by the credentials the simulator holds (6 s, refreshed
     // with 4 s left): a writer has had its chance on each. (A PATCH after
     // the fence would push the due time on, and the wait with it, and be
     // caught below.)

@@ -480,7 +480,8 @@ every = "1s"
 /// next IMS request uses the new secret and rotation goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_reload_to_another_secret_file_ims_reads_that_file() {
-    let h = Harness::start(2, Duration::from_secs(6)).await;
+    // 3 s credentials, rotated with 2 s left: a rotation about every second.
+    let h = Harness::start(2, Duration::from_secs(3)).await;
     let ids = h.connection_ids();
     let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);

@@ -256,8 +256,8 @@ async fn prepush_check_false_pushes_without_asking_s3() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_healthy_rotation_stays_one_patch_with_the_check() {
-    // 6 s credentials, refresh 2 s before: a rotation every ~4 s.
-    let h = Harness::start(1, Duration::from_secs(6)).await;
+    // 3 s credentials, refresh 2 s before: a rotation about every second.
+    let h = Harness::start(1, Duration::from_secs(3)).await;
     let id = h.connection_ids().remove(0);
     let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
@@ -282,13 +282,13 @@ async fn a_healthy_rotation_stays_one_patch_with_the_check() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_folder_changed_under_a_known_etag_is_checked_again_after_the_412() {
-    // 30 s credentials, refreshed 26 s before expiry: a rotation every ~4 s,
-    // with credentials that outlive the ~7 s of denial retries.
+    // 30 s credentials, refreshed 28 s before expiry: a rotation about
+    // every 2 s, with credentials that outlive the ~7 s of denial retries.
     let h = Harness::start(1, Duration::from_secs(30)).await;
     let id = h.connection_ids().remove(0);
     let config = h
         .config()
-        .rotation(Rotation::fast().refresh_before("26s"))
+        .rotation(Rotation::fast().refresh_before("28s"))
         .write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
@@ -326,7 +326,8 @@ async fn a_folder_changed_under_a_known_etag_is_checked_again_after_the_412() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_denial_on_a_stale_cached_bucket_reads_the_connection_again() {
-    let h = Harness::start(1, Duration::from_secs(6)).await;
+    // 3 s credentials: the next rotation comes about a second after the move.
+    let h = Harness::start(1, Duration::from_secs(3)).await;
     let id = h.connection_ids().remove(0);
     let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);

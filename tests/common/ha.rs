@@ -185,8 +185,8 @@ impl Timings {
 }
 
 /// `[rotation]` for HA tests: `refresh_before` = 4 s, twice the 2 s lease
-/// (the daemon refuses less); with simulator credentials of 8 s each
-/// connection rotates about every 4 s.
+/// (the daemon refuses less); with simulator credentials of 6 s each
+/// connection rotates about every 2 s.
 pub fn ha_rotation() -> Rotation {
     Rotation::fast().refresh_before("4s").retry_max("1s")
 }
