@@ -326,8 +326,10 @@ async fn a_folder_changed_under_a_known_etag_is_checked_again_after_the_412() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_denial_on_a_stale_cached_bucket_reads_the_connection_again() {
-    // 3 s credentials: the next rotation comes about a second after the move.
-    let h = Harness::start(1, Duration::from_secs(3)).await;
+    // 6 s credentials, rotated with 2 s left: the move comes well before
+    // the next rotation (with 3 s, a rotation racing the move sometimes
+    // found the new bucket without the stale-cache denial this is about).
+    let h = Harness::start(1, Duration::from_secs(6)).await;
     let id = h.connection_ids().remove(0);
     let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
@@ -341,13 +343,18 @@ async fn a_denial_on_a_stale_cached_bucket_reads_the_connection_again() {
     // The connection moves to another bucket: the cached one no longer
     // exists (NoSuchBucket). That denial sends the job back to the
     // connection, which names the new bucket; the role may list it: pushed.
+    // (A job already past its check when the bucket moves pushes first:
+    // wait for the check of the new bucket and a PATCH after the move.)
+    let before = h.sim.connection(&id).unwrap().patches;
     h.sim
         .set_connection_param(&id, "bucketName", Some("aep-ingest-moved"));
     assert!(
-        wait_until(Duration::from_secs(20), || h
-            .sim
-            .connection(&id)
-            .is_some_and(|c| c.patches >= 2))
+        wait_until(Duration::from_secs(20), || {
+            h.sim.connection(&id).is_some_and(|c| c.patches > before)
+                && s3_events(&h)
+                    .iter()
+                    .any(|(b, allowed, _)| *allowed && b == "aep-ingest-moved")
+        })
         .await,
         "{}",
         daemon.stderr_text()
