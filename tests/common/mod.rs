@@ -1,6 +1,10 @@
 //! Shared harness for the black-box tests: an in-process simulator on
-//! 127.0.0.1:0, a config file pointing at it, and the real daemon binary run
-//! as a child process whose JSON log lines are collected.
+//! 127.0.0.1:0, a config file pointing at it ([`TestConfig`], the one way
+//! tests write one), and the real daemon binary run as a child process
+//! whose JSON log lines are collected. Every listener is bound on port 0
+//! and its address read back (the daemon's admin endpoint from its log,
+//! moto from its start line); every wait is [`wait_until`] or one of its
+//! two twins.
 
 // Black-box tests drive the real binary in real time: they read the real clocks.
 #![allow(
