@@ -184,30 +184,14 @@ fn write_config(dir: &Path, coordination_block: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let path = dir.join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[adobe]
-client_id = "{CLIENT_ID}"
-client_secret_file = "{secret}"
-org_id = "{ORG_ID}"
-
-[aws]
-region = "us-east-1"
-role_arn = "{ROLE_ARN}"
-
-[[connections]]
-id = "4cb0c374-d3bb-4557-b139-5712880adc55"
-sandbox = "prod"
-
-{coordination_block}
-"#,
-            secret = secret.display()
-        ),
-    )
-    .unwrap();
-    path
+    TestConfig::without_simulator(dir, &secret)
+        .connections(&[aep_s3_simulator::SimConnection::s3(
+            "4cb0c374-d3bb-4557-b139-5712880adc55",
+            "prod",
+            "conn-0",
+        )])
+        .table(coordination_block)
+        .write()
 }
 
 fn init_process(config: &Path) -> DaemonProcess {
@@ -664,13 +648,13 @@ async fn verify_and_check_name_the_missing_permission_under_moto_iam() {
         sim.accept_foreign_credentials = true
     })
     .await;
-    let config = h.write_config(
-        FAST_ROTATION,
-        &format!(
+    let config = h
+        .config()
+        .table(&format!(
             "[coordination]\nbackend = \"dynamodb\"\ntable = \"aep-s3-rotator\"\nlease = \"1s\"\nrenew_every = \"300ms\"\nendpoint = \"{}\"\n",
             moto.url
-        ),
-    );
+        ))
+        .write();
     let run_check = |keys: &Keys| {
         let mut command = clean_command(binary());
         command
@@ -757,20 +741,21 @@ async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
     };
 
     // Exactly one leader, and the other standing by.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while leaders(&replicas).len() != 1
-        || replicas
-            .iter()
-            .any(|r| r.rx.borrow().role == Role::Starting)
-    {
-        assert!(Instant::now() < deadline, "no leader within 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            leaders(&replicas).len() == 1
+                && replicas
+                    .iter()
+                    .all(|r| r.rx.borrow().role != Role::Starting)
+        })
+        .await,
+        "no leader within 10 s"
+    );
     let first = leaders(&replicas)[0];
-    // For six renewals: the same single leader, one open fence, the other
-    // standing by and naming it.
-    let watch_until = Instant::now() + 3 * Duration::from_secs(1);
-    while Instant::now() < watch_until {
+    // For six renewals (six record versions seen in the table): the same
+    // single leader, one open fence, the other standing by and naming it.
+    let mut versions = BTreeSet::new();
+    let renewed = wait_until_async(Duration::from_secs(20), async || {
         assert_eq!(leaders(&replicas), [first]);
         let open: Vec<&str> = replicas
             .iter()
@@ -785,9 +770,13 @@ async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
                 assert_eq!(seen.leader.as_deref(), Some(first));
             }
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(admin.read_lease().await.unwrap().unwrap().holder, first);
+        let record = admin.read_lease().await.unwrap().unwrap();
+        assert_eq!(record.holder, first);
+        versions.insert(record.rvn);
+        versions.len() > 6
+    })
+    .await;
+    assert!(renewed, "fewer than six renewals seen: {versions:?}");
 
     // The leader writes shared state through its fence: 30 connections
     // (two batches) reach the table.
@@ -818,11 +807,10 @@ async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
         None => {}
         Some(record) => assert_ne!(record.holder, first, "the lease was not released"),
     }
-    let deadline = released + Duration::from_secs(10);
-    while leaders(&replicas).len() != 1 {
-        assert!(Instant::now() < deadline, "no takeover within 10 s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || leaders(&replicas).len() == 1).await,
+        "no takeover within 10 s"
+    );
     let takeover = released.elapsed();
     let second = replicas[0].name;
     assert_ne!(second, first);

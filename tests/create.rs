@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use aep_s3_simulator::{ScriptedFault, SimConnection, SimEvent, SimService};
-use common::{FAST_ROTATION, Harness, assert_no_secret};
+use common::{Harness, assert_no_secret};
 
 const BUCKET: &str = "created-bucket-1";
 
@@ -81,7 +81,7 @@ fn line_value<'a>(stdout: &'a str, key: &str) -> &'a str {
 #[tokio::test(flavor = "multi_thread")]
 async fn create_makes_a_connection_that_once_then_rotates() {
     let h = harness().await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let (code, stdout, stderr) = run(
         &h,
         &config,
@@ -122,7 +122,7 @@ async fn create_makes_a_connection_that_once_then_rotates() {
     // The daemon takes it over.
     let mut connections = h.sim_config.connections.clone();
     connections.push(SimConnection::s3(&id, "prod", "sales-created"));
-    let config = h.write_config_with_connections(FAST_ROTATION, "", &connections);
+    let config = h.config().connections(&connections).write();
     let (code, once_out, once_err) = run(&h, &config, &["once", "--connection", &id]);
     assert_eq!(code, 0, "stdout:\n{once_out}\nstderr:\n{once_err}");
     let view = h.sim.connection(&id).unwrap();
@@ -142,7 +142,7 @@ async fn create_makes_a_connection_that_once_then_rotates() {
 async fn a_matching_discover_rule_is_named_instead_of_a_block() {
     let h = harness().await;
     let rule = "[[discover]]\nsandboxes = [\"prod\"]\ndescription_tag = \"rotate:aep-s3\"\nevery = \"1m\"\n";
-    let config = h.write_config(FAST_ROTATION, rule);
+    let config = h.config().table(rule).write();
     let (code, stdout, stderr) = run(
         &h,
         &config,
@@ -167,7 +167,7 @@ async fn a_matching_discover_rule_is_named_instead_of_a_block() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_flags_exit_78_naming_the_flag_and_create_nothing() {
     let h = harness().await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let cases: [(&[&str], &str); 7] = [
         (&["--bucket", "Bad_Bucket"], "--bucket"),
         (&["--bucket", "10.0.0.1"], "--bucket"),
@@ -193,7 +193,7 @@ async fn bad_flags_exit_78_naming_the_flag_and_create_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_post_exits_1_with_the_remotes_detail() {
     let h = harness().await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let args = CREATE;
     h.sim.script(
         SimService::Flow,
@@ -241,7 +241,7 @@ async fn a_refused_post_exits_1_with_the_remotes_detail() {
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_that_cannot_list_the_bucket_are_refused_before_the_post() {
     let h = harness().await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let (code, stdout, stderr) = run(&h, &config, &create_with("--bucket", "no-such-bucket"));
     assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stderr.contains("refusing to create"), "{stderr}");
@@ -258,7 +258,7 @@ async fn credentials_dead_on_arrival_are_refused_before_the_post() {
         SimService::Sts,
         ScriptedFault::ShortCredentials(Duration::ZERO),
     );
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let (code, stdout, stderr) = run(&h, &config, &CREATE);
     assert_eq!(code, 1, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(
@@ -273,7 +273,7 @@ async fn credentials_dead_on_arrival_are_refused_before_the_post() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_prints_the_request_redacted_and_sends_nothing() {
     let h = harness().await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     // The pre-push check goes to `--service-url`: the simulator's S3.
     let s3 = h.sim.s3_url();
     let (code, stdout, stderr) = run(
@@ -300,7 +300,7 @@ async fn dry_run_prints_the_request_redacted_and_sends_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_201_with_an_id_and_no_etag_is_created_and_a_hostile_id_is_refused() {
     let h = harness().await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let answer = |body: &str| ScriptedFault::Status {
         status: 201,
         retry_after: None,

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use aep_s3_simulator::{RetryAfter, ScriptedFault, SimConnection};
-use common::{FAST_ROTATION, Harness, assert_no_secret, wait_until};
+use common::{Harness, assert_no_secret, wait_until};
 
 const TAG: &str = "rotate:aep-s3";
 
@@ -56,7 +56,7 @@ async fn a_rule_picks_up_new_connections_and_never_touches_the_rest() {
     let mut all = vec![tagged("first", "prod", "ingest-first")];
     all.extend(untouched.iter().cloned());
     let h = harness(Duration::from_secs(60), all).await;
-    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let config = h.config().table(RULE).connections(&[]).write();
     let mut daemon = h.spawn(&config, &["run"]);
 
     assert!(
@@ -101,10 +101,10 @@ async fn a_rule_picks_up_new_connections_and_never_touches_the_rest() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn renamed_or_untagged_connections_are_dropped() {
-    // Credentials of 5 s with refresh_before 2 s: each connection is
-    // PATCHed every ~3 s while it is a member.
+    // Credentials of 3 s with refresh_before 2 s: each connection is
+    // PATCHed about every second while it is a member.
     let h = harness(
-        Duration::from_secs(5),
+        Duration::from_secs(3),
         vec![
             tagged("renamed", "prod", "ingest-a"),
             tagged("untagged", "prod", "ingest-b"),
@@ -112,7 +112,7 @@ async fn renamed_or_untagged_connections_are_dropped() {
         ],
     )
     .await;
-    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let config = h.config().table(RULE).connections(&[]).write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -159,15 +159,16 @@ async fn renamed_or_untagged_connections_are_dropped() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_or_throttled_list_drops_nothing() {
+    // Credentials of 3 s: the members rotate about every second.
     let h = harness(
-        Duration::from_secs(5),
+        Duration::from_secs(3),
         vec![
             tagged("one", "prod", "ingest-1"),
             tagged("two", "prod", "ingest-2"),
         ],
     )
     .await;
-    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let config = h.config().table(RULE).connections(&[]).write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -235,7 +236,7 @@ async fn a_start_listing_failing_after_its_first_page_keeps_that_page() {
         retry_after: None,
         body: None,
     });
-    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let config = h.config().table(RULE).connections(&[]).write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(60), || {
@@ -273,7 +274,7 @@ async fn check_prints_what_each_rule_matches() {
         ],
     )
     .await;
-    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let config = h.config().table(RULE).connections(&[]).write();
     let mut daemon = h.spawn(&config, &["check"]);
     let status = daemon.wait(Duration::from_secs(30));
     let out = daemon.stdout_text();

@@ -14,15 +14,11 @@ use aep_s3_simulator::{RetryAfter, ScriptedFault, SimEvent, SimService};
 use common::*;
 use serde_json::Value;
 
-/// Quick retries and a 1 s request timeout, so a scripted slow answer times out.
-const QUICK: &str = r#"session_duration = "15m"
-refresh_before = "2s"
-jitter = "100ms"
-concurrency = 4
-retry_min = "100ms"
-retry_max = "1s"
-request_timeout = "1s"
-shutdown_grace = "3s""#;
+/// [`Rotation::quick`] on every simulated connection: quick retries and a
+/// 1 s request timeout, so a scripted slow answer times out.
+fn quick(h: &Harness) -> TestConfig {
+    h.config().rotation(Rotation::quick())
+}
 
 fn status(status: u16) -> ScriptedFault {
     ScriptedFault::Status {
@@ -125,7 +121,7 @@ async fn a_429_with_an_http_date_retry_after_is_honoured() {
             body: None,
         },
     );
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     let failed = daemon.events("rotation failed, retrying");
     assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
@@ -162,7 +158,7 @@ async fn a_429_without_retry_after_backs_off_then_succeeds() {
     // The 429 is for the rotation's own request, not the bulk etag read.
     h.without_bulk_etags();
     h.sim.script(SimService::Flow, status(429));
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     let failed = daemon.events("rotation failed, retrying");
     assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
@@ -194,7 +190,7 @@ async fn server_errors_500_502_503_504_are_retried_then_rotated() {
     for (id, code) in ids.iter().zip(codes) {
         h.sim.script_for(id, status(code));
     }
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     let failed = daemon.events("rotation failed, retrying");
     assert_eq!(failed.len(), 4, "stderr:\n{}", daemon.stderr_text());
@@ -233,7 +229,7 @@ async fn a_reset_and_an_answer_slower_than_the_timeout_are_retried() {
     h.sim.script_for(&ids[0], ScriptedFault::Reset);
     h.sim
         .script_for(&ids[1], ScriptedFault::Delay(Duration::from_secs(3)));
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     let failed = daemon.events("rotation failed, retrying");
     assert_eq!(failed.len(), 2, "stderr:\n{}", daemon.stderr_text());
@@ -265,18 +261,25 @@ async fn flow_service_down_for_a_while_then_every_connection_rotates() {
     let h = Harness::start(3, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
     h.sim.set_service_down(SimService::Flow, true);
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let mut daemon = h.spawn(&config, &["run"]);
+    // Down for a while: every connection fails, and is retried and fails
+    // again, before Flow Service comes back.
     assert!(
-        wait_until(Duration::from_secs(5), || ids.iter().all(|id| daemon
-            .events("rotation failed, retrying")
-            .iter()
-            .any(|e| e["connection"] == id.as_str())))
+        wait_until(Duration::from_secs(10), || {
+            let failed = daemon.events("rotation failed, retrying");
+            ids.iter().all(|id| {
+                failed
+                    .iter()
+                    .filter(|e| e["connection"] == id.as_str())
+                    .count()
+                    >= 2
+            })
+        })
         .await,
-        "every connection should fail while Flow Service is down; stderr:\n{}",
+        "every connection should fail twice while Flow Service is down; stderr:\n{}",
         daemon.stderr_text()
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(h.sim.stats().flow_patches_ok, 0);
     h.sim.set_service_down(SimService::Flow, false);
     all_patched(&h, &ids, 1, &daemon).await;
@@ -303,7 +306,7 @@ async fn a_412_storm_fails_the_attempt_then_rotates_on_the_next() {
     for _ in 0..6 {
         h.sim.script_for(&ids[0], ScriptedFault::EtagChurn);
     }
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     let conflicts = daemon.events("etag conflict, re-reading connection");
     assert_eq!(conflicts.len(), 5, "stderr:\n{}", daemon.stderr_text());
@@ -342,42 +345,57 @@ async fn a_412_storm_fails_the_attempt_then_rotates_on_the_next() {
 
 // 6. IMS ----------------------------------------------------------------------------
 
-/// Starts the daemon (`run`, [`QUICK`]) with `service` down, waits for its
-/// first failed rotation and one second more; answers it and when it started.
+/// Starts the daemon (`run`, [`Rotation::quick`]) with `service` down and
+/// waits until `calls` (a log message, one line per request made) has been
+/// logged `n` times: several rounds of retries.
 async fn run_with_service_down(
     h: &Harness,
     service: SimService,
-) -> (DaemonProcess, tokio::time::Instant) {
+    calls: &str,
+    n: usize,
+) -> DaemonProcess {
     h.sim.set_service_down(service, true);
-    let config = h.write_config(QUICK, "");
-    let started = aep_s3_rotator::clock::mono_now();
+    let config = quick(h).write();
     let daemon = h.spawn(&config, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(5), || !daemon
-            .events("rotation failed, retrying")
-            .is_empty())
-        .await,
+        wait_until(Duration::from_secs(10), || daemon.events(calls).len() >= n).await,
         "stderr:\n{}",
         daemon.stderr_text()
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    (daemon, started)
+    daemon
+}
+
+/// Seconds between the first and the last of `lines` (log timestamps).
+fn span_seconds(lines: &[Value]) -> f64 {
+    match (lines.first(), lines.last()) {
+        (Some(first), Some(last)) => log_time(last)
+            .duration_since(log_time(first))
+            .unwrap_or_default()
+            .as_secs_f64(),
+        _ => 0.0,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ims_down_at_start_then_back_rotates_every_connection() {
     let h = Harness::start(12, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
-    let (mut daemon, started) = run_with_service_down(&h, SimService::Ims).await;
+    let mut daemon =
+        run_with_service_down(&h, SimService::Ims, "ims token request failed", 5).await;
     assert_eq!(h.sim.stats().ims_tokens_issued, 0);
     // One outage, asked about at most once per retry_min (100 ms), however
     // many connections are due: each of the 12 retries on its own schedule,
     // but they share the answer (a slower machine only asks less often),
     // and one line per request says so: a connection given the shared
     // answer logs its failure at debug, only the one that asked at warn.
-    let asked = daemon.events("ims token request failed").len();
+    // Unshared, the 12 first attempts alone would ask 12 times at once.
+    // Failures first: each one's request is logged before it.
     let failed = daemon.events("rotation failed, retrying").len();
-    let bound = started.elapsed().as_secs_f64() / 0.1 + 1.0;
+    let asks = daemon.events("ims token request failed");
+    let asked = asks.len();
+    // From the first request's line to the last one's (one retry_min of
+    // slack for when an answer comes back within its interval).
+    let bound = span_seconds(&asks) / 0.1 + 2.0;
     assert!(
         asked >= 1 && (asked as f64) <= bound && failed <= asked,
         "{asked} IMS requests (bound {bound:.0}), {failed} failures logged at warn"
@@ -402,7 +420,7 @@ async fn an_ims_token_no_header_can_carry_is_refused_not_cached() {
         SimService::Ims,
         raw(r#"{"access_token": "eyJhbGci\u0001OiJSUzI1NiJ9", "token_type": "bearer", "expires_in": 86399}"#),
     );
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     assert_patches(&h, &ids, 1);
     let refused = daemon.events("ims token request failed");
@@ -424,7 +442,7 @@ async fn a_refused_client_secret_fails_once_with_advice() {
         "not-the-client-secret-at-all\n",
     )
     .unwrap();
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 1);
     let failed = daemon.events("rotation failed");
     assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
@@ -451,7 +469,7 @@ async fn sts_throttling_is_retried_then_rotated() {
     let h = Harness::start(2, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
     h.sim.script(SimService::Sts, sts_error("Throttling", 400));
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     let failed = daemon.events("rotation failed, retrying");
     assert!(!failed.is_empty(), "stderr:\n{}", daemon.stderr_text());
@@ -473,11 +491,15 @@ async fn sts_down_at_start_is_one_problem_then_every_connection_rotates() {
     // in all); with it, at most one call per half retry_min (50 ms).
     let h = Harness::start(40, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
-    let (mut daemon, started) = run_with_service_down(&h, SimService::Sts).await;
+    let mut daemon =
+        run_with_service_down(&h, SimService::Sts, "rotation failed, retrying", 5).await;
     // At info, only the connection whose STS call failed logs it (warn);
     // the ones given that answer log theirs at debug: one line per call.
-    let calls = daemon.events("rotation failed, retrying").len();
-    let bound = started.elapsed().as_secs_f64() / 0.05 + 1.0;
+    // Unshared, the 40 first attempts alone would call 40 times at once.
+    let lines = daemon.events("rotation failed, retrying");
+    let calls = lines.len();
+    // From the first call's line to the last one's, with slack as above.
+    let bound = span_seconds(&lines) / 0.05 + 2.0;
     assert!(
         calls >= 1 && (calls as f64) <= bound,
         "{calls} failed STS calls logged (bound {bound:.0})"
@@ -501,7 +523,7 @@ async fn sts_access_denied_and_validation_errors_fail_once_with_advice() {
         let h = Harness::start(1, Duration::from_secs(60)).await;
         let status = if code == "AccessDenied" { 403 } else { 400 };
         h.sim.script(SimService::Sts, sts_error(code, status));
-        let config = h.write_config(QUICK, "");
+        let config = quick(&h).write();
         let daemon = once(&h, &config, 1);
         let failed = daemon.events("rotation failed");
         assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
@@ -528,12 +550,26 @@ async fn short_credentials_warn_and_are_replaced_before_they_expire() {
         SimService::Sts,
         ScriptedFault::ShortCredentials(Duration::from_secs(3)),
     );
-    let rotation = QUICK.replace(r#"refresh_before = "2s""#, r#"refresh_before = "10s""#);
-    let config = h.write_config(&rotation, "");
+    let config = h
+        .config()
+        .rotation(Rotation::quick().refresh_before("10s"))
+        .write();
     let mut daemon = h.spawn(&config, &["run"]);
     all_patched(&h, &ids, 2, &daemon).await;
-    // Past the short credentials' expiry, so a late second PATCH would show.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Run on past the short credentials' expiry: a moment of expired
+    // credentials, or a second warning, would show.
+    let first_expiry = h.sim.events().iter().find_map(|e| match e {
+        SimEvent::PatchApplied { expires_at, .. } => Some(*expires_at),
+        _ => None,
+    });
+    let first_expiry = first_expiry.expect("a PATCH was applied");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            aep_s3_rotator::clock::wall_now() > first_expiry
+        })
+        .await,
+        "the short credentials expire {first_expiry:?}"
+    );
     assert_eq!(daemon.terminate().code(), Some(0));
     let warned = daemon.events(
         "credentials live shorter than refresh_before, rotating at half their remaining life; check the role's maximum session duration",
@@ -571,7 +607,7 @@ async fn credentials_claiming_ten_years_are_pushed_and_scheduled_by_the_session_
         SimService::Sts,
         ScriptedFault::ShortCredentials(Duration::from_secs(10 * 365 * 86_400)),
     );
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     assert_patches(&h, &ids, 1);
     let warned = daemon.events(
@@ -598,7 +634,7 @@ async fn credentials_that_come_back_already_expired_are_never_pushed() {
         SimService::Sts,
         ScriptedFault::ShortCredentials(Duration::ZERO),
     );
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let mut daemon = h.spawn(&config, &["run"]);
     all_patched(&h, &ids, 1, &daemon).await;
     assert_eq!(daemon.terminate().code(), Some(0));
@@ -620,7 +656,7 @@ async fn a_connection_in_another_sandbox_is_a_404_and_the_others_rotate() {
     let mut connections = h.sim_config.connections.clone();
     assert_eq!(connections[1].sandbox, "dev");
     connections[1].sandbox = "prod".to_owned();
-    let config = h.write_config_with_connections(QUICK, "", &connections);
+    let config = quick(&h).connections(&connections).write();
     let daemon = once(&h, &config, 1);
     let failed = daemon.events("rotation failed");
     assert_eq!(failed.len(), 1, "stderr:\n{}", daemon.stderr_text());
@@ -645,7 +681,7 @@ async fn non_s3_and_non_access_key_connections_are_refused_and_the_others_rotate
     })
     .await;
     let ids = h.connection_ids();
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 1);
     let failed = daemon.events("rotation failed");
     assert_eq!(failed.len(), 2, "stderr:\n{}", daemon.stderr_text());
@@ -690,7 +726,7 @@ async fn unusable_get_answers_are_named_then_the_rotation_succeeds() {
     for (id, (body, _)) in ids.iter().zip(cases) {
         h.sim.script_for(id, raw(body));
     }
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let daemon = once(&h, &config, 0);
     let failed = daemon.events("rotation failed, retrying");
     assert_eq!(failed.len(), 4, "stderr:\n{}", daemon.stderr_text());
@@ -721,10 +757,10 @@ async fn no_secret_is_printed_at_trace_level_through_every_fault_path() {
     // credentials now and then: the margin, not the daemon, was too thin.)
     let h = Harness::start(40, Duration::from_secs(6)).await;
     let ids = h.connection_ids();
-    let config = h.write_config(
-        &QUICK.replace("refresh_before = \"2s\"", "refresh_before = \"4s\""),
-        "",
-    );
+    let config = h
+        .config()
+        .rotation(Rotation::quick().refresh_before("4s"))
+        .write();
     let mut output = String::new();
     let mut lines = 0usize;
     let mut collect = |daemon: &DaemonProcess| {
@@ -819,7 +855,7 @@ async fn check_reports_a_refused_client_secret_and_a_wrong_org() {
         "not-the-client-secret-at-all\n",
     )
     .unwrap();
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let report = check(&h, &config);
     let ims = line_with(&report, "FAIL  ims");
     assert_eq!(ims.len(), 1, "{report}");
@@ -832,7 +868,7 @@ async fn check_reports_a_refused_client_secret_and_a_wrong_org() {
         c.org_id = "FEDCBA9876543210FEDCBA98@AdobeOrg".to_owned();
     })
     .await;
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let report = check(&h, &config);
     let failing = line_with(&report, "FAIL  connection");
     assert_eq!(failing.len(), 2, "{report}");
@@ -855,7 +891,7 @@ async fn check_reports_unknown_and_non_s3_connections_and_sts_access_denied() {
     connections[2].id = "11111111-2222-3333-4444-555555555555".to_owned();
     h.sim
         .script(SimService::Sts, sts_error("AccessDenied", 403));
-    let config = h.write_config_with_connections(QUICK, "", &connections);
+    let config = quick(&h).connections(&connections).write();
     let report = check(&h, &config);
     assert_eq!(line_with(&report, "ok    connection").len(), 1, "{report}");
     let failing = line_with(&report, "FAIL  connection");
@@ -884,7 +920,7 @@ async fn check_reports_unknown_and_non_s3_connections_and_sts_access_denied() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_reports_missing_aws_credentials() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     // No AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: the default chain finds nothing.
     let mut command = clean_command(binary());
     command.arg("--config").arg(&config).arg("check");
@@ -909,7 +945,7 @@ async fn check_reports_missing_aws_credentials() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_without_aws_credentials_says_so_in_one_short_line() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let aws_config = h.dir.path().join("aws-config");
     std::fs::write(&aws_config, "[default]\ncredential_process = /bin/false\n").unwrap();
     let mut command = clean_command(binary());
@@ -955,7 +991,7 @@ async fn check_without_aws_credentials_says_so_in_one_short_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_systemd_credential_outside_its_unit_is_skipped_by_check_and_ignored_by_status() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
-    let config = h.write_config(QUICK, "[admin]\nlisten = \"127.0.0.1:9\"\n");
+    let config = quick(&h).admin_listen("127.0.0.1:9").write();
     let credential = "/run/credentials/aep-s3-rotator-test.service/client-secret";
     let text = std::fs::read_to_string(&config).unwrap();
     let secret_file = h.dir.path().join("client-secret").display().to_string();

@@ -22,8 +22,8 @@ mod ha;
 
 use std::time::{Duration, SystemTime};
 
-use common::{assert_no_secret, wait_until};
-use ha::{Cluster, Timings, log_time, secs_between, unix_ms};
+use common::{assert_no_secret, unix_ms, wait_until, wait_until_async};
+use ha::{Cluster, Timings, log_time, secs_between};
 
 /// How long a test waits for something that takes a second or two when the
 /// machine is idle.
@@ -41,12 +41,35 @@ fn writer_runs(patches: &aep_s3_simulator::SimPatches) -> Vec<(String, usize)> {
     runs
 }
 
+/// How long a new leader is watched for a re-push after it loaded the
+/// shared state. No event says "nothing was re-pushed", so this is an
+/// observation window: a scheduler ignoring the shared state dispatches
+/// every connection in the turn that adopts it, and such a PATCH lands
+/// within a second on this loopback setup; the window ends early, failing,
+/// as soon as one does.
+const REPUSH_WINDOW: Duration = Duration::from_secs(3);
+
+/// Watches [`REPUSH_WINDOW`] for a PATCH beyond `before` on any of `ids`.
+async fn assert_no_repush(c: &Cluster, ids: &[String], before: &[u64]) {
+    let repushed = wait_until(REPUSH_WINDOW, || {
+        ids.iter()
+            .zip(before)
+            .any(|(id, n)| c.h.sim.connection(id).is_some_and(|v| v.patches > *n))
+    })
+    .await;
+    assert!(
+        !repushed,
+        "a connection was re-pushed on failover\n{}",
+        c.all_logs()
+    );
+}
+
 /// SIGSTOP the leader: a standby takes over after the lease, and writes;
 /// SIGCONT the old leader: it never writes again while the other holds the
 /// lease. Before the stop, one writer only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_leader_is_replaced_and_never_writes_again() {
-    let c = Cluster::start(3, Duration::from_secs(8), 3, Timings::FAST).await;
+    let c = Cluster::start(3, Duration::from_secs(6), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
     // Every connection pushed at least once, then one more rotation each,
@@ -85,7 +108,7 @@ async fn a_stopped_leader_is_replaced_and_never_writes_again() {
     let previous = became["previous"].clone();
     assert_eq!(previous, first.as_str(), "{previous}");
 
-    // The new leader writes (connections are due every ~4 s).
+    // The new leader writes (connections are due every ~2 s).
     assert!(
         wait_until(PATIENCE, || !c
             .h
@@ -181,18 +204,16 @@ async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
         .clone();
     let admin = c.admin_addr(&standby).await;
     let mut readyz = (0, String::new());
-    for _ in 0..100 {
+    wait_until_async(Duration::from_secs(10), async || {
         if let Ok(response) = reqwest::get(format!("http://{admin}/readyz")).await {
             readyz = (
                 response.status().as_u16(),
                 response.text().await.unwrap_or_default(),
             );
-            if readyz.0 == 200 && readyz.1.contains(&first) {
-                break;
-            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        readyz.0 == 200 && readyz.1.contains(&first)
+    })
+    .await;
     assert_eq!(readyz.0, 200, "standby /readyz: {}", readyz.1);
     let body: serde_json::Value = serde_json::from_str(&readyz.1).unwrap();
     assert_eq!(body["role"], "standby", "{body}");
@@ -240,9 +261,8 @@ async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
         "the shared state holds every connection: {}",
         loaded.last().unwrap()
     );
-    // Give its scheduler time to act on every connection (it would re-push
-    // at once if it ignored the shared state).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // It would re-push at once if it ignored the shared state.
+    assert_no_repush(&c, &ids, &[1; 4]).await;
     for id in &ids {
         assert_eq!(
             c.h.sim.connection(id).unwrap().patches,
@@ -273,22 +293,47 @@ async fn a_terminated_leader_hands_over_at_once_without_re_pushing() {
 /// it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_replica_writes_while_dynamodb_is_down_and_rotation_resumes() {
-    let c = Cluster::start(3, Duration::from_secs(8), 3, Timings::FAST).await;
+    let c = Cluster::start(3, Duration::from_secs(6), 3, Timings::FAST).await;
     let ids = c.h.connection_ids();
     let first = c.wait_for_leader(PATIENCE).await;
     c.wait_patched(1, PATIENCE).await;
 
     let down_at = SystemTime::now();
     c.proxy.down();
-    // Down for three leases: rotations fall due meanwhile (credentials of
-    // 8 s, refreshed with 4 s left).
-    let outage = c.timings.lease * 3;
-    tokio::time::sleep(outage).await;
+    // Down until the leader has stood down, a standby would have taken over
+    // an unrenewed lease (a lease and a look later), and every connection
+    // is overdue by the credentials the simulator holds (6 s, refreshed
+    // with 4 s left): a writer has had its chance on each. (A PATCH after
+    // the fence would push the due time on, and the wait with it, and be
+    // caught below.)
+    let i = c.index_of(&first);
+    let fence = down_at + c.timings.lease;
+    let refresh_before = Duration::from_secs(4);
+    let outage_over = wait_until(PATIENCE, || {
+        let now = SystemTime::now();
+        now > fence + c.timings.renew_every
+            && c.replicas[i]
+                .process
+                .events("lost leadership")
+                .iter()
+                .any(|l| log_time(l) >= down_at)
+            && ids.iter().all(|id| {
+                c.h.sim
+                    .connection(id)
+                    .and_then(|v| v.expires_at)
+                    .is_some_and(|e| e - refresh_before < now)
+            })
+    })
+    .await;
     let up_at = SystemTime::now();
     let during = c.h.sim.patches();
     c.proxy.up();
+    assert!(
+        outage_over,
+        "the outage never reached its end condition\n{}",
+        c.all_logs()
+    );
 
-    let i = c.index_of(&first);
     let lost: Vec<_> = c.replicas[i]
         .process
         .events("lost leadership")
@@ -415,21 +460,19 @@ async fn a_killed_leader_is_replaced_without_re_pushing_fresh_connections() {
             .filter_map(|id| Some((id.clone(), c.h.sim.connection(id)?.access_key_id?)))
             .collect()
     };
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        let table = ha::shared_state_keys(&c.dynamo).await;
-        let expected = pushed(&c);
-        if table == expected {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the shared state never matched what was pushed: {table:?} vs {expected:?}; patches {:?}\n{}",
-            c.h.sim.patches(),
-            c.all_logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut table, mut expected) = Default::default();
+    let matched = wait_until_async(PATIENCE, async || {
+        table = ha::shared_state_keys(&c.dynamo).await;
+        expected = pushed(&c);
+        table == expected
+    })
+    .await;
+    assert!(
+        matched,
+        "the shared state never matched what was pushed: {table:?} vs {expected:?}; patches {:?}\n{}",
+        c.h.sim.patches(),
+        c.all_logs()
+    );
     let patches_before: Vec<u64> = ids
         .iter()
         .map(|id| c.h.sim.connection(id).unwrap().patches)
@@ -454,7 +497,7 @@ async fn a_killed_leader_is_replaced_without_re_pushing_fresh_connections() {
         "{}",
         c.replicas[j].process.stderr_text()
     );
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_no_repush(&c, &ids, &patches_before).await;
     for (id, before) in ids.iter().zip(&patches_before) {
         assert_eq!(
             c.h.sim.connection(id).unwrap().patches,

@@ -13,22 +13,9 @@ use std::time::Duration;
 use aep_s3_simulator::{ScriptedFault, SecretTrap, SimEvent, SimService};
 use common::*;
 
-/// Quick retries, a 2 s request timeout.
-const QUICK: &str = r#"session_duration = "15m"
-refresh_before = "2s"
-jitter = "100ms"
-concurrency = 4
-retry_min = "100ms"
-retry_max = "1s"
-request_timeout = "2s"
-shutdown_grace = "3s""#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// [`Rotation::quick`] with a 2 s request timeout.
+fn quick(h: &Harness) -> TestConfig {
+    h.config().rotation(Rotation::quick().request_timeout("2s"))
 }
 
 /// Answers the next request normally (a scripted no-op, to aim the fault
@@ -103,7 +90,7 @@ async fn a_redirect_is_refused_and_no_secret_reaches_another_origin() {
     h.sim.script_for(&ids[0], pass());
     h.sim.script_for(&ids[0], to("/steal"));
     h.sim.script(SimService::Sts, to("/"));
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let mut daemon = h.spawn(&config, &["run"]);
     rotated(&h, &ids, 1, &daemon).await;
     daemon.terminate();
@@ -150,7 +137,7 @@ async fn endless_bodies_are_cut_at_the_cap_and_memory_stays_bounded() {
     h.sim.script(SimService::Ims, ScriptedFault::EndlessBody);
     h.sim.script(SimService::Flow, ScriptedFault::EndlessBody);
     h.sim.script(SimService::Sts, ScriptedFault::EndlessBody);
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let mut daemon = h.spawn(&config, &["run"]);
     rotated(&h, &ids, 1, &daemon).await;
     // Before the cap each endless body was read for the whole request
@@ -198,7 +185,7 @@ async fn an_sts_answer_without_secret_or_token_is_never_pushed() {
             omit_token: true,
         },
     );
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let mut daemon = h.spawn(&config, &["run"]);
     rotated(&h, &ids, 1, &daemon).await;
     daemon.terminate();
@@ -247,19 +234,12 @@ async fn an_sts_answer_without_secret_or_token_is_never_pushed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_socket_flood_on_the_admin_port_does_not_stop_rotations() {
-    // Credentials of 5 s: a rotation every few seconds, each needing
-    // descriptors (connections, the state file).
-    let h = Harness::start(2, Duration::from_secs(5)).await;
+    // Credentials of 4 s: a rotation every 2 s, each needing descriptors
+    // (connections, the state file).
+    let h = Harness::start(2, Duration::from_secs(4)).await;
     let ids = h.connection_ids();
-    let port = free_port();
     let state = h.dir.path().join("state.json");
-    let config = h.write_config(
-        FAST_ROTATION,
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[state]\npath = \"{}\"",
-            state.display()
-        ),
-    );
+    let config = h.config().admin().state(&state).write();
     const NOFILE: usize = 64;
     let mut command = clean_command("prlimit");
     command
@@ -276,7 +256,7 @@ async fn an_idle_socket_flood_on_the_admin_port_does_not_stop_rotations() {
 
     // Three times the daemon's descriptor limit, all silent.
     let mut flood = Vec::new();
-    let admin: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let admin = daemon.admin_addr().await;
     for _ in 0..3 * NOFILE {
         // Bounded: a full accept queue must not block the test.
         match std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)) {
@@ -289,7 +269,7 @@ async fn an_idle_socket_flood_on_the_admin_port_does_not_stop_rotations() {
         .iter()
         .map(|id| h.sim.connection(id).unwrap().patches)
         .collect();
-    let (code, body) = get(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let (code, body) = get(&format!("http://{admin}/healthz")).await;
     assert_eq!(code, 200, "/healthz under the flood: {body}");
     // Rotations continue: two more for each connection while the flood stays.
     let continued = wait_until(Duration::from_secs(30), || {
@@ -298,7 +278,7 @@ async fn an_idle_socket_flood_on_the_admin_port_does_not_stop_rotations() {
             .all(|(id, n)| h.sim.connection(id).is_some_and(|c| c.patches >= n + 2))
     })
     .await;
-    let (code, _) = get(&format!("http://127.0.0.1:{port}/healthz")).await;
+    let (code, _) = get(&format!("http://{admin}/healthz")).await;
     drop(flood);
     daemon.terminate();
     assert!(
@@ -321,7 +301,6 @@ async fn an_idle_socket_flood_on_the_admin_port_does_not_stop_rotations() {
 async fn secrets_echoed_by_a_remote_never_reach_any_output() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
-    let port = free_port();
     // IMS echoes the client secret in error_description; Flow echoes the
     // bearer token and the JSON-escaped session token in a plain-text 502
     // whose first 300 characters end inside the token.
@@ -330,28 +309,21 @@ async fn secrets_echoed_by_a_remote_never_reach_any_output() {
     h.sim.script_for(&ids[0], ScriptedFault::EchoSecrets);
     h.sim.script_for(&ids[0], pass());
     h.sim.script_for(&ids[0], ScriptedFault::EchoSecrets);
-    let config = h.write_config(QUICK, &format!("[admin]\nlisten = \"127.0.0.1:{port}\""));
+    let config = quick(&h).admin().write();
     let mut daemon = h.spawn(&config, &["run"]);
-    // Catch /status while last_error holds the echo (bounded polling).
+    let admin = daemon.admin_addr().await;
+    // Catch /status while last_error holds the echo, until the rotation is done.
     let mut statuses = Vec::new();
-    let done = wait_until(Duration::from_secs(30), || {
-        h.sim.connection(&ids[0]).is_some_and(|c| c.patches >= 1)
-    });
-    tokio::pin!(done);
-    loop {
-        tokio::select! {
-            ok = &mut done => { assert!(ok, "stderr:\n{}", daemon.stderr_text()); break; }
-            () = tokio::time::sleep(Duration::from_millis(50)) => {
-                let (code, body) = get(&format!("http://127.0.0.1:{port}/status")).await;
-                if code == 200 && body.contains("last_error\":\"") {
-                    statuses.push(body);
-                }
-            }
+    let done = wait_until_async(Duration::from_secs(30), async || {
+        let (code, body) = get(&format!("http://{admin}/status")).await;
+        if code == 200 && body.contains("last_error\":\"") {
+            statuses.push(body);
         }
-    }
-    let mut status = clean_command(binary());
-    status.arg("--config").arg(&config).arg("status");
-    let table = status.output().unwrap();
+        h.sim.connection(&ids[0]).is_some_and(|c| c.patches >= 1)
+    })
+    .await;
+    assert!(done, "stderr:\n{}", daemon.stderr_text());
+    let table = status_command(&config, admin).output().unwrap();
     daemon.terminate();
 
     let stderr = daemon.stderr_text();
@@ -383,7 +355,6 @@ async fn secrets_echoed_by_a_remote_never_reach_any_output() {
 async fn remote_text_is_bounded_and_cannot_forge_a_log_line() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
-    let port = free_port();
     h.sim
         .script(SimService::Ims, ScriptedFault::HostileText { len: 200_000 });
     h.sim.script(
@@ -392,7 +363,7 @@ async fn remote_text_is_bounded_and_cannot_forge_a_log_line() {
     );
     h.sim
         .script(SimService::Sts, ScriptedFault::HostileText { len: 2_000 });
-    let config = h.write_config(QUICK, &format!("[admin]\nlisten = \"127.0.0.1:{port}\""));
+    let config = quick(&h).admin().write();
     let mut command = clean_command(binary());
     command
         .env("AWS_ACCESS_KEY_ID", SOURCE_KEY_ID)
@@ -407,9 +378,9 @@ async fn remote_text_is_bounded_and_cannot_forge_a_log_line() {
         h.sim.connection(&ids[0]).is_some_and(|c| c.patches >= 1)
     })
     .await;
-    let mut status = clean_command(binary());
-    status.arg("--config").arg(&config).arg("status");
-    let table = status.output().unwrap();
+    let table = status_command(&config, daemon.admin_addr().await)
+        .output()
+        .unwrap();
     daemon.terminate();
     let stderr = daemon.stderr_text();
     assert!(done, "stderr:\n{stderr}");
@@ -443,7 +414,7 @@ async fn an_etag_that_is_not_a_header_value_is_never_cached() {
     // The bad etag comes with a GET: start without bulk etags.
     h.without_bulk_etags();
     h.sim.script_for(&ids[0], ScriptedFault::InvalidEtag);
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let mut daemon = h.spawn(&config, &["run"]);
     // Before: the bad etag was kept, every later job skipped the GET and
     // failed locally, and no request was ever sent again.
@@ -491,7 +462,7 @@ async fn sts_errors_that_are_not_aws_errors_keep_their_status_and_back_off() {
             "<AssumeRoleResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleResult><Credentials><AccessKeyId>ASIAAAAAAAAAAAAAAAAA</AccessKeyId><SecretAccessKey>secretsecretsecretsecret</SecretAccessKey><SessionToken>tokentokentokentokentoken</SessionToken><Expiration>next tuesday</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>",
         ),
     );
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let mut daemon = h.spawn(&config, &["run"]);
     rotated(&h, &ids, 1, &daemon).await;
     daemon.terminate();
@@ -526,7 +497,7 @@ fn once(h: &Harness, config: &Path) -> (Option<i32>, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_zero_as_secret_file_and_a_fifo_as_state_path_give_one_clear_answer() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
-    let config = h.write_config(QUICK, "");
+    let config = quick(&h).write();
     let text = std::fs::read_to_string(&config).unwrap();
     let secret_file = h.dir.path().join("client-secret").display().to_string();
     std::fs::write(&config, text.replace(&secret_file, "/dev/zero")).unwrap();
@@ -543,7 +514,7 @@ async fn dev_zero_as_secret_file_and_a_fifo_as_state_path_give_one_clear_answer(
             .unwrap()
             .success()
     );
-    let config = h.write_config(QUICK, &format!("[state]\npath = \"{}\"", fifo.display()));
+    let config = quick(&h).state(&fifo).write();
     // Before: open(2) on the FIFO blocked start-up for good.
     let (code, stderr) = once(&h, &config);
     assert_eq!(code, Some(0), "{stderr}");

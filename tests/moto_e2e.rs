@@ -29,12 +29,8 @@ async fn rotates_with_credentials_from_moto_sts() {
     })
     .await;
     let ids = h.connection_ids();
-    let config = h.write_config(FAST_ROTATION, "");
-    // Point STS at moto instead of the simulator.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url());
-    std::fs::write(&config, text).unwrap();
+    // STS is moto instead of the simulator.
+    let config = h.config().sts_endpoint(&moto.url()).write();
 
     let mut daemon = h.spawn(&config, &["once"]);
     let status = daemon.wait(Duration::from_secs(60));
@@ -84,12 +80,7 @@ async fn get_session_token_is_used_when_no_role_is_configured() {
     })
     .await;
     let id = h.connection_ids().remove(0);
-    let config = h.write_config(FAST_ROTATION, "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url())
-        .replace(&format!("role_arn = \"{ROLE_ARN}\"\n"), "");
-    std::fs::write(&config, text).unwrap();
+    let config = h.config().sts_endpoint(&moto.url()).role_arn(None).write();
 
     let mut daemon = h.spawn(&config, &["once"]);
     assert_eq!(
@@ -118,11 +109,7 @@ async fn check_reports_every_dependency_against_moto() {
     .await;
     let ids = h.connection_ids();
     h.sim.delete_connection(&ids[1]);
-    let config = h.write_config(FAST_ROTATION, "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url());
-    std::fs::write(&config, text).unwrap();
+    let config = h.config().sts_endpoint(&moto.url()).write();
 
     let mut daemon = h.spawn(&config, &["check"]);
     assert_eq!(daemon.wait(Duration::from_secs(60)).code(), Some(1));
@@ -196,16 +183,15 @@ async fn prepush_check_with_moto_iam_pushes_a_reader_and_refuses_an_outsider() {
     let id = h.connection_ids().remove(0);
     h.sim
         .set_connection_param(&id, "bucketName", Some(&setup.bucket));
-    let config = h.write_config(FAST_ROTATION, "");
-    let base = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(&h.sim.sts_url(), &moto.url())
-        .replace(&h.sim.s3_url(), &moto.url());
+    let base = h
+        .config()
+        .sts_endpoint(&moto.url())
+        .s3_endpoint(&moto.url());
     let mut secrets = h.secrets();
     secrets.push(setup.secret_access_key.clone());
 
     // 1. The reader role may list the bucket: checked by moto, pushed.
-    std::fs::write(&config, base.replace(ROLE_ARN, &setup.reader)).unwrap();
+    let config = base.clone().role_arn(Some(&setup.reader)).write();
     let mut daemon = once_as(&setup, &config);
     assert_eq!(
         daemon.wait(Duration::from_secs(60)).code(),
@@ -224,7 +210,7 @@ async fn prepush_check_with_moto_iam_pushes_a_reader_and_refuses_an_outsider() {
 
     // 2. The outsider role may not: moto answers AccessDenied, nothing is
     // pushed, the connection keeps the reader's credentials.
-    std::fs::write(&config, base.replace(ROLE_ARN, &setup.outsider)).unwrap();
+    base.clone().role_arn(Some(&setup.outsider)).write();
     let mut daemon = once_as(&setup, &config);
     assert_eq!(
         daemon.wait(Duration::from_secs(60)).code(),
@@ -252,12 +238,9 @@ async fn prepush_check_with_moto_iam_pushes_a_reader_and_refuses_an_outsider() {
     // dead, only the connection's serviceUrl (moto) can let the check pass.
     h.sim
         .set_connection_param(&id, "serviceUrl", Some(&moto.url()));
-    let dead = base.replace(ROLE_ARN, &setup.reader).replace(
-        &format!("s3_endpoint = \"{}\"", moto.url()),
-        "s3_endpoint = \"http://127.0.0.1:9\"",
-    );
-    assert!(dead.contains("127.0.0.1:9\""), "{dead}");
-    std::fs::write(&config, dead).unwrap();
+    base.role_arn(Some(&setup.reader))
+        .s3_endpoint("http://127.0.0.1:9")
+        .write();
     let mut daemon = once_as(&setup, &config);
     assert_eq!(
         daemon.wait(Duration::from_secs(60)).code(),

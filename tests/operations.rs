@@ -13,14 +13,6 @@ use std::time::Duration;
 use aep_s3_simulator::SimService;
 use common::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn get(url: &str) -> (u16, String) {
     match reqwest::get(url).await {
         Ok(response) => (
@@ -35,13 +27,10 @@ async fn get(url: &str) -> (u16, String) {
 async fn admin_endpoints_serve_metrics_readiness_and_status() {
     let h = Harness::start(2, Duration::from_secs(4)).await;
     let ids = h.connection_ids();
-    let port = free_port();
-    let config = h.write_config(
-        FAST_ROTATION,
-        &format!("[admin]\nlisten = \"127.0.0.1:{port}\""),
-    );
+    let config = h.config().admin().write();
     let mut daemon = h.spawn(&config, &["run"]);
-    let base = format!("http://127.0.0.1:{port}");
+    let admin = daemon.admin_addr().await;
+    let base = format!("http://{admin}");
     assert!(
         wait_until(Duration::from_secs(20), || ids
             .iter()
@@ -52,13 +41,11 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
     );
     // Ready once every connection holds credentials we pushed.
     let mut ready = (0, String::new());
-    for _ in 0..40 {
+    wait_until_async(Duration::from_secs(4), async || {
         ready = get(&format!("{base}/readyz")).await;
-        if ready.0 == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        ready.0 == 200
+    })
+    .await;
     // The endpoint answered, so both places that ever logged its start have
     // run: it is logged once, with the address bound.
     let listening = daemon.events("admin endpoint listening");
@@ -114,7 +101,7 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
     );
 
     // `status` renders the same from the command line.
-    let mut cli = h.spawn(&config, &["status"]);
+    let mut cli = DaemonProcess::spawn(status_command(&config, admin));
     assert_eq!(
         cli.wait(Duration::from_secs(20)).code(),
         Some(0),
@@ -130,13 +117,11 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
     // STS goes away: credentials on the connections expire, readiness says which.
     h.sim.set_service_down(SimService::Sts, true);
     let mut not_ready = (0, String::new());
-    for _ in 0..150 {
+    wait_until_async(Duration::from_secs(15), async || {
         not_ready = get(&format!("{base}/readyz")).await;
-        if not_ready.0 == 503 && not_ready.1.contains("expired") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        not_ready.0 == 503 && not_ready.1.contains("expired")
+    })
+    .await;
     assert_eq!(not_ready.0, 503, "{}", not_ready.1);
     assert!(
         not_ready.1.contains("conn-0") && not_ready.1.contains("expired"),
@@ -170,11 +155,11 @@ async fn a_restart_with_state_does_not_re_push_but_an_edited_connection_is() {
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     let ids = h.connection_ids();
     let state = h.dir.path().join("state.json");
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
-    let config = h.write_config(
-        &rotation,
-        &format!("[state]\npath = \"{}\"", state.display()),
-    );
+    let config = h
+        .config()
+        .rotation(Rotation::fast().refresh_before("10m"))
+        .state(&state)
+        .write();
 
     let mut first = h.spawn(&config, &["run"]);
     assert!(
@@ -232,12 +217,17 @@ async fn a_restart_with_state_does_not_re_push_but_an_edited_connection_is() {
 
 /// Two simulated connections, a config naming only the first, the daemon
 /// running and that first one rotated: the start of the reload tests.
-async fn running_with_the_first_of_two() -> (Harness, Vec<String>, String, PathBuf, DaemonProcess) {
+async fn running_with_the_first_of_two() -> (Harness, Vec<String>, Rotation, PathBuf, DaemonProcess)
+{
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     let ids = h.connection_ids();
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
+    let rotation = Rotation::fast().refresh_before("10m");
     let first_only = &h.sim_config.connections[..1];
-    let config = h.write_config_with_connections(&rotation, "", first_only);
+    let config = h
+        .config()
+        .rotation(rotation.clone())
+        .connections(first_only)
+        .write();
     let daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(20), || h
@@ -267,7 +257,7 @@ async fn sighup_adds_a_connection_and_survives_an_invalid_config() {
 
     // A valid config with one more connection: it is rotated within seconds,
     // and the first one is not re-pushed.
-    h.write_config(&rotation, "");
+    h.config().rotation(rotation).write();
     daemon.signal("HUP");
     assert!(
         wait_until(Duration::from_secs(10), || h
@@ -298,7 +288,7 @@ async fn editing_the_config_file_reloads_without_a_signal() {
     // A ConfigMap-style update: a new file renamed over the old one.
     let staged = config.with_extension("new");
     std::fs::copy(&config, &staged).unwrap();
-    let all = h.write_config(&rotation, "");
+    let all = h.config().rotation(rotation).write();
     std::fs::rename(&all, &staged).unwrap();
     std::fs::rename(&staged, &config).unwrap();
     assert!(
@@ -335,8 +325,10 @@ async fn systemd_notify_ready_status_and_watchdog() {
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"10m\"");
-    let config = h.write_config(&rotation, "");
+    let config = h
+        .config()
+        .rotation(Rotation::fast().refresh_before("10m"))
+        .write();
     let mut command = clean_command(binary());
     command
         .env("AWS_ACCESS_KEY_ID", SOURCE_KEY_ID)
@@ -401,50 +393,74 @@ sandboxes = ["prod", "dev"]
 description_tag = "rotate:aep-s3"
 every = "1s"
 "#;
-    // 40 connections whose credentials live 4 s, rotated 2 s ahead: about
+    // 20 connections whose credentials live 3 s, rotated 2 s ahead: about
     // 20 rotations a second, each PATCH 200 ms at the simulator, so there
-    // is always more work than the gate lets through.
-    let h = Harness::start_with(40, Duration::from_secs(4), |sim| {
+    // is always more work than the gate lets through (10 a second at
+    // concurrency 2).
+    let h = Harness::start_with(20, Duration::from_secs(3), |sim| {
         for c in &mut sim.connections {
             c.description = "rotate:aep-s3".to_owned();
         }
         sim.faults.latency = Duration::from_millis(200);
     })
     .await;
-    let config = h.write_config_with_connections(FAST_ROTATION, RULE, &[]);
+    let ids = h.connection_ids();
+    let config = h.config().table(RULE).connections(&[]).write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(30), || !daemon
             .events("ready")
             .is_empty()
-            || h.sim.stats().flow_patches_ok >= 40)
+            || h.sim.stats().flow_patches_ok >= 20)
         .await,
         "no first pass; stderr:\n{}",
         daemon.stderr_text()
     );
-    let rotation = FAST_ROTATION.replace("concurrency = 4", "concurrency = 2");
-    let edited = h.write_config_with_connections(&rotation, RULE, &[]);
-    let text = std::fs::read_to_string(&edited).unwrap();
-    let text = text.replace(
-        "[adobe]\n",
-        "[adobe]\nscopes = [\"openid\", \"AdobeID\", \"read_organizations\"]\n",
-    );
-    std::fs::write(&edited, text).unwrap();
+    h.config()
+        .rotation(Rotation::fast().concurrency(2))
+        .adobe_line(r#"scopes = ["openid", "AdobeID", "read_organizations"]"#)
+        .table(RULE)
+        .connections(&[])
+        .write();
     let tokens_before = h.sim.stats().ims_tokens_issued;
     daemon.reload().await;
     // Jobs dispatched before the reload finish with the clients they
     // started with, those waiting at the old gate included: measure from
-    // when they are done.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // when they are done. A connection has one job at a time, so once it
+    // has two PATCHes applied after the reload, the second came from a job
+    // dispatched after it, and the job it had at the reload is over.
+    let reloaded_at = unix_ms(log_time(&daemon.events("config reloaded")[0]));
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let patches = h.sim.patches();
+            ids.iter().all(|id| {
+                patches
+                    .on_connection(id)
+                    .iter()
+                    .filter(|p| p.at_unix_ms > reloaded_at)
+                    .count()
+                    >= 2
+            })
+        })
+        .await,
+        "not every connection was rotated twice after the reload; stderr:\n{}",
+        daemon.stderr_text()
+    );
     h.sim.reset_max_in_flight();
     let patches = h.sim.stats().flow_patches_ok;
     let lists = h.sim.stats().flow_lists;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let stats = h.sim.stats();
+    // Then rotation and listing both go on under the one gate, which stays
+    // full: more than ten PATCHes and two listings.
     assert!(
-        stats.flow_patches_ok > patches + 10 && stats.flow_lists > lists,
-        "rotation and listing did not both go on: {stats:?}"
+        wait_until(Duration::from_secs(30), || {
+            let stats = h.sim.stats();
+            stats.flow_patches_ok > patches + 10 && stats.flow_lists > lists + 1
+        })
+        .await,
+        "rotation and listing did not both go on: {:?}",
+        h.sim.stats()
     );
+    let stats = h.sim.stats();
     assert!(
         stats.max_in_flight <= 2,
         "{} Flow Service requests at once under concurrency = 2",
@@ -464,9 +480,10 @@ every = "1s"
 /// next IMS request uses the new secret and rotation goes on.
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_reload_to_another_secret_file_ims_reads_that_file() {
-    let h = Harness::start(2, Duration::from_secs(6)).await;
+    // 3 s credentials, rotated with 2 s left: a rotation about every second.
+    let h = Harness::start(2, Duration::from_secs(3)).await;
     let ids = h.connection_ids();
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     let patched = |h: &Harness| -> u64 {
         ids.iter()

@@ -49,7 +49,7 @@ fn s3_events(h: &Harness) -> Vec<(String, bool, String)> {
 async fn denied_credentials_are_never_pushed_and_the_old_key_stays() {
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     let ids = h.connection_ids();
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once"]);
     assert_eq!(
         daemon.wait(Duration::from_secs(30)).code(),
@@ -105,7 +105,7 @@ async fn credentials_usable_after_a_short_delay_are_pushed() {
     let id = h.connection_ids().remove(0);
     // IAM eventual consistency: the first check with the new key is denied.
     h.sim.s3_deny_next(1);
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once"]);
     assert_eq!(
         daemon.wait(Duration::from_secs(30)).code(),
@@ -125,7 +125,7 @@ async fn a_bucket_in_another_region_is_checked_in_its_region() {
     let h = Harness::start(1, Duration::from_secs(3600)).await;
     let id = h.connection_ids().remove(0);
     h.sim.s3_set_bucket_region(&bucket(&h, 0), "eu-west-1");
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once"]);
     assert_eq!(
         daemon.wait(Duration::from_secs(30)).code(),
@@ -160,7 +160,7 @@ async fn a_transient_s3_failure_backs_off_and_pushes_nothing_until_it_passes() {
             },
         );
     }
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once"]);
     assert_eq!(
         daemon.wait(Duration::from_secs(30)).code(),
@@ -189,7 +189,7 @@ async fn a_transient_s3_failure_backs_off_and_pushes_nothing_until_it_passes() {
 async fn dry_run_runs_the_check_and_check_prints_it() {
     let h = Harness::start(2, Duration::from_secs(3600)).await;
     h.sim.s3_deny_bucket(&bucket(&h, 1), true);
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
 
     let mut dry = h.spawn(&config, &["once", "--dry-run"]);
     let mut check = h.spawn(&config, &["check"]);
@@ -239,8 +239,10 @@ async fn prepush_check_false_pushes_without_asking_s3() {
     let h = Harness::start(1, Duration::from_secs(3600)).await;
     let id = h.connection_ids().remove(0);
     h.sim.s3_deny_bucket(&bucket(&h, 0), true);
-    let rotation = format!("{FAST_ROTATION}\nprepush_check = false");
-    let config = h.write_config(&rotation, "");
+    let config = h
+        .config()
+        .rotation(Rotation::fast().prepush_check(false))
+        .write();
     let mut daemon = h.spawn(&config, &["once"]);
     assert_eq!(
         daemon.wait(Duration::from_secs(30)).code(),
@@ -254,10 +256,10 @@ async fn prepush_check_false_pushes_without_asking_s3() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_healthy_rotation_stays_one_patch_with_the_check() {
-    // 6 s credentials, refresh 2 s before: a rotation every ~4 s.
-    let h = Harness::start(1, Duration::from_secs(6)).await;
+    // 3 s credentials, refresh 2 s before: a rotation about every second.
+    let h = Harness::start(1, Duration::from_secs(3)).await;
     let id = h.connection_ids().remove(0);
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(20), || h
@@ -280,12 +282,14 @@ async fn a_healthy_rotation_stays_one_patch_with_the_check() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_folder_changed_under_a_known_etag_is_checked_again_after_the_412() {
-    // 30 s credentials, refreshed 26 s before expiry: a rotation every ~4 s,
-    // with credentials that outlive the ~7 s of denial retries.
+    // 30 s credentials, refreshed 28 s before expiry: a rotation about
+    // every 2 s, with credentials that outlive the ~7 s of denial retries.
     let h = Harness::start(1, Duration::from_secs(30)).await;
     let id = h.connection_ids().remove(0);
-    let rotation = FAST_ROTATION.replace("refresh_before = \"2s\"", "refresh_before = \"26s\"");
-    let config = h.write_config(&rotation, "");
+    let config = h
+        .config()
+        .rotation(Rotation::fast().refresh_before("28s"))
+        .write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(10), || h
@@ -322,9 +326,12 @@ async fn a_folder_changed_under_a_known_etag_is_checked_again_after_the_412() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_denial_on_a_stale_cached_bucket_reads_the_connection_again() {
+    // 6 s credentials, rotated with 2 s left: the move comes well before
+    // the next rotation (with 3 s, a rotation racing the move sometimes
+    // found the new bucket without the stale-cache denial this is about).
     let h = Harness::start(1, Duration::from_secs(6)).await;
     let id = h.connection_ids().remove(0);
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(10), || h
@@ -336,13 +343,18 @@ async fn a_denial_on_a_stale_cached_bucket_reads_the_connection_again() {
     // The connection moves to another bucket: the cached one no longer
     // exists (NoSuchBucket). That denial sends the job back to the
     // connection, which names the new bucket; the role may list it: pushed.
+    // (A job already past its check when the bucket moves pushes first:
+    // wait for the check of the new bucket and a PATCH after the move.)
+    let before = h.sim.connection(&id).unwrap().patches;
     h.sim
         .set_connection_param(&id, "bucketName", Some("aep-ingest-moved"));
     assert!(
-        wait_until(Duration::from_secs(20), || h
-            .sim
-            .connection(&id)
-            .is_some_and(|c| c.patches >= 2))
+        wait_until(Duration::from_secs(20), || {
+            h.sim.connection(&id).is_some_and(|c| c.patches > before)
+                && s3_events(&h)
+                    .iter()
+                    .any(|(b, allowed, _)| *allowed && b == "aep-ingest-moved")
+        })
         .await,
         "{}",
         daemon.stderr_text()

@@ -23,15 +23,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Hour-long credentials: no scheduled rotation during a test.
-const QUIET_ROTATION: &str = r#"session_duration = "1h"
-refresh_before = "20m"
-jitter = "1s"
-concurrency = 4
-retry_min = "100ms"
-retry_max = "2s"
-request_timeout = "2s"
-shutdown_grace = "3s""#;
+/// Hour-long credentials (the simulator's), rotated 20 minutes ahead: no
+/// scheduled rotation during a test.
+fn quiet_rotation() -> Rotation {
+    Rotation::fast().refresh_before("20m").jitter("1s")
+}
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -42,13 +38,12 @@ async fn running(n: usize) -> (Harness, PathBuf, PathBuf, DaemonProcess) {
     let run = h.dir.path().join("run");
     std::fs::create_dir(&run).unwrap();
     let socket = run.join("control.sock");
-    let config = h.write_config(
-        QUIET_ROTATION,
-        &format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\ncontrol_socket = \"{}\"\n",
-            socket.display()
-        ),
-    );
+    let config = h
+        .config()
+        .rotation(quiet_rotation())
+        .admin()
+        .control_socket(&socket)
+        .write();
     let daemon = h.spawn(&config, &["run"]);
     let ids = h.connection_ids();
     let first_pass = wait_until(PATIENCE, || {
@@ -190,12 +185,17 @@ async fn rotate_of_an_unknown_connection_names_it_and_rotates_nothing() {
         !stderr.contains(&known),
         "only the unknown one is named: {stderr}"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(h.sim.patches().accepted.len(), patched, "nothing rotated");
-    // By name, the known one alone.
+    // By name, the known one alone: after its answer exactly one more
+    // PATCH exists (the refused request started nothing, and a job it had
+    // started would have ended before this one, its successor, was answered).
     let name = h.sim_config.connections[0].name.clone();
     let out = client(rotate(&config, &["--connection", &name])).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        h.sim.patches().accepted.len(),
+        patched + 1,
+        "the refused request rotated something"
+    );
     assert_eq!(
         text(&out.stdout)
             .lines()
@@ -296,9 +296,10 @@ async fn the_socket_refuses_another_user() {
     })
     .await;
     assert!(refused, "{}", daemon.stderr_text());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(h.sim.patches().accepted.len(), patched, "nothing rotated");
+    // A refused client never reaches the scheduler: no request was logged
+    // (the daemon logs one before any job starts), so nothing rotated.
     assert!(daemon.events("rotation requested").is_empty());
+    assert_eq!(h.sim.patches().accepted.len(), patched, "nothing rotated");
 }
 
 #[tokio::test(flavor = "multi_thread")]

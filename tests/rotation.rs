@@ -13,7 +13,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn rotates_every_connection_every_cycle_then_stops_on_sigterm() {
     let h = Harness::start(3, Duration::from_secs(4)).await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     let ids = h.connection_ids();
     let cycled = wait_until(Duration::from_secs(40), || {
@@ -90,7 +90,7 @@ async fn an_etag_conflict_is_resolved_by_reading_the_connection_again() {
     // The churn comes with a GET: start without bulk etags.
     h.without_bulk_etags();
     h.sim.script_for(&ids[0], ScriptedFault::EtagChurn);
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once"]);
     let status = daemon.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr_text());
@@ -127,7 +127,7 @@ async fn a_stale_etag_from_the_bulk_read_is_resolved_by_reading_the_connection()
         content_type: "application/json".to_owned(),
         body: serde_json::json!({ "items": [item] }).to_string(),
     });
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once"]);
     let status = daemon.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr_text());
@@ -161,7 +161,7 @@ async fn a_throttled_request_waits_for_retry_after() {
             body: None,
         },
     );
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once"]);
     let status = daemon.wait(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr_text());
@@ -195,7 +195,7 @@ async fn a_throttled_request_waits_for_retry_after() {
 async fn a_revoked_ims_token_is_replaced_and_the_patch_retried() {
     let h = Harness::start(2, Duration::from_secs(4)).await;
     let ids = h.connection_ids();
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
         wait_until(Duration::from_secs(20), || ids
@@ -235,7 +235,7 @@ async fn a_deleted_connection_fails_alone_and_the_others_keep_rotating() {
     let h = Harness::start(3, Duration::from_secs(4)).await;
     let ids = h.connection_ids();
     h.sim.delete_connection(&ids[1]);
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     let healthy = [&ids[0], &ids[2]];
     assert!(
@@ -273,7 +273,7 @@ async fn a_deleted_connection_fails_alone_and_the_others_keep_rotating() {
 async fn once_exits_0_when_all_rotate_and_1_when_one_fails() {
     let h = Harness::start(2, Duration::from_secs(60)).await;
     let ids = h.connection_ids();
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
 
     let mut good = h.spawn(&config, &["once"]);
     assert_eq!(
@@ -328,7 +328,7 @@ async fn once_exits_0_when_all_rotate_and_1_when_one_fails() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_reads_everything_and_patches_nothing() {
     let h = Harness::start(2, Duration::from_secs(60)).await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let mut daemon = h.spawn(&config, &["once", "--dry-run"]);
     assert_eq!(
         daemon.wait(Duration::from_secs(30)).code(),
@@ -353,7 +353,7 @@ async fn dry_run_reads_everything_and_patches_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_tests_the_connection_after_the_patch() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
-    let config = h.write_config(&format!("{FAST_ROTATION}\nverify = true"), "");
+    let config = h.config().rotation(Rotation::fast().verify(true)).write();
     let mut daemon = h.spawn(&config, &["once"]);
     assert_eq!(
         daemon.wait(Duration::from_secs(30)).code(),

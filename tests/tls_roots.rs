@@ -30,7 +30,7 @@ fn command(config: &Path, var: &str, value: &Path, args: &[&str]) -> Command {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_empty_operator_store_is_refused_with_one_clear_message() {
     let h = Harness::start(1, Duration::from_secs(60)).await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let empty_file = h.dir.path().join("empty.pem");
     std::fs::write(&empty_file, "").unwrap();
     let empty_dir = h.dir.path().join("empty-certs");
@@ -88,7 +88,7 @@ async fn an_empty_operator_store_is_refused_with_one_clear_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_reports_the_ca_source_on_its_own_line() {
     let h = Harness::start(1, Duration::from_secs(3600)).await;
-    let config = h.write_config(FAST_ROTATION, "");
+    let config = h.config().write();
     let bundle = h.dir.path().join("bundle.pem");
     let roots = &webpki_root_certs::TLS_SERVER_ROOT_CERTS[..3];
     let mut pem = String::new();

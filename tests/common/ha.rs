@@ -21,13 +21,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{DaemonProcess, Harness, Moto, SOURCE_KEY_ID, SOURCE_SECRET};
+use crate::common::{DaemonProcess, Harness, Moto, Rotation, SOURCE_KEY_ID, SOURCE_SECRET};
 
 /// The table every replica of one test shares (each test has its own moto).
 pub const TABLE: &str = "aep-s3-rotator";
@@ -185,16 +185,11 @@ impl Timings {
 }
 
 /// `[rotation]` for HA tests: `refresh_before` = 4 s, twice the 2 s lease
-/// (the daemon refuses less); with simulator credentials of 8 s each
-/// connection rotates about every 4 s.
-pub const HA_ROTATION: &str = r#"session_duration = "15m"
-refresh_before = "4s"
-jitter = "300ms"
-concurrency = 4
-retry_min = "100ms"
-retry_max = "1s"
-request_timeout = "2s"
-shutdown_grace = "3s""#;
+/// (the daemon refuses less); with simulator credentials of 6 s each
+/// connection rotates about every 2 s.
+pub fn ha_rotation() -> Rotation {
+    Rotation::fast().refresh_before("4s").retry_max("1s")
+}
 
 /// One replica: holder name = IMS client id = `replica-N`.
 pub struct Replica {
@@ -244,27 +239,22 @@ impl Cluster {
                 std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600))
                     .unwrap();
             }
-            let extra = format!(
-                "[admin]\nlisten = \"127.0.0.1:0\"\ncontrol_socket = \"{}\"\n\n[coordination]\nbackend = \"dynamodb\"\ntable = \"{TABLE}\"\nlease = \"{}\"\nrenew_every = \"{}\"\nholder = \"{name}\"\nendpoint = \"{}\"\n",
-                h.dir.path().join(format!("{name}.sock")).display(),
+            let coordination = format!(
+                "[coordination]\nbackend = \"dynamodb\"\ntable = \"{TABLE}\"\nlease = \"{}\"\nrenew_every = \"{}\"\nholder = \"{name}\"\nendpoint = \"{}\"\n",
                 human(timings.lease),
                 human(timings.renew_every),
                 proxy.url(),
             );
-            let base = h.write_config(HA_ROTATION, &extra);
-            let text = std::fs::read_to_string(&base)
-                .unwrap()
-                .replace(
-                    &format!("client_id = \"{}\"", crate::common::CLIENT_ID),
-                    &format!("client_id = \"{name}\""),
-                )
-                .replace(
-                    &h.dir.path().join("client-secret").display().to_string(),
-                    &secret_file.display().to_string(),
-                );
-            assert!(text.contains(&format!("client_id = \"{name}\"")));
-            let config = h.dir.path().join(format!("{name}.toml"));
-            std::fs::write(&config, text).unwrap();
+            let config = h
+                .config()
+                .rotation(ha_rotation())
+                .admin()
+                // Each replica its own socket (they would share the default).
+                .control_socket(&h.dir.path().join(format!("{name}.sock")))
+                .table(&coordination)
+                .client(name, &secret_file)
+                .named(&format!("{name}.toml"))
+                .write();
             if replicas.is_empty() {
                 // The operator's way: `coordination init` creates the table.
                 let mut init = h.spawn(&config, &["coordination", "init"]);
@@ -404,20 +394,12 @@ impl Cluster {
             .join("\n")
     }
 
-    /// The admin address a replica logged.
-    pub async fn admin_addr(&self, name: &str) -> String {
-        let replica = &self.replicas[self.index_of(name)];
-        let mut addr = None;
-        crate::common::wait_until(Duration::from_secs(20), || {
-            addr = replica
-                .process
-                .events("admin endpoint listening")
-                .first()
-                .and_then(|l| l["listen"].as_str().map(str::to_owned));
-            addr.is_some()
-        })
-        .await;
-        addr.unwrap_or_else(|| panic!("{name} logged no admin address\n{}", self.all_logs()))
+    /// The admin address a replica bound (its config asks for port 0).
+    pub async fn admin_addr(&self, name: &str) -> SocketAddr {
+        self.replicas[self.index_of(name)]
+            .process
+            .admin_addr()
+            .await
     }
 
     /// Every secret that must never be printed: the simulator's (all client
@@ -427,19 +409,7 @@ impl Cluster {
     }
 }
 
-/// The `timestamp` of a JSON log line.
-pub fn log_time(line: &Value) -> SystemTime {
-    let text = line["timestamp"]
-        .as_str()
-        .expect("log line has a timestamp");
-    humantime::parse_rfc3339_weak(text)
-        .unwrap_or_else(|e| panic!("timestamp {text:?} is not RFC 3339: {e}"))
-}
-
-/// Unix milliseconds of `t` (the simulator's PATCH log unit).
-pub fn unix_ms(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
-}
+pub use crate::common::log_time;
 
 /// `b - a` in seconds, negative when `b` is earlier.
 pub fn secs_between(a: SystemTime, b: SystemTime) -> f64 {

@@ -1,6 +1,10 @@
 //! Shared harness for the black-box tests: an in-process simulator on
-//! 127.0.0.1:0, a config file pointing at it, and the real daemon binary run
-//! as a child process whose JSON log lines are collected.
+//! 127.0.0.1:0, a config file pointing at it ([`TestConfig`], the one way
+//! tests write one), and the real daemon binary run as a child process
+//! whose JSON log lines are collected. Every listener is bound on port 0
+//! and its address read back (the daemon's admin endpoint from its log,
+//! moto from its start line); every wait is [`wait_until`] or one of its
+//! two twins.
 
 // Black-box tests drive the real binary in real time: they read the real clocks.
 #![allow(
@@ -12,11 +16,11 @@
 )]
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aep_s3_simulator::{SimConfig, SimConnection, Simulator};
 use serde_json::Value;
@@ -136,52 +140,10 @@ impl Harness {
             .collect()
     }
 
-    /// Writes `config.toml`; `rotation` replaces the default `[rotation]`
-    /// body, `extra` is appended verbatim (e.g. `[admin]`, `[state]`).
-    pub fn write_config(&self, rotation: &str, extra: &str) -> PathBuf {
-        self.write_config_with_connections(rotation, extra, &self.sim_config.connections)
-    }
-
-    pub fn write_config_with_connections(
-        &self,
-        rotation: &str,
-        extra: &str,
-        connections: &[SimConnection],
-    ) -> PathBuf {
-        let mut toml = format!(
-            r#"[adobe]
-client_id = "{CLIENT_ID}"
-client_secret_file = "{secret_file}"
-org_id = "{ORG_ID}"
-ims_url = "{ims}"
-platform_url = "{flow}"
-
-[aws]
-region = "us-east-1"
-sts_endpoint = "{sts}"
-s3_endpoint = "{s3}"
-role_arn = "{ROLE_ARN}"
-
-[rotation]
-{rotation}
-
-{extra}
-"#,
-            secret_file = self.dir.path().join("client-secret").display(),
-            ims = self.sim.ims_url(),
-            flow = self.sim.platform_url(),
-            sts = self.sim.sts_url(),
-            s3 = self.sim.s3_url(),
-        );
-        for c in connections {
-            toml.push_str(&format!(
-                "\n[[connections]]\nid = \"{}\"\nsandbox = \"{}\"\nname = \"{}\"\n",
-                c.id, c.sandbox, c.name
-            ));
-        }
-        let path = self.dir.path().join("config.toml");
-        std::fs::write(&path, toml).unwrap();
-        path
+    /// The shared config builder, pointing at this simulator with every
+    /// simulated connection and [`Rotation::fast`].
+    pub fn config(&self) -> TestConfig {
+        TestConfig::new(self)
     }
 
     /// Starts the daemon with `args` after `--config <path>`.
@@ -198,15 +160,318 @@ role_arn = "{ROLE_ARN}"
     }
 }
 
-/// A quick `[rotation]` for tests: credentials of a few seconds.
-pub const FAST_ROTATION: &str = r#"session_duration = "15m"
-refresh_before = "2s"
-jitter = "300ms"
-concurrency = 4
-retry_min = "100ms"
-retry_max = "2s"
-request_timeout = "2s"
-shutdown_grace = "3s""#;
+/// The `[rotation]` of a test config. Every test starts from one of two
+/// presets and changes only what its rule needs, so the values a test
+/// depends on are named at the test.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    session_duration: String,
+    refresh_before: String,
+    jitter: String,
+    concurrency: usize,
+    retry_min: String,
+    retry_max: String,
+    request_timeout: String,
+    shutdown_grace: String,
+    prepush_check: Option<bool>,
+    verify: Option<bool>,
+}
+
+impl Rotation {
+    /// Rotate when the credentials have 2 s left (the simulator's
+    /// lifetimes are seconds, whatever `session_duration` asks), quick
+    /// retries, a 2 s request timeout, a 3 s shutdown grace.
+    pub fn fast() -> Self {
+        Self {
+            // The shortest STS accepts; the simulator decides the real lifetime.
+            session_duration: "15m".into(),
+            refresh_before: "2s".into(),
+            jitter: "300ms".into(),
+            concurrency: 4,
+            retry_min: "100ms".into(),
+            retry_max: "2s".into(),
+            request_timeout: "2s".into(),
+            shutdown_grace: "3s".into(),
+            prepush_check: None,
+            verify: None,
+        }
+    }
+
+    /// [`Rotation::fast`] with a 1 s request timeout (a scripted slow
+    /// answer times out), retries capped at 1 s and 100 ms of jitter.
+    pub fn quick() -> Self {
+        Self::fast()
+            .request_timeout("1s")
+            .retry_max("1s")
+            .jitter("100ms")
+    }
+
+    pub fn refresh_before(mut self, value: &str) -> Self {
+        value.clone_into(&mut self.refresh_before);
+        self
+    }
+
+    pub fn jitter(mut self, value: &str) -> Self {
+        value.clone_into(&mut self.jitter);
+        self
+    }
+
+    pub fn concurrency(mut self, value: usize) -> Self {
+        self.concurrency = value;
+        self
+    }
+
+    pub fn retry_max(mut self, value: &str) -> Self {
+        value.clone_into(&mut self.retry_max);
+        self
+    }
+
+    pub fn request_timeout(mut self, value: &str) -> Self {
+        value.clone_into(&mut self.request_timeout);
+        self
+    }
+
+    pub fn prepush_check(mut self, on: bool) -> Self {
+        self.prepush_check = Some(on);
+        self
+    }
+
+    pub fn verify(mut self, on: bool) -> Self {
+        self.verify = Some(on);
+        self
+    }
+
+    /// The body of the `[rotation]` table.
+    pub fn toml(&self) -> String {
+        let mut toml = format!(
+            "session_duration = \"{}\"\nrefresh_before = \"{}\"\njitter = \"{}\"\nconcurrency = {}\nretry_min = \"{}\"\nretry_max = \"{}\"\nrequest_timeout = \"{}\"\nshutdown_grace = \"{}\"\n",
+            self.session_duration,
+            self.refresh_before,
+            self.jitter,
+            self.concurrency,
+            self.retry_min,
+            self.retry_max,
+            self.request_timeout,
+            self.shutdown_grace,
+        );
+        if let Some(on) = self.prepush_check {
+            toml.push_str(&format!("prepush_check = {on}\n"));
+        }
+        if let Some(on) = self.verify {
+            toml.push_str(&format!("verify = {on}\n"));
+        }
+        toml
+    }
+}
+
+/// The one way tests write a daemon config: the simulator's endpoints, the
+/// test client and role, a [`Rotation`], the connections, and optional
+/// `[admin]`, `[state]` and further tables (`[[discover]]`,
+/// `[coordination]`).
+///
+/// `TestConfig::new(&h).rotation(Rotation::quick()).admin().write()`
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    dir: PathBuf,
+    client_id: String,
+    secret_file: PathBuf,
+    adobe_lines: Vec<String>,
+    ims_url: Option<String>,
+    platform_url: Option<String>,
+    sts_endpoint: Option<String>,
+    s3_endpoint: Option<String>,
+    role_arn: Option<String>,
+    rotation: Option<Rotation>,
+    admin: Option<String>,
+    control_socket: Option<PathBuf>,
+    state: Option<PathBuf>,
+    tables: Vec<String>,
+    connections: Vec<SimConnection>,
+    file_name: String,
+}
+
+impl TestConfig {
+    /// Everything of `h`'s simulator, every simulated connection, [`Rotation::fast`].
+    pub fn new(h: &Harness) -> Self {
+        Self {
+            ims_url: Some(h.sim.ims_url()),
+            platform_url: Some(h.sim.platform_url()),
+            sts_endpoint: Some(h.sim.sts_url()),
+            s3_endpoint: Some(h.sim.s3_url()),
+            connections: h.sim_config.connections.clone(),
+            rotation: Some(Rotation::fast()),
+            ..Self::without_simulator(h.dir.path(), &h.dir.path().join("client-secret"))
+        }
+    }
+
+    /// No simulator: Adobe's and AWS's default endpoints, the default
+    /// `[rotation]`, no connections (for `coordination init`, which
+    /// contacts nothing but the table).
+    pub fn without_simulator(dir: &Path, secret_file: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            client_id: CLIENT_ID.to_owned(),
+            secret_file: secret_file.to_owned(),
+            adobe_lines: Vec::new(),
+            ims_url: None,
+            platform_url: None,
+            sts_endpoint: None,
+            s3_endpoint: None,
+            role_arn: Some(ROLE_ARN.to_owned()),
+            rotation: None,
+            admin: None,
+            control_socket: None,
+            state: None,
+            tables: Vec::new(),
+            connections: Vec::new(),
+            file_name: "config.toml".to_owned(),
+        }
+    }
+
+    pub fn rotation(mut self, rotation: Rotation) -> Self {
+        self.rotation = Some(rotation);
+        self
+    }
+
+    /// Only these `[[connections]]` (none: `&[]`).
+    pub fn connections(mut self, connections: &[SimConnection]) -> Self {
+        self.connections = connections.to_vec();
+        self
+    }
+
+    /// `[admin] listen = "127.0.0.1:0"`: the daemon logs the port it bound
+    /// ([`DaemonProcess::admin_addr`]).
+    pub fn admin(self) -> Self {
+        self.admin_listen("127.0.0.1:0")
+    }
+
+    /// `[admin] listen` at an exact address (one nothing listens on, say).
+    pub fn admin_listen(mut self, listen: &str) -> Self {
+        self.admin = Some(listen.to_owned());
+        self
+    }
+
+    /// `[admin] control_socket` (the `rotate` command's socket).
+    pub fn control_socket(mut self, path: &Path) -> Self {
+        self.control_socket = Some(path.to_owned());
+        self
+    }
+
+    pub fn state(mut self, path: &Path) -> Self {
+        self.state = Some(path.to_owned());
+        self
+    }
+
+    /// A further table, verbatim (`[[discover]]`, `[coordination]`).
+    pub fn table(mut self, toml: &str) -> Self {
+        self.tables.push(toml.to_owned());
+        self
+    }
+
+    /// A further line of `[adobe]` (`scopes = [...]`).
+    pub fn adobe_line(mut self, line: &str) -> Self {
+        self.adobe_lines.push(line.to_owned());
+        self
+    }
+
+    /// The IMS client: its id and its secret file.
+    pub fn client(mut self, client_id: &str, secret_file: &Path) -> Self {
+        client_id.clone_into(&mut self.client_id);
+        self.secret_file = secret_file.to_owned();
+        self
+    }
+
+    pub fn secret_file(mut self, path: &Path) -> Self {
+        self.secret_file = path.to_owned();
+        self
+    }
+
+    pub fn platform_url(mut self, url: &str) -> Self {
+        self.platform_url = Some(url.to_owned());
+        self
+    }
+
+    pub fn sts_endpoint(mut self, url: &str) -> Self {
+        self.sts_endpoint = Some(url.to_owned());
+        self
+    }
+
+    pub fn s3_endpoint(mut self, url: &str) -> Self {
+        self.s3_endpoint = Some(url.to_owned());
+        self
+    }
+
+    /// The default role (`None`: no role anywhere, so `GetSessionToken`).
+    pub fn role_arn(mut self, role: Option<&str>) -> Self {
+        self.role_arn = role.map(str::to_owned);
+        self
+    }
+
+    /// The file name in the harness's directory (default `config.toml`).
+    pub fn named(mut self, file_name: &str) -> Self {
+        file_name.clone_into(&mut self.file_name);
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let line = |key: &str, value: &Option<String>| {
+            value
+                .as_ref()
+                .map(|v| format!("{key} = \"{v}\"\n"))
+                .unwrap_or_default()
+        };
+        let mut toml = format!(
+            "[adobe]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\norg_id = \"{ORG_ID}\"\n",
+            self.client_id,
+            self.secret_file.display()
+        );
+        toml.push_str(&line("ims_url", &self.ims_url));
+        toml.push_str(&line("platform_url", &self.platform_url));
+        for extra in &self.adobe_lines {
+            toml.push_str(extra);
+            toml.push('\n');
+        }
+        toml.push_str("\n[aws]\nregion = \"us-east-1\"\n");
+        toml.push_str(&line("sts_endpoint", &self.sts_endpoint));
+        toml.push_str(&line("s3_endpoint", &self.s3_endpoint));
+        toml.push_str(&line("role_arn", &self.role_arn));
+        if let Some(rotation) = &self.rotation {
+            toml.push_str("\n[rotation]\n");
+            toml.push_str(&rotation.toml());
+        }
+        if self.admin.is_some() || self.control_socket.is_some() {
+            toml.push_str("\n[admin]\n");
+        }
+        if let Some(listen) = &self.admin {
+            toml.push_str(&format!("listen = \"{listen}\"\n"));
+        }
+        if let Some(socket) = &self.control_socket {
+            toml.push_str(&format!("control_socket = \"{}\"\n", socket.display()));
+        }
+        if let Some(path) = &self.state {
+            toml.push_str(&format!("\n[state]\npath = \"{}\"\n", path.display()));
+        }
+        for table in &self.tables {
+            toml.push('\n');
+            toml.push_str(table);
+            toml.push('\n');
+        }
+        for c in &self.connections {
+            toml.push_str(&format!(
+                "\n[[connections]]\nid = \"{}\"\nsandbox = \"{}\"\nname = \"{}\"\n",
+                c.id, c.sandbox, c.name
+            ));
+        }
+        toml
+    }
+
+    /// Writes the file (replacing it) and answers its path.
+    pub fn write(&self) -> PathBuf {
+        let path = self.dir.join(&self.file_name);
+        std::fs::write(&path, self.toml()).unwrap();
+        path
+    }
+}
 
 /// The daemon as a child process; stdout and stderr collected line by line.
 pub struct DaemonProcess {
@@ -304,23 +569,42 @@ impl DaemonProcess {
 
     /// Waits for the process to exit on its own (bounded).
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                for reader in self.readers.drain(..) {
-                    let _ = reader.join();
-                }
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "daemon did not exit within {timeout:?}; stderr:\n{}",
-                    self.stderr_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let child = &mut self.child;
+        let mut status = None;
+        wait_until_blocking(timeout, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        let Some(status) = status else {
+            let _ = self.child.kill();
+            panic!(
+                "daemon did not exit within {timeout:?}; stderr:\n{}",
+                self.stderr_text()
+            );
+        };
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
         }
+        status
+    }
+
+    /// The address the admin endpoint bound, as the daemon logs it
+    /// (`admin endpoint listening`, field `listen`, in JSON or text logs):
+    /// configs ask for port 0.
+    pub async fn admin_addr(&self) -> SocketAddr {
+        let mut addr = None;
+        wait_until(Duration::from_secs(20), || {
+            addr = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("admin endpoint listening"))
+                .find_map(|l| logged_listen(l));
+            addr.is_some()
+        })
+        .await;
+        addr.unwrap_or_else(|| panic!("no admin address logged; stderr:\n{}", self.stderr_text()))
     }
 
     /// SIGTERM, then wait.
@@ -337,16 +621,67 @@ impl Drop for DaemonProcess {
     }
 }
 
-/// Polls `condition` every 50 ms until it holds or `timeout` passes.
+/// The `listen` field of a log line: JSON (`"listen":"ADDR"`) or text
+/// (`listen=ADDR`).
+fn logged_listen(line: &str) -> Option<SocketAddr> {
+    if let Ok(json) = serde_json::from_str::<Value>(line) {
+        return json["listen"].as_str()?.parse().ok();
+    }
+    line.split("listen=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// How often the wait helpers look: short against the waits they replace,
+/// long enough not to load the machine the daemon runs on.
+pub const POLL: Duration = Duration::from_millis(50);
+
+/// Waits until `condition` holds, looking every [`POLL`]; false if it still
+/// does not after `timeout`. The one way tests wait for something.
 pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    wait_until_async(timeout, async || condition()).await
+}
+
+/// [`wait_until`] for a condition that has to await (an HTTP request).
+pub async fn wait_until_async(timeout: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    condition().await
+}
+
+/// [`wait_until`] for code that cannot await (a child process's exit, a
+/// `Drop`): the same interval, blocking the thread.
+pub fn wait_until_blocking(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if condition() {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::thread::sleep(POLL);
     }
     condition()
+}
+
+/// The `timestamp` of a JSON log line.
+pub fn log_time(line: &Value) -> SystemTime {
+    let text = line["timestamp"]
+        .as_str()
+        .expect("log line has a timestamp");
+    humantime::parse_rfc3339_weak(text)
+        .unwrap_or_else(|e| panic!("timestamp {text:?} is not RFC 3339: {e}"))
+}
+
+/// Unix milliseconds of `t` (the simulator's PATCH log unit).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap().as_millis()).unwrap()
 }
 
 /// Asserts no secret value appears anywhere in `text`.
@@ -368,7 +703,7 @@ pub fn assert_no_secret(text: &str, secrets: &[String]) {
     }
 }
 
-/// `moto_server` on a free loopback port; killed on drop.
+/// `moto_server` on a loopback port it chose; killed on drop.
 pub struct Moto {
     child: Child,
     pub addr: SocketAddr,
@@ -423,34 +758,53 @@ pub fn spawn_daemon(config: &Path, args: &[&str]) -> DaemonProcess {
     DaemonProcess::spawn(command)
 }
 
+/// The `status` command against a daemon whose config asks for port 0:
+/// the address it bound overrides `[admin] listen`, as an operator's
+/// `AEP_S3_ROTATOR__ADMIN__LISTEN` would.
+pub fn status_command(config: &Path, admin: SocketAddr) -> Command {
+    let mut command = clean_command(binary());
+    command
+        .env("AEP_S3_ROTATOR__ADMIN__LISTEN", admin.to_string())
+        .arg("--config")
+        .arg(config)
+        .arg("status");
+    command
+}
+
 impl Moto {
-    /// Starts moto ([`moto_server`]) and waits until it listens.
+    /// Starts moto ([`moto_server`]) on `127.0.0.1:0` and reads the port it
+    /// bound from its start line (` * Running on http://127.0.0.1:PORT`,
+    /// printed once the socket listens).
     pub fn start() -> Self {
         let server = moto_server();
-        // Ask the OS for a free port, then hand it to moto (it cannot report one).
-        let port = free_port();
         let mut child = Command::new(&server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start moto_server at {server}: {e}"));
-        // Generous: five Python interpreters start at once under nextest.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("moto_server exited at start with {status}");
+        let stderr = child.stderr.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads on past the start line: moto logs every request to stderr,
+        // and a full pipe would stall it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = moto_listening(&line) {
+                    let _ = tx.send(addr);
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        }
+        });
+        // Generous: several Python interpreters start at once under nextest.
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| {
+                let _ = child.kill();
+                panic!(
+                    "moto_server named no listening port within 60 s ({e}); exit: {:?}",
+                    child.try_wait()
+                )
+            });
+        Self { child, addr }
     }
 
     pub fn url(&self) -> String {
@@ -458,10 +812,11 @@ impl Moto {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The address in Werkzeug's ` * Running on http://127.0.0.1:PORT` line.
+fn moto_listening(line: &str) -> Option<SocketAddr> {
+    let rest = line.split("Running on http://").nth(1)?;
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
