@@ -26,7 +26,10 @@ use common::*;
 /// Hour-long credentials (the simulator's), rotated 20 minutes ahead: no
 /// scheduled rotation during a test.
 fn quiet_rotation() -> Rotation {
-    Rotation::fast().refresh_before("20m").jitter("1s")
+    Rotation::fast()
+        .session_duration("1h")
+        .refresh_before("20m")
+        .jitter("1s")
 }
 
 const PATIENCE: Duration = Duration::from_secs(30);

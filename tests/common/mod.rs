@@ -206,6 +206,11 @@ impl Rotation {
             .jitter("100ms")
     }
 
+    pub fn session_duration(mut self, value: &str) -> Self {
+        value.clone_into(&mut self.session_duration);
+        self
+    }
+
     pub fn refresh_before(mut self, value: &str) -> Self {
         value.clone_into(&mut self.refresh_before);
         self
