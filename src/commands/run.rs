@@ -396,7 +396,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
 /// then discovery restarts with its rules), go to the daemon as a config.
 #[allow(clippy::too_many_arguments)]
 async fn discovery_supervisor(
-    mut base: Config,
+    base: Config,
     options: Options,
     telemetry: Arc<Telemetry>,
     mut rotator: Arc<crate::rotation::Rotator>,
@@ -405,11 +405,14 @@ async fn discovery_supervisor(
     to_daemon: mpsc::Sender<Reload>,
     cancel: CancellationToken,
 ) {
+    // Shared with each round of discovery: one copy of a config that may
+    // hold 10,000 connections.
+    let mut base = Arc::new(base);
     loop {
         let round = cancel.child_token();
         let (tx, mut found) = mpsc::channel(1);
         tokio::spawn(discovery::run_discovery(
-            base.clone(),
+            Arc::clone(&base),
             FlowLister::new(Arc::clone(&rotator)),
             Arc::clone(&membership),
             tx,
@@ -441,7 +444,7 @@ async fn discovery_supervisor(
                             break;
                         }
                     }
-                    base = config;
+                    base = Arc::new(config);
                     let next = if base.discover.is_empty() {
                         Membership { connections: base.connections.clone(), ..Membership::default() }
                     } else {

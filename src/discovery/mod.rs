@@ -694,7 +694,7 @@ pub fn log_changes(previous: &Membership, next: &Membership) -> bool {
 /// Returns when `cancel` fires or the receiver is gone; does nothing (but
 /// wait for `cancel`) when `config` has no rules.
 pub async fn run_discovery<L: Lister>(
-    config: Config,
+    config: Arc<Config>,
     lister: L,
     mut current: Arc<Membership>,
     tx: mpsc::Sender<Arc<Membership>>,

@@ -409,7 +409,7 @@ async fn run_discovery_relists_every_period_and_sends_changes_only() {
     let (tx, mut rx) = mpsc::channel(4);
     let cancel = CancellationToken::new();
     let task = tokio::spawn(run_discovery(
-        config,
+        Arc::new(config),
         Arc::clone(&lister),
         Arc::new(initial),
         tx,
