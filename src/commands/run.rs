@@ -378,12 +378,15 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         etags = membership.etags.len(),
         "connections listed"
     );
-    let reload = Reload {
-        config: membership.apply_to(&config),
-        rotator: Some(Arc::clone(&rotator)),
-    };
-    if !exact && to_daemon.send(reload).await.is_err() {
-        return;
+    if !exact {
+        // Built only when sent: at 10,000 connections the config is MBs.
+        let reload = Reload {
+            config: membership.apply_to(&config),
+            rotator: Some(Arc::clone(&rotator)),
+        };
+        if to_daemon.send(reload).await.is_err() {
+            return;
+        }
     }
     discovery_supervisor(
         config, options, telemetry, rotator, membership, reloads, to_daemon, cancel,
