@@ -918,6 +918,7 @@ mod tests {
                 session_policy: None,
                 policy_arns: Vec::new(),
                 duration: Duration::from_secs(3600),
+                attribution: Ok(crate::config::ExpandedAttribution::default()),
             },
             known_etag: None,
             held: None,

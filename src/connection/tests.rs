@@ -36,6 +36,7 @@ fn config(id: &str) -> ConnectionConfig {
         session_name: None,
         session_policy: None,
         policy_arns: Vec::new(),
+        attribution: crate::config::Attribution::default(),
         origin: crate::config::Origin::Explicit,
     }
 }
@@ -48,6 +49,7 @@ fn sts(session: &str) -> StsRequest {
         session_policy: None,
         policy_arns: Vec::new(),
         duration: S(3600),
+        attribution: Ok(crate::config::ExpandedAttribution::default()),
     }
 }
 
