@@ -69,7 +69,35 @@ pub struct Job {
     /// The connection's S3 parameters, learnt with the etag; when unknown
     /// (and the pre-push check is on) the job GETs the connection.
     pub s3: Option<S3Target>,
+    /// Only credentials from an STS call started at or after this moment
+    /// (tokio's clock): set when the credentials on the connection were
+    /// found refused then, so nothing issued before (a revoked session)
+    /// is pushed. `None`: the STS cache decides.
+    pub fresh_after: Option<tokio::time::Instant>,
 }
+
+/// A request to the scheduler: rotate connection `id` at once, with
+/// credentials issued after `fresh_after` (the health check found the
+/// ones on it refused by S3 then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotateNow {
+    /// Connection id.
+    pub id: String,
+    /// See [`Job::fresh_after`].
+    pub fresh_after: tokio::time::Instant,
+}
+
+/// The S3 error codes that refuse a *session* (revoked, expired, unknown
+/// or mangled credentials) rather than a missing permission alone: after
+/// one of them, cached credentials are dropped and new ones asked for.
+/// `AccessDenied` is among them: it is what S3 answers to a session
+/// revoked by "revoke active sessions" (an explicit deny on older tokens).
+pub const SESSION_REFUSALS: [&str; 4] = [
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "ExpiredToken",
+    "InvalidToken",
+];
 
 /// How a job ended.
 #[derive(Debug)]
@@ -223,6 +251,12 @@ impl RotationError {
             _ => None,
         }
     }
+}
+
+/// Whether the pre-push check refused the credentials themselves (see
+/// [`SESSION_REFUSALS`]).
+fn refuses_the_session(error: &RotationError) -> bool {
+    matches!(error, RotationError::Prepush(ProbeError::Denied { code, .. }) if SESSION_REFUSALS.contains(&code.as_str()))
 }
 
 /// What runs one job: the seam between the scheduler and the remotes.
@@ -431,12 +465,7 @@ impl Rotation<'_> {
             }
             progress.etag = Some(remote.etag);
         }
-        let credentials = self
-            .credentials
-            .get(&job.sts, job.held.as_deref(), self.refresh_before)
-            .await?;
-        self.prepush_check(job, progress, &credentials, cancel)
-            .await?;
+        let credentials = self.checked_credentials(job, progress, cancel).await?;
         if self.dry_run {
             return Ok(JobResult::WouldRotate {
                 access_key_id: credentials.access_key_id.clone(),
@@ -540,6 +569,80 @@ impl Rotation<'_> {
                     progress.target_read = true;
                     return Ok(remote);
                 }
+            }
+        }
+    }
+
+    /// Credentials from the STS cache that passed the pre-push check.
+    ///
+    /// When S3 refuses *cached* credentials as a session
+    /// ([`SESSION_REFUSALS`]: revoked, say, since they were issued), they
+    /// are evicted from the cache and new ones are asked for and checked,
+    /// once, in this same job. Credentials minted for this job that S3
+    /// refuses are a refusal as before (slow cadence), and the cache is
+    /// told, so other connections refused the same way do not each ask STS
+    /// again.
+    async fn checked_credentials(
+        &self,
+        job: &Job,
+        progress: &mut Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Arc<AwsCredentials>, RotationError> {
+        let issued = self
+            .credentials
+            .issue(
+                &job.sts,
+                job.held.as_deref(),
+                self.refresh_before,
+                job.fresh_after,
+            )
+            .await?;
+        let error = match self
+            .prepush_check(job, progress, &issued.credentials, cancel)
+            .await
+        {
+            Ok(()) => return Ok(issued.credentials),
+            Err(error) => error,
+        };
+        if !refuses_the_session(&error) {
+            return Err(error);
+        }
+        let refused = issued.credentials.access_key_id.as_str();
+        if issued.minted {
+            self.credentials.refused_fresh(&job.sts, refused).await;
+            return Err(error);
+        }
+        if !self.credentials.evict(&job.sts, refused).await {
+            return Err(error);
+        }
+        tracing::info!(
+            access_key_id = %refused,
+            status = error.status().unwrap_or_default(),
+            "cached credentials refused by S3, asking STS for new ones"
+        );
+        // `held` is the refused key: the cache never hands it out again,
+        // and anything newer in the slot came after the refusal.
+        let again = self
+            .credentials
+            .issue(
+                &job.sts,
+                Some(refused),
+                self.refresh_before,
+                job.fresh_after,
+            )
+            .await?;
+        match self
+            .prepush_check(job, progress, &again.credentials, cancel)
+            .await
+        {
+            Ok(()) => Ok(again.credentials),
+            Err(error) => {
+                if again.minted && refuses_the_session(&error) {
+                    self.credentials
+                        .refused_fresh(&job.sts, &again.credentials.access_key_id)
+                        .await;
+                }
+                Err(error)
             }
         }
     }
@@ -805,7 +908,8 @@ mod tests {
         }
     }
 
-    /// STS: a new key pair per call, an hour long.
+    /// STS: a new key pair per call, an hour long (`ASIATESTKEY000000001`,
+    /// `...02`, ...).
     #[derive(Debug, Default)]
     struct Sts(AtomicU64);
 
@@ -831,23 +935,37 @@ mod tests {
         }
     }
 
-    /// The S3 check: allows, or denies every time.
+    /// The S3 check: allows, or denies every time (or only these keys),
+    /// with `code` (`AccessDenied` unless set).
     #[derive(Debug)]
     struct Probe {
         deny: bool,
         checks: AtomicU64,
+        deny_keys: Mutex<Vec<String>>,
+        code: Mutex<Option<String>>,
     }
 
     impl S3Probe for Probe {
         fn check<'a>(
             &'a self,
             target: &'a S3Target,
-            _credentials: &'a AwsCredentials,
+            credentials: &'a AwsCredentials,
         ) -> BoxFuture<'a, Result<crate::remote::s3probe::Allowed, ProbeError>> {
             self.checks.fetch_add(1, Ordering::Relaxed);
-            let outcome = if self.deny {
+            let denied = self.deny
+                || self
+                    .deny_keys
+                    .lock()
+                    .unwrap()
+                    .contains(&credentials.access_key_id);
+            let outcome = if denied {
                 Err(ProbeError::Denied {
-                    code: "AccessDenied".to_owned(),
+                    code: self
+                        .code
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .unwrap_or_else(|| "AccessDenied".to_owned()),
                     message: "Access Denied".to_owned(),
                     status: 403,
                     operation: "ListObjectsV2",
@@ -867,6 +985,7 @@ mod tests {
     struct World {
         flow: ScriptedFlow,
         ims: CountingIms,
+        sts: Arc<Sts>,
         credentials: CredentialCache,
         probe: Probe,
         fence: Option<crate::coordination::Fence>,
@@ -876,13 +995,17 @@ mod tests {
 
     impl World {
         fn new() -> Self {
+            let sts = Arc::new(Sts::default());
             Self {
                 flow: ScriptedFlow::default(),
                 ims: CountingIms::default(),
-                credentials: CredentialCache::new(Arc::new(Sts::default()), Duration::from_secs(1)),
+                credentials: CredentialCache::new(sts.clone(), Duration::from_secs(1)),
+                sts,
                 probe: Probe {
                     deny: false,
                     checks: AtomicU64::new(0),
+                    deny_keys: Mutex::new(Vec::new()),
+                    code: Mutex::new(None),
                 },
                 fence: None,
                 telemetry: Telemetry::new(Duration::from_secs(1200)),
@@ -924,6 +1047,7 @@ mod tests {
             held: None,
             resume_if_etag: None,
             s3: None,
+            fresh_after: None,
         }
     }
 
@@ -1106,5 +1230,128 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(world.ims.fetched.load(Ordering::Relaxed), 2);
+    }
+
+    fn key(n: u64) -> String {
+        format!("ASIATESTKEY{n:09}")
+    }
+
+    impl World {
+        /// STS calls so far.
+        fn minted(&self) -> u64 {
+            self.sts.0.load(Ordering::Relaxed)
+        }
+
+        /// Another connection with the same identity got credentials: they
+        /// are cached now.
+        async fn warm_cache(&self) -> String {
+            let issued = self
+                .credentials
+                .issue(&job().sts, None, Duration::from_secs(1200), None)
+                .await
+                .unwrap();
+            issued.credentials.access_key_id.clone()
+        }
+
+        fn script_one_rotation(&self) {
+            self.flow
+                .gets
+                .lock()
+                .unwrap()
+                .push_back(Ok(remote("\"e1\"")));
+            self.flow
+                .patches
+                .lock()
+                .unwrap()
+                .push_back(Ok(Some("\"e2\"".to_owned())));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cached_credentials_refused_by_s3_are_evicted_and_new_ones_minted_once() {
+        let world = World::new();
+        let cached = world.warm_cache().await;
+        // The role's sessions were revoked: S3 refuses the cached key.
+        world.probe.deny_keys.lock().unwrap().push(cached.clone());
+        world.script_one_rotation();
+        let result = world.run(&job()).await;
+        let JobResult::Rotated { access_key_id, .. } = result else {
+            panic!("not rotated: {result:?}");
+        };
+        assert_eq!(access_key_id, key(2), "pushed the newly minted key");
+        assert_eq!(world.minted(), 2, "one STS call for the retry");
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 2);
+        assert_eq!(world.flow.calls(), ["get", "patch:\"e1\":token-1"]);
+        // The refused key is gone from the cache: the next connection gets
+        // the new one without a call.
+        let next = world.warm_cache().await;
+        assert_eq!(next, key(2));
+        assert_eq!(world.minted(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freshly_minted_credentials_refused_by_s3_keep_the_slow_cadence() {
+        let mut world = World::new();
+        world.probe.deny = true;
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        let JobResult::Failed { error, .. } = result else {
+            panic!("pushed: {result:?}");
+        };
+        assert_eq!(error.retry_kind(), RetryKind::Slow);
+        assert_eq!(world.minted(), 1, "no second call for minted credentials");
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 1);
+        // Another connection handed those cached credentials and refused
+        // the same way (a permissions problem) does not ask STS again.
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        assert!(matches!(result, JobResult::Failed { .. }), "{result:?}");
+        assert_eq!(world.minted(), 1);
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_that_is_not_about_the_session_keeps_the_cached_credentials() {
+        let world = World::new();
+        let cached = world.warm_cache().await;
+        world.probe.deny_keys.lock().unwrap().push(cached.clone());
+        *world.probe.code.lock().unwrap() = Some("NoSuchBucket".to_owned());
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        assert!(matches!(result, JobResult::Failed { .. }), "{result:?}");
+        assert_eq!(world.minted(), 1);
+        assert_eq!(world.warm_cache().await, cached);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_told_to_use_fresh_credentials_does_not_take_older_cached_ones() {
+        let world = World::new();
+        let cached = world.warm_cache().await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        world.script_one_rotation();
+        let mut fresh = job();
+        fresh.fresh_after = Some(crate::clock::mono_now());
+        let result = world.run(&fresh).await;
+        let JobResult::Rotated { access_key_id, .. } = result else {
+            panic!("not rotated: {result:?}");
+        };
+        assert_ne!(access_key_id, cached);
+        assert_eq!(world.minted(), 2);
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 1);
     }
 }

@@ -340,6 +340,7 @@ impl Connection {
                     held: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
                     resume_if_etag: self.resume_etag.take(),
                     s3: self.s3.clone(),
+                    fresh_after: None,
                 }))
             }
         }

@@ -883,20 +883,25 @@ impl CredentialCache {
 
     /// Drops the cached answer for `request` after S3 refused it, so the
     /// next caller asks STS: but only if the slot still holds the refused
-    /// `access_key_id` (a newer answer another caller got meanwhile stays),
-    /// and not if those credentials were already refused when fresh (the
-    /// refusal is then about permissions, and evicting would only cost one
-    /// STS call per connection). `true` when it was dropped.
+    /// `access_key_id` (a newer answer another caller got meanwhile stays:
+    /// no ABA). `false` when those credentials were refused when fresh
+    /// ([`Self::refused_fresh`]): the refusal is about permissions, they
+    /// stay, and asking STS again would only cost one call per connection
+    /// (a caller that must have newer ones passes `asked_after` to
+    /// [`Self::issue`]). `true`: asking again may help.
     pub async fn evict(&self, request: &StsRequest, access_key_id: &str) -> bool {
         let slot = self.slot(request);
         let mut slot = slot.lock().await;
-        let holds_it = slot.cached.as_ref().is_some_and(|entry| {
-            entry.credentials.access_key_id == access_key_id && !entry.refused_fresh
-        });
-        if holds_it {
-            slot.cached = None;
+        match &slot.cached {
+            Some(entry) if entry.credentials.access_key_id == access_key_id => {
+                if entry.refused_fresh {
+                    return false;
+                }
+                slot.cached = None;
+                true
+            }
+            _ => true,
         }
-        holds_it
     }
 
     /// Marks the cached answer for `request` as refused by S3 although just
@@ -1243,7 +1248,7 @@ mod tests {
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
         // Another caller that was handed the refused key evicts nothing:
         // the slot holds a newer answer (no ABA), which it then gets.
-        assert!(!cache.evict(&req, &refused).await);
+        assert!(cache.evict(&req, &refused).await);
         let newer = cache.issue(&req, None, refresh, None).await.unwrap();
         assert!(!newer.minted);
         assert_eq!(
