@@ -17,6 +17,8 @@
 //!                    the local state file (local.rs)
 //!   rotation.rs      one job over traits (FlowApi, TokenSource, S3Probe, the STS cache):
 //!                    token → etag → credentials → S3 pre-push check → PATCH, 412 → re-read
+//!   health.rs        [rotation] health_check_every: tests each connection; one whose
+//!                    credentials S3 refuses goes to the scheduler as a RotateNow
 //!   connection/      one state per connection; apply(event, now, policy, draw) → Action
 //!   policy/          pure: when the next rotation is due, how long a retry waits
 //!   observe/         what operators see: status board and metrics, admin endpoint,
@@ -78,6 +80,7 @@ pub mod counters;
 pub mod discovery;
 pub mod exit;
 pub mod fsguard;
+pub mod health;
 pub mod ident;
 pub mod observe;
 pub mod policy;

@@ -775,6 +775,7 @@ impl Rotation<'_> {
         };
         if let Ok(passed) = result {
             self.telemetry.verification(&job.id, passed);
+            self.telemetry.connection_test(&job.id, passed);
         }
         match result {
             Ok(true) => tracing::info!("connection test passed"),

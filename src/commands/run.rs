@@ -19,6 +19,10 @@ use crate::observe::telemetry::Telemetry;
 use crate::remote::sts::SourceIdentity;
 use crate::scheduler::{Daemon, Intake, Mode, Options, Reload, build_rotator};
 
+/// Rotation requests of the health check waiting for the daemon: it sends
+/// one per refused connection and waits when the daemon is behind.
+const HEALTH_REQUESTS: usize = 1024;
+
 /// How long the watched files must stay quiet before a change is reloaded:
 /// editors and Kubernetes write in several steps (temp file, rename, symlink
 /// swap), and one reload per change is enough.
@@ -197,6 +201,20 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     // token and first pages are on their way while the daemon builds its
     // connections (at 10,000, ~0.1 s of work); what it sends waits in the
     // channels until the daemon reads them.
+    // The health check tests with the clients rotation uses, as of the
+    // last reload (the discovery supervisor sends them), and asks the
+    // daemon for rotations through one channel.
+    let (health_tx, health_rx) = tokio::sync::watch::channel(crate::health::HealthSettings::new(
+        &config,
+        Arc::clone(&rotator),
+    ));
+    let (rotate_tx, rotate_rx) = mpsc::channel(HEALTH_REQUESTS);
+    tokio::spawn(crate::health::run(
+        health_rx,
+        Arc::clone(&telemetry),
+        rotate_tx,
+        cancel.clone(),
+    ));
     let (intake_tx, intake) = mpsc::unbounded_channel();
     // SIGHUP configs and re-listed memberships both reach the daemon as
     // configs whose connections are the resolved set.
@@ -210,6 +228,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             intake: intake_tx,
             reloads,
             to_daemon,
+            health: health_tx,
         },
         cancel.clone(),
     ));
@@ -225,6 +244,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         Arc::clone(&rotator),
     );
     daemon.hold_until_listed(intake);
+    daemon.rotate_on_request(rotate_rx);
     let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     let result = daemon.run(cancel, daemon_reloads).await;
     if let Some(running) = coordination {
@@ -251,6 +271,7 @@ struct StartListing {
     intake: mpsc::UnboundedSender<Intake>,
     reloads: mpsc::Receiver<Config>,
     to_daemon: mpsc::Sender<Reload>,
+    health: tokio::sync::watch::Sender<crate::health::HealthSettings>,
 }
 
 /// `run`'s start: resolves the rules and reads etags in bulk, feeding the
@@ -267,6 +288,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         intake,
         reloads,
         to_daemon,
+        health,
     } = start;
     let lister = FlowLister::new(Arc::clone(&rotator));
     let streamed = tokio::select! {
@@ -299,7 +321,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         return;
     }
     discovery_supervisor(
-        config, options, telemetry, rotator, membership, reloads, to_daemon, cancel,
+        config, options, telemetry, rotator, membership, reloads, to_daemon, health, cancel,
     )
     .await;
 }
@@ -316,6 +338,7 @@ async fn discovery_supervisor(
     mut membership: Arc<Membership>,
     mut hups: mpsc::Receiver<Config>,
     to_daemon: mpsc::Sender<Reload>,
+    health: tokio::sync::watch::Sender<crate::health::HealthSettings>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -355,6 +378,7 @@ async fn discovery_supervisor(
                         }
                     }
                     base = config;
+                    health.send_replace(crate::health::HealthSettings::new(&base, Arc::clone(&rotator)));
                     let next = if base.discover.is_empty() {
                         Membership { connections: base.connections.clone(), ..Membership::default() }
                     } else {

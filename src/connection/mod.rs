@@ -126,6 +126,13 @@ pub enum Event {
     Removed,
     /// The daemon is stopping.
     Shutdown,
+    /// Rotate at once, with credentials from an STS call started at or
+    /// after `fresh_after` (the health check found the ones on the
+    /// connection refused). In flight: the next job does.
+    RotateNow {
+        /// See [`Job::fresh_after`].
+        fresh_after: tokio::time::Instant,
+    },
 }
 
 /// What the scheduler must do next for the connection.
@@ -197,6 +204,8 @@ pub struct Connection {
     /// The last etag a list page showed, and when: a shared record written
     /// before then with another etag is stale ([`Self::adopt`]).
     listed_etag: Option<(String, SystemTime)>,
+    /// [`Event::RotateNow`]'s moment, for the next job ([`Job::fresh_after`]).
+    fresh_after: Option<tokio::time::Instant>,
 }
 
 impl Connection {
@@ -220,6 +229,7 @@ impl Connection {
             job_span: None,
             restored_expiry: None,
             listed_etag: None,
+            fresh_after: None,
             counts: Counts::default(),
             last_error: None,
         }
@@ -321,6 +331,17 @@ impl Connection {
                     Action::Finished
                 }
             }
+            Event::RotateNow { fresh_after } => {
+                self.fresh_after = Some(fresh_after);
+                match self.phase {
+                    Phase::Waiting(_) => {
+                        self.phase = Phase::Waiting(now);
+                        Action::WaitUntil(now)
+                    }
+                    Phase::InFlight => Action::AwaitJob,
+                    Phase::Finished => Action::Finished,
+                }
+            }
         }
     }
 
@@ -340,7 +361,7 @@ impl Connection {
                     held: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
                     resume_if_etag: self.resume_etag.take(),
                     s3: self.s3.clone(),
-                    fresh_after: None,
+                    fresh_after: self.fresh_after.take(),
                 }))
             }
         }

@@ -688,3 +688,36 @@ fn status_and_state_file_are_views_of_the_one_state() {
     assert_eq!(record.expires_at, t(3600));
     assert!(fresh(t(0)).persisted().is_none());
 }
+
+#[test]
+fn rotate_now_makes_a_waiting_connection_due_with_fresh_credentials() {
+    let now = t(0);
+    let mut c = holding(now, t(3600));
+    assert!(c.pushed().is_some());
+    let fresh_after = crate::clock::mono_now();
+    let later = t(10);
+    let action = c.apply(Event::RotateNow { fresh_after }, later, &policy(), 0.5);
+    assert_eq!(wait_of(action), later, "due now, not at its schedule");
+    let job = dispatch(&mut c, later);
+    assert_eq!(job.fresh_after, Some(fresh_after));
+    // Used once: the retry after a failure takes what the cache has.
+    c.apply(
+        Event::JobDone(failed(RotationError::Cancelled)),
+        later,
+        &policy(),
+        0.5,
+    );
+    let mut c = holding(now, t(3600));
+    let job = dispatch(&mut c, t(2400));
+    assert_eq!(job.fresh_after, None);
+    // In flight: the job runs on; the next one gets fresh credentials.
+    let action = c.apply(Event::RotateNow { fresh_after }, t(2401), &policy(), 0.5);
+    assert!(matches!(action, Action::AwaitJob), "{action:?}");
+    let next = wait_of(c.apply(
+        Event::JobDone(rotated("ASIANEW", t(6000))),
+        t(2402),
+        &policy(),
+        0.5,
+    ));
+    assert_eq!(dispatch(&mut c, next).fresh_after, Some(fresh_after));
+}

@@ -42,6 +42,8 @@ struct ConnectionCounts {
     etag_conflicts: u64,
     verifications_passed: u64,
     verifications_failed: u64,
+    /// The last `GET /connections/{id}/test` answer: `Some(true)` = failed.
+    test_failing: Option<bool>,
 }
 
 /// Everything behind the one lock.
@@ -327,6 +329,14 @@ impl Telemetry {
         });
     }
 
+    /// Records a `GET /connections/{id}/test` answer for connection `id`
+    /// (the health check's or `verify`'s): `connection_test_failing` is 1
+    /// while the last one said Flow Service cannot reach S3.
+    pub fn connection_test(&self, id: &str, passed: bool) {
+        self.board()
+            .count(id, |counts| counts.test_failing = Some(!passed));
+    }
+
     /// Inserts or replaces a connection's status.
     pub fn upsert(&self, status: ConnectionStatus) {
         self.board().connections.insert(status.id.clone(), status);
@@ -438,6 +448,7 @@ impl Telemetry {
         let rotations = Family::<RotationLabels, Counter>::default();
         let etag_conflicts = Family::<ConnectionLabels, Counter>::default();
         let verifications = Family::<VerificationLabels, Counter>::default();
+        let test_failing = Family::<ConnectionLabels, Gauge>::default();
         let expiry = Family::<ConnectionLabels, TimestampGauge>::default();
         let next_rotation = Family::<ConnectionLabels, TimestampGauge>::default();
         let last_success = Family::<ConnectionLabels, TimestampGauge>::default();
@@ -534,6 +545,12 @@ impl Telemetry {
                             .inc_by(n);
                     }
                 }
+                // Only connections on the board: a removed one's series goes.
+                if let (Some(failing), true) =
+                    (counts.test_failing, board.connections.contains_key(id))
+                {
+                    test_failing.get_or_create(&labels).set(i64::from(failing));
+                }
                 if counts.etag_conflicts > 0 {
                     etag_conflicts
                         .get_or_create(&labels)
@@ -567,6 +584,11 @@ impl Telemetry {
             "verifications",
             "Answers of GET /connections/{id}/test after a PATCH ([rotation] verify), by result",
             Described(verifications),
+        );
+        registry.register(
+            "connection_test_failing",
+            "1 while the connection's last test (GET /connections/{id}/test: [rotation] health_check_every or verify) said Flow Service cannot reach S3 with its credentials, else 0",
+            Described(test_failing),
         );
         registry.register(
             "etag_conflicts",

@@ -46,7 +46,7 @@ use crate::observe::telemetry::Telemetry;
 use crate::policy::schedule::EXPIRY_MARGIN;
 use crate::remote::shaping;
 use crate::remote::sts::{SourceIdentity, StsRequest};
-use crate::rotation::{Job, JobResult, JobRunner, RotationError, Rotator};
+use crate::rotation::{Job, JobResult, JobRunner, RotateNow, RotationError, Rotator};
 
 mod intake;
 mod observe;
@@ -202,6 +202,9 @@ pub struct Daemon {
     /// start's listing adds is restored from them. Dropped when the listing
     /// is over (a later reload adds connections as new, as it always did).
     unclaimed: std::collections::BTreeMap<String, crate::coordination::local::PersistedConnection>,
+    /// Requests to rotate a connection at once with fresh credentials (the
+    /// health check's hook, [`Self::rotate_on_request`]).
+    rotate_requests: Option<mpsc::Receiver<RotateNow>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -310,6 +313,7 @@ impl Daemon {
             intake: None,
             hold_until: None,
             unclaimed: std::collections::BTreeMap::new(),
+            rotate_requests: None,
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
@@ -407,6 +411,10 @@ impl Daemon {
                 () = tokio::time::sleep_until(self.hold_until.unwrap_or_else(crate::clock::mono_now)), if self.hold_until.is_some() => {
                     self.hold_expired();
                 }
+                request = next_rotate_request(&mut self.rotate_requests) => match request {
+                    Some(request) => self.on_rotate_now(request),
+                    None => self.rotate_requests = None,
+                },
                 reload = reloads.recv(), if reloads_open => match reload {
                     Some(reload) => self.prepare_reload(reload, prepared_tx.clone()),
                     None => reloads_open = false,
@@ -424,6 +432,29 @@ impl Daemon {
             self.write_state().await;
         }
         Ok(self.report())
+    }
+
+    /// Takes requests to rotate a connection at once with credentials from
+    /// an STS call started after a moment ([`RotateNow`]; the health check
+    /// sends them when S3 refuses a connection's credentials). A connection
+    /// that waits is due now; one in flight gets them with its next job.
+    pub fn rotate_on_request(&mut self, requests: mpsc::Receiver<RotateNow>) {
+        self.rotate_requests = Some(requests);
+    }
+
+    fn on_rotate_now(&mut self, request: RotateNow) {
+        // Unknown (removed meanwhile) or held until the start's listing:
+        // nothing to do; a held connection rotates as soon as it is listed.
+        if self.held.contains(&request.id) || !self.connections.contains_key(&request.id) {
+            return;
+        }
+        let id = request.id;
+        self.event(
+            &id,
+            Event::RotateNow {
+                fresh_after: request.fresh_after,
+            },
+        );
     }
 
     /// Jobs in flight at most. Jobs beyond `concurrency` only wait in the
@@ -602,6 +633,16 @@ impl Daemon {
         }
         self.state_dirty = true;
         self.write_state().await;
+    }
+}
+
+/// The next [`RotateNow`] request; never, without a sender.
+async fn next_rotate_request(
+    requests: &mut Option<mpsc::Receiver<RotateNow>>,
+) -> Option<RotateNow> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
     }
 }
 
