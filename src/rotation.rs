@@ -488,7 +488,7 @@ impl Rotation<'_> {
             };
             // A re-GET after a 412 may show another bucket or folder.
             if progress.checked != progress.s3 {
-                self.prepush_check(job, progress, &credentials, cancel)
+                self.prepush_check(job, progress, &credentials, false, cancel)
                     .await?;
             }
             let token = self.token(progress).await?;
@@ -598,7 +598,7 @@ impl Rotation<'_> {
             )
             .await?;
         let error = match self
-            .prepush_check(job, progress, &issued.credentials, cancel)
+            .prepush_check(job, progress, &issued.credentials, !issued.minted, cancel)
             .await
         {
             Ok(()) => return Ok(issued.credentials),
@@ -615,11 +615,6 @@ impl Rotation<'_> {
         if !self.credentials.evict(&job.sts, refused).await {
             return Err(error);
         }
-        tracing::info!(
-            access_key_id = %refused,
-            status = error.status().unwrap_or_default(),
-            "cached credentials refused by S3, asking STS for new ones"
-        );
         // `held` is the refused key: the cache never hands it out again,
         // and anything newer in the slot came after the refusal.
         let again = self
@@ -632,7 +627,7 @@ impl Rotation<'_> {
             )
             .await?;
         match self
-            .prepush_check(job, progress, &again.credentials, cancel)
+            .prepush_check(job, progress, &again.credentials, false, cancel)
             .await
         {
             Ok(()) => Ok(again.credentials),
@@ -650,11 +645,17 @@ impl Rotation<'_> {
     /// The pre-push S3 check with the new credentials: `Ok` to push; an
     /// error (nothing pushed) otherwise. Logs the denial at `error` with the
     /// S3 code, bucket, access key id and role, never a secret.
+    ///
+    /// `cached`: the credentials came from the STS cache, so a refusal of
+    /// the session is retried with new ones ([`Self::checked_credentials`])
+    /// when the cache lets go of them: logged at `info` then, the retry's
+    /// outcome being the one that counts.
     async fn prepush_check(
         &self,
         job: &Job,
         progress: &mut Progress,
         credentials: &AwsCredentials,
+        cached: bool,
         cancel: &CancellationToken,
     ) -> Result<(), RotationError> {
         let Some(probe) = &self.prepush else {
@@ -708,7 +709,25 @@ impl Rotation<'_> {
             Err(error) => {
                 self.telemetry.prepush_check(error.result());
                 let role = job.sts.describe();
-                if let ProbeError::Denied { code, .. } = &error {
+                let retried = cached
+                    && error
+                        .code()
+                        .is_some_and(|code| SESSION_REFUSALS.contains(&code))
+                    && self
+                        .credentials
+                        .is_evictable(&job.sts, &credentials.access_key_id)
+                        .await;
+                if let (true, ProbeError::Denied { code, .. }) = (retried, &error) {
+                    tracing::info!(
+                        s3_code = %code,
+                        bucket = %target.bucket,
+                        prefix = target.prefix().unwrap_or_default(),
+                        access_key_id = %credentials.access_key_id,
+                        role = %role,
+                        error = %error,
+                        "cached credentials refused by S3, asking STS for new ones"
+                    );
+                } else if let ProbeError::Denied { code, .. } = &error {
                     tracing::error!(
                         s3_code = %code,
                         bucket = %target.bucket,

@@ -80,7 +80,12 @@ async fn cached_revoked_credentials_are_replaced_in_the_same_attempt_and_never_p
     let evicted = daemon.events(EVICTED);
     assert_eq!(evicted.len(), 1, "{}", daemon.stderr_text());
     assert_eq!(evicted[0]["connection"], added.id.as_str());
-    assert_eq!(evicted[0]["status"], "AccessDenied");
+    assert_eq!(evicted[0]["s3_code"], "AccessDenied");
+    assert_eq!(evicted[0]["level"], "info");
+    // The refusal that counts was the retry's, and it passed: no error line.
+    assert!(daemon
+        .events("new credentials cannot list the bucket, not pushed; the connection keeps its current credentials")
+        .is_empty());
     assert_eq!(h.sim.stats().sts_assume_role, 2);
     // Without the health check the connections not due keep their revoked
     // credentials (tests below): nothing else was rotated.

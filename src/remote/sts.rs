@@ -904,6 +904,16 @@ impl CredentialCache {
         }
     }
 
+    /// Whether [`Self::evict`] would let go of `access_key_id` now (it is
+    /// not marked [`Self::refused_fresh`]).
+    pub async fn is_evictable(&self, request: &StsRequest, access_key_id: &str) -> bool {
+        let slot = self.slot(request);
+        let slot = slot.lock().await;
+        !slot.cached.as_ref().is_some_and(|entry| {
+            entry.credentials.access_key_id == access_key_id && entry.refused_fresh
+        })
+    }
+
     /// Marks the cached answer for `request` as refused by S3 although just
     /// minted (if the slot still holds `access_key_id`): [`Self::evict`]
     /// leaves it alone from now on.
