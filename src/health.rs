@@ -174,11 +174,13 @@ pub async fn pass(
             sandbox = %status.sandbox,
             name = %status.name
         );
-        let _entered = span.enter();
-        match answer {
+        // Logged in the connection's span; the span is not held across the
+        // send below (an entered span must not live across an await).
+        let request = span.in_scope(|| match answer {
             Ok(true) => {
                 passed += 1;
                 telemetry.connection_test(&status.id, true);
+                None
             }
             Ok(false) => {
                 failed += 1;
@@ -189,25 +191,27 @@ pub async fn pass(
                     tracing::warn!(
                         "connection test failed: Flow Service cannot reach S3 with the connection's credentials (not pushed by this daemon yet)"
                     );
-                    continue;
+                    return None;
                 };
                 tracing::warn!(
                     access_key_id = %access_key_id,
                     "connection test failed: Flow Service cannot reach S3 with the credentials on the connection; rotating now with new credentials"
                 );
-                let fresh_after = *first_failure.get_or_insert(answered_at);
-                let request = RotateNow {
+                Some(RotateNow {
                     id: status.id.clone(),
-                    fresh_after,
-                };
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    sent = rotate.send(request) => if sent.is_err() { return },
-                }
+                    fresh_after: *first_failure.get_or_insert(answered_at),
+                })
             }
             Err(error) => {
                 unknown += 1;
                 tracing::warn!(error = %error, "connection test could not run");
+                None
+            }
+        });
+        if let Some(request) = request {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                sent = rotate.send(request) => if sent.is_err() { return },
             }
         }
     }
