@@ -20,6 +20,8 @@
 //!                    the local state file (local.rs)
 //!   rotation.rs      one job over traits (FlowApi, TokenSource, S3Probe, the STS cache):
 //!                    token → etag → credentials → S3 pre-push check → PATCH, 412 → re-read
+//!   health.rs        [rotation] health_check_every: tests each connection; every answer
+//!                    goes to the scheduler (Tested), a refused one with "rotate now"
 //!   connection/      one state per connection, its numbers included; apply(event, now,
 //!                    policy, draw) → Action is the only door (restore, adopt, listing: events)
 //!   policy/          pure: when the next rotation is due, how long a retry waits
@@ -84,6 +86,7 @@ pub mod counters;
 pub mod discovery;
 pub mod exit;
 pub mod fsguard;
+pub mod health;
 pub mod ident;
 pub mod observe;
 pub mod policy;

@@ -69,11 +69,37 @@ pub struct Job {
     /// The connection's S3 parameters, learnt with the etag; when unknown
     /// (and the pre-push check is on) the job GETs the connection.
     pub s3: Option<S3Target>,
-    /// A `rotate` request: push credentials STS issued at or after this
-    /// time, never cached ones from before it
-    /// ([`CredentialCache::get_fresh`]). `None` for a scheduled rotation.
-    pub fresh_since: Option<SystemTime>,
+    /// Only credentials from an STS call started at or after this moment
+    /// (tokio's clock): set when the credentials on the connection were
+    /// found refused then, so nothing issued before (a revoked session)
+    /// is pushed. `None`: the STS cache decides.
+    pub fresh_after: Option<tokio::time::Instant>,
 }
+
+/// The health check's word on one connection, for the scheduler: the
+/// answer of its test, and whether to rotate it at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tested {
+    /// Connection id.
+    pub id: String,
+    /// Whether Flow Service reached S3 with the credentials on it.
+    pub passed: bool,
+    /// Rotate now, with credentials from an STS call started at or after
+    /// this moment (the ones on it were refused then); `None`: no rotation.
+    pub rotate_after: Option<tokio::time::Instant>,
+}
+
+/// The S3 error codes that refuse a *session* (revoked, expired, unknown
+/// or mangled credentials) rather than a missing permission alone: after
+/// one of them, cached credentials are dropped and new ones asked for.
+/// `AccessDenied` is among them: it is what S3 answers to a session
+/// revoked by "revoke active sessions" (an explicit deny on older tokens).
+pub const SESSION_REFUSALS: [&str; 4] = [
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "ExpiredToken",
+    "InvalidToken",
+];
 
 /// How a job ended.
 #[derive(Debug)]
@@ -230,6 +256,12 @@ impl RotationError {
             _ => None,
         }
     }
+}
+
+/// Whether the pre-push check refused the credentials themselves (see
+/// [`SESSION_REFUSALS`]).
+fn refuses_the_session(error: &RotationError) -> bool {
+    matches!(error, RotationError::Prepush(ProbeError::Denied { code, .. }) if SESSION_REFUSALS.contains(&code.as_str()))
 }
 
 /// What runs one job: the seam between the scheduler and the remotes.
@@ -438,18 +470,7 @@ impl Rotation<'_> {
             }
             progress.etag = Some(remote.etag);
         }
-        // A `rotate` request's job: credentials issued since the request.
-        let credentials = self
-            .credentials
-            .get_fresh(
-                &job.sts,
-                job.held.as_deref(),
-                self.refresh_before,
-                job.fresh_since,
-            )
-            .await?;
-        self.prepush_check(job, progress, &credentials, cancel)
-            .await?;
+        let credentials = self.checked_credentials(job, progress, cancel).await?;
         if self.dry_run {
             return Ok(JobResult::WouldRotate {
                 access_key_id: credentials.access_key_id.clone(),
@@ -472,7 +493,7 @@ impl Rotation<'_> {
             };
             // A re-GET after a 412 may show another bucket or folder.
             if progress.checked != progress.s3 {
-                self.prepush_check(job, progress, &credentials, cancel)
+                self.prepush_check(job, progress, &credentials, false, cancel)
                     .await?;
             }
             let token = self.token(progress).await?;
@@ -559,14 +580,89 @@ impl Rotation<'_> {
         }
     }
 
+    /// Credentials from the STS cache that passed the pre-push check.
+    ///
+    /// When S3 refuses *cached* credentials as a session
+    /// ([`SESSION_REFUSALS`]: revoked, say, since they were issued), they
+    /// are evicted from the cache and new ones are asked for and checked,
+    /// once, in this same job. Credentials minted for this job that S3
+    /// refuses are a refusal as before (slow cadence), and the cache is
+    /// told, so other connections refused the same way do not each ask STS
+    /// again.
+    async fn checked_credentials(
+        &self,
+        job: &Job,
+        progress: &mut Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Arc<AwsCredentials>, RotationError> {
+        let issued = self
+            .credentials
+            .issue(
+                &job.sts,
+                job.held.as_deref(),
+                self.refresh_before,
+                job.fresh_after,
+            )
+            .await?;
+        let error = match self
+            .prepush_check(job, progress, &issued.credentials, !issued.minted, cancel)
+            .await
+        {
+            Ok(()) => return Ok(issued.credentials),
+            Err(error) => error,
+        };
+        if !refuses_the_session(&error) {
+            return Err(error);
+        }
+        let refused = issued.credentials.access_key_id.as_str();
+        if issued.minted {
+            self.credentials.refused_fresh(&job.sts, refused).await;
+            return Err(error);
+        }
+        if !self.credentials.evict(&job.sts, refused).await {
+            return Err(error);
+        }
+        // `held` is the refused key: the cache never hands it out again,
+        // and anything newer in the slot came after the refusal.
+        let again = self
+            .credentials
+            .issue(
+                &job.sts,
+                Some(refused),
+                self.refresh_before,
+                job.fresh_after,
+            )
+            .await?;
+        match self
+            .prepush_check(job, progress, &again.credentials, false, cancel)
+            .await
+        {
+            Ok(()) => Ok(again.credentials),
+            Err(error) => {
+                if again.minted && refuses_the_session(&error) {
+                    self.credentials
+                        .refused_fresh(&job.sts, &again.credentials.access_key_id)
+                        .await;
+                }
+                Err(error)
+            }
+        }
+    }
+
     /// The pre-push S3 check with the new credentials: `Ok` to push; an
     /// error (nothing pushed) otherwise. Logs the denial at `error` with the
     /// S3 code, bucket, access key id and role, never a secret.
+    ///
+    /// `cached`: the credentials came from the STS cache, so a refusal of
+    /// the session is retried with new ones ([`Self::checked_credentials`])
+    /// when the cache lets go of them: logged at `info` then, the retry's
+    /// outcome being the one that counts.
     async fn prepush_check(
         &self,
         job: &Job,
         progress: &mut Progress,
         credentials: &AwsCredentials,
+        cached: bool,
         cancel: &CancellationToken,
     ) -> Result<(), RotationError> {
         let Some(probe) = &self.prepush else {
@@ -620,7 +716,25 @@ impl Rotation<'_> {
             Err(error) => {
                 self.telemetry.prepush_check(error.result());
                 let role = job.sts.describe();
-                if let ProbeError::Denied { code, .. } = &error {
+                let retried = cached
+                    && error
+                        .code()
+                        .is_some_and(|code| SESSION_REFUSALS.contains(&code))
+                    && self
+                        .credentials
+                        .is_evictable(&job.sts, &credentials.access_key_id)
+                        .await;
+                if let (true, ProbeError::Denied { code, .. }) = (retried, &error) {
+                    tracing::info!(
+                        s3_code = %code,
+                        bucket = %target.bucket,
+                        prefix = target.prefix().unwrap_or_default(),
+                        access_key_id = %credentials.access_key_id,
+                        role = %role,
+                        error = %error,
+                        "cached credentials refused by S3, asking STS for new ones"
+                    );
+                } else if let ProbeError::Denied { code, .. } = &error {
                     tracing::error!(
                         s3_code = %code,
                         bucket = %target.bucket,
@@ -819,7 +933,8 @@ mod tests {
         }
     }
 
-    /// STS: a new key pair per call, an hour long.
+    /// STS: a new key pair per call, an hour long (`ASIATESTKEY000000001`,
+    /// `...02`, ...).
     #[derive(Debug, Default)]
     struct Sts(AtomicU64);
 
@@ -845,23 +960,37 @@ mod tests {
         }
     }
 
-    /// The S3 check: allows, or denies every time.
+    /// The S3 check: allows, or denies every time (or only these keys),
+    /// with `code` (`AccessDenied` unless set).
     #[derive(Debug)]
     struct Probe {
         deny: bool,
         checks: AtomicU64,
+        deny_keys: Mutex<Vec<String>>,
+        code: Mutex<Option<String>>,
     }
 
     impl S3Probe for Probe {
         fn check<'a>(
             &'a self,
             target: &'a S3Target,
-            _credentials: &'a AwsCredentials,
+            credentials: &'a AwsCredentials,
         ) -> BoxFuture<'a, Result<crate::remote::s3probe::Allowed, ProbeError>> {
             self.checks.fetch_add(1, Ordering::Relaxed);
-            let outcome = if self.deny {
+            let denied = self.deny
+                || self
+                    .deny_keys
+                    .lock()
+                    .unwrap()
+                    .contains(&credentials.access_key_id);
+            let outcome = if denied {
                 Err(ProbeError::Denied {
-                    code: "AccessDenied".to_owned(),
+                    code: self
+                        .code
+                        .lock()
+                        .unwrap()
+                        .clone()
+                        .unwrap_or_else(|| "AccessDenied".to_owned()),
                     message: "Access Denied".to_owned(),
                     status: 403,
                     operation: "ListObjectsV2",
@@ -881,6 +1010,7 @@ mod tests {
     struct World {
         flow: ScriptedFlow,
         ims: CountingIms,
+        sts: Arc<Sts>,
         credentials: CredentialCache,
         probe: Probe,
         fence: Option<crate::coordination::Fence>,
@@ -890,13 +1020,17 @@ mod tests {
 
     impl World {
         fn new() -> Self {
+            let sts = Arc::new(Sts::default());
             Self {
                 flow: ScriptedFlow::default(),
                 ims: CountingIms::default(),
-                credentials: CredentialCache::new(Arc::new(Sts::default()), Duration::from_secs(1)),
+                credentials: CredentialCache::new(sts.clone(), Duration::from_secs(1)),
+                sts,
                 probe: Probe {
                     deny: false,
                     checks: AtomicU64::new(0),
+                    deny_keys: Mutex::new(Vec::new()),
+                    code: Mutex::new(None),
                 },
                 fence: None,
                 telemetry: Telemetry::new(),
@@ -932,12 +1066,13 @@ mod tests {
                 session_policy: None,
                 policy_arns: Vec::new(),
                 duration: Duration::from_secs(3600),
+                attribution: Ok(crate::config::ExpandedAttribution::default()),
             },
             known_etag: None,
             held: None,
             resume_if_etag: None,
             s3: None,
-            fresh_since: None,
+            fresh_after: None,
         }
     }
 
@@ -1123,5 +1258,128 @@ mod tests {
             "{result:?}"
         );
         assert_eq!(world.ims.fetched.load(Ordering::Relaxed), 2);
+    }
+
+    fn key(n: u64) -> String {
+        format!("ASIATESTKEY{n:09}")
+    }
+
+    impl World {
+        /// STS calls so far.
+        fn minted(&self) -> u64 {
+            self.sts.0.load(Ordering::Relaxed)
+        }
+
+        /// Another connection with the same identity got credentials: they
+        /// are cached now.
+        async fn warm_cache(&self) -> String {
+            let issued = self
+                .credentials
+                .issue(&job().sts, None, Duration::from_secs(1200), None)
+                .await
+                .unwrap();
+            issued.credentials.access_key_id.clone()
+        }
+
+        fn script_one_rotation(&self) {
+            self.flow
+                .gets
+                .lock()
+                .unwrap()
+                .push_back(Ok(remote("\"e1\"")));
+            self.flow
+                .patches
+                .lock()
+                .unwrap()
+                .push_back(Ok(Some("\"e2\"".to_owned())));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cached_credentials_refused_by_s3_are_evicted_and_new_ones_minted_once() {
+        let world = World::new();
+        let cached = world.warm_cache().await;
+        // The role's sessions were revoked: S3 refuses the cached key.
+        world.probe.deny_keys.lock().unwrap().push(cached.clone());
+        world.script_one_rotation();
+        let result = world.run(&job()).await;
+        let JobResult::Rotated { access_key_id, .. } = result else {
+            panic!("not rotated: {result:?}");
+        };
+        assert_eq!(access_key_id, key(2), "pushed the newly minted key");
+        assert_eq!(world.minted(), 2, "one STS call for the retry");
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 2);
+        assert_eq!(world.flow.calls(), ["get", "patch:\"e1\":token-1"]);
+        // The refused key is gone from the cache: the next connection gets
+        // the new one without a call.
+        let next = world.warm_cache().await;
+        assert_eq!(next, key(2));
+        assert_eq!(world.minted(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn freshly_minted_credentials_refused_by_s3_keep_the_slow_cadence() {
+        let mut world = World::new();
+        world.probe.deny = true;
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        let JobResult::Failed { error, .. } = result else {
+            panic!("pushed: {result:?}");
+        };
+        assert_eq!(error.retry_kind(), RetryKind::Slow);
+        assert_eq!(world.minted(), 1, "no second call for minted credentials");
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 1);
+        // Another connection handed those cached credentials and refused
+        // the same way (a permissions problem) does not ask STS again.
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        assert!(matches!(result, JobResult::Failed { .. }), "{result:?}");
+        assert_eq!(world.minted(), 1);
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_that_is_not_about_the_session_keeps_the_cached_credentials() {
+        let world = World::new();
+        let cached = world.warm_cache().await;
+        world.probe.deny_keys.lock().unwrap().push(cached.clone());
+        *world.probe.code.lock().unwrap() = Some("NoSuchBucket".to_owned());
+        world
+            .flow
+            .gets
+            .lock()
+            .unwrap()
+            .push_back(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        assert!(matches!(result, JobResult::Failed { .. }), "{result:?}");
+        assert_eq!(world.minted(), 1);
+        assert_eq!(world.warm_cache().await, cached);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_told_to_use_fresh_credentials_does_not_take_older_cached_ones() {
+        let world = World::new();
+        let cached = world.warm_cache().await;
+        tokio::time::advance(Duration::from_secs(5)).await;
+        world.script_one_rotation();
+        let mut fresh = job();
+        fresh.fresh_after = Some(crate::clock::mono_now());
+        let result = world.run(&fresh).await;
+        let JobResult::Rotated { access_key_id, .. } = result else {
+            panic!("not rotated: {result:?}");
+        };
+        assert_ne!(access_key_id, cached);
+        assert_eq!(world.minted(), 2);
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 1);
     }
 }

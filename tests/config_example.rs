@@ -148,7 +148,7 @@ fn every_commented_default_in_the_example_is_valid() {
             _ => format!("{line}\n"),
         })
         .collect();
-    assert_eq!(uncommented, 19, "commented defaults found in the example");
+    assert_eq!(uncommented, 22, "commented defaults found in the example");
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "s\n").unwrap();

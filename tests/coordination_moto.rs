@@ -103,6 +103,7 @@ fn aws() -> AwsConfig {
         role_arn: None,
         external_id: None,
         session_name: "aep-s3-rotator".to_owned(),
+        attribution: Default::default(),
     }
 }
 

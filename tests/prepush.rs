@@ -87,12 +87,16 @@ async fn denied_credentials_are_never_pushed_and_the_old_key_stays() {
     assert_eq!(d["connection"], ids[1].as_str());
     assert!(d["access_key_id"].as_str().unwrap().starts_with("ASIA"));
     // Denials are believed only after the eventual-consistency retries:
-    // 1 + 3 checks for the denied connection.
+    // 1 + 3 checks per key. When the other connection's call minted the key
+    // (the two share an identity), the denied connection was handed it from
+    // the STS cache: an AccessDenied then drops it and a key minted for this
+    // connection is checked too (issue 30: a revoked session must not stay
+    // cached), so 4 or 8 checks, one `error` line either way.
     let refused = s3_events(&h)
         .into_iter()
         .filter(|(b, allowed, _)| *b == bucket(&h, 1) && !allowed)
         .count();
-    assert_eq!(refused, 4);
+    assert!(refused == 4 || refused == 8, "{refused}");
     // `once` gives up on the slow cadence at once (no quick retries).
     assert_eq!(daemon.events("rotation failed").len(), 1);
     assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());

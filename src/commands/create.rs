@@ -206,7 +206,9 @@ fn service_url_problem(text: &str) -> Option<String> {
 /// STS request is exactly the one a rotation of it would make.
 fn synthetic_connection(plan: &CreatePlan) -> ConnectionConfig {
     ConnectionConfig {
-        id: "(new)".to_owned(),
+        // Not known before the connection exists: `{id}` in session tags
+        // expands to this word (a tag value may not hold parentheses).
+        id: "new".to_owned(),
         sandbox: plan.sandbox.clone(),
         name: plan.new.name.clone(),
         role_arn: plan.role_arn.clone(),
@@ -214,6 +216,7 @@ fn synthetic_connection(plan: &CreatePlan) -> ConnectionConfig {
         session_name: None,
         session_policy: None,
         policy_arns: Vec::new(),
+        attribution: crate::config::Attribution::default(),
         origin: Origin::Explicit,
     }
 }

@@ -22,6 +22,10 @@ use crate::observe::views::Views;
 use crate::remote::sts::SourceIdentity;
 use crate::scheduler::{Daemon, Intake, Mode, Options, Parts, Reload, Runner, build_rotator};
 
+/// Rotation requests of the health check waiting for the daemon: it sends
+/// one per refused connection and waits when the daemon is behind.
+const HEALTH_REQUESTS: usize = 1024;
+
 /// How long the watched files must stay quiet before a change is reloaded:
 /// editors and Kubernetes write in several steps (temp file, rename, symlink
 /// swap), and one reload per change is enough.
@@ -145,7 +149,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         .map(|_| watch::channel(crate::coordination::Leadership::starting()));
     let views = Views {
         telemetry: Arc::clone(&telemetry),
-        snapshots,
+        snapshots: snapshots.clone(),
         leadership: role.as_ref().map(|(_, rx)| rx.clone()),
     };
     let cancel = CancellationToken::new();
@@ -222,6 +226,20 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     // token and first pages are on their way while the daemon builds its
     // connections (at 10,000, ~0.1 s of work); what it sends waits in the
     // channels until the daemon reads them.
+    // The health check tests with the clients rotation uses, as of the
+    // last reload (the discovery supervisor sends them), and asks the
+    // daemon for rotations through one channel.
+    let (health_tx, health_rx) = tokio::sync::watch::channel(crate::health::HealthSettings::new(
+        &config,
+        Arc::clone(&rotator),
+    ));
+    let (rotate_tx, rotate_rx) = mpsc::channel(HEALTH_REQUESTS);
+    tokio::spawn(crate::health::run(
+        health_rx,
+        snapshots,
+        rotate_tx,
+        cancel.clone(),
+    ));
     let (intake_tx, intake) = mpsc::unbounded_channel();
     // SIGHUP configs and re-listed memberships both reach the daemon as
     // configs whose connections are the resolved set.
@@ -235,6 +253,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             intake: intake_tx,
             reloads,
             to_daemon,
+            health: health_tx,
         },
         cancel.clone(),
     ));
@@ -262,6 +281,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         rotate_requests,
         &cancel,
     );
+    daemon.rotate_on_request(rotate_rx);
     let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     let result = daemon.run(cancel, daemon_reloads).await;
     if let Some(running) = coordination {
@@ -338,6 +358,7 @@ struct StartListing {
     intake: mpsc::UnboundedSender<Intake>,
     reloads: mpsc::Receiver<Config>,
     to_daemon: mpsc::Sender<Reload>,
+    health: tokio::sync::watch::Sender<crate::health::HealthSettings>,
 }
 
 /// `run`'s start: resolves the rules and reads etags in bulk, feeding the
@@ -354,6 +375,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         intake,
         reloads,
         to_daemon,
+        health,
     } = start;
     let lister = FlowLister::new(Arc::clone(&rotator));
     let streamed = tokio::select! {
@@ -389,7 +411,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         }
     }
     discovery_supervisor(
-        config, options, telemetry, rotator, membership, reloads, to_daemon, cancel,
+        config, options, telemetry, rotator, membership, reloads, to_daemon, health, cancel,
     )
     .await;
 }
@@ -406,6 +428,7 @@ async fn discovery_supervisor(
     mut membership: Arc<Membership>,
     mut hups: mpsc::Receiver<Config>,
     to_daemon: mpsc::Sender<Reload>,
+    health: tokio::sync::watch::Sender<crate::health::HealthSettings>,
     cancel: CancellationToken,
 ) {
     // Shared with each round of discovery: one copy of a config that may
@@ -448,6 +471,7 @@ async fn discovery_supervisor(
                         }
                     }
                     base = Arc::new(config);
+                    health.send_replace(crate::health::HealthSettings::new(&base, Arc::clone(&rotator)));
                     let next = if base.discover.is_empty() {
                         Membership { connections: base.connections.clone(), ..Membership::default() }
                     } else {

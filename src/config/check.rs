@@ -71,6 +71,13 @@ pub(super) const TABLE_NAME_CHARS: std::ops::RangeInclusive<usize> = 3..=255;
 /// Holder names go into every lease write and into logs.
 pub(super) const MAX_HOLDER_CHARS: usize = 128;
 
+/// Tests faster than this are most of the Flow Service traffic; 1 s lets
+/// tests see a revoked session healed at once.
+pub(super) const MIN_HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Beyond a day a refused connection would wait longer than any STS
+/// session lives: its next rotation comes sooner anyway.
+pub(super) const MAX_HEALTH_CHECK_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Marks a value as invalid; the issue saying why is already recorded.
 pub(super) struct Reported;
 
@@ -122,11 +129,20 @@ impl Checker<'_> {
                     .to_owned(),
             );
         }
+        if !any_role && (present(&raw.aws.session_tags) || present(&raw.aws.source_identity)) {
+            self.warnings.push(
+                "aws.session_tags and aws.source_identity are ignored: no role_arn anywhere, so GetSessionToken is used, and it takes neither"
+                    .to_owned(),
+            );
+        }
         let adobe = self.adobe(raw.adobe);
         let aws = self.aws(raw.aws);
         let rotation = self.rotation(raw.rotation);
         let has_rules = raw.discover.as_ref().is_some_and(|r| !r.is_empty());
         let connections = self.connections(raw.connections, aws_role, has_rules);
+        if let (Ok(aws), Ok(connections)) = (&aws, &connections) {
+            self.expanded_attribution(&aws.attribution, connections);
+        }
         let discover = self.discover(raw.discover, aws_role);
         let admin = self.admin(raw.admin);
         let state = self.state(raw.state);

@@ -100,6 +100,8 @@ impl Checker<'_> {
                 session_name: raw.session_name,
                 session_policy: raw.session_policy,
                 policy_arns: raw.policy_arns,
+                session_tags: raw.session_tags,
+                source_identity: raw.source_identity,
             },
         );
         let id = id?;
@@ -113,6 +115,7 @@ impl Checker<'_> {
             session_name: identity.session_name,
             session_policy: identity.session_policy,
             policy_arns: identity.policy_arns,
+            attribution: identity.attribution,
             origin: Origin::Explicit,
         })
     }
@@ -210,6 +213,8 @@ impl Checker<'_> {
                 session_name: raw.session_name,
                 session_policy: raw.session_policy,
                 policy_arns: raw.policy_arns,
+                session_tags: raw.session_tags,
+                source_identity: raw.source_identity,
             },
         );
         let every = match self.duration(&key("every"), raw.every, DEFAULT_DISCOVER_EVERY) {
@@ -237,6 +242,7 @@ impl Checker<'_> {
             session_name: identity.session_name,
             session_policy: identity.session_policy,
             policy_arns: identity.policy_arns,
+            attribution: identity.attribution,
             every: every?,
         })
     }
@@ -260,6 +266,20 @@ impl Checker<'_> {
         let session_name = self.session_name(&key("session_name"), raw.session_name);
         let session_policy = self.session_policy(&key("session_policy"), raw.session_policy);
         let policy_arns = self.policy_arns(&key("policy_arns"), raw.policy_arns);
+        let attribution_given = present(&raw.session_tags) || present(&raw.source_identity);
+        // `key("")` is `connections[2].`: the table's own path.
+        let table = key("");
+        let attribution = self.attribution(
+            table.trim_end_matches('.'),
+            raw.session_tags,
+            raw.source_identity,
+        );
+        if !has_role && attribution_given {
+            self.warnings.push(format!(
+                "{} and source_identity are ignored: with no role_arn here or in [aws], GetSessionToken is used, and it takes neither",
+                key("session_tags")
+            ));
+        }
         if !has_role && (policy_given || arns_given) {
             let which = if policy_given {
                 "session_policy"
@@ -283,6 +303,7 @@ impl Checker<'_> {
             session_name: session_name?,
             session_policy: session_policy?,
             policy_arns: policy_arns?,
+            attribution: attribution?,
         })
     }
 
@@ -342,6 +363,8 @@ pub(super) struct RawIdentity {
     session_name: Option<Raw>,
     session_policy: Option<Raw>,
     policy_arns: Option<Raw>,
+    session_tags: Option<Raw>,
+    source_identity: Option<Raw>,
 }
 
 /// The checked STS identity fields.
@@ -351,4 +374,5 @@ pub(super) struct Identity {
     session_name: Option<String>,
     session_policy: Option<String>,
     policy_arns: Vec<String>,
+    attribution: Attribution,
 }

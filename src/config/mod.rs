@@ -29,6 +29,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use url::{Host, Url};
 
+mod attribution;
 mod check;
 mod identities;
 mod load;
@@ -39,6 +40,10 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use attribution::{
+    Attribution, AttributionProblem, ExpandedAttribution, MAX_SESSION_TAGS, PLACEHOLDERS,
+    source_identity_problem, tag_key_problem, tag_value_problem,
+};
 pub(crate) use check::is_loopback;
 use check::*;
 use load::*;

@@ -12,7 +12,8 @@ pub(super) enum Raw {
     Float,
     Bool(bool),
     List(Vec<Raw>),
-    Table,
+    /// Its entries, in the order read (`session_tags`).
+    Table(Vec<(String, Raw)>),
     Nil,
 }
 
@@ -25,7 +26,7 @@ impl Raw {
             Raw::Float => "a float",
             Raw::Bool(_) => "a boolean",
             Raw::List(_) => "a list",
-            Raw::Table => "a table",
+            Raw::Table(_) => "a table",
             Raw::Nil => "nothing",
         }
     }
@@ -84,9 +85,13 @@ impl<'de> Deserialize<'de> for Raw {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Raw, A::Error> {
                 // Read as `Raw`, not `IgnoredAny`: serde_ignored would report
-                // the entries of a misplaced table as unknown keys.
-                while map.next_entry::<String, Raw>()?.is_some() {}
-                Ok(Raw::Table)
+                // the entries of a misplaced table as unknown keys. Kept:
+                // `session_tags` is a table of the operator's own keys.
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Raw>()? {
+                    entries.push(entry);
+                }
+                Ok(Raw::Table(entries))
             }
         }
 
@@ -133,6 +138,8 @@ pub(super) struct RawAws {
     pub(super) role_arn: Option<Raw>,
     pub(super) external_id: Option<Raw>,
     pub(super) session_name: Option<Raw>,
+    pub(super) session_tags: Option<Raw>,
+    pub(super) source_identity: Option<Raw>,
 }
 
 #[derive(Deserialize, Default)]
@@ -149,6 +156,7 @@ pub(super) struct RawRotation {
     pub(super) prepush_check: Option<Raw>,
     pub(super) request_timeout: Option<Raw>,
     pub(super) shutdown_grace: Option<Raw>,
+    pub(super) health_check_every: Option<Raw>,
 }
 
 #[derive(Deserialize, Default)]
@@ -162,6 +170,8 @@ pub(super) struct RawConnection {
     pub(super) session_name: Option<Raw>,
     pub(super) session_policy: Option<Raw>,
     pub(super) policy_arns: Option<Raw>,
+    pub(super) session_tags: Option<Raw>,
+    pub(super) source_identity: Option<Raw>,
 }
 
 #[derive(Deserialize, Default)]
@@ -175,6 +185,8 @@ pub(super) struct RawDiscover {
     pub(super) session_name: Option<Raw>,
     pub(super) session_policy: Option<Raw>,
     pub(super) policy_arns: Option<Raw>,
+    pub(super) session_tags: Option<Raw>,
+    pub(super) source_identity: Option<Raw>,
     pub(super) every: Option<Raw>,
 }
 

@@ -226,6 +226,7 @@ impl Checker<'_> {
         let role_arn = self.role_arn("aws.role_arn", raw.role_arn);
         let external_id = self.external_id("aws.external_id", raw.external_id);
         let session_name = self.session_name("aws.session_name", raw.session_name);
+        let attribution = self.attribution("aws", raw.session_tags, raw.source_identity);
         Ok(AwsConfig {
             region: region?,
             sts_endpoint: sts_endpoint?,
@@ -234,6 +235,7 @@ impl Checker<'_> {
             role_arn: role_arn?,
             external_id: external_id?,
             session_name: session_name?.unwrap_or_else(|| DEFAULT_SESSION_NAME.to_owned()),
+            attribution: attribution?,
         })
     }
 
@@ -241,6 +243,7 @@ impl Checker<'_> {
         const SESSION: &str = "rotation.session_duration";
         const REFRESH: &str = "rotation.refresh_before";
         const JITTER: &str = "rotation.jitter";
+        const HEALTH: &str = "rotation.health_check_every";
         let show = |d: Duration| humantime::format_duration(d).to_string();
 
         let session_duration = self
@@ -392,6 +395,22 @@ impl Checker<'_> {
                     Ok(d)
                 }
             });
+        // Off by default: each test is one Flow Service request per
+        // connection per period.
+        let health_check_every = match raw.health_check_every {
+            None | Some(Raw::Nil) => Ok(None),
+            raw => self
+                .duration(HEALTH, raw, Duration::ZERO)
+                .and_then(|d| {
+                    if d < MIN_HEALTH_CHECK_EVERY {
+                        Err(self.report(HEALTH, format!("must be at least 1s (found {}); it is how often every connection is tested, leave the key out for never", show(d))))
+                    } else if d > MAX_HEALTH_CHECK_EVERY {
+                        Err(self.report(HEALTH, format!("must be at most 24h (found {}); leave the key out for never", show(d))))
+                    } else {
+                        Ok(Some(d))
+                    }
+                }),
+        };
         Ok(RotationConfig {
             session_duration: session_duration?,
             refresh_before: refresh_before?,
@@ -404,6 +423,7 @@ impl Checker<'_> {
             prepush_check: prepush_check?,
             request_timeout: request_timeout?,
             shutdown_grace: shutdown_grace?,
+            health_check_every: health_check_every?,
         })
     }
 

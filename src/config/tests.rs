@@ -511,6 +511,7 @@ fn defaults_are_applied() {
             session_name: None,
             session_policy: None,
             policy_arns: Vec::new(),
+            attribution: Attribution::default(),
             origin: Origin::Explicit,
         }
     );
@@ -998,4 +999,48 @@ fn connections_and_rules_check_their_sts_identity_alike() {
                 .any(|w| w.starts_with("discover[0].external_id and session_name are ignored")),
         "{warned:?}"
     );
+}
+
+#[test]
+fn the_health_check_is_off_by_default_and_a_duration_when_on() {
+    let fx = Fixture::new();
+    let off = Config::from_toml_str(&fx.good(), no_env()).unwrap();
+    assert_eq!(off.rotation.health_check_every, None);
+    let on = replace(
+        &fx.good(),
+        "refresh_before = \"20m\"",
+        "refresh_before = \"20m\"\nhealth_check_every = \"5m\"",
+    );
+    let on = Config::from_toml_str(&on, no_env()).unwrap();
+    assert_eq!(
+        on.rotation.health_check_every,
+        Some(Duration::from_secs(300))
+    );
+    // From the environment, as every duration key.
+    let from_env = Config::from_toml_str(
+        &fx.good(),
+        env(&[("AEP_S3_ROTATOR__ROTATION__HEALTH_CHECK_EVERY", "90s")]),
+    )
+    .unwrap();
+    assert_eq!(
+        from_env.rotation.health_check_every,
+        Some(Duration::from_secs(90))
+    );
+    for (value, needle) in [
+        ("\"0s\"", "at least 1s"),
+        ("\"500ms\"", "at least 1s"),
+        ("\"25h\"", "at most 24h"),
+        ("\"often\"", "not a duration"),
+        ("300", "not a duration"),
+    ] {
+        let text = replace(
+            &fx.good(),
+            "refresh_before = \"20m\"",
+            &format!("refresh_before = \"20m\"\nhealth_check_every = {value}"),
+        );
+        let issues = issues(&text, no_env());
+        assert_eq!(issues.len(), 1, "{value}: {issues:?}");
+        assert_eq!(issues[0].path, "rotation.health_check_every");
+        assert!(issues[0].message.contains(needle), "{value}: {issues:?}");
+    }
 }

@@ -87,6 +87,8 @@ pub struct AwsConfig {
     pub external_id: Option<String>,
     /// Default `RoleSessionName` (2..=64 chars of `[\w+=,.@-]`).
     pub session_name: String,
+    /// Default `session_tags` and `source_identity` (templates).
+    pub attribution: Attribution,
 }
 
 /// `[rotation]`: timing and request shaping.
@@ -115,6 +117,10 @@ pub struct RotationConfig {
     pub request_timeout: Duration,
     /// On shutdown, how long PATCHes in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// How often each connection is tested (`GET /connections/{id}/test`),
+    /// and rotated at once with new credentials when S3 refuses the ones on
+    /// it; `None` = never.
+    pub health_check_every: Option<Duration>,
 }
 
 /// One `[[connections]]` entry.
@@ -136,6 +142,8 @@ pub struct ConnectionConfig {
     pub session_policy: Option<String>,
     /// Managed policy ARNs that narrow the session.
     pub policy_arns: Vec<String>,
+    /// Overrides `[aws] session_tags` / `source_identity`, key by key.
+    pub attribution: Attribution,
     /// How the entry came to be: written in `[[connections]]`, or found by a
     /// `[[discover]]` rule. Labels metrics and `/status`.
     pub origin: Origin,
@@ -189,6 +197,9 @@ pub struct DiscoverRule {
     pub session_policy: Option<String>,
     /// Managed policy ARNs that narrow the session.
     pub policy_arns: Vec<String>,
+    /// As for `[[connections]]`: overrides `[aws] session_tags` /
+    /// `source_identity`; expanded per connection found.
+    pub attribution: Attribution,
     /// How often the sandboxes are re-listed.
     pub every: Duration,
 }
@@ -208,6 +219,7 @@ impl DiscoverRule {
             session_name: self.session_name.clone(),
             session_policy: self.session_policy.clone(),
             policy_arns: self.policy_arns.clone(),
+            attribution: self.attribution.clone(),
             origin: Origin::Rule(self.index),
         }
     }

@@ -131,10 +131,18 @@ pub enum Event {
     Removed,
     /// An operator asked for new credentials now (`rotate`): the next job
     /// runs at once (after the one in flight, if any) and pushes
-    /// credentials STS issued at or after `since`.
+    /// credentials from an STS call started at or after `since` (the
+    /// health check sends it too, when S3 refuses the connection's).
     RotateNow {
-        /// When the request arrived; the job's credentials are no older.
-        since: SystemTime,
+        /// When the request arrived (tokio's clock); the job's credentials
+        /// are from an STS call started no earlier.
+        since: tokio::time::Instant,
+    },
+    /// The health check's connection test answered (`passed`: Flow
+    /// Service reached S3 with the credentials on it).
+    Tested {
+        /// The answer.
+        passed: bool,
     },
     /// The daemon is stopping.
     Shutdown,
@@ -224,7 +232,10 @@ pub struct Connection {
     held: bool,
     /// A `rotate` request not yet dispatched: its job pushes credentials
     /// issued at or after this time ([`Event::RotateNow`]).
-    rotate_now: Option<SystemTime>,
+    rotate_now: Option<tokio::time::Instant>,
+    /// The last connection test's answer (`verify` or the health check):
+    /// `Some(true)` when Flow Service could not reach S3.
+    test_failing: Option<bool>,
 }
 
 impl Connection {
@@ -249,6 +260,7 @@ impl Connection {
             restored_expiry: None,
             listed_etag: None,
             rotate_now: None,
+            test_failing: None,
             counters: Counters::default(),
             last_error: None,
             view: Arc::default(),
@@ -344,6 +356,10 @@ impl Connection {
             Event::JobDone(result) => self.on_job_done(result, now, policy, draw),
             Event::Changed(config, sts) => self.on_changed(*config, sts, now),
             Event::RotateNow { since } => self.on_rotate_now(since, now),
+            Event::Tested { passed } => {
+                self.test_failing = Some(!passed);
+                self.current_action()
+            }
             Event::Removed => {
                 self.removed = true;
                 if self.phase == Phase::InFlight {
@@ -386,10 +402,10 @@ impl Connection {
             Phase::Waiting(_) if self.held => Action::AwaitListing,
             Phase::Waiting(_) => {
                 self.phase = Phase::InFlight;
-                let fresh_since = self.rotate_now.take();
+                let fresh_after = self.rotate_now.take();
                 // A requested rotation pushes whatever the connection
                 // holds: "unchanged since restart" is no answer to it.
-                let resume_if_etag = self.resume_etag.take().filter(|_| fresh_since.is_none());
+                let resume_if_etag = self.resume_etag.take().filter(|_| fresh_after.is_none());
                 Action::Dispatch(Box::new(Job {
                     id: self.config.id.clone(),
                     sandbox: self.config.sandbox.clone(),
@@ -398,7 +414,7 @@ impl Connection {
                     held: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
                     resume_if_etag,
                     s3: self.s3.clone(),
-                    fresh_since,
+                    fresh_after,
                 }))
             }
         }
@@ -407,7 +423,7 @@ impl Connection {
     /// A `rotate` request: due now, or right after the job in flight
     /// (never two jobs for one connection). Requests that meet before the
     /// job starts are served by one job, with the latest `since`.
-    fn on_rotate_now(&mut self, since: SystemTime, now: SystemTime) -> Action {
+    fn on_rotate_now(&mut self, since: tokio::time::Instant, now: SystemTime) -> Action {
         if self.removed || self.phase == Phase::Finished {
             return self.current_action();
         }
@@ -551,6 +567,9 @@ impl Connection {
                     Some(true) => self.counters.verifications_passed += 1,
                     Some(false) => self.counters.verifications_failed += 1,
                     None => {}
+                }
+                if let Some(passed) = verified {
+                    self.test_failing = Some(!passed);
                 }
                 let next = self.next_rotation(now, expires_at, policy, draw);
                 tracing::info!(
@@ -756,6 +775,7 @@ impl Connection {
         view.origin = self.config.origin;
         view.counters = self.counters;
         view.etag.clone_from(&self.etag);
+        view.test_failing = self.test_failing;
     }
 
     /// What the state file keeps (nothing until this daemon pushed and knows the etag).

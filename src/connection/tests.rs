@@ -36,6 +36,7 @@ fn config(id: &str) -> ConnectionConfig {
         session_name: None,
         session_policy: None,
         policy_arns: Vec::new(),
+        attribution: crate::config::Attribution::default(),
         origin: crate::config::Origin::Explicit,
     }
 }
@@ -48,6 +49,7 @@ fn sts(session: &str) -> StsRequest {
         session_policy: None,
         policy_arns: Vec::new(),
         duration: S(3600),
+        attribution: Ok(crate::config::ExpandedAttribution::default()),
     }
 }
 
@@ -60,6 +62,13 @@ fn dispatch(c: &mut Connection, now: SystemTime) -> Job {
         Action::Dispatch(job) => *job,
         other => panic!("expected a dispatch, got {other:?}"),
     }
+}
+
+/// A `rotate` request's moment on tokio's clock, `secs` after a fixed base.
+fn at(secs: u64) -> tokio::time::Instant {
+    static BASE: std::sync::LazyLock<tokio::time::Instant> =
+        std::sync::LazyLock::new(crate::clock::mono_now);
+    *BASE + Duration::from_secs(secs)
 }
 
 /// A new connection told its state file record, as the scheduler does.
@@ -755,12 +764,12 @@ fn a_rotate_request_makes_an_idle_connection_due_at_once_with_fresh_credentials(
     let mut c = holding(t(0), t(3600));
     let asked = t(300);
     assert_eq!(
-        wait_of(c.apply(Event::RotateNow { since: asked }, asked, &policy(), 0.0)),
+        wait_of(c.apply(Event::RotateNow { since: at(300) }, asked, &policy(), 0.0)),
         asked
     );
     assert!(c.rotate_requested());
     let job = dispatch(&mut c, asked);
-    assert_eq!(job.fresh_since, Some(asked));
+    assert_eq!(job.fresh_after, Some(at(300)));
     // The held key is sent as always (the cache ignores it for a fresh job).
     assert_eq!(job.held.as_deref(), Some("ASIAOLD"));
     assert!(!c.rotate_requested());
@@ -774,17 +783,17 @@ fn a_rotate_request_makes_an_idle_connection_due_at_once_with_fresh_credentials(
     assert_eq!(next, t(300 + 3600 - 1200));
     assert_eq!(c.pushed().unwrap().access_key_id, "ASIANEW");
     // The next scheduled job is an ordinary one.
-    assert_eq!(dispatch(&mut c, next).fresh_since, None);
+    assert_eq!(dispatch(&mut c, next).fresh_after, None);
 }
 
 #[test]
 fn a_rotate_request_during_a_job_runs_right_after_it_never_beside_it() {
     let mut c = fresh(t(0));
     let running = dispatch(&mut c, t(0));
-    assert_eq!(running.fresh_since, None);
+    assert_eq!(running.fresh_after, None);
     // Asked while the scheduled job is in flight: no second job.
     assert!(matches!(
-        c.apply(Event::RotateNow { since: t(1) }, t(1), &policy(), 0.0),
+        c.apply(Event::RotateNow { since: at(1) }, t(1), &policy(), 0.0),
         Action::AwaitJob
     ));
     assert!(matches!(
@@ -802,16 +811,16 @@ fn a_rotate_request_during_a_job_runs_right_after_it_never_beside_it() {
         t(2)
     );
     let job = dispatch(&mut c, t(2));
-    assert_eq!(job.fresh_since, Some(t(1)));
+    assert_eq!(job.fresh_after, Some(at(1)));
 }
 
 #[test]
 fn requests_that_meet_before_the_job_starts_share_it_with_the_latest_time() {
     let mut c = holding(t(0), t(3600));
-    c.apply(Event::RotateNow { since: t(10) }, t(10), &policy(), 0.0);
-    c.apply(Event::RotateNow { since: t(12) }, t(12), &policy(), 0.0);
-    c.apply(Event::RotateNow { since: t(11) }, t(12), &policy(), 0.0);
-    assert_eq!(dispatch(&mut c, t(12)).fresh_since, Some(t(12)));
+    c.apply(Event::RotateNow { since: at(10) }, t(10), &policy(), 0.0);
+    c.apply(Event::RotateNow { since: at(12) }, t(12), &policy(), 0.0);
+    c.apply(Event::RotateNow { since: at(11) }, t(12), &policy(), 0.0);
+    assert_eq!(dispatch(&mut c, t(12)).fresh_after, Some(at(12)));
 }
 
 #[test]
@@ -826,16 +835,16 @@ fn a_requested_job_after_a_restart_pushes_even_if_the_connection_is_unchanged() 
     // Restored with a resume check pending: its first job would only
     // re-push if the etag changed.
     let mut c = restored(config("c1"), sts("a"), &saved, t(60), &policy());
-    c.apply(Event::RotateNow { since: t(60) }, t(60), &policy(), 0.0);
+    c.apply(Event::RotateNow { since: at(60) }, t(60), &policy(), 0.0);
     let job = dispatch(&mut c, t(60));
     assert_eq!(job.resume_if_etag, None);
-    assert_eq!(job.fresh_since, Some(t(60)));
+    assert_eq!(job.fresh_after, Some(at(60)));
 }
 
 #[test]
 fn a_failed_requested_job_retries_on_the_ordinary_cadence() {
     let mut c = holding(t(0), t(3600));
-    c.apply(Event::RotateNow { since: t(5) }, t(5), &policy(), 0.0);
+    c.apply(Event::RotateNow { since: at(5) }, t(5), &policy(), 0.0);
     dispatch(&mut c, t(5));
     let retry = wait_of(c.apply(
         Event::JobDone(failed(RotationError::Flow(FlowError::Unavailable(
@@ -847,7 +856,7 @@ fn a_failed_requested_job_retries_on_the_ordinary_cadence() {
     ));
     assert!(retry > t(6) && retry <= t(6 + 120), "{retry:?}");
     assert!(!c.rotate_requested());
-    assert_eq!(dispatch(&mut c, retry).fresh_since, None);
+    assert_eq!(dispatch(&mut c, retry).fresh_after, None);
 }
 
 #[test]
@@ -855,14 +864,14 @@ fn a_rotate_request_after_shutdown_or_removal_starts_nothing() {
     let mut stopped = holding(t(0), t(3600));
     stopped.apply(Event::Shutdown, t(1), &policy(), 0.0);
     assert!(matches!(
-        stopped.apply(Event::RotateNow { since: t(2) }, t(2), &policy(), 0.0),
+        stopped.apply(Event::RotateNow { since: at(2) }, t(2), &policy(), 0.0),
         Action::Finished
     ));
     let mut leaving = fresh(t(0));
     dispatch(&mut leaving, t(0));
     leaving.apply(Event::Removed, t(1), &policy(), 0.0);
     assert!(matches!(
-        leaving.apply(Event::RotateNow { since: t(2) }, t(2), &policy(), 0.0),
+        leaving.apply(Event::RotateNow { since: at(2) }, t(2), &policy(), 0.0),
         Action::AwaitJob
     ));
     assert!(matches!(

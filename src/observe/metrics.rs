@@ -166,6 +166,12 @@ impl Collector for Exposition {
         )?;
         family(
             &mut encoder,
+            "connection_test_failing",
+            "1 while the connection's last test (GET /connections/{id}/test: [rotation] health_check_every or verify) said Flow Service cannot reach S3 with its credentials, else 0",
+            &per.test_failing,
+        )?;
+        family(
+            &mut encoder,
             "etag_conflicts",
             "412 Precondition Failed answers to a PATCH, per connection",
             &per.etag_conflicts,
@@ -252,6 +258,7 @@ struct PerConnection {
     rotations: Family<RotationLabels, Counter>,
     etag_conflicts: Family<ConnectionLabels, Counter>,
     verifications: Family<VerificationLabels, Counter>,
+    test_failing: Family<ConnectionLabels, Gauge>,
     expiry: Family<ConnectionLabels, TimestampGauge>,
     next_rotation: Family<ConnectionLabels, TimestampGauge>,
     last_success: Family<ConnectionLabels, TimestampGauge>,
@@ -269,6 +276,7 @@ impl PerConnection {
             rotations: Family::default(),
             etag_conflicts: Family::default(),
             verifications: Family::default(),
+            test_failing: Family::default(),
             expiry: Family::default(),
             next_rotation: Family::default(),
             last_success: Family::default(),
@@ -340,6 +348,11 @@ impl PerConnection {
                         })
                         .inc_by(n);
                 }
+            }
+            if let Some(failing) = status.test_failing {
+                per.test_failing
+                    .get_or_create(&labels)
+                    .set(i64::from(failing));
             }
             per.etag_conflicts
                 .get_or_create(&labels)

@@ -114,6 +114,9 @@ pub struct ConnectionStatus {
     /// The etag known after this daemon's last PATCH or read (the state
     /// file keeps it; no view shows it).
     pub etag: Option<String>,
+    /// The last connection test's answer (`GET /connections/{id}/test`,
+    /// by `verify` or the health check): `Some(true)` when it failed.
+    pub test_failing: Option<bool>,
 }
 
 impl ConnectionStatus {

@@ -18,7 +18,9 @@ use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use futures::future::BoxFuture;
 use secrecy::SecretString;
 
-use crate::config::{AwsConfig, Config, ConnectionConfig, RoleArn};
+use crate::config::{
+    AttributionProblem, AwsConfig, Config, ConnectionConfig, ExpandedAttribution, RoleArn,
+};
 use crate::counters::{Requests, Service};
 use crate::policy::schedule;
 
@@ -38,15 +40,30 @@ pub struct StsRequest {
     pub policy_arns: Vec<String>,
     /// `DurationSeconds`.
     pub duration: Duration,
+    /// Session tags and source identity for `AssumeRole`, expanded for the
+    /// connection: connections whose tags differ (`{id}`) do not share a call.
+    pub attribution: Result<ExpandedAttribution, AttributionProblem>,
 }
 
 impl StsRequest {
-    /// The effective request for `connection`: its own role, external id and
-    /// session name where set, else those of `[aws]`.
+    /// The effective request for `connection`: its own role, external id,
+    /// session name, session tags and source identity where set, else those
+    /// of `[aws]` (tags and source identity expanded for it).
     pub fn for_connection(config: &Config, connection: &ConnectionConfig) -> Self {
         let aws = &config.aws;
+        let role_arn = connection.role_arn.clone().or_else(|| aws.role_arn.clone());
+        // GetSessionToken takes neither (the config warns): nothing to expand.
+        let attribution = match role_arn {
+            Some(_) => connection.attribution.over(&aws.attribution).expand(
+                &connection.id,
+                &connection.name,
+                &connection.sandbox,
+            ),
+            None => Ok(ExpandedAttribution::default()),
+        };
         Self {
-            role_arn: connection.role_arn.clone().or_else(|| aws.role_arn.clone()),
+            attribution,
+            role_arn,
             external_id: connection
                 .external_id
                 .clone()
@@ -108,6 +125,11 @@ pub enum StsError {
     /// STS answered without the credentials we need: back off and retry.
     #[error("STS answer unusable: {0}")]
     Malformed(String),
+    /// The connection's session tags or source identity expand to a value
+    /// AWS refuses (a name found by discovery): STS is not asked; fix the
+    /// template or the name; retried on the slow cadence.
+    #[error("not sent to STS: {0}")]
+    Unsendable(String),
     /// Another connection's call failed with this a moment ago, and it is
     /// the answer for a while (see [`CredentialCache`]). Displays as it.
     #[error(transparent)]
@@ -219,6 +241,20 @@ impl AwsSts {
                     .duration_seconds(duration)
                     .set_external_id(request.external_id.clone())
                     .set_policy(request.session_policy.clone());
+                let attribution = request
+                    .attribution
+                    .as_ref()
+                    .map_err(|problem| StsError::Unsendable(problem.to_string()))?;
+                call = call.set_source_identity(attribution.source_identity.clone());
+                for (key, value) in &attribution.session_tags {
+                    let tag = aws_sdk_sts::types::Tag::builder()
+                        .key(key)
+                        .value(value)
+                        .build()
+                        // Both fields are set: the builder cannot refuse.
+                        .map_err(|e| StsError::Unsendable(e.to_string()))?;
+                    call = call.tags(tag);
+                }
                 for arn in &request.policy_arns {
                     call = call.policy_arns(
                         aws_sdk_sts::types::PolicyDescriptorType::builder()
@@ -267,8 +303,9 @@ impl AwsSts {
                 _ => "connect",
             },
             StsError::NoCredentials(_) => "no_credentials",
-            // `cause` never is Shared; a classified SDK error never was.
-            StsError::Malformed(_) | StsError::Shared(_) => "malformed",
+            // `cause` never is Shared; a classified SDK error never was,
+            // nor is it Unsendable (no call is made then).
+            StsError::Malformed(_) | StsError::Shared(_) | StsError::Unsendable(_) => "malformed",
         };
         self.requests.count(Service::Sts, status);
         sts_error
@@ -670,8 +707,14 @@ fn accept_credentials(
 struct Cached {
     credentials: Arc<AwsCredentials>,
     reuse_until: SystemTime,
-    /// When STS was asked for them ([`CredentialCache::get_fresh`]).
-    asked: SystemTime,
+    /// When the call that issued them started (tokio's clock): they were
+    /// issued after anything that happened before then (a revocation).
+    asked_at: tokio::time::Instant,
+    /// S3 refused them although they had just been minted for a caller
+    /// whose cached credentials S3 had refused: the refusal is about the
+    /// role or the bucket, not the session's age, so they are not evicted
+    /// again (see [`CredentialCache::evict`]).
+    refused_fresh: bool,
 }
 
 /// What one request's slot holds: the last answer, or the last failure.
@@ -686,8 +729,22 @@ struct Slot {
 struct Failed {
     error: StsError,
     until: tokio::time::Instant,
-    /// When the call was made ([`CredentialCache::get_fresh`]).
-    at: SystemTime,
+    /// When the call started (tokio's clock): a caller that wants
+    /// credentials from a call started after some moment
+    /// ([`CredentialCache::issue`]'s `asked_after`) is not answered by a
+    /// failure from before it.
+    asked_at: tokio::time::Instant,
+}
+
+/// Credentials from [`CredentialCache::issue`], and whether this very call
+/// asked STS for them.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The credentials.
+    pub credentials: Arc<AwsCredentials>,
+    /// `true`: minted by STS for this call; `false`: an answer cached for
+    /// an earlier call (another connection's, or an earlier cycle's).
+    pub minted: bool,
 }
 
 /// Shares STS answers between connections that ask for the same thing.
@@ -701,6 +758,10 @@ struct Failed {
 /// that waited for a call that failed get its error rather than each asking
 /// STS again at once (a throttled STS would otherwise see one call per
 /// connection in a row).
+///
+/// Cached credentials that S3 refuses (a revoked session) are dropped with
+/// [`Self::evict`], so the next caller asks STS instead of being handed them
+/// until their refresh point.
 #[derive(Debug)]
 pub struct CredentialCache {
     source: Arc<dyn CredentialSource>,
@@ -730,6 +791,11 @@ impl CredentialCache {
         self
     }
 
+    fn slot(&self, request: &StsRequest) -> Arc<tokio::sync::Mutex<Slot>> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(slots.entry(request.clone()).or_default())
+    }
+
     /// Credentials for `request` that the caller does not already hold
     /// (`held` = the access key id on the caller's connection).
     ///
@@ -743,41 +809,47 @@ impl CredentialCache {
         held: Option<&str>,
         refresh_before: Duration,
     ) -> Result<Arc<AwsCredentials>, StsError> {
-        self.get_fresh(request, held, refresh_before, None).await
+        self.issue(request, held, refresh_before, None)
+            .await
+            .map(|issued| issued.credentials)
     }
 
-    /// [`Self::get`], passing over answers (and shared failures) from
-    /// before `since`: a `rotate` request wants keys that did not exist
-    /// before it; one call per identity still serves the whole request.
-    pub async fn get_fresh(
+    /// [`Self::get`], saying whether STS was asked for this call, and
+    /// reusing a cached answer only if its call started at or after
+    /// `asked_after` (`Some`: credentials issued after a moment, such as
+    /// after S3 refused the ones before; `None`: any).
+    pub async fn issue(
         &self,
         request: &StsRequest,
         held: Option<&str>,
         refresh_before: Duration,
-        since: Option<SystemTime>,
-    ) -> Result<Arc<AwsCredentials>, StsError> {
-        let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            Arc::clone(slots.entry(request.clone()).or_default())
-        };
+        asked_after: Option<tokio::time::Instant>,
+    ) -> Result<Issued, StsError> {
+        if let Err(problem) = &request.attribution {
+            return Err(StsError::Unsendable(problem.to_string()));
+        }
+        let slot = self.slot(request);
         let mut slot = slot.lock().await;
         let now = self.clock.now();
         if let Some(entry) = slot.cached.as_ref()
             && now < entry.reuse_until
             && held != Some(entry.credentials.access_key_id.as_str())
-            && since.is_none_or(|since| entry.asked >= since)
+            && asked_after.is_none_or(|after| entry.asked_at >= after)
         {
-            return Ok(Arc::clone(&entry.credentials));
+            return Ok(Issued {
+                credentials: Arc::clone(&entry.credentials),
+                minted: false,
+            });
         }
         // A connection whose credentials need replacing now asks anyway
         // (see `shaping::shared_until`).
         if let Some(failed) = &slot.failed
             && crate::clock::mono_now() < crate::remote::shaping::shared_until(failed.until)
-            && since.is_none_or(|since| failed.at >= since)
+            && asked_after.is_none_or(|after| failed.asked_at >= after)
         {
             return Err(StsError::Shared(Box::new(failed.error.clone())));
         }
-        let asked = self.clock.now();
+        let asked_at = crate::clock::mono_now();
         let issued = match self.source.issue(request).await {
             Ok(credentials) => accept_credentials(credentials, request, self.clock.now()),
             Err(error) => Err(error),
@@ -789,7 +861,7 @@ impl CredentialCache {
                 slot.failed = Some(Failed {
                     error: error.clone(),
                     until: now.checked_add(self.share_failure).unwrap_or(now),
-                    at: asked,
+                    asked_at,
                 });
                 return Err(error);
             }
@@ -807,9 +879,59 @@ impl CredentialCache {
         slot.cached = Some(Cached {
             credentials: Arc::clone(&credentials),
             reuse_until,
-            asked,
+            asked_at,
+            refused_fresh: false,
         });
-        Ok(credentials)
+        Ok(Issued {
+            credentials,
+            minted: true,
+        })
+    }
+
+    /// Drops the cached answer for `request` after S3 refused it, so the
+    /// next caller asks STS: but only if the slot still holds the refused
+    /// `access_key_id` (a newer answer another caller got meanwhile stays:
+    /// no ABA). `false` when those credentials were refused when fresh
+    /// ([`Self::refused_fresh`]): the refusal is about permissions, they
+    /// stay, and asking STS again would only cost one call per connection
+    /// (a caller that must have newer ones passes `asked_after` to
+    /// [`Self::issue`]). `true`: asking again may help.
+    pub async fn evict(&self, request: &StsRequest, access_key_id: &str) -> bool {
+        let slot = self.slot(request);
+        let mut slot = slot.lock().await;
+        match &slot.cached {
+            Some(entry) if entry.credentials.access_key_id == access_key_id => {
+                if entry.refused_fresh {
+                    return false;
+                }
+                slot.cached = None;
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether [`Self::evict`] would let go of `access_key_id` now (it is
+    /// not marked [`Self::refused_fresh`]).
+    pub async fn is_evictable(&self, request: &StsRequest, access_key_id: &str) -> bool {
+        let slot = self.slot(request);
+        let slot = slot.lock().await;
+        !slot.cached.as_ref().is_some_and(|entry| {
+            entry.credentials.access_key_id == access_key_id && entry.refused_fresh
+        })
+    }
+
+    /// Marks the cached answer for `request` as refused by S3 although just
+    /// minted (if the slot still holds `access_key_id`): [`Self::evict`]
+    /// leaves it alone from now on.
+    pub async fn refused_fresh(&self, request: &StsRequest, access_key_id: &str) {
+        let slot = self.slot(request);
+        let mut slot = slot.lock().await;
+        if let Some(entry) = slot.cached.as_mut()
+            && entry.credentials.access_key_id == access_key_id
+        {
+            entry.refused_fresh = true;
+        }
     }
 
     /// Forgets cached answers for requests no connection uses any more.
@@ -923,6 +1045,7 @@ mod tests {
             session_policy: None,
             policy_arns: vec![],
             duration: Duration::from_secs(3600),
+            attribution: Ok(ExpandedAttribution::default()),
         }
     }
 
@@ -1118,47 +1241,182 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_fresh_request_mints_once_then_shares_what_it_minted() {
-        let clock = crate::clock::Clock::tokio_at(
-            SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000),
-        );
-        let source = Arc::new(ClockedSource {
-            clock,
-            calls: AtomicU32::new(0),
-        });
-        let cache = CredentialCache::new(source.clone(), SHARE).with_clock(clock);
+    async fn refused_cached_credentials_are_evicted_and_the_next_caller_mints() {
+        let source = CountingSource::new(Duration::from_secs(3600));
+        let cache = CredentialCache::new(source.clone(), SHARE);
         let (req, refresh) = (
             request("arn:aws:iam::123456789012:role/a"),
             Duration::from_secs(1200),
         );
-        let cached = cache.get(&req, None, refresh).await.unwrap();
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let since = clock.now();
-        // Cached before the request: passed over, STS is asked.
+        let first = cache.issue(&req, None, refresh, None).await.unwrap();
+        assert!(first.minted);
+        let cached = cache.issue(&req, None, refresh, None).await.unwrap();
+        assert!(!cached.minted, "handed the cached answer");
+        assert_eq!(
+            cached.credentials.access_key_id,
+            first.credentials.access_key_id
+        );
+        // S3 refuses them (a revoked session): evicted, and the retry mints.
+        let refused = cached.credentials.access_key_id.clone();
+        assert!(cache.evict(&req, &refused).await);
+        let again = cache.issue(&req, None, refresh, None).await.unwrap();
+        assert!(again.minted);
+        assert_ne!(again.credentials.access_key_id, refused);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        // Another caller that was handed the refused key evicts nothing:
+        // the slot holds a newer answer (no ABA), which it then gets.
+        assert!(cache.evict(&req, &refused).await);
+        let newer = cache.issue(&req, None, refresh, None).await.unwrap();
+        assert!(!newer.minted);
+        assert_eq!(
+            newer.credentials.access_key_id,
+            again.credentials.access_key_id
+        );
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn credentials_refused_when_fresh_are_not_evicted_again() {
+        let source = CountingSource::new(Duration::from_secs(3600));
+        let cache = CredentialCache::new(source.clone(), SHARE);
+        let (req, refresh) = (
+            request("arn:aws:iam::123456789012:role/a"),
+            Duration::from_secs(1200),
+        );
+        let minted = cache.issue(&req, None, refresh, None).await.unwrap();
+        // The bucket or the role refuses even new credentials: a
+        // permissions problem. Marked, they stay cached for everyone ...
+        cache
+            .refused_fresh(&req, &minted.credentials.access_key_id)
+            .await;
+        assert!(!cache.evict(&req, &minted.credentials.access_key_id).await);
+        // ... so a thousand connections refused for the same reason do
+        // not cost a thousand STS calls.
+        for _ in 0..1000 {
+            let cached = cache.issue(&req, None, refresh, None).await.unwrap();
+            assert!(!cached.minted);
+            assert!(!cache.evict(&req, &cached.credentials.access_key_id).await);
+        }
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn asked_after_reuses_only_answers_of_calls_started_since() {
+        let source = CountingSource::new(Duration::from_secs(3600));
+        let cache = CredentialCache::new(source.clone(), SHARE);
+        let (req, refresh) = (
+            request("arn:aws:iam::123456789012:role/a"),
+            Duration::from_secs(1200),
+        );
+        let before = cache.issue(&req, None, refresh, None).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // A test found the connection's credentials refused now: whatever
+        // was issued before is not wanted.
+        let refused_at = crate::clock::mono_now();
         let fresh = cache
-            .get_fresh(&req, None, refresh, Some(since))
+            .issue(&req, None, refresh, Some(refused_at))
             .await
             .unwrap();
-        assert_ne!(fresh.access_key_id, cached.access_key_id);
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
-        // Other connections of the same request share that one call ...
-        let again = cache
-            .get_fresh(&req, None, refresh, Some(since))
+        assert!(fresh.minted);
+        assert_ne!(
+            fresh.credentials.access_key_id,
+            before.credentials.access_key_id
+        );
+        // Other connections refused at the same moment share that one call.
+        let shared = cache
+            .issue(&req, None, refresh, Some(refused_at))
             .await
             .unwrap();
-        assert_eq!(again.access_key_id, fresh.access_key_id);
-        // ... and so do scheduled rotations.
-        let scheduled = cache.get(&req, None, refresh).await.unwrap();
-        assert_eq!(scheduled.access_key_id, fresh.access_key_id);
+        assert!(!shared.minted);
+        assert_eq!(
+            shared.credentials.access_key_id,
+            fresh.credentials.access_key_id
+        );
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_tags_expand_badly_is_refused_without_a_call() {
+        let source = CountingSource::new(Duration::from_secs(3600));
+        let cache = CredentialCache::new(source.clone(), SHARE);
+        let mut req = request("arn:aws:iam::123456789012:role/a");
+        req.attribution = Err(crate::config::AttributionProblem {
+            key: "session_tags.name".to_owned(),
+            message: "session_tags.name expands to \"a<b\" for connection c-1, which AWS refuses"
+                .to_owned(),
+        });
+        let error = cache
+            .get(&req, None, Duration::from_secs(1200))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, StsError::Unsendable(_)), "{error:?}");
+        assert!(!error.is_transient());
+        assert!(error.to_string().contains("c-1"), "{error}");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn for_connection_expands_the_tags_so_each_tagged_connection_is_its_own_request() {
+        let text = r#"[adobe]
+client_id = "cid"
+client_secret = "inline-secret-value"
+org_id = "0123456789ABCDEF01234567@AdobeOrg"
+
+[aws]
+role_arn = "arn:aws:iam::123456789012:role/aep"
+session_tags = { connection = "{id}" }
+
+[[connections]]
+id = "c-1"
+sandbox = "prod"
+
+[[connections]]
+id = "c-2"
+sandbox = "prod"
+
+[[connections]]
+id = "c-3"
+sandbox = "prod"
+session_tags = { team = "data" }
+
+[[connections]]
+id = "c-4"
+sandbox = "prod"
+session_tags = { team = "data" }
+source_identity = "aep-rotator"
+"#;
+        let config = Config::from_toml_str(text, std::iter::empty()).unwrap();
+        let requests: Vec<StsRequest> = config
+            .connections
+            .iter()
+            .map(|c| StsRequest::for_connection(&config, c))
+            .collect();
+        let tags = |r: &StsRequest| r.attribution.clone().unwrap().session_tags;
+        assert_eq!(
+            tags(&requests[0]),
+            [("connection".to_owned(), "c-1".to_owned())]
+        );
+        assert_ne!(requests[0], requests[1], "one call per tagged identity");
+        assert_eq!(tags(&requests[2]), [("team".to_owned(), "data".to_owned())]);
+        assert_ne!(
+            requests[2], requests[3],
+            "the source identity is part of it"
+        );
+        assert_eq!(
+            requests[3]
+                .attribution
+                .clone()
+                .unwrap()
+                .source_identity
+                .as_deref(),
+            Some("aep-rotator")
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_from_before_a_fresh_request_is_not_its_answer() {
         let source = CountingSource::new(Duration::from_secs(3600));
-        // Anchored at the wall clock: the source's expiries are by it.
-        let clock = crate::clock::Clock::tokio_at(crate::clock::wall_now());
-        let cache = CredentialCache::new(source.clone(), SHARE).with_clock(clock);
+        let cache = CredentialCache::new(source.clone(), SHARE);
         let (req, refresh) = (
             request("arn:aws:iam::123456789012:role/a"),
             Duration::from_secs(1200),
@@ -1166,7 +1424,8 @@ mod tests {
         source.failures_left(1);
         assert!(cache.get(&req, None, refresh).await.is_err());
         tokio::time::advance(Duration::from_millis(1)).await;
-        // Still shared with a scheduled rotation, not with the request.
+        // Still shared with a scheduled rotation, not with a `rotate`
+        // request made after it.
         assert!(
             cache
                 .get(&req, None, refresh)
@@ -1174,13 +1433,9 @@ mod tests {
                 .unwrap_err()
                 .is_shared()
         );
-        let since = clock.now();
-        assert!(
-            cache
-                .get_fresh(&req, None, refresh, Some(since))
-                .await
-                .is_ok()
-        );
+        let asked = crate::clock::mono_now();
+        let fresh = cache.issue(&req, None, refresh, Some(asked)).await.unwrap();
+        assert!(fresh.minted);
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -1301,6 +1556,7 @@ mod tests {
             session_policy: None,
             policy_arns: Vec::new(),
             duration: Duration::from_secs(3600),
+            attribution: Ok(ExpandedAttribution::default()),
         };
         let key = "ASIAABCDEFGHIJKLMNOP";
         let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY";

@@ -49,7 +49,7 @@ use crate::observe::telemetry::Telemetry;
 use crate::policy::schedule::EXPIRY_MARGIN;
 use crate::remote::shaping;
 use crate::remote::sts::{SourceIdentity, StsRequest};
-use crate::rotation::{Job, JobResult, RotationError};
+use crate::rotation::{Job, JobResult, RotationError, Tested};
 
 mod intake;
 mod observe;
@@ -167,6 +167,9 @@ pub struct Daemon {
     requests: Option<mpsc::Receiver<RotateRequest>>,
     /// Who waits for which connection's requested job.
     waiters: rotate_now::Waiters,
+    /// Requests to rotate a connection at once with fresh credentials (the
+    /// health check's hook, [`Self::rotate_on_request`]).
+    health_rotations: Option<mpsc::Receiver<Tested>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -238,6 +241,7 @@ impl Daemon {
             unclaimed: std::collections::BTreeMap::new(),
             requests: None,
             waiters: rotate_now::Waiters::default(),
+            health_rotations: None,
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
@@ -347,6 +351,10 @@ impl Daemon {
                 () = tokio::time::sleep_until(self.hold_until.unwrap_or_else(crate::clock::mono_now)), if self.hold_until.is_some() => {
                     self.hold_expired();
                 }
+                request = next_rotate_request(&mut self.health_rotations) => match request {
+                    Some(answer) => self.on_tested(answer),
+                    None => self.health_rotations = None,
+                },
                 reload = reloads.recv(), if reloads_open => match reload {
                     Some(reload) => self.prepare_reload(reload, prepared_tx.clone()),
                     None => reloads_open = false,
@@ -366,6 +374,29 @@ impl Daemon {
             let _ = writer.await;
         }
         Ok(self.report())
+    }
+
+    /// Takes the health check's answers ([`Tested`]): each connection
+    /// records its test's answer, and one whose credentials S3 refused is
+    /// due now, with credentials from an STS call started after the
+    /// refusal (one in flight gets them with its next job).
+    pub fn rotate_on_request(&mut self, answers: mpsc::Receiver<Tested>) {
+        self.health_rotations = Some(answers);
+    }
+
+    fn on_tested(&mut self, answer: Tested) {
+        let Tested {
+            id,
+            passed,
+            rotate_after,
+        } = answer;
+        self.event(&id, Event::Tested { passed });
+        // Held until the start's listing: it rotates as soon as it is listed.
+        if let Some(since) = rotate_after
+            && self.connections.get(&id).is_some_and(|c| !c.is_held())
+        {
+            self.event(&id, Event::RotateNow { since });
+        }
     }
 
     /// Publishes the connections' views if a snapshot is due (or `force`).
@@ -469,7 +500,7 @@ impl Daemon {
             return;
         };
         self.readiness.progressed();
-        if job.fresh_since.is_some() {
+        if job.fresh_after.is_some() {
             self.waiters.started(&job.id);
         }
         // A shared pause (another connection's 429) never holds this job
@@ -551,6 +582,14 @@ impl Daemon {
             tracing::warn!(abandoned = self.jobs.len(), grace = %humantime::format_duration(grace), "requests still in flight after the grace period, abandoning them");
             self.jobs.abort_all();
         }
+    }
+}
+
+/// The health check's next answer; never, without a sender.
+async fn next_rotate_request(requests: &mut Option<mpsc::Receiver<Tested>>) -> Option<Tested> {
+    match requests {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
     }
 }
 

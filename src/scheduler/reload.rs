@@ -151,6 +151,7 @@ impl<'a> ClientSettings<'a> {
             role_arn: _,
             external_id: _,
             session_name: _,
+            attribution: _,
         } = &config.aws;
         let crate::config::RotationConfig {
             concurrency,
@@ -165,6 +166,8 @@ impl<'a> ClientSettings<'a> {
             verify: _,
             prepush_check: _,
             shutdown_grace: _,
+            // Read by the health check task, which is handed each config.
+            health_check_every: _,
         } = &config.rotation;
         Self {
             http: *request_timeout,

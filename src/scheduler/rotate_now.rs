@@ -216,7 +216,7 @@ impl Daemon {
             return Err(RotateRefusal::NotLeader);
         }
         let ids = self.select(selection)?;
-        let since = self.clock.now();
+        let since = crate::clock::mono_now();
         let mut pending = Vec::with_capacity(ids.len());
         for id in ids {
             let Some(connection) = self.connections.get(&id) else {

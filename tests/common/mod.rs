@@ -175,6 +175,7 @@ pub struct Rotation {
     shutdown_grace: String,
     prepush_check: Option<bool>,
     verify: Option<bool>,
+    health_check_every: Option<String>,
 }
 
 impl Rotation {
@@ -194,6 +195,7 @@ impl Rotation {
             shutdown_grace: "3s".into(),
             prepush_check: None,
             verify: None,
+            health_check_every: None,
         }
     }
 
@@ -246,6 +248,11 @@ impl Rotation {
         self
     }
 
+    pub fn health_check_every(mut self, value: &str) -> Self {
+        self.health_check_every = Some(value.to_owned());
+        self
+    }
+
     /// The body of the `[rotation]` table.
     pub fn toml(&self) -> String {
         let mut toml = format!(
@@ -264,6 +271,9 @@ impl Rotation {
         }
         if let Some(on) = self.verify {
             toml.push_str(&format!("verify = {on}\n"));
+        }
+        if let Some(every) = &self.health_check_every {
+            toml.push_str(&format!("health_check_every = \"{every}\"\n"));
         }
         toml
     }
@@ -781,9 +791,15 @@ impl Moto {
     /// bound from its start line (` * Running on http://127.0.0.1:PORT`,
     /// printed once the socket listens).
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// [`Moto::start`] with more environment (`MOTO_ENABLE_RECORDING`, say).
+    pub fn start_with_env(env: &[(&str, &Path)]) -> Self {
         let server = moto_server();
         let mut child = Command::new(&server)
             .args(["-H", "127.0.0.1", "-p", "0"])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -469,12 +469,16 @@ impl Shared {
             };
             // STS credentials were stored by a PATCH or by the POST that
             // created the connection (a placeholder key pair has no token).
+            // A revoked session fails like an expired one: S3 refuses it.
             let valid = conn.credentials.token.is_some()
                 && conn.credentials.expires_at.is_some_and(|e| e > now)
                 && st
                     .issuances
                     .get(&conn.credentials.access_key_id)
-                    .is_some_and(|i| Some(&i.token) == conn.credentials.token.as_ref());
+                    .is_some_and(|i| {
+                        Some(&i.token) == conn.credentials.token.as_ref()
+                            && !i.revoked(&st.session_revocations)
+                    });
             return wire::json(200, &json!({ "result": valid }));
         }
         if parts.method == Method::GET {
@@ -682,6 +686,14 @@ impl Shared {
             }
             Some(issuance) => issuance.expires_at,
         };
+        if st
+            .issuances
+            .get(access_key_id)
+            .is_some_and(|i| i.revoked(&st.session_revocations))
+        {
+            // Flow Service stores anything; the daemon should not send it.
+            st.counters.flow_patches_revoked += 1;
+        }
 
         let Some(conn) = st.connections.get_mut(id) else {
             return not_found(id, sandbox);

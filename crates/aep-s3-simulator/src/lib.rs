@@ -392,6 +392,31 @@ pub struct SimStats {
     /// S3 pre-push checks answered with an error (denied, redirected, faults).
     #[serde(default)]
     pub s3_checks_refused: u64,
+    /// Accepted PATCHes that stored credentials of a session revoked
+    /// before the PATCH ([`Simulator::revoke_sessions`]): useless on arrival.
+    #[serde(default)]
+    pub flow_patches_revoked: u64,
+}
+
+/// One set of credentials this simulator's STS issued, as it recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StsSession {
+    /// The access key id.
+    pub access_key_id: String,
+    /// The role assumed (`None`: `GetSessionToken`).
+    pub role_arn: Option<String>,
+    /// `RoleSessionName` (empty for `GetSessionToken`).
+    pub session_name: String,
+    /// The session tags sent, in the order sent.
+    pub session_tags: Vec<(String, String)>,
+    /// The `SourceIdentity` sent, if any.
+    pub source_identity: Option<String>,
+    /// When they were issued.
+    pub issued_at: SystemTime,
+    /// Their `Expiration`.
+    pub expires_at: SystemTime,
+    /// Whether their role's sessions were revoked after they were issued.
+    pub revoked: bool,
 }
 
 /// One PATCH that stored credentials, in the order they were applied.
@@ -501,6 +526,13 @@ pub enum SimEvent {
         /// When.
         at: SystemTime,
     },
+    /// Every session of this role issued so far was revoked.
+    SessionsRevoked {
+        /// The role.
+        role_arn: String,
+        /// When.
+        at: SystemTime,
+    },
     /// STS issued credentials.
     StsIssued {
         /// `AssumeRole` or `GetSessionToken`.
@@ -511,6 +543,14 @@ pub enum SimEvent {
         expires_at: SystemTime,
         /// When.
         at: SystemTime,
+        /// The role assumed (`None`: `GetSessionToken`).
+        role_arn: Option<String>,
+        /// `RoleSessionName` (empty for `GetSessionToken`).
+        session_name: String,
+        /// The session tags sent, in the order sent.
+        session_tags: Vec<(String, String)>,
+        /// The `SourceIdentity` sent, if any.
+        source_identity: Option<String>,
     },
     /// STS answered an error.
     StsFailed {
@@ -853,6 +893,38 @@ impl Simulator {
     /// Every IMS token issued so far becomes invalid (401 at Flow Service).
     pub fn revoke_tokens(&self) {
         self.shared.revoke_tokens();
+    }
+
+    /// "Revoke active sessions" on `role_arn`, as the IAM console does it:
+    /// every session of the role issued before now is denied from now on,
+    /// by S3 (`403 AccessDenied`, explicit deny) and so by Flow Service's
+    /// connection test (`result: false`); PATCHes storing such credentials
+    /// are counted in [`SimStats::flow_patches_revoked`]. New `AssumeRole`
+    /// calls work as before. Answers the revocation time.
+    pub fn revoke_sessions(&self, role_arn: &str) -> SystemTime {
+        let at = SystemTime::now();
+        let mut st = self.shared.lock();
+        st.session_revocations.insert(role_arn.to_owned(), at);
+        st.event(SimEvent::SessionsRevoked {
+            role_arn: role_arn.to_owned(),
+            at,
+        });
+        at
+    }
+
+    /// What STS recorded about the credentials with this access key id.
+    pub fn sts_session(&self, access_key_id: &str) -> Option<StsSession> {
+        let st = self.shared.lock();
+        st.issuances.get(access_key_id).map(|i| StsSession {
+            access_key_id: access_key_id.to_owned(),
+            role_arn: i.role_arn.clone(),
+            session_name: i.session_name.clone(),
+            session_tags: i.session_tags.clone(),
+            source_identity: i.source_identity.clone(),
+            issued_at: i.issued_at,
+            expires_at: i.expires_at,
+            revoked: i.revoked(&st.session_revocations),
+        })
     }
 
     /// Rotates the IMS client secret: from now on only `secret` is accepted

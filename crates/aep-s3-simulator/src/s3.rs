@@ -504,7 +504,7 @@ impl Shared {
             }
         };
         // Credentials: issued by this STS, unexpired, with their own token.
-        let (secret, region, bucket_known, deny_first) = {
+        let (secret, region, bucket_known, deny_first, revoked) = {
             let mut st = self.lock();
             let secret = match st.issuances.get(&key) {
                 Some(issuance) if issuance.token != token => {
@@ -550,7 +550,24 @@ impl Shared {
             } else {
                 false
             };
-            (secret, region, bucket_known, deny_first)
+            // "Revoke active sessions": an explicit deny on sessions of the
+            // role issued before the revocation.
+            let revoked = st
+                .issuances
+                .get(&key)
+                .filter(|issuance| issuance.revoked(&st.session_revocations))
+                .and_then(|issuance| {
+                    let role = issuance.role_arn.as_deref()?;
+                    let (prefix, name) = role.split_once(":role/")?;
+                    let account = prefix.rsplit(':').next()?;
+                    let partition = prefix.split(':').nth(1)?;
+                    let name = name.rsplit('/').next()?;
+                    Some(format!(
+                        "arn:{partition}:sts::{account}:assumed-role/{name}/{}",
+                        issuance.session_name
+                    ))
+                });
+            (secret, region, bucket_known, deny_first, revoked)
         };
         if let Some(secret) = &secret {
             let expected = expected_signature(parts, &auth, &amz_date, secret);
@@ -594,6 +611,16 @@ impl Shared {
                 response.headers_mut().insert("x-amz-bucket-region", value);
             }
             return response;
+        }
+        if let Some(principal) = revoked {
+            return deny(
+                "AccessDenied",
+                403,
+                &format!(
+                    "User: {principal} is not authorized to perform: s3:ListBucket on resource: \"arn:aws:s3:::{bucket}\" with an explicit deny in an identity-based policy"
+                ),
+                "",
+            );
         }
         let denied = {
             let st = self.lock();

@@ -106,6 +106,27 @@ pub(super) struct Issuance {
     pub token: String,
     /// `Expiration` (whole seconds).
     pub expires_at: SystemTime,
+    /// When STS issued them (the session's `aws:TokenIssueTime`).
+    pub issued_at: SystemTime,
+    /// The role assumed (`None`: `GetSessionToken`).
+    pub role_arn: Option<String>,
+    /// `RoleSessionName` (empty for `GetSessionToken`).
+    pub session_name: String,
+    /// `Tags.member.N`, in the order sent.
+    pub session_tags: Vec<(String, String)>,
+    /// `SourceIdentity`, if sent.
+    pub source_identity: Option<String>,
+}
+
+impl Issuance {
+    /// Whether "revoke active sessions" on its role came after it was
+    /// issued: AWS then denies every request signed with it.
+    pub fn revoked(&self, revocations: &HashMap<String, SystemTime>) -> bool {
+        self.role_arn
+            .as_ref()
+            .and_then(|role| revocations.get(role))
+            .is_some_and(|revoked_at| self.issued_at < *revoked_at)
+    }
 }
 
 /// The credentials stored on a connection.
@@ -176,6 +197,9 @@ pub(super) struct State {
     pub revoked_below: u64,
     /// Every STS issuance, by access key id.
     pub issuances: HashMap<String, Issuance>,
+    /// Role ARN → when its sessions were revoked: every session of it
+    /// issued before then is refused by S3 and by the connection test.
+    pub session_revocations: HashMap<String, SystemTime>,
     /// Scripted answers per service (indexed by `SimService::index`).
     pub scripts: [VecDeque<ScriptedFault>; 4],
     /// Scripted answers per connection (Flow only).
@@ -509,6 +533,7 @@ impl Shared {
             token_generation: 0,
             revoked_below: 0,
             issuances: HashMap::new(),
+            session_revocations: HashMap::new(),
             scripts: Default::default(),
             connection_scripts: HashMap::new(),
             list_scripts: VecDeque::new(),

@@ -248,6 +248,86 @@ fn valid_session_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
 }
 
+/// AWS's session tag characters, `[\p{L}\p{Z}\p{N}_.:/=+\-@]` (std's
+/// letter and number predicates: a slight superset, which the daemon's own,
+/// stricter check makes moot).
+fn tag_char(c: char) -> bool {
+    c.is_alphanumeric() || (c.is_whitespace() && !c.is_control()) || "_.:/=+-@".contains(c)
+}
+
+/// `Tags.member.N.Key` / `.Value` in N order; `Err` names a malformed entry.
+fn session_tags(params: &HashMap<String, String>) -> Result<Vec<(String, String)>, String> {
+    let mut members: std::collections::BTreeMap<u32, (Option<String>, Option<String>)> =
+        std::collections::BTreeMap::new();
+    for (name, value) in params {
+        let Some(rest) = name.strip_prefix("Tags.member.") else {
+            continue;
+        };
+        let (n, field) = rest
+            .split_once('.')
+            .ok_or_else(|| format!("parameter {name} is not Tags.member.N.Key or .Value"))?;
+        let n: u32 = n
+            .parse()
+            .map_err(|_| format!("parameter {name} has no member number"))?;
+        let entry = members.entry(n).or_default();
+        match field {
+            "Key" => entry.0 = Some(value.clone()),
+            "Value" => entry.1 = Some(value.clone()),
+            _ => {
+                return Err(format!(
+                    "parameter {name} is not Tags.member.N.Key or .Value"
+                ));
+            }
+        }
+    }
+    members
+        .into_iter()
+        .map(|(n, (key, value))| match (key, value) {
+            (Some(key), Some(value)) => Ok((key, value)),
+            _ => Err(format!("Tags.member.{n} lacks its Key or its Value")),
+        })
+        .collect()
+}
+
+/// AWS's limits on `Tags` and `SourceIdentity`, as ValidationError texts.
+fn check_attribution(params: &HashMap<String, String>, errors: &mut Vec<String>) {
+    match session_tags(params) {
+        Err(e) => errors.push(e),
+        Ok(tags) => {
+            if tags.len() > 50 {
+                errors.push(format!("Value at 'tags' failed to satisfy constraint: Member must have length less than or equal to 50 (found {})", tags.len()));
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (key, value) in &tags {
+                let key_ok = (1..=128).contains(&key.chars().count())
+                    && key.chars().all(tag_char)
+                    && !key.to_ascii_lowercase().starts_with("aws:");
+                if !key_ok {
+                    errors.push(format!("Value '{key}' at 'tags.key' failed to satisfy constraint: Member must have length between 1 and 128, match [\\p{{L}}\\p{{Z}}\\p{{N}}_.:/=+\\-@]+ and not start with aws:"));
+                }
+                if value.chars().count() > 256 || !value.chars().all(tag_char) {
+                    errors.push(format!("Value '{value}' at 'tags.value' failed to satisfy constraint: Member must have length less than or equal to 256 and match [\\p{{L}}\\p{{Z}}\\p{{N}}_.:/=+\\-@]*"));
+                }
+                if !seen.insert(key.to_lowercase()) {
+                    errors.push(format!(
+                        "Duplicate tag keys found: {key} (tag keys are case-insensitive)"
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(identity) = params.get("SourceIdentity") {
+        let ok = (2..=64).contains(&identity.len())
+            && identity
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
+            && !identity.to_ascii_lowercase().starts_with("aws:");
+        if !ok {
+            errors.push(format!("Value '{identity}' at 'sourceIdentity' failed to satisfy constraint: Member must have length between 2 and 64 and match [\\w+=,.@-]*"));
+        }
+    }
+}
+
 /// The account and the role name of an IAM role ARN
 /// (`arn:aws:iam::<12 digits>:role/<path/><name>`), or why not.
 fn parse_role_arn(arn: &str) -> Result<(&str, &str, &str), String> {
@@ -459,6 +539,7 @@ impl Shared {
                         errors.push("Value at 'externalId' failed to satisfy constraint: Member must have length between 2 and 1224 and match [\\w+=,.@:/-]*".to_owned());
                     }
                 }
+                check_attribution(&params, &mut errors);
                 if let Some(policy) = params.get("Policy")
                     && serde_json::from_str::<serde_json::Value>(policy).is_err()
                 {
@@ -572,6 +653,17 @@ impl Shared {
             "  </{result}Result>\n  <ResponseMetadata>\n    <RequestId>{request_id}</RequestId>\n  </ResponseMetadata>\n</{result}Response>\n"
         );
 
+        let role_arn = role.as_ref().and(params.get("RoleArn").cloned());
+        let session_name = params.get("RoleSessionName").cloned().unwrap_or_default();
+        // Validated above for AssumeRole; GetSessionToken takes neither.
+        let (session_tags, source_identity) = if role.is_some() {
+            (
+                session_tags(&params).unwrap_or_default(),
+                params.get("SourceIdentity").cloned(),
+            )
+        } else {
+            (Vec::new(), None)
+        };
         let mut st = self.lock();
         st.issuances.insert(
             access_key_id.clone(),
@@ -579,6 +671,11 @@ impl Shared {
                 secret,
                 token,
                 expires_at,
+                issued_at: now,
+                role_arn: role_arn.clone(),
+                session_name: session_name.clone(),
+                session_tags: session_tags.clone(),
+                source_identity: source_identity.clone(),
             },
         );
         if role.is_some() {
@@ -591,6 +688,10 @@ impl Shared {
             access_key_id,
             expires_at,
             at: now,
+            role_arn,
+            session_name,
+            session_tags,
+            source_identity,
         });
         drop(st);
         with_request_id(wire::response(200, "text/xml", xml), &request_id)

@@ -2446,3 +2446,167 @@ async fn patch_log_records_who_wrote_and_counts_refusals_per_client() {
         sim.violations()
     );
 }
+
+/// `GET /connections/{CONN}/test` → its `result`.
+async fn connection_test(sim: &Simulator, http: &reqwest::Client, token: &str) -> bool {
+    let answer: Value = flow(
+        sim,
+        http,
+        Method::GET,
+        &format!("/connections/{CONN}/test"),
+        token,
+        "prod",
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    answer["result"].as_bool().unwrap()
+}
+
+#[tokio::test]
+async fn revoked_sessions_fail_the_connection_test_and_new_ones_do_not() {
+    let sim = start().await;
+    let http = http();
+    let token = ims_token(&sim, &http).await;
+    let old = assume_role(&sim, &http).await;
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, body) = patch(&sim, &http, &token, Some(&etag), &three_ops(&old)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(connection_test(&sim, &http, &token).await);
+    assert!(!sim.sts_session(&old.access_key_id).unwrap().revoked);
+
+    // Another role's revocation changes nothing here.
+    sim.revoke_sessions("arn:aws:iam::123456789012:role/other");
+    assert!(connection_test(&sim, &http, &token).await);
+
+    let revoked_at = sim.revoke_sessions(ROLE_ARN);
+    let session = sim.sts_session(&old.access_key_id).unwrap();
+    assert!(session.revoked && session.issued_at < revoked_at);
+    assert!(!connection_test(&sim, &http, &token).await);
+    assert!(
+        sim.events().iter().any(
+            |e| matches!(e, SimEvent::SessionsRevoked { role_arn, .. } if role_arn == ROLE_ARN)
+        )
+    );
+
+    // A PATCH that stores the revoked credentials is accepted (Flow
+    // Service stores anything) and counted.
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&old)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sim.stats().flow_patches_revoked, 1);
+
+    // A session issued after the revocation works.
+    let new = assume_role(&sim, &http).await;
+    let session = sim.sts_session(&new.access_key_id).unwrap();
+    assert!(!session.revoked && session.issued_at >= revoked_at);
+    let etag = current_etag(&sim, &http, &token).await;
+    let (status, _) = patch(&sim, &http, &token, Some(&etag), &three_ops(&new)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(connection_test(&sim, &http, &token).await);
+    assert_eq!(sim.stats().flow_patches_revoked, 1);
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+}
+
+#[tokio::test]
+async fn sts_records_session_tags_and_source_identity_and_checks_their_limits() {
+    let sim = start().await;
+    let http = http();
+    let base = [
+        ("Action", "AssumeRole"),
+        ("Version", "2011-06-15"),
+        ("RoleArn", ROLE_ARN),
+        ("RoleSessionName", "aep-s3-rotator"),
+    ];
+    let mut form = base.to_vec();
+    form.extend([
+        ("Tags.member.1.Key", "connection"),
+        ("Tags.member.1.Value", CONN),
+        ("Tags.member.2.Key", "team name"),
+        ("Tags.member.2.Value", "Daten und Ströme"),
+        ("SourceIdentity", "aep-prod"),
+    ]);
+    let (status, xml) = sts_call(&sim, &http, &form).await;
+    assert_eq!(status, StatusCode::OK, "{xml}");
+    let key = tag(&xml, "AccessKeyId").unwrap();
+    let session = sim.sts_session(key).unwrap();
+    assert_eq!(session.role_arn.as_deref(), Some(ROLE_ARN));
+    assert_eq!(session.session_name, "aep-s3-rotator");
+    assert_eq!(
+        session.session_tags,
+        [
+            ("connection".to_owned(), CONN.to_owned()),
+            ("team name".to_owned(), "Daten und Ströme".to_owned())
+        ]
+    );
+    assert_eq!(session.source_identity.as_deref(), Some("aep-prod"));
+    assert!(sim.events().iter().any(|e| matches!(
+        e,
+        SimEvent::StsIssued { source_identity: Some(s), session_tags, .. }
+            if s == "aep-prod" && session_tags.len() == 2
+    )));
+    assert!(sim.violations().is_empty(), "{:?}", sim.violations());
+
+    let too_long = "v".repeat(257);
+    for (extra, needle) in [
+        (
+            vec![
+                ("Tags.member.1.Key", "aws:team"),
+                ("Tags.member.1.Value", "x"),
+            ],
+            "tags.key",
+        ),
+        (
+            vec![
+                ("Tags.member.1.Key", "team"),
+                ("Tags.member.1.Value", "a;b"),
+            ],
+            "tags.value",
+        ),
+        (
+            vec![
+                ("Tags.member.1.Key", "team"),
+                ("Tags.member.1.Value", too_long.as_str()),
+            ],
+            "tags.value",
+        ),
+        (
+            vec![
+                ("Tags.member.1.Key", "Team"),
+                ("Tags.member.1.Value", "a"),
+                ("Tags.member.2.Key", "team"),
+                ("Tags.member.2.Value", "b"),
+            ],
+            "Duplicate tag keys",
+        ),
+        (
+            vec![("Tags.member.1.Key", "team")],
+            "lacks its Key or its Value",
+        ),
+        (vec![("SourceIdentity", "a b")], "sourceIdentity"),
+        (vec![("SourceIdentity", "x")], "sourceIdentity"),
+    ] {
+        let mut form = base.to_vec();
+        form.extend(extra.iter().copied());
+        let (status, xml) = sts_call(&sim, &http, &form).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{extra:?}: {xml}");
+        assert_eq!(tag(&xml, "Code"), Some("ValidationError"), "{xml}");
+        assert!(xml.contains(needle), "{extra:?}: {xml}");
+    }
+    let mut form = base.to_vec();
+    let pairs: Vec<(String, String)> = (1..=51)
+        .flat_map(|n| {
+            [
+                (format!("Tags.member.{n}.Key"), format!("k{n}")),
+                (format!("Tags.member.{n}.Value"), "v".to_owned()),
+            ]
+        })
+        .collect();
+    form.extend(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let (status, xml) = sts_call(&sim, &http, &form).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{xml}");
+    assert!(xml.contains("less than or equal to 50"), "{xml}");
+}

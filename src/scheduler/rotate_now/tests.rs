@@ -47,7 +47,7 @@ concurrency = 2
     Config::from_toml_str(&text, Vec::new()).unwrap()
 }
 
-/// Every job: (id, started at, fresh_since). Each takes `took`, then
+/// Every job: (id, started at, fresh after). Each takes `took`, then
 /// rotates with a key naming its start order.
 #[derive(Debug)]
 struct Recorder {
@@ -62,7 +62,11 @@ impl JobRunner for Recorder {
             let now = self.clock.now();
             let n = {
                 let mut jobs = self.jobs.lock().unwrap();
-                jobs.push((job.id.clone(), now, job.fresh_since));
+                // The request's moment on the test's wall clock.
+                let fresh = job
+                    .fresh_after
+                    .map(|at| now - crate::clock::mono_now().duration_since(at));
+                jobs.push((job.id.clone(), now, fresh));
                 jobs.len()
             };
             tokio::time::sleep(self.took).await;
