@@ -175,6 +175,23 @@ impl Coordination {
         });
     }
 
+    /// Whether this replica leads, as a flag that follows the elector
+    /// (discovery lists only while it is `true`).
+    pub(crate) fn leading(&self) -> tokio::sync::watch::Receiver<bool> {
+        let mut from = self.leadership.clone();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let leads = from.borrow_and_update().role == crate::coordination::Role::Leader;
+                tx.send_if_modified(|was| std::mem::replace(was, leads) != leads);
+                if from.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
     /// Hands the daemon its leadership and sink; starts the elector, the
     /// state writer and the standby's token check.
     pub(crate) fn attach(

@@ -513,3 +513,45 @@ async fn a_killed_leader_is_replaced_without_re_pushing_fresh_connections() {
         c.h.sim.violations()
     );
 }
+
+/// Issue 31: with `[coordination]` every replica re-listed every `every`, so
+/// Flow Service's listing load grew with the replicas. Each replica lists
+/// once at its start (its connections and their etags); after that only the
+/// leader does, at one replica's pace.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_leader_re_lists_so_three_replicas_list_as_often_as_one() {
+    let rule = "[[discover]]\nsandboxes = [\"prod\"]\nname = \"*\"\nevery = \"1s\"\n";
+    let c =
+        Cluster::start_with_tables(2, Duration::from_secs(3600), 3, Timings::FAST, &[rule]).await;
+    let leader = c.wait_for_leader(PATIENCE).await;
+    let lists = |name: &str| {
+        c.h.sim
+            .lists_by_client()
+            .get(name)
+            .copied()
+            .unwrap_or_default()
+    };
+    // Every replica's start listing is in.
+    assert!(
+        wait_until(PATIENCE, || c.replicas.iter().all(|r| lists(&r.name) >= 1)).await,
+        "{:?}",
+        c.h.sim.lists_by_client()
+    );
+    let at_start = c.h.sim.lists_by_client();
+    // The leader re-lists once a second: five of its rounds.
+    let leader_before = lists(&leader);
+    assert!(
+        wait_until(PATIENCE, || lists(&leader) >= leader_before + 5).await,
+        "the leader does not re-list: {:?}",
+        c.h.sim.lists_by_client()
+    );
+    let after = c.h.sim.lists_by_client();
+    for standby in c.replicas.iter().filter(|r| r.name != leader) {
+        assert_eq!(
+            after.get(&standby.name),
+            at_start.get(&standby.name),
+            "standby {} re-listed: {after:?}",
+            standby.name
+        );
+    }
+}

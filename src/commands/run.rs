@@ -254,6 +254,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
             reloads,
             to_daemon,
             health: health_tx,
+            leading: coordination.as_ref().map(|c| c.leading()),
         },
         cancel.clone(),
     ));
@@ -359,6 +360,9 @@ struct StartListing {
     reloads: mpsc::Receiver<Config>,
     to_daemon: mpsc::Sender<Reload>,
     health: tokio::sync::watch::Sender<crate::health::HealthSettings>,
+    /// `[coordination]`: whether this replica leads (only the leader
+    /// re-lists).
+    leading: Option<watch::Receiver<bool>>,
 }
 
 /// `run`'s start: resolves the rules and reads etags in bulk, feeding the
@@ -376,6 +380,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         reloads,
         to_daemon,
         health,
+        leading,
     } = start;
     let lister = FlowLister::new(Arc::clone(&rotator));
     let streamed = tokio::select! {
@@ -411,7 +416,8 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
         }
     }
     discovery_supervisor(
-        config, options, telemetry, rotator, membership, reloads, to_daemon, health, cancel,
+        config, options, telemetry, rotator, membership, reloads, to_daemon, health, leading,
+        cancel,
     )
     .await;
 }
@@ -429,6 +435,7 @@ async fn discovery_supervisor(
     mut hups: mpsc::Receiver<Config>,
     to_daemon: mpsc::Sender<Reload>,
     health: tokio::sync::watch::Sender<crate::health::HealthSettings>,
+    leading: Option<watch::Receiver<bool>>,
     cancel: CancellationToken,
 ) {
     // Shared with each round of discovery: one copy of a config that may
@@ -442,6 +449,7 @@ async fn discovery_supervisor(
             FlowLister::new(Arc::clone(&rotator)),
             Arc::clone(&membership),
             tx,
+            leading.clone(),
             round.clone(),
         ));
         loop {

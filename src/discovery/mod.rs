@@ -23,7 +23,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConnectionConfig, DiscoverRule, Origin};
@@ -693,11 +693,17 @@ pub fn log_changes(previous: &Membership, next: &Membership) -> bool {
 /// sent on `tx`. `current` is the membership the caller already applied.
 /// Returns when `cancel` fires or the receiver is gone; does nothing (but
 /// wait for `cancel`) when `config` has no rules.
+///
+/// `leading` (`[coordination]`): only while it says `true` does this
+/// replica list, so Flow Service sees one replica's listings however many
+/// run; a due round of a standby is skipped, and the moment it becomes the
+/// leader every sandbox is listed at once (its membership may be old).
 pub async fn run_discovery<L: Lister>(
     config: Arc<Config>,
     lister: L,
     mut current: Arc<Membership>,
     tx: mpsc::Sender<Arc<Membership>>,
+    mut leading: Option<watch::Receiver<bool>>,
     cancel: CancellationToken,
 ) {
     let periods = sandbox_periods(&config.discover);
@@ -714,14 +720,16 @@ pub async fn run_discovery<L: Lister>(
         let Some(wake) = next_due.values().min().copied() else {
             return;
         };
+        let mut took_over = false;
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep_until(wake) => {}
+            now_leads = became_leader(&mut leading) => took_over = now_leads,
         }
         let now = crate::clock::mono_now();
         let due: BTreeSet<String> = next_due
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, at)| took_over || **at <= now)
             .map(|(sandbox, _)| sandbox.clone())
             .collect();
         for sandbox in &due {
@@ -730,6 +738,10 @@ pub async fn run_discovery<L: Lister>(
                 // never turns into a burst of catch-up listings.
                 *at = now + *every;
             }
+        }
+        if leading.as_ref().is_some_and(|l| !*l.borrow()) {
+            // A standby: the leader lists (its rounds are skipped, not owed).
+            continue;
         }
         let next = tokio::select! {
             () = cancel.cancelled() => return,
@@ -743,4 +755,19 @@ pub async fn run_discovery<L: Lister>(
             return;
         }
     }
+}
+
+/// Resolves with `true` when `leading` turns true (this replica took the
+/// lease), `false` on other changes; never without coordination, nor once
+/// the sender is gone.
+async fn became_leader(leading: &mut Option<watch::Receiver<bool>>) -> bool {
+    let Some(receiver) = leading.as_mut() else {
+        return std::future::pending().await;
+    };
+    let was = *receiver.borrow_and_update();
+    if receiver.changed().await.is_err() {
+        *leading = None;
+        return false;
+    }
+    !was && *receiver.borrow_and_update()
 }

@@ -413,6 +413,7 @@ async fn run_discovery_relists_every_period_and_sends_changes_only() {
         Arc::clone(&lister),
         Arc::new(initial),
         tx,
+        None,
         cancel.clone(),
     ));
 
@@ -620,4 +621,50 @@ description_tag = "rotate:aep-s3"
     assert_eq!(streamed.announced.connections.len(), 1);
     assert_eq!(streamed.announced.connections[0].sandbox, "b");
     assert!(log_changes(&streamed.announced, &streamed.membership));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_lists_nothing_and_lists_at_once_when_it_takes_over() {
+    // Issue 31: with [coordination] every replica re-listed every period,
+    // so Flow Service's listing load grew with the replicas.
+    let config = config(TAG_RULE, "");
+    let lister = Arc::new(FakeLister::default());
+    lister.put("prod", vec![item("p1", "a", "rotate:aep-s3")]);
+    let initial = resolve(&config, &lister, None, None).await;
+    let (tx, mut rx) = mpsc::channel(4);
+    let (leads, leading) = watch::channel(false);
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(run_discovery(
+        Arc::new(config),
+        Arc::clone(&lister),
+        Arc::new(initial),
+        tx,
+        Some(leading),
+        cancel.clone(),
+    ));
+    // Three periods as a standby: no listing (the start's one only).
+    lister.put(
+        "prod",
+        vec![
+            item("p1", "a", "rotate:aep-s3"),
+            item("p2", "b", "rotate:aep-s3"),
+        ],
+    );
+    tokio::time::sleep(Duration::from_secs(185)).await;
+    assert_eq!(lister.calls().len(), 1, "a standby listed");
+    assert!(rx.try_recv().is_err());
+    // Takes the lease: lists at once, not a period later.
+    leads.send_replace(true);
+    let m = rx.recv().await.unwrap();
+    assert_eq!(ids(&m), ["p1", "p2"]);
+    assert_eq!(lister.calls().len(), 2);
+    // Then every period, as a single replica does.
+    tokio::time::sleep(Duration::from_secs(125)).await;
+    assert_eq!(lister.calls().len(), 4);
+    // Stands down: no more listings.
+    leads.send_replace(false);
+    tokio::time::sleep(Duration::from_secs(185)).await;
+    assert_eq!(lister.calls().len(), 4);
+    cancel.cancel();
+    task.await.unwrap();
 }

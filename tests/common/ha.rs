@@ -218,6 +218,18 @@ impl Cluster {
     /// `lifetime`; `n` replicas started at once, all standing by until one
     /// takes the lease.
     pub async fn start(connections: usize, lifetime: Duration, n: usize, timings: Timings) -> Self {
+        Self::start_with_tables(connections, lifetime, n, timings, &[]).await
+    }
+
+    /// [`Cluster::start`] with more tables in every replica's config
+    /// (`[[discover]]` rules, say).
+    pub async fn start_with_tables(
+        connections: usize,
+        lifetime: Duration,
+        n: usize,
+        timings: Timings,
+        tables: &[&str],
+    ) -> Self {
         let names: Vec<String> = (1..=n).map(|i| format!("replica-{i}")).collect();
         let secrets: Vec<String> = names.iter().map(|n| replica_secret(n)).collect();
         let clients: Vec<(String, String)> = names.iter().cloned().zip(secrets.clone()).collect();
@@ -245,13 +257,17 @@ impl Cluster {
                 human(timings.renew_every),
                 proxy.url(),
             );
-            let config = h
+            let mut builder = h
                 .config()
                 .rotation(ha_rotation())
                 .admin()
                 // Each replica its own socket (they would share the default).
                 .control_socket(&h.dir.path().join(format!("{name}.sock")))
-                .table(&coordination)
+                .table(&coordination);
+            for table in tables {
+                builder = builder.table(table);
+            }
+            let config = builder
                 .client(name, &secret_file)
                 .named(&format!("{name}.toml"))
                 .write();

@@ -411,6 +411,14 @@ impl Shared {
         let (id, is_test) = match route {
             Route::List if parts.method == Method::GET => {
                 let page = super::list::answer(st, parts, sandbox, &self.client_id, &self.org_id);
+                if page.is_ok() {
+                    let client = header(&parts.headers, "authorization")
+                        .and_then(|a| a.strip_prefix("Bearer "))
+                        .and_then(|token| st.token_client(token))
+                        .unwrap_or("?")
+                        .to_owned();
+                    *st.lists_by_client.entry(client).or_default() += 1;
+                }
                 drop(guard);
                 return page.map_or_else(|error| *error, |page| wire::json(200, &page));
             }

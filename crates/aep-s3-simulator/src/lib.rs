@@ -962,6 +962,11 @@ impl Simulator {
         self.shared.issued_secrets()
     }
 
+    /// Answered list pages (`GET /connections`) per IMS client id.
+    pub fn lists_by_client(&self) -> std::collections::BTreeMap<String, u64> {
+        self.shared.lock().lists_by_client.clone()
+    }
+
     /// Who PATCHed what: accepted PATCHes with their client, refused ones
     /// counted per client.
     pub fn patches(&self) -> SimPatches {

@@ -224,6 +224,8 @@ pub(super) struct State {
     pub patch_seq: u64,
     /// Refused PATCHes per client, per status.
     pub patch_rejected: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// Answered list pages (`GET /connections`) per IMS client.
+    pub lists_by_client: std::collections::BTreeMap<String, u64>,
     /// `bucketName` → how many connections name it, built on first use and
     /// dropped ([`State::connections_changed`]) whenever a connection is
     /// added, removed or has its parameters edited: without it every S3
@@ -546,6 +548,7 @@ impl Shared {
             patch_log: VecDeque::new(),
             patch_seq: 0,
             patch_rejected: Default::default(),
+            lists_by_client: Default::default(),
             bucket_index: None,
             creation_index: None,
         };
