@@ -11,13 +11,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
-use crate::clock::Clock;
 use crate::config::Config;
 use crate::exit::Exit;
 use crate::observe::notify::Notifier;
 use crate::observe::telemetry::Telemetry;
 use crate::remote::sts::SourceIdentity;
-use crate::scheduler::{Daemon, Mode, Options, Parts, Report, Runner, build_rotator};
+use crate::scheduler::{Daemon, Mode, Options, Parts, Report, build_rotator};
 use aep_s3_simulator::{
     RetryAfter, ScriptedFault, SimConfig, SimConnection, SimService, SimStats, Simulator,
 };
@@ -120,15 +119,13 @@ pub async fn run(args: DemoArgs) -> Exit {
             return Exit::Failure;
         }
     };
-    let daemon = Daemon::new(Parts {
+    let daemon = Daemon::new(Parts::real(
         config,
         options,
         telemetry,
-        notifier: Notifier::default(),
-        clock: Clock::system(),
-        runner: Runner::Real(rotator),
-        snapshots: None,
-    });
+        Notifier::default(),
+        rotator,
+    ));
     let (_no_reloads, reloads) = mpsc::channel(1);
     let report = match daemon.run(cancel, reloads).await {
         Ok(report) => report,

@@ -8,13 +8,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::start_membership;
 use crate::cli::OnceArgs;
-use crate::clock::{Clock, rfc3339};
+use crate::clock::rfc3339;
 use crate::config::Config;
 use crate::exit::Exit;
 use crate::observe::notify::Notifier;
 use crate::observe::telemetry::Telemetry;
 use crate::remote::sts::SourceIdentity;
-use crate::scheduler::{Daemon, Mode, Options, Parts, Report, Runner};
+use crate::scheduler::{Daemon, Mode, Options, Parts, Report};
 
 pub(crate) async fn once(config: Config, args: OnceArgs) -> Exit {
     let telemetry = Arc::new(Telemetry::new());
@@ -54,15 +54,13 @@ pub(crate) async fn once(config: Config, args: OnceArgs) -> Exit {
         return Exit::Failure;
     }
     let (_no_reloads, reloads) = mpsc::channel(1);
-    let mut daemon = Daemon::new(Parts {
+    let mut daemon = Daemon::new(Parts::real(
         config,
         options,
         telemetry,
-        notifier: Notifier::default(),
-        clock: Clock::system(),
-        runner: Runner::Real(rotator),
-        snapshots: None,
-    });
+        Notifier::default(),
+        rotator,
+    ));
     daemon.seed_s3_targets(&membership.targets);
     daemon.seed_etags(&membership.etags);
     match daemon.run(cancel.clone(), reloads).await {

@@ -11,7 +11,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{log_config_error, start_coordination};
-use crate::clock::Clock;
 use crate::config::Config;
 use crate::discovery::{self, FlowLister, Membership};
 use crate::exit::Exit;
@@ -20,7 +19,7 @@ use crate::observe::status::snapshot_channel;
 use crate::observe::telemetry::Telemetry;
 use crate::observe::views::Views;
 use crate::remote::sts::SourceIdentity;
-use crate::scheduler::{Daemon, Intake, Mode, Options, Parts, Reload, Runner, build_rotator};
+use crate::scheduler::{Daemon, Intake, Mode, Options, Parts, Reload, build_rotator};
 
 /// Rotation requests of the health check waiting for the daemon: it sends
 /// one per refused connection and waits when the daemon is behind.
@@ -265,13 +264,14 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
     let rotate_requests = telemetry.rotate_requests().clone();
     let forward_poll = config.coordination.as_ref().map(|c| c.renew_every);
     let mut daemon = Daemon::new(Parts {
-        config,
-        options,
-        telemetry,
-        notifier: Notifier::from_env(),
-        clock: Clock::system(),
-        runner: Runner::Real(Arc::clone(&rotator)),
         snapshots: Some(snapshots_tx),
+        ..Parts::real(
+            config,
+            options,
+            telemetry,
+            Notifier::from_env(),
+            Arc::clone(&rotator),
+        )
     });
     daemon.hold_until_listed(intake);
     let control = serve_control(

@@ -115,6 +115,28 @@ pub struct Parts {
     pub snapshots: Option<watch::Sender<Arc<Snapshot>>>,
 }
 
+impl Parts {
+    /// A scheduler over the real clients, on the system clock, publishing
+    /// nowhere (set `snapshots` to publish).
+    pub fn real(
+        config: Config,
+        options: Options,
+        telemetry: Arc<Telemetry>,
+        notifier: Notifier,
+        rotator: Arc<crate::rotation::Rotator>,
+    ) -> Self {
+        Self {
+            config,
+            options,
+            telemetry,
+            notifier,
+            clock: Clock::system(),
+            runner: Runner::Real(rotator),
+            snapshots: None,
+        }
+    }
+}
+
 /// The scheduler.
 pub struct Daemon {
     /// The config in force, without its connections (each [`Connection`]
