@@ -18,7 +18,7 @@
 //!   discovery/       [[discover]] rules over listings (rules.rs is pure), the streamed start
 //!   coordination/    the DynamoDB lease (leadership.rs: the role), the shared state,
 //!                    the local state file (local.rs)
-//!   rotation.rs      one job over traits (FlowApi, TokenSource, S3Probe, the STS cache):
+//!   rotation/        one job over traits (seams.rs: FlowApi, TokenSource; S3Probe, the STS cache):
 //!                    token → etag → credentials → S3 pre-push check → PATCH, 412 → re-read
 //!   health.rs        [rotation] health_check_every: tests each connection; every answer
 //!                    goes to the scheduler (Tested), a refused one with "rotate now"
@@ -28,7 +28,7 @@
 //!   observe/         what operators see: the snapshot and its words (status), what the
 //!                    views read (views), process-wide counters (telemetry), the metrics
 //!                    collector, admin endpoint, systemd notify, log formats
-//!   remote/          the clients and their one HTTP policy: ims, sts, flow (+ wire), s3probe,
+//!   remote/          the clients and their one HTTP policy: ims, sts (+ sts_cache), flow (+ wire), s3probe,
 //!                    shaping (the request gate), http (caps, scrubbing), tls
 //!   config/          types · raw · load · check (+ sections, identities): every problem with its key path
 //!   ident.rs · scrub.rs · counters.rs · exit.rs · clock.rs · fsguard.rs · shutdown.rs · cli.rs

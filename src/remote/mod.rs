@@ -18,4 +18,5 @@ pub mod s3probe;
 pub mod s3xml;
 pub mod shaping;
 pub mod sts;
+pub mod sts_cache;
 pub mod tls;

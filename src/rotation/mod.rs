@@ -11,14 +11,15 @@ use std::time::{Duration, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use futures::future::BoxFuture;
-
 use crate::observe::telemetry::Telemetry;
 use crate::policy::schedule::RetryKind;
 use crate::remote::flow::{FlowClient, FlowError, RemoteConnection};
 use crate::remote::ims::{AccessToken, ImsClient, ImsError};
 use crate::remote::s3probe::{ProbeError, S3Probe, S3Target};
 use crate::remote::sts::{AwsCredentials, CredentialCache, StsError, StsRequest};
+
+mod seams;
+pub use seams::{FlowApi, TokenSource};
 
 /// How many 412s in a row one job absorbs (re-GET + PATCH at once) before it
 /// reports a failure and backs off: a writer that changes the connection this
@@ -291,87 +292,6 @@ impl JobRunner for Rotator {
 
     fn retain(&self, in_use: &std::collections::HashSet<StsRequest>) {
         self.credentials.retain(in_use);
-    }
-}
-
-/// The Flow Service calls a rotation makes: [`FlowClient`] in production,
-/// a scripted peer in this module's tests.
-pub trait FlowApi: Send + Sync + std::fmt::Debug {
-    /// `GET /connections/{id}`: the etag and the S3 parameters.
-    fn get_connection<'a>(
-        &'a self,
-        id: &'a str,
-        sandbox: &'a str,
-        token: &'a AccessToken,
-    ) -> BoxFuture<'a, Result<RemoteConnection, FlowError>>;
-    /// `PATCH /connections/{id}` with `If-Match`: the new etag, if answered.
-    fn patch_credentials<'a>(
-        &'a self,
-        id: &'a str,
-        sandbox: &'a str,
-        etag: &'a str,
-        credentials: &'a AwsCredentials,
-        token: &'a AccessToken,
-    ) -> BoxFuture<'a, Result<Option<String>, FlowError>>;
-    /// `GET /connections/{id}/test`: whether Flow Service reaches S3.
-    fn test_connection<'a>(
-        &'a self,
-        id: &'a str,
-        sandbox: &'a str,
-        token: &'a AccessToken,
-    ) -> BoxFuture<'a, Result<bool, FlowError>>;
-}
-
-impl FlowApi for FlowClient {
-    fn get_connection<'a>(
-        &'a self,
-        id: &'a str,
-        sandbox: &'a str,
-        token: &'a AccessToken,
-    ) -> BoxFuture<'a, Result<RemoteConnection, FlowError>> {
-        Box::pin(FlowClient::get_connection(self, id, sandbox, token))
-    }
-    fn patch_credentials<'a>(
-        &'a self,
-        id: &'a str,
-        sandbox: &'a str,
-        etag: &'a str,
-        credentials: &'a AwsCredentials,
-        token: &'a AccessToken,
-    ) -> BoxFuture<'a, Result<Option<String>, FlowError>> {
-        Box::pin(FlowClient::patch_credentials(
-            self,
-            id,
-            sandbox,
-            etag,
-            credentials,
-            token,
-        ))
-    }
-    fn test_connection<'a>(
-        &'a self,
-        id: &'a str,
-        sandbox: &'a str,
-        token: &'a AccessToken,
-    ) -> BoxFuture<'a, Result<bool, FlowError>> {
-        Box::pin(FlowClient::test_connection(self, id, sandbox, token))
-    }
-}
-
-/// Where a rotation gets its IMS token: [`ImsClient`] in production.
-pub trait TokenSource: Send + Sync + std::fmt::Debug {
-    /// The current token (fetched when there is none or it is due).
-    fn token(&self) -> BoxFuture<'_, Result<Arc<AccessToken>, ImsError>>;
-    /// Drops `token` after Flow Service refused it (401).
-    fn invalidate<'a>(&'a self, token: &'a AccessToken) -> BoxFuture<'a, ()>;
-}
-
-impl TokenSource for ImsClient {
-    fn token(&self) -> BoxFuture<'_, Result<Arc<AccessToken>, ImsError>> {
-        Box::pin(ImsClient::token(self))
-    }
-    fn invalidate<'a>(&'a self, token: &'a AccessToken) -> BoxFuture<'a, ()> {
-        Box::pin(ImsClient::invalidate(self, token))
     }
 }
 
@@ -815,6 +735,7 @@ impl Rotation<'_> {
 mod tests {
     //! The job over scripted remotes, on paused time: no socket anywhere.
     use super::*;
+    use futures::future::BoxFuture;
     use std::collections::VecDeque;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicU64, Ordering};
