@@ -63,7 +63,7 @@ impl Destinations {
         }
         let host = url.host_str().unwrap_or_default();
         let aws = url.scheme() == "https"
-            && crate::remote::s3probe::region_of_host(host)
+            && region_of_host(host)
                 .is_some_and(|region| partition_of(host, &region) == partition(&self.region));
         if aws {
             None
@@ -98,6 +98,37 @@ fn partition_of(host: &str, region: &str) -> &'static str {
         ("aws-cn", true) => "aws-cn",
         (other, false) if other != "aws-cn" => other,
         _ => "none",
+    }
+}
+
+/// A region name as AWS spells them (`eu-west-1`, `us-gov-west-1`).
+pub(crate) fn valid_region(region: &str) -> bool {
+    (4..=32).contains(&region.len())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && region.contains('-')
+}
+
+/// The region in an S3 host name: `s3.eu-west-1.amazonaws.com`,
+/// `s3-eu-west-1.amazonaws.com`, `s3.dualstack.eu-west-1.amazonaws.com`,
+/// `bucket.s3.eu-west-1.amazonaws.com`; `s3.amazonaws.com` is us-east-1.
+pub(crate) fn region_of_host(host: &str) -> Option<String> {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let rest = host
+        .strip_suffix(".amazonaws.com")
+        .or_else(|| host.strip_suffix(".amazonaws.com.cn"))?;
+    let labels: Vec<&str> = rest.split('.').collect();
+    let s3 = labels
+        .iter()
+        .rposition(|l| *l == "s3" || l.starts_with("s3-"))?;
+    if let Some(region) = labels[s3].strip_prefix("s3-") {
+        return valid_region(region).then(|| region.to_owned());
+    }
+    match labels.get(s3 + 1..).unwrap_or_default() {
+        [] => Some("us-east-1".to_owned()),
+        [region] | ["dualstack", region] if valid_region(region) => Some((*region).to_owned()),
+        _ => None,
     }
 }
 

@@ -57,6 +57,8 @@ use reqwest::{Method, StatusCode};
 use secrecy::ExposeSecret;
 use url::Url;
 
+use super::s3dest::{region_of_host, valid_region};
+
 use crate::config::{Config, is_loopback};
 use crate::remote::ims::describe_reqwest_error;
 use crate::remote::sts::AwsCredentials;
@@ -233,15 +235,6 @@ struct Route {
     aws_default: bool,
 }
 
-/// A region name as AWS spells them (`eu-west-1`, `us-gov-west-1`).
-fn valid_region(region: &str) -> bool {
-    (4..=32).contains(&region.len())
-        && region
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && region.contains('-')
-}
-
 /// A bucket name that can go in a path unencoded: S3's rules (lower case,
 /// digits, dots, hyphens) plus the upper case and underscores of legacy
 /// us-east-1 buckets.
@@ -250,28 +243,6 @@ fn valid_bucket(bucket: &str) -> bool {
         && bucket
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-/// The region in an S3 host name: `s3.eu-west-1.amazonaws.com`,
-/// `s3-eu-west-1.amazonaws.com`, `s3.dualstack.eu-west-1.amazonaws.com`,
-/// `bucket.s3.eu-west-1.amazonaws.com`; `s3.amazonaws.com` is us-east-1.
-pub(crate) fn region_of_host(host: &str) -> Option<String> {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let rest = host
-        .strip_suffix(".amazonaws.com")
-        .or_else(|| host.strip_suffix(".amazonaws.com.cn"))?;
-    let labels: Vec<&str> = rest.split('.').collect();
-    let s3 = labels
-        .iter()
-        .rposition(|l| *l == "s3" || l.starts_with("s3-"))?;
-    if let Some(region) = labels[s3].strip_prefix("s3-") {
-        return valid_region(region).then(|| region.to_owned());
-    }
-    match labels.get(s3 + 1..).unwrap_or_default() {
-        [] => Some("us-east-1".to_owned()),
-        [region] | ["dualstack", region] if valid_region(region) => Some((*region).to_owned()),
-        _ => None,
-    }
 }
 
 /// `https`, or `http` to a loopback host (tests, a local proxy), with a host.
