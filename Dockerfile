@@ -82,10 +82,12 @@ RUN cargo build --release --locked --no-default-features --bin aep-s3-rotator \
 
 # A binary built outside (BINARY=prebuilt), laid out as the builder's /out.
 # .dockerignore lets this one file of target/ into the context. WORKDIR makes
-# the empty state directory without a shell (before the COPY: buildah
-# creates a WORKDIR only when a later step writes to the stage).
+# the empty state and socket directories without a shell; buildah creates a
+# WORKDIR only when a later step writes to the stage, so each is followed by
+# a COPY (the same file twice: the second lands where the first did).
 FROM scratch AS prebuilt
 WORKDIR /out/run/aep-s3-rotator
+COPY target/docker/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator
 WORKDIR /out/var/lib/aep-s3-rotator
 COPY target/docker/aep-s3-rotator /out/usr/local/bin/aep-s3-rotator
 
