@@ -158,6 +158,15 @@ pub enum Event {
         /// Its bucket, folder and endpoint.
         s3: Option<Box<crate::remote::s3probe::S3Target>>,
     },
+    /// A shared dependency (the IMS token, its STS identity) failed and
+    /// another connection probes it: wait until `until` at the latest
+    /// (never earlier than already due), or until [`Event::Unpark`].
+    Park {
+        /// The latest it waits (the scheduler bounds it by the expiry).
+        until: SystemTime,
+    },
+    /// The dependency it parked on answers again: due now.
+    Unpark,
     /// Wait for the start's listing to bring its etag before dispatching.
     Hold,
     /// Stop waiting for the listing (it is over, or late for this one).
@@ -380,6 +389,20 @@ impl Connection {
             Event::Adopt(shared) => self.on_adopt(shared.as_deref(), now, policy, draw),
             Event::Listed { etag, s3 } => {
                 self.on_listed(etag.as_deref(), s3.as_deref(), now, policy, draw)
+            }
+            Event::Park { until } => {
+                if let Phase::Waiting(at) = self.phase {
+                    self.phase = Phase::Waiting(at.max(until));
+                }
+                self.current_action()
+            }
+            Event::Unpark => {
+                if let Phase::Waiting(at) = self.phase
+                    && at > now
+                {
+                    self.phase = Phase::Waiting(now);
+                }
+                self.current_action()
             }
             Event::Hold => {
                 self.held = true;

@@ -53,6 +53,7 @@ use crate::rotation::{Job, JobResult, RotationError, Tested};
 
 mod intake;
 mod observe;
+mod parking;
 mod publish;
 mod queue;
 mod readiness;
@@ -165,6 +166,8 @@ pub struct Daemon {
     readiness: Readiness,
     /// The snapshots every view reads.
     publisher: Publisher,
+    /// Connections waiting on a failed shared dependency, and who probes it.
+    parking: parking::Parking,
     /// What the state file held at the start.
     loaded: StateSnapshot,
     /// `[coordination]`: the elector's word (`None`: the only writer).
@@ -254,6 +257,7 @@ impl Daemon {
             readiness: Readiness::default(),
             publisher: Publisher::new(watch::channel(Arc::new(Snapshot::default())).0),
             loaded: StateSnapshot::default(),
+            parking: parking::Parking::default(),
             leadership: None,
             leading: true,
             term: 0,
@@ -480,18 +484,77 @@ impl Daemon {
         let Some(connection) = self.connections.get_mut(id) else {
             return;
         };
-        let outcome = match &event {
+        let (outcome, seen) = match &event {
             Event::JobDone(result) => {
                 self.waiters.finished(id, result);
-                connection::outcome_of(result)
+                (
+                    connection::outcome_of(result),
+                    Some(parking::Seen::of(result, connection.sts())),
+                )
             }
-            _ => None,
+            _ => (None, None),
         };
-        let action = connection.apply(event, now, &self.policy, rand::random());
+        let mut action = connection.apply(event, now, &self.policy, rand::random());
         if outcome.is_some() {
             self.share(id);
         }
+        let mut released = Vec::new();
+        if let Some(seen) = seen {
+            action = self.park_after(id, seen, action, now, &mut released);
+        }
         self.follow(id, action);
+        for id in released {
+            self.event(&id, Event::Unpark);
+        }
+    }
+
+    /// After a job: its connection leaves the parking; the dependencies it
+    /// got past release theirs (into `released`); one given a shared
+    /// failure parks while another connection probes (see
+    /// [`parking`]); one whose own request failed probes.
+    fn park_after(
+        &mut self,
+        id: &str,
+        seen: parking::Seen,
+        action: Action,
+        now: SystemTime,
+        released: &mut Vec<String>,
+    ) -> Action {
+        self.parking.unpark(id);
+        for dependency in &seen.answered {
+            released.extend(self.parking.release(dependency));
+        }
+        if let Some(dependency) = seen.real_failure {
+            self.parking.probe(dependency, id);
+        }
+        let Some(dependency) = seen.shared_failure else {
+            return action;
+        };
+        let Action::WaitUntil(due) = action else {
+            return action;
+        };
+        let probed_by_another = self
+            .parking
+            .prober(&dependency)
+            .is_some_and(|prober| prober != id && self.connections.contains_key(prober));
+        if !probed_by_another {
+            // Nobody else asks: this one does, on its own backoff.
+            self.parking.probe(dependency, id);
+            return action;
+        }
+        let Some(connection) = self.connections.get_mut(id) else {
+            return action;
+        };
+        let until = parking::parked_until(
+            connection.credentials_expire_at(),
+            now,
+            self.config.rotation.retry_max,
+        );
+        if until <= due {
+            return action;
+        }
+        self.parking.park(dependency, id);
+        connection.apply(Event::Park { until }, now, &self.policy, rand::random())
     }
 
     fn follow(&mut self, id: &str, action: Action) {
@@ -505,6 +568,9 @@ impl Daemon {
             Action::Drop => {
                 self.waiters.dropped(id);
                 self.connections.remove(id);
+                for parked in self.parking.forget(id) {
+                    self.event(&parked, Event::Unpark);
+                }
                 self.order.retain(|known| known != id);
                 self.publisher.changed();
                 self.share(id);

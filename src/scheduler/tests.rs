@@ -1184,3 +1184,91 @@ async fn connections_that_hang_then_fail_never_hold_back_the_others_rotations() 
     // The hanging ones are still tried, on every slot left over.
     assert!(runner.starts("c0").len() >= 20, "{:?}", runner.starts("c0"));
 }
+
+/// A job's IMS failure during an outage: `c0`'s request is the real one,
+/// every other job is given its shared answer.
+fn ims_down(job: &Job) -> JobResult {
+    let real = crate::remote::ims::ImsError::Unavailable("connection refused".to_owned());
+    let error = if job.id == "c0" {
+        real
+    } else {
+        crate::remote::ims::ImsError::Shared(Box::new(real))
+    };
+    JobResult::Failed {
+        error: RotationError::Ims(error),
+        etag: None,
+        conflicts: 0,
+        s3: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn connections_given_a_shared_failure_park_until_the_prober_gets_through() {
+    // Issue 31: during an IMS outage every connection ran its own backoff
+    // (each attempt answered from the one failed request); 10,000 made
+    // ~47,000 attempts in ten seconds.
+    let clock = Clock::tokio_at(t0());
+    let recovery = t0() + S(30);
+    let runner = Scripted::new(clock, move |job, now| {
+        if now < recovery {
+            (Duration::from_millis(10), ims_down(job))
+        } else {
+            (Duration::from_millis(10), rotated(now, S(3600)))
+        }
+    });
+    run_with(config(10, 4), clock, &runner, S(120)).await;
+    // The prober (c0) retries on its own backoff: its attempts are the
+    // outage's only requests.
+    let probes: Vec<SystemTime> = runner
+        .starts("c0")
+        .into_iter()
+        .filter(|at| *at < recovery)
+        .collect();
+    assert!(probes.len() >= 4, "{probes:?}");
+    let through = runner
+        .starts("c0")
+        .into_iter()
+        .find(|at| *at >= recovery)
+        .expect("c0 rotates after the outage");
+    for i in 1..10 {
+        let id = format!("c{i}");
+        let starts = runner.starts(&id);
+        let during: Vec<_> = starts.iter().filter(|at| **at < recovery).collect();
+        assert_eq!(during.len(), 1, "{id} retried on its own: {starts:?}");
+        // Released the moment the prober got through, not at its own time.
+        let after = starts.iter().find(|at| **at >= recovery).expect("rotated");
+        assert!(
+            after.duration_since(through).unwrap() <= S(1),
+            "{id} released at {after:?}, the prober got through at {through:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_parked_connection_goes_before_its_credentials_expire() {
+    // Pushed credentials live 100 s: rotated at half their life (50 s),
+    // when IMS is down for good. Parking may not hold a connection past
+    // EXPIRY_MARGIN before that expiry.
+    let clock = Clock::tokio_at(t0());
+    let outage = t0() + S(40);
+    let runner = Scripted::new(clock, move |job, now| {
+        if now < outage {
+            (Duration::from_millis(10), rotated(now, S(100)))
+        } else {
+            (Duration::from_millis(10), ims_down(job))
+        }
+    });
+    run_with(config(3, 4), clock, &runner, S(90)).await;
+    for id in ["c1", "c2"] {
+        let starts = runner.starts(id);
+        let during: Vec<SystemTime> = starts.iter().copied().filter(|at| *at >= outage).collect();
+        // Parked after its first failure (about 50 s), out again at
+        // expiry (100 s) - EXPIRY_MARGIN (30 s) = 70 s at the latest.
+        assert!(during.len() >= 2, "{id}: {starts:?}");
+        let expiry_bound = t0() + S(100) - crate::policy::schedule::EXPIRY_MARGIN;
+        assert!(
+            during[1] <= expiry_bound + S(1),
+            "{id} held past its expiry bound: {starts:?}"
+        );
+    }
+}
