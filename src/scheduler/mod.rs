@@ -474,8 +474,40 @@ impl Daemon {
             let Some(id) = self.heap.pop_due(now) else {
                 break;
             };
-            self.event(&id, Event::Due);
+            if !self.park_before(&id, now) {
+                self.event(&id, Event::Due);
+            }
         }
+    }
+
+    /// A due connection whose dependency is down (another connection
+    /// probes it) parks without a job: during an outage only the prober
+    /// runs. `true` when it parked.
+    fn park_before(&mut self, id: &str, now: SystemTime) -> bool {
+        let Some(connection) = self.connections.get_mut(id) else {
+            return false;
+        };
+        let Phase::Waiting(due) = connection.phase() else {
+            return false;
+        };
+        if due > now || connection.is_held() {
+            return false;
+        }
+        let Some(dependency) = self.parking.down_for(connection.sts(), id) else {
+            return false;
+        };
+        let until = parking::parked_until(
+            connection.credentials_expire_at(),
+            now,
+            self.config.rotation.retry_max,
+        );
+        if until <= now {
+            return false;
+        }
+        self.parking.park(dependency, id);
+        let action = connection.apply(Event::Park { until }, now, &self.policy, rand::random());
+        self.follow(id, action);
+        true
     }
 
     /// Sends one event to one connection and carries out what it answers.

@@ -1,5 +1,6 @@
 //! Connections that wait on a failed shared dependency (the IMS token, one
-//! STS identity) park on it instead of each running its own backoff.
+//! STS identity) park on it instead of each running its own backoff; one
+//! that comes due while its dependency is down parks without running a job.
 //!
 //! During an outage every connection's attempt is answered from the one
 //! failed request (the clients share a failure for a short while), but each
@@ -111,6 +112,18 @@ impl Parking {
     /// The connection probing `dependency`, if any.
     pub(super) fn prober(&self, dependency: &Dependency) -> Option<&str> {
         self.probers.get(dependency).map(String::as_str)
+    }
+
+    /// The dependency `id` (of identity `sts`) would wait on now: one that
+    /// another connection probes.
+    pub(super) fn down_for(&self, sts: &StsRequest, id: &str) -> Option<Dependency> {
+        let probed_by_another =
+            |dependency: &Dependency| self.prober(dependency).is_some_and(|p| p != id);
+        if probed_by_another(&Dependency::Ims) {
+            return Some(Dependency::Ims);
+        }
+        let sts = Dependency::Sts(sts.clone());
+        probed_by_another(&sts).then_some(sts)
     }
 
     /// `id` probes `dependency` (unless another already does).
