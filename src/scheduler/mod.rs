@@ -484,7 +484,7 @@ impl Daemon {
     /// probes it) parks without a job: during an outage only the prober
     /// runs. `true` when it parked.
     fn park_before(&mut self, id: &str, now: SystemTime) -> bool {
-        let Some(connection) = self.connections.get_mut(id) else {
+        let Some(connection) = self.connections.get(id) else {
             return false;
         };
         let Phase::Waiting(due) = connection.phase() else {
@@ -496,18 +496,36 @@ impl Daemon {
         let Some(dependency) = self.parking.down_for(connection.sts(), id) else {
             return false;
         };
+        match self.park_until_bound(id, dependency, now, now) {
+            Some(action) => {
+                self.follow(id, action);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Parks `id` on `dependency` until its bound (see [`parking`]), if
+    /// that is later than `due`, and answers the connection's action;
+    /// `None` when parking would not hold it longer.
+    fn park_until_bound(
+        &mut self,
+        id: &str,
+        dependency: parking::Dependency,
+        due: SystemTime,
+        now: SystemTime,
+    ) -> Option<Action> {
+        let connection = self.connections.get_mut(id)?;
         let until = parking::parked_until(
             connection.credentials_expire_at(),
             now,
             self.config.rotation.retry_max,
         );
-        if until <= now {
-            return false;
+        if until <= due {
+            return None;
         }
         self.parking.park(dependency, id);
-        let action = connection.apply(Event::Park { until }, now, &self.policy, rand::random());
-        self.follow(id, action);
-        true
+        Some(connection.apply(Event::Park { until }, now, &self.policy, rand::random()))
     }
 
     /// Sends one event to one connection and carries out what it answers.
@@ -565,28 +583,13 @@ impl Daemon {
         let Action::WaitUntil(due) = action else {
             return action;
         };
-        let probed_by_another = self
-            .parking
-            .prober(&dependency)
-            .is_some_and(|prober| prober != id && self.connections.contains_key(prober));
-        if !probed_by_another {
+        if !self.parking.probed_by_another(&dependency, id) {
             // Nobody else asks: this one does, on its own backoff.
             self.parking.probe(dependency, id);
             return action;
         }
-        let Some(connection) = self.connections.get_mut(id) else {
-            return action;
-        };
-        let until = parking::parked_until(
-            connection.credentials_expire_at(),
-            now,
-            self.config.rotation.retry_max,
-        );
-        if until <= due {
-            return action;
-        }
-        self.parking.park(dependency, id);
-        connection.apply(Event::Park { until }, now, &self.policy, rand::random())
+        self.park_until_bound(id, dependency, due, now)
+            .unwrap_or(action)
     }
 
     fn follow(&mut self, id: &str, action: Action) {

@@ -109,21 +109,22 @@ pub(super) struct Parking {
 }
 
 impl Parking {
-    /// The connection probing `dependency`, if any.
-    pub(super) fn prober(&self, dependency: &Dependency) -> Option<&str> {
-        self.probers.get(dependency).map(String::as_str)
+    /// Whether a connection other than `id` probes `dependency` (a removed
+    /// prober is forgotten, [`Self::forget`]).
+    pub(super) fn probed_by_another(&self, dependency: &Dependency, id: &str) -> bool {
+        self.probers
+            .get(dependency)
+            .is_some_and(|prober| prober != id)
     }
 
     /// The dependency `id` (of identity `sts`) would wait on now: one that
     /// another connection probes.
     pub(super) fn down_for(&self, sts: &StsRequest, id: &str) -> Option<Dependency> {
-        let probed_by_another =
-            |dependency: &Dependency| self.prober(dependency).is_some_and(|p| p != id);
-        if probed_by_another(&Dependency::Ims) {
+        if self.probed_by_another(&Dependency::Ims, id) {
             return Some(Dependency::Ims);
         }
         let sts = Dependency::Sts(sts.clone());
-        probed_by_another(&sts).then_some(sts)
+        self.probed_by_another(&sts, id).then_some(sts)
     }
 
     /// `id` probes `dependency` (unless another already does).
