@@ -163,31 +163,20 @@ impl Coordination {
         &self,
         tx: tokio::sync::watch::Sender<crate::coordination::Leadership>,
     ) {
-        let mut from = self.leadership.clone();
-        tokio::spawn(async move {
-            loop {
-                let current = from.borrow_and_update().clone();
-                tx.send_replace(current);
-                if from.changed().await.is_err() {
-                    return;
-                }
-            }
+        mirror(self.leadership.clone(), tx, |leadership, copy| {
+            copy.clone_from(leadership);
+            true
         });
     }
 
     /// Whether this replica leads, as a flag that follows the elector
-    /// (discovery lists only while it is `true`).
+    /// (discovery lists only while it is `true`; it changes only when the
+    /// role does).
     pub(crate) fn leading(&self) -> tokio::sync::watch::Receiver<bool> {
-        let mut from = self.leadership.clone();
         let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            loop {
-                let leads = from.borrow_and_update().role == crate::coordination::Role::Leader;
-                tx.send_if_modified(|was| std::mem::replace(was, leads) != leads);
-                if from.changed().await.is_err() {
-                    return;
-                }
-            }
+        mirror(self.leadership.clone(), tx, |leadership, leads| {
+            let now = leadership.role == crate::coordination::Role::Leader;
+            std::mem::replace(leads, now) != now
         });
         rx
     }
@@ -266,4 +255,25 @@ pub(crate) async fn start_membership(
     discovery::log_changes(&Membership::default(), &membership);
     telemetry.set_discovery_conflicts(membership.conflicts.len());
     Some((membership.apply_to(config), rotator, membership))
+}
+
+/// Follows the elector's word into `tx` until the elector ends: `update`
+/// writes what `tx` holds from it and says whether that changed (receivers
+/// are told only then).
+fn mirror<T: Send + Sync + 'static>(
+    mut from: tokio::sync::watch::Receiver<crate::coordination::Leadership>,
+    tx: tokio::sync::watch::Sender<T>,
+    update: impl Fn(&crate::coordination::Leadership, &mut T) -> bool + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            {
+                let leadership = from.borrow_and_update();
+                tx.send_if_modified(|held| update(&leadership, held));
+            }
+            if from.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
