@@ -10,7 +10,7 @@
 //! (`aep_s3_rotator_connection_test_failing`).
 //!
 //! A task of its own beside the scheduler, which it reaches through one
-//! channel ([`crate::scheduler::Daemon::rotate_on_request`]). It reads the
+//! channel ([`crate::scheduler::Daemon::take_health_answers`]). It reads the
 //! connections from the scheduler's snapshots and gets the current clients
 //! and settings through a `watch` (a reload may change both). With `[coordination]` only the leader tests (a standby's fence is
 //! closed). One pass tests at most `concurrency` connections at once, and

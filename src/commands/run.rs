@@ -23,7 +23,7 @@ use crate::scheduler::{Daemon, Intake, Mode, Options, Parts, Reload, build_rotat
 
 /// Rotation requests of the health check waiting for the daemon: it sends
 /// one per refused connection and waits when the daemon is behind.
-const HEALTH_REQUESTS: usize = 1024;
+const HEALTH_ANSWERS: usize = 1024;
 
 /// How long the watched files must stay quiet before a change is reloaded:
 /// editors and Kubernetes write in several steps (temp file, rename, symlink
@@ -232,11 +232,11 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         &config,
         Arc::clone(&rotator),
     ));
-    let (rotate_tx, rotate_rx) = mpsc::channel(HEALTH_REQUESTS);
+    let (health_answers_tx, health_answers) = mpsc::channel(HEALTH_ANSWERS);
     tokio::spawn(crate::health::run(
         health_rx,
         snapshots,
-        rotate_tx,
+        health_answers_tx,
         cancel.clone(),
     ));
     let (intake_tx, intake) = mpsc::unbounded_channel();
@@ -282,7 +282,7 @@ pub(crate) async fn run(config: Config, path: &Path, dry_run: bool) -> Exit {
         rotate_requests,
         &cancel,
     );
-    daemon.rotate_on_request(rotate_rx);
+    daemon.take_health_answers(health_answers);
     let coordination = coordination.map(|c| c.attach(&mut daemon, &rotator));
     let result = daemon.run(cancel, daemon_reloads).await;
     if let Some(running) = coordination {

@@ -192,9 +192,8 @@ pub struct Daemon {
     requests: Option<mpsc::Receiver<RotateRequest>>,
     /// Who waits for which connection's requested job.
     waiters: rotate_now::Waiters,
-    /// Requests to rotate a connection at once with fresh credentials (the
-    /// health check's hook, [`Self::rotate_on_request`]).
-    health_rotations: Option<mpsc::Receiver<Tested>>,
+    /// The health check's answers ([`Self::take_health_answers`]).
+    health_answers: Option<mpsc::Receiver<Tested>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -267,7 +266,7 @@ impl Daemon {
             unclaimed: std::collections::BTreeMap::new(),
             requests: None,
             waiters: rotate_now::Waiters::default(),
-            health_rotations: None,
+            health_answers: None,
         };
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
@@ -373,13 +372,13 @@ impl Daemon {
                 Some(prepared) = prepared.recv() => self.apply_reload(prepared),
                 open = leadership_changed(&mut self.leadership) => self.on_leadership(open),
                 intake = next_intake(&mut self.intake) => self.on_intake(intake),
-                request = rotate_now::next_request(&mut self.requests) => self.on_rotate_request(request),
+                request = next_from(&mut self.requests) => self.on_rotate_request(request),
                 () = tokio::time::sleep_until(self.hold_until.unwrap_or_else(crate::clock::mono_now)), if self.hold_until.is_some() => {
                     self.hold_expired();
                 }
-                request = next_rotate_request(&mut self.health_rotations) => match request {
+                answer = next_from(&mut self.health_answers) => match answer {
                     Some(answer) => self.on_tested(answer),
-                    None => self.health_rotations = None,
+                    None => self.health_answers = None,
                 },
                 reload = reloads.recv(), if reloads_open => match reload {
                     Some(reload) => self.prepare_reload(reload, prepared_tx.clone()),
@@ -406,8 +405,8 @@ impl Daemon {
     /// records its test's answer, and one whose credentials S3 refused is
     /// due now, with credentials from an STS call started after the
     /// refusal (one in flight gets them with its next job).
-    pub fn rotate_on_request(&mut self, answers: mpsc::Receiver<Tested>) {
-        self.health_rotations = Some(answers);
+    pub fn take_health_answers(&mut self, answers: mpsc::Receiver<Tested>) {
+        self.health_answers = Some(answers);
     }
 
     fn on_tested(&mut self, answer: Tested) {
@@ -708,10 +707,11 @@ impl Daemon {
     }
 }
 
-/// The health check's next answer; never, without a sender.
-async fn next_rotate_request(requests: &mut Option<mpsc::Receiver<Tested>>) -> Option<Tested> {
-    match requests {
-        Some(requests) => requests.recv().await,
+/// The next message of an optional channel (`None` once: it closed);
+/// never without one (`rotate` requests, the health check's answers).
+async fn next_from<T>(channel: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match channel {
+        Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -185,16 +185,6 @@ impl Waiters {
     }
 }
 
-/// The next request, or never (no channel, or it closed).
-pub(super) async fn next_request(
-    requests: &mut Option<mpsc::Receiver<RotateRequest>>,
-) -> Option<RotateRequest> {
-    match requests {
-        Some(receiver) => receiver.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
 impl Daemon {
     /// Takes `rotate` requests from `requests` while it runs.
     pub fn serve_rotate_requests(&mut self, requests: mpsc::Receiver<RotateRequest>) {
