@@ -21,8 +21,8 @@ use crate::observe::views::Views;
 use crate::remote::sts::SourceIdentity;
 use crate::scheduler::{Daemon, Intake, Mode, Options, Parts, Reload, build_rotator};
 
-/// Rotation requests of the health check waiting for the daemon: it sends
-/// one per refused connection and waits when the daemon is behind.
+/// Health check answers waiting for the daemon: it sends one per tested
+/// connection and waits when the daemon is behind.
 const HEALTH_ANSWERS: usize = 1024;
 
 /// How long the watched files must stay quiet before a change is reloaded:
