@@ -374,7 +374,18 @@ impl FlowClient {
         test: bool,
     ) -> Result<bytes::Bytes, FlowError> {
         Self::check_id(id)?;
-        let url = self.url(id, test);
+        self.get_body(&self.url(id, test), id, sandbox, token).await
+    }
+
+    /// A `GET` of `url`: the body of a 2xx answer, else the error it means
+    /// (`id`: the connection it is about, `""` for a listing).
+    async fn get_body(
+        &self,
+        url: &Url,
+        id: &str,
+        sandbox: &str,
+        token: &AccessToken,
+    ) -> Result<bytes::Bytes, FlowError> {
         let request = self
             .http
             .get(url.clone())
@@ -384,7 +395,7 @@ impl FlowClient {
             retry_after,
             body,
             ..
-        } = self.send(request, &url).await?;
+        } = self.send(request, url).await?;
         if !status.is_success() {
             return Err(self.error_for(status, retry_after.as_ref(), &body, id, sandbox, &[]));
         }
@@ -452,19 +463,7 @@ impl FlowClient {
                     query.append_pair("continuationToken", next);
                 }
             }
-            let request = self
-                .http
-                .get(page_url.clone())
-                .headers(self.headers(sandbox, token)?);
-            let Answer {
-                status,
-                retry_after,
-                body,
-                ..
-            } = self.send(request, &page_url).await?;
-            if !status.is_success() {
-                return Err(self.error_for(status, retry_after.as_ref(), &body, "", sandbox, &[]));
-            }
+            let body = self.get_body(&page_url, "", sandbox, token).await?;
             read = read.saturating_add(body.len());
             if read > MAX_LISTING_READ {
                 return Err(FlowError::Malformed(format!(
