@@ -758,6 +758,16 @@ mod tests {
         fn calls(&self) -> Vec<String> {
             self.calls.lock().unwrap().clone()
         }
+
+        /// The answer of the next GET.
+        fn answer_get(&self, answer: Result<RemoteConnection, FlowError>) {
+            self.gets.lock().unwrap().push_back(answer);
+        }
+
+        /// The answer of the next PATCH.
+        fn answer_patch(&self, answer: Result<Option<String>, FlowError>) {
+            self.patches.lock().unwrap().push_back(answer);
+        }
     }
 
     fn remote(etag: &str) -> RemoteConnection {
@@ -1051,12 +1061,7 @@ mod tests {
     async fn a_pre_push_denial_pushes_nothing() {
         let mut world = World::new();
         world.probe.deny = true;
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
         let result = world.run(&job()).await;
         let JobResult::Failed { error, etag, .. } = result else {
             panic!("pushed: {result:?}");
@@ -1079,12 +1084,7 @@ mod tests {
         fence.open_until(crate::clock::mono_now() + Duration::from_secs(60));
         *world.flow.close_after_get.lock().unwrap() = Some(fence.clone());
         world.fence = Some(fence);
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
         let result = world.run(&job()).await;
         assert!(
             matches!(
@@ -1107,18 +1107,8 @@ mod tests {
     async fn a_failed_verification_is_logged_and_counted_but_the_rotation_stands() {
         let mut world = World::new();
         world.verify = true;
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
-        world
-            .flow
-            .patches
-            .lock()
-            .unwrap()
-            .push_back(Ok(Some("\"e2\"".to_owned())));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
+        world.flow.answer_patch(Ok(Some("\"e2\"".to_owned())));
         world.flow.tests.lock().unwrap().push_back(Ok(false));
         let result = world.run(&job()).await;
         // Counted by the connection, from the result.
@@ -1138,12 +1128,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_401_fetches_a_new_token_once_and_patches_with_it() {
         let world = World::new();
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
         world.flow.patches.lock().unwrap().extend([
             Err(FlowError::Unauthorized("token revoked".to_owned())),
             Ok(Some("\"e2\"".to_owned())),
@@ -1157,12 +1142,7 @@ mod tests {
         assert_eq!(world.ims.invalidated.load(Ordering::Relaxed), 1);
         // A second 401 in the same job is a failure, not another token.
         let world = World::new();
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
         world.flow.patches.lock().unwrap().extend([
             Err(FlowError::Unauthorized("no".to_owned())),
             Err(FlowError::Unauthorized("still no".to_owned())),
@@ -1242,12 +1222,7 @@ mod tests {
     async fn freshly_minted_credentials_refused_by_s3_keep_the_slow_cadence() {
         let mut world = World::new();
         world.probe.deny = true;
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
         let result = world.run(&job()).await;
         let JobResult::Failed { error, .. } = result else {
             panic!("pushed: {result:?}");
@@ -1257,12 +1232,7 @@ mod tests {
         assert_eq!(world.probe.checks.load(Ordering::Relaxed), 1);
         // Another connection handed those cached credentials and refused
         // the same way (a permissions problem) does not ask STS again.
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
         let result = world.run(&job()).await;
         assert!(matches!(result, JobResult::Failed { .. }), "{result:?}");
         assert_eq!(world.minted(), 1);
@@ -1275,12 +1245,7 @@ mod tests {
         let cached = world.warm_cache().await;
         world.probe.deny_keys.lock().unwrap().push(cached.clone());
         *world.probe.code.lock().unwrap() = Some("NoSuchBucket".to_owned());
-        world
-            .flow
-            .gets
-            .lock()
-            .unwrap()
-            .push_back(Ok(remote("\"e1\"")));
+        world.flow.answer_get(Ok(remote("\"e1\"")));
         let result = world.run(&job()).await;
         assert!(matches!(result, JobResult::Failed { .. }), "{result:?}");
         assert_eq!(world.minted(), 1);
