@@ -261,8 +261,10 @@ impl RotationError {
 
 /// Whether the pre-push check refused the credentials themselves (see
 /// [`SESSION_REFUSALS`]).
-fn refuses_the_session(error: &RotationError) -> bool {
-    matches!(error, RotationError::Prepush(ProbeError::Denied { code, .. }) if SESSION_REFUSALS.contains(&code.as_str()))
+fn refuses_the_session(error: &ProbeError) -> bool {
+    error
+        .code()
+        .is_some_and(|code| SESSION_REFUSALS.contains(&code))
 }
 
 /// What runs one job: the seam between the scheduler and the remotes.
@@ -531,7 +533,7 @@ impl Rotation<'_> {
             Ok(()) => return Ok(issued.credentials),
             Err(error) => error,
         };
-        if !refuses_the_session(&error) {
+        if !matches!(&error, RotationError::Prepush(e) if refuses_the_session(e)) {
             return Err(error);
         }
         let refused = issued.credentials.access_key_id.as_str();
@@ -559,7 +561,9 @@ impl Rotation<'_> {
         {
             Ok(()) => Ok(again.credentials),
             Err(error) => {
-                if again.minted && refuses_the_session(&error) {
+                if again.minted
+                    && matches!(&error, RotationError::Prepush(e) if refuses_the_session(e))
+                {
                     self.credentials
                         .refused_fresh(&job.sts, &again.credentials.access_key_id)
                         .await;
@@ -637,9 +641,7 @@ impl Rotation<'_> {
                 self.telemetry.prepush_check(error.result());
                 let role = job.sts.describe();
                 let retried = cached
-                    && error
-                        .code()
-                        .is_some_and(|code| SESSION_REFUSALS.contains(&code))
+                    && refuses_the_session(&error)
                     && self
                         .credentials
                         .is_evictable(&job.sts, &credentials.access_key_id)
