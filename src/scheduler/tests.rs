@@ -1272,3 +1272,41 @@ async fn a_parked_connection_goes_before_its_credentials_expire() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_due_while_its_dependency_is_down_parks_without_a_job() {
+    // Concurrency 1 (4 jobs at once): c0 meets the outage first and probes;
+    // the connections that come due after it park without running a job.
+    let clock = Clock::tokio_at(t0());
+    let recovery = t0() + S(30);
+    let runner = Scripted::new(clock, move |job, now| {
+        if now < recovery {
+            (Duration::from_millis(10), ims_down(job))
+        } else {
+            (Duration::from_millis(10), rotated(now, S(3600)))
+        }
+    });
+    run_with(config(40, 1), clock, &runner, S(60)).await;
+    let untried = (1..40)
+        .filter(|i| {
+            runner
+                .starts(&format!("c{i}"))
+                .iter()
+                .all(|at| *at >= recovery)
+        })
+        .count();
+    // Only the first dispatch slots' worth ran before c0 was the prober.
+    assert!(
+        untried >= 30,
+        "{untried} of 39 ran no job during the outage"
+    );
+    for i in 0..40 {
+        assert!(
+            runner
+                .starts(&format!("c{i}"))
+                .iter()
+                .any(|at| *at >= recovery),
+            "c{i} did not rotate after the outage"
+        );
+    }
+}
