@@ -395,6 +395,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
     // cannot take it from there): let it run before what follows.
     tokio::task::yield_now().await;
     let exact = streamed.exact();
+    let etags = streamed.etags;
     let membership = Arc::new(streamed.membership);
     // Each discovered connection was logged as its page came.
     discovery::log_changes(&streamed.announced, &membership);
@@ -402,7 +403,7 @@ async fn start_listing(start: StartListing, cancel: CancellationToken) {
     tracing::info!(
         connections = membership.connections.len(),
         discovered = membership.discovered().count(),
-        etags = membership.etags.len(),
+        etags,
         "connections listed"
     );
     if !exact {

@@ -163,7 +163,7 @@ impl Checker<'_> {
             adobe: adobe?,
             aws: aws?,
             rotation: rotation?,
-            connections: connections?,
+            connections: connections?.into_iter().map(Arc::new).collect(),
             discover: discover?,
             admin: admin?,
             state: state?,

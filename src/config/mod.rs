@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use std::sync::Arc;
 
 use secrecy::SecretString;
 use secrecy::zeroize::Zeroize;

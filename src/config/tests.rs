@@ -501,7 +501,7 @@ fn defaults_are_applied() {
     assert_eq!(r.shutdown_grace, Duration::from_secs(10));
     let c = &config.connections[0];
     assert_eq!(
-        *c,
+        **c,
         ConnectionConfig {
             id: "c-1".into(),
             sandbox: "prod".into(),

@@ -25,7 +25,7 @@ pub struct Config {
     /// `[rotation]`
     pub rotation: RotationConfig,
     /// `[[connections]]`, in file order; ids are unique.
-    pub connections: Vec<ConnectionConfig>,
+    pub connections: Vec<Arc<ConnectionConfig>>,
     /// `[[discover]]` rules, in file order (their index is their origin label).
     pub discover: Vec<DiscoverRule>,
     /// `[admin]`

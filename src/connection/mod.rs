@@ -126,7 +126,7 @@ pub enum Event {
     /// Its job ended.
     JobDone(JobResult),
     /// A reload changed its settings.
-    Changed(Box<ConnectionConfig>, StsRequest),
+    Changed(Arc<ConnectionConfig>, StsRequest),
     /// A reload removed it.
     Removed,
     /// An operator asked for new credentials now (`rotate`): the next job
@@ -193,14 +193,16 @@ pub enum Action {
 /// A settings change that waits for the in-flight job.
 #[derive(Debug)]
 struct PendingChange {
-    config: ConnectionConfig,
+    config: Arc<ConnectionConfig>,
     sts: StsRequest,
 }
 
 /// One connection as the daemon knows it. Holds no secret.
 #[derive(Debug)]
 pub struct Connection {
-    config: ConnectionConfig,
+    /// Shared with the config and discovery's membership: one copy per
+    /// connection, however many of them hold it.
+    config: Arc<ConnectionConfig>,
     sts: StsRequest,
     phase: Phase,
     /// Etag from our last PATCH or read (saves a GET).
@@ -249,7 +251,7 @@ pub struct Connection {
 
 impl Connection {
     /// A connection nothing is known about: due at once.
-    pub fn new(config: ConnectionConfig, sts: StsRequest, now: SystemTime) -> Self {
+    pub fn new(config: Arc<ConnectionConfig>, sts: StsRequest, now: SystemTime) -> Self {
         let mut connection = Self {
             config,
             sts,
@@ -363,7 +365,7 @@ impl Connection {
         match event {
             Event::Due => self.on_due(now),
             Event::JobDone(result) => self.on_job_done(result, now, policy, draw),
-            Event::Changed(config, sts) => self.on_changed(*config, sts, now),
+            Event::Changed(config, sts) => self.on_changed(config, sts, now),
             Event::RotateNow { since } => self.on_rotate_now(since, now),
             Event::Tested { passed } => {
                 self.test_failing = Some(!passed);
@@ -465,7 +467,7 @@ impl Connection {
         self.rotate_now.is_some()
     }
 
-    fn on_changed(&mut self, config: ConnectionConfig, sts: StsRequest, now: SystemTime) -> Action {
+    fn on_changed(&mut self, config: Arc<ConnectionConfig>, sts: StsRequest, now: SystemTime) -> Action {
         let same_target = config.sandbox == self.config.sandbox;
         if same_target && sts == self.sts {
             // Same target, same identity: keep state and schedule (a new

@@ -358,6 +358,9 @@ pub struct Streamed {
     /// each already logged as `connection discovered` when its page came:
     /// the membership before the final one, for [`log_changes`].
     pub announced: Membership,
+    /// How many connections' etags the pages carried (each sent to the
+    /// daemon with its page; `membership` keeps no etags or targets).
+    pub etags: usize,
 }
 
 impl Streamed {
@@ -377,10 +380,12 @@ impl Streamed {
 #[derive(Debug, Default)]
 struct StreamState {
     /// Discovered connections sent as `added`, by id.
-    sent: HashMap<String, ConnectionConfig>,
-    /// Etags and S3 targets of explicit connections seen.
-    etags: HashMap<String, String>,
-    targets: HashMap<String, S3Target>,
+    sent: HashMap<String, Arc<ConnectionConfig>>,
+    /// How many explicit connections' etags were sent (each went to the
+    /// daemon with its page and is not kept here: at 10,000 connections a
+    /// second copy of every etag and target was megabytes at the start's
+    /// peak).
+    explicit_etags: usize,
     /// The listed items of the connections sent as `added`, by sandbox,
     /// until that sandbox's listing completes: if it fails on a later page,
     /// they are its (partial) last known listing, so what the daemon was
@@ -390,7 +395,7 @@ struct StreamState {
 
 impl StreamState {
     /// An explicit connection's etag and S3 target from its list item: into
-    /// the message for the daemon, and kept for the final membership.
+    /// the message for the daemon (counted, not kept).
     fn seed(
         &mut self,
         item: &ListedConnection,
@@ -398,10 +403,9 @@ impl StreamState {
         targets: &mut HashMap<String, S3Target>,
     ) {
         etags.insert(item.id.clone(), item.etag.clone());
-        self.etags.insert(item.id.clone(), item.etag.clone());
+        self.explicit_etags += 1;
         if let Some(target) = &item.s3 {
             targets.insert(item.id.clone(), target.clone());
-            self.targets.insert(item.id.clone(), target.clone());
         }
     }
 }
@@ -549,9 +553,12 @@ pub async fn resolve_streaming<L: Lister>(
     tokio::task::yield_now().await;
     let mut membership = resolve_listings(config, listings);
     membership.failures = failures;
-    membership.etags.extend(state.etags);
-    membership.targets.extend(state.targets);
-    let mut announced: Vec<ConnectionConfig> = state.sent.into_values().collect();
+    // Every etag and target went to the daemon with its page: the
+    // membership, which outlives the start, keeps none.
+    let etags = membership.etags.len() + state.explicit_etags;
+    membership.etags = HashMap::new();
+    membership.targets = HashMap::new();
+    let mut announced: Vec<Arc<ConnectionConfig>> = state.sent.into_values().collect();
     announced.sort_by(|a, b| (&a.sandbox, &a.id).cmp(&(&b.sandbox, &b.id)));
     Streamed {
         membership,
@@ -559,6 +566,7 @@ pub async fn resolve_streaming<L: Lister>(
             connections: announced,
             ..Membership::default()
         },
+        etags,
     }
 }
 
@@ -652,9 +660,9 @@ fn log_discovered(c: &ConnectionConfig) {
 /// `connection no longer matches`, new conflicts and listing failures.
 /// Answers whether the rotated set changed.
 pub fn log_changes(previous: &Membership, next: &Membership) -> bool {
-    let before: HashMap<&str, &ConnectionConfig> =
+    let before: HashMap<&str, &Arc<ConnectionConfig>> =
         previous.discovered().map(|c| (c.id.as_str(), c)).collect();
-    let after: HashMap<&str, &ConnectionConfig> =
+    let after: HashMap<&str, &Arc<ConnectionConfig>> =
         next.discovered().map(|c| (c.id.as_str(), c)).collect();
     for c in next.discovered() {
         if !before.contains_key(c.id.as_str()) {

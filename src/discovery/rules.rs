@@ -30,7 +30,7 @@ pub struct SandboxListing {
 pub struct Membership {
     /// Explicit `[[connections]]` first (config order), then discovered ones
     /// by (sandbox, id). Ids are unique.
-    pub connections: Vec<ConnectionConfig>,
+    pub connections: Vec<Arc<ConnectionConfig>>,
     /// Etags seen in list pages, by connection id, for connections in
     /// `connections` that are S3 `Access Key` connections: the first job of
     /// such a connection can PATCH without a `GET`.
@@ -51,7 +51,7 @@ pub struct Membership {
 
 impl Membership {
     /// Connections found by rules (not explicit ones).
-    pub fn discovered(&self) -> impl Iterator<Item = &ConnectionConfig> {
+    pub fn discovered(&self) -> impl Iterator<Item = &Arc<ConnectionConfig>> {
         self.connections
             .iter()
             .filter(|c| c.origin != Origin::Explicit)
@@ -220,7 +220,7 @@ pub(super) fn discovered_in<'a>(
                 membership.targets.insert(id.to_owned(), target.clone());
             }
             membership.etags.insert(id.to_owned(), item.etag.clone());
-            membership.connections.push(first);
+            membership.connections.push(Arc::new(first));
         }
     }
     membership

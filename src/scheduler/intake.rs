@@ -4,6 +4,7 @@
 //! [`MAX_HOLD`] or its credentials' expiry.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -34,7 +35,7 @@ pub enum Intake {
     /// page (to add, with their etags and targets).
     Found {
         /// Connections the rules found on this page.
-        added: Vec<ConnectionConfig>,
+        added: Vec<Arc<ConnectionConfig>>,
         /// Etags by connection id.
         etags: HashMap<String, String>,
         /// S3 targets by connection id.
@@ -232,7 +233,7 @@ impl Daemon {
     /// one, seeded with what its list item said, then due.
     pub(super) fn add_connection(
         &mut self,
-        config: ConnectionConfig,
+        config: Arc<ConnectionConfig>,
         sts: StsRequest,
         now: SystemTime,
         listed: Listed<'_>,

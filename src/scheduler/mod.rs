@@ -290,7 +290,7 @@ impl Daemon {
     }
 
     /// The connections of a config this run is about (`once --connection`).
-    fn selected(&self, connections: Vec<ConnectionConfig>) -> Vec<ConnectionConfig> {
+    fn selected(&self, connections: Vec<Arc<ConnectionConfig>>) -> Vec<Arc<ConnectionConfig>> {
         connections
             .into_iter()
             .filter(|c| self.options.only.is_empty() || self.options.only.contains(&c.id))

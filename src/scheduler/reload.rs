@@ -318,7 +318,7 @@ impl Daemon {
         config.state.path = self.config.state.path.clone();
         config.coordination = self.config.coordination.clone();
         let now = self.clock.now();
-        let wanted: Vec<ConnectionConfig> = self.selected(std::mem::take(&mut config.connections));
+        let wanted: Vec<Arc<ConnectionConfig>> = self.selected(std::mem::take(&mut config.connections));
         let wanted_ids: HashSet<&str> = wanted.iter().map(|c| c.id.as_str()).collect();
         let removed: Vec<String> = self
             .connections
@@ -339,7 +339,7 @@ impl Daemon {
                     if current.config().sandbox != connection.sandbox || *current.sts() != sts {
                         changed += 1;
                     }
-                    self.event(&id, Event::Changed(Box::new(connection), sts));
+                    self.event(&id, Event::Changed(connection, sts));
                 }
                 None => {
                     added += 1;

@@ -979,10 +979,10 @@ async fn a_slow_listing_holds_connections_at_most_max_hold() {
     if let Intake::Found { added, .. } = &mut page {
         let mut c9 = ConnectionConfig {
             id: "c9".to_owned(),
-            ..config(1, 1).connections[0].clone()
+            ..(*config(1, 1).connections[0]).clone()
         };
         c9.name = "c9".to_owned();
-        added.push(c9);
+        added.push(Arc::new(c9));
     }
     intake.send(page).unwrap();
     tokio::time::sleep(S(5)).await;
