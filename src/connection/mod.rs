@@ -126,7 +126,7 @@ pub enum Event {
     /// Its job ended.
     JobDone(JobResult),
     /// A reload changed its settings.
-    Changed(Arc<ConnectionConfig>, StsRequest),
+    Changed(Arc<ConnectionConfig>, Arc<StsRequest>),
     /// A reload removed it.
     Removed,
     /// An operator asked for new credentials now (`rotate`): the next job
@@ -194,7 +194,7 @@ pub enum Action {
 #[derive(Debug)]
 struct PendingChange {
     config: Arc<ConnectionConfig>,
-    sts: StsRequest,
+    sts: Arc<StsRequest>,
 }
 
 /// One connection as the daemon knows it. Holds no secret.
@@ -203,7 +203,8 @@ pub struct Connection {
     /// Shared with the config and discovery's membership: one copy per
     /// connection, however many of them hold it.
     config: Arc<ConnectionConfig>,
-    sts: StsRequest,
+    /// Shared by every connection with the same STS identity.
+    sts: Arc<StsRequest>,
     phase: Phase,
     /// Etag from our last PATCH or read (saves a GET).
     etag: Option<String>,
@@ -251,7 +252,7 @@ pub struct Connection {
 
 impl Connection {
     /// A connection nothing is known about: due at once.
-    pub fn new(config: Arc<ConnectionConfig>, sts: StsRequest, now: SystemTime) -> Self {
+    pub fn new(config: Arc<ConnectionConfig>, sts: Arc<StsRequest>, now: SystemTime) -> Self {
         let mut connection = Self {
             config,
             sts,
@@ -434,7 +435,7 @@ impl Connection {
                 Action::Dispatch(Box::new(Job {
                     id: self.config.id.clone(),
                     sandbox: self.config.sandbox.clone(),
-                    sts: self.sts.clone(),
+                    sts: Arc::clone(&self.sts),
                     known_etag: self.etag.clone(),
                     held: self.pushed.as_ref().map(|p| p.access_key_id.clone()),
                     resume_if_etag,
@@ -467,7 +468,12 @@ impl Connection {
         self.rotate_now.is_some()
     }
 
-    fn on_changed(&mut self, config: Arc<ConnectionConfig>, sts: StsRequest, now: SystemTime) -> Action {
+    fn on_changed(
+        &mut self,
+        config: Arc<ConnectionConfig>,
+        sts: Arc<StsRequest>,
+        now: SystemTime,
+    ) -> Action {
         let same_target = config.sandbox == self.config.sandbox;
         if same_target && sts == self.sts {
             // Same target, same identity: keep state and schedule (a new

@@ -54,7 +54,7 @@ fn sts(session: &str) -> StsRequest {
 }
 
 fn fresh(now: SystemTime) -> Connection {
-    Connection::new(Arc::new(config("c1")), sts("a"), now)
+    Connection::new(Arc::new(config("c1")), Arc::new(sts("a")), now)
 }
 
 fn dispatch(c: &mut Connection, now: SystemTime) -> Job {
@@ -79,7 +79,7 @@ fn restored(
     now: SystemTime,
     policy: &Policy,
 ) -> Connection {
-    let mut c = Connection::new(Arc::new(config), sts, now);
+    let mut c = Connection::new(Arc::new(config), Arc::new(sts), now);
     c.apply(Event::Restored(Box::new(saved.clone())), now, policy, 0.5);
     c
 }
@@ -651,7 +651,7 @@ fn a_change_during_a_job_waits_for_it_then_rotates_with_the_new_identity() {
     let mut c = holding(t(0), t(3600));
     dispatch(&mut c, t(2400));
     let action = c.apply(
-        Event::Changed(Arc::new(config("c1")), sts("b")),
+        Event::Changed(Arc::new(config("c1")), Arc::new(sts("b"))),
         t(2401),
         &policy(),
         0.5,
@@ -672,7 +672,7 @@ fn a_change_during_a_job_waits_for_it_then_rotates_with_the_new_identity() {
     assert_eq!(at, t(2402));
     assert_eq!(c.pushed().unwrap().access_key_id, "ASIAOLDROLE");
     let job = dispatch(&mut c, t(2402));
-    assert_eq!(job.sts, sts("b"));
+    assert_eq!(*job.sts, sts("b"));
     assert_eq!(job.held.as_deref(), Some("ASIAOLDROLE"));
 }
 
@@ -682,7 +682,7 @@ fn a_rename_keeps_the_schedule() {
     let mut renamed = config("c1");
     renamed.name = "sales".into();
     let at = wait_of(c.apply(
-        Event::Changed(Arc::new(renamed), sts("a")),
+        Event::Changed(Arc::new(renamed), Arc::new(sts("a"))),
         t(5),
         &policy(),
         0.5,

@@ -58,8 +58,8 @@ pub struct Job {
     pub id: String,
     /// Sandbox name.
     pub sandbox: String,
-    /// Which credentials it gets.
-    pub sts: StsRequest,
+    /// Which credentials it gets (shared with the connection).
+    pub sts: Arc<StsRequest>,
     /// The etag from our last PATCH, if known: saves the GET.
     pub known_etag: Option<String>,
     /// The access key id this daemon last put on the connection.
@@ -992,7 +992,7 @@ mod tests {
         Job {
             id: "c1".to_owned(),
             sandbox: "prod".to_owned(),
-            sts: StsRequest {
+            sts: Arc::new(StsRequest {
                 role_arn: None,
                 external_id: None,
                 session_name: "aep".to_owned(),
@@ -1000,7 +1000,7 @@ mod tests {
                 policy_arns: Vec::new(),
                 duration: Duration::from_secs(3600),
                 attribution: Ok(crate::config::ExpandedAttribution::default()),
-            },
+            }),
             known_etag: None,
             held: None,
             resume_if_etag: None,

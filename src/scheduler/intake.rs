@@ -203,7 +203,9 @@ impl Daemon {
             {
                 continue;
             }
-            let sts = StsRequest::for_connection(&self.config, &config);
+            let sts = self
+                .identities
+                .intern(StsRequest::for_connection(&self.config, &config));
             let id = config.id.clone();
             let saved = self.unclaimed.remove(&id);
             let listed = Listed {
@@ -234,7 +236,7 @@ impl Daemon {
     pub(super) fn add_connection(
         &mut self,
         config: Arc<ConnectionConfig>,
-        sts: StsRequest,
+        sts: Arc<StsRequest>,
         now: SystemTime,
         listed: Listed<'_>,
     ) {

@@ -51,6 +51,7 @@ use crate::remote::shaping;
 use crate::remote::sts::{SourceIdentity, StsRequest};
 use crate::rotation::{Job, JobResult, RotationError, Tested};
 
+mod identities;
 mod intake;
 mod observe;
 mod parking;
@@ -168,6 +169,8 @@ pub struct Daemon {
     publisher: Publisher,
     /// Connections waiting on a failed shared dependency, and who probes it.
     parking: parking::Parking,
+    /// The connections' STS identities, one shared copy each.
+    identities: identities::Identities,
     /// What the state file held at the start.
     loaded: StateSnapshot,
     /// `[coordination]`: the elector's word (`None`: the only writer).
@@ -257,6 +260,7 @@ impl Daemon {
             publisher: Publisher::new(watch::channel(Arc::new(Snapshot::default())).0),
             loaded: StateSnapshot::default(),
             parking: parking::Parking::default(),
+            identities: identities::Identities::default(),
             leadership: None,
             leading: true,
             term: 0,
@@ -271,7 +275,9 @@ impl Daemon {
         let persisted = daemon.load_state();
         let now = daemon.clock.now();
         for config in daemon.selected(connections) {
-            let sts = StsRequest::for_connection(&daemon.config, &config);
+            let sts = daemon
+                .identities
+                .intern(StsRequest::for_connection(&daemon.config, &config));
             let id = config.id.clone();
             daemon.order.push(id.clone());
             daemon

@@ -318,7 +318,8 @@ impl Daemon {
         config.state.path = self.config.state.path.clone();
         config.coordination = self.config.coordination.clone();
         let now = self.clock.now();
-        let wanted: Vec<Arc<ConnectionConfig>> = self.selected(std::mem::take(&mut config.connections));
+        let wanted: Vec<Arc<ConnectionConfig>> =
+            self.selected(std::mem::take(&mut config.connections));
         let wanted_ids: HashSet<&str> = wanted.iter().map(|c| c.id.as_str()).collect();
         let removed: Vec<String> = self
             .connections
@@ -332,11 +333,13 @@ impl Daemon {
         let (mut added, mut changed) = (0usize, 0usize);
         drop(wanted_ids);
         for connection in wanted {
-            let sts = StsRequest::for_connection(&config, &connection);
+            let sts = self
+                .identities
+                .intern(StsRequest::for_connection(&config, &connection));
             let id = connection.id.clone();
             match self.connections.get(&id) {
                 Some(current) => {
-                    if current.config().sandbox != connection.sandbox || *current.sts() != sts {
+                    if current.config().sandbox != connection.sandbox || *current.sts() != *sts {
                         changed += 1;
                     }
                     self.event(&id, Event::Changed(connection, sts));
@@ -350,6 +353,7 @@ impl Daemon {
         self.policy = Policy::new(&config.rotation, self.options.mode == Mode::Once);
         self.config = config;
         self.runner = runner;
+        self.identities.prune();
         let in_use: HashSet<StsRequest> =
             self.connections.values().map(|c| c.sts().clone()).collect();
         self.runner.job_runner().retain(&in_use);

@@ -108,7 +108,7 @@ impl JobRunner for Scripted {
             let now = self.clock.now();
             {
                 let mut log = self.log.lock().unwrap();
-                log.started.push((job.id.clone(), now, job.sts.clone()));
+                log.started.push((job.id.clone(), now, (*job.sts).clone()));
                 log.known_etags
                     .push((job.id.clone(), job.known_etag.clone()));
                 let running = log.running.entry(job.id.clone()).or_default();
@@ -1288,10 +1288,8 @@ async fn a_connection_due_while_its_dependency_is_down_parks_without_a_job() {
     });
     // The prober's backoff is jittered; a retry_max of 8 s puts its first
     // attempt after the recovery inside the run whatever the draw.
-    let text = config_text(40, 1, "aep").replace(
-        "concurrency = 1\n",
-        "concurrency = 1\nretry_max = \"8s\"\n",
-    );
+    let text = config_text(40, 1, "aep")
+        .replace("concurrency = 1\n", "concurrency = 1\nretry_max = \"8s\"\n");
     let config = Config::from_toml_str(&text, Vec::new()).unwrap();
     run_with(config, clock, &runner, S(60)).await;
     let untried = (1..40)
