@@ -1,7 +1,7 @@
 //! The composition root: what every command that talks to the remotes is
 //! wired from. The CA roots, the config as loaded and validated, the clients
 //! with the start's membership (`start_membership`), and `[coordination]`
-//! (the elector, the fence, the shared state) around a daemon.
+//! (the elector, the fence, the shared table's writer) around a daemon.
 //!
 //! Imported by `commands`; imports the layers below it, never `commands`.
 
@@ -71,8 +71,8 @@ pub(crate) struct Coordination {
     elector: crate::coordination::Elector,
     leadership: tokio::sync::watch::Receiver<crate::coordination::Leadership>,
     pub(crate) fence: crate::coordination::Fence,
-    writer: crate::coordination::StateWriter,
-    sink: crate::coordination::StateSink,
+    /// The table as the elector and the shared state's writer use it.
+    store: Arc<dyn crate::coordination::Store>,
     /// The table itself, for `rotate` requests a standby forwards (`crate::control::forward`).
     pub(crate) table: crate::coordination::dynamo::DynamoStore,
     /// This replica's holder name.
@@ -92,6 +92,8 @@ impl Coordination {
 pub(crate) struct RunningCoordination {
     stop: CancellationToken,
     elector: tokio::task::JoinHandle<()>,
+    /// Stops the shared state's writer (before the elector: it flushes first).
+    stop_writer: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
     keeper: tokio::task::JoinHandle<()>,
 }
@@ -107,7 +109,7 @@ pub(crate) async fn start_coordination(
     identity: &SourceIdentity,
     telemetry: &Arc<Telemetry>,
 ) -> Result<Coordination, Exit> {
-    use crate::coordination::{Elector, StateWriter, Store, StoreError, dynamo::DynamoStore};
+    use crate::coordination::{Elector, Store, StoreError, dynamo::DynamoStore};
     let store = DynamoStore::connect(
         &config.aws,
         settings,
@@ -144,13 +146,11 @@ pub(crate) async fn start_coordination(
         settings.renew_every,
         Arc::clone(telemetry),
     );
-    let (writer, sink) = StateWriter::new(store, fence.clone(), holder.clone());
     Ok(Coordination {
         elector,
         leadership,
         fence,
-        writer,
-        sink,
+        store,
         table,
         holder,
     })
@@ -181,17 +181,32 @@ impl Coordination {
         rx
     }
 
-    /// Hands the daemon its leadership and sink; starts the elector, the
-    /// state writer and the standby's token check.
+    /// Hands the daemon its leadership; starts the elector, the shared
+    /// state's writer (following the daemon's snapshots) and the standby's
+    /// token check.
     pub(crate) fn attach(
         self,
         daemon: &mut Daemon,
         rotator: &Arc<crate::rotation::Rotator>,
     ) -> RunningCoordination {
-        daemon.coordinate(self.leadership.clone(), self.sink);
+        daemon.coordinate(self.leadership.clone());
         let stop = CancellationToken::new();
         let elector = tokio::spawn(self.elector.run(stop.clone()));
-        let writer = tokio::spawn(self.writer.run());
+        let stop_writer = CancellationToken::new();
+        let target = crate::persist::SharedTable::new(
+            self.store,
+            self.fence.clone(),
+            self.holder.clone(),
+            self.leadership.clone(),
+        );
+        // The table's records before the first term are unknown: the
+        // writer starts from the view each term brings.
+        let writer = tokio::spawn(crate::persist::run(
+            target,
+            daemon.snapshots(),
+            crate::coordination::local::StateSnapshot::default(),
+            stop_writer.clone(),
+        ));
         let ims = Arc::clone(&rotator.ims);
         let leadership = self.leadership;
         let keeper_stop = stop.clone();
@@ -210,6 +225,7 @@ impl Coordination {
         RunningCoordination {
             stop,
             elector,
+            stop_writer,
             writer,
             keeper,
         }
@@ -217,11 +233,13 @@ impl Coordination {
 }
 
 impl RunningCoordination {
-    /// After the daemon has drained its jobs: the queued shared state is
-    /// written (bounded), then the lease is released so a standby takes
-    /// over at its next look.
+    /// After the daemon has drained its jobs and published its last
+    /// snapshot: the shared state not yet written is flushed (bounded),
+    /// then the lease is released so a standby takes over at its next look.
     pub(crate) async fn stop(self) {
         let flush = crate::coordination::FLUSH_GRACE;
+        self.stop_writer.cancel();
+        // The writer bounds its flush itself; this bounds a hung request.
         if tokio::time::timeout(flush, self.writer).await.is_err() {
             tracing::warn!(grace = %humantime::format_duration(flush), "shared state not fully written before shutdown");
         }

@@ -280,6 +280,7 @@ mod tests {
         publish.send_replace(Arc::new(Snapshot {
             connections,
             refresh_before: Duration::from_secs(1200),
+            term: 0,
         }));
         snapshots
     }

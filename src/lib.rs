@@ -13,11 +13,13 @@
 //!   app.rs           the wiring every command shares: CA roots, the config as loaded,
 //!                    the clients with the start's membership, [coordination] around a daemon
 //!   scheduler/       the loop: deadline heaps (queue), a dispatch limit, jobs keyed by task;
-//!                    readiness (pure: READY/STATUS/WATCHDOG), publish (snapshots out, the
-//!                    state file written off the loop), reloads as a diff, intake, replicas
+//!                    readiness (pure: READY/STATUS/WATCHDOG), publish (snapshots out),
+//!                    reloads as a diff, intake, replicas
+//!   persist/         the records of the snapshots kept, off the loop: one writer over a
+//!                    StateTarget, the state file (file.rs) and the shared table (table.rs)
 //!   discovery/       [[discover]] rules over listings (rules.rs is pure), the streamed start
-//!   coordination/    the DynamoDB lease (leadership.rs: the role), the shared state,
-//!                    the local state file (local.rs)
+//!   coordination/    the DynamoDB lease (leadership.rs: the role), the shared state's
+//!                    table (Store), the local state file's format (local.rs)
 //!   rotation/        one job over traits (seams.rs: FlowApi, TokenSource; S3Probe, the STS cache):
 //!                    token → etag → credentials → S3 pre-push check → PATCH, 412 → re-read
 //!   health.rs        [rotation] health_check_every: tests each connection; every answer
@@ -49,17 +51,18 @@
 //!                 └──────────────────── JobResult ◄───────────────────┘
 //!
 //!   after each turn that changed a connection, the scheduler publishes a Snapshot
-//!   (the connections' Arc'd views, on a watch): /status, /readyz, /metrics, the
-//!   state file's writer read it; STATUS= and the `once` report read the same views
+//!   (the connections' Arc'd views, on a watch): /status, /readyz, /metrics and
+//!   the persist writers (state file, shared table) read it; STATUS= and the
+//!   `once` report read the same views
 //!
 //!   coordination (optional, `[coordination]`): an elector holds a lease item in
 //!   DynamoDB; its Leadership gates the scheduler's dispatch, its Fence is checked
 //!   by every job before each GET and PATCH, and the leader's connection state is
-//!   shared in the same table.
+//!   shared in the same table (written from the snapshots, like the state file).
 //! ```
 //!
-//! Layers: `commands` → `app` → `scheduler`, `discovery`, `coordination` →
-//! `rotation` → `connection`, `policy` → `remote` → `config` → `ident`,
+//! Layers: `commands` → `app` → `scheduler`, `discovery` → `persist` →
+//! `coordination` → `rotation` → `connection`, `policy` → `remote` → `config` → `ident`,
 //! `scrub`, `clock`, `fsguard` (which import no module of the crate). No
 //! module imports one above it, and there is no import circle (`python3
 //! ../shared/tools/house.py`). The remote clients count their requests in
@@ -89,6 +92,7 @@ pub mod fsguard;
 pub mod health;
 pub mod ident;
 pub mod observe;
+pub mod persist;
 pub mod policy;
 pub mod remote;
 pub mod rotation;

@@ -25,11 +25,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use aep_s3_rotator::config::{AwsConfig, CoordinationConfig};
 use aep_s3_rotator::coordination::dynamo::{BATCH_LIMIT, DynamoStore};
 use aep_s3_rotator::coordination::local::PersistedConnection;
+use aep_s3_rotator::coordination::local::StateSnapshot;
 use aep_s3_rotator::coordination::table::{self, InitOutcome};
-use aep_s3_rotator::coordination::{
-    Elector, Expect, LeaseRecord, Role, StateWriter, Store, StoreError,
-};
+use aep_s3_rotator::coordination::{Elector, Expect, LeaseRecord, Role, Store, StoreError};
+use aep_s3_rotator::observe::status::{ConnectionStatus, Snapshot};
 use aep_s3_rotator::observe::telemetry::Telemetry;
+use aep_s3_rotator::persist::SharedTable;
 use aep_s3_rotator::remote::sts::SourceIdentity;
 use aws_sdk_dynamodb::types::AttributeValue;
 use common::*;
@@ -779,23 +780,55 @@ async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
     .await;
     assert!(renewed, "fewer than six renewals seen: {versions:?}");
 
-    // The leader writes shared state through its fence: 30 connections
-    // (two batches) reach the table.
+    // The leader's shared state writer, following a snapshot of 30
+    // connections that adopted its term, writes them through its fence
+    // (two batches).
     let leader_index = replicas.iter().position(|r| r.name == first).unwrap();
-    let (writer, sink) = StateWriter::new(
-        Arc::clone(&replicas[leader_index].store),
-        replicas[leader_index].fence.clone(),
-        first.to_owned(),
-    );
-    let batch: Vec<(String, Option<PersistedConnection>)> = (0..30)
-        .map(|i| (format!("conn-{i:03}"), Some(connection(i))))
+    let leader = &replicas[leader_index];
+    let (snapshots_tx, snapshots) = tokio::sync::watch::channel(Arc::new(Snapshot::default()));
+    let stop_writer = CancellationToken::new();
+    let writer = tokio::spawn(aep_s3_rotator::persist::run(
+        SharedTable::new(
+            Arc::clone(&leader.store),
+            leader.fence.clone(),
+            first.to_owned(),
+            leader.rx.clone(),
+        ),
+        snapshots,
+        StateSnapshot::default(),
+        stop_writer.clone(),
+    ));
+    let views = (0..30)
+        .map(|i| {
+            let record = connection(i);
+            Arc::new(ConnectionStatus {
+                id: format!("conn-{i:03}"),
+                sandbox: record.sandbox,
+                etag: Some(record.etag),
+                access_key_id: Some(record.access_key_id),
+                expires_at: Some(record.expires_at),
+                last_success_at: record.last_success_at,
+                ..ConnectionStatus::default()
+            })
+        })
         .collect();
-    sink.send(batch);
-    drop(sink);
-    tokio::time::timeout(Duration::from_secs(20), writer.run())
-        .await
-        .expect("state written");
-    assert_eq!(admin.load_state().await.unwrap().connections.len(), 30);
+    let term = leader.rx.borrow().term;
+    snapshots_tx.send_replace(Arc::new(Snapshot {
+        connections: views,
+        term,
+        ..Snapshot::default()
+    }));
+    assert!(
+        wait_until_async(Duration::from_secs(20), async || {
+            admin.load_state().await.unwrap().connections.len() == 30
+        })
+        .await,
+        "state not written"
+    );
+    stop_writer.cancel();
+    writer.await.unwrap();
+    let state = admin.load_state().await.unwrap();
+    assert_eq!(state.connections["conn-007"], connection(7));
 
     // Stop the leader: it releases (deletes) the lease, and the other takes
     // over at its next look, within renew_every, not a lease later.

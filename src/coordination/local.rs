@@ -19,7 +19,8 @@
 //! ```
 //!
 //! It is written atomically (temp file in the same directory, `fsync`,
-//! rename, `fsync` of the directory), mode 0600. Losing it is harmless: the
+//! rename, `fsync` of the directory), mode 0600, from the scheduler's
+//! snapshots by [`crate::persist::StateFile`]. Losing it is harmless: the
 //! daemon then rotates every connection at once.
 
 use std::collections::BTreeMap;

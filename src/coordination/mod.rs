@@ -22,10 +22,11 @@
 //!   over at its next look, within `renew_every`.
 //!
 //! The per-connection non-secret state (etag, access key id, expiry, last
-//! success) is kept in the same table by the leader ([`StateWriter`]), so a
-//! new leader resumes every schedule without re-pushing credentials that are
-//! still good. Standbys read it every [`VIEW_REFRESH`] so their `/status`
-//! and metrics show what the leader did.
+//! success) is kept in the same table by the leader (written from the
+//! scheduler's snapshots by [`crate::persist::SharedTable`], through
+//! [`Store::write_state`]), so a new leader resumes every schedule without
+//! re-pushing credentials that are still good. Standbys read it every
+//! [`VIEW_REFRESH`] so their `/status` and metrics show what the leader did.
 
 pub mod dynamo;
 pub mod leadership;
@@ -34,12 +35,11 @@ pub mod table;
 
 pub use leadership::{Leadership, Role};
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -547,117 +547,6 @@ impl Elector {
             l.role = Role::Standby;
             l.leader = None;
         });
-    }
-}
-
-/// Changed connections' shared state, by id (`None`: the connection is gone).
-pub type StateBatch = Vec<(String, Option<PersistedConnection>)>;
-
-/// Where the scheduler sends the connections whose shared state changed.
-#[derive(Debug, Clone)]
-pub struct StateSink {
-    tx: mpsc::UnboundedSender<StateBatch>,
-}
-
-impl StateSink {
-    /// Queues records (`None`: the connection is gone). Never blocks.
-    pub fn send(&self, batch: StateBatch) {
-        if !batch.is_empty() {
-            let _ = self.tx.send(batch);
-        }
-    }
-}
-
-impl StateSink {
-    /// A sink and the receiving end, without a writer (tests of the loop).
-    #[cfg(test)]
-    pub(crate) fn channel() -> (Self, mpsc::UnboundedReceiver<StateBatch>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, rx)
-    }
-}
-
-/// Writes queued shared state in batches while this replica may write.
-#[derive(Debug)]
-pub struct StateWriter {
-    store: Arc<dyn Store>,
-    fence: Fence,
-    holder: String,
-    rx: mpsc::UnboundedReceiver<StateBatch>,
-}
-
-impl StateWriter {
-    /// A writer and the sink that feeds it.
-    pub fn new(store: Arc<dyn Store>, fence: Fence, holder: String) -> (Self, StateSink) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (
-            Self {
-                store,
-                fence,
-                holder,
-                rx,
-            },
-            StateSink { tx },
-        )
-    }
-
-    /// Runs until every sink is dropped and the queue is written (or this
-    /// replica may no longer write).
-    pub async fn run(mut self) {
-        let mut pending: BTreeMap<String, Option<PersistedConnection>> = BTreeMap::new();
-        let mut failing = false;
-        loop {
-            if pending.is_empty() {
-                match self.rx.recv().await {
-                    Some(batch) => pending.extend(batch),
-                    None => return,
-                }
-            }
-            while let Ok(batch) = self.rx.try_recv() {
-                pending.extend(batch);
-            }
-            if !self.fence.is_open() {
-                // Not the leader: our view is not authoritative any more.
-                tracing::debug!(
-                    dropped = pending.len(),
-                    "not the leader; queued shared state dropped"
-                );
-                pending.clear();
-                continue;
-            }
-            let keys: Vec<String> = pending.keys().take(dynamo::BATCH_LIMIT).cloned().collect();
-            let chunk: Vec<(String, Option<PersistedConnection>)> = keys
-                .iter()
-                .filter_map(|k| pending.remove_entry(k))
-                .collect();
-            match self.store.write_state(&chunk, &self.holder).await {
-                Ok(left) => {
-                    if failing {
-                        tracing::info!("shared state written again");
-                        failing = false;
-                    }
-                    let retry = !left.is_empty();
-                    for (id, record) in chunk {
-                        if left.contains(&id) {
-                            pending.entry(id).or_insert(record);
-                        }
-                    }
-                    if retry {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-                Err(error) => {
-                    if !failing {
-                        tracing::warn!(table_error = %error, "shared state not written; will retry");
-                        failing = true;
-                    }
-                    for (id, record) in chunk {
-                        pending.entry(id).or_insert(record);
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::*;
 
@@ -338,49 +338,4 @@ async fn a_renewal_that_finds_another_version_loses_at_once() {
     let lost = run_until(&[&a], LEASE, || role(&a) == Role::Standby).await;
     assert!(lost <= RENEW + STEP);
     assert!(!a.fence.is_open());
-}
-
-fn record(n: u64) -> PersistedConnection {
-    PersistedConnection {
-        sandbox: "prod".to_owned(),
-        etag: format!("\"e{n}\""),
-        access_key_id: format!("ASIA{n:016}"),
-        expires_at: UNIX_EPOCH + Duration::from_secs(2_000_000_000 + n),
-        last_success_at: None,
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn the_state_writer_writes_only_while_the_fence_is_open() {
-    let table = Arc::new(Table::default());
-    let view = View::new(&table);
-    let fence = Fence::new();
-    let (writer, sink) = StateWriter::new(
-        Arc::clone(&view) as Arc<dyn Store>,
-        fence.clone(),
-        "a".to_owned(),
-    );
-    let task = tokio::spawn(writer.run());
-    // Closed fence: dropped, never written.
-    sink.send(vec![("c0".to_owned(), Some(record(0)))]);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(table.state.lock().unwrap().is_empty());
-    // Open: written in batches of 25, unprocessed items again.
-    fence.open_until(mono_now() + Duration::from_secs(60));
-    view.unprocessed_once.store(3, Ordering::SeqCst);
-    sink.send(
-        (1..=60)
-            .map(|n| (format!("c{n}"), Some(record(n))))
-            .collect(),
-    );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(table.state.lock().unwrap().len(), 60);
-    // A gone connection is deleted.
-    sink.send(vec![("c1".to_owned(), None)]);
-    drop(sink);
-    task.await.unwrap();
-    let state = table.state.lock().unwrap();
-    assert_eq!(state.len(), 59);
-    assert!(!state.contains_key("c1"));
-    assert_eq!(state["c60"], record(60));
 }

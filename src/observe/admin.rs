@@ -735,6 +735,7 @@ mod tests {
         publish.send_replace(Arc::new(crate::observe::status::Snapshot {
             connections: connections.into_iter().map(Arc::new).collect(),
             refresh_before: REFRESH,
+            term: 0,
         }));
         Views {
             telemetry,

@@ -248,6 +248,11 @@ pub struct Snapshot {
     /// `[rotation] refresh_before` of the config in force: it tells
     /// `fresh` from `expiring`.
     pub refresh_before: Duration,
+    /// `[coordination]`: the leadership term whose shared state these
+    /// views have adopted (0: none yet, and always without coordination).
+    /// The shared table's writer starts a term from the first snapshot
+    /// that shows it.
+    pub term: u64,
 }
 
 /// Where the scheduler publishes its snapshots and the views read them.
@@ -258,8 +263,8 @@ pub fn snapshot_channel(
     refresh_before: Duration,
 ) -> (tokio::sync::watch::Sender<Arc<Snapshot>>, Snapshots) {
     tokio::sync::watch::channel(Arc::new(Snapshot {
-        connections: Vec::new(),
         refresh_before,
+        ..Snapshot::default()
     }))
 }
 
@@ -388,6 +393,7 @@ mod tests {
         Snapshot {
             connections: statuses.into_iter().map(Arc::new).collect(),
             refresh_before: REFRESH,
+            term: 0,
         }
     }
 

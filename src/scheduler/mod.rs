@@ -7,7 +7,8 @@
 //! this module only moves events and actions between the connections, the
 //! job set and the clock, and publishes what changed: a snapshot of the
 //! connections' views after each loop turn that changed any (`publish`:
-//! every view reads it, and the state file is written from it off the loop).
+//! every view reads it, and the state file and the shared table are
+//! written from it off the loop, by [`crate::persist`]).
 //!
 //! - The deadline branch is armed only when a dispatch can happen, so a
 //!   backlog larger than the dispatch limit does not spin the loop.
@@ -27,7 +28,7 @@
 //! (`[coordination]`: leadership, adoption, the shared table) and
 //! `observe` and `readiness` (`READY=1`, `STATUS=`, the watchdog: decided
 //! by a pure struct, carried out here; the report) and
-//! `publish` (the snapshots, the state file's writer).
+//! `publish` (the snapshots).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,11 +41,11 @@ use tracing::Instrument;
 
 use crate::clock::{Clock, earlier};
 use crate::config::{Config, ConnectionConfig};
-use crate::connection::{self, Action, Connection, Event, Phase, Policy};
+use crate::connection::{Action, Connection, Event, Phase, Policy};
+use crate::coordination::Leadership;
 use crate::coordination::local::{StateSnapshot, StateStore};
-use crate::coordination::{Leadership, StateSink};
 use crate::observe::notify::Notifier;
-use crate::observe::status::Snapshot;
+use crate::observe::status::{Snapshot, Snapshots};
 use crate::observe::telemetry::Telemetry;
 use crate::policy::schedule::EXPIRY_MARGIN;
 use crate::remote::shaping;
@@ -180,8 +181,6 @@ pub struct Daemon {
     leading: bool,
     /// The leadership term whose shared state was adopted.
     term: u64,
-    /// Where changed connections' shared state goes (coordination on).
-    shared: Option<StateSink>,
     /// The start's listing, page by page, until it is done.
     intake: Option<mpsc::UnboundedReceiver<Intake>>,
     /// When the hold is looked at next: the earliest time a held
@@ -264,7 +263,6 @@ impl Daemon {
             leadership: None,
             leading: true,
             term: 0,
-            shared: None,
             intake: None,
             hold_until: None,
             unclaimed: std::collections::BTreeMap::new(),
@@ -336,8 +334,8 @@ impl Daemon {
         let mut reloads_open = true;
         let stop_writing = CancellationToken::new();
         let state_writer = self.state.clone().map(|store| {
-            tokio::spawn(publish::write_state_file(
-                store,
+            tokio::spawn(crate::persist::run(
+                crate::persist::StateFile::new(store),
                 self.publisher.subscribe(),
                 std::mem::take(&mut self.loaded),
                 stop_writing.clone(),
@@ -436,7 +434,15 @@ impl Daemon {
             force,
             self.connections.values().map(|c| c.view()),
             self.config.rotation.refresh_before,
+            self.term,
         );
+    }
+
+    /// A new reader of the snapshots (the shared table's writer follows
+    /// them). Subscribe before [`Self::run`]: what the channel holds now
+    /// is taken as seen.
+    pub fn snapshots(&self) -> Snapshots {
+        self.publisher.subscribe()
     }
 
     /// Jobs in flight at most. Jobs beyond `concurrency` only wait in the
@@ -539,20 +545,14 @@ impl Daemon {
         let Some(connection) = self.connections.get_mut(id) else {
             return;
         };
-        let (outcome, seen) = match &event {
+        let seen = match &event {
             Event::JobDone(result) => {
                 self.waiters.finished(id, result);
-                (
-                    connection::outcome_of(result),
-                    Some(parking::Seen::of(result, connection.sts())),
-                )
+                Some(parking::Seen::of(result, connection.sts()))
             }
-            _ => (None, None),
+            _ => None,
         };
         let mut action = connection.apply(event, now, &self.policy, rand::random());
-        if outcome.is_some() {
-            self.share(id);
-        }
         let mut released = Vec::new();
         if let Some(seen) = seen {
             action = self.park_after(id, seen, action, now, &mut released);
@@ -613,7 +613,6 @@ impl Daemon {
                 }
                 self.order.retain(|known| known != id);
                 self.publisher.changed();
-                self.share(id);
                 return;
             }
         }
@@ -689,8 +688,8 @@ impl Daemon {
         }
     }
 
-    /// Stops new work, lets PATCHes in flight finish within the grace period,
-    /// writes the state file.
+    /// Stops new work, lets PATCHes in flight finish within the grace period
+    /// (the state file's writer then flushes the final snapshot).
     async fn shutdown(&mut self) {
         tracing::info!(in_flight = self.jobs.len(), "shutting down");
         self.notifier.stopping();

@@ -1,7 +1,8 @@
 //! What leaves the loop: the [`Snapshot`] of every connection, published on
-//! a `watch` after the loop turns that changed something, and the state
-//! file, written from those snapshots by a task of its own (the loop never
-//! awaits a disk write).
+//! a `watch` after the loop turns that changed something. Everything else
+//! reads it: the views, and the writers of the state file and the shared
+//! table ([`crate::persist`]), tasks of their own (the loop never awaits a
+//! disk or network write).
 //!
 //! A snapshot is a vector of the connections' own `Arc`ed views
 //! ([`crate::connection::Connection::view`]): publishing copies pointers,
@@ -16,9 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use crate::coordination::local::{PersistedConnection, StateSnapshot, StateStore};
 use crate::observe::status::{ConnectionStatus, Snapshot, Snapshots};
 
 /// The least time between two snapshots, per connection they hold.
@@ -26,11 +25,6 @@ const PUBLISH_COST: Duration = Duration::from_micros(10);
 
 /// The most time between a change and its snapshot.
 const MAX_PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
-
-/// How often the state file is written at most: a burst of rotations (the
-/// first pass over 10,000 connections) costs one write per second, not one
-/// per connection.
-const STATE_WRITE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Publishes the scheduler's snapshots.
 #[derive(Debug)]
@@ -69,12 +63,14 @@ impl Publisher {
     }
 
     /// Publishes the connections' views if anything changed and a snapshot
-    /// is due now (or `force`).
+    /// is due now (or `force`); `term`: the leadership term whose shared
+    /// state they have adopted.
     pub(super) fn publish<'a>(
         &mut self,
         force: bool,
         views: impl ExactSizeIterator<Item = &'a Arc<ConnectionStatus>>,
         refresh_before: Duration,
+        term: u64,
     ) {
         let now = crate::clock::mono_now();
         let early = self.last.is_some_and(|(at, interval)| now < at + interval);
@@ -89,6 +85,7 @@ impl Publisher {
         self.tx.send_replace(Arc::new(Snapshot {
             connections: views.cloned().collect(),
             refresh_before,
+            term,
         }));
     }
 
@@ -96,75 +93,4 @@ impl Publisher {
     pub(super) fn subscribe(&self) -> Snapshots {
         self.tx.subscribe()
     }
-}
-
-/// The state file's records of a snapshot: the connections this daemon
-/// pushed to and whose etag it knows.
-fn records(snapshot: &Snapshot) -> StateSnapshot {
-    StateSnapshot {
-        connections: snapshot
-            .connections
-            .iter()
-            .filter_map(|status| {
-                let record = PersistedConnection {
-                    sandbox: status.sandbox.clone(),
-                    etag: status.etag.clone()?,
-                    access_key_id: status.access_key_id.clone()?,
-                    expires_at: status.expires_at?,
-                    last_success_at: status.last_success_at,
-                };
-                Some((status.id.clone(), record))
-            })
-            .collect(),
-    }
-}
-
-/// Writes the state file whenever the published records differ from the
-/// last written ones, at most every [`STATE_WRITE_INTERVAL`], until `stop`;
-/// then once more from the last snapshot (the scheduler publishes its
-/// final one before it stops this).
-///
-/// `loaded`: what the file held at the start (not written again as is).
-pub(super) async fn write_state_file(
-    store: StateStore,
-    mut snapshots: Snapshots,
-    loaded: StateSnapshot,
-    stop: CancellationToken,
-) {
-    let mut written = loaded;
-    loop {
-        let stopping = stop.is_cancelled();
-        let current = records(&snapshots.borrow_and_update());
-        let failed = current != written && !save(&store, &current).await;
-        if !failed {
-            written = current;
-        }
-        if stopping {
-            return;
-        }
-        if !failed {
-            // Nothing to write until a snapshot differs.
-            tokio::select! {
-                () = stop.cancelled() => continue,
-                changed = snapshots.changed() => if changed.is_err() { return },
-            }
-        }
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(STATE_WRITE_INTERVAL) => {}
-        }
-    }
-}
-
-/// One atomic write on the blocking pool; `false` (logged) when it failed.
-async fn save(store: &StateStore, records: &StateSnapshot) -> bool {
-    let store = store.clone();
-    let records = records.clone();
-    let error = match tokio::task::spawn_blocking(move || store.save(&records)).await {
-        Ok(Ok(())) => return true,
-        Ok(Err(error)) => error.to_string(),
-        Err(error) => error.to_string(),
-    };
-    tracing::warn!(error = %error, "state file not written; will retry");
-    false
 }

@@ -1,22 +1,23 @@
 //! `[coordination]` as the scheduler sees it: dispatch only while this
 //! replica leads and its fence is open, adopt the shared state of each new
-//! term, send each changed connection to the shared table.
+//! term. The shared table is written from the snapshots by its own writer
+//! ([`crate::persist::SharedTable`]); each snapshot says which term's state
+//! its views adopted, so that writer never puts an older view over it.
 
 use tokio::sync::watch;
 
 use super::{Daemon, DueQueue};
 use crate::connection::{Event, Phase};
 use crate::coordination::local::StateSnapshot;
-use crate::coordination::{Leadership, Role, StateSink};
+use crate::coordination::{Leadership, Role};
 
 impl Daemon {
     /// Runs as one of several replicas: dispatches only while `leadership`
-    /// says this replica leads (and its fence is open), adopts the shared
-    /// state of each new term, and sends changed connections to `shared`.
-    pub fn coordinate(&mut self, leadership: watch::Receiver<Leadership>, shared: StateSink) {
+    /// says this replica leads (and its fence is open), and adopts the
+    /// shared state of each new term.
+    pub fn coordinate(&mut self, leadership: watch::Receiver<Leadership>) {
         self.leadership = Some(leadership);
         self.leading = false;
-        self.shared = Some(shared);
     }
 
     /// Whether the fence (coordination) lets jobs write now.
@@ -44,6 +45,9 @@ impl Daemon {
             Role::Leader if current.term != self.term => {
                 self.term = current.term;
                 self.adopt(current.view.as_deref());
+                // The next snapshot shows the new term even when no view
+                // was read (the shared table's writer waits for it).
+                self.publisher.changed();
                 self.leading = true;
             }
             Role::Leader => {}
@@ -85,25 +89,6 @@ impl Daemon {
     pub(super) fn standby_line(&self) -> Option<String> {
         let leadership = self.leadership.as_ref()?.borrow();
         (leadership.role != Role::Leader).then(|| leadership.status_line())
-    }
-
-    /// Sends one changed connection to the shared state writer at once
-    /// (it batches, and writes only while this replica holds the lease):
-    /// the sooner it is in the table, the smaller the window in which a
-    /// new leader would read an older record. A connection that is gone is
-    /// deleted there; one never pushed is left alone.
-    pub(super) fn share(&self, id: &str) {
-        let Some(sink) = &self.shared else {
-            return;
-        };
-        match self.connections.get(id) {
-            None => sink.send(vec![(id.to_owned(), None)]),
-            Some(c) => {
-                if let Some(record) = c.persisted() {
-                    sink.send(vec![(id.to_owned(), Some(record))]);
-                }
-            }
-        }
     }
 }
 

@@ -612,7 +612,8 @@ async fn a_reload_that_changes_the_role_waits_for_the_slow_patch() {
 
 #[tokio::test(start_paused = true)]
 async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
-    use crate::coordination::{Fence, Leadership, Role, StateSink};
+    use crate::coordination::{Fence, Leadership, Role, Store};
+    use crate::persist::{SharedTable, memory::MemoryTable};
     let clock = Clock::tokio_at(t0());
     let runner = Scripted::new(clock, |_, now| (S(1), rotated(now, S(3600))));
     let systemd = FakeSystemd::new();
@@ -630,8 +631,21 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
         snapshots: None,
     });
     let (leadership_tx, leadership) = watch::channel(Leadership::starting());
-    let (sink, mut written) = StateSink::channel();
-    daemon.coordinate(leadership, sink);
+    // The shared table's writer follows the daemon's snapshots, as `app` wires it.
+    let table = Arc::new(MemoryTable::default());
+    let stop_writer = CancellationToken::new();
+    let writer = tokio::spawn(crate::persist::run(
+        SharedTable::new(
+            Arc::clone(&table) as Arc<dyn Store>,
+            fence.clone(),
+            "me".into(),
+            leadership.clone(),
+        ),
+        daemon.snapshots(),
+        StateSnapshot::default(),
+        stop_writer.clone(),
+    ));
+    daemon.coordinate(leadership);
     let cancel = CancellationToken::new();
     let (_tx, reloads) = mpsc::channel(1);
     let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
@@ -685,17 +699,13 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
     );
     assert_eq!(runner.starts("c1").len(), 1);
     assert_eq!(runner.starts("c2").len(), 1);
-    let mut shared: Vec<String> = Vec::new();
-    while let Ok(batch) = written.try_recv() {
-        shared.extend(
-            batch
-                .into_iter()
-                .filter(|(_, r)| r.is_some())
-                .map(|(id, _)| id),
-        );
-    }
+    let mut shared = table.put_ids();
     shared.sort();
-    assert_eq!(shared, ["c1", "c2"], "the leader shares what it pushed");
+    assert_eq!(
+        shared,
+        ["c1", "c2"],
+        "the leader shares what it pushed, and not the record it adopted"
+    );
 
     // The fence closes (lost lease): nothing more is dispatched, even when
     // everything falls due.
@@ -705,11 +715,14 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
     assert_eq!(runner.starts("c1").len(), 1);
     cancel.cancel();
     let report = task.await.unwrap().unwrap();
+    stop_writer.cancel();
+    writer.await.unwrap();
     assert!(
         report.loop_turns < 100,
         "a closed fence made the loop spin: {} turns",
         report.loop_turns
     );
+    assert_eq!(table.put_ids().len(), 2, "written after the fence closed");
 }
 
 #[test]

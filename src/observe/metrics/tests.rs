@@ -29,6 +29,7 @@ fn render(statuses: &[ConnectionStatus], telemetry: &Arc<Telemetry>) -> String {
     publish.send_replace(Arc::new(Snapshot {
         connections: statuses.iter().cloned().map(Arc::new).collect(),
         refresh_before: REFRESH,
+        term: 0,
     }));
     let views = Views {
         telemetry: Arc::clone(telemetry),
