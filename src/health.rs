@@ -148,7 +148,7 @@ pub async fn pass(
     let connections = snapshot.connections.clone();
     let tester = &settings.tester;
     let mut answers = futures::stream::iter(connections.into_iter().map(|status| async move {
-        let answer = tester.test(&status.id, &status.sandbox).await;
+        let answer = tester.test(status.id(), status.sandbox()).await;
         (status, answer, crate::clock::mono_now())
     }))
     .buffer_unordered(settings.concurrency.max(1));
@@ -170,9 +170,9 @@ pub async fn pass(
         };
         let span = tracing::info_span!(
             "connection",
-            connection = %status.id,
-            sandbox = %status.sandbox,
-            name = %status.name
+            connection = %status.id(),
+            sandbox = %status.sandbox(),
+            name = %status.name()
         );
         // Logged in the connection's span; the span is not held across the
         // send below (an entered span must not live across an await).
@@ -180,7 +180,7 @@ pub async fn pass(
             Ok(true) => {
                 passed += 1;
                 Some(Tested {
-                    id: status.id.clone(),
+                    id: status.id().to_owned(),
                     passed: true,
                     rotate_after: None,
                 })
@@ -194,7 +194,7 @@ pub async fn pass(
                         "connection test failed: Flow Service cannot reach S3 with the connection's credentials (not pushed by this daemon yet)"
                     );
                     return Some(Tested {
-                        id: status.id.clone(),
+                        id: status.id().to_owned(),
                         passed: false,
                         rotate_after: None,
                     });
@@ -204,7 +204,7 @@ pub async fn pass(
                     "connection test failed: Flow Service cannot reach S3 with the credentials on the connection; rotating now with new credentials"
                 );
                 Some(Tested {
-                    id: status.id.clone(),
+                    id: status.id().to_owned(),
                     passed: false,
                     rotate_after: Some(*first_failure.get_or_insert(answered_at)),
                 })
@@ -269,9 +269,12 @@ mod tests {
             .iter()
             .map(|(id, key)| {
                 Arc::new(ConnectionStatus {
-                    id: (*id).to_owned(),
-                    name: format!("name-{id}"),
-                    sandbox: "prod".to_owned(),
+                    config: Arc::new(crate::config::ConnectionConfig {
+                        id: (*id).to_owned(),
+                        name: format!("name-{id}"),
+                        sandbox: "prod".to_owned(),
+                        ..Default::default()
+                    }),
                     access_key_id: key.map(str::to_owned),
                     ..ConnectionStatus::default()
                 })

@@ -802,8 +802,11 @@ async fn two_electors_one_leader_and_a_release_hands_over_at_once() {
         .map(|i| {
             let record = connection(i);
             Arc::new(ConnectionStatus {
-                id: format!("conn-{i:03}"),
-                sandbox: record.sandbox,
+                config: Arc::new(aep_s3_rotator::config::ConnectionConfig {
+                    id: format!("conn-{i:03}"),
+                    sandbox: record.sandbox,
+                    ..Default::default()
+                }),
                 etag: Some(record.etag),
                 access_key_id: Some(record.access_key_id),
                 expires_at: Some(record.expires_at),

@@ -209,8 +209,8 @@ fn summary(report: &Report, stats: &SimStats, violations: &[String]) -> String {
             .unwrap_or_else(|| "-".to_owned());
         out.push_str(&format!(
             "{:<12} {:<8} {:>9} {:>9} {:>8}  {:<20} {:>10}\n",
-            c.name,
-            c.sandbox,
+            c.name(),
+            c.sandbox(),
             c.counters.successes,
             c.counters.etag_conflicts,
             c.counters.failures,

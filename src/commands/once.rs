@@ -135,16 +135,19 @@ pub fn once_report(report: &Report, dry_run: bool) -> String {
         match &c.last_error {
             None if dry_run => out.push_str(&format!(
                 "ok    {} ({}): dry run, nothing changed\n",
-                c.name, c.sandbox
+                c.name(),
+                c.sandbox()
             )),
             None => out.push_str(&format!(
                 "ok    {} ({}): {} until {}\n",
-                c.name,
-                c.sandbox,
+                c.name(),
+                c.sandbox(),
                 c.access_key_id.as_deref().unwrap_or("-"),
                 c.expires_at.map(rfc3339).unwrap_or_else(|| "-".to_owned())
             )),
-            Some(error) => out.push_str(&format!("FAIL  {} ({}): {error}\n", c.name, c.sandbox)),
+            Some(error) => {
+                out.push_str(&format!("FAIL  {} ({}): {error}\n", c.name(), c.sandbox()))
+            }
         }
     }
     let failed = report

@@ -124,7 +124,7 @@ pub struct RotationConfig {
 }
 
 /// One `[[connections]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionConfig {
     /// The base connection id (non-empty, unique).
     pub id: String,

@@ -789,9 +789,9 @@ impl Connection {
 
     /// Writes the view over `view`, reusing its strings.
     fn fill(&self, view: &mut ConnectionStatus) {
-        view.id.clone_from(&self.config.id);
-        view.name.clone_from(&self.config.name);
-        view.sandbox.clone_from(&self.config.sandbox);
+        if !Arc::ptr_eq(&view.config, &self.config) {
+            view.config = Arc::clone(&self.config);
+        }
         match (&mut view.access_key_id, &self.pushed) {
             (Some(held), Some(pushed)) => held.clone_from(&pushed.access_key_id),
             (slot, pushed) => *slot = pushed.as_ref().map(|p| p.access_key_id.clone()),
@@ -803,7 +803,6 @@ impl Connection {
         };
         view.last_success_at = self.last_success;
         view.last_error.clone_from(&self.last_error);
-        view.origin = self.config.origin;
         view.counters = self.counters;
         view.etag.clone_from(&self.etag);
         view.test_failing = self.test_failing;

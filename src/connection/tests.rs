@@ -688,7 +688,7 @@ fn a_rename_keeps_the_schedule() {
         0.5,
     ));
     assert_eq!(at, t(2400));
-    assert_eq!(c.status().name, "sales");
+    assert_eq!(c.status().name(), "sales");
 }
 
 #[test]

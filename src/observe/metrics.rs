@@ -296,7 +296,7 @@ impl PerConnection {
         for (status, label) in connections.iter().zip(label_of) {
             let labels = ConnectionLabels {
                 connection: label,
-                sandbox: status.sandbox.clone(),
+                sandbox: status.sandbox().to_owned(),
             };
             per.states
                 .get_or_create(&StateLabels {
@@ -306,8 +306,8 @@ impl PerConnection {
             per.info
                 .get_or_create(&InfoLabels {
                     connection: labels.connection.clone(),
-                    sandbox: status.sandbox.clone(),
-                    origin: status.origin.to_string(),
+                    sandbox: status.sandbox().to_owned(),
+                    origin: status.origin().to_string(),
                 })
                 .set(1);
             for (family, time) in [
@@ -369,15 +369,15 @@ impl PerConnection {
 fn connection_labels(connections: &[std::sync::Arc<ConnectionStatus>]) -> Vec<String> {
     let mut seen: HashMap<(&str, &str), usize> = HashMap::with_capacity(connections.len());
     for status in connections {
-        *seen.entry((&status.name, &status.sandbox)).or_default() += 1;
+        *seen.entry((status.name(), status.sandbox())).or_default() += 1;
     }
     connections
         .iter()
         .map(|status| {
-            if seen.get(&(status.name.as_str(), status.sandbox.as_str())) > Some(&1) {
-                format!("{} ({})", status.name, status.id)
+            if seen.get(&(status.name(), status.sandbox())) > Some(&1) {
+                format!("{} ({})", status.name(), status.id())
             } else {
-                status.name.clone()
+                status.name().to_owned()
             }
         })
         .collect()

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::config::ConnectionConfig;
+
 pub use crate::counters::Service;
 
 /// How one rotation attempt ended, for `aep_s3_rotator_rotations_total{outcome}`.
@@ -91,12 +93,10 @@ pub struct Counters {
 /// of a connection is derived from. Holds no secret.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionStatus {
-    /// Base connection id.
-    pub id: String,
-    /// Label for logs and metrics.
-    pub name: String,
-    /// Sandbox name.
-    pub sandbox: String,
+    /// The connection's entry (id, name, sandbox, origin: see [`Self::id`]
+    /// and the others), shared with the connection: a view copies none of
+    /// its strings.
+    pub config: Arc<ConnectionConfig>,
     /// Access key id of the credentials on the connection (pushed by this daemon).
     pub access_key_id: Option<String>,
     /// When those credentials expire.
@@ -107,8 +107,6 @@ pub struct ConnectionStatus {
     pub last_success_at: Option<SystemTime>,
     /// Last error, if the last attempt failed (cleared on success).
     pub last_error: Option<String>,
-    /// How the connection was configured (`explicit` or `discover[N]`).
-    pub origin: crate::config::Origin,
     /// Its numbers since this process started.
     pub counters: Counters,
     /// The etag known after this daemon's last PATCH or read (the state
@@ -120,6 +118,26 @@ pub struct ConnectionStatus {
 }
 
 impl ConnectionStatus {
+    /// Base connection id.
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    /// Label for logs and metrics.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Sandbox name.
+    pub fn sandbox(&self) -> &str {
+        &self.config.sandbox
+    }
+
+    /// How the connection was configured (`explicit` or `discover[N]`).
+    pub fn origin(&self) -> crate::config::Origin {
+        self.config.origin
+    }
+
     /// The state operators see at `now`:
     ///
     /// - nothing pushed yet: `failing` if the last attempt failed, else
@@ -223,16 +241,16 @@ impl StatusEntry {
     ) -> Self {
         let rfc3339 = |t: Option<SystemTime>| t.map(crate::clock::rfc3339);
         Self {
-            id: status.id.clone(),
-            name: status.name.clone(),
-            sandbox: status.sandbox.clone(),
+            id: status.id().to_owned(),
+            name: status.name().to_owned(),
+            sandbox: status.sandbox().to_owned(),
             state: status.state(now, refresh_before),
             access_key_id: status.access_key_id.clone(),
             expires_at: rfc3339(status.expires_at),
             next_rotation_at: rfc3339(status.next_rotation_at),
             last_success_at: rfc3339(status.last_success_at),
             last_error: status.last_error.clone(),
-            origin: status.origin.to_string(),
+            origin: status.origin().to_string(),
         }
     }
 }
@@ -272,7 +290,7 @@ impl Snapshot {
     /// The connections in id order.
     pub fn by_id(&self) -> Vec<&ConnectionStatus> {
         let mut all: Vec<&ConnectionStatus> = self.connections.iter().map(AsRef::as_ref).collect();
-        all.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        all.sort_unstable_by(|a, b| a.id().cmp(b.id()));
         all
     }
 
@@ -296,7 +314,7 @@ impl Snapshot {
                     reason.push_str(error);
                 }
                 Some(NotReady {
-                    connection: status.name.clone(),
+                    connection: status.name().to_owned(),
                     reason,
                 })
             })
@@ -382,9 +400,12 @@ mod tests {
 
     fn status(id: &str) -> ConnectionStatus {
         ConnectionStatus {
-            id: id.to_owned(),
-            name: id.to_owned(),
-            sandbox: "prod".to_owned(),
+            config: Arc::new(crate::config::ConnectionConfig {
+                id: id.to_owned(),
+                name: id.to_owned(),
+                sandbox: "prod".to_owned(),
+                ..Default::default()
+            }),
             ..ConnectionStatus::default()
         }
     }
@@ -469,7 +490,7 @@ mod tests {
         assert_eq!(snapshot([ok.clone()]).readiness(t(NOW)), Ok(()));
 
         let mut pending = status("pending-id");
-        pending.name = "pending".into();
+        Arc::make_mut(&mut pending.config).name = "pending".into();
         let mut expired = status("expired");
         expired.expires_at = Some(t(NOW - 42));
         expired.last_error = Some("403 Forbidden".into());

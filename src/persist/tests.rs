@@ -24,9 +24,12 @@ const S: fn(u64) -> Duration = Duration::from_secs;
 /// A view of connection `id` whose record is `n` (`None`: nothing pushed).
 fn view(id: &str, n: Option<u64>) -> Arc<ConnectionStatus> {
     let mut status = ConnectionStatus {
-        id: id.to_owned(),
-        name: id.to_owned(),
-        sandbox: "prod".to_owned(),
+        config: Arc::new(crate::config::ConnectionConfig {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            sandbox: "prod".to_owned(),
+            ..Default::default()
+        }),
         ..ConnectionStatus::default()
     };
     if let Some(n) = n {
@@ -393,7 +396,7 @@ async fn the_shared_table_is_written_only_while_the_fence_is_open() {
     assert_eq!(sizes, [25, 25, 14], "batches of 25, the unprocessed again");
 
     // A gone connection is deleted.
-    let fewer: Vec<_> = views.iter().filter(|v| v.id != "c1").collect();
+    let fewer: Vec<_> = views.iter().filter(|v| v.id() != "c1").collect();
     tx.send_replace(snapshot(&fewer, 1));
     tokio::time::sleep(S(1)).await;
     assert!(!table.state.lock().unwrap().contains_key("c1"));
@@ -402,7 +405,7 @@ async fn the_shared_table_is_written_only_while_the_fence_is_open() {
     fence.close();
     let changed = view("c2", Some(99));
     let mut after: Vec<_> = fewer.clone();
-    after.retain(|v| v.id != "c2");
+    after.retain(|v| v.id() != "c2");
     after.push(&changed);
     tx.send_replace(snapshot(&after, 1));
     tokio::time::sleep(S(2)).await;
@@ -449,7 +452,7 @@ async fn a_new_leader_writes_only_what_differs_from_the_adopted_view() {
 
     // A final change and a stop at once: flushed.
     let c5 = view("c0005", Some(55));
-    let mut last: Vec<_> = views.iter().filter(|v| v.id != "c0005").collect();
+    let mut last: Vec<_> = views.iter().filter(|v| v.id() != "c0005").collect();
     last.push(&c5);
     tx.send_replace(snapshot(&last, 1));
     stop.cancel();

@@ -210,24 +210,24 @@ impl Diff {
         for view in &snapshot.connections {
             if self
                 .views
-                .get(&view.id)
+                .get(view.id())
                 .is_some_and(|seen| Arc::ptr_eq(seen, view))
             {
                 continue;
             }
-            self.views.insert(view.id.clone(), Arc::clone(view));
+            self.views.insert(view.id().to_owned(), Arc::clone(view));
             match record(view) {
-                Some(record) => self.desired.connections.insert(view.id.clone(), record),
-                None => self.desired.connections.remove(&view.id),
+                Some(record) => self
+                    .desired
+                    .connections
+                    .insert(view.id().to_owned(), record),
+                None => self.desired.connections.remove(view.id()),
             };
-            self.dirty.insert(view.id.clone());
+            self.dirty.insert(view.id().to_owned());
         }
         if self.views.len() > snapshot.connections.len() {
-            let present: HashSet<&str> = snapshot
-                .connections
-                .iter()
-                .map(|view| view.id.as_str())
-                .collect();
+            let present: HashSet<&str> =
+                snapshot.connections.iter().map(|view| view.id()).collect();
             let gone: Vec<String> = self
                 .views
                 .keys()
@@ -319,7 +319,7 @@ impl Diff {
 /// it knows has one. Built from non-secret fields only.
 fn record(status: &ConnectionStatus) -> Option<PersistedConnection> {
     Some(PersistedConnection {
-        sandbox: status.sandbox.clone(),
+        sandbox: status.sandbox().to_owned(),
         etag: status.etag.clone()?,
         access_key_id: status.access_key_id.clone()?,
         expires_at: status.expires_at?,

@@ -267,7 +267,7 @@ async fn a_panicking_job_is_rescheduled_and_wedges_nothing() {
     for id in ["c1", "c2"] {
         assert_eq!(runner.starts(id).len(), 2, "{id}");
     }
-    let c0 = report.connections.iter().find(|c| c.id == "c0").unwrap();
+    let c0 = report.connections.iter().find(|c| c.id() == "c0").unwrap();
     assert!(
         c0.last_error.as_deref().unwrap().contains("panicked"),
         "{c0:?}"
@@ -963,9 +963,9 @@ async fn a_connection_found_by_a_page_starts_with_its_etag_or_its_saved_state() 
             ("c2".to_owned(), Some("\"listed-c2\"".to_owned()))
         ]
     );
-    let ids: Vec<&str> = report.connections.iter().map(|c| c.id.as_str()).collect();
+    let ids: Vec<&str> = report.connections.iter().map(|c| c.id()).collect();
     assert_eq!(ids, ["c0", "c2", "c3"], "added connections are reported");
-    let c3 = report.connections.iter().find(|c| c.id == "c3").unwrap();
+    let c3 = report.connections.iter().find(|c| c.id() == "c3").unwrap();
     assert_eq!(c3.access_key_id.as_deref(), Some("ASIASAVED"));
 }
 

@@ -16,9 +16,12 @@ fn t(secs: u64) -> SystemTime {
 
 fn status(id: &str) -> ConnectionStatus {
     ConnectionStatus {
-        id: id.to_owned(),
-        name: id.to_owned(),
-        sandbox: "prod".to_owned(),
+        config: Arc::new(crate::config::ConnectionConfig {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            sandbox: "prod".to_owned(),
+            ..Default::default()
+        }),
         ..ConnectionStatus::default()
     }
 }
@@ -143,12 +146,12 @@ fn connections_with_the_same_name_have_their_own_series() {
     let mut statuses = Vec::new();
     for (id, expires) in [("c-1", NOW + 60), ("c-2", NOW + 3600), ("c-3", NOW + 3600)] {
         let mut s = status(id);
-        s.name = if id == "c-3" {
+        Arc::make_mut(&mut s.config).name = if id == "c-3" {
             "other".into()
         } else {
             "ingest".into()
         };
-        s.sandbox = "prod".into();
+        Arc::make_mut(&mut s.config).sandbox = "prod".into();
         s.expires_at = Some(t(expires));
         statuses.push(s);
     }
@@ -177,8 +180,8 @@ fn connections_with_the_same_name_have_their_own_series() {
 fn metrics_carry_labels_and_values() {
     let telemetry = Arc::new(Telemetry::new());
     let mut s = status("4cb0c374");
-    s.name = "sales-bucket".into();
-    s.sandbox = "prod".into();
+    Arc::make_mut(&mut s.config).name = "sales-bucket".into();
+    Arc::make_mut(&mut s.config).sandbox = "prod".into();
     s.access_key_id = Some("ASIAEXAMPLE".into());
     s.expires_at = Some(t(NOW + 3600));
     s.next_rotation_at = Some(t(NOW + 2400));
@@ -317,7 +320,7 @@ fn remove_drops_every_series_of_the_connection() {
         statuses.push(s);
     }
     assert!(render(&statuses, &telemetry).contains("\"gone\""));
-    statuses.retain(|s| s.id != "gone");
+    statuses.retain(|s| s.id() != "gone");
     let text = render(&statuses, &telemetry);
     assert!(!text.contains("gone"), "{text}");
     let keep = samples(&text)
@@ -337,15 +340,17 @@ fn remove_drops_every_series_of_the_connection() {
 fn verifications_are_counted_by_result() {
     let telemetry = Arc::new(Telemetry::new());
     let mut s = ConnectionStatus {
-        id: "id-1".into(),
-        name: "sales".into(),
-        sandbox: "prod".into(),
+        config: Arc::new(crate::config::ConnectionConfig {
+            id: "id-1".into(),
+            name: "sales".into(),
+            sandbox: "prod".into(),
+            ..Default::default()
+        }),
         access_key_id: None,
         expires_at: None,
         next_rotation_at: None,
         last_success_at: None,
         last_error: None,
-        origin: crate::config::Origin::Explicit,
         ..ConnectionStatus::default()
     };
     s.counters.verifications_passed = 2;
@@ -381,8 +386,8 @@ fn prepush_checks_are_counted_by_result_from_zero() {
 fn connection_info_and_discovery_counts() {
     let telemetry = Arc::new(Telemetry::new());
     let mut found = status("c-1");
-    found.name = "ingest-a".into();
-    found.origin = crate::config::Origin::Rule(2);
+    Arc::make_mut(&mut found.config).name = "ingest-a".into();
+    Arc::make_mut(&mut found.config).origin = crate::config::Origin::Rule(2);
     let statuses = [found, status("c-2")];
     let text = render(&statuses, &telemetry);
     let info = |connection: &str, origin: &str| {
