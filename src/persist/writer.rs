@@ -60,6 +60,9 @@ pub async fn run<T: StateTarget>(
     let mut again: Option<Instant> = None;
     loop {
         let woke = tokio::select! {
+            // A stop goes first: the flush below writes the last snapshot
+            // (a round before it would only add an attempt).
+            biased;
             () = stop.cancelled() => false,
             changed = snapshots.changed() => changed.is_ok(),
             () = tokio::time::sleep_until(again.unwrap_or_else(mono_now)), if again.is_some() => true,
