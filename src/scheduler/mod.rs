@@ -24,7 +24,9 @@
 //!
 //! The loop is this file; what it delegates lives beside it:
 //! `intake` (the start's listing: held connections, connections found page
-//! by page), `reload` (the clients, and a reload as a diff), `replicas`
+//! by page), `clients` (what runs the jobs: built once, rebuilt on a reload
+//! keeping what did not change), `reload` (a new config applied as a diff),
+//! `replicas`
 //! (`[coordination]`: leadership, adoption, the shared table) and
 //! `observe` and `readiness` (`READY=1`, `STATUS=`, the watchdog: decided
 //! by a pure struct, carried out here; the report) and
@@ -52,6 +54,7 @@ use crate::remote::shaping;
 use crate::remote::sts::{SourceIdentity, StsRequest};
 use crate::rotation::{Job, JobResult, RotationError, Tested};
 
+mod clients;
 mod identities;
 mod intake;
 mod observe;
@@ -63,6 +66,7 @@ mod reload;
 mod replicas;
 mod rotate_now;
 
+pub use clients::{Runner, build_rotator};
 pub use intake::{Intake, MAX_HOLD};
 use intake::{Listed, next_intake};
 pub use observe::Report;
@@ -70,7 +74,7 @@ use publish::Publisher;
 use queue::DueQueue;
 use readiness::Readiness;
 use reload::Prepared;
-pub use reload::{Reload, Runner, build_rotator};
+pub use reload::Reload;
 use replicas::leadership_changed;
 pub use rotate_now::{Pending, RotateOutcome, RotateRefusal, RotateRequest, Selection};
 

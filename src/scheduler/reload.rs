@@ -1,220 +1,20 @@
-//! The clients jobs run with, and reloads: a new config's clients are built
-//! off the loop, keeping every part whose settings did not change, then the
-//! config is applied as a diff of the connections.
+//! Reloads: a new config is taken in off the loop (its clients built by
+//! [`super::clients`], keeping what did not change), then applied to the
+//! running daemon as a diff of the connections: [`diff`] decides, a pure
+//! function of the running connections and the wanted ones, and
+//! [`Daemon::apply_reload`] carries the diff out, in its order.
 
-use std::collections::HashSet;
-use std::num::{NonZeroU32, NonZeroUsize};
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
 
-use url::Url;
-
-use anyhow::Context;
 use tokio::sync::mpsc;
 
-use super::{Daemon, Listed, Mode, Options};
+use super::clients::{Runner, build_rotator};
+use super::{Daemon, Listed, Mode};
 use crate::config::{Config, ConnectionConfig};
 use crate::connection::{Event, Policy};
-use crate::observe::telemetry::Telemetry;
-use crate::policy::backoff::BackoffPolicy;
-use crate::remote::flow::FlowClient;
-use crate::remote::ims::ImsClient;
-use crate::remote::shaping::RequestGate;
-use crate::remote::sts::{AwsSts, CredentialCache, StsRequest};
-use crate::rotation::{JobRunner, Rotator};
-
-/// Builds the remote clients for `config`, keeping from `previous` (the
-/// clients of the running config `old`) every part whose settings did not
-/// change: the IMS token cache, the STS answer cache, the request gate.
-pub async fn build_rotator(
-    config: &Config,
-    options: &Options,
-    telemetry: &Arc<Telemetry>,
-    previous: Option<(&Config, &Rotator)>,
-) -> anyhow::Result<Rotator> {
-    let rotation = &config.rotation;
-    let http = crate::remote::http::client(rotation).context("building the HTTP client")?;
-    let kept = previous.map(|(old, rotator)| {
-        (
-            ClientSettings::of(old).kept(&ClientSettings::of(config)),
-            rotator,
-        )
-    });
-    let gate = match kept {
-        Some((kept, rotator)) if kept.gate => rotator.flow.gate(),
-        _ => Arc::new(RequestGate::new(
-            rotation.concurrency,
-            rotation.max_requests_per_second,
-            rotation.retry_max,
-        )),
-    };
-    let ims = match kept {
-        Some((kept, rotator)) if kept.ims => Arc::clone(&rotator.ims),
-        _ => Arc::new(ImsClient::new(
-            http.clone(),
-            &config.adobe,
-            BackoffPolicy {
-                min: rotation.retry_min,
-                max: rotation.retry_max,
-            },
-            telemetry.requests(),
-        )),
-    };
-    let credentials = match kept {
-        Some((kept, rotator)) if kept.sts => Arc::clone(&rotator.credentials),
-        _ => {
-            let sts = AwsSts::new(
-                &config.aws,
-                &options.identity,
-                rotation.request_timeout,
-                telemetry.requests(),
-            )
-            .await;
-            Arc::new(CredentialCache::new(Arc::new(sts), rotation.retry_min / 2))
-        }
-    };
-    Ok(Rotator {
-        flow: FlowClient::new(
-            http,
-            &config.adobe,
-            gate,
-            telemetry.requests(),
-            rotation.retry_min,
-        ),
-        ims,
-        credentials,
-        telemetry: Arc::clone(telemetry),
-        refresh_before: rotation.refresh_before,
-        verify: rotation.verify,
-        dry_run: options.dry_run,
-        prepush: crate::remote::s3probe::from_config(config)?,
-        fence: options.fence.clone(),
-    })
-}
-
-/// What each long-lived client is built from, read off the config types by
-/// destructuring them without `..`: a field added to `[adobe]`, `[aws]` or
-/// `[rotation]` does not compile until it is placed here (with the clients
-/// it concerns, or `_` for none). `client_secret_file` was once left out of
-/// a hand-kept list: the kept IMS client then re-read the old file after
-/// `invalid_client`.
-#[derive(PartialEq)]
-struct ClientSettings<'a> {
-    /// Timeouts of the one HTTP client IMS and STS are built on.
-    http: Duration,
-    /// The request gate: concurrency, rate, the cap of a 429's pause.
-    gate: (NonZeroUsize, Option<NonZeroU32>, Duration),
-    /// The IMS client: the credential and where it is sent, its retry pace.
-    ims: (
-        &'a str,
-        &'a str,
-        &'a Option<PathBuf>,
-        &'a str,
-        &'a [String],
-        &'a Url,
-        Duration,
-        Duration,
-    ),
-    /// The STS client: region and endpoint, and the failure-sharing window.
-    sts: (&'a Option<String>, &'a Option<Url>, Duration),
-}
-
-/// Which clients a reload keeps.
-#[derive(Debug, Clone, Copy)]
-struct Kept {
-    gate: bool,
-    ims: bool,
-    sts: bool,
-}
-
-impl<'a> ClientSettings<'a> {
-    fn of(config: &'a Config) -> Self {
-        use secrecy::ExposeSecret;
-        let crate::config::AdobeConfig {
-            client_id,
-            client_secret,
-            client_secret_file,
-            client_secret_deferred: _,
-            org_id,
-            scopes,
-            ims_url,
-            // Flow Service's address: the Flow client is rebuilt every time.
-            platform_url: _,
-        } = &config.adobe;
-        let crate::config::AwsConfig {
-            region,
-            sts_endpoint,
-            // The S3 check and the STS request: rebuilt or read per job.
-            s3_endpoint: _,
-            s3_endpoints: _,
-            role_arn: _,
-            external_id: _,
-            session_name: _,
-            attribution: _,
-        } = &config.aws;
-        let crate::config::RotationConfig {
-            concurrency,
-            max_requests_per_second,
-            retry_min,
-            retry_max,
-            request_timeout,
-            // Read by the scheduler and the jobs, not by a client.
-            session_duration: _,
-            refresh_before: _,
-            jitter: _,
-            verify: _,
-            prepush_check: _,
-            shutdown_grace: _,
-            // Read by the health check task, which is handed each config.
-            health_check_every: _,
-        } = &config.rotation;
-        Self {
-            http: *request_timeout,
-            gate: (*concurrency, *max_requests_per_second, *retry_max),
-            ims: (
-                client_id,
-                client_secret.expose_secret(),
-                client_secret_file,
-                org_id,
-                scopes,
-                ims_url,
-                *retry_min,
-                *retry_max,
-            ),
-            sts: (region, sts_endpoint, *retry_min),
-        }
-    }
-
-    /// The clients `next` can keep from `self`'s.
-    fn kept(&self, next: &Self) -> Kept {
-        let http = self.http == next.http;
-        Kept {
-            gate: self.gate == next.gate,
-            ims: http && self.ims == next.ims,
-            sts: http && self.sts == next.sts,
-        }
-    }
-}
-
-/// What runs a scheduler's jobs: the real clients (rebuilt on reload where
-/// their settings change), or a fixed runner (tests).
-#[derive(Debug, Clone)]
-pub enum Runner {
-    /// The real clients; a reload rebuilds what its settings change.
-    Real(Arc<Rotator>),
-    /// A fixed runner (tests: scripted jobs on paused time); reloads keep it.
-    Fixed(Arc<dyn JobRunner>),
-}
-
-impl Runner {
-    pub(super) fn job_runner(&self) -> Arc<dyn JobRunner> {
-        match self {
-            Self::Real(rotator) => Arc::clone(rotator) as Arc<dyn JobRunner>,
-            Self::Fixed(runner) => Arc::clone(runner),
-        }
-    }
-}
+use crate::remote::sts::StsRequest;
+use crate::rotation::Rotator;
 
 /// A new config for the running daemon: after a SIGHUP, or a re-listing
 /// that changed the set of connections.
@@ -242,6 +42,100 @@ impl From<Config> for Reload {
 pub(super) struct Prepared {
     config: Config,
     runner: Runner,
+}
+
+/// What a reload does to the running connections, in the order it is done:
+/// the removed ones go first, then each wanted one in the new config's order.
+#[derive(Debug, Default)]
+pub(super) struct ReloadDiff {
+    /// Running connections the new config does not have (in the order they
+    /// were handed to [`diff`]).
+    pub(super) removed: Vec<String>,
+    /// Every connection of the new config, in its order, with what it is to
+    /// the running daemon.
+    pub(super) wanted: Vec<Wanted>,
+}
+
+/// A connection of the new config.
+#[derive(Debug)]
+pub(super) struct Wanted {
+    /// Its settings in the new config.
+    pub(super) config: Arc<ConnectionConfig>,
+    /// Its STS identity in the new config (the interned copy).
+    pub(super) sts: Arc<StsRequest>,
+    /// What it is to the running daemon.
+    pub(super) change: Change,
+}
+
+/// What a wanted connection is to the running daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Change {
+    /// Not running: it starts now.
+    Added,
+    /// Running with another sandbox or another STS identity: it rotates with
+    /// the new settings once its job (if any) ends.
+    Changed,
+    /// Running with the same sandbox and STS identity: it keeps its state and
+    /// schedule. Its other settings (a new name) may still differ, so it is
+    /// handed the new settings all the same.
+    Unchanged,
+}
+
+impl ReloadDiff {
+    /// How many wanted connections are `change`.
+    pub(super) fn count(&self, change: Change) -> usize {
+        self.wanted.iter().filter(|w| w.change == change).count()
+    }
+}
+
+/// The diff from the `running` connections (id, settings, STS identity) to
+/// the `wanted` ones. Only a sandbox or an STS identity makes a running
+/// connection [`Change::Changed`]: those are what decide where the
+/// credentials go and whose they are.
+///
+/// Ids in `wanted` are unique (the config's check refuses a repeated id); a
+/// repeated one would be compared with the entry before it, as the running
+/// connection the first one left.
+pub(super) fn diff<'a>(
+    running: impl IntoIterator<Item = (&'a str, &'a ConnectionConfig, &'a StsRequest)>,
+    wanted: Vec<(Arc<ConnectionConfig>, Arc<StsRequest>)>,
+) -> ReloadDiff {
+    let wanted_ids: HashSet<&str> = wanted.iter().map(|(c, _)| c.id.as_str()).collect();
+    let mut present: HashMap<&str, (&ConnectionConfig, &StsRequest)> = HashMap::new();
+    let mut removed = Vec::new();
+    for (id, config, sts) in running {
+        if wanted_ids.contains(id) {
+            present.insert(id, (config, sts));
+        } else {
+            removed.push(id.to_owned());
+        }
+    }
+    let changes: Vec<Change> = wanted
+        .iter()
+        .map(
+            |(config, sts)| match present.insert(&config.id, (config, sts)) {
+                None => Change::Added,
+                Some((before, before_sts)) => {
+                    if before.sandbox != config.sandbox || *before_sts != **sts {
+                        Change::Changed
+                    } else {
+                        Change::Unchanged
+                    }
+                }
+            },
+        )
+        .collect();
+    drop((present, wanted_ids));
+    let wanted = wanted
+        .into_iter()
+        .zip(changes)
+        .map(|((config, sts), change)| Wanted {
+            config,
+            sts,
+            change,
+        })
+        .collect();
+    ReloadDiff { removed, wanted }
 }
 
 impl Daemon {
@@ -300,10 +194,12 @@ impl Daemon {
         }
     }
 
-    /// Applies a validated config as a diff: new connections start now,
-    /// removed ones go once their job ends, changed ones (sandbox or STS
-    /// identity) rotate with the new settings once their job ends, unchanged
-    /// ones keep their state and schedule.
+    /// Applies a validated config as a [`diff`] of the selected connections:
+    /// new connections start now, removed ones go once their job ends,
+    /// changed ones (sandbox or STS identity) rotate with the new settings
+    /// once their job ends, unchanged ones keep their state and schedule.
+    /// Keys that need a restart keep their running values; identities no
+    /// connection uses any more are forgotten, here and in the STS cache.
     pub(super) fn apply_reload(&mut self, prepared: anyhow::Result<Prepared>) {
         let Prepared { mut config, runner } = match prepared {
             Ok(prepared) => prepared,
@@ -318,35 +214,36 @@ impl Daemon {
         config.state.path = self.config.state.path.clone();
         config.coordination = self.config.coordination.clone();
         let now = self.clock.now();
-        let wanted: Vec<Arc<ConnectionConfig>> =
-            self.selected(std::mem::take(&mut config.connections));
-        let wanted_ids: HashSet<&str> = wanted.iter().map(|c| c.id.as_str()).collect();
-        let removed: Vec<String> = self
-            .connections
-            .keys()
-            .filter(|id| !wanted_ids.contains(id.as_str()))
-            .cloned()
+        let wanted: Vec<(Arc<ConnectionConfig>, Arc<StsRequest>)> = self
+            .selected(std::mem::take(&mut config.connections))
+            .into_iter()
+            .map(|connection| {
+                let sts = StsRequest::for_connection(&config, &connection);
+                (connection, self.identities.intern(sts))
+            })
             .collect();
-        for id in &removed {
+        let running = self
+            .connections
+            .iter()
+            .map(|(id, c)| (id.as_str(), c.config(), c.sts()));
+        let diff = diff(running, wanted);
+        let (added, changed) = (diff.count(Change::Added), diff.count(Change::Changed));
+        let removed = diff.removed.len();
+        for id in &diff.removed {
             self.event(id, Event::Removed);
         }
-        let (mut added, mut changed) = (0usize, 0usize);
-        drop(wanted_ids);
-        for connection in wanted {
-            let sts = self
-                .identities
-                .intern(StsRequest::for_connection(&config, &connection));
-            let id = connection.id.clone();
-            match self.connections.get(&id) {
-                Some(current) => {
-                    if current.config().sandbox != connection.sandbox || *current.sts() != *sts {
-                        changed += 1;
-                    }
+        for Wanted {
+            config: connection,
+            sts,
+            change,
+        } in diff.wanted
+        {
+            match change {
+                Change::Added => self.add_connection(connection, sts, now, Listed::default()),
+                // Unchanged ones too: a new name applies at once.
+                Change::Changed | Change::Unchanged => {
+                    let id = connection.id.clone();
                     self.event(&id, Event::Changed(connection, sts));
-                }
-                None => {
-                    added += 1;
-                    self.add_connection(connection, sts, now, Listed::default());
                 }
             }
         }
@@ -361,11 +258,193 @@ impl Daemon {
         self.publisher.changed();
         tracing::info!(
             added,
-            removed = removed.len(),
+            removed,
             changed,
             connections = self.connections.len(),
             "config reloaded"
         );
         self.notifier.reloaded(&self.status_line());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn connection(id: &str, sandbox: &str, name: &str) -> Arc<ConnectionConfig> {
+        Arc::new(ConnectionConfig {
+            id: id.to_owned(),
+            sandbox: sandbox.to_owned(),
+            name: name.to_owned(),
+            role_arn: None,
+            external_id: None,
+            session_name: None,
+            session_policy: None,
+            policy_arns: Vec::new(),
+            attribution: crate::config::Attribution::default(),
+            origin: crate::config::Origin::Explicit,
+        })
+    }
+
+    fn sts(session: &str) -> Arc<StsRequest> {
+        Arc::new(StsRequest {
+            role_arn: None,
+            external_id: None,
+            session_name: session.to_owned(),
+            session_policy: None,
+            policy_arns: Vec::new(),
+            duration: Duration::from_secs(3600),
+            attribution: Ok(crate::config::ExpandedAttribution::default()),
+        })
+    }
+
+    type Entry = (Arc<ConnectionConfig>, Arc<StsRequest>);
+
+    /// A connection `id` in `sandbox`, named after its id, on identity `session`.
+    fn entry(id: &str, sandbox: &str, session: &str) -> Entry {
+        (connection(id, sandbox, id), sts(session))
+    }
+
+    fn run(running: &[Entry], wanted: &[Entry]) -> ReloadDiff {
+        diff(
+            running.iter().map(|(c, s)| (c.id.as_str(), &**c, &**s)),
+            wanted.to_vec(),
+        )
+    }
+
+    /// The wanted ids with what each is, in the diff's order.
+    fn steps(diff: &ReloadDiff) -> Vec<(&str, Change)> {
+        diff.wanted
+            .iter()
+            .map(|w| (w.config.id.as_str(), w.change))
+            .collect()
+    }
+
+    #[test]
+    fn a_diff_sorts_the_connections_into_removed_added_changed_and_unchanged() {
+        let running = [
+            entry("kept", "prod", "a"),
+            entry("gone", "prod", "a"),
+            entry("moved", "prod", "a"),
+        ];
+        let wanted = [
+            entry("kept", "prod", "a"),
+            entry("moved", "dev", "a"),
+            entry("new", "prod", "a"),
+        ];
+        let diff = run(&running, &wanted);
+        assert_eq!(diff.removed, ["gone"]);
+        assert_eq!(
+            steps(&diff),
+            [
+                ("kept", Change::Unchanged),
+                ("moved", Change::Changed),
+                ("new", Change::Added),
+            ]
+        );
+        assert_eq!(diff.count(Change::Added), 1);
+        assert_eq!(diff.count(Change::Changed), 1);
+        assert_eq!(diff.count(Change::Unchanged), 1);
+    }
+
+    #[test]
+    fn a_move_to_another_sandbox_is_a_change() {
+        let diff = run(&[entry("c", "prod", "a")], &[entry("c", "dev", "a")]);
+        assert_eq!(steps(&diff), [("c", Change::Changed)]);
+        assert_eq!(diff.wanted[0].config.sandbox, "dev");
+    }
+
+    #[test]
+    fn another_sts_identity_is_a_change() {
+        let diff = run(&[entry("c", "prod", "a")], &[entry("c", "prod", "b")]);
+        assert_eq!(steps(&diff), [("c", Change::Changed)]);
+        assert_eq!(diff.wanted[0].sts.session_name, "b");
+    }
+
+    /// An equal identity in another allocation is the same identity: the
+    /// comparison is by value, not by pointer.
+    #[test]
+    fn an_equal_sts_identity_in_another_copy_is_no_change() {
+        let running = [entry("c", "prod", "a")];
+        let wanted = [entry("c", "prod", "a")];
+        assert!(!Arc::ptr_eq(&running[0].1, &wanted[0].1));
+        assert_eq!(steps(&run(&running, &wanted)), [("c", Change::Unchanged)]);
+    }
+
+    /// A new name is no change of target or identity, but the connection is
+    /// still handed its new settings (the apply sends `Event::Changed` for
+    /// every running connection that stays), so the name applies at once.
+    #[test]
+    fn a_rename_alone_is_unchanged_but_carries_the_new_settings() {
+        let running = [(connection("c", "prod", "old name"), sts("a"))];
+        let wanted = [(connection("c", "prod", "new name"), sts("a"))];
+        let diff = run(&running, &wanted);
+        assert_eq!(steps(&diff), [("c", Change::Unchanged)]);
+        assert_eq!(diff.wanted[0].config.name, "new name");
+        assert!(Arc::ptr_eq(&diff.wanted[0].config, &wanted[0].0));
+        assert!(Arc::ptr_eq(&diff.wanted[0].sts, &wanted[0].1));
+    }
+
+    #[test]
+    fn the_diff_keeps_the_wanted_order_and_the_running_order_of_removals() {
+        let running = [
+            entry("r1", "prod", "a"),
+            entry("b", "prod", "a"),
+            entry("r2", "prod", "a"),
+            entry("a", "prod", "a"),
+            entry("r3", "prod", "a"),
+        ];
+        let wanted = [
+            entry("z", "prod", "a"),
+            entry("a", "dev", "a"),
+            entry("y", "prod", "a"),
+            entry("b", "prod", "a"),
+        ];
+        let diff = run(&running, &wanted);
+        assert_eq!(diff.removed, ["r1", "r2", "r3"]);
+        assert_eq!(
+            steps(&diff),
+            [
+                ("z", Change::Added),
+                ("a", Change::Changed),
+                ("y", Change::Added),
+                ("b", Change::Unchanged),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_empty_side_removes_everything_or_adds_everything() {
+        let all = [entry("a", "prod", "a"), entry("b", "prod", "a")];
+        let emptied = run(&all, &[]);
+        assert_eq!(emptied.removed, ["a", "b"]);
+        assert!(emptied.wanted.is_empty());
+        let started = run(&[], &all);
+        assert!(started.removed.is_empty());
+        assert_eq!(
+            steps(&started),
+            [("a", Change::Added), ("b", Change::Added)]
+        );
+    }
+
+    /// The config's check refuses a repeated id; should one get through, the
+    /// second is compared with the first, which the apply has just started.
+    #[test]
+    fn a_repeated_id_is_compared_with_the_entry_before_it() {
+        let wanted = [
+            entry("c", "prod", "a"),
+            entry("c", "prod", "a"),
+            entry("c", "dev", "a"),
+        ];
+        assert_eq!(
+            steps(&run(&[], &wanted)),
+            [
+                ("c", Change::Added),
+                ("c", Change::Unchanged),
+                ("c", Change::Changed),
+            ]
+        );
     }
 }
