@@ -31,13 +31,7 @@ fn config(id: &str) -> ConnectionConfig {
         id: id.to_owned(),
         sandbox: "prod".to_owned(),
         name: id.to_owned(),
-        role_arn: None,
-        external_id: None,
-        session_name: None,
-        session_policy: None,
-        policy_arns: Vec::new(),
-        attribution: crate::config::Attribution::default(),
-        origin: crate::config::Origin::Explicit,
+        ..ConnectionConfig::default()
     }
 }
 

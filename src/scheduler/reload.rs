@@ -278,13 +278,7 @@ mod tests {
             id: id.to_owned(),
             sandbox: sandbox.to_owned(),
             name: name.to_owned(),
-            role_arn: None,
-            external_id: None,
-            session_name: None,
-            session_policy: None,
-            policy_arns: Vec::new(),
-            attribution: crate::config::Attribution::default(),
-            origin: crate::config::Origin::Explicit,
+            ..ConnectionConfig::default()
         })
     }
 
