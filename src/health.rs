@@ -269,14 +269,8 @@ mod tests {
             .iter()
             .map(|(id, key)| {
                 Arc::new(ConnectionStatus {
-                    config: Arc::new(crate::config::ConnectionConfig {
-                        id: (*id).to_owned(),
-                        name: format!("name-{id}"),
-                        sandbox: "prod".to_owned(),
-                        ..Default::default()
-                    }),
                     access_key_id: key.map(str::to_owned),
-                    ..ConnectionStatus::default()
+                    ..ConnectionStatus::named(id, &format!("name-{id}"), "prod")
                 })
             })
             .collect();

@@ -697,33 +697,21 @@ mod tests {
         let now = crate::clock::wall_now();
         let telemetry = Arc::new(crate::observe::telemetry::Telemetry::new());
         let mut fresh = ConnectionStatus {
-            config: Arc::new(crate::config::ConnectionConfig {
-                id: "id-fresh".into(),
-                name: "sales-bucket".into(),
-                sandbox: "prod".into(),
-                ..Default::default()
-            }),
             access_key_id: Some("ASIAFRESH".into()),
             expires_at: Some(now + Duration::from_secs(3600)),
             next_rotation_at: Some(now + Duration::from_secs(2400)),
             last_success_at: Some(now - Duration::from_secs(60)),
             last_error: None,
-            ..ConnectionStatus::default()
+            ..ConnectionStatus::named("id-fresh", "sales-bucket", "prod")
         };
         fresh.counters.successes = 1;
         let mut expired = ConnectionStatus {
-            config: Arc::new(crate::config::ConnectionConfig {
-                id: "id-expired".into(),
-                name: "old-bucket".into(),
-                sandbox: "dev".into(),
-                ..Default::default()
-            }),
             access_key_id: Some("ASIAOLD".into()),
             expires_at: Some(now - Duration::from_secs(90)),
             next_rotation_at: Some(now + Duration::from_secs(30)),
             last_success_at: None,
             last_error: Some("403 Forbidden: no access".into()),
-            ..ConnectionStatus::default()
+            ..ConnectionStatus::named("id-expired", "old-bucket", "dev")
         };
         expired.counters.failures = 1;
         telemetry.request(Service::Flow, "403");

@@ -165,6 +165,22 @@ impl ConnectionStatus {
     }
 }
 
+#[cfg(test)]
+impl ConnectionStatus {
+    /// The view of a connection nothing is known about yet (tests).
+    pub(crate) fn named(id: &str, name: &str, sandbox: &str) -> Self {
+        Self {
+            config: Arc::new(ConnectionConfig {
+                id: id.to_owned(),
+                name: name.to_owned(),
+                sandbox: sandbox.to_owned(),
+                ..ConnectionConfig::default()
+            }),
+            ..Self::default()
+        }
+    }
+}
+
 /// Counts of connections per state, for the systemd `STATUS=` line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -399,15 +415,7 @@ mod tests {
     }
 
     fn status(id: &str) -> ConnectionStatus {
-        ConnectionStatus {
-            config: Arc::new(crate::config::ConnectionConfig {
-                id: id.to_owned(),
-                name: id.to_owned(),
-                sandbox: "prod".to_owned(),
-                ..Default::default()
-            }),
-            ..ConnectionStatus::default()
-        }
+        ConnectionStatus::named(id, id, "prod")
     }
 
     fn snapshot(statuses: impl IntoIterator<Item = ConnectionStatus>) -> Snapshot {

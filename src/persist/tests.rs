@@ -23,15 +23,7 @@ const S: fn(u64) -> Duration = Duration::from_secs;
 
 /// A view of connection `id` whose record is `n` (`None`: nothing pushed).
 fn view(id: &str, n: Option<u64>) -> Arc<ConnectionStatus> {
-    let mut status = ConnectionStatus {
-        config: Arc::new(crate::config::ConnectionConfig {
-            id: id.to_owned(),
-            name: id.to_owned(),
-            sandbox: "prod".to_owned(),
-            ..Default::default()
-        }),
-        ..ConnectionStatus::default()
-    };
+    let mut status = ConnectionStatus::named(id, id, "prod");
     if let Some(n) = n {
         let record = record(n);
         status.etag = Some(record.etag);

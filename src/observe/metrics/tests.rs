@@ -15,15 +15,7 @@ fn t(secs: u64) -> SystemTime {
 }
 
 fn status(id: &str) -> ConnectionStatus {
-    ConnectionStatus {
-        config: Arc::new(crate::config::ConnectionConfig {
-            id: id.to_owned(),
-            name: id.to_owned(),
-            sandbox: "prod".to_owned(),
-            ..Default::default()
-        }),
-        ..ConnectionStatus::default()
-    }
+    ConnectionStatus::named(id, id, "prod")
 }
 
 /// The exposition of `statuses` and `telemetry` at `NOW`.
@@ -340,18 +332,12 @@ fn remove_drops_every_series_of_the_connection() {
 fn verifications_are_counted_by_result() {
     let telemetry = Arc::new(Telemetry::new());
     let mut s = ConnectionStatus {
-        config: Arc::new(crate::config::ConnectionConfig {
-            id: "id-1".into(),
-            name: "sales".into(),
-            sandbox: "prod".into(),
-            ..Default::default()
-        }),
         access_key_id: None,
         expires_at: None,
         next_rotation_at: None,
         last_success_at: None,
         last_error: None,
-        ..ConnectionStatus::default()
+        ..ConnectionStatus::named("id-1", "sales", "prod")
     };
     s.counters.verifications_passed = 2;
     s.counters.verifications_failed = 1;
