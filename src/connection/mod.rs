@@ -807,18 +807,6 @@ impl Connection {
         view.etag.clone_from(&self.etag);
         view.test_failing = self.test_failing;
     }
-
-    /// What the state file keeps (nothing until this daemon pushed and knows the etag).
-    pub fn persisted(&self) -> Option<PersistedConnection> {
-        let pushed = self.pushed.as_ref()?;
-        Some(PersistedConnection {
-            sandbox: self.config.sandbox.clone(),
-            etag: self.etag.clone()?,
-            access_key_id: pushed.access_key_id.clone(),
-            expires_at: pushed.expires_at,
-            last_success_at: self.last_success,
-        })
-    }
 }
 
 /// The telemetry outcome a job result counts as (`None`: not an attempt).

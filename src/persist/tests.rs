@@ -484,3 +484,21 @@ async fn the_state_file_is_written_whole_and_only_when_records_differ() {
         ["b"]
     );
 }
+
+#[test]
+fn a_record_is_made_only_of_a_pushed_connection_whose_etag_is_known() {
+    // What the state file and the table keep of a view: the sandbox, etag,
+    // access key id, expiry and last success; nothing while any of the
+    // first three is unknown (nothing pushed yet).
+    let pushed = view("c1", Some(5));
+    let made = writer::record(&pushed).unwrap();
+    assert_eq!(made, record(5));
+    assert_eq!(made.sandbox, "prod");
+    assert_eq!(writer::record(&view("c2", None)), None);
+    let mut no_etag = (*pushed).clone();
+    no_etag.etag = None;
+    assert_eq!(writer::record(&no_etag), None);
+    let mut no_key = (*pushed).clone();
+    no_key.access_key_id = None;
+    assert_eq!(writer::record(&no_key), None);
+}

@@ -320,7 +320,7 @@ impl Diff {
 
 /// A view's record: only a connection this daemon pushed to and whose etag
 /// it knows has one. Built from non-secret fields only.
-fn record(status: &ConnectionStatus) -> Option<PersistedConnection> {
+pub(super) fn record(status: &ConnectionStatus) -> Option<PersistedConnection> {
     Some(PersistedConnection {
         sandbox: status.sandbox().to_owned(),
         etag: status.etag.clone()?,
