@@ -25,9 +25,12 @@ impl Identities {
         sts
     }
 
-    /// Forgets the identities nothing else holds (after a reload).
-    pub(super) fn prune(&mut self) {
+    /// Forgets the identities nothing else holds (after a reload) and
+    /// answers the ones still in use: one copy each, however many
+    /// connections share it.
+    pub(super) fn prune(&mut self) -> HashSet<StsRequest> {
         self.known.retain(|sts| Arc::strong_count(sts) > 1);
+        self.known.iter().map(|sts| (**sts).clone()).collect()
     }
 }
 
@@ -59,10 +62,14 @@ mod tests {
         let other = identities.intern(request(None));
         assert!(!Arc::ptr_eq(&a, &other));
         drop(other);
-        identities.prune();
+        let in_use = identities.prune();
         assert_eq!(identities.known.len(), 1);
+        assert_eq!(
+            in_use.into_iter().collect::<Vec<_>>(),
+            [request(Some(role))]
+        );
         drop((a, b));
-        identities.prune();
+        assert!(identities.prune().is_empty());
         assert!(identities.known.is_empty());
     }
 }

@@ -250,9 +250,9 @@ impl Daemon {
         self.policy = Policy::new(&config.rotation, self.options.mode == Mode::Once);
         self.config = config;
         self.runner = runner;
-        self.identities.prune();
-        let in_use: HashSet<StsRequest> =
-            self.connections.values().map(|c| c.sts().clone()).collect();
+        // The identities still held (by a connection, or a job in flight):
+        // one clone each, not one per connection.
+        let in_use = self.identities.prune();
         self.runner.job_runner().retain(&in_use);
         // `refresh_before` may have changed what every view says.
         self.publisher.changed();
