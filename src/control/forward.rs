@@ -126,23 +126,7 @@ impl TableForward {
 
     /// Deletes the item; with `only_queued`, only if no leader took it.
     async fn delete(&self, id: &str, only_queued: bool) -> Result<(), StoreError> {
-        let mut call = self
-            .table
-            .client()
-            .delete_item()
-            .table_name(self.table.table())
-            .key("pk", s(PK))
-            .key("sk", s(id));
-        if only_queued {
-            call = call
-                .condition_expression("#state = :queued")
-                .expression_attribute_names("#state", "state")
-                .expression_attribute_values(":queued", s("queued"));
-        }
-        call.send()
-            .await
-            .map_err(|e| classify(self.table.table(), "dynamodb:DeleteItem", &e))?;
-        Ok(())
+        delete_item(&self.table, id, only_queued).await
     }
 
     async fn run(&self, request: &WireRequest, wait: Duration) -> WireAnswer {
@@ -310,15 +294,7 @@ impl Leader {
             let old = now.saturating_sub(created) > KEEP.as_secs();
             if old {
                 if let Some(id) = text(&item, "sk") {
-                    let _ = self
-                        .table
-                        .client()
-                        .delete_item()
-                        .table_name(self.table.table())
-                        .key("pk", s(PK))
-                        .key("sk", s(id))
-                        .send()
-                        .await;
+                    let _ = delete_item(&self.table, id, false).await;
                 }
             } else if text(&item, "state") == Some("queued")
                 && text(&item, "format") == Some(FORMAT)
@@ -337,13 +313,7 @@ impl Leader {
         else {
             return;
         };
-        let claimed = self
-            .table
-            .client()
-            .update_item()
-            .table_name(self.table.table())
-            .key("pk", s(PK))
-            .key("sk", s(&id))
+        let claimed = update_item(&self.table, &id)
             .update_expression("SET #state = :taken, taken_by = :me")
             .condition_expression("#state = :queued")
             .expression_attribute_names("#state", "state")
@@ -388,13 +358,7 @@ impl Leader {
         answer.replica = Some(self.holder.clone());
         self.rotate_requests.count(answer.metric_result());
         let line = fit(&answer);
-        let written = self
-            .table
-            .client()
-            .update_item()
-            .table_name(self.table.table())
-            .key("pk", s(PK))
-            .key("sk", s(&id))
+        let written = update_item(&self.table, &id)
             .update_expression("SET #state = :done, answer = :answer")
             .condition_expression("attribute_exists(#pk)")
             .expression_attribute_names("#state", "state")
@@ -429,4 +393,37 @@ fn fit(answer: &WireAnswer) -> String {
         connections.truncate(1000);
     }
     serde_json::to_string(&short).unwrap_or_default()
+}
+
+/// Deletes request item `id`; with `only_queued`, only if no leader took it.
+async fn delete_item(table: &DynamoStore, id: &str, only_queued: bool) -> Result<(), StoreError> {
+    let mut call = table
+        .client()
+        .delete_item()
+        .table_name(table.table())
+        .key("pk", s(PK))
+        .key("sk", s(id));
+    if only_queued {
+        call = call
+            .condition_expression("#state = :queued")
+            .expression_attribute_names("#state", "state")
+            .expression_attribute_values(":queued", s("queued"));
+    }
+    call.send()
+        .await
+        .map_err(|e| classify(table.table(), "dynamodb:DeleteItem", &e))?;
+    Ok(())
+}
+
+/// An update of request item `id` (its condition and values to be added).
+fn update_item(
+    table: &DynamoStore,
+    id: &str,
+) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+    table
+        .client()
+        .update_item()
+        .table_name(table.table())
+        .key("pk", s(PK))
+        .key("sk", s(id))
 }
