@@ -218,7 +218,7 @@ pub(super) fn load_file(
     from_text(&text, &origin, Some(path), env, issues, loading)
 }
 
-/// The key an environment variable overrides, as the `config` crate sees it:
+/// The key an environment variable overrides:
 /// `AEP_S3_ROTATOR__ROTATION__SESSION_DURATION` → `rotation.session_duration`.
 pub(super) fn env_key(name: &str) -> String {
     name.get(ENV_PREFIX.len()..)
@@ -248,12 +248,14 @@ pub(super) fn from_text(
     };
     // Only our prefix, and an empty value counts as unset (what an unset
     // `${VAR}` in a compose file or unit turns into).
-    let env: Vec<(String, String)> = env
+    let mut env: Vec<(String, String)> = env
         .into_iter()
         .filter(|(name, value)| {
             name.len() > ENV_PREFIX.len() && name.starts_with(ENV_PREFIX) && !value.is_empty()
         })
         .collect();
+    // Sorted: a table (`AEP_S3_ROTATOR__ADOBE`) is laid before its keys.
+    env.sort();
     let env_names: BTreeMap<String, String> = env
         .iter()
         .map(|(name, _)| (env_key(name), name.clone()))
@@ -271,33 +273,12 @@ pub(super) fn from_text(
             Some((name.clone(), keys))
         })
         .collect();
-    let layered = config::Config::builder()
-        .add_source(ParsedToml::from(table))
-        .add_source(
-            config::Environment::with_prefix("AEP_S3_ROTATOR")
-                .prefix_separator("__")
-                .separator("__")
-                // No `try_parsing`: values stay strings (a client secret of
-                // digits keeps its leading zeros) and validation converts
-                // numbers and booleans where a key wants them.
-                .source(Some(env.into_iter().collect())),
-        )
-        .build();
-    let layered = match layered {
-        Ok(layered) => layered,
-        Err(error) => {
-            let message = match error {
-                // Only reachable if the `config` crate's TOML parser disagrees
-                // with ours; its message would quote the source line.
-                config::ConfigError::FileParse { .. } => {
-                    format!("not valid TOML; compare it with {EXAMPLE}")
-                }
-                other => format!("cannot be layered with the environment: {other}"),
-            };
-            issues.push(ConfigIssue::new(origin, message));
-            return Err(ConfigError { issues });
+    let mut layered = table;
+    for (name, value) in env {
+        if let Err(issue) = layer(&mut layered, &name, value) {
+            issues.push(issue);
         }
-    };
+    }
 
     // Not `#[serde(deny_unknown_fields)]`: it stops at the first unknown key
     // and hides everything else. `serde_ignored` reports each one with its
@@ -305,7 +286,10 @@ pub(super) fn from_text(
     let mut unknown = Vec::new();
     let raw: Result<RawConfig, _> = {
         let mut record = |path: serde_ignored::Path<'_>| unknown.push(ignored_path(&path));
-        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(layered, &mut record))
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+            toml::Value::Table(layered),
+            &mut record,
+        ))
     };
     unknown.sort();
     unknown.dedup();
@@ -378,58 +362,40 @@ pub(super) fn from_text(
     }
 }
 
-/// The file's TOML, already parsed, as the layering's first source: what
-/// `config::File::from_str` would give (it converts the same way), without
-/// parsing the text a second time. A config of 10,000 connections is 1 MB;
-/// its second parse took ~50 ms of the daemon's start, and a copy of the
-/// table as long, so `collect` hands the table over instead of copying it:
-/// `ConfigBuilder::build` collects each source once, and a second `collect`
-/// (which nothing makes) is an error rather than an empty file.
-#[derive(Debug)]
-pub(super) struct ParsedToml(std::sync::Mutex<Option<config::Map<String, config::Value>>>);
-
-impl ParsedToml {
-    pub(super) fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Option<config::Map<String, config::Value>>> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Lays one `AEP_S3_ROTATOR__SECTION__KEY` variable over the file's table:
+/// its value, always a string (a client secret of digits keeps its leading
+/// zeros; validation converts numbers and booleans where a key wants them),
+/// replaces whatever the path held, and a path through a non-table makes a
+/// table there. A wrong shape is then reported by deserialization and the
+/// checks, with the variable's name ([`with_env_origin`]).
+pub(super) fn layer(table: &mut toml::Table, name: &str, value: String) -> Result<(), ConfigIssue> {
+    let key = env_key(name);
+    let mut segments: Vec<&str> = key.split('.').collect();
+    if segments.iter().any(|segment| segment.is_empty()) {
+        return Err(ConfigIssue::new(
+            key.clone(),
+            format!(
+                "the environment variable {name} names no key; write AEP_S3_ROTATOR__SECTION__KEY (e.g. {ENV_PREFIX}ROTATION__CONCURRENCY) or unset it"
+            ),
+        ));
     }
-}
-
-impl From<toml::Table> for ParsedToml {
-    fn from(table: toml::Table) -> Self {
-        fn convert(v: toml::Value) -> config::Value {
-            match v {
-                toml::Value::String(s) => config::Value::new(None, s),
-                toml::Value::Integer(n) => config::Value::new(None, n),
-                toml::Value::Float(x) => config::Value::new(None, x),
-                toml::Value::Boolean(b) => config::Value::new(None, b),
-                toml::Value::Datetime(d) => config::Value::new(None, d.to_string()),
-                toml::Value::Array(items) => {
-                    config::Value::new(None, items.into_iter().map(convert).collect::<Vec<_>>())
-                }
-                toml::Value::Table(table) => config::Value::new(None, map(table)),
-            }
+    let last = segments.pop().unwrap_or_default();
+    let mut at = table;
+    for segment in segments {
+        let entry = at
+            .entry(segment)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
         }
-        fn map(table: toml::Table) -> config::Map<String, config::Value> {
-            table.into_iter().map(|(k, v)| (k, convert(v))).collect()
+        match entry {
+            toml::Value::Table(inner) => at = inner,
+            // Made a table just above.
+            _ => return Ok(()),
         }
-        Self(std::sync::Mutex::new(Some(map(table))))
     }
-}
-
-impl config::Source for ParsedToml {
-    fn clone_into_box(&self) -> Box<dyn config::Source + Send + Sync> {
-        Box::new(Self(std::sync::Mutex::new(self.lock().clone())))
-    }
-
-    fn collect(&self) -> Result<config::Map<String, config::Value>, config::ConfigError> {
-        self.lock().take().ok_or_else(|| {
-            config::ConfigError::Message("the config file's table was already collected".into())
-        })
-    }
+    at.insert(last.to_owned(), toml::Value::String(value));
+    Ok(())
 }
 
 /// Adds which environment variable set the key (or a key under it), since
@@ -572,16 +538,11 @@ pub(super) fn field_names<'de, T: Deserialize<'de>>() -> &'static [&'static str]
 
 /// The message for a type error serde had to stop at (a section that is not
 /// a table, say). Values are left out: they could be secrets in the wrong place.
-pub(super) fn structural_message(path: &str, error: &config::ConfigError) -> String {
+pub(super) fn structural_message(path: &str, error: &toml::de::Error) -> String {
     if path == "connections" {
         return "must be a list of tables: write each connection as a [[connections]] table (double brackets)".to_owned();
     }
-    let text = match error {
-        config::ConfigError::Type { expected, .. } => {
-            return format!("wrong type: expected {expected}");
-        }
-        other => other.to_string(),
-    };
+    let text = error.to_string();
     match text.split_once(", expected ") {
         Some((_, expected)) => {
             // `config` may append " for key `…`" and " in <origin>": the path says it.

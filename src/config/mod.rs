@@ -7,8 +7,9 @@
 //! 1. the file is read and checked to be TOML (our own parse, so that a syntax
 //!    error is reported without echoing the offending line, which may hold a
 //!    secret);
-//! 2. the `config` crate layers the environment over it
-//!    (`AEP_S3_ROTATOR__ROTATION__CONCURRENCY=3` → `rotation.concurrency`);
+//! 2. each environment override is laid over that table as a string
+//!    (`AEP_S3_ROTATOR__ROTATION__CONCURRENCY=3` → `rotation.concurrency`,
+//!    `load::layer`);
 //! 3. the layered tree is deserialized into permissive raw structs whose leaves
 //!    accept any value (`Raw`), with `serde_ignored` collecting every unknown
 //!    key and `serde_path_to_error` naming the key of a structural type error;

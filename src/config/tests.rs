@@ -933,33 +933,38 @@ fn a_fifo_as_the_config_file_is_one_clear_error() {
     assert!(error.to_string().contains("FIFO"), "{error}");
 }
 
-/// The layering's file source converts as `config::File` does, and hands
-/// its table over once (the builder collects each source once).
+/// The environment is laid over the file as strings, key by key; a path
+/// through a value makes a table there, and a path with an empty segment
+/// is an issue naming the variable.
 #[test]
-fn the_parsed_file_converts_like_config_file_and_is_collected_once() {
-    use config::Source;
-    let text = "a = 1\nb = 2.5\nc = true\nd = 1979-05-27T07:32:00Z\n[t]\nl = [\"x\", 3]\n";
-    let ours = ParsedToml::from(toml::from_str::<toml::Table>(text).unwrap())
-        .collect()
-        .unwrap();
-    let theirs = config::File::from_str(text, config::FileFormat::Toml)
-        .collect()
-        .unwrap();
+fn the_environment_is_laid_over_the_file_key_by_key() {
+    let mut table: toml::Table =
+        toml::from_str("[rotation]\nconcurrency = 4\nverify = true\n[adobe]\nclient_id = \"x\"\n")
+            .unwrap();
+    layer(
+        &mut table,
+        "AEP_S3_ROTATOR__ROTATION__CONCURRENCY",
+        "8".into(),
+    )
+    .unwrap();
+    layer(
+        &mut table,
+        "AEP_S3_ROTATOR__ADOBE__CLIENT_ID__X",
+        "y".into(),
+    )
+    .unwrap();
+    layer(&mut table, "AEP_S3_ROTATOR__STATE__PATH", "/s".into()).unwrap();
     assert_eq!(
-        format!("{:?}", sorted(&ours)),
-        format!("{:?}", sorted(&theirs))
+        table.to_string(),
+        "[adobe.client_id]\nx = \"y\"\n\n[rotation]\nconcurrency = \"8\"\nverify = true\n\n[state]\npath = \"/s\"\n"
     );
-    let source = ParsedToml::from(toml::from_str::<toml::Table>(text).unwrap());
-    assert!(source.collect().is_ok());
-    assert!(source.collect().is_err(), "a second collect is refused");
-
-    fn sorted(map: &config::Map<String, config::Value>) -> Vec<(String, String)> {
-        let mut pairs: Vec<(String, String)> = map
-            .iter()
-            .map(|(k, v)| (k.clone(), format!("{v:?}")))
-            .collect();
-        pairs.sort();
-        pairs
+    for name in [
+        "AEP_S3_ROTATOR____X",
+        "AEP_S3_ROTATOR__ROTATION__",
+        "AEP_S3_ROTATOR__A____B",
+    ] {
+        let issue = layer(&mut table, name, "v".into()).unwrap_err();
+        assert!(issue.message.contains(name), "{issue:?}");
     }
 }
 
