@@ -11,7 +11,9 @@ SIGTERMs it and prints, as one JSON line:
   warn_lines        log lines at warn or above, by message (the daemon runs
                     at info: a connection given the shared IMS answer logs
                     its failure at debug, which is not counted)
-  cpu_seconds       daemon utime+stime over the window
+  cpu_seconds       daemon utime+stime over the window (the start included)
+  cpu_by_second     the same, cumulative, at the end of each whole second:
+                    the start is the first step, the outage what follows
   daemon_exit       exit code after SIGTERM (0 expected)
 
 Python 3.11 stdlib only; everything on 127.0.0.1.
@@ -59,7 +61,11 @@ def main() -> int:
             text = re.sub(r"(?m)^retry_(min|max) = .*\n", "", text)
             sim.config_path.write_text(text)
             daemon = bench.Daemon(sim.config_path, workdir)
-            time.sleep(args.seconds)
+            by_second = []
+            for second in range(1, int(args.seconds) + 1):
+                time.sleep(max(0.0, daemon.started + second - time.monotonic()))
+                by_second.append(round(daemon.cpu(), 2))
+            time.sleep(max(0.0, daemon.started + args.seconds - time.monotonic()))
             cpu = daemon.cpu()
         finally:
             rc = daemon.stop() if daemon is not None else None
@@ -76,6 +82,7 @@ def main() -> int:
             "ims_requests": levels.get("warn: ims token request failed", 0),
             "warn_lines": dict(levels.most_common()),
             "cpu_seconds": round(cpu, 2),
+            "cpu_by_second": by_second,
             "daemon_exit": rc,
         }
     print(json.dumps(result))
