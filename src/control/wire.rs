@@ -91,7 +91,7 @@ impl WireRequest {
         {
             if let Some(problem) = name_problem(name) {
                 return Err(format!(
-                    "{what} {} cannot be one: {problem}",
+                    "{what} \"{}\" cannot be one: {problem}",
                     crate::scrub::bounded(name, 200)
                 ));
             }
