@@ -209,6 +209,7 @@ fn report(answer: &WireAnswer, wait: Duration) -> (String, Exit) {
         WireResult::Done {
             connections,
             pushed_not_listed,
+            others_not_listed,
         } => {
             let mut out = String::new();
             for c in connections {
@@ -250,11 +251,22 @@ fn report(answer: &WireAnswer, wait: Duration) -> (String, Exit) {
                     plural(*pushed_not_listed, "connection")
                 ));
             }
+            if *others_not_listed > 0 {
+                out.push_str(&format!(
+                    "refused  {} more, or pending (not listed: the answer was too long for the coordination table; see the leader's log and `status`)\n",
+                    plural(*others_not_listed, "connection")
+                ));
+            }
             let count = |o: WireOutcome| connections.iter().filter(|c| c.outcome == o).count();
             let pushed = count(WireOutcome::Pushed) + pushed_not_listed;
-            let total = connections.len() + pushed_not_listed;
+            let total = connections.len() + pushed_not_listed + others_not_listed;
+            let not_listed = if *others_not_listed > 0 {
+                format!(", {others_not_listed} not listed")
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "{}: {pushed} pushed, {} refused, {} pending{by}\n",
+                "{}: {pushed} pushed, {} refused, {} pending{not_listed}{by}\n",
                 plural(total, "connection"),
                 count(WireOutcome::Refused) + count(WireOutcome::DryRun),
                 count(WireOutcome::Pending),
@@ -300,6 +312,7 @@ mod tests {
             result: WireResult::Done {
                 connections,
                 pushed_not_listed: 0,
+                others_not_listed: 0,
             },
         };
         let (text, exit) = report(&answer(vec![pushed.clone()]), Duration::from_secs(60));
@@ -348,6 +361,7 @@ mod tests {
             result: WireResult::Done {
                 connections: vec![hostile],
                 pushed_not_listed: 0,
+                others_not_listed: 0,
             },
         };
         let (text, exit) = report(&answer, Duration::from_secs(60));

@@ -452,6 +452,7 @@ pub fn to_answer(result: Result<Vec<WireConnection>, RotateRefusal>) -> WireAnsw
         Ok(connections) => WireAnswer::new(WireResult::Done {
             connections,
             pushed_not_listed: 0,
+            others_not_listed: 0,
         }),
         Err(RotateRefusal::Unknown {
             connections,
@@ -477,6 +478,7 @@ pub(crate) fn log_answer(answer: &WireAnswer, reason: &str) {
         WireResult::Done {
             connections,
             pushed_not_listed,
+            others_not_listed,
         } => {
             let count = |o: WireOutcome| connections.iter().filter(|c| c.outcome == o).count();
             tracing::info!(
@@ -484,6 +486,7 @@ pub(crate) fn log_answer(answer: &WireAnswer, reason: &str) {
                 replica = answer.replica.as_deref().unwrap_or(""),
                 pushed = count(WireOutcome::Pushed) + pushed_not_listed,
                 refused = count(WireOutcome::Refused),
+                not_listed = others_not_listed,
                 pending = count(WireOutcome::Pending),
                 dry_run = count(WireOutcome::DryRun),
                 "rotation request answered"

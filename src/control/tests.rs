@@ -339,8 +339,11 @@ fn an_answer_in_flight_at_shutdown_is_written_before_the_server_returns() {
     );
 }
 
+/// One logged event's fields, as (name, text).
+type Event = Vec<(String, String)>;
+
 /// The fields of every event logged while `f` runs, as text.
-fn logged(f: impl FnOnce()) -> Vec<Vec<(String, String)>> {
+fn logged(f: impl FnOnce()) -> Vec<Event> {
     use std::sync::Mutex;
     use tracing_subscriber::layer::SubscriberExt;
     #[derive(Default)]
@@ -350,7 +353,7 @@ fn logged(f: impl FnOnce()) -> Vec<Vec<(String, String)>> {
             self.0.push((field.name().to_owned(), format!("{value:?}")));
         }
     }
-    struct Record(Arc<Mutex<Vec<Vec<(String, String)>>>>);
+    struct Record(Arc<Mutex<Vec<Event>>>);
     impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
         fn on_event(
             &self,
