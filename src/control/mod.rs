@@ -157,6 +157,11 @@ pub enum BindError {
         "the directory of the control socket {0} does not exist; create it for the daemon's user (systemd: RuntimeDirectory=), or set [admin] control_socket"
     )]
     NoDirectory(PathBuf),
+    /// The daemon's user may not create files in the directory.
+    #[error(
+        "the daemon's user may not create the control socket {0} (permission denied on its directory); give the directory to that user (systemd: RuntimeDirectory=; a container: a volume it owns), or set [admin] control_socket"
+    )]
+    NotWritable(PathBuf),
     /// Any other failure to create or secure the socket.
     #[error("cannot create the control socket {path}: {source}")]
     Io {
@@ -201,6 +206,7 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => BindError::NoDirectory(path.to_owned()),
+            std::io::ErrorKind::PermissionDenied => BindError::NotWritable(path.to_owned()),
             _ => io(e),
         })?;
         // The peer check below serves anyone who connects between bind and
