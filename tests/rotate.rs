@@ -382,3 +382,32 @@ async fn rotate_sent_to_a_standby_is_carried_out_once_by_the_leader() {
     assert_eq!(left.count(), 0);
     assert_no_secret(&stdout, &cluster.secrets());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_the_daemon_would_refuse_is_a_bad_command_line_said_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    // No daemon anywhere: the command line is judged first.
+    let socket = dir.path().join("control.sock");
+    let many: Vec<String> = (0..20_001).map(|i| format!("c{i}")).collect();
+    let many: Vec<&str> = many
+        .iter()
+        .flat_map(|id| ["--connection", id.as_str()])
+        .collect();
+    for (args, says) in [
+        (vec!["--connection", ""], "it is empty"),
+        (vec!["--connection", "a\u{1b}[31m"], "control characters"),
+        (many, "too many names"),
+    ] {
+        let mut command = clean_command(binary());
+        command
+            .args(["rotate", "--socket"])
+            .arg(&socket)
+            .args(&args);
+        let out = client(command).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(!stderr.contains('\u{1b}'), "{stderr}");
+    }
+}

@@ -3,8 +3,9 @@
 //! policy can scope each connection to its own data (`${aws:PrincipalTag/...}`).
 //!
 //! Both are templates: `{id}`, `{name}` and `{sandbox}` expand per
-//! connection. AWS's limits are checked twice: on the templates when the
-//! config is loaded (every problem with its key path), and on the values a
+//! connection, in one pass (a name holding `{sandbox}` stays that text).
+//! AWS's limits are checked twice: on the templates when the config is
+//! loaded (every problem with its key path), and on the values a
 //! connection expands them to ([`Attribution::expand`]), because a name
 //! found by discovery is only known at run time.
 
@@ -72,12 +73,7 @@ impl Attribution {
         name: &str,
         sandbox: &str,
     ) -> Result<ExpandedAttribution, AttributionProblem> {
-        let fill = |template: &str| {
-            template
-                .replace("{id}", id)
-                .replace("{name}", name)
-                .replace("{sandbox}", sandbox)
-        };
+        let fill = |template: &str| fill(template, id, name, sandbox);
         let refused = |key: String, value: &str, problem: String| AttributionProblem {
             message: format!(
                 "{key} expands to {:?} for connection {id}, which AWS refuses: {problem}",
@@ -108,6 +104,31 @@ impl Attribution {
             source_identity,
         })
     }
+}
+
+/// `template` with its placeholders replaced, in one pass: what a value
+/// brings (a discovered name `{sandbox}`, say) is text, never expanded in
+/// turn.
+fn fill(template: &str, id: &str, name: &str, sandbox: &str) -> String {
+    let mut out = String::with_capacity(template.len() + name.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let tail = &rest[open..];
+        let (value, placeholder) = if tail.starts_with("{id}") {
+            (id, "{id}")
+        } else if tail.starts_with("{name}") {
+            (name, "{name}")
+        } else if tail.starts_with("{sandbox}") {
+            (sandbox, "{sandbox}")
+        } else {
+            ("{", "{") // checked at load: unreachable in a loaded config
+        };
+        out.push_str(value);
+        rest = &tail[placeholder.len()..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A template whose expansion for one connection AWS would refuse.
@@ -652,6 +673,30 @@ source_identity = "{name}-{name}-{name}-{name}-{name}-{name}-{name}-{name}-{name
         let long = "n".repeat(300);
         let problem = attribution.expand("c-3", &long, "prod").unwrap_err();
         assert!(problem.message.contains("at most 256"), "{problem}");
+    }
+
+    #[test]
+    fn a_remote_name_is_inserted_as_text_never_expanded_again() {
+        // A discovered connection named "{sandbox}" (or an id holding a
+        // placeholder) must not turn into another field's value.
+        let attribution = Attribution {
+            session_tags: Some(vec![("conn".to_owned(), "{name}/{id}".to_owned())]),
+            source_identity: Some("aep-{id}".to_owned()),
+        };
+        let problem = attribution
+            .expand("c-1", "{sandbox}", "prod")
+            .expect_err("braces are no tag characters");
+        assert!(problem.message.contains("{sandbox}/c-1"), "{problem}");
+        let problem = attribution
+            .expand("{name}", "sales", "prod")
+            .expect_err("braces are no tag characters");
+        assert!(problem.message.contains("{name}"), "{problem}");
+        let ok = attribution.expand("c-1", "sales", "prod").unwrap();
+        assert_eq!(
+            ok.session_tags,
+            [("conn".to_owned(), "sales/c-1".to_owned())]
+        );
+        assert_eq!(ok.source_identity.as_deref(), Some("aep-c-1"));
     }
 
     #[test]

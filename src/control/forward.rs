@@ -30,7 +30,7 @@ use futures::future::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{WireAnswer, WireConnection, WireOutcome, WireRequest, WireResult};
+use super::wire::{WireAnswer, WireOutcome, WireRequest, WireResult};
 use super::{Forward, carry_out, to_answer};
 use crate::coordination::dynamo::{DynamoStore, classify};
 use crate::coordination::{Leadership, Role, StoreError};
@@ -374,25 +374,88 @@ impl Leader {
     }
 }
 
-/// The answer as JSON that fits in an item: when the full list is too
-/// long, only the connections not pushed are listed, with a count of the rest.
+/// The answer as JSON that fits in an item ([`MAX_ANSWER`]). When the
+/// full list is too long, only the connections not pushed are listed, with
+/// a count of the rest, and of those the first ones that fit, with a count
+/// of the others; names a request did not know, the first ones that fit.
 fn fit(answer: &WireAnswer) -> String {
     let line = serde_json::to_string(answer).unwrap_or_default();
     if line.len() <= MAX_ANSWER {
         return line;
     }
-    let mut short = answer.clone();
-    if let WireResult::Done {
-        connections,
-        pushed_not_listed,
-    } = &mut short.result
-    {
-        let before = connections.len();
-        connections.retain(|c: &WireConnection| c.outcome != WireOutcome::Pushed);
-        *pushed_not_listed += before - connections.len();
-        connections.truncate(1000);
-    }
-    serde_json::to_string(&short).unwrap_or_default()
+    let result = match &answer.result {
+        WireResult::Done {
+            connections,
+            pushed_not_listed,
+            others_not_listed,
+        } => {
+            let (mut pushed, mut others) = (*pushed_not_listed, *others_not_listed);
+            // Room for the envelope with the longest counts.
+            let mut used = size(&WireAnswer {
+                result: WireResult::Done {
+                    connections: Vec::new(),
+                    pushed_not_listed: usize::MAX,
+                    others_not_listed: usize::MAX,
+                },
+                ..answer.clone()
+            });
+            let mut kept = Vec::new();
+            for entry in connections {
+                if entry.outcome == WireOutcome::Pushed {
+                    pushed += 1;
+                    continue;
+                }
+                let bytes = size(entry);
+                if used + bytes > MAX_ANSWER {
+                    others += 1;
+                    continue;
+                }
+                used += bytes;
+                kept.push(entry.clone());
+            }
+            WireResult::Done {
+                connections: kept,
+                pushed_not_listed: pushed,
+                others_not_listed: others,
+            }
+        }
+        WireResult::Unknown {
+            connections,
+            sandboxes,
+        } => {
+            let mut used = 256;
+            let mut first = |names: &[String]| {
+                let mut kept: Vec<String> = Vec::new();
+                for name in names {
+                    let bytes = size(name);
+                    if used + bytes > MAX_ANSWER - 256 {
+                        kept.push(format!("… and {} more", names.len() - kept.len()));
+                        break;
+                    }
+                    used += bytes;
+                    kept.push(name.clone());
+                }
+                kept
+            };
+            WireResult::Unknown {
+                connections: first(connections),
+                sandboxes: first(sandboxes),
+            }
+        }
+        WireResult::Refused { message } => WireResult::Refused {
+            message: crate::scrub::bounded(message, crate::scrub::MAX_REMOTE_TEXT),
+        },
+    };
+    serde_json::to_string(&WireAnswer {
+        result,
+        ..answer.clone()
+    })
+    .unwrap_or_default()
+}
+
+/// The bytes `value` takes in an answer: its JSON and a comma.
+fn size<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_string(value).map_or(MAX_ANSWER, |line| line.len() + 1)
 }
 
 /// Deletes request item `id`; with `only_queued`, only if no leader took it.
@@ -426,4 +489,66 @@ fn update_item(
         .table_name(table.table())
         .key("pk", s(PK))
         .key("sk", s(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::wire::WireConnection;
+    use crate::scheduler::RotateOutcome;
+
+    /// Every connection refused with a long reason (a revoked role, say).
+    fn refused(n: usize) -> WireAnswer {
+        let connections = (0..n)
+            .map(|i| {
+                WireConnection::new(
+                    format!("{i:08}-0000-4000-8000-000000000000"),
+                    "n".repeat(200),
+                    "prod".to_owned(),
+                    Some(RotateOutcome::Refused(format!(
+                        "pre-push S3 check denied: AccessDenied {}",
+                        "x".repeat(300)
+                    ))),
+                )
+            })
+            .collect();
+        WireAnswer {
+            replica: Some("leader-1".to_owned()),
+            ..WireAnswer::new(WireResult::Done {
+                connections,
+                pushed_not_listed: 0,
+                others_not_listed: 0,
+            })
+        }
+    }
+
+    #[test]
+    fn an_answer_always_fits_in_an_item_and_counts_what_it_leaves_out() {
+        for n in [10, 1000, 5000] {
+            let line = fit(&refused(n));
+            assert!(line.len() <= MAX_ANSWER, "{n}: {} bytes", line.len());
+            let answer: WireAnswer = serde_json::from_str(&line).unwrap();
+            assert_ne!(answer.metric_result(), "pushed");
+            let WireResult::Done {
+                connections,
+                pushed_not_listed,
+                others_not_listed,
+            } = answer.result
+            else {
+                panic!("{n}");
+            };
+            assert_eq!(pushed_not_listed, 0);
+            assert_eq!(connections.len() + others_not_listed, n, "{n}");
+            assert!(!connections.is_empty());
+        }
+        // Names a request did not know: the first ones, and how many more.
+        let names: Vec<String> = (0..20_000).map(|i| format!("{i:040}")).collect();
+        let unknown = WireAnswer::new(WireResult::Unknown {
+            connections: names.clone(),
+            sandboxes: names,
+        });
+        let line = fit(&unknown);
+        assert!(line.len() <= MAX_ANSWER, "{} bytes", line.len());
+        assert!(line.contains("more"), "{}", &line[line.len() - 200..]);
+    }
 }

@@ -9,8 +9,12 @@
 //! served, anyone else is told so and counted (`result="denied"`).
 //!
 //! One request line, one answer line ([`wire`]), both JSON; the request is
-//! capped in size and time, checked field by field, and its reason escaped
-//! before it is logged. A request becomes a
+//! capped in size and time, checked field by field, and its reason (and any
+//! name it holds) escaped and bounded before it is logged. Clients are
+//! bounded too: [`MAX_CLIENTS`] served, [`MAX_REFUSING`] being told "busy"
+//! or "permission denied", any more closed at once, so a flood holds a
+//! fixed number of descriptors. At shutdown the socket closes first and the
+//! answers in flight are written before the server returns. A request becomes a
 //! [`RotateRequest`](crate::scheduler::RotateRequest) for the scheduler
 //! loop, which runs each named connection's ordinary job (pre-push check,
 //! request gate, etag, fence) with credentials minted for it; the answer
@@ -43,6 +47,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::ControlSocket;
 use crate::counters::RotateRequests;
@@ -60,6 +65,16 @@ const SOCKET_NAME: &str = "control.sock";
 /// Clients served at once; more are told the daemon is busy. An operator
 /// runs one `rotate` at a time; four leave room for a retry and a script.
 const MAX_CLIENTS: usize = 4;
+
+/// Clients being told "busy" or "permission denied" at once. Beyond these
+/// (a flood), a client is closed at once without an answer: every open
+/// client holds a descriptor, and descriptors are what rotations need.
+const MAX_REFUSING: usize = 16;
+
+/// How long the server waits at shutdown for the answers still being
+/// written: longer than the longest `shutdown_grace` (5 min) plus a write,
+/// only a safety net (an answer is due as soon as the scheduler stops).
+const DRAIN: Duration = Duration::from_secs(6 * 60);
 
 /// How long a client may take to send its request line: it writes it at
 /// once, so a client still silent after this is stuck or hostile.
@@ -142,6 +157,11 @@ pub enum BindError {
         "the directory of the control socket {0} does not exist; create it for the daemon's user (systemd: RuntimeDirectory=), or set [admin] control_socket"
     )]
     NoDirectory(PathBuf),
+    /// The daemon's user may not create files in the directory.
+    #[error(
+        "the daemon's user may not create the control socket {0} (permission denied on its directory); give the directory to that user (systemd: RuntimeDirectory=; a container: a volume it owns), or set [admin] control_socket"
+    )]
+    NotWritable(PathBuf),
     /// Any other failure to create or secure the socket.
     #[error("cannot create the control socket {path}: {source}")]
     Io {
@@ -186,6 +206,7 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => BindError::NoDirectory(path.to_owned()),
+            std::io::ErrorKind::PermissionDenied => BindError::NotWritable(path.to_owned()),
             _ => io(e),
         })?;
         // The peer check below serves anyone who connects between bind and
@@ -207,11 +228,19 @@ impl ControlServer {
         &self.path
     }
 
-    /// Serves clients until `cancel`.
+    /// Serves clients until `cancel`; then closes the socket and waits for
+    /// the answers still being written (each is due once the scheduler
+    /// stops: see [`DRAIN`]).
+    ///
+    /// Bounded whatever clients do: [`MAX_CLIENTS`] served, [`MAX_REFUSING`]
+    /// being refused (another user, or busy), any more closed at once. A
+    /// client of another user never takes a served slot.
     pub async fn serve(self, control: Control, cancel: CancellationToken) {
         tracing::info!(path = %self.path.display(), "control socket listening");
         let control = Arc::new(control);
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+        let tasks = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
@@ -226,25 +255,65 @@ impl ControlServer {
                     continue;
                 }
             };
-            let control = Arc::clone(&control);
             let own_uid = self.own_uid;
-            match Arc::clone(&slots).try_acquire_owned() {
+            let refusal = match stream.peer_cred().map(|cred| cred.uid()) {
+                Ok(uid) if uid == 0 || uid == own_uid => {
+                    match Arc::clone(&slots).try_acquire_owned() {
+                        Ok(permit) => {
+                            let control = Arc::clone(&control);
+                            let cancel = cancel.clone();
+                            tasks.spawn(async move {
+                                control.client(stream, uid, &cancel).await;
+                                drop(permit);
+                            });
+                            continue;
+                        }
+                        Err(_) => {
+                            control.rotate_requests.count("rejected");
+                            WireAnswer::refused(
+                                "the daemon is answering other rotate requests; try again in a moment",
+                            )
+                        }
+                    }
+                }
+                Ok(uid) => {
+                    control.rotate_requests.count("denied");
+                    tracing::warn!(
+                        uid,
+                        "control socket: refused a client of another user (only root and the daemon's own user may ask)"
+                    );
+                    WireAnswer::refused(format!(
+                        "permission denied: only root and the daemon's user (uid {own_uid}) may ask this daemon to rotate; you are uid {uid}"
+                    ))
+                }
+                Err(error) => {
+                    control.rotate_requests.count("denied");
+                    tracing::warn!(error = %error, "control socket: cannot read the client's credentials; refused");
+                    continue;
+                }
+            };
+            match Arc::clone(&refusing).try_acquire_owned() {
                 Ok(permit) => {
-                    tokio::spawn(async move {
-                        control.client(stream, own_uid).await;
+                    tasks.spawn(async move {
+                        write_answer(stream, &refusal).await;
                         drop(permit);
                     });
                 }
+                // A flood: closed now, its descriptor freed at once.
                 Err(_) => {
-                    tokio::spawn(async move {
-                        control.rotate_requests.count("rejected");
-                        let busy = WireAnswer::refused(
-                            "the daemon is answering other rotate requests; try again in a moment",
-                        );
-                        write_answer(stream, &busy).await;
-                    });
+                    tracing::debug!(
+                        "control socket: too many clients at once; closed one unanswered"
+                    );
+                    drop(stream);
                 }
             }
+        }
+        // No new clients (the file goes too); the answers in flight are
+        // written before the process may exit.
+        drop(self);
+        tasks.close();
+        if tokio::time::timeout(DRAIN, tasks.wait()).await.is_err() {
+            tracing::warn!("control socket: answers still unwritten at shutdown");
         }
     }
 }
@@ -282,29 +351,11 @@ pub struct Control {
 }
 
 impl Control {
-    async fn client(&self, mut stream: UnixStream, own_uid: u32) {
-        let uid = match stream.peer_cred() {
-            Ok(cred) => cred.uid(),
-            Err(error) => {
-                tracing::warn!(error = %error, "control socket: cannot read the client's credentials; refused");
-                self.rotate_requests.count("denied");
-                return;
-            }
-        };
-        if uid != 0 && uid != own_uid {
-            tracing::warn!(
-                uid,
-                "control socket: refused a client of another user (only root and the daemon's own user may ask)"
-            );
-            self.rotate_requests.count("denied");
-            let refused = WireAnswer::refused(format!(
-                "permission denied: only root and the daemon's user (uid {own_uid}) may ask this daemon to rotate; you are uid {uid}"
-            ));
-            write_answer(stream, &refused).await;
-            return;
-        }
+    /// One client of an allowed user (root or the daemon's own): its
+    /// request, answered.
+    async fn client(&self, mut stream: UnixStream, uid: u32, cancel: &CancellationToken) {
         let answer = match read_request(&mut stream).await {
-            Ok(request) => self.answer(&request, uid).await,
+            Ok(request) => self.answer(&request, uid, cancel).await,
             Err(ReadError::Closed) => {
                 // A liveness probe (another daemon checking for a stale socket).
                 tracing::debug!("control socket: client closed without a request");
@@ -319,7 +370,12 @@ impl Control {
         write_answer(stream, &answer).await;
     }
 
-    async fn answer(&self, request: &WireRequest, uid: u32) -> WireAnswer {
+    async fn answer(
+        &self,
+        request: &WireRequest,
+        uid: u32,
+        cancel: &CancellationToken,
+    ) -> WireAnswer {
         let valid = match request.validate() {
             Ok(valid) => valid,
             Err(message) => {
@@ -338,7 +394,13 @@ impl Control {
             Err(RotateRefusal::NotLeader) => match &self.forward {
                 Some(forward) => {
                     tracing::info!(reason = %valid.reason, "standing by: forwarding the rotation request to the leader");
-                    forward.forward(request, valid.wait).await
+                    // A standby stopping does not wait for the leader.
+                    tokio::select! {
+                        answer = forward.forward(request, valid.wait) => answer,
+                        () = cancel.cancelled() => WireAnswer::refused(
+                            "this replica is shutting down; the leader may still carry the request out: check `aep-s3-rotator status`",
+                        ),
+                    }
                 }
                 None => WireAnswer::refused("this daemon is not rotating now (not the leader)"),
             },
@@ -396,6 +458,7 @@ pub fn to_answer(result: Result<Vec<WireConnection>, RotateRefusal>) -> WireAnsw
         Ok(connections) => WireAnswer::new(WireResult::Done {
             connections,
             pushed_not_listed: 0,
+            others_not_listed: 0,
         }),
         Err(RotateRefusal::Unknown {
             connections,
@@ -421,6 +484,7 @@ pub(crate) fn log_answer(answer: &WireAnswer, reason: &str) {
         WireResult::Done {
             connections,
             pushed_not_listed,
+            others_not_listed,
         } => {
             let count = |o: WireOutcome| connections.iter().filter(|c| c.outcome == o).count();
             tracing::info!(
@@ -428,6 +492,7 @@ pub(crate) fn log_answer(answer: &WireAnswer, reason: &str) {
                 replica = answer.replica.as_deref().unwrap_or(""),
                 pushed = count(WireOutcome::Pushed) + pushed_not_listed,
                 refused = count(WireOutcome::Refused),
+                not_listed = others_not_listed,
                 pending = count(WireOutcome::Pending),
                 dry_run = count(WireOutcome::DryRun),
                 "rotation request answered"
@@ -438,13 +503,41 @@ pub(crate) fn log_answer(answer: &WireAnswer, reason: &str) {
             sandboxes,
         } => tracing::warn!(
             reason = %reason,
-            unknown_connections = %connections.join(","),
-            unknown_sandboxes = %sandboxes.join(","),
+            unknown_connections = %names_for_log(connections),
+            unknown_sandboxes = %names_for_log(sandboxes),
             "rotation request names unknown connections; nothing started"
         ),
         WireResult::Refused { message } => {
             tracing::warn!(reason = %reason, error = %message, "rotation request refused")
         }
+    }
+}
+
+/// How many characters of a request's unknown names are logged: the
+/// request may hold 20,000 of them (the client is told them all).
+const MAX_LOGGED_NAMES: usize = 300;
+
+/// Names a client sent, for one log field: comma-separated, bounded and
+/// escaped (a request's names are the client's text, bidi overrides and
+/// all).
+fn names_for_log(names: &[String]) -> String {
+    let mut joined = String::new();
+    let mut listed = 0;
+    for name in names {
+        if joined.len() > MAX_LOGGED_NAMES * 4 {
+            break; // cut below anyway
+        }
+        if listed > 0 {
+            joined.push(',');
+        }
+        joined.push_str(name);
+        listed += 1;
+    }
+    let shown = crate::scrub::bounded(&joined, MAX_LOGGED_NAMES);
+    if listed < names.len() {
+        format!("{shown} (of {} names)", names.len())
+    } else {
+        shown
     }
 }
 
@@ -472,6 +565,8 @@ enum ReadError {
     Timeout,
     #[error("the connection closed before a request")]
     Closed,
+    #[error("the request line ended without a newline (the client closed its side mid-request)")]
+    Incomplete,
     #[error("not a rotate request: {0}")]
     Malformed(String),
     #[error("cannot read the request: {0}")]
@@ -493,7 +588,7 @@ async fn read_request(stream: &mut UnixStream) -> Result<WireRequest, ReadError>
         return Err(ReadError::TooLong);
     }
     if line.last() != Some(&b'\n') {
-        return Err(ReadError::Closed);
+        return Err(ReadError::Incomplete);
     }
     serde_json::from_slice(&line)
         .map_err(|e| ReadError::Malformed(crate::scrub::bounded(&e.to_string(), 200)))

@@ -185,3 +185,213 @@ async fn a_client_that_sends_nothing_is_dropped_after_the_read_timeout() {
     assert!(answer.contains("no complete request line"), "{answer}");
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn a_request_cut_short_by_the_client_is_told_so() {
+    let (_dir, path, _, cancel) = serving().await;
+    let mut stream = UnixStream::connect(&path).await.unwrap();
+    stream.write_all(b"{\"version\":1,").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.contains("without a newline"), "{answer:?}");
+    cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_clients_is_answered_a_bounded_number_at_a_time() {
+    let (_dir, path, counter, cancel) = serving().await;
+    // Every served slot taken by a client that sends nothing (yet).
+    let mut silent = Vec::new();
+    for _ in 0..MAX_CLIENTS {
+        silent.push(UnixStream::connect(&path).await.unwrap());
+    }
+    // A flood that neither sends nor reads: each refusal held open would
+    // hold a descriptor of the daemon's.
+    let flood_size = 100;
+    let mut flood = Vec::new();
+    for _ in 0..flood_size {
+        flood.push(UnixStream::connect(&path).await.unwrap());
+    }
+    let mut answered = 0;
+    for mut stream in flood {
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        if !answer.is_empty() {
+            assert!(answer.contains("try again"), "{answer}");
+            answered += 1;
+        }
+    }
+    assert!(
+        answered <= MAX_REFUSING,
+        "{answered} of {flood_size} refusals held at once"
+    );
+    assert!(answered > 0, "some are told why");
+    // The served clients still get their answers.
+    for mut stream in silent {
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.contains("no complete request line"), "{answer}");
+    }
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register("rotate_requests", "", counter.family());
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.contains(&format!(
+            "rotate_requests_total{{result=\"rejected\"}} {}",
+            flood_size + MAX_CLIENTS
+        )),
+        "every client is counted: {text}"
+    );
+    cancel.cancel();
+}
+
+/// The loop takes the request on and answers only when told (the daemon
+/// stopping drops what it still holds).
+fn holding_loop() -> (
+    mpsc::Sender<RotateRequest>,
+    oneshot::Receiver<Vec<oneshot::Sender<RotateOutcome>>>,
+) {
+    let (tx, mut rx) = mpsc::channel::<RotateRequest>(4);
+    let (held_tx, held_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let Some(request) = rx.recv().await else {
+            return;
+        };
+        let mut held = Vec::new();
+        let pending = ["c1", "c2"]
+            .into_iter()
+            .map(|id| {
+                let (done, outcome) = oneshot::channel();
+                held.push(done);
+                Pending {
+                    id: id.to_owned(),
+                    sandbox: "prod".to_owned(),
+                    name: "n".to_owned(),
+                    outcome,
+                }
+            })
+            .collect();
+        let _ = request.reply.send(Ok(pending));
+        let _ = held_tx.send(held);
+    });
+    (tx, held_rx)
+}
+
+#[test]
+fn an_answer_in_flight_at_shutdown_is_written_before_the_server_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = runtime.block_on(async {
+        let server = ControlServer::bind(&path).await.unwrap();
+        let (requests, held) = holding_loop();
+        let control = Control {
+            requests,
+            rotate_requests: RotateRequests::default(),
+            replica: None,
+            forward: None,
+        };
+        let cancel = CancellationToken::new();
+        let serving = tokio::spawn(server.serve(control, cancel.clone()));
+        let mut client = UnixStream::connect(&path).await.unwrap();
+        client
+            .write_all(b"{\"version\":1,\"all\":true,\"timeout_ms\":60000}\n")
+            .await
+            .unwrap();
+        let held = held.await.unwrap();
+        // SIGTERM: the server stops, then the scheduler ends and drops
+        // the jobs it did not run; `run` awaits the server, then exits.
+        cancel.cancel();
+        // The server has stopped accepting (its file is gone) before the
+        // scheduler's end answers the request.
+        while path.exists() {
+            tokio::task::yield_now().await;
+        }
+        let mut held = held.into_iter();
+        let first = held.next().unwrap();
+        let _ = first.send(RotateOutcome::Refused("the daemon is shutting down".into()));
+        drop(held);
+        serving.await.unwrap();
+        client.into_std().unwrap()
+    });
+    // The process exits: whatever the server did not write is lost.
+    drop(runtime);
+    let mut client = client;
+    client.set_nonblocking(false).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut client, &mut answer).unwrap();
+    assert!(answer.ends_with('\n'), "cut: {answer:?}");
+    let answer: WireAnswer = serde_json::from_str(&answer).unwrap();
+    let WireResult::Done { connections, .. } = answer.result else {
+        panic!("{answer:?}");
+    };
+    assert_eq!(connections.len(), 2);
+    assert!(
+        connections
+            .iter()
+            .all(|c| c.outcome == wire::WireOutcome::Refused),
+        "{connections:?}"
+    );
+}
+
+/// One logged event's fields, as (name, text).
+type Event = Vec<(String, String)>;
+
+/// The fields of every event logged while `f` runs, as text.
+fn logged(f: impl FnOnce()) -> Vec<Event> {
+    use std::sync::Mutex;
+    use tracing_subscriber::layer::SubscriberExt;
+    #[derive(Default)]
+    struct Fields(Vec<(String, String)>);
+    impl tracing::field::Visit for Fields {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            self.0.push((field.name().to_owned(), format!("{value:?}")));
+        }
+    }
+    struct Record(Arc<Mutex<Vec<Event>>>);
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            self.0.lock().unwrap().push(fields.0);
+        }
+    }
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Record(Arc::clone(&events)));
+    tracing::subscriber::with_default(subscriber, f);
+    events.lock().unwrap().clone()
+}
+
+#[test]
+fn unknown_names_are_logged_bounded_and_escaped() {
+    // As many names as a request may hold, one with a bidi override.
+    let mut names: Vec<String> = (0..wire::MAX_NAMES)
+        .map(|i| format!("not-a-connection-{i:08}"))
+        .collect();
+    names[0] = "evil\u{202e}txt.exe".to_owned();
+    let answer = WireAnswer::new(WireResult::Unknown {
+        connections: names.clone(),
+        sandboxes: names,
+    });
+    let events = logged(|| log_answer(&answer, "INC-1"));
+    assert_eq!(events.len(), 1);
+    for (field, value) in &events[0] {
+        assert!(value.len() < 1000, "{field}: {} bytes", value.len());
+        assert!(!value.contains('\u{202e}'), "{field}: {value}");
+    }
+    let connections = &events[0]
+        .iter()
+        .find(|(f, _)| f == "unknown_connections")
+        .unwrap()
+        .1;
+    assert!(connections.contains("20000 names"), "{connections}");
+}

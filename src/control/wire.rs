@@ -91,7 +91,7 @@ impl WireRequest {
         {
             if let Some(problem) = name_problem(name) {
                 return Err(format!(
-                    "{what} {} cannot be one: {problem}",
+                    "{what} \"{}\" cannot be one: {problem}",
                     crate::scrub::bounded(name, 200)
                 ));
             }
@@ -151,6 +151,11 @@ pub enum WireResult {
         /// long for the coordination table lists only the others.
         #[serde(default)]
         pushed_not_listed: usize,
+        /// Connections not pushed (refused or pending) and not in the
+        /// list: an answer too long for the table even so lists the first
+        /// ones only.
+        #[serde(default)]
+        others_not_listed: usize,
     },
     /// Names the daemon does not rotate; nothing was started.
     Unknown {
@@ -261,11 +266,11 @@ impl WireAnswer {
     /// The `rotate_requests_total` result this answer counts as.
     pub fn metric_result(&self) -> &'static str {
         match &self.result {
-            WireResult::Done { connections, .. }
-                if connections.iter().all(|c| c.outcome == WireOutcome::Pushed) =>
-            {
-                "pushed"
-            }
+            WireResult::Done {
+                connections,
+                others_not_listed: 0,
+                ..
+            } if connections.iter().all(|c| c.outcome == WireOutcome::Pushed) => "pushed",
             WireResult::Done { .. } => "failed",
             WireResult::Unknown { .. } | WireResult::Refused { .. } => "rejected",
         }
@@ -342,6 +347,7 @@ mod tests {
             WireAnswer::new(WireResult::Done {
                 connections,
                 pushed_not_listed: 0,
+                others_not_listed: 0,
             })
         };
         assert_eq!(done(vec![pushed.clone()]).metric_result(), "pushed");

@@ -234,27 +234,36 @@ impl Daemon {
                 connections,
                 sandboxes,
             } => {
+                // One pass over the connections, whatever the request
+                // holds: it may name 20,000 things, and the loop turns
+                // for nothing else meanwhile.
+                let mut by_name: HashMap<&str, Option<&str>> = HashMap::new();
+                let mut in_sandbox: HashMap<&str, Vec<&str>> = HashMap::new();
+                for connection in self.connections.values() {
+                    let config = connection.config();
+                    by_name
+                        .entry(config.name.as_str())
+                        .and_modify(|only| *only = None)
+                        .or_insert(Some(config.id.as_str()));
+                    in_sandbox
+                        .entry(config.sandbox.as_str())
+                        .or_default()
+                        .push(config.id.as_str());
+                }
                 // An id, or a name only one connection has (as `once`).
                 let mut unknown = Vec::new();
                 for wanted in connections {
                     if self.connections.contains_key(wanted) {
                         ids.insert(wanted.clone());
-                        continue;
-                    }
-                    let mut named = self
-                        .connections
-                        .values()
-                        .filter(|c| &c.config().name == wanted);
-                    match (named.next(), named.next()) {
-                        (Some(only), None) => {
-                            ids.insert(only.config().id.clone());
-                        }
-                        _ => unknown.push(wanted.clone()),
+                    } else if let Some(Some(only)) = by_name.get(wanted.as_str()) {
+                        ids.insert((*only).to_owned());
+                    } else {
+                        unknown.push(wanted.clone());
                     }
                 }
                 let empty: Vec<String> = sandboxes
                     .iter()
-                    .filter(|s| !self.connections.values().any(|c| &c.config().sandbox == *s))
+                    .filter(|s| !in_sandbox.contains_key(s.as_str()))
                     .cloned()
                     .collect();
                 if !unknown.is_empty() || !empty.is_empty() {
@@ -263,12 +272,11 @@ impl Daemon {
                         sandboxes: empty,
                     });
                 }
-                ids.extend(
-                    self.connections
-                        .values()
-                        .filter(|c| sandboxes.contains(&c.config().sandbox))
-                        .map(|c| c.config().id.clone()),
-                );
+                for sandbox in sandboxes {
+                    if let Some(members) = in_sandbox.get(sandbox.as_str()) {
+                        ids.extend(members.iter().map(|id| (*id).to_owned()));
+                    }
+                }
             }
         }
         if ids.is_empty() {

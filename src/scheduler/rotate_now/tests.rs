@@ -253,3 +253,56 @@ async fn a_request_the_daemon_cannot_finish_is_dropped_unanswered_at_shutdown() 
         assert!(p.outcome.await.is_err());
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_name_selects_the_one_connection_that_has_it_and_a_shared_name_none() {
+    // `config` writes the sandbox into a TOML string: the name rides along.
+    let daemon = start(
+        &[
+            ("c1", "prod\"\nname = \"sales"),
+            ("c2", "dev\"\nname = \"clicks"),
+            ("c3", "stage\"\nname = \"clicks"),
+        ],
+        S(1),
+    );
+    tokio::time::sleep(S(60)).await;
+    let pending = daemon
+        .ask(Selection::Only {
+            connections: vec!["sales".to_owned(), "c2".to_owned()],
+            sandboxes: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let ids: Vec<String> = pending.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(ids, ["c1", "c2"]);
+    outcomes(pending).await;
+    // Thousands of names, none known: every one named back, nothing started.
+    let many: Vec<String> = (0..20_000).map(|i| format!("n{i}")).collect();
+    let refusal = daemon
+        .ask(Selection::Only {
+            connections: [vec!["clicks".to_owned()], many.clone()].concat(),
+            sandboxes: many.clone(),
+        })
+        .await
+        .unwrap_err();
+    let RotateRefusal::Unknown {
+        connections,
+        sandboxes,
+    } = refusal
+    else {
+        panic!("{refusal:?}");
+    };
+    assert_eq!(connections.len(), 20_001, "a shared name is no one's");
+    assert_eq!(connections[0], "clicks");
+    assert_eq!(sandboxes.len(), 20_000);
+    let pending = daemon
+        .ask(Selection::Only {
+            connections: Vec::new(),
+            sandboxes: vec!["dev".to_owned(), "stage".to_owned()],
+        })
+        .await
+        .unwrap();
+    let ids: Vec<String> = pending.iter().map(|p| p.id.clone()).collect();
+    assert_eq!(ids, ["c2", "c3"]);
+    daemon.stop().await;
+}
