@@ -97,7 +97,8 @@ pub struct OnceArgs {
 /// `rotate`: talks to the running daemon over its control socket
 /// (`[admin] control_socket`); run it as root or as the daemon's user.
 /// Exits 0 when every connection was pushed, 1 when any was not (or the
-/// daemon cannot be reached), 2 when a name is not one the daemon rotates.
+/// daemon cannot be reached), 2 when a name is malformed or not one the
+/// daemon rotates.
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["all", "connections", "sandboxes"])))]
 pub struct RotateArgs {

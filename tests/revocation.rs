@@ -131,21 +131,22 @@ async fn with_the_health_check_every_connection_is_healed_within_one_period() {
     let calls_before = h.sim.stats().sts_assume_role;
 
     let revoked_at = h.sim.revoke_sessions(ROLE_ARN);
-    let started = std::time::Instant::now();
     let healed = || {
         ids.iter()
             .all(|id| held(&h, id).is_some_and(|(_, issued_at)| issued_at > revoked_at))
     };
-    // One period for the next pass, plus the rotation itself.
+    // A deadline for a stuck daemon only (a loaded machine is slow): "within
+    // one period" is asserted by counting passes below, not by the clock.
     assert!(
-        wait_until(period + Duration::from_secs(4), healed).await,
-        "not healed within one period; stderr:\n{}",
+        wait_until(period * 3 + Duration::from_secs(10), healed).await,
+        "not healed; stderr:\n{}",
         daemon.stderr_text()
     );
-    assert!(started.elapsed() < period + Duration::from_secs(4));
     for (id, old) in ids.iter().zip(&first) {
         assert_ne!(&held(&h, id).unwrap().0, old, "{id} kept its key");
     }
+    // Each connection failed exactly one test: the first pass after the
+    // revocation healed it (a second failing pass would log it again).
     assert_eq!(daemon.events(TEST_FAILED).len(), ids.len());
     // Three connections sharing an identity: one new AssumeRole for all.
     assert_eq!(h.sim.stats().sts_assume_role, calls_before + 1);

@@ -867,17 +867,24 @@ mod tests {
     }
 
     /// STS: a new key pair per call, an hour long (`ASIATESTKEY000000001`,
-    /// `...02`, ...).
+    /// `...02`, ...); while `down`, every call fails (counted all the same).
     #[derive(Debug, Default)]
-    struct Sts(AtomicU64);
+    struct Sts {
+        calls: AtomicU64,
+        down: std::sync::atomic::AtomicBool,
+    }
 
     impl crate::remote::sts::CredentialSource for Sts {
         fn issue<'a>(
             &'a self,
             _request: &'a StsRequest,
         ) -> BoxFuture<'a, Result<AwsCredentials, StsError>> {
-            let n = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+            let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+            let down = self.down.load(Ordering::Relaxed);
             Box::pin(async move {
+                if down {
+                    return Err(StsError::Unavailable("scripted outage".to_owned()));
+                }
                 Ok(AwsCredentials {
                     access_key_id: format!("ASIATESTKEY{n:09}"),
                     secret_access_key: SecretString::from(format!(
@@ -1170,7 +1177,7 @@ mod tests {
     impl World {
         /// STS calls so far.
         fn minted(&self) -> u64 {
-            self.sts.0.load(Ordering::Relaxed)
+            self.sts.calls.load(Ordering::Relaxed)
         }
 
         /// Another connection with the same identity got credentials: they
@@ -1218,6 +1225,44 @@ mod tests {
         let next = world.warm_cache().await;
         assert_eq!(next, key(2));
         assert_eq!(world.minted(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cached_credentials_refused_and_new_ones_refused_too_mint_exactly_once() {
+        // Revoked, then the role itself lost S3 access: every key is refused.
+        let mut world = World::new();
+        world.warm_cache().await;
+        world.probe.deny = true;
+        world.flow.answer_get(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        let JobResult::Failed { error, .. } = result else {
+            panic!("pushed: {result:?}");
+        };
+        assert_eq!(error.retry_kind(), RetryKind::Slow, "the slow cadence");
+        assert_eq!(world.minted(), 2, "the cached key, then one new mint");
+        assert_eq!(world.probe.checks.load(Ordering::Relaxed), 2);
+        assert_eq!(world.flow.calls(), ["get"], "nothing pushed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_cached_credentials_are_never_handed_out_again_even_when_the_new_mint_fails() {
+        let world = World::new();
+        let revoked = world.warm_cache().await;
+        world.probe.deny_keys.lock().unwrap().push(revoked.clone());
+        world.sts.down.store(true, Ordering::Relaxed);
+        world.flow.answer_get(Ok(remote("\"e1\"")));
+        let result = world.run(&job()).await;
+        assert!(matches!(result, JobResult::Failed { .. }), "{result:?}");
+        assert_eq!(world.minted(), 2, "the retry asked STS once");
+        // The next connection of the same identity must not be given the
+        // revoked key from the cache while STS is down.
+        let next = world
+            .credentials
+            .issue(&job().sts, None, Duration::from_secs(1200), None)
+            .await;
+        if let Ok(issued) = next {
+            assert_ne!(issued.credentials.access_key_id, revoked);
+        }
     }
 
     #[tokio::test(start_paused = true)]
