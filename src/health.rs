@@ -13,8 +13,10 @@
 //! channel ([`crate::scheduler::Daemon::take_health_answers`]). It reads the
 //! connections from the scheduler's snapshots and gets the current clients
 //! and settings through a `watch` (a reload may change both). With `[coordination]` only the leader tests (a standby's fence is
-//! closed). One pass tests at most `concurrency` connections at once, and
-//! its requests go through the same request gate as rotations.
+//! closed). One pass tests at most half of `concurrency` connections at
+//! once ([`pass_width`]), and its requests go through the same request gate
+//! as rotations: a test endpoint that hangs holds at most half the gate's
+//! slots, and rotations keep the rest.
 //!
 //! Imports: `rotation` (the clients, [`Tested`]), `observe::status`.
 
@@ -75,7 +77,7 @@ impl ConnectionTester for Rotator {
 pub struct HealthSettings {
     /// `[rotation] health_check_every` (`None`: off).
     pub every: Option<Duration>,
-    /// Tests in flight at most (`[rotation] concurrency`).
+    /// Tests in flight at most ([`pass_width`] of `[rotation] concurrency`).
     pub concurrency: usize,
     /// The clients.
     pub tester: Arc<dyn ConnectionTester>,
@@ -86,10 +88,17 @@ impl HealthSettings {
     pub fn new(config: &crate::config::Config, rotator: Arc<Rotator>) -> Self {
         Self {
             every: config.rotation.health_check_every,
-            concurrency: config.rotation.concurrency.get(),
+            concurrency: pass_width(config.rotation.concurrency.get()),
             tester: rotator,
         }
     }
+}
+
+/// How many connections a pass tests at once: half the request gate's
+/// `concurrency` slots (at least one), so that tests which hang (each for up
+/// to `request_timeout`) never hold the slots rotations need.
+pub fn pass_width(concurrency: usize) -> usize {
+    (concurrency / 2).max(1)
 }
 
 /// Runs until `cancel`: a pass every `every` (the first one `every` after
@@ -288,6 +297,14 @@ mod tests {
             concurrency: 2,
             tester: script,
         }
+    }
+
+    #[test]
+    fn a_pass_takes_half_the_request_slots_at_most() {
+        assert_eq!(pass_width(32), 16);
+        assert_eq!(pass_width(5), 2);
+        assert_eq!(pass_width(2), 1);
+        assert_eq!(pass_width(1), 1);
     }
 
     #[tokio::test(start_paused = true)]
