@@ -287,8 +287,13 @@ impl Connection {
         &self.config
     }
 
+    /// The same entry, shared (the due queue holds it instead of a copy of the id).
+    pub fn shared_config(&self) -> &Arc<ConnectionConfig> {
+        &self.config
+    }
+
     /// Which credentials it gets.
-    pub fn sts(&self) -> &StsRequest {
+    pub fn sts(&self) -> &Arc<StsRequest> {
         &self.sts
     }
 

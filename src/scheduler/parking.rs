@@ -24,6 +24,7 @@
 //!   its dependency answers.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::clock::{earlier, later};
@@ -37,7 +38,7 @@ pub(super) enum Dependency {
     /// The IMS access token (one for every connection).
     Ims,
     /// The STS credentials of one identity.
-    Sts(StsRequest),
+    Sts(Arc<StsRequest>),
 }
 
 /// What one job's result says about the shared dependencies.
@@ -53,8 +54,8 @@ pub(super) struct Seen {
 
 impl Seen {
     /// What `result` of a job with identity `sts` says.
-    pub(super) fn of(result: &JobResult, sts: &StsRequest) -> Self {
-        let sts_dep = || Dependency::Sts(sts.clone());
+    pub(super) fn of(result: &JobResult, sts: &Arc<StsRequest>) -> Self {
+        let sts_dep = || Dependency::Sts(Arc::clone(sts));
         match result {
             JobResult::Rotated { .. } | JobResult::WouldRotate { .. } => Self {
                 answered: vec![Dependency::Ims, sts_dep()],
@@ -119,11 +120,11 @@ impl Parking {
 
     /// The dependency `id` (of identity `sts`) would wait on now: one that
     /// another connection probes.
-    pub(super) fn down_for(&self, sts: &StsRequest, id: &str) -> Option<Dependency> {
+    pub(super) fn down_for(&self, sts: &Arc<StsRequest>, id: &str) -> Option<Dependency> {
         if self.probed_by_another(&Dependency::Ims, id) {
             return Some(Dependency::Ims);
         }
-        let sts = Dependency::Sts(sts.clone());
+        let sts = Dependency::Sts(Arc::clone(sts));
         self.probed_by_another(&sts, id).then_some(sts)
     }
 
