@@ -486,11 +486,11 @@ impl Daemon {
                 Some(at) if at <= now => {}
                 _ => break,
             }
-            let Some(id) = self.heap.pop_due(now) else {
+            let Some(due) = self.heap.pop_due(now) else {
                 break;
             };
-            if !self.park_before(&id, now) {
-                self.event(&id, Event::Due);
+            if !self.park_before(&due.id, now) {
+                self.event(&due.id, Event::Due);
             }
         }
     }
@@ -605,8 +605,10 @@ impl Daemon {
         match action {
             Action::Dispatch(job) => self.spawn(*job),
             Action::WaitUntil(at) => {
-                let retry = self.connections.get(id).is_some_and(|c| c.is_retrying());
-                self.heap.push(at, id, retry);
+                if let Some(connection) = self.connections.get(id) {
+                    self.heap
+                        .push(at, connection.shared_config(), connection.is_retrying());
+                }
             }
             Action::AwaitJob | Action::AwaitListing | Action::Finished => {}
             Action::Drop => {

@@ -1,13 +1,16 @@
 //! The deadline heaps the loop sleeps on: which connection is due next,
 //! rotations before retries, ties in the order queued.
 
-use std::cmp::Reverse;
+use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
-/// The deadline heaps: (due time, insertion number, id), earliest first,
-/// one for rotations and one for retries of connections whose last attempt
-/// failed.
+use crate::config::ConnectionConfig;
+
+/// The deadline heaps: (due time, insertion number, connection), earliest
+/// first, one for rotations and one for retries of connections whose last
+/// attempt failed.
 ///
 /// Of the connections due at once, rotations go first: a retry's attempt
 /// may hold its dispatch slot and request permit for a whole
@@ -17,31 +20,64 @@ use std::time::SystemTime;
 ///
 /// Connections due at the same time (a whole first pass is) come out in the
 /// order they were queued: the insertion number settles every tie, so the
-/// heap never compares ids (10,000 equal due times made string comparison
-/// the heap's main cost).
+/// heap never compares connections. An entry holds the connection's shared
+/// config entry (its id), not a copy of the id: every wait of every
+/// connection is an entry.
 #[derive(Debug, Default)]
 pub(super) struct DueQueue {
-    rotations: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
-    retries: BinaryHeap<Reverse<(SystemTime, u64, String)>>,
+    rotations: BinaryHeap<Reverse<Due>>,
+    retries: BinaryHeap<Reverse<Due>>,
     queued: u64,
 }
 
+/// One entry: ordered by due time, then insertion number (unique).
+#[derive(Debug)]
+struct Due {
+    at: SystemTime,
+    queued: u64,
+    connection: Arc<ConnectionConfig>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.queued).cmp(&(other.at, other.queued))
+    }
+}
+
 impl DueQueue {
-    pub(super) fn push(&mut self, at: SystemTime, id: &str, retry: bool) {
+    pub(super) fn push(&mut self, at: SystemTime, connection: &Arc<ConnectionConfig>, retry: bool) {
         self.queued = self.queued.wrapping_add(1);
         let heap = if retry {
             &mut self.retries
         } else {
             &mut self.rotations
         };
-        heap.push(Reverse((at, self.queued, id.to_owned())));
+        heap.push(Reverse(Due {
+            at,
+            queued: self.queued,
+            connection: Arc::clone(connection),
+        }));
     }
 
     /// Drops stale entries (`current` says which are not) from both tops.
     pub(super) fn clean(&mut self, current: impl Fn(SystemTime, &str) -> bool) {
         for heap in [&mut self.rotations, &mut self.retries] {
-            while let Some(Reverse((at, _, id))) = heap.peek() {
-                if current(*at, id) {
+            while let Some(Reverse(due)) = heap.peek() {
+                if current(due.at, &due.connection.id) {
                     break;
                 }
                 heap.pop();
@@ -51,9 +87,7 @@ impl DueQueue {
 
     /// The earliest due time of either heap.
     pub(super) fn earliest(&self) -> Option<SystemTime> {
-        let top = |heap: &BinaryHeap<Reverse<(SystemTime, u64, String)>>| {
-            heap.peek().map(|Reverse((at, _, _))| *at)
-        };
+        let top = |heap: &BinaryHeap<Reverse<Due>>| heap.peek().map(|Reverse(due)| due.at);
         match (top(&self.rotations), top(&self.retries)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -62,10 +96,10 @@ impl DueQueue {
 
     /// The next connection to dispatch at `now`: a due rotation, else a due
     /// retry.
-    pub(super) fn pop_due(&mut self, now: SystemTime) -> Option<String> {
+    pub(super) fn pop_due(&mut self, now: SystemTime) -> Option<Arc<ConnectionConfig>> {
         for heap in [&mut self.rotations, &mut self.retries] {
-            if heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
-                return heap.pop().map(|Reverse((_, _, id))| id);
+            if heap.peek().is_some_and(|Reverse(due)| due.at <= now) {
+                return heap.pop().map(|Reverse(due)| due.connection);
             }
         }
         None

@@ -76,11 +76,12 @@ impl Daemon {
         // Every due time may have moved: the heap is rebuilt rather than
         // grown (a standby adopts a view every half minute).
         self.heap = DueQueue::default();
-        for (id, connection) in &self.connections {
+        for connection in self.connections.values() {
             if let Phase::Waiting(at) = connection.phase()
                 && !connection.is_held()
             {
-                self.heap.push(at, id, connection.is_retrying());
+                self.heap
+                    .push(at, connection.shared_config(), connection.is_retrying());
             }
         }
     }
