@@ -395,3 +395,62 @@ fn unknown_names_are_logged_bounded_and_escaped() {
         .1;
     assert!(connections.contains("20000 names"), "{connections}");
 }
+
+/// A leader that never answers a forwarded request (it went away); says
+/// when a request reached it.
+#[derive(Debug)]
+struct SilentLeader(Arc<tokio::sync::Notify>);
+
+impl Forward for SilentLeader {
+    fn forward<'a>(
+        &'a self,
+        _request: &'a WireRequest,
+        _wait: Duration,
+    ) -> futures::future::BoxFuture<'a, WireAnswer> {
+        self.0.notify_one();
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn a_standby_stopping_mid_forward_tells_the_client_and_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("control.sock");
+    let server = ControlServer::bind(&path).await.unwrap();
+    // The scheduler of a standby: not the leader.
+    let (requests, mut rx) = mpsc::channel::<RotateRequest>(4);
+    tokio::spawn(async move {
+        while let Some(request) = rx.recv().await {
+            let _ = request.reply.send(Err(RotateRefusal::NotLeader));
+        }
+    });
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let control = Control {
+        requests,
+        rotate_requests: RotateRequests::default(),
+        replica: Some("standby-1".to_owned()),
+        forward: Some(Arc::new(SilentLeader(Arc::clone(&reached)))),
+    };
+    let cancel = CancellationToken::new();
+    let serving = tokio::spawn(server.serve(control, cancel.clone()));
+    let mut client = UnixStream::connect(&path).await.unwrap();
+    client
+        .write_all(b"{\"version\":1,\"all\":true,\"timeout_ms\":600000}\n")
+        .await
+        .unwrap();
+    reached.notified().await;
+    cancel.cancel();
+    // Without the stop the server would wait out the forward (10 min here)
+    // and its drain (6 min): a stuck test, not a slow one.
+    tokio::time::timeout(Duration::from_secs(60), serving)
+        .await
+        .expect("the server returned")
+        .unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    let answer: WireAnswer = serde_json::from_str(&answer).unwrap();
+    let WireResult::Refused { message } = answer.result else {
+        panic!("{answer:?}");
+    };
+    assert!(message.contains("shutting down"), "{message}");
+}
