@@ -307,6 +307,73 @@ mod tests {
         assert_eq!(pass_width(1), 1);
     }
 
+    /// Tests that take a slot of the request gate and then hang (Flow
+    /// Service's test endpoint stuck).
+    #[derive(Debug)]
+    struct Hanging {
+        gate: Arc<crate::remote::shaping::RequestGate>,
+        entered: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ConnectionTester for Hanging {
+        fn test<'a>(
+            &'a self,
+            _id: &'a str,
+            _sandbox: &'a str,
+        ) -> BoxFuture<'a, Result<bool, RotationError>> {
+            Box::pin(async move {
+                let _slot = self.gate.enter().await;
+                self.entered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::future::pending().await
+            })
+        }
+
+        fn may_act(&self) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tests_that_hang_leave_rotations_half_the_request_gate() {
+        let concurrency = 8;
+        let gate = Arc::new(crate::remote::shaping::RequestGate::new(
+            std::num::NonZeroUsize::new(concurrency).unwrap(),
+            None,
+            Duration::from_secs(60),
+        ));
+        let ids: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+        let entries: Vec<(&str, Option<&str>)> = ids
+            .iter()
+            .map(|id| (id.as_str(), Some("ASIAOLD")))
+            .collect();
+        let snapshots = board(&entries);
+        let tester = Arc::new(Hanging {
+            gate: Arc::clone(&gate),
+            entered: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let settings = HealthSettings {
+            every: Some(Duration::from_secs(60)),
+            concurrency: pass_width(concurrency),
+            tester: tester.clone(),
+        };
+        let (tx, _rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let running = tokio::spawn(async move { pass(&settings, &snapshots, &tx, &cancel).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            tester.entered.load(std::sync::atomic::Ordering::Relaxed),
+            concurrency / 2
+        );
+        // Rotations still get the other half of the slots, at once.
+        let mut held = Vec::new();
+        for n in 0..concurrency / 2 {
+            let slot = tokio::time::timeout(Duration::from_millis(1), gate.enter()).await;
+            held.push(slot.unwrap_or_else(|_| panic!("rotation {n} found no free slot")));
+        }
+        running.abort();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_failing_test_of_pushed_credentials_asks_for_a_rotation_now() {
         let snapshots = board(&[
