@@ -110,19 +110,11 @@ impl Store for View {
         Box::pin(async move {
             self.check()?;
             let skip = self.unprocessed_once.swap(0, Ordering::SeqCst);
-            let mut state = self.table.state.lock().unwrap();
-            let mut left = Vec::new();
-            for (n, (id, record)) in items.iter().enumerate() {
-                if n < skip {
-                    left.push(id.clone());
-                    continue;
-                }
-                match record {
-                    Some(record) => state.insert(id.clone(), record.clone()),
-                    None => state.remove(id),
-                };
-            }
-            Ok(left)
+            Ok(crate::persist::memory::apply(
+                &mut self.table.state.lock().unwrap(),
+                items,
+                skip,
+            ))
         })
     }
 }

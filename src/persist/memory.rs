@@ -75,19 +75,28 @@ impl Store for MemoryTable {
                 return Err(StoreError::Unavailable("connection failed".to_owned()));
             }
             let skip = self.unprocessed_once.swap(0, Ordering::SeqCst);
-            let mut state = self.state.lock().unwrap();
-            let mut left = Vec::new();
-            for (n, (id, record)) in items.iter().enumerate() {
-                if n < skip {
-                    left.push(id.clone());
-                    continue;
-                }
-                match record {
-                    Some(record) => state.insert(id.clone(), record.clone()),
-                    None => state.remove(id),
-                };
-            }
-            Ok(left)
+            Ok(apply(&mut self.state.lock().unwrap(), items, skip))
         })
     }
+}
+
+/// `items` applied to an in-memory table as `write_state` would: the
+/// first `skip` left unprocessed (answered), the rest written or deleted.
+pub(crate) fn apply(
+    state: &mut BTreeMap<String, PersistedConnection>,
+    items: &[Change],
+    skip: usize,
+) -> Vec<String> {
+    let mut left = Vec::new();
+    for (n, (id, record)) in items.iter().enumerate() {
+        if n < skip {
+            left.push(id.clone());
+            continue;
+        }
+        match record {
+            Some(record) => state.insert(id.clone(), record.clone()),
+            None => state.remove(id),
+        };
+    }
+    left
 }

@@ -1239,6 +1239,18 @@ fn ims_down(job: &Job) -> JobResult {
     }
 }
 
+/// Jobs of 10 ms that meet an IMS outage (c0 first) until `recovery`,
+/// then rotate for an hour.
+fn ims_down_until(clock: Clock, recovery: SystemTime) -> Arc<Scripted> {
+    Scripted::new(clock, move |job, now| {
+        if now < recovery {
+            (Duration::from_millis(10), ims_down(job))
+        } else {
+            (Duration::from_millis(10), rotated(now, S(3600)))
+        }
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn connections_given_a_shared_failure_park_until_the_prober_gets_through() {
     // Issue 31: during an IMS outage every connection ran its own backoff
@@ -1246,13 +1258,7 @@ async fn connections_given_a_shared_failure_park_until_the_prober_gets_through()
     // ~47,000 attempts in ten seconds.
     let clock = Clock::tokio_at(t0());
     let recovery = t0() + S(30);
-    let runner = Scripted::new(clock, move |job, now| {
-        if now < recovery {
-            (Duration::from_millis(10), ims_down(job))
-        } else {
-            (Duration::from_millis(10), rotated(now, S(3600)))
-        }
-    });
+    let runner = ims_down_until(clock, recovery);
     // Long enough for the prober's first attempt after the recovery
     // whatever its full-jitter backoff draws (at most retry_max, 2 min,
     // after its last attempt in the outage).
@@ -1321,13 +1327,7 @@ async fn a_connection_due_while_its_dependency_is_down_parks_without_a_job() {
     // the connections that come due after it park without running a job.
     let clock = Clock::tokio_at(t0());
     let recovery = t0() + S(30);
-    let runner = Scripted::new(clock, move |job, now| {
-        if now < recovery {
-            (Duration::from_millis(10), ims_down(job))
-        } else {
-            (Duration::from_millis(10), rotated(now, S(3600)))
-        }
-    });
+    let runner = ims_down_until(clock, recovery);
     // The prober's backoff is jittered; a retry_max of 8 s puts its first
     // attempt after the recovery inside the run whatever the draw.
     let text = config_text(40, 1, "aep")
