@@ -938,24 +938,27 @@ fn a_fifo_as_the_config_file_is_one_clear_error() {
 /// is an issue naming the variable.
 #[test]
 fn the_environment_is_laid_over_the_file_key_by_key() {
-    let mut table: toml::Table =
-        toml::from_str("[rotation]\nconcurrency = 4\nverify = true\n[adobe]\nclient_id = \"x\"\n")
-            .unwrap();
+    let mut document = toml::de::DeTable::parse(
+        "[rotation]\nconcurrency = 4\nverify = true\n[adobe]\nclient_id = \"x\"\n",
+    )
+    .unwrap();
+    let table = document.get_mut();
     layer(
-        &mut table,
+        table,
         "AEP_S3_ROTATOR__ROTATION__CONCURRENCY",
         "8".into(),
     )
     .unwrap();
     layer(
-        &mut table,
+        table,
         "AEP_S3_ROTATOR__ADOBE__CLIENT_ID__X",
         "y".into(),
     )
     .unwrap();
-    layer(&mut table, "AEP_S3_ROTATOR__STATE__PATH", "/s".into()).unwrap();
+    layer(table, "AEP_S3_ROTATOR__STATE__PATH", "/s".into()).unwrap();
+    let laid = toml::Table::deserialize(toml::de::Deserializer::from(document.clone())).unwrap();
     assert_eq!(
-        table.to_string(),
+        laid.to_string(),
         "[adobe.client_id]\nx = \"y\"\n\n[rotation]\nconcurrency = \"8\"\nverify = true\n\n[state]\npath = \"/s\"\n"
     );
     for name in [
@@ -963,7 +966,7 @@ fn the_environment_is_laid_over_the_file_key_by_key() {
         "AEP_S3_ROTATOR__ROTATION__",
         "AEP_S3_ROTATOR__A____B",
     ] {
-        let issue = layer(&mut table, name, "v".into()).unwrap_err();
+        let issue = layer(document.get_mut(), name, "v".into()).unwrap_err();
         assert!(issue.message.contains(name), "{issue:?}");
     }
 }
