@@ -943,18 +943,8 @@ fn the_environment_is_laid_over_the_file_key_by_key() {
     )
     .unwrap();
     let table = document.get_mut();
-    layer(
-        table,
-        "AEP_S3_ROTATOR__ROTATION__CONCURRENCY",
-        "8".into(),
-    )
-    .unwrap();
-    layer(
-        table,
-        "AEP_S3_ROTATOR__ADOBE__CLIENT_ID__X",
-        "y".into(),
-    )
-    .unwrap();
+    layer(table, "AEP_S3_ROTATOR__ROTATION__CONCURRENCY", "8".into()).unwrap();
+    layer(table, "AEP_S3_ROTATOR__ADOBE__CLIENT_ID__X", "y".into()).unwrap();
     layer(table, "AEP_S3_ROTATOR__STATE__PATH", "/s".into()).unwrap();
     let laid = toml::Table::deserialize(toml::de::Deserializer::from(document.clone())).unwrap();
     assert_eq!(

@@ -7,14 +7,17 @@
 //! (80 connections, most of each unused) that was a fifth of the work of a
 //! first pass's listing.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-/// A value kept only when it is a JSON string.
+/// A value kept only when it is a JSON string; borrowed from the document
+/// when it has no escapes (most of what is read is checked, cut or copied
+/// into something else, never kept as read).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Text(pub Option<String>);
+pub struct Text<'a>(pub Option<Cow<'a, str>>);
 
 /// A value kept only when it is a JSON object that reads as `T` (a field of
 /// `T` may fail it: then the document fails, as with derive).
@@ -74,29 +77,32 @@ fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
     Ok(())
 }
 
-impl<'de> Deserialize<'de> for Text {
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Text;
+        struct V<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
-                Ok(Text(Some(v.to_owned())))
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Some(Cow::Borrowed(v))))
             }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Text, E> {
-                Ok(Text(Some(v)))
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'a>, E> {
+                Ok(Text(Some(Cow::Owned(v))))
             }
             skip_other_kinds!(Text(None));
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text, A::Error> {
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text<'a>, A::Error> {
                 drain_seq(seq).map(|()| Text(None))
             }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text<'a>, A::Error> {
                 drain_map(map).map(|()| Text(None))
             }
         }
-        deserializer.deserialize_any(V)
+        deserializer.deserialize_any(V(PhantomData))
     }
 }
 
@@ -156,16 +162,20 @@ mod tests {
 
     #[derive(Debug, Default, serde::Deserialize)]
     #[serde(default)]
-    struct Doc {
-        name: Text,
-        inner: Object<Inner>,
-        list: Array<Object<Inner>>,
+    struct Doc<'a> {
+        #[serde(borrow)]
+        name: Text<'a>,
+        #[serde(borrow)]
+        inner: Object<Inner<'a>>,
+        #[serde(borrow)]
+        list: Array<Object<Inner<'a>>>,
     }
 
     #[derive(Debug, Default, serde::Deserialize)]
     #[serde(default)]
-    struct Inner {
-        id: Text,
+    struct Inner<'a> {
+        #[serde(borrow)]
+        id: Text<'a>,
     }
 
     #[test]
@@ -179,10 +189,8 @@ mod tests {
         assert!(doc.inner.0.is_none());
         assert!(doc.list.0.is_none());
         for odd in ["null", "true", "-1", "18446744073709551615", "1.5e300"] {
-            let doc: Doc = serde_json::from_str(&format!(
-                r#"{{"name": {odd}, "inner": {odd}, "list": {odd}}}"#
-            ))
-            .unwrap();
+            let text = format!(r#"{{"name": {odd}, "inner": {odd}, "list": {odd}}}"#);
+            let doc: Doc = serde_json::from_str(&text).unwrap();
             assert_eq!(doc.name, Text(None), "{odd}");
             assert!(doc.inner.0.is_none() && doc.list.0.is_none(), "{odd}");
         }

@@ -153,6 +153,26 @@ fn listed_items_keep_only_bounded_checked_parts() {
     );
 }
 
+/// Words and descriptions are cut at a character boundary, whether the
+/// text was borrowed from the page or unescaped into a copy.
+#[test]
+fn listed_text_is_cut_at_a_character_boundary() {
+    // "x" then two-byte characters: byte 1,024 falls inside one.
+    let plain = format!("x{}", "\u{e9}".repeat(1000));
+    let escaped = format!("x{}", r"\u00e9".repeat(1000));
+    for (description, state) in [(plain.clone(), plain), (escaped.clone(), escaped)] {
+        let body = format!(
+            r#"{{"items": [{{"id": "kept", "etag": "\"e\"", "description": "{description}", "state": "{state}"}}]}}"#
+        );
+        let page = parse_list_page(body.as_bytes()).unwrap();
+        let item = &page.items[0];
+        let description = item.description.as_deref().unwrap();
+        assert_eq!(description.len(), 1023, "cut before the split character");
+        assert!(description.starts_with("x\u{e9}"));
+        assert_eq!(item.state.as_deref().unwrap().len(), 63);
+    }
+}
+
 #[test]
 fn list_pages_parse_leniently_and_keep_what_is_used() {
     let body = json!({

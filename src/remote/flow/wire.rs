@@ -2,6 +2,8 @@
 //! a list page, a created connection) read leniently and checked, the
 //! bodies it is sent, and the useful line of an error answer.
 
+use std::borrow::Cow;
+
 use super::*;
 
 /// Reads `items[0]` of a `GET /connections/{id}` answer and checks it is an S3
@@ -200,10 +202,13 @@ pub struct ListPage {
 pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
     use crate::remote::lenient::{Array, Object, Text};
 
+    // Strings are borrowed from `body` where they can be: most are checked,
+    // cut or copied into something else, not kept as read.
     #[derive(Deserialize, Default)]
     #[serde(default)]
-    struct Page {
-        items: Array<Object<Item>>,
+    struct Page<'a> {
+        #[serde(borrow)]
+        items: Array<Object<Item<'a>>>,
         #[serde(rename = "_links")]
         links: Object<Links>,
     }
@@ -219,37 +224,45 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
     }
     #[derive(Deserialize, Default)]
     #[serde(default)]
-    struct Item {
-        id: Text,
-        etag: Text,
-        name: Text,
-        description: Text,
-        state: Text,
-        auth: Object<Auth>,
-        #[serde(rename = "connectionSpec")]
-        connection_spec: Object<Spec>,
+    struct Item<'a> {
+        #[serde(borrow)]
+        id: Text<'a>,
+        #[serde(borrow)]
+        etag: Text<'a>,
+        #[serde(borrow)]
+        name: Text<'a>,
+        #[serde(borrow)]
+        description: Text<'a>,
+        #[serde(borrow)]
+        state: Text<'a>,
+        #[serde(borrow)]
+        auth: Object<Auth<'a>>,
+        #[serde(rename = "connectionSpec", borrow)]
+        connection_spec: Object<Spec<'a>>,
     }
     #[derive(Deserialize, Default)]
     #[serde(default)]
-    struct Auth {
-        #[serde(rename = "specName")]
-        spec_name: Text,
-        params: Object<Params>,
+    struct Auth<'a> {
+        #[serde(rename = "specName", borrow)]
+        spec_name: Text<'a>,
+        #[serde(borrow)]
+        params: Object<Params<'a>>,
     }
     #[derive(Deserialize, Default)]
     #[serde(default)]
-    struct Params {
-        #[serde(rename = "bucketName")]
-        bucket_name: Text,
-        #[serde(rename = "folderPath")]
-        folder_path: Text,
-        #[serde(rename = "serviceUrl")]
-        service_url: Text,
+    struct Params<'a> {
+        #[serde(rename = "bucketName", borrow)]
+        bucket_name: Text<'a>,
+        #[serde(rename = "folderPath", borrow)]
+        folder_path: Text<'a>,
+        #[serde(rename = "serviceUrl", borrow)]
+        service_url: Text<'a>,
     }
     #[derive(Deserialize, Default)]
     #[serde(default)]
-    struct Spec {
-        id: Text,
+    struct Spec<'a> {
+        #[serde(borrow)]
+        id: Text<'a>,
     }
 
     let Object(page) = serde_json::from_slice::<Object<Page>>(body)
@@ -280,20 +293,26 @@ pub fn parse_list_page(body: &[u8]) -> Result<ListPage, FlowError> {
         };
         let auth = item.auth.0.unwrap_or_default();
         out.push(ListedConnection {
-            id,
-            etag,
+            id: id.into_owned(),
+            etag: etag.into_owned(),
             name: item.name.0.as_deref().map(crate::ident::remote_name),
-            description: item.description.0.map(|d| cut(d, MAX_LISTED_DESCRIPTION)),
-            auth_spec: auth.spec_name.0.map(|s| cut(s, MAX_LISTED_WORD)),
-            state: item.state.0.map(|s| cut(s, MAX_LISTED_WORD)),
+            description: item
+                .description
+                .0
+                .as_deref()
+                .map(|d| cut(d, MAX_LISTED_DESCRIPTION)),
+            auth_spec: auth.spec_name.0.as_deref().map(|s| cut(s, MAX_LISTED_WORD)),
+            state: item.state.0.as_deref().map(|s| cut(s, MAX_LISTED_WORD)),
             connection_spec_id: item
                 .connection_spec
                 .0
                 .and_then(|spec| spec.id.0)
+                .as_deref()
                 .map(|s| cut(s, MAX_LISTED_WORD)),
             s3: auth.params.0.and_then(|params| {
-                let fits =
-                    |v: &Option<String>, max: usize| v.as_ref().is_none_or(|v| v.len() <= max);
+                let fits = |v: &Option<Cow<'_, str>>, max: usize| {
+                    v.as_ref().is_none_or(|v| v.len() <= max)
+                };
                 // A target that cannot be real is not kept: the job GETs.
                 (fits(&params.bucket_name.0, MAX_LISTED_BUCKET)
                     && fits(&params.folder_path.0, MAX_LISTED_FOLDER)
@@ -356,17 +375,14 @@ pub const MAX_LISTED_BYTES: usize = 4 << 20;
 /// A padded or endless listing fails here instead of reading 1,000 MiB.
 pub const MAX_LISTING_READ: usize = 200 << 20;
 
-/// `text` cut to at most `max` bytes, at a character boundary.
-pub(super) fn cut(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.shrink_to_fit();
+/// `text` cut to at most `max` bytes, at a character boundary, as an
+/// owned copy of only what is kept.
+pub(super) fn cut(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
     }
-    text
+    text[..end].to_owned()
 }
 
 /// The longest continuation token followed: every token of a listing is
