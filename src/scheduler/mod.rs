@@ -482,11 +482,12 @@ impl Daemon {
         }
         let now = self.clock.now();
         while self.jobs.len() < self.dispatch_limit() {
-            match self.next_deadline() {
-                Some(at) if at <= now => {}
-                _ => break,
-            }
-            let Some(due) = self.heap.pop_due(now) else {
+            let connections = &self.connections;
+            let Some(due) = self.heap.pop_due(now, |at, id| {
+                connections
+                    .get(id)
+                    .is_some_and(|c| c.phase() == Phase::Waiting(at))
+            }) else {
                 break;
             };
             if !self.park_before(&due.id, now) {
@@ -499,7 +500,7 @@ impl Daemon {
     /// probes it) parks without a job: during an outage only the prober
     /// runs. `true` when it parked.
     fn park_before(&mut self, id: &str, now: SystemTime) -> bool {
-        let Some(connection) = self.connections.get(id) else {
+        let Some(connection) = self.connections.get_mut(id) else {
             return false;
         };
         let Phase::Waiting(due) = connection.phase() else {
@@ -511,36 +512,21 @@ impl Daemon {
         let Some(dependency) = self.parking.down_for(connection.sts(), id) else {
             return false;
         };
-        match self.park_until_bound(id, dependency, now, now) {
+        let parked = park_until_bound(
+            &mut self.parking,
+            (&self.policy, self.config.rotation.retry_max),
+            connection,
+            dependency,
+            now,
+            now,
+        );
+        match parked {
             Some(action) => {
                 self.follow(id, action);
                 true
             }
             None => false,
         }
-    }
-
-    /// Parks `id` on `dependency` until its bound (see [`parking`]), if
-    /// that is later than `due`, and answers the connection's action;
-    /// `None` when parking would not hold it longer.
-    fn park_until_bound(
-        &mut self,
-        id: &str,
-        dependency: parking::Dependency,
-        due: SystemTime,
-        now: SystemTime,
-    ) -> Option<Action> {
-        let connection = self.connections.get_mut(id)?;
-        let until = parking::parked_until(
-            connection.credentials_expire_at(),
-            now,
-            self.config.rotation.retry_max,
-        );
-        if until <= due {
-            return None;
-        }
-        self.parking.park(dependency, id);
-        Some(connection.apply(Event::Park { until }, now, &self.policy, rand::random()))
     }
 
     /// Sends one event to one connection and carries out what it answers.
@@ -597,18 +583,32 @@ impl Daemon {
             self.parking.probe(dependency, id);
             return action;
         }
-        self.park_until_bound(id, dependency, due, now)
-            .unwrap_or(action)
+        let Some(connection) = self.connections.get_mut(id) else {
+            return action;
+        };
+        park_until_bound(
+            &mut self.parking,
+            (&self.policy, self.config.rotation.retry_max),
+            connection,
+            dependency,
+            due,
+            now,
+        )
+        .unwrap_or(action)
     }
 
     fn follow(&mut self, id: &str, action: Action) {
         match action {
             Action::Dispatch(job) => self.spawn(*job),
             Action::WaitUntil(at) => {
-                if let Some(connection) = self.connections.get(id) {
+                // One lookup for the wait and the view.
+                if let Some(connection) = self.connections.get_mut(id) {
                     self.heap
                         .push(at, connection.shared_config(), connection.is_retrying());
+                    connection.refresh_view();
+                    self.publisher.changed();
                 }
+                return;
             }
             Action::AwaitJob | Action::AwaitListing | Action::Finished => {}
             Action::Drop => {
@@ -729,3 +729,24 @@ async fn next_from<T>(channel: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
 
 #[cfg(test)]
 mod tests;
+
+/// Parks `connection` on `dependency` until its bound (see [`parking`]), if
+/// that is later than `due`, and answers the connection's action; `None`
+/// when parking would not hold it longer. `rules`: the policy and
+/// `retry_max`. Apart from the daemon, so that the one lookup of the
+/// connection serves the whole step.
+fn park_until_bound(
+    parking: &mut parking::Parking,
+    (policy, retry_max): (&Policy, Duration),
+    connection: &mut Connection,
+    dependency: parking::Dependency,
+    due: SystemTime,
+    now: SystemTime,
+) -> Option<Action> {
+    let until = parking::parked_until(connection.credentials_expire_at(), now, retry_max);
+    if until <= due {
+        return None;
+    }
+    parking.park(dependency, &connection.config().id);
+    Some(connection.apply(Event::Park { until }, now, policy, rand::random()))
+}

@@ -33,12 +33,42 @@ use crate::remote::sts::StsRequest;
 use crate::rotation::{JobResult, RotationError};
 
 /// A dependency many connections share.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// An STS identity is told apart by its shared copy, not its contents: the
+/// daemon holds one `Arc` per distinct request ([`super::identities`]),
+/// and a parked connection's dependency keeps that copy alive, so pointer
+/// identity is request identity, and comparing or hashing one costs a word,
+/// not the role, session name, policy and tags.
+#[derive(Debug, Clone)]
 pub(super) enum Dependency {
     /// The IMS access token (one for every connection).
     Ims,
     /// The STS credentials of one identity.
     Sts(Arc<StsRequest>),
+}
+
+impl PartialEq for Dependency {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Ims, Self::Ims) => true,
+            (Self::Sts(a), Self::Sts(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Dependency {}
+
+impl std::hash::Hash for Dependency {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        match self {
+            Self::Ims => state.write_u8(0),
+            Self::Sts(sts) => {
+                state.write_u8(1);
+                std::ptr::hash(Arc::as_ptr(sts), state);
+            }
+        }
+    }
 }
 
 /// What one job's result says about the shared dependencies.

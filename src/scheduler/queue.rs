@@ -95,11 +95,22 @@ impl DueQueue {
     }
 
     /// The next connection to dispatch at `now`: a due rotation, else a due
-    /// retry.
-    pub(super) fn pop_due(&mut self, now: SystemTime) -> Option<Arc<ConnectionConfig>> {
+    /// retry. Stale entries met on the way (`current` says which are not)
+    /// are dropped; only entries taken are looked at, not both tops each
+    /// time.
+    pub(super) fn pop_due(
+        &mut self,
+        now: SystemTime,
+        current: impl Fn(SystemTime, &str) -> bool,
+    ) -> Option<Arc<ConnectionConfig>> {
         for heap in [&mut self.rotations, &mut self.retries] {
-            if heap.peek().is_some_and(|Reverse(due)| due.at <= now) {
-                return heap.pop().map(|Reverse(due)| due.connection);
+            while heap.peek().is_some_and(|Reverse(due)| due.at <= now) {
+                let Some(Reverse(due)) = heap.pop() else {
+                    break;
+                };
+                if current(due.at, &due.connection.id) {
+                    return Some(due.connection);
+                }
             }
         }
         None

@@ -742,14 +742,14 @@ fn due_queue_serves_earliest_first_and_ties_in_queue_order() {
     queue.push(t0(), &entry("m"), false);
     queue.push(t0(), &entry("b"), false);
     assert_eq!(queue.earliest(), Some(t0()));
-    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(t0()))
+    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(t0(), |_, _| true))
         .map(|due| due.id.clone())
         .collect();
     assert_eq!(order, ["z", "m", "b"], "only what is due");
     assert_eq!(queue.earliest(), Some(t0() + S(5)));
     assert_eq!(
         queue
-            .pop_due(t0() + S(5))
+            .pop_due(t0() + S(5), |_, _| true)
             .map(|due| due.id.clone())
             .as_deref(),
         Some("a")
@@ -767,7 +767,7 @@ fn due_queue_serves_due_rotations_before_due_retries() {
     assert_eq!(queue.earliest(), Some(t0()));
     assert_eq!(
         queue
-            .pop_due(t0() + S(5))
+            .pop_due(t0() + S(5), |_, _| true)
             .map(|due| due.id.clone())
             .as_deref(),
         Some("retry-early")
@@ -775,7 +775,7 @@ fn due_queue_serves_due_rotations_before_due_retries() {
     // Both due: the rotation first, though the retry was queued earlier.
     queue.push(t0(), &entry("retry-overdue"), true);
     let now = t0() + S(30);
-    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(now))
+    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(now, |_, _| true))
         .map(|due| due.id.clone())
         .collect();
     assert_eq!(order, ["rotation", "retry-overdue", "retry-late"]);
@@ -785,6 +785,19 @@ fn due_queue_serves_due_rotations_before_due_retries() {
     queue.push(t0() + S(1), &entry("kept"), true);
     queue.clean(|_, id| id == "kept");
     assert_eq!(queue.earliest(), Some(t0() + S(1)));
+    // Taking what is due drops the stale entries it meets, in either heap.
+    queue.push(t0(), &entry("stale-rotation"), false);
+    queue.push(t0(), &entry("stale-retry"), true);
+    let current = |_: SystemTime, id: &str| !id.starts_with("stale");
+    assert_eq!(
+        queue
+            .pop_due(t0() + S(5), current)
+            .map(|due| due.id.clone())
+            .as_deref(),
+        Some("kept")
+    );
+    assert!(queue.pop_due(t0() + S(5), current).is_none());
+    assert_eq!(queue.earliest(), None, "the stale entries went on the way");
 }
 
 /// A running scheduler over `connections` connections whose connections
