@@ -8,6 +8,10 @@ SIGTERMs it and prints, as one JSON line:
 
   ims_requests      token requests the daemon made (its `ims token request
                     failed` lines: one per request that failed; IMS only)
+  sts_requests      STS requests the daemon made (--service sts): the
+                    prober's `rotation failed, retrying` lines, one per
+                    request (the SDK's own retries are off; a connection
+                    given the shared failure logs at debug)
   warn_lines        log lines at warn or above, by message (the daemon runs
                     at info: a connection given the shared IMS answer logs
                     its failure at debug, which is not counted)
@@ -80,6 +84,9 @@ def main() -> int:
             "connections": args.connections,
             "seconds": args.seconds,
             "ims_requests": levels.get("warn: ims token request failed", 0),
+            "sts_requests": (
+                levels.get("warn: rotation failed, retrying", 0) if args.service == "sts" else 0
+            ),
             "warn_lines": dict(levels.most_common()),
             "cpu_seconds": round(cpu, 2),
             "cpu_by_second": by_second,
