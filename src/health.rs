@@ -16,7 +16,9 @@
 //! closed). One pass tests at most half of `concurrency` connections at
 //! once ([`pass_width`]), and its requests go through the same request gate
 //! as rotations: a test endpoint that hangs holds at most half the gate's
-//! slots, and rotations keep the rest.
+//! slots, and rotations keep the rest. A test that could not run because
+//! another request failed (no IMS token) logs at `debug`, as a rotation
+//! does: an IMS outage is one warning, not one per connection.
 //!
 //! Imports: `rotation` (the clients, [`Tested`]), `observe::status`.
 
@@ -218,6 +220,15 @@ pub async fn pass(
                     rotate_after: Some(*first_failure.get_or_insert(answered_at)),
                 })
             }
+            // Another request's failure (no IMS token: every test of the
+            // pass gets the same answer), logged once where it happened:
+            // during an IMS outage a pass over 10,000 connections would
+            // otherwise write 10,000 warnings. The pass's summary counts it.
+            Err(error) if error.is_shared() => {
+                unknown += 1;
+                tracing::debug!(error = %error, "connection test could not run");
+                None
+            }
             Err(error) => {
                 unknown += 1;
                 tracing::warn!(error = %error, "connection test could not run");
@@ -242,12 +253,14 @@ mod tests {
 
     use crate::observe::status::{ConnectionStatus, Snapshot, snapshot_channel};
 
-    /// Answers from a map (id → result; absent = an error); counts tests.
+    /// Answers from a map (id → result; absent = an error: IMS's shared
+    /// failure when `ims_down`, else a Flow 503); counts tests.
     #[derive(Debug, Default)]
     struct Script {
         answers: Mutex<HashMap<String, bool>>,
         tested: Mutex<Vec<String>>,
         standby: bool,
+        ims_down: bool,
     }
 
     impl ConnectionTester for Script {
@@ -258,10 +271,19 @@ mod tests {
         ) -> BoxFuture<'a, Result<bool, RotationError>> {
             self.tested.lock().unwrap().push(id.to_owned());
             let answer = self.answers.lock().unwrap().get(id).copied();
+            let ims_down = self.ims_down;
             Box::pin(async move {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 answer.ok_or_else(|| {
-                    RotationError::Flow(FlowError::Unavailable("HTTP 503".to_owned()))
+                    if ims_down {
+                        RotationError::Ims(crate::remote::ims::ImsError::Shared(Box::new(
+                            crate::remote::ims::ImsError::Unavailable(
+                                "connection refused".to_owned(),
+                            ),
+                        )))
+                    } else {
+                        RotationError::Flow(FlowError::Unavailable("HTTP 503".to_owned()))
+                    }
                 })
             })
         }
@@ -422,6 +444,71 @@ mod tests {
         assert_eq!(answers.get("c2"), Some(&false));
         assert_eq!(answers.get("c3"), Some(&false));
         assert_eq!(answers.get("c4"), None, "never answered");
+    }
+
+    /// The levels of the `connection test could not run` lines a pass
+    /// writes, and its summary's `unknown`.
+    async fn could_not_run_levels(script: Script) -> (Vec<tracing::Level>, String) {
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Default)]
+        struct Seen(Mutex<(Vec<tracing::Level>, String)>);
+        /// One field's value, as `Debug` prints it.
+        struct Field<'a>(&'static str, &'a mut String);
+        impl tracing::field::Visit for Field<'_> {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == self.0 {
+                    *self.1 = format!("{value:?}");
+                }
+            }
+        }
+        struct Record(Arc<Seen>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
+            fn on_event(
+                &self,
+                event: &tracing::Event<'_>,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                let mut seen = self.0.0.lock().unwrap();
+                let mut message = String::new();
+                event.record(&mut Field("message", &mut message));
+                if message == "connection test could not run" {
+                    seen.0.push(*event.metadata().level());
+                } else if message == "connection tests done" {
+                    event.record(&mut Field("unknown", &mut seen.1));
+                }
+            }
+        }
+        let seen = Arc::new(Seen::default());
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::registry().with(Record(Arc::clone(&seen))),
+        );
+        let snapshots = board(&[("c1", Some("K1")), ("c2", Some("K2")), ("c3", None)]);
+        let (tx, _rx) = mpsc::channel(16);
+        pass(
+            &settings(Arc::new(script), Some(Duration::from_secs(60))),
+            &snapshots,
+            &tx,
+            &CancellationToken::new(),
+        )
+        .await;
+        seen.0.lock().unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tests_refused_for_want_of_an_ims_token_are_one_warning_not_one_each() {
+        // IMS down: every test gets the one failed token request's answer,
+        // which the IMS client logged; the pass adds none at warn.
+        let (levels, unknown) = could_not_run_levels(Script {
+            ims_down: true,
+            ..Script::default()
+        })
+        .await;
+        assert_eq!(levels, [tracing::Level::DEBUG; 3]);
+        assert_eq!(unknown, "3");
+        // A test Flow Service itself failed is each connection's own news.
+        let (levels, unknown) = could_not_run_levels(Script::default()).await;
+        assert_eq!(levels, [tracing::Level::WARN; 3]);
+        assert_eq!(unknown, "3");
     }
 
     #[tokio::test(start_paused = true)]
