@@ -727,9 +727,6 @@ async fn next_from<T>(channel: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
-#[cfg(test)]
-mod tests;
-
 /// Parks `connection` on `dependency` until its bound (see [`parking`]), if
 /// that is later than `due`, and answers the connection's action; `None`
 /// when parking would not hold it longer. `rules`: the policy and
@@ -750,3 +747,6 @@ fn park_until_bound(
     parking.park(dependency, &connection.config().id);
     Some(connection.apply(Event::Park { until }, now, policy, rand::random()))
 }
+
+#[cfg(test)]
+mod tests;
