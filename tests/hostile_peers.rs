@@ -1,7 +1,7 @@
 //! Hostile peers, second round (issue 26, docs/SECURITY.md): the surfaces
-//! added after the first round (discovery listings, the pre-push S3 check)
-//! against peers answering legally but extremely, black box. Each test names
-//! the item of the issue it repeats.
+//! added after the first round (discovery listings, the pre-push S3 check,
+//! the health check's connection test) against peers answering legally but
+//! extremely, black box. Each test names the item of the issue it repeats.
 
 // Black-box tests drive the real binary in real time: they read the real clocks.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::disallowed_methods)]
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aep_s3_simulator::SecretTrap;
+use aep_s3_simulator::{ScriptedFault, SecretTrap};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -277,4 +277,146 @@ async fn an_endless_padded_listing_keeps_memory_bounded() {
     );
     assert!(served > 40, "the listing ran: {served} pages");
     assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
+}
+
+// The health check's connection test (issue 30's surface, probed as issue
+// 26 probes the others). ----------------------------------------------------
+
+/// `GET /connections/{id}/test` answered with an endless body, a hang past
+/// the request timeout, a 500 with a 2 MiB detail, and a `result` of forged
+/// text: each test is counted unknown and named in one bounded, escaped
+/// line; none asks for a rotation; memory stays bounded; the next honest
+/// answer passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_answers_to_the_connection_test_are_unknown_bounded_and_escaped() {
+    let h = Harness::start(1, Duration::from_secs(3600)).await;
+    let id = h.connection_ids().remove(0);
+    let config = h
+        .config()
+        .rotation(
+            Rotation::quick()
+                .request_timeout("2s")
+                .health_check_every("1s"),
+        )
+        .write();
+    let mut daemon = h.spawn(&config, &["run"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || h
+            .sim
+            .connection(&id)
+            .is_some_and(|c| c.patches >= 1))
+        .await,
+        "never rotated:\n{}",
+        daemon.stderr_text()
+    );
+    let forged =
+        "\u{202e}txt.exe\n{\"level\":\"error\",\"message\":\"credentials rotated\"}\u{1b}[31m";
+    let huge = "x".repeat(2 << 20);
+    let faults = [
+        ScriptedFault::EndlessBody,
+        ScriptedFault::Delay(Duration::from_secs(5)),
+        ScriptedFault::Status {
+            status: 500,
+            retry_after: None,
+            body: Some(serde_json::json!({ "message": huge }).to_string()),
+        },
+        ScriptedFault::Status {
+            status: 200,
+            retry_after: None,
+            body: Some(serde_json::json!({ "result": forged }).to_string()),
+        },
+    ];
+    let scripted = faults.len();
+    for fault in faults {
+        h.sim.script_for(&id, fault);
+    }
+    let unknown = |daemon: &DaemonProcess| {
+        daemon
+            .events("connection tests done")
+            .iter()
+            .filter(|e| e["unknown"] == 1)
+            .count()
+    };
+    // Passes start a period apart, or at once after one that took longer
+    // (the hang holds one for the 2 s timeout).
+    assert!(
+        wait_until(Duration::from_secs(60), || unknown(&daemon) >= scripted).await,
+        "not every hostile answer was a pass's unknown test:\n{}",
+        daemon.stderr_text()
+    );
+    let passed_after = || {
+        daemon
+            .events("connection tests done")
+            .iter()
+            .skip_while(|e| e["unknown"] != 1)
+            .any(|e| e["passed"] == 1)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), passed_after).await,
+        "the honest answer after them did not pass:\n{}",
+        daemon.stderr_text()
+    );
+    let peak = peak_rss_kib(daemon.child.id());
+    daemon.terminate();
+    let errors: Vec<String> = daemon
+        .events("connection test could not run")
+        .iter()
+        .filter_map(|e| e["error"].as_str().map(str::to_owned))
+        .collect();
+    eprintln!("peak RSS {peak} KiB; the tests' errors: {errors:#?}");
+    assert_eq!(errors.len(), scripted, "{errors:#?}");
+    for named in ["larger than", "timed out", "not {\"result\": bool}"] {
+        assert!(
+            errors.iter().any(|e| e.contains(named)),
+            "no error names {named:?}: {errors:#?}"
+        );
+    }
+    for error in &errors {
+        assert!(
+            error.len() < 2048,
+            "one bounded line: {} bytes",
+            error.len()
+        );
+        assert!(
+            !error.contains('\u{202e}') && !error.contains('\u{1b}') && !error.contains('\n'),
+            "escaped: {error:?}"
+        );
+    }
+    let stderr = daemon.stderr_text();
+    assert!(
+        raw_controls(&stderr).is_empty(),
+        "raw controls reached the log"
+    );
+    assert!(
+        !stderr.contains('\u{202e}'),
+        "a bidi override reached the log"
+    );
+    // Every line is the daemon's own: the forged one is text inside a field.
+    for line in stderr.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line:.300}"));
+        assert!(
+            !(event["message"] == "credentials rotated" && event["level"] == "error"),
+            "a forged line: {line:.300}"
+        );
+    }
+    // An unknown test is no failure: no rotation was asked for.
+    let failed = daemon
+        .logs()
+        .into_iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("connection test failed"))
+        })
+        .count();
+    assert_eq!(failed, 0, "a test that did not run is no failed test");
+    assert_eq!(
+        h.sim.connection(&id).unwrap().patches,
+        1,
+        "no rotation from a test that did not run"
+    );
+    assert!(peak < 150 * 1024, "peak RSS {peak} KiB");
+    assert!(h.sim.violations().is_empty(), "{:?}", h.sim.violations());
+    assert_no_secret(&stderr, &h.secrets());
 }
