@@ -25,11 +25,7 @@ fn pass() -> ScriptedFault {
 }
 
 async fn rotated(h: &Harness, ids: &[String], n: u64, daemon: &DaemonProcess) {
-    let done = wait_until(Duration::from_secs(30), || {
-        ids.iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= n))
-    })
-    .await;
+    let done = h.rotated_at_least(ids, n, Duration::from_secs(30)).await;
     assert!(
         done,
         "not every connection rotated {n} times; stderr:\n{}",
@@ -149,11 +145,7 @@ async fn endless_bodies_are_cut_at_the_cap_and_memory_stays_bounded() {
         peak < 150 * 1024,
         "peak RSS {peak} KiB under endless bodies"
     );
-    let errors: Vec<String> = daemon
-        .events("rotation failed, retrying")
-        .iter()
-        .filter_map(|e| e["error"].as_str().map(str::to_owned))
-        .collect();
+    let errors = daemon.errors("rotation failed, retrying");
     assert!(
         errors.iter().filter(|e| e.contains("larger than")).count() >= 2,
         "IMS and Flow bodies over the cap are named: {errors:#?}"
@@ -208,11 +200,7 @@ async fn an_sts_answer_without_secret_or_token_is_never_pushed() {
         })
         .collect();
     assert!(!pushed.contains(&issued[0]) && !pushed.contains(&issued[1]));
-    let errors: Vec<String> = daemon
-        .events("rotation failed, retrying")
-        .iter()
-        .filter_map(|e| e["error"].as_str().map(str::to_owned))
-        .collect();
+    let errors = daemon.errors("rotation failed, retrying");
     assert!(
         errors.iter().any(|e| e.contains("SecretAccessKey")),
         "{errors:#?}"
@@ -420,11 +408,7 @@ async fn an_etag_that_is_not_a_header_value_is_never_cached() {
     // failed locally, and no request was ever sent again.
     rotated(&h, &ids, 1, &daemon).await;
     daemon.terminate();
-    let errors: Vec<String> = daemon
-        .events("rotation failed, retrying")
-        .iter()
-        .filter_map(|e| e["error"].as_str().map(str::to_owned))
-        .collect();
+    let errors = daemon.errors("rotation failed, retrying");
     assert!(
         errors
             .iter()
@@ -466,11 +450,7 @@ async fn sts_errors_that_are_not_aws_errors_keep_their_status_and_back_off() {
     let mut daemon = h.spawn(&config, &["run"]);
     rotated(&h, &ids, 1, &daemon).await;
     daemon.terminate();
-    let errors: Vec<String> = daemon
-        .events("rotation failed, retrying")
-        .iter()
-        .filter_map(|e| e["error"].as_str().map(str::to_owned))
-        .collect();
+    let errors = daemon.errors("rotation failed, retrying");
     assert_eq!(errors.len(), 3, "{errors:#?}");
     assert!(
         errors[0].starts_with("STS unavailable: HTTP 502"),

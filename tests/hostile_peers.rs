@@ -301,11 +301,8 @@ async fn hostile_answers_to_the_connection_test_are_unknown_bounded_and_escaped(
         .write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(30), || h
-            .sim
-            .connection(&id)
-            .is_some_and(|c| c.patches >= 1))
-        .await,
+        h.rotated_at_least(std::slice::from_ref(&id), 1, Duration::from_secs(30))
+            .await,
         "never rotated:\n{}",
         daemon.stderr_text()
     );
@@ -358,11 +355,7 @@ async fn hostile_answers_to_the_connection_test_are_unknown_bounded_and_escaped(
     );
     let peak = peak_rss_kib(daemon.child.id());
     daemon.terminate();
-    let errors: Vec<String> = daemon
-        .events("connection test could not run")
-        .iter()
-        .filter_map(|e| e["error"].as_str().map(str::to_owned))
-        .collect();
+    let errors = daemon.errors("connection test could not run");
     eprintln!("peak RSS {peak} KiB; the tests' errors: {errors:#?}");
     assert_eq!(errors.len(), scripted, "{errors:#?}");
     for named in ["larger than", "timed out", "not {\"result\": bool}"] {

@@ -29,10 +29,7 @@ fn held(h: &Harness, id: &str) -> Option<(String, SystemTime)> {
 
 async fn wait_all_patched(h: &Harness, ids: &[String], daemon: &DaemonProcess) {
     assert!(
-        wait_until(Duration::from_secs(20), || ids
-            .iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1)))
-        .await,
+        h.rotated_at_least(ids, 1, Duration::from_secs(20)).await,
         "first pass incomplete; stderr:\n{}",
         daemon.stderr_text()
     );

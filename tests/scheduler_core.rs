@@ -27,15 +27,6 @@ fn rotation() -> Rotation {
     Rotation::fast().retry_max("1s").jitter("100ms")
 }
 
-/// Every connection in `ids` has at least `n` successful PATCHes within `within`.
-async fn rotated_at_least(h: &Harness, ids: &[String], n: u64, within: Duration) -> bool {
-    wait_until(within, || {
-        ids.iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= n))
-    })
-    .await
-}
-
 fn assert_no_panic(daemon: &DaemonProcess) {
     let stderr = daemon.stderr_text();
     assert!(!stderr.contains("panicked"), "a task panicked:\n{stderr}");
@@ -60,7 +51,7 @@ async fn an_hour_long_retry_after_on_one_connection_freezes_no_other() {
     // The others rotate on schedule, cycle after cycle (4 s credentials:
     // three rotations take about 5 s); the frozen daemon never rotated them.
     let others = &ids[1..];
-    let rotated = rotated_at_least(&h, others, 3, Duration::from_secs(30)).await;
+    let rotated = h.rotated_at_least(others, 3, Duration::from_secs(30)).await;
     assert!(
         rotated,
         "the others were held up; stderr:\n{}",
@@ -94,7 +85,7 @@ async fn an_ims_expires_in_of_u64_max_neither_panics_nor_wedges() {
     let ids = h.connection_ids();
     let config = h.config().rotation(rotation()).write();
     let mut daemon = h.spawn(&config, &["run"]);
-    let rotated = rotated_at_least(&h, &ids, 3, Duration::from_secs(30)).await;
+    let rotated = h.rotated_at_least(&ids, 3, Duration::from_secs(30)).await;
     assert!(
         rotated,
         "rotations stopped; stderr:\n{}",
@@ -120,7 +111,7 @@ async fn a_patch_answered_204_with_an_etag_header_needs_no_get_next_time() {
     }
     let config = h.config().rotation(rotation()).write();
     let mut daemon = h.spawn(&config, &["run"]);
-    let rotated = rotated_at_least(&h, &ids, 2, Duration::from_secs(30)).await;
+    let rotated = h.rotated_at_least(&ids, 2, Duration::from_secs(30)).await;
     assert!(rotated, "stderr:\n{}", daemon.stderr_text());
     let stats = h.sim.stats();
     assert_eq!(stats.flow_gets, 0, "{stats:?}");

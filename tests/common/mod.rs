@@ -158,6 +158,16 @@ impl Harness {
         secrets.push(SOURCE_SECRET.to_owned());
         secrets
     }
+
+    /// Whether every connection in `ids` has at least `n` successful
+    /// PATCHes within `within` (the simulator's count).
+    pub async fn rotated_at_least(&self, ids: &[String], n: u64, within: Duration) -> bool {
+        wait_until(within, || {
+            ids.iter()
+                .all(|id| self.sim.connection(id).is_some_and(|c| c.patches >= n))
+        })
+        .await
+    }
 }
 
 /// The `[rotation]` of a test config. Every test starts from one of two
@@ -547,6 +557,14 @@ impl DaemonProcess {
         self.logs()
             .into_iter()
             .filter(|l| l["message"] == message)
+            .collect()
+    }
+
+    /// The `error` field of each log line with this exact message.
+    pub fn errors(&self, message: &str) -> Vec<String> {
+        self.events(message)
+            .iter()
+            .filter_map(|e| e["error"].as_str().map(str::to_owned))
             .collect()
     }
 
