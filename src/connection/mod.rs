@@ -282,13 +282,9 @@ impl Connection {
         connection
     }
 
-    /// Its settings.
-    pub fn config(&self) -> &ConnectionConfig {
-        &self.config
-    }
-
-    /// The same entry, shared (the due queue holds it instead of a copy of the id).
-    pub fn shared_config(&self) -> &Arc<ConnectionConfig> {
+    /// Its settings: the config's own entry, shared (the due queue and the
+    /// view hold it instead of copies).
+    pub fn config(&self) -> &Arc<ConnectionConfig> {
         &self.config
     }
 

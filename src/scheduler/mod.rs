@@ -461,12 +461,7 @@ impl Daemon {
 
     /// The earliest current due time; drops stale heap items on the way.
     fn next_deadline(&mut self) -> Option<SystemTime> {
-        let connections = &self.connections;
-        self.heap.clean(|at, id| {
-            connections
-                .get(id)
-                .is_some_and(|c| c.phase() == Phase::Waiting(at))
-        });
+        self.heap.clean(waiting_for(&self.connections));
         self.heap.earliest()
     }
 
@@ -482,12 +477,7 @@ impl Daemon {
         }
         let now = self.clock.now();
         while self.jobs.len() < self.dispatch_limit() {
-            let connections = &self.connections;
-            let Some(due) = self.heap.pop_due(now, |at, id| {
-                connections
-                    .get(id)
-                    .is_some_and(|c| c.phase() == Phase::Waiting(at))
-            }) else {
+            let Some(due) = self.heap.pop_due(now, waiting_for(&self.connections)) else {
                 break;
             };
             if !self.park_before(&due.id, now) {
@@ -604,7 +594,7 @@ impl Daemon {
                 // One lookup for the wait and the view.
                 if let Some(connection) = self.connections.get_mut(id) {
                     self.heap
-                        .push(at, connection.shared_config(), connection.is_retrying());
+                        .push(at, connection.config(), connection.is_retrying());
                     connection.refresh_view();
                     self.publisher.changed();
                 }
@@ -724,6 +714,18 @@ async fn next_from<T>(channel: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match channel {
         Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Whether a due-queue entry (due time, id) is current: its connection is
+/// still there and waits for that time (a later event queued a newer one).
+fn waiting_for(
+    connections: &HashMap<String, Box<Connection>>,
+) -> impl Fn(SystemTime, &str) -> bool + '_ {
+    |at, id| {
+        connections
+            .get(id)
+            .is_some_and(|c| c.phase() == Phase::Waiting(at))
     }
 }
 

@@ -225,7 +225,7 @@ impl Daemon {
         let running = self
             .connections
             .iter()
-            .map(|(id, c)| (id.as_str(), c.config(), &**c.sts()));
+            .map(|(id, c)| (id.as_str(), &**c.config(), &**c.sts()));
         let diff = diff(running, wanted);
         let (added, changed) = (diff.count(Change::Added), diff.count(Change::Changed));
         let removed = diff.removed.len();

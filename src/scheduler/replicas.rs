@@ -81,7 +81,7 @@ impl Daemon {
                 && !connection.is_held()
             {
                 self.heap
-                    .push(at, connection.shared_config(), connection.is_retrying());
+                    .push(at, connection.config(), connection.is_retrying());
             }
         }
     }

@@ -725,6 +725,11 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
     assert_eq!(table.put_ids().len(), 2, "written after the fence closed");
 }
 
+/// The id the queue gives at `at`, every entry current.
+fn take(queue: &mut DueQueue, at: SystemTime) -> Option<String> {
+    queue.pop_due(at, |_, _| true).map(|due| due.id.clone())
+}
+
 /// A bare config entry for the due queue's tests (only its id is read).
 fn entry(id: &str) -> Arc<ConnectionConfig> {
     Arc::new(ConnectionConfig {
@@ -742,18 +747,10 @@ fn due_queue_serves_earliest_first_and_ties_in_queue_order() {
     queue.push(t0(), &entry("m"), false);
     queue.push(t0(), &entry("b"), false);
     assert_eq!(queue.earliest(), Some(t0()));
-    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(t0(), |_, _| true))
-        .map(|due| due.id.clone())
-        .collect();
+    let order: Vec<String> = std::iter::from_fn(|| take(&mut queue, t0())).collect();
     assert_eq!(order, ["z", "m", "b"], "only what is due");
     assert_eq!(queue.earliest(), Some(t0() + S(5)));
-    assert_eq!(
-        queue
-            .pop_due(t0() + S(5), |_, _| true)
-            .map(|due| due.id.clone())
-            .as_deref(),
-        Some("a")
-    );
+    assert_eq!(take(&mut queue, t0() + S(5)).as_deref(), Some("a"));
     assert_eq!(queue.earliest(), None);
 }
 
@@ -766,18 +763,13 @@ fn due_queue_serves_due_rotations_before_due_retries() {
     // Only the retry is due: it goes.
     assert_eq!(queue.earliest(), Some(t0()));
     assert_eq!(
-        queue
-            .pop_due(t0() + S(5), |_, _| true)
-            .map(|due| due.id.clone())
-            .as_deref(),
+        take(&mut queue, t0() + S(5)).as_deref(),
         Some("retry-early")
     );
     // Both due: the rotation first, though the retry was queued earlier.
     queue.push(t0(), &entry("retry-overdue"), true);
     let now = t0() + S(30);
-    let order: Vec<String> = std::iter::from_fn(|| queue.pop_due(now, |_, _| true))
-        .map(|due| due.id.clone())
-        .collect();
+    let order: Vec<String> = std::iter::from_fn(|| take(&mut queue, now)).collect();
     assert_eq!(order, ["rotation", "retry-overdue", "retry-late"]);
     // Stale entries are dropped from both tops.
     queue.push(t0(), &entry("gone"), false);
