@@ -391,14 +391,14 @@ fn fit(answer: &WireAnswer) -> String {
         } => {
             let (mut pushed, mut others) = (*pushed_not_listed, *others_not_listed);
             // Room for the envelope with the longest counts.
-            let mut used = size(&WireAnswer {
-                result: WireResult::Done {
+            let mut used = size(&with_result(
+                answer,
+                WireResult::Done {
                     connections: Vec::new(),
                     pushed_not_listed: usize::MAX,
                     others_not_listed: usize::MAX,
                 },
-                ..answer.clone()
-            });
+            ));
             let mut kept = Vec::new();
             for entry in connections {
                 if entry.outcome == WireOutcome::Pushed {
@@ -446,11 +446,17 @@ fn fit(answer: &WireAnswer) -> String {
             message: crate::scrub::bounded(message, crate::scrub::MAX_REMOTE_TEXT),
         },
     };
-    serde_json::to_string(&WireAnswer {
+    serde_json::to_string(&with_result(answer, result)).unwrap_or_default()
+}
+
+/// `answer`'s envelope around `result` (not a clone of the whole answer,
+/// whose result is what was too long).
+fn with_result(answer: &WireAnswer, result: WireResult) -> WireAnswer {
+    WireAnswer {
+        version: answer.version,
+        replica: answer.replica.clone(),
         result,
-        ..answer.clone()
-    })
-    .unwrap_or_default()
+    }
 }
 
 /// The bytes `value` takes in an answer: its JSON and a comma.
