@@ -220,18 +220,17 @@ pub async fn pass(
                     rotate_after: Some(*first_failure.get_or_insert(answered_at)),
                 })
             }
-            // Another request's failure (no IMS token: every test of the
-            // pass gets the same answer), logged once where it happened:
-            // during an IMS outage a pass over 10,000 connections would
-            // otherwise write 10,000 warnings. The pass's summary counts it.
-            Err(error) if error.is_shared() => {
-                unknown += 1;
-                tracing::debug!(error = %error, "connection test could not run");
-                None
-            }
             Err(error) => {
                 unknown += 1;
-                tracing::warn!(error = %error, "connection test could not run");
+                if error.is_shared() {
+                    // Another request's failure (no IMS token: every test of
+                    // the pass gets the same answer), logged once where it
+                    // happened: during an IMS outage a pass over 10,000
+                    // connections would otherwise write 10,000 warnings.
+                    tracing::debug!(error = %error, "connection test could not run");
+                } else {
+                    tracing::warn!(error = %error, "connection test could not run");
+                }
                 None
             }
         });
@@ -449,39 +448,7 @@ mod tests {
     /// The levels of the `connection test could not run` lines a pass
     /// writes, and its summary's `unknown`.
     async fn could_not_run_levels(script: Script) -> (Vec<tracing::Level>, String) {
-        use tracing_subscriber::layer::SubscriberExt;
-        #[derive(Default)]
-        struct Seen(Mutex<(Vec<tracing::Level>, String)>);
-        /// One field's value, as `Debug` prints it.
-        struct Field<'a>(&'static str, &'a mut String);
-        impl tracing::field::Visit for Field<'_> {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == self.0 {
-                    *self.1 = format!("{value:?}");
-                }
-            }
-        }
-        struct Record(Arc<Seen>);
-        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
-            fn on_event(
-                &self,
-                event: &tracing::Event<'_>,
-                _: tracing_subscriber::layer::Context<'_, S>,
-            ) {
-                let mut seen = self.0.0.lock().unwrap();
-                let mut message = String::new();
-                event.record(&mut Field("message", &mut message));
-                if message == "connection test could not run" {
-                    seen.0.push(*event.metadata().level());
-                } else if message == "connection tests done" {
-                    event.record(&mut Field("unknown", &mut seen.1));
-                }
-            }
-        }
-        let seen = Arc::new(Seen::default());
-        let _guard = tracing::subscriber::set_default(
-            tracing_subscriber::registry().with(Record(Arc::clone(&seen))),
-        );
+        let recorder = crate::observe::recorded::record();
         let snapshots = board(&[("c1", Some("K1")), ("c2", Some("K2")), ("c3", None)]);
         let (tx, _rx) = mpsc::channel(16);
         pass(
@@ -491,7 +458,19 @@ mod tests {
             &CancellationToken::new(),
         )
         .await;
-        seen.0.lock().unwrap().clone()
+        let events = recorder.events();
+        let levels = events
+            .iter()
+            .filter(|e| e.message() == "connection test could not run")
+            .map(|e| e.level)
+            .collect();
+        let unknown = events
+            .iter()
+            .find(|e| e.message() == "connection tests done")
+            .and_then(|e| e.field("unknown"))
+            .unwrap_or_default()
+            .to_owned();
+        (levels, unknown)
     }
 
     #[tokio::test(start_paused = true)]

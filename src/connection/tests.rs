@@ -161,36 +161,10 @@ fn shared(key: &str, expires_at: SystemTime) -> PersistedConnection {
 
 /// The levels and messages of the events `f` logs.
 fn logged(f: impl FnOnce()) -> Vec<(tracing::Level, String)> {
-    use std::sync::{Arc, Mutex};
-    use tracing_subscriber::layer::SubscriberExt;
-    #[derive(Default)]
-    struct Message(String);
-    impl tracing::field::Visit for Message {
-        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-            if field.name() == "message" {
-                self.0 = format!("{value:?}");
-            }
-        }
-    }
-    struct Record(Arc<Mutex<Vec<(tracing::Level, String)>>>);
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
-        fn on_event(
-            &self,
-            event: &tracing::Event<'_>,
-            _: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            let mut message = Message::default();
-            event.record(&mut message);
-            self.0
-                .lock()
-                .unwrap()
-                .push((*event.metadata().level(), message.0));
-        }
-    }
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(Record(Arc::clone(&events)));
-    tracing::subscriber::with_default(subscriber, f);
-    events.lock().unwrap().clone()
+    crate::observe::recorded::logged(f)
+        .into_iter()
+        .map(|event| (event.level, event.message().to_owned()))
+        .collect()
 }
 
 #[test]

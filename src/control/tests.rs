@@ -344,31 +344,10 @@ type Event = Vec<(String, String)>;
 
 /// The fields of every event logged while `f` runs, as text.
 fn logged(f: impl FnOnce()) -> Vec<Event> {
-    use std::sync::Mutex;
-    use tracing_subscriber::layer::SubscriberExt;
-    #[derive(Default)]
-    struct Fields(Vec<(String, String)>);
-    impl tracing::field::Visit for Fields {
-        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-            self.0.push((field.name().to_owned(), format!("{value:?}")));
-        }
-    }
-    struct Record(Arc<Mutex<Vec<Event>>>);
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
-        fn on_event(
-            &self,
-            event: &tracing::Event<'_>,
-            _: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            self.0.lock().unwrap().push(fields.0);
-        }
-    }
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(Record(Arc::clone(&events)));
-    tracing::subscriber::with_default(subscriber, f);
-    events.lock().unwrap().clone()
+    crate::observe::recorded::logged(f)
+        .into_iter()
+        .map(|event| event.fields)
+        .collect()
 }
 
 #[test]

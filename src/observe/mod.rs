@@ -11,6 +11,8 @@ pub mod admin;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+#[cfg(test)]
+pub(crate) mod recorded;
 pub mod status;
 pub mod telemetry;
 pub mod views;
