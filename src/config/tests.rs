@@ -121,6 +121,9 @@ fn every_bad_input_names_its_key() {
         ("org_id without @AdobeOrg", replace(g, "01234567@AdobeOrg", "01234567"), "adobe.org_id", "@AdobeOrg"),
         ("unknown top-level key", format!("{g}\n[bogus]\nx = 1\n"), "bogus", "unknown key"),
         ("unknown top-level scalar", format!("verbose = true\n{g}"), "verbose", "unknown key"),
+        // A structural error is the message alone: the file's line (here a
+        // secret) is never quoted.
+        ("a table written as a string", format!("coordination = \"{INLINE_SECRET}\"\n{g}"), "coordination", "wrong type"),
         ("unknown key in a section", replace(g, "[aws]\n", "[aws]\nrole = \"x\"\n"), "aws.role", "unknown key"),
         ("unknown key in a connection", replace(g, "sandbox = \"dev\"", "sandbox = \"dev\"\nsandbx = \"dev\""), "connections[1].sandbx", "did you mean connections[1].sandbox?"),
         ("unknown key, nothing close", replace(g, "[aws]\n", "[aws]\ncolour = \"x\"\n"), "aws.colour", "this table takes region, sts_endpoint"),
@@ -218,7 +221,7 @@ fn every_bad_input_names_its_key() {
         ran += 1;
     }
     assert_eq!(ran, cases.len());
-    assert_eq!(ran, 86, "update this count when adding cases");
+    assert_eq!(ran, 87, "update this count when adding cases");
 }
 
 #[test]
