@@ -31,7 +31,6 @@ use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 
-use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Level, Metadata, Subscriber};
@@ -39,8 +38,6 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::filter::{LevelFilter, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::fmt::format::{JsonFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -174,11 +171,12 @@ pub fn init(format: Option<LogFormat>, filter: Option<&str>) -> Result<(), LogFi
     match Shape::choose(format) {
         Shape::Json => registry
             .with(
-                tracing_subscriber::fmt::layer()
-                    .fmt_fields(JsonFields::new())
-                    .event_format(FlatJson)
-                    .with_writer(std::io::stderr)
-                    .with_filter(cap_third_party),
+                FieldsLayer {
+                    out: JsonLines {
+                        writer: std::io::stderr,
+                    },
+                }
+                .with_filter(cap_third_party),
             )
             .try_init(),
         Shape::Text { colour } => registry
@@ -202,46 +200,109 @@ pub fn init(format: Option<LogFormat>, filter: Option<&str>) -> Result<(), LogFi
 }
 
 // ---------------------------------------------------------------------------
-// Fields as (name, text) pairs: the journal and the terminal shapes.
+// Fields as (name, value) pairs, each value kept the way its sink writes it.
 
-/// An event's fields with those of its spans, as text, each name once.
+/// A span's or an event's own fields, each name once, as its sink keeps
+/// them ([`PairsOut::JSON`]).
 pub type Pairs = Vec<(&'static str, String)>;
+
+/// An event's fields with those of its spans, each name once, borrowed from
+/// where they were recorded: what a sink writes.
+pub type Fields<'a> = [(&'static str, &'a str)];
 
 /// Sets `name` to `value`, in place when already there: an event field wins
 /// over a span field of the same name, an inner span's over an outer one's.
-fn put(pairs: &mut Pairs, name: &'static str, value: String) {
+fn put<V>(pairs: &mut Vec<(&'static str, V)>, name: &'static str, value: V) {
     match pairs.iter_mut().find(|(n, _)| *n == name) {
         Some((_, slot)) => *slot = value,
         None => pairs.push((name, value)),
     }
 }
 
-/// Records fields as text.
-struct PairVisitor<'a>(&'a mut Pairs);
+/// Records fields as text, or with `json` as their JSON encoding (strings
+/// quoted and escaped, numbers and booleans bare).
+struct PairVisitor<'a> {
+    pairs: &'a mut Pairs,
+    json: bool,
+}
+
+impl PairVisitor<'_> {
+    fn text(&mut self, field: &Field, value: &str) {
+        let value = if self.json {
+            json_string(value)
+        } else {
+            value.to_owned()
+        };
+        put(self.pairs, field.name(), value);
+    }
+
+    /// A number or a boolean: bare in JSON as in text.
+    fn bare(&mut self, field: &Field, value: impl fmt::Display) {
+        put(self.pairs, field.name(), value.to_string());
+    }
+}
 
 impl Visit for PairVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        put(self.0, field.name(), value.to_owned());
+        self.text(field, value);
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.bare(field, value);
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.bare(field, value);
+    }
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        self.bare(field, value);
+    }
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        self.bare(field, value);
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.bare(field, value);
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() || !self.json {
+            // `1.0`, not `1`: as serde_json writes it.
+            self.bare(field, format_args!("{value:?}"));
+        } else {
+            // JSON has no NaN or infinity.
+            self.bare(field, "null");
+        }
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        put(self.0, field.name(), value.to_string());
+        self.text(field, &value.to_string());
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         // `%display` fields and the message's format arguments arrive here
         // and print without quotes.
-        put(self.0, field.name(), format!("{value:?}"));
+        self.text(field, &format!("{value:?}"));
     }
 }
 
-/// A span's fields, kept in its extensions.
+/// `text` as a JSON string: quoted, with quotes, backslashes and control
+/// characters escaped.
+fn json_string(text: &str) -> String {
+    // Encoding a str cannot fail.
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// A span's fields, kept in its extensions, encoded for the sink once.
 struct SpanPairs(Pairs);
 
 /// Where a [`FieldsLayer`] puts an event.
 trait PairsOut: 'static {
-    fn write(&self, meta: &Metadata<'_>, pairs: &Pairs);
+    /// How this sink keeps a field's value: `false`, as text; `true`, as
+    /// its JSON encoding (a string quoted and escaped, a number bare), made
+    /// once when the field is recorded.
+    const JSON: bool = false;
+
+    fn write(&self, meta: &Metadata<'_>, fields: &Fields<'_>);
 }
 
-/// Collects span and event fields as text and hands each event to `out`.
+/// Collects span and event fields and hands each event to `out`. A span's
+/// fields are encoded when it is made (or recorded into) and only borrowed
+/// by each line logged in it.
 struct FieldsLayer<O> {
     out: O,
 }
@@ -254,7 +315,10 @@ where
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         if let Some(span) = ctx.span(id) {
             let mut pairs = Pairs::new();
-            attrs.record(&mut PairVisitor(&mut pairs));
+            attrs.record(&mut PairVisitor {
+                pairs: &mut pairs,
+                json: O::JSON,
+            });
             span.extensions_mut().insert(SpanPairs(pairs));
         }
     }
@@ -263,23 +327,36 @@ where
         if let Some(span) = ctx.span(id)
             && let Some(SpanPairs(pairs)) = span.extensions_mut().get_mut::<SpanPairs>()
         {
-            values.record(&mut PairVisitor(pairs));
+            values.record(&mut PairVisitor {
+                pairs,
+                json: O::JSON,
+            });
         }
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        let mut pairs = Pairs::new();
-        if let Some(scope) = ctx.event_scope(event) {
-            for span in scope.from_root() {
-                if let Some(SpanPairs(span_pairs)) = span.extensions().get::<SpanPairs>() {
-                    for (name, value) in span_pairs {
-                        put(&mut pairs, name, value.clone());
-                    }
+        let mut own = Pairs::new();
+        event.record(&mut PairVisitor {
+            pairs: &mut own,
+            json: O::JSON,
+        });
+        let spans: Vec<_> = ctx
+            .event_scope(event)
+            .map(|scope| scope.from_root().collect())
+            .unwrap_or_default();
+        let extensions: Vec<_> = spans.iter().map(|span| span.extensions()).collect();
+        let mut fields: Vec<(&'static str, &str)> = Vec::with_capacity(own.len() + 4);
+        for kept in &extensions {
+            if let Some(SpanPairs(pairs)) = kept.get::<SpanPairs>() {
+                for (name, value) in pairs {
+                    put(&mut fields, name, value.as_str());
                 }
             }
         }
-        event.record(&mut PairVisitor(&mut pairs));
-        self.out.write(event.metadata(), &pairs);
+        for (name, value) in &own {
+            put(&mut fields, name, value.as_str());
+        }
+        self.out.write(event.metadata(), &fields);
     }
 }
 
@@ -308,7 +385,7 @@ impl Journal {
 }
 
 impl PairsOut for Journal {
-    fn write(&self, meta: &Metadata<'_>, pairs: &Pairs) {
+    fn write(&self, meta: &Metadata<'_>, pairs: &Fields<'_>) {
         let now = jiff::ZonedDateTime::now();
         let fields = journal_fields(&now, *meta.level(), meta.target(), pairs);
         if self
@@ -400,7 +477,7 @@ pub fn journal_fields(
     now: &jiff::ZonedDateTime,
     level: Level,
     target: &str,
-    pairs: &Pairs,
+    pairs: &Fields<'_>,
 ) -> Vec<(String, String)> {
     let mut message = String::with_capacity(160);
     describe(&mut message, now, target, pairs, false, false);
@@ -414,7 +491,7 @@ pub fn journal_fields(
             "message" => "EVENT".to_owned(),
             other => journal_name(other),
         };
-        fields.push((name, value.clone()));
+        fields.push((name, (*value).to_owned()));
     }
     if !is_ours(target) {
         fields.push(("TARGET".to_owned(), target.to_owned()));
@@ -454,7 +531,7 @@ impl<W> PairsOut for Terminal<W>
 where
     W: for<'a> MakeWriter<'a> + 'static,
 {
-    fn write(&self, meta: &Metadata<'_>, pairs: &Pairs) {
+    fn write(&self, meta: &Metadata<'_>, pairs: &Fields<'_>) {
         let now = jiff::ZonedDateTime::now();
         let line = terminal_line(
             &now,
@@ -489,7 +566,7 @@ pub fn terminal_line(
     now: &jiff::ZonedDateTime,
     level: Level,
     target: &str,
-    pairs: &Pairs,
+    pairs: &Fields<'_>,
     colour: bool,
     show_ids: bool,
 ) -> String {
@@ -524,16 +601,11 @@ fn describe(
     line: &mut String,
     now: &jiff::ZonedDateTime,
     target: &str,
-    pairs: &Pairs,
+    pairs: &Fields<'_>,
     colour: bool,
     show_ids: bool,
 ) {
-    let get = |name: &str| {
-        pairs
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |name: &str| pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
     let id = get("connection");
     let mut shown: Vec<&str> = vec!["message"];
     if let Some(name) = get("name") {
@@ -565,7 +637,7 @@ fn describe(
         line.push(' ');
         line.push_str(label);
         line.push('=');
-        let value = local_time(now, value).unwrap_or_else(|| value.clone());
+        let value = local_time(now, value).unwrap_or_else(|| (*value).to_owned());
         if value.is_empty()
             || value.contains(|c: char| c.is_whitespace() || c == '=' || c == '"' || c.is_control())
         {
@@ -626,147 +698,89 @@ fn local_time(now: &jiff::ZonedDateTime, value: &str) -> Option<String> {
 // ---------------------------------------------------------------------------
 // JSON.
 
-/// The JSON line format: event fields and span fields flattened to the top.
+/// Writes JSON lines: one object per event, `timestamp`, `level`, the
+/// event's fields and those of its spans flattened to the top, `target`
+/// for another crate's event.
 ///
 /// Keys come out sorted, each once: an event field wins over a span field of
-/// the same name, an inner span's over an outer one's. The line is built in
-/// one buffer and written with one call; a span's fields are parsed from
-/// their JSON once and kept with the span ([`SpanFields`]), since a rotation
-/// job logs more than one line in its span.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FlatJson;
-
-/// A span's fields as parsed from its formatted JSON, cached in the span's
-/// extensions by [`FlatJson`].
-struct SpanFields {
-    /// Length of the formatted text parsed: `Span::record` changes it.
-    source_len: usize,
-    fields: Vec<(String, Value)>,
+/// the same name, an inner span's over an outer one's. Every value arrives
+/// encoded ([`PairsOut::JSON`]): a span's fields were encoded once when it
+/// was made, so a line only joins them with the event's, in one buffer
+/// written with one call.
+struct JsonLines<W> {
+    writer: W,
 }
 
-impl<S, N> FormatEvent<S, N> for FlatJson
+impl<W> PairsOut for JsonLines<W>
 where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
+    W: for<'a> MakeWriter<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let meta = event.metadata();
-        let mut fields = Fields::default();
-        fields.insert(
-            "timestamp",
-            Value::String(humantime::format_rfc3339_millis(crate::clock::wall_now()).to_string()),
+    const JSON: bool = true;
+
+    fn write(&self, meta: &Metadata<'_>, fields: &Fields<'_>) {
+        let line = json_line(
+            &humantime::format_rfc3339_millis(crate::clock::wall_now()).to_string(),
+            *meta.level(),
+            meta.target(),
+            fields,
         );
-        fields.insert(
-            "level",
-            Value::String(meta.level().as_str().to_ascii_lowercase()),
-        );
-        if let Some(scope) = ctx.event_scope() {
-            for span in scope.from_root() {
-                let source_len = span
-                    .extensions()
-                    .get::<FormattedFields<N>>()
-                    .map_or(0, |f| f.as_str().len());
-                // Re-parsed when `Span::record` changed the text since.
-                let stale = span
-                    .extensions()
-                    .get::<SpanFields>()
-                    .is_none_or(|cached| cached.source_len != source_len);
-                if stale {
-                    let parsed = span
-                        .extensions()
-                        .get::<FormattedFields<N>>()
-                        .and_then(|f| serde_json::from_str::<Map<String, Value>>(f.as_str()).ok())
-                        .map(|map| map.into_iter().collect())
-                        .unwrap_or_default();
-                    let mut extensions = span.extensions_mut();
-                    extensions.remove::<SpanFields>();
-                    extensions.insert(SpanFields {
-                        source_len,
-                        fields: parsed,
-                    });
-                }
-                if let Some(SpanFields { fields: cached, .. }) =
-                    span.extensions().get::<SpanFields>()
-                {
-                    for (key, value) in cached {
-                        fields.insert(key.clone(), value.clone());
-                    }
-                }
-            }
-        }
-        event.record(&mut JsonVisitor(&mut fields));
-        if !is_ours(meta.target()) {
-            fields.insert("target", Value::String(meta.target().to_owned()));
-        }
-        writer.write_str(&fields.into_line())
+        // One write per line, so lines from threads never interleave.
+        let _ = self.writer.make_writer().write_all(line.as_bytes());
     }
 }
 
-/// A line's fields, each key once (the last insert wins), in insertion order
-/// until [`Fields::into_line`] sorts them. A log line has a dozen fields at
-/// most, so a vector beats a map.
-#[derive(Default)]
-struct Fields<'a>(Vec<(std::borrow::Cow<'a, str>, Value)>);
-
-impl<'a> Fields<'a> {
-    fn insert(&mut self, key: impl Into<std::borrow::Cow<'a, str>>, value: Value) {
-        let key = key.into();
-        match self.0.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, slot)) => *slot = value,
-            None => self.0.push((key, value)),
-        }
+/// One JSON object and a newline, of `fields` (each value already JSON)
+/// with the time, the level and another crate's target.
+fn json_line(timestamp: &str, level: Level, target: &str, fields: &Fields<'_>) -> String {
+    let timestamp = json_string(timestamp);
+    let level = match level {
+        Level::ERROR => "\"error\"",
+        Level::WARN => "\"warn\"",
+        Level::INFO => "\"info\"",
+        Level::DEBUG => "\"debug\"",
+        Level::TRACE => "\"trace\"",
+    };
+    let target = (!is_ours(target)).then(|| json_string(target));
+    let mut all: Vec<(&str, &str)> = Vec::with_capacity(fields.len() + 3);
+    all.extend([("timestamp", timestamp.as_str()), ("level", level)]);
+    for &(name, value) in fields {
+        put(&mut all, name, value);
     }
-
-    /// `{"key":value,...}` with sorted keys, and a newline.
-    fn into_line(mut self) -> String {
-        self.0.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out = Vec::with_capacity(256);
-        out.push(b'{');
-        for (n, (key, value)) in self.0.iter().enumerate() {
-            if n > 0 {
-                out.push(b',');
-            }
-            // Writing a str or a Value into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut out, key.as_ref());
-            out.push(b':');
-            let _ = serde_json::to_writer(&mut out, value);
-        }
-        out.extend_from_slice(b"}\n");
-        // serde_json writes UTF-8 only.
-        String::from_utf8(out).unwrap_or_default()
+    if let Some(target) = &target {
+        put(&mut all, "target", target.as_str());
     }
+    all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut line = String::with_capacity(
+        64 + all
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum::<usize>(),
+    );
+    line.push('{');
+    for (n, (name, value)) in all.iter().enumerate() {
+        if n > 0 {
+            line.push(',');
+        }
+        push_json_key(&mut line, name);
+        line.push(':');
+        line.push_str(value);
+    }
+    line.push_str("}\n");
+    line
 }
 
-struct JsonVisitor<'f, 'a>(&'f mut Fields<'a>);
-
-impl Visit for JsonVisitor<'_, '_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name(), Value::String(value.to_owned()));
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name(), value.into());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name(), value.into());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name(), value.into());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name(), value.into());
-    }
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name(), Value::String(value.to_string()));
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name(), Value::String(format!("{value:?}")));
+/// `"name"`: field names are Rust identifiers, written as they are, but
+/// one given as a string literal could hold anything, so that is escaped.
+fn push_json_key(line: &mut String, name: &str) {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    {
+        line.push('"');
+        line.push_str(name);
+        line.push('"');
+    } else {
+        line.push_str(&json_string(name));
     }
 }
 
@@ -791,12 +805,11 @@ mod tests {
     /// The daemon's JSON format, writing into `buffer`.
     fn json_subscriber(buffer: &Buffer) -> impl tracing::Subscriber + Send + Sync {
         let writer = buffer.clone();
-        tracing_subscriber::registry().with(
-            tracing_subscriber::fmt::layer()
-                .fmt_fields(JsonFields::new())
-                .event_format(FlatJson)
-                .with_writer(move || writer.clone()),
-        )
+        tracing_subscriber::registry().with(FieldsLayer {
+            out: JsonLines {
+                writer: move || writer.clone(),
+            },
+        })
     }
 
     #[test]
@@ -817,7 +830,7 @@ mod tests {
             );
         });
         let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let line: Value = serde_json::from_str(text.trim()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(line["message"], "credentials rotated");
         assert_eq!(line["level"], "info");
         assert_eq!(line["connection"], "c-1");
@@ -847,7 +860,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
         assert_eq!(lines[0].matches("\"sandbox\"").count(), 1, "{}", lines[0]);
-        let first: Value = serde_json::from_str(lines[0]).unwrap();
+        let first: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
         assert_eq!(first["sandbox"], "event-wins");
         assert_eq!(first["connection"], "c-1");
         let keys: Vec<&String> = first.as_object().unwrap().keys().collect();
@@ -856,21 +869,70 @@ mod tests {
             .map(|k| lines[0].find(&format!("\"{k}\":")).unwrap())
             .collect();
         assert!(text_order.windows(2).all(|w| w[0] < w[1]), "{}", lines[0]);
-        let second: Value = serde_json::from_str(lines[1]).unwrap();
+        let second: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
         assert_eq!(second["sandbox"], "prod");
         assert_eq!(second["attempt"], 3, "a recorded span field shows");
+    }
+
+    #[test]
+    fn json_values_keep_their_types_and_text_cannot_break_the_line() {
+        let buffer = Buffer::default();
+        tracing::subscriber::with_default(json_subscriber(&buffer), || {
+            let span = tracing::info_span!("connection", name = "a\"b\\c\n{\"level\":\"error\"}");
+            let _entered = span.enter();
+            tracing::warn!(
+                ratio = 1.0f64,
+                nan = f64::NAN,
+                ok = true,
+                count = -3i64,
+                error = %"bad\u{1b}[31m\u{202e}",
+                "weird.name" = "x",
+                "message with {}",
+                "args"
+            );
+            tracing::info!(target: "hyper::client", "third party");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let line: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(line["name"], "a\"b\\c\n{\"level\":\"error\"}");
+        assert_eq!(line["level"], "warn");
+        assert_eq!(line["ratio"], 1.0);
+        assert!(lines[0].contains("\"ratio\":1.0"), "{}", lines[0]);
+        assert!(line["nan"].is_null());
+        assert_eq!(line["ok"], true);
+        assert_eq!(line["count"], -3);
+        assert_eq!(line["error"], "bad\u{1b}[31m\u{202e}");
+        assert!(!lines[0].contains('\u{1b}'), "escaped: {}", lines[0]);
+        assert_eq!(line["weird.name"], "x");
+        assert_eq!(line["message"], "message with args");
+        assert!(
+            line.get("target").is_none(),
+            "our own events need no target"
+        );
+        let third: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(third["target"], "hyper::client");
     }
 
     /// Events as a [`FieldsLayer`] hands them on.
     #[derive(Clone, Default)]
     struct Captured(Arc<Mutex<Vec<(Level, String, Pairs)>>>);
 
+    fn owned(fields: &Fields<'_>) -> Pairs {
+        fields.iter().map(|(n, v)| (*n, (*v).to_owned())).collect()
+    }
+
+    fn borrowed(pairs: &Pairs) -> Vec<(&'static str, &str)> {
+        pairs.iter().map(|(n, v)| (*n, v.as_str())).collect()
+    }
+
     impl PairsOut for Captured {
-        fn write(&self, meta: &Metadata<'_>, pairs: &Pairs) {
+        fn write(&self, meta: &Metadata<'_>, pairs: &Fields<'_>) {
             self.0
                 .lock()
                 .unwrap()
-                .push((*meta.level(), meta.target().to_owned(), pairs.clone()));
+                .push((*meta.level(), meta.target().to_owned(), owned(pairs)));
         }
     }
 
@@ -914,7 +976,12 @@ mod tests {
         let entries: Vec<Vec<(String, String)>> = events
             .iter()
             .map(|(level, target, pairs)| {
-                journal_fields(&at("2026-11-23T15:00:00Z"), *level, target, pairs)
+                journal_fields(
+                    &at("2026-11-23T15:00:00Z"),
+                    *level,
+                    target,
+                    &borrowed(pairs),
+                )
             })
             .collect();
 
@@ -989,7 +1056,7 @@ mod tests {
             &at("2026-11-23T15:00:00Z"),
             Level::INFO,
             "hyper::client",
-            &Pairs::new(),
+            &[],
         );
         assert_eq!(field(&third_party, "TARGET"), Some("hyper::client"));
     }
@@ -1033,8 +1100,8 @@ mod tests {
             .to_zoned_datetime(jiff::tz::TimeZone::UTC)
     }
 
-    fn pairs(list: &[(&'static str, &str)]) -> Pairs {
-        list.iter().map(|(n, v)| (*n, (*v).to_owned())).collect()
+    fn pairs<'a>(list: &[(&'static str, &'a str)]) -> Vec<(&'static str, &'a str)> {
+        list.to_vec()
     }
 
     #[test]
