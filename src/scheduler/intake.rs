@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 use super::Daemon;
+use super::table::Key;
 use crate::clock::earlier;
 use crate::config::ConnectionConfig;
 use crate::connection::{Action, Connection, Event, Phase};
@@ -61,7 +62,7 @@ impl Daemon {
     /// its connection as [`Event::Listed`].
     pub fn seed_etags(&mut self, etags: &HashMap<String, String>) {
         for (id, etag) in etags {
-            self.event(
+            self.event_for(
                 id,
                 Event::Listed {
                     etag: Some(etag.clone()),
@@ -75,7 +76,7 @@ impl Daemon {
     /// before [`Self::seed_etags`] so the first job holds both.
     pub fn seed_s3_targets(&mut self, targets: &HashMap<String, crate::remote::s3probe::S3Target>) {
         for (id, target) in targets {
-            self.event(
+            self.event_for(
                 id,
                 Event::Listed {
                     etag: None,
@@ -94,28 +95,27 @@ impl Daemon {
     /// complete) waits for `Done`: before it, most connections may not even
     /// be known yet.
     pub fn hold_until_listed(&mut self, intake: mpsc::UnboundedReceiver<Intake>) {
-        let ids: Vec<String> = self.connections.keys().cloned().collect();
-        for id in &ids {
-            self.event(id, Event::Hold);
+        for key in self.connections.keys() {
+            self.event(key, Event::Hold);
         }
         self.intake = Some(intake);
         self.plan_hold();
     }
 
     /// The connections held now.
-    fn held(&self) -> Vec<String> {
+    fn held(&self) -> Vec<Key> {
         self.connections
             .iter()
             .filter(|(_, c)| c.is_held())
-            .map(|(id, _)| id.clone())
+            .map(|(key, _)| key)
             .collect()
     }
 
     /// The latest time a held connection may wait for its page: [`MAX_HOLD`]
     /// past its due time, and never later than [`EXPIRY_MARGIN`] before its
     /// credentials expire. `None` when it is not waiting at all.
-    fn hold_limit(&self, id: &str) -> Option<SystemTime> {
-        let connection = self.connections.get(id)?;
+    fn hold_limit(&self, key: Key) -> Option<SystemTime> {
+        let connection = self.connections.get(key)?;
         let Phase::Waiting(due) = connection.phase() else {
             return None;
         };
@@ -133,24 +133,24 @@ impl Daemon {
     fn plan_hold(&mut self) {
         self.hold_until = self
             .connections
-            .keys()
-            .filter_map(|id| self.hold_limit(id))
+            .iter()
+            .filter_map(|(key, _)| self.hold_limit(key))
             .min()
             .map(|at| self.clock.instant_at(at));
     }
 
     /// Schedules one held connection at its own due time: it reads its own
     /// etag (a later page no longer seeds it).
-    fn release(&mut self, id: &str) {
-        self.event(id, Event::Release);
+    fn release(&mut self, key: Key) {
+        self.event(key, Event::Release);
     }
 
     /// Schedules every held connection at its own due time (each will GET
     /// its etag).
     fn release_held(&mut self) {
         self.hold_until = None;
-        for id in self.held() {
-            self.release(&id);
+        for key in self.held() {
+            self.release(key);
         }
     }
 
@@ -163,10 +163,10 @@ impl Daemon {
         // so this never turns into a loop that fires at once.
         let now = self.clock.now();
         let held = self.held();
-        let late: Vec<String> = held
+        let late: Vec<Key> = held
             .iter()
-            .filter(|id| self.hold_limit(id).is_none_or(|limit| limit <= now))
-            .cloned()
+            .copied()
+            .filter(|key| self.hold_limit(*key).is_none_or(|limit| limit <= now))
             .collect();
         if !late.is_empty() {
             tracing::warn!(
@@ -175,8 +175,8 @@ impl Daemon {
                 "the start's listing is slow; connections it has not reached read their own etag"
             );
         }
-        for id in late {
-            self.release(&id);
+        for key in late {
+            self.release(key);
         }
         self.plan_hold();
     }
@@ -198,7 +198,7 @@ impl Daemon {
             return;
         };
         for config in added {
-            if self.connections.contains_key(&config.id)
+            if self.connections.contains_id(&config.id)
                 || !(self.options.only.is_empty() || self.options.only.contains(&config.id))
             {
                 continue;
@@ -216,12 +216,15 @@ impl Daemon {
             self.add_connection(config, sts, now, listed);
         }
         for (id, etag) in etags {
-            if !self.connections.get(&id).is_some_and(|c| c.is_held()) {
+            let Some(key) = self.connections.key(&id) else {
+                continue;
+            };
+            if !self.connections.get(key).is_some_and(|c| c.is_held()) {
                 continue;
             }
             let s3 = targets.get(&id).cloned().map(Box::new);
             self.event(
-                &id,
+                key,
                 Event::Listed {
                     etag: Some(etag),
                     s3,
@@ -240,18 +243,18 @@ impl Daemon {
         now: SystemTime,
         listed: Listed<'_>,
     ) {
-        let id = config.id.clone();
-        self.order.push(id.clone());
-        self.connections
-            .insert(id.clone(), Box::new(Connection::new(config, sts, now)));
+        let key = self
+            .connections
+            .insert(Box::new(Connection::new(config, sts, now)));
+        self.order.push(key);
         let mut told = false;
         if let Some(saved) = listed.saved {
-            self.event(&id, Event::Restored(Box::new(saved.clone())));
+            self.event(key, Event::Restored(Box::new(saved.clone())));
             told = true;
         }
         if listed.etag.is_some() || listed.target.is_some() {
             self.event(
-                &id,
+                key,
                 Event::Listed {
                     etag: listed.etag.map(str::to_owned),
                     s3: listed.target.cloned().map(Box::new),
@@ -261,7 +264,7 @@ impl Daemon {
         }
         if !told {
             // A new connection is due at once.
-            self.follow(&id, Action::WaitUntil(now));
+            self.follow(key, Action::WaitUntil(now));
         }
     }
 }

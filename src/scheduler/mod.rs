@@ -29,8 +29,10 @@
 //! `replicas`
 //! (`[coordination]`: leadership, adoption, the shared table) and
 //! `observe` and `readiness` (`READY=1`, `STATUS=`, the watchdog: decided
-//! by a pure struct, carried out here; the report) and
-//! `publish` (the snapshots).
+//! by a pure struct, carried out here; the report),
+//! `publish` (the snapshots) and `table` (the connections under small
+//! integer keys: the loop's queue, jobs and parking name them by key, and
+//! only a request, a reload or the listing looks an id up).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +67,7 @@ mod readiness;
 mod reload;
 mod replicas;
 mod rotate_now;
+mod table;
 
 pub use clients::{Runner, build_rotator};
 pub use intake::{Intake, MAX_HOLD};
@@ -77,6 +80,7 @@ use reload::Prepared;
 pub use reload::Reload;
 use replicas::leadership_changed;
 pub use rotate_now::{Pending, RotateOutcome, RotateRefusal, RotateRequest, Selection};
+use table::{Key, Table};
 
 /// How the daemon runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,16 +160,15 @@ pub struct Daemon {
     telemetry: Arc<Telemetry>,
     notifier: Notifier,
     state: Option<StateStore>,
-    /// Ids in the order they were added (the report's order).
-    order: Vec<String>,
-    /// Boxed: a `Connection` is about 1 KB, and a discovery start adds
-    /// 10,000 page by page, so each growth of the map moved all of them.
-    connections: HashMap<String, Box<Connection>>,
+    /// Keys in the order their connections were added (the report's order).
+    order: Vec<Key>,
+    /// The connections: the loop names each by its key, a request by its id.
+    connections: Table,
     /// Due times; an item is current while its connection waits for exactly that time.
-    heap: DueQueue,
-    jobs: JoinSet<(String, JobResult)>,
+    heap: DueQueue<Key>,
+    jobs: JoinSet<(Key, JobResult)>,
     /// Which connection each running task belongs to (for panics).
-    tasks: HashMap<tokio::task::Id, String>,
+    tasks: HashMap<tokio::task::Id, Key>,
     /// Dropped jobs are cancelled before their PATCH when shutdown starts.
     job_cancel: CancellationToken,
     /// READY, STATUS and WATCHDOG, decided.
@@ -254,7 +257,7 @@ impl Daemon {
             notifier,
             state,
             order: Vec::new(),
-            connections: HashMap::new(),
+            connections: Table::default(),
             heap: DueQueue::default(),
             jobs: JoinSet::new(),
             tasks: HashMap::new(),
@@ -280,18 +283,18 @@ impl Daemon {
             let sts = daemon
                 .identities
                 .intern(StsRequest::for_connection(&daemon.config, &config));
-            let id = config.id.clone();
-            daemon.order.push(id.clone());
-            daemon
+            let saved = persisted.connections.get(&config.id);
+            let key = daemon
                 .connections
-                .insert(id.clone(), Box::new(Connection::new(config, sts, now)));
-            match persisted.connections.get(&id) {
-                Some(saved) => daemon.event(&id, Event::Restored(Box::new(saved.clone()))),
-                None => daemon.follow(&id, Action::WaitUntil(now)),
+                .insert(Box::new(Connection::new(config, sts, now)));
+            daemon.order.push(key);
+            match saved {
+                Some(saved) => daemon.event(key, Event::Restored(Box::new(saved.clone()))),
+                None => daemon.follow(key, Action::WaitUntil(now)),
             }
         }
         let mut unclaimed = persisted.connections.clone();
-        unclaimed.retain(|id, _| !daemon.connections.contains_key(id));
+        unclaimed.retain(|id, _| !daemon.connections.contains_id(id));
         daemon.unclaimed = unclaimed;
         daemon.loaded = persisted;
         daemon
@@ -423,12 +426,15 @@ impl Daemon {
             passed,
             rotate_after,
         } = answer;
-        self.event(&id, Event::Tested { passed });
+        let Some(key) = self.connections.key(&id) else {
+            return;
+        };
+        self.event(key, Event::Tested { passed });
         // Held until the start's listing: it rotates as soon as it is listed.
         if let Some(since) = rotate_after
-            && self.connections.get(&id).is_some_and(|c| !c.is_held())
+            && self.connections.get(key).is_some_and(|c| !c.is_held())
         {
-            self.event(&id, Event::RotateNow { since });
+            self.event(key, Event::RotateNow { since });
         }
     }
 
@@ -477,11 +483,11 @@ impl Daemon {
         }
         let now = self.clock.now();
         while self.jobs.len() < self.dispatch_limit() {
-            let Some(due) = self.heap.pop_due(now, waiting_for(&self.connections)) else {
+            let Some(key) = self.heap.pop_due(now, waiting_for(&self.connections)) else {
                 break;
             };
-            if !self.park_before(&due.id, now) {
-                self.event(&due.id, Event::Due);
+            if !self.park_before(key, now) {
+                self.event(key, Event::Due);
             }
         }
     }
@@ -489,8 +495,8 @@ impl Daemon {
     /// A due connection whose dependency is down (another connection
     /// probes it) parks without a job: during an outage only the prober
     /// runs. `true` when it parked.
-    fn park_before(&mut self, id: &str, now: SystemTime) -> bool {
-        let Some(connection) = self.connections.get_mut(id) else {
+    fn park_before(&mut self, key: Key, now: SystemTime) -> bool {
+        let Some(connection) = self.connections.get_mut(key) else {
             return false;
         };
         let Phase::Waiting(due) = connection.phase() else {
@@ -499,20 +505,20 @@ impl Daemon {
         if due > now || connection.is_held() {
             return false;
         }
-        let Some(dependency) = self.parking.down_for(connection.sts(), id) else {
+        let Some(dependency) = self.parking.down_for(connection.sts(), key) else {
             return false;
         };
         let parked = park_until_bound(
             &mut self.parking,
             (&self.policy, self.config.rotation.retry_max),
-            connection,
+            (key, connection),
             dependency,
             now,
             now,
         );
         match parked {
             Some(action) => {
-                self.follow(id, action);
+                self.follow(key, action);
                 true
             }
             None => false,
@@ -520,14 +526,14 @@ impl Daemon {
     }
 
     /// Sends one event to one connection and carries out what it answers.
-    fn event(&mut self, id: &str, event: Event) {
+    fn event(&mut self, key: Key, event: Event) {
         let now = self.clock.now();
-        let Some(connection) = self.connections.get_mut(id) else {
+        let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
         let seen = match &event {
             Event::JobDone(result) => {
-                self.waiters.finished(id, result);
+                self.waiters.finished(&connection.config().id, result);
                 Some(parking::Seen::of(result, connection.sts()))
             }
             _ => None,
@@ -535,11 +541,19 @@ impl Daemon {
         let mut action = connection.apply(event, now, &self.policy, rand::random());
         let mut released = Vec::new();
         if let Some(seen) = seen {
-            action = self.park_after(id, seen, action, now, &mut released);
+            action = self.park_after(key, seen, action, now, &mut released);
         }
-        self.follow(id, action);
-        for id in released {
-            self.event(&id, Event::Unpark);
+        self.follow(key, action);
+        for key in released {
+            self.event(key, Event::Unpark);
+        }
+    }
+
+    /// [`Self::event`] for the connection `id`, if there is one: where a
+    /// request, a reload or the listing names it.
+    fn event_for(&mut self, id: &str, event: Event) {
+        if let Some(key) = self.connections.key(id) {
+            self.event(key, event);
         }
     }
 
@@ -549,18 +563,18 @@ impl Daemon {
     /// [`parking`]); one whose own request failed probes.
     fn park_after(
         &mut self,
-        id: &str,
+        key: Key,
         seen: parking::Seen,
         action: Action,
         now: SystemTime,
-        released: &mut Vec<String>,
+        released: &mut Vec<Key>,
     ) -> Action {
-        self.parking.unpark(id);
+        self.parking.unpark(key);
         for dependency in &seen.answered {
             released.extend(self.parking.release(dependency));
         }
         if let Some(dependency) = seen.real_failure {
-            self.parking.probe(dependency, id);
+            self.parking.probe(dependency, key);
         }
         let Some(dependency) = seen.shared_failure else {
             return action;
@@ -568,18 +582,18 @@ impl Daemon {
         let Action::WaitUntil(due) = action else {
             return action;
         };
-        if !self.parking.probed_by_another(&dependency, id) {
+        if !self.parking.probed_by_another(&dependency, key) {
             // Nobody else asks: this one does, on its own backoff.
-            self.parking.probe(dependency, id);
+            self.parking.probe(dependency, key);
             return action;
         }
-        let Some(connection) = self.connections.get_mut(id) else {
+        let Some(connection) = self.connections.get_mut(key) else {
             return action;
         };
         park_until_bound(
             &mut self.parking,
             (&self.policy, self.config.rotation.retry_max),
-            connection,
+            (key, connection),
             dependency,
             due,
             now,
@@ -587,14 +601,13 @@ impl Daemon {
         .unwrap_or(action)
     }
 
-    fn follow(&mut self, id: &str, action: Action) {
+    fn follow(&mut self, key: Key, action: Action) {
         match action {
-            Action::Dispatch(job) => self.spawn(*job),
+            Action::Dispatch(job) => self.spawn(key, *job),
             Action::WaitUntil(at) => {
                 // One lookup for the wait and the view.
-                if let Some(connection) = self.connections.get_mut(id) {
-                    self.heap
-                        .push(at, connection.config(), connection.is_retrying());
+                if let Some(connection) = self.connections.get_mut(key) {
+                    self.heap.push(at, key, connection.is_retrying());
                     connection.refresh_view();
                     self.publisher.changed();
                 }
@@ -602,24 +615,25 @@ impl Daemon {
             }
             Action::AwaitJob | Action::AwaitListing | Action::Finished => {}
             Action::Drop => {
-                self.waiters.dropped(id);
-                self.connections.remove(id);
-                for parked in self.parking.forget(id) {
-                    self.event(&parked, Event::Unpark);
+                if let Some(gone) = self.connections.remove(key) {
+                    self.waiters.dropped(&gone.config().id);
                 }
-                self.order.retain(|known| known != id);
+                for parked in self.parking.forget(key) {
+                    self.event(parked, Event::Unpark);
+                }
+                self.order.retain(|known| *known != key);
                 self.publisher.changed();
                 return;
             }
         }
-        if let Some(connection) = self.connections.get_mut(id) {
+        if let Some(connection) = self.connections.get_mut(key) {
             connection.refresh_view();
             self.publisher.changed();
         }
     }
 
-    fn spawn(&mut self, job: Job) {
-        let Some(connection) = self.connections.get_mut(&job.id) else {
+    fn spawn(&mut self, key: Key, job: Job) {
+        let Some(connection) = self.connections.get_mut(key) else {
             return;
         };
         self.readiness.progressed();
@@ -634,23 +648,22 @@ impl Daemon {
         let span = connection.job_span();
         let runner = self.runner.job_runner();
         let cancel = self.job_cancel.clone();
-        let id = job.id.clone();
         // Boxed so a waiting job costs a pointer, not the largest future.
         let task = Box::pin(async move {
             let result = shaping::start_by(start_by, runner.run(&job, &cancel)).await;
-            (job.id, result)
+            (key, result)
         });
         let handle = self.jobs.spawn(task.instrument(span));
-        self.tasks.insert(handle.id(), id);
+        self.tasks.insert(handle.id(), key);
     }
 
     fn on_joined(
         &mut self,
-        joined: Result<(tokio::task::Id, (String, JobResult)), tokio::task::JoinError>,
+        joined: Result<(tokio::task::Id, (Key, JobResult)), tokio::task::JoinError>,
     ) {
         self.readiness.progressed();
         match joined {
-            Ok((task, (id, result))) => {
+            Ok((task, (key, result))) => {
                 self.tasks.remove(&task);
                 if let JobResult::Failed {
                     error: RotationError::NotLeader,
@@ -660,10 +673,10 @@ impl Daemon {
                     // Stand down until the elector publishes a new term.
                     self.leading = false;
                 }
-                self.event(&id, Event::JobDone(result));
+                self.event(key, Event::JobDone(result));
             }
             Err(error) => {
-                let Some(id) = self.tasks.remove(&error.id()) else {
+                let Some(key) = self.tasks.remove(&error.id()) else {
                     tracing::error!(error = %error, "rotation task of an unknown connection failed");
                     return;
                 };
@@ -672,14 +685,15 @@ impl Daemon {
                 } else {
                     "the job was aborted"
                 };
-                tracing::error!(connection = %id, error = %error, "rotation task failed; the connection is rescheduled");
+                let id = self.connections.get(key).map(|c| c.config().id.clone());
+                tracing::error!(connection = %id.unwrap_or_default(), error = %error, "rotation task failed; the connection is rescheduled");
                 let result = JobResult::Failed {
                     error: RotationError::Internal(detail.to_owned()),
                     etag: None,
                     conflicts: 0,
                     s3: None,
                 };
-                self.event(&id, Event::JobDone(result));
+                self.event(key, Event::JobDone(result));
             }
         }
     }
@@ -690,9 +704,8 @@ impl Daemon {
         tracing::info!(in_flight = self.jobs.len(), "shutting down");
         self.notifier.stopping();
         self.job_cancel.cancel();
-        let ids: Vec<String> = self.connections.keys().cloned().collect();
-        for id in &ids {
-            self.event(id, Event::Shutdown);
+        for key in self.connections.keys() {
+            self.event(key, Event::Shutdown);
         }
         let grace = self.config.rotation.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
@@ -717,14 +730,12 @@ async fn next_from<T>(channel: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
-/// Whether a due-queue entry (due time, id) is current: its connection is
+/// Whether a due-queue entry (due time, key) is current: its connection is
 /// still there and waits for that time (a later event queued a newer one).
-fn waiting_for(
-    connections: &HashMap<String, Box<Connection>>,
-) -> impl Fn(SystemTime, &str) -> bool + '_ {
-    |at, id| {
+fn waiting_for(connections: &Table) -> impl Fn(SystemTime, Key) -> bool + '_ {
+    |at, key| {
         connections
-            .get(id)
+            .get(key)
             .is_some_and(|c| c.phase() == Phase::Waiting(at))
     }
 }
@@ -737,7 +748,7 @@ fn waiting_for(
 fn park_until_bound(
     parking: &mut parking::Parking,
     (policy, retry_max): (&Policy, Duration),
-    connection: &mut Connection,
+    (key, connection): (Key, &mut Connection),
     dependency: parking::Dependency,
     due: SystemTime,
     now: SystemTime,
@@ -746,7 +757,7 @@ fn park_until_bound(
     if until <= due {
         return None;
     }
-    parking.park(dependency, &connection.config().id);
+    parking.park(dependency, key);
     Some(connection.apply(Event::Park { until }, now, policy, rand::random()))
 }
 

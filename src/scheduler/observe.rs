@@ -125,7 +125,7 @@ impl Daemon {
         let connections = self
             .order
             .iter()
-            .filter_map(|id| self.connections.get(id))
+            .filter_map(|key| self.connections.get(*key))
             .map(|c| c.view().as_ref().clone())
             .collect();
         Report {

@@ -32,6 +32,8 @@ use crate::policy::schedule::EXPIRY_MARGIN;
 use crate::remote::sts::StsRequest;
 use crate::rotation::{JobResult, RotationError};
 
+use super::table::Key;
+
 /// A dependency many connections share.
 ///
 /// An STS identity is told apart by its shared copy, not its contents: the
@@ -132,73 +134,72 @@ impl Seen {
     }
 }
 
-/// Who parks on what, and who probes.
+/// Who parks on what, and who probes (connections by their key).
 #[derive(Debug, Default)]
 pub(super) struct Parking {
-    parked: HashMap<Dependency, HashSet<String>>,
-    probers: HashMap<Dependency, String>,
+    parked: HashMap<Dependency, HashSet<Key>>,
+    probers: HashMap<Dependency, Key>,
 }
 
 impl Parking {
-    /// Whether a connection other than `id` probes `dependency` (a removed
+    /// Whether a connection other than `key` probes `dependency` (a removed
     /// prober is forgotten, [`Self::forget`]).
-    pub(super) fn probed_by_another(&self, dependency: &Dependency, id: &str) -> bool {
+    pub(super) fn probed_by_another(&self, dependency: &Dependency, key: Key) -> bool {
         self.probers
             .get(dependency)
-            .is_some_and(|prober| prober != id)
+            .is_some_and(|prober| *prober != key)
     }
 
-    /// The dependency `id` (of identity `sts`) would wait on now: one that
+    /// The dependency `key` (of identity `sts`) would wait on now: one that
     /// another connection probes.
-    pub(super) fn down_for(&self, sts: &Arc<StsRequest>, id: &str) -> Option<Dependency> {
-        if self.probed_by_another(&Dependency::Ims, id) {
+    pub(super) fn down_for(&self, sts: &Arc<StsRequest>, key: Key) -> Option<Dependency> {
+        if self.probers.is_empty() {
+            // Nothing is down: the common case, without a clone or a hash.
+            return None;
+        }
+        if self.probed_by_another(&Dependency::Ims, key) {
             return Some(Dependency::Ims);
         }
         let sts = Dependency::Sts(Arc::clone(sts));
-        self.probed_by_another(&sts, id).then_some(sts)
+        self.probed_by_another(&sts, key).then_some(sts)
     }
 
-    /// `id` probes `dependency` (unless another already does).
-    pub(super) fn probe(&mut self, dependency: Dependency, id: &str) {
-        self.probers
-            .entry(dependency)
-            .or_insert_with(|| id.to_owned());
+    /// `key` probes `dependency` (unless another already does).
+    pub(super) fn probe(&mut self, dependency: Dependency, key: Key) {
+        self.probers.entry(dependency).or_insert(key);
     }
 
-    /// `id` waits for `dependency`.
-    pub(super) fn park(&mut self, dependency: Dependency, id: &str) {
-        self.parked
-            .entry(dependency)
-            .or_default()
-            .insert(id.to_owned());
+    /// `key` waits for `dependency`.
+    pub(super) fn park(&mut self, dependency: Dependency, key: Key) {
+        self.parked.entry(dependency).or_default().insert(key);
     }
 
     /// `dependency` answers: nobody probes it any more, and the connections
-    /// parked on it go (their ids).
-    pub(super) fn release(&mut self, dependency: &Dependency) -> Vec<String> {
+    /// parked on it go (their keys).
+    pub(super) fn release(&mut self, dependency: &Dependency) -> Vec<Key> {
         self.probers.remove(dependency);
         self.parked
             .remove(dependency)
-            .map(|ids| ids.into_iter().collect())
+            .map(|keys| keys.into_iter().collect())
             .unwrap_or_default()
     }
 
-    /// `id` tried again: it is parked nowhere (it may park anew).
-    pub(super) fn unpark(&mut self, id: &str) {
-        for ids in self.parked.values_mut() {
-            ids.remove(id);
+    /// `key` tried again: it is parked nowhere (it may park anew).
+    pub(super) fn unpark(&mut self, key: Key) {
+        for keys in self.parked.values_mut() {
+            keys.remove(&key);
         }
-        self.parked.retain(|_, ids| !ids.is_empty());
+        self.parked.retain(|_, keys| !keys.is_empty());
     }
 
-    /// `id` is gone: parked nowhere; and if it probed, nobody does now, and
-    /// what parked there goes (their ids).
-    pub(super) fn forget(&mut self, id: &str) -> Vec<String> {
-        self.unpark(id);
+    /// `key` is gone: parked nowhere; and if it probed, nobody does now, and
+    /// what parked there goes (their keys).
+    pub(super) fn forget(&mut self, key: Key) -> Vec<Key> {
+        self.unpark(key);
         let probed: Vec<Dependency> = self
             .probers
             .iter()
-            .filter(|(_, prober)| prober.as_str() == id)
+            .filter(|(_, prober)| **prober == key)
             .map(|(dependency, _)| dependency.clone())
             .collect();
         probed

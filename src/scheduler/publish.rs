@@ -68,7 +68,7 @@ impl Publisher {
     pub(super) fn publish<'a>(
         &mut self,
         force: bool,
-        views: impl ExactSizeIterator<Item = &'a Arc<ConnectionStatus>>,
+        views: impl Iterator<Item = &'a Arc<ConnectionStatus>>,
         refresh_before: Duration,
         term: u64,
     ) {
@@ -77,13 +77,14 @@ impl Publisher {
         if !self.dirty || (early && !force) {
             return;
         }
+        let connections: Vec<Arc<ConnectionStatus>> = views.cloned().collect();
         let interval = PUBLISH_COST
-            .saturating_mul(u32::try_from(views.len()).unwrap_or(u32::MAX))
+            .saturating_mul(u32::try_from(connections.len()).unwrap_or(u32::MAX))
             .min(MAX_PUBLISH_INTERVAL);
         self.dirty = false;
         self.last = Some((now, interval));
         self.tx.send_replace(Arc::new(Snapshot {
-            connections: views.cloned().collect(),
+            connections,
             refresh_before,
             term,
         }));

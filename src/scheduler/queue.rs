@@ -3,10 +3,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
-use std::sync::Arc;
 use std::time::SystemTime;
-
-use crate::config::ConnectionConfig;
 
 /// The deadline heaps: (due time, insertion number, connection), earliest
 /// first, one for rotations and one for retries of connections whose last
@@ -20,46 +17,56 @@ use crate::config::ConnectionConfig;
 ///
 /// Connections due at the same time (a whole first pass is) come out in the
 /// order they were queued: the insertion number settles every tie, so the
-/// heap never compares connections. An entry holds the connection's shared
-/// config entry (its id), not a copy of the id: every wait of every
+/// heap never compares connections. An entry names its connection by `K`,
+/// the scheduler's key ([`super::table::Key`]): every wait of every
 /// connection is an entry.
-#[derive(Debug, Default)]
-pub(super) struct DueQueue {
-    rotations: BinaryHeap<Reverse<Due>>,
-    retries: BinaryHeap<Reverse<Due>>,
+#[derive(Debug)]
+pub(super) struct DueQueue<K> {
+    rotations: BinaryHeap<Reverse<Due<K>>>,
+    retries: BinaryHeap<Reverse<Due<K>>>,
     queued: u64,
+}
+
+impl<K> Default for DueQueue<K> {
+    fn default() -> Self {
+        Self {
+            rotations: BinaryHeap::new(),
+            retries: BinaryHeap::new(),
+            queued: 0,
+        }
+    }
 }
 
 /// One entry: ordered by due time, then insertion number (unique).
 #[derive(Debug)]
-struct Due {
+struct Due<K> {
     at: SystemTime,
     queued: u64,
-    connection: Arc<ConnectionConfig>,
+    connection: K,
 }
 
-impl PartialEq for Due {
+impl<K> PartialEq for Due<K> {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
     }
 }
 
-impl Eq for Due {}
+impl<K> Eq for Due<K> {}
 
-impl PartialOrd for Due {
+impl<K> PartialOrd for Due<K> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Due {
+impl<K> Ord for Due<K> {
     fn cmp(&self, other: &Self) -> Ordering {
         (self.at, self.queued).cmp(&(other.at, other.queued))
     }
 }
 
-impl DueQueue {
-    pub(super) fn push(&mut self, at: SystemTime, connection: &Arc<ConnectionConfig>, retry: bool) {
+impl<K: Copy> DueQueue<K> {
+    pub(super) fn push(&mut self, at: SystemTime, connection: K, retry: bool) {
         self.queued = self.queued.wrapping_add(1);
         let heap = if retry {
             &mut self.retries
@@ -69,15 +76,15 @@ impl DueQueue {
         heap.push(Reverse(Due {
             at,
             queued: self.queued,
-            connection: Arc::clone(connection),
+            connection,
         }));
     }
 
     /// Drops stale entries (`current` says which are not) from both tops.
-    pub(super) fn clean(&mut self, current: impl Fn(SystemTime, &str) -> bool) {
+    pub(super) fn clean(&mut self, current: impl Fn(SystemTime, K) -> bool) {
         for heap in [&mut self.rotations, &mut self.retries] {
             while let Some(Reverse(due)) = heap.peek() {
-                if current(due.at, &due.connection.id) {
+                if current(due.at, due.connection) {
                     break;
                 }
                 heap.pop();
@@ -87,7 +94,7 @@ impl DueQueue {
 
     /// The earliest due time of either heap.
     pub(super) fn earliest(&self) -> Option<SystemTime> {
-        let top = |heap: &BinaryHeap<Reverse<Due>>| heap.peek().map(|Reverse(due)| due.at);
+        let top = |heap: &BinaryHeap<Reverse<Due<K>>>| heap.peek().map(|Reverse(due)| due.at);
         match (top(&self.rotations), top(&self.retries)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -101,14 +108,14 @@ impl DueQueue {
     pub(super) fn pop_due(
         &mut self,
         now: SystemTime,
-        current: impl Fn(SystemTime, &str) -> bool,
-    ) -> Option<Arc<ConnectionConfig>> {
+        current: impl Fn(SystemTime, K) -> bool,
+    ) -> Option<K> {
         for heap in [&mut self.rotations, &mut self.retries] {
             while heap.peek().is_some_and(|Reverse(due)| due.at <= now) {
                 let Some(Reverse(due)) = heap.pop() else {
                     break;
                 };
-                if current(due.at, &due.connection.id) {
+                if current(due.at, due.connection) {
                     return Some(due.connection);
                 }
             }

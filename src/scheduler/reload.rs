@@ -224,13 +224,13 @@ impl Daemon {
             .collect();
         let running = self
             .connections
-            .iter()
-            .map(|(id, c)| (id.as_str(), &**c.config(), &**c.sts()));
+            .values()
+            .map(|c| (c.config().id.as_str(), &**c.config(), &**c.sts()));
         let diff = diff(running, wanted);
         let (added, changed) = (diff.count(Change::Added), diff.count(Change::Changed));
         let removed = diff.removed.len();
         for id in &diff.removed {
-            self.event(id, Event::Removed);
+            self.event_for(id, Event::Removed);
         }
         for Wanted {
             config: connection,
@@ -243,7 +243,7 @@ impl Daemon {
                 // Unchanged ones too: a new name applies at once.
                 Change::Changed | Change::Unchanged => {
                     let id = connection.id.clone();
-                    self.event(&id, Event::Changed(connection, sts));
+                    self.event_for(&id, Event::Changed(connection, sts));
                 }
             }
         }

@@ -67,8 +67,12 @@ impl Daemon {
             return;
         };
         let now = self.clock.now();
-        for (id, connection) in &mut self.connections {
-            let shared = view.connections.get(id).cloned().map(Box::new);
+        for connection in self.connections.values_mut() {
+            let shared = view
+                .connections
+                .get(&connection.config().id)
+                .cloned()
+                .map(Box::new);
             connection.apply(Event::Adopt(shared), now, &self.policy, rand::random());
             connection.refresh_view();
         }
@@ -76,12 +80,11 @@ impl Daemon {
         // Every due time may have moved: the heap is rebuilt rather than
         // grown (a standby adopts a view every half minute).
         self.heap = DueQueue::default();
-        for connection in self.connections.values() {
+        for (key, connection) in self.connections.iter() {
             if let Phase::Waiting(at) = connection.phase()
                 && !connection.is_held()
             {
-                self.heap
-                    .push(at, connection.config(), connection.is_retrying());
+                self.heap.push(at, key, connection.is_retrying());
             }
         }
     }

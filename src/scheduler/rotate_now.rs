@@ -209,7 +209,10 @@ impl Daemon {
         let since = crate::clock::mono_now();
         let mut pending = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(connection) = self.connections.get(&id) else {
+            let Some(key) = self.connections.key(&id) else {
+                continue;
+            };
+            let Some(connection) = self.connections.get(key) else {
                 continue;
             };
             let (tx, rx) = oneshot::channel();
@@ -220,7 +223,7 @@ impl Daemon {
                 outcome: rx,
             });
             self.waiters.add(&id, tx);
-            self.event(&id, Event::RotateNow { since });
+            self.event(key, Event::RotateNow { since });
         }
         Ok(pending)
     }
@@ -229,7 +232,7 @@ impl Daemon {
     fn select(&self, selection: &Selection) -> Result<Vec<String>, RotateRefusal> {
         let mut ids = BTreeSet::new();
         match selection {
-            Selection::All => ids.extend(self.connections.keys().cloned()),
+            Selection::All => ids.extend(self.connections.values().map(|c| c.config().id.clone())),
             Selection::Only {
                 connections,
                 sandboxes,
@@ -253,7 +256,7 @@ impl Daemon {
                 // An id, or a name only one connection has (as `once`).
                 let mut unknown = Vec::new();
                 for wanted in connections {
-                    if self.connections.contains_key(wanted) {
+                    if self.connections.contains_id(wanted) {
                         ids.insert(wanted.clone());
                     } else if let Some(Some(only)) = by_name.get(wanted.as_str()) {
                         ids.insert((*only).to_owned());

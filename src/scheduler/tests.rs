@@ -725,69 +725,52 @@ async fn only_the_leader_dispatches_and_a_new_term_adopts_the_shared_state() {
     assert_eq!(table.put_ids().len(), 2, "written after the fence closed");
 }
 
-/// The id the queue gives at `at`, every entry current.
-fn take(queue: &mut DueQueue, at: SystemTime) -> Option<String> {
-    queue.pop_due(at, |_, _| true).map(|due| due.id.clone())
-}
-
-/// A bare config entry for the due queue's tests (only its id is read).
-fn entry(id: &str) -> Arc<ConnectionConfig> {
-    Arc::new(ConnectionConfig {
-        id: id.to_owned(),
-        ..ConnectionConfig::default()
-    })
+/// The entry the queue gives at `at`, every entry current.
+fn take(queue: &mut DueQueue<&'static str>, at: SystemTime) -> Option<&'static str> {
+    queue.pop_due(at, |_, _| true)
 }
 
 #[test]
 fn due_queue_serves_earliest_first_and_ties_in_queue_order() {
     let mut queue = DueQueue::default();
     // Ids in reverse order: a tie must not fall back to comparing them.
-    queue.push(t0() + S(5), &entry("a"), false);
-    queue.push(t0(), &entry("z"), false);
-    queue.push(t0(), &entry("m"), false);
-    queue.push(t0(), &entry("b"), false);
+    queue.push(t0() + S(5), "a", false);
+    queue.push(t0(), "z", false);
+    queue.push(t0(), "m", false);
+    queue.push(t0(), "b", false);
     assert_eq!(queue.earliest(), Some(t0()));
-    let order: Vec<String> = std::iter::from_fn(|| take(&mut queue, t0())).collect();
+    let order: Vec<&str> = std::iter::from_fn(|| take(&mut queue, t0())).collect();
     assert_eq!(order, ["z", "m", "b"], "only what is due");
     assert_eq!(queue.earliest(), Some(t0() + S(5)));
-    assert_eq!(take(&mut queue, t0() + S(5)).as_deref(), Some("a"));
+    assert_eq!(take(&mut queue, t0() + S(5)), Some("a"));
     assert_eq!(queue.earliest(), None);
 }
 
 #[test]
 fn due_queue_serves_due_rotations_before_due_retries() {
     let mut queue = DueQueue::default();
-    queue.push(t0(), &entry("retry-early"), true);
-    queue.push(t0() + S(10), &entry("rotation"), false);
-    queue.push(t0() + S(20), &entry("retry-late"), true);
+    queue.push(t0(), "retry-early", true);
+    queue.push(t0() + S(10), "rotation", false);
+    queue.push(t0() + S(20), "retry-late", true);
     // Only the retry is due: it goes.
     assert_eq!(queue.earliest(), Some(t0()));
-    assert_eq!(
-        take(&mut queue, t0() + S(5)).as_deref(),
-        Some("retry-early")
-    );
+    assert_eq!(take(&mut queue, t0() + S(5)), Some("retry-early"));
     // Both due: the rotation first, though the retry was queued earlier.
-    queue.push(t0(), &entry("retry-overdue"), true);
+    queue.push(t0(), "retry-overdue", true);
     let now = t0() + S(30);
-    let order: Vec<String> = std::iter::from_fn(|| take(&mut queue, now)).collect();
+    let order: Vec<&str> = std::iter::from_fn(|| take(&mut queue, now)).collect();
     assert_eq!(order, ["rotation", "retry-overdue", "retry-late"]);
     // Stale entries are dropped from both tops.
-    queue.push(t0(), &entry("gone"), false);
-    queue.push(t0(), &entry("gone-too"), true);
-    queue.push(t0() + S(1), &entry("kept"), true);
+    queue.push(t0(), "gone", false);
+    queue.push(t0(), "gone-too", true);
+    queue.push(t0() + S(1), "kept", true);
     queue.clean(|_, id| id == "kept");
     assert_eq!(queue.earliest(), Some(t0() + S(1)));
     // Taking what is due drops the stale entries it meets, in either heap.
-    queue.push(t0(), &entry("stale-rotation"), false);
-    queue.push(t0(), &entry("stale-retry"), true);
+    queue.push(t0(), "stale-rotation", false);
+    queue.push(t0(), "stale-retry", true);
     let current = |_: SystemTime, id: &str| !id.starts_with("stale");
-    assert_eq!(
-        queue
-            .pop_due(t0() + S(5), current)
-            .map(|due| due.id.clone())
-            .as_deref(),
-        Some("kept")
-    );
+    assert_eq!(queue.pop_due(t0() + S(5), current), Some("kept"));
     assert!(queue.pop_due(t0() + S(5), current).is_none());
     assert_eq!(queue.earliest(), None, "the stale entries went on the way");
 }
