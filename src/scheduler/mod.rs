@@ -162,6 +162,11 @@ pub struct Daemon {
     state: Option<StateStore>,
     /// Keys in the order their connections were added (the report's order).
     order: Vec<Key>,
+    /// How many connections at the front of `order` have had an outcome:
+    /// the first pass is complete when all have, and each loop turn looks
+    /// on from there instead of at every connection again (an outcome is
+    /// never undone; a removal starts the count over).
+    settled: usize,
     /// The connections: the loop names each by its key, a request by its id.
     connections: Table,
     /// Due times; an item is current while its connection waits for exactly that time.
@@ -257,6 +262,7 @@ impl Daemon {
             notifier,
             state,
             order: Vec::new(),
+            settled: 0,
             connections: Table::default(),
             heap: DueQueue::default(),
             jobs: JoinSet::new(),
@@ -622,6 +628,7 @@ impl Daemon {
                     self.event(parked, Event::Unpark);
                 }
                 self.order.retain(|known| *known != key);
+                self.settled = 0;
                 self.publisher.changed();
                 return;
             }
