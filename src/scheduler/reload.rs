@@ -150,7 +150,11 @@ impl Daemon {
             config,
             rotator: built,
         } = reload;
-        self.notifier.reloading();
+        // Before the start's own READY=1 systemd would ignore RELOADING=1
+        // (and take the READY=1 after it for the end of the start).
+        if self.readiness.ready_sent() {
+            self.notifier.reloading();
+        }
         for (key, changed) in [
             (
                 "[admin] listen",
@@ -194,6 +198,19 @@ impl Daemon {
         }
     }
 
+    /// Tells systemd the reload is over: `READY=1` with the status, as its
+    /// reload protocol asks, but only once the start's own `READY=1` (the
+    /// first pass) went out. Before that a `READY=1` would end the start
+    /// early, so the status alone goes.
+    fn reload_done(&self) {
+        let line = self.status_line();
+        if self.readiness.ready_sent() {
+            self.notifier.reloaded(&line);
+        } else {
+            self.notifier.status(&line);
+        }
+    }
+
     /// Applies a validated config as a [`diff`] of the selected connections:
     /// new connections start now, removed ones go once their job ends,
     /// changed ones (sandbox or STS identity) rotate with the new settings
@@ -205,7 +222,7 @@ impl Daemon {
             Ok(prepared) => prepared,
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), "config reload failed, keeping the running config");
-                self.notifier.reloaded(&self.status_line());
+                self.reload_done();
                 return;
             }
         };
@@ -263,7 +280,7 @@ impl Daemon {
             connections = self.connections.len(),
             "config reloaded"
         );
-        self.notifier.reloaded(&self.status_line());
+        self.reload_done();
     }
 }
 

@@ -465,6 +465,43 @@ async fn ready_only_after_a_real_first_pass_even_with_state() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn ready_waits_for_a_connection_a_reload_adds_during_the_first_pass() {
+    let clock = Clock::tokio_at(t0());
+    // c0 and c1 rotate at once, c2 takes 10 s, c3 (added) 30 s.
+    let runner = Scripted::new(clock, |job, now| {
+        let took = match job.id.as_str() {
+            "c2" => S(10),
+            "c3" => S(30),
+            _ => S(1),
+        };
+        (took, rotated(now + took, S(3600)))
+    });
+    let systemd = FakeSystemd::new();
+    let daemon = scheduler(
+        config(3, 4),
+        Mode::Run,
+        clock,
+        Arc::clone(&runner),
+        systemd.notifier(None),
+    );
+    let cancel = CancellationToken::new();
+    let (reload, reloads) = mpsc::channel(1);
+    let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
+    let ready = || systemd.received().iter().any(|m| m.contains("READY=1"));
+    // The loop has looked past c0 and c1 and waits on c2 when c3 comes.
+    tokio::time::sleep(S(5)).await;
+    assert!(!ready(), "READY before c2 rotated");
+    reload.send(Reload::from(config(4, 4))).await.unwrap();
+    tokio::time::sleep(S(15)).await;
+    assert_eq!(runner.starts("c3").len(), 1, "the added connection started");
+    assert!(!ready(), "READY while the added c3 had no outcome yet");
+    tokio::time::sleep(S(25)).await;
+    assert!(ready(), "no READY once every connection had rotated");
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn ready_in_a_dry_run() {
     let clock = Clock::tokio_at(t0());
     let runner = Scripted::new(clock, |_, now| {
