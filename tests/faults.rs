@@ -86,11 +86,7 @@ fn assert_clean(h: &Harness) {
 }
 
 async fn all_patched(h: &Harness, ids: &[String], n: u64, daemon: &DaemonProcess) {
-    let done = wait_until(Duration::from_secs(10), || {
-        ids.iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= n))
-    })
-    .await;
+    let done = h.rotated_at_least(ids, n, Duration::from_secs(10)).await;
     assert!(
         done,
         "not every connection rotated {n} times; stderr:\n{}",

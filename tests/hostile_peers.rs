@@ -95,11 +95,7 @@ async fn listed_names_reach_no_sink_raw_and_alike_names_keep_their_own_series() 
         .connections(&[])
         .write();
     let mut daemon = spawn_text(&config, &["run"]);
-    let rotated = wait_until(Duration::from_secs(30), || {
-        ids.iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1))
-    })
-    .await;
+    let rotated = h.rotated_at_least(&ids, 1, Duration::from_secs(30)).await;
     let admin = daemon.admin_addr().await;
     let metrics = get(&format!("http://{admin}/metrics")).await;
     let status = get(&format!("http://{admin}/status")).await;

@@ -32,10 +32,7 @@ async fn admin_endpoints_serve_metrics_readiness_and_status() {
     let admin = daemon.admin_addr().await;
     let base = format!("http://{admin}");
     assert!(
-        wait_until(Duration::from_secs(20), || ids
-            .iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1)))
-        .await,
+        h.rotated_at_least(&ids, 1, Duration::from_secs(20)).await,
         "stderr:\n{}",
         daemon.stderr_text()
     );

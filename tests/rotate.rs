@@ -49,11 +49,7 @@ async fn running(n: usize) -> (Harness, PathBuf, PathBuf, DaemonProcess) {
         .write();
     let daemon = h.spawn(&config, &["run"]);
     let ids = h.connection_ids();
-    let first_pass = wait_until(PATIENCE, || {
-        ids.iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1))
-    })
-    .await;
+    let first_pass = h.rotated_at_least(&ids, 1, PATIENCE).await;
     assert!(first_pass, "first pass: {}", daemon.stderr_text());
     assert_eq!(
         daemon.events("control socket listening").len(),
@@ -310,11 +306,7 @@ async fn rotate_sent_to_a_standby_is_carried_out_once_by_the_leader() {
     let cluster = ha::Cluster::start(3, Duration::from_secs(3600), 3, ha::Timings::FAST).await;
     let leader = cluster.wait_for_leader(PATIENCE).await;
     let ids = cluster.h.connection_ids();
-    let first_pass = wait_until(PATIENCE, || {
-        ids.iter()
-            .all(|id| cluster.h.sim.connection(id).is_some_and(|c| c.patches >= 1))
-    })
-    .await;
+    let first_pass = cluster.h.rotated_at_least(&ids, 1, PATIENCE).await;
     assert!(first_pass, "{}", cluster.all_logs());
     let standby = cluster.replicas.iter().find(|r| r.name != leader).unwrap();
     let before = cluster.h.sim.patches().accepted.len();

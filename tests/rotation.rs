@@ -16,11 +16,7 @@ async fn rotates_every_connection_every_cycle_then_stops_on_sigterm() {
     let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     let ids = h.connection_ids();
-    let cycled = wait_until(Duration::from_secs(40), || {
-        ids.iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3))
-    })
-    .await;
+    let cycled = h.rotated_at_least(&ids, 3, Duration::from_secs(40)).await;
     assert!(
         cycled,
         "not every connection rotated 3 times; stderr:\n{}",
@@ -198,19 +194,13 @@ async fn a_revoked_ims_token_is_replaced_and_the_patch_retried() {
     let config = h.config().write();
     let mut daemon = h.spawn(&config, &["run"]);
     assert!(
-        wait_until(Duration::from_secs(20), || ids
-            .iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 1)))
-        .await,
+        h.rotated_at_least(&ids, 1, Duration::from_secs(20)).await,
         "first pass did not happen; stderr:\n{}",
         daemon.stderr_text()
     );
     h.sim.revoke_tokens();
     assert!(
-        wait_until(Duration::from_secs(20), || ids
-            .iter()
-            .all(|id| h.sim.connection(id).is_some_and(|c| c.patches >= 3)))
-        .await,
+        h.rotated_at_least(&ids, 3, Duration::from_secs(20)).await,
         "rotation did not continue after the token was revoked; stderr:\n{}",
         daemon.stderr_text()
     );
