@@ -252,12 +252,6 @@ impl Visit for PairVisitor<'_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
         self.bare(field, value);
     }
-    fn record_i128(&mut self, field: &Field, value: i128) {
-        self.bare(field, value);
-    }
-    fn record_u128(&mut self, field: &Field, value: u128) {
-        self.bare(field, value);
-    }
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.bare(field, value);
     }
