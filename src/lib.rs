@@ -15,7 +15,8 @@
 //!   scheduler/       the loop: deadline heaps (queue), a dispatch limit, jobs keyed by task;
 //!                    readiness (pure: READY/STATUS/WATCHDOG), publish (snapshots out),
 //!                    clients (built once, kept across reloads), reloads as a diff,
-//!                    intake, replicas, identities (one shared StsRequest per identity)
+//!                    intake, replicas, identities (one shared StsRequest per identity),
+//!                    table (the connections under integer keys the loop uses)
 //!   persist/         the records of the snapshots kept, off the loop: one writer over a
 //!                    StateTarget, the state file (file.rs) and the shared table (table.rs)
 //!   discovery/       [[discover]] rules over listings (rules.rs is pure), the streamed start
