@@ -487,7 +487,12 @@ async fn ready_waits_for_a_connection_a_reload_adds_during_the_first_pass() {
     let cancel = CancellationToken::new();
     let (reload, reloads) = mpsc::channel(1);
     let task = tokio::spawn(daemon.run(cancel.clone(), reloads));
-    let ready = || systemd.received().iter().any(|m| m.contains("READY=1"));
+    // Every message so far (reading the socket drains it).
+    let seen = std::cell::RefCell::new(Vec::<String>::new());
+    let ready = || {
+        seen.borrow_mut().extend(systemd.received());
+        seen.borrow().iter().any(|m| m.contains("READY=1"))
+    };
     // The loop has looked past c0 and c1 and waits on c2 when c3 comes.
     tokio::time::sleep(S(5)).await;
     assert!(!ready(), "READY before c2 rotated");
@@ -497,6 +502,22 @@ async fn ready_waits_for_a_connection_a_reload_adds_during_the_first_pass() {
     assert!(!ready(), "READY while the added c3 had no outcome yet");
     tokio::time::sleep(S(25)).await;
     assert!(ready(), "no READY once every connection had rotated");
+    assert!(
+        !seen.borrow().iter().any(|m| m.contains("RELOADING=1")),
+        "RELOADING=1 during the start, which systemd ignores: {:?}",
+        seen.borrow()
+    );
+    // After the start a reload follows systemd's protocol: RELOADING=1,
+    // then READY=1 once the new config is in force.
+    reload.send(Reload::from(config(4, 4))).await.unwrap();
+    tokio::time::sleep(S(1)).await;
+    let after = systemd.received();
+    let reloading = after.iter().position(|m| m.contains("RELOADING=1"));
+    let ready_again = after.iter().rposition(|m| m.contains("READY=1"));
+    assert!(
+        reloading.is_some() && ready_again > reloading,
+        "a reload after the start says RELOADING=1, then READY=1: {after:?}"
+    );
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
